@@ -1,0 +1,241 @@
+//! The one configuration of a botmetrics process.
+//!
+//! Every flag has an environment fallback `BOTMETRICS_<FLAG>` so the same
+//! binary is configured the same way by a shell, systemd or a container.
+//! Values are parsed into their final types here (durations, token maps, time
+//! zones), so a bad value stops the process at start-up with one line that
+//! names the flag, instead of failing later in a background task.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
+
+/// The port botmetrics listens on when `--listen` is not given. 9464 is the
+/// port registered for Prometheus exporters of this kind in the Prometheus
+/// wiki's default port allocations, so it collides with nothing common.
+pub const DEFAULT_PORT: u16 = 9464;
+
+/// botmetrics: turns a chat bot's events into Prometheus metrics, a summary
+/// for the bot's own /metrics command, and long-term history.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "botmetrics", version, about, long_about = None)]
+pub struct Config {
+    /// Address to serve HTTP on. Use port 0 to let the OS pick one.
+    #[arg(long, env = "BOTMETRICS_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    pub listen: SocketAddr,
+
+    /// Where totals, history and sketches are kept: `postgres://…` or
+    /// `sqlite://path` (created if missing). Also read from DATABASE_URL.
+    #[arg(long, env = "BOTMETRICS_DATABASE_URL", default_value = "sqlite://botmetrics.db")]
+    pub database_url: String,
+
+    /// Comma-separated `bot=token` pairs; a bare `token` means bot `default`.
+    /// Ingestion is refused until at least one token is set.
+    #[arg(long, env = "BOTMETRICS_TOKENS", value_parser = parse_tokens, default_value = "", hide_default_value = true)]
+    pub tokens: Tokens,
+
+    /// Bearer token Prometheus must send to read /metrics (open when unset).
+    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN")]
+    pub metrics_token: Option<String>,
+
+    /// How long a rendered /metrics page and summary are served before being
+    /// rebuilt; `0s` renders on every request.
+    #[arg(long, env = "BOTMETRICS_METRICS_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub metrics_cache_ttl: Duration,
+
+    /// How often changed series are written to the `real_time_metrics` table.
+    #[arg(long, env = "BOTMETRICS_FLUSH_INTERVAL", value_parser = parse_positive_duration, default_value = "10s")]
+    pub flush_interval: Duration,
+
+    /// How often a point per series is appended to `metrics_history`.
+    #[arg(long, env = "BOTMETRICS_HISTORY_INTERVAL", value_parser = parse_positive_duration, default_value = "5m")]
+    pub history_interval: Duration,
+
+    /// History older than this is dropped (whole partitions on PostgreSQL).
+    #[arg(long, env = "BOTMETRICS_RETENTION", value_parser = parse_positive_duration, default_value = "90d")]
+    pub retention: Duration,
+
+    /// How long an `event_id` is remembered, so a retried event is counted once.
+    #[arg(long, env = "BOTMETRICS_DEDUPE_WINDOW", value_parser = parse_duration, default_value = "10m")]
+    pub dedupe_window: Duration,
+
+    /// Request bodies larger than this many bytes are answered with 413.
+    #[arg(long, env = "BOTMETRICS_MAX_BODY_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_body_bytes: u64,
+
+    /// Requests with more events than this are answered with 413.
+    #[arg(long, env = "BOTMETRICS_MAX_BATCH", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_batch: u64,
+
+    /// Distinct values per free-form label (error kind, custom event name,
+    /// model, cache name) per bot before new values fold into `other`.
+    #[arg(long, env = "BOTMETRICS_MAX_LABEL_VALUES", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_label_values: u64,
+
+    /// IANA time zone that decides when "today" starts, e.g. `Europe/Berlin`.
+    #[arg(long, env = "BOTMETRICS_TIMEZONE", default_value = "UTC")]
+    pub timezone: chrono_tz::Tz,
+
+    /// Log line format.
+    #[arg(long, env = "BOTMETRICS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Time allowed for one HTTP request before it is answered with 408.
+    #[arg(long, env = "BOTMETRICS_REQUEST_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
+    pub request_timeout: Duration,
+}
+
+impl Config {
+    /// Parses flags and environment, with `DATABASE_URL` as the fallback the
+    /// sqlx tools also read when `--database-url` and its own variable are
+    /// both absent.
+    pub fn from_env_and_args() -> Self {
+        let matches = Config::command().get_matches();
+        let mut config = Config::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if matches.value_source("database_url") == Some(ValueSource::DefaultValue)
+            && let Ok(url) = std::env::var("DATABASE_URL")
+        {
+            config.database_url = url;
+        }
+        config
+    }
+
+    /// A configuration for tests and benchmarks: everything at its default
+    /// except the listen port (0, chosen by the OS) and the tokens given.
+    pub fn for_tests(tokens: &str, database_url: &str) -> Self {
+        let mut config = Config::parse_from(["botmetrics", "--listen", "127.0.0.1:0"]);
+        config.tokens = parse_tokens(tokens).expect("test tokens are well formed");
+        config.database_url = database_url.to_owned();
+        config
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The bots this server accepts events for, keyed by bearer token.
+#[derive(Debug, Clone, Default)]
+pub struct Tokens {
+    by_token: HashMap<String, Arc<str>>,
+    /// Bot names in the order they were configured, without repeats: the
+    /// order of series and summaries, so output is stable.
+    bots: Vec<Arc<str>>,
+}
+
+impl Tokens {
+    /// The bot a bearer token belongs to.
+    pub fn bot_for(&self, token: &str) -> Option<&Arc<str>> {
+        self.by_token.get(token)
+    }
+
+    pub fn bots(&self) -> &[Arc<str>] {
+        &self.bots
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_token.is_empty()
+    }
+}
+
+/// Parses `bot=token,other=token2,bare-token`.
+pub fn parse_tokens(raw: &str) -> Result<Tokens, String> {
+    let mut tokens = Tokens::default();
+    for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (bot, token) = match pair.split_once('=') {
+            Some((bot, token)) => (bot.trim(), token.trim()),
+            None => ("default", pair),
+        };
+        if token.is_empty() {
+            return Err(format!("`{pair}` has an empty token"));
+        }
+        if !crate::event::is_short_name(bot) {
+            return Err(format!(
+                "bot name `{bot}` must be 1-64 characters of [A-Za-z0-9_.:-]"
+            ));
+        }
+        let bot: Arc<str> = match tokens.bots.iter().find(|b| &***b == bot) {
+            Some(existing) => existing.clone(),
+            None => {
+                let bot: Arc<str> = Arc::from(bot);
+                tokens.bots.push(bot.clone());
+                bot
+            }
+        };
+        if let Some(previous) = tokens.by_token.insert(token.to_owned(), bot.clone())
+            && previous != bot
+        {
+            return Err(format!(
+                "one token is given to two bots (`{previous}` and `{bot}`)"
+            ));
+        }
+    }
+    Ok(tokens)
+}
+
+/// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
+pub fn parse_duration(raw: &str) -> Result<Duration, String> {
+    humantime::parse_duration(raw.trim()).map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))
+}
+
+fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d.is_zero() => Err(format!("`{raw}` must be longer than zero")),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_map_to_bots() {
+        let t = parse_tokens("alpha=s1, beta=s2,bare").unwrap();
+        assert_eq!(&**t.bot_for("s1").unwrap(), "alpha");
+        assert_eq!(&**t.bot_for("s2").unwrap(), "beta");
+        assert_eq!(&**t.bot_for("bare").unwrap(), "default");
+        assert!(t.bot_for("nope").is_none());
+        let names: Vec<&str> = t.bots().iter().map(|b| &**b).collect();
+        assert_eq!(names, ["alpha", "beta", "default"]);
+    }
+
+    #[test]
+    fn two_tokens_may_share_a_bot_but_not_the_reverse() {
+        let t = parse_tokens("a=one,a=two").unwrap();
+        assert_eq!(t.bots().len(), 1);
+        assert!(parse_tokens("a=one,b=one").is_err());
+    }
+
+    #[test]
+    fn bad_token_lists_are_rejected() {
+        assert!(parse_tokens("a=").is_err());
+        assert!(parse_tokens("bad name=tok").is_err());
+        assert!(parse_tokens("").unwrap().is_empty());
+    }
+
+    #[test]
+    fn durations_are_human_readable() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+        assert!(parse_duration("ten seconds").is_err());
+        assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::parse_from(["botmetrics"]);
+        assert_eq!(c.listen.port(), DEFAULT_PORT);
+        assert_eq!(c.metrics_cache_ttl, Duration::from_secs(30));
+        assert_eq!(c.flush_interval, Duration::from_secs(10));
+        assert_eq!(c.history_interval, Duration::from_secs(300));
+        assert_eq!(c.max_batch, 10_000);
+        assert_eq!(c.timezone, chrono_tz::UTC);
+    }
+}

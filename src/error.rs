@@ -1,0 +1,132 @@
+//! The one error type of the HTTP API and its JSON shape.
+//!
+//! Every client error names precisely what is wrong, with the index of the
+//! offending event when a batch is at fault. Internal errors are answered
+//! with an opaque 500; their detail is logged by the tracing middleware,
+//! which sees the [`InternalDetail`] extension, inside the request's span.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The body is not well-formed JSON (or NDJSON).
+    #[error("{message}")]
+    Malformed { message: String, index: Option<usize> },
+
+    /// No bearer token, or one that belongs to no bot.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+
+    /// The body or the batch is larger than the configured limit.
+    #[error("{0}")]
+    TooLarge(String),
+
+    /// The body is not JSON or NDJSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+
+    /// Well-formed JSON that is not a valid event.
+    #[error("{message}")]
+    Invalid { message: String, index: Option<usize> },
+
+    /// A query parameter is missing or wrong.
+    #[error("{0}")]
+    BadRequest(String),
+
+    #[error("{0}")]
+    NotFound(String),
+
+    #[error("method not allowed")]
+    MethodNotAllowed,
+
+    /// The store cannot answer right now.
+    #[error("{0}")]
+    Unavailable(String),
+
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Malformed { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Error::Unavailable(_) | Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable, machine-readable code of the JSON body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::Malformed { .. } => "malformed",
+            Error::Unauthorized(_) => "unauthorized",
+            Error::TooLarge(_) => "too_large",
+            Error::UnsupportedMediaType(_) => "unsupported_media_type",
+            Error::Invalid { .. } => "invalid",
+            Error::BadRequest(_) => "bad_request",
+            Error::NotFound(_) => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
+            Error::Unavailable(_) | Error::Store(_) => "unavailable",
+        }
+    }
+
+    fn index(&self) -> Option<usize> {
+        match self {
+            Error::Malformed { index, .. } | Error::Invalid { index, .. } => *index,
+            _ => None,
+        }
+    }
+
+    /// Attaches the position of the event at fault within a batch.
+    pub fn at(self, i: usize) -> Self {
+        match self {
+            Error::Malformed { message, .. } => Error::Malformed { message, index: Some(i) },
+            Error::Invalid { message, .. } => Error::Invalid { message, index: Some(i) },
+            other => other,
+        }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::Invalid { message: message.into(), index: None }
+    }
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<usize>,
+}
+
+/// Carries the full text of a server-side failure from the response to the
+/// tracing middleware, which logs it; the client only sees a short message.
+#[derive(Clone, Debug)]
+pub struct InternalDetail(pub String);
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let message = match &self {
+            // The store's own message may name hosts or SQL: keep it in logs.
+            Error::Store(_) => "the store is unavailable; the event path is unaffected".to_owned(),
+            other => other.to_string(),
+        };
+        let body = Body { error: self.code(), message, index: self.index() };
+        let mut response = (self.status(), Json(body)).into_response();
+        if let Error::Store(e) = &self {
+            response.extensions_mut().insert(InternalDetail(e.to_string()));
+        }
+        response
+    }
+}

@@ -1,0 +1,41 @@
+//! `GET /healthz` (the process serves) and `GET /readyz` (the store answers).
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{Value, json};
+
+use crate::error::{Error, Result};
+use crate::state::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the store answers and stored totals are loaded: a load
+/// balancer should not route to a replica that would show reset counters.
+async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
+    let persistence = &state.persistence;
+    let backend = persistence.store.backend();
+    match tokio::time::timeout(Duration::from_secs(2), persistence.store.ping()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            state.metrics.selfm.store_up.set(0);
+            return Err(Error::Unavailable(format!("the {backend} store is unreachable: {e}")));
+        }
+        Err(_) => {
+            state.metrics.selfm.store_up.set(0);
+            return Err(Error::Unavailable(format!("the {backend} store did not answer within 2 s")));
+        }
+    }
+    if !persistence.is_restored().await {
+        return Err(Error::Unavailable("stored totals are not loaded yet".into()));
+    }
+    Ok(Json(json!({ "status": "ready", "store": backend })))
+}

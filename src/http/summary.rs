@@ -1,0 +1,76 @@
+//! `GET /v1/summary`: the bot's own `/metrics` command, JSON or chat text.
+
+use axum::Router;
+use axum::extract::{Query, State};
+use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::render_cache::Rendered;
+use crate::state::{AppState, SummaryKey};
+use crate::summary::Summary;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/v1/summary", get(get_summary))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    bot: Option<String>,
+    format: Option<String>,
+}
+
+async fn get_summary(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response> {
+    let Query(params) = params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let text = match params.format.as_deref() {
+        None | Some("json") => false,
+        Some("text") => true,
+        Some(other) => return Err(Error::BadRequest(format!("format `{other}` is unknown; use json or text"))),
+    };
+    if let Some(bot) = &params.bot
+        && state.metrics.bot(bot).is_none()
+    {
+        return Err(Error::NotFound(format!("no bot named `{bot}` is configured")));
+    }
+    let key = SummaryKey { bot: params.bot, text };
+    let render_state = state.clone();
+    let rendered = state
+        .summaries
+        .get_or_render(key.clone(), &state.metrics.selfm, move || render(&render_state, &key))
+        .await;
+    Ok(super::serve_rendered(&rendered, &headers).into_response())
+}
+
+fn render(state: &AppState, key: &SummaryKey) -> Rendered {
+    let now = chrono::Utc::now();
+    let uptime = state.started.elapsed().as_secs();
+    let summaries: Vec<Summary> = state
+        .metrics
+        .bots()
+        .iter()
+        .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))
+        .map(|b| Summary::build(b, now, uptime))
+        .collect();
+    if key.text {
+        let text = if summaries.is_empty() {
+            "No bots are configured yet.".to_owned()
+        } else {
+            summaries.iter().map(Summary::to_text).collect::<Vec<_>>().join("\n\n")
+        };
+        return Rendered::plain("text/plain; charset=utf-8", text.into_bytes());
+    }
+    // One bot (asked for, or the only one) is the object itself; several
+    // are listed, so a client never has to guess the shape from the count.
+    let body = match (key.bot.is_some() || summaries.len() == 1, summaries.first()) {
+        (true, Some(one)) => serde_json::to_vec(one),
+        _ => serde_json::to_vec(&serde_json::json!({ "bots": summaries })),
+    };
+    Rendered::plain("application/json", body.unwrap_or_default())
+}

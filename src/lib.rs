@@ -1,0 +1,38 @@
+//! botmetrics turns a chat bot's events into Prometheus metrics, a summary
+//! for the bot's own `/metrics` command, and long-term history.
+//!
+//! # Layout
+//!
+//! In the order an event travels:
+//!
+//! * [`config`]: the one `Config` (flags with env fallbacks) and its parsers.
+//! * [`http`]: the API, one file per resource, merged under shared middleware.
+//! * [`event`]: raw JSON events become checked domain types; whole batches
+//!   are validated before anything is applied.
+//! * [`ingest`]: dedupes retries by `event_id` and applies a batch.
+//! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
+//!   histograms, capped free-form families, active-user sketches, "today"
+//!   counters), self-metrics, and the `Registry` that exposes them.
+//! * [`render_cache`]: `/metrics` and summaries rendered once per TTL.
+//! * [`summary`]: the bot's `/metrics` answer, as JSON or chat text.
+//! * [`persist`]: snapshot, diff and restore between memory and the store.
+//! * [`store`]: the only module with SQL (PostgreSQL and SQLite).
+//! * [`tasks`]: the flush and history loops around `persist`'s one-step
+//!   functions.
+//! * [`startup`]: builds the application and runs it until stopped.
+//! * [`error`]: the API's error type and its JSON shape.
+
+pub mod config;
+pub mod error;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod persist;
+pub mod render_cache;
+pub mod startup;
+pub mod state;
+pub mod store;
+pub mod summary;
+pub mod tasks;
+pub mod telemetry;

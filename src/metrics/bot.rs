@@ -1,0 +1,285 @@
+//! One bot's series: every `bot_*` family of the design, with its closed
+//! label sets allocated up front (so each exists at 0 from start-up) and its
+//! free-form labels capped.
+
+use std::sync::Arc;
+
+use crate::event::{CacheResult, Decision, Event, EventBody, Role, Status, TokenKind, UNKNOWN_MODEL};
+use crate::metrics::active::ActiveUsers;
+use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot};
+use crate::metrics::today::Today;
+
+/// How a family is exposed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// A metric family's name, help and label names (`bot` first, always).
+#[derive(Debug)]
+pub struct FamilyDesc {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub labels: &'static [&'static str],
+}
+
+macro_rules! family {
+    ($id:ident, $name:literal, $kind:ident, [$($label:literal),*], $help:literal) => {
+        pub const $id: FamilyDesc =
+            FamilyDesc { name: $name, help: $help, kind: Kind::$kind, labels: &["bot" $(, $label)*] };
+    };
+}
+
+family!(MESSAGES, "bot_messages_total", Counter, ["role"], "Messages handled by the bot, by who wrote them.");
+family!(RESPONSES, "bot_responses_total", Counter, ["status"], "LLM responses, by outcome.");
+family!(RESPONSE_DURATION, "bot_response_duration_seconds", Histogram, [], "Time to produce an LLM response.");
+family!(DB_QUERIES, "bot_db_queries_per_message", Histogram, [], "Database queries the bot ran per message.");
+family!(CACHE, "bot_cache_requests_total", Counter, ["cache", "result"], "Cache lookups, by cache and outcome.");
+family!(REGISTERED, "bot_users_registered_total", Counter, [], "Users who registered with the bot.");
+family!(CONSENT, "bot_consent_total", Counter, ["decision"], "Consent decisions, granted or denied.");
+family!(LIMIT_REACHED, "bot_limit_reached_total", Counter, [], "Times a user hit the daily limit.");
+family!(ERRORS, "bot_errors_total", Counter, ["kind"], "Errors the bot reported, by kind.");
+family!(LLM_TOKENS, "bot_llm_tokens_total", Counter, ["model", "kind"], "LLM tokens spent, by model and prompt/completion.");
+family!(CUSTOM, "bot_custom_events_total", Counter, ["name"], "Custom events, summed by their value.");
+family!(ACTIVE_USERS, "bot_active_users", Gauge, ["window"], "Distinct active users in a rolling window (HyperLogLog estimate).");
+
+/// Every family, in exposition order.
+pub const FAMILIES: &[&FamilyDesc] = &[
+    &MESSAGES,
+    &RESPONSES,
+    &RESPONSE_DURATION,
+    &DB_QUERIES,
+    &CACHE,
+    &REGISTERED,
+    &CONSENT,
+    &LIMIT_REACHED,
+    &ERRORS,
+    &LLM_TOKENS,
+    &CUSTOM,
+    &ACTIVE_USERS,
+];
+
+/// Response-time buckets for LLM calls: 50 ms to a minute.
+pub const RESPONSE_BUCKETS: &[f64] =
+    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0];
+/// Database queries per message: 1 to 50.
+pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 50.0];
+
+/// Receives every series of a bot, one call per series. One walk serves the
+/// exposition, the store's snapshot and the series count, so they cannot
+/// disagree about what exists.
+pub trait Visitor {
+    fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64);
+    fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], value: &HistogramSnapshot);
+}
+
+/// Free-form label families are capped by `--max-label-values`; each gets
+/// its own overflow counter so an operator sees which label overflowed.
+pub struct Overflow {
+    pub kind: prometheus::IntCounter,
+    pub name: prometheus::IntCounter,
+    pub model: prometheus::IntCounter,
+    pub cache: prometheus::IntCounter,
+}
+
+pub struct BotMetrics {
+    pub bot: Arc<str>,
+    messages: [Counter; 2],
+    responses: [Counter; 4],
+    response_duration: Histogram,
+    db_queries: Histogram,
+    cache: Family<[Counter; 2]>,
+    registered: Counter,
+    consent: [Counter; 2],
+    limit_reached: Counter,
+    errors: Family<Counter>,
+    llm_tokens: Family<[Counter; 2]>,
+    custom: Family<Counter>,
+    pub active: ActiveUsers,
+    pub today: Today,
+}
+
+impl BotMetrics {
+    pub fn new(bot: Arc<str>, max_label_values: usize, overflow: Overflow, today: Today) -> Self {
+        BotMetrics {
+            bot,
+            messages: Default::default(),
+            responses: Default::default(),
+            response_duration: Histogram::new(RESPONSE_BUCKETS),
+            db_queries: Histogram::new(DB_QUERY_BUCKETS),
+            cache: Family::new(max_label_values, overflow.cache),
+            registered: Counter::default(),
+            consent: Default::default(),
+            limit_reached: Counter::default(),
+            errors: Family::new(max_label_values, overflow.kind),
+            llm_tokens: Family::new(max_label_values, overflow.model),
+            custom: Family::new(max_label_values, overflow.name),
+            active: ActiveUsers::new(),
+            today,
+        }
+    }
+
+    /// Counts one checked event. Lock-free but for the shared read lock of a
+    /// free-form family; never touches the store.
+    pub fn apply(&self, event: &Event<'_>) {
+        if let Some(user) = &event.user {
+            self.active.insert(user, event.ts);
+        }
+        match &event.body {
+            EventBody::Message { role, db_queries } => {
+                self.messages[role.index()].add(1.0);
+                self.today.messages.add(event.ts, 1);
+                if let Some(q) = db_queries {
+                    self.db_queries.observe(f64::from(*q));
+                }
+            }
+            EventBody::Response { status, duration_seconds, model, tokens } => {
+                self.responses[status.index()].add(1.0);
+                self.response_duration.observe(*duration_seconds);
+                if let Some([prompt, completion]) = tokens {
+                    let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
+                    self.llm_tokens.with(model, |c| {
+                        c[TokenKind::Prompt.index()].add(*prompt as f64);
+                        c[TokenKind::Completion.index()].add(*completion as f64);
+                    });
+                }
+            }
+            EventBody::Cache { result, cache } => self.cache.with(cache.as_str(), |c| c[result.index()].add(1.0)),
+            EventBody::UserRegistered => {
+                self.registered.add(1.0);
+                self.today.registered.add(event.ts, 1);
+            }
+            EventBody::Consent { decision } => self.consent[decision.index()].add(1.0),
+            EventBody::LimitReached => {
+                self.limit_reached.add(1.0);
+                self.today.limit_reached.add(event.ts, 1);
+            }
+            EventBody::Error { kind } => self.errors.with(kind.as_str(), |c| c.add(1.0)),
+            EventBody::Custom { name, value } => self.custom.with(name.as_str(), |c| c.add(*value)),
+        }
+    }
+
+    /// Walks every series of this bot in exposition order.
+    pub fn visit(&self, v: &mut impl Visitor) {
+        let bot = &*self.bot;
+        for role in Role::ALL {
+            v.scalar(&MESSAGES, &[bot, role.as_str()], self.messages[role.index()].get());
+        }
+        for status in Status::ALL {
+            v.scalar(&RESPONSES, &[bot, status.as_str()], self.responses[status.index()].get());
+        }
+        v.histogram(&RESPONSE_DURATION, &[bot], &self.response_duration.snapshot());
+        v.histogram(&DB_QUERIES, &[bot], &self.db_queries.snapshot());
+        self.cache.for_each(|cache, cells| {
+            for result in CacheResult::ALL {
+                v.scalar(&CACHE, &[bot, cache, result.as_str()], cells[result.index()].get());
+            }
+        });
+        v.scalar(&REGISTERED, &[bot], self.registered.get());
+        for decision in Decision::ALL {
+            v.scalar(&CONSENT, &[bot, decision.as_str()], self.consent[decision.index()].get());
+        }
+        v.scalar(&LIMIT_REACHED, &[bot], self.limit_reached.get());
+        self.errors.for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
+        self.llm_tokens.for_each(|model, cells| {
+            for kind in TokenKind::ALL {
+                v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], cells[kind.index()].get());
+            }
+        });
+        self.custom.for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
+        for (window, estimate) in self.active.estimates() {
+            v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
+        }
+    }
+
+    /// Adds a stored counter value back into its series (the bot label
+    /// already matched). Returns false for a series this build does not
+    /// know, which the caller logs and skips.
+    pub fn restore_scalar(&self, family: &str, labels: &[(&str, &str)], value: f64) -> bool {
+        let label = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        let closed = |name: &str, all: &[&'static str]| label(name).and_then(|v| all.iter().position(|a| *a == v));
+        let cell: Option<&Counter> = match family {
+            "bot_messages_total" => closed("role", Role::NAMES).map(|i| &self.messages[i]),
+            "bot_responses_total" => closed("status", Status::NAMES).map(|i| &self.responses[i]),
+            "bot_users_registered_total" => Some(&self.registered),
+            "bot_consent_total" => closed("decision", Decision::NAMES).map(|i| &self.consent[i]),
+            "bot_limit_reached_total" => Some(&self.limit_reached),
+            "bot_cache_requests_total" => {
+                return match (label("cache"), closed("result", CacheResult::NAMES)) {
+                    (Some(cache), Some(i)) => {
+                        self.cache.with(cache, |c| c[i].add(value));
+                        true
+                    }
+                    _ => false,
+                };
+            }
+            "bot_llm_tokens_total" => {
+                return match (label("model"), closed("kind", TokenKind::NAMES)) {
+                    (Some(model), Some(i)) => {
+                        self.llm_tokens.with(model, |c| c[i].add(value));
+                        true
+                    }
+                    _ => false,
+                };
+            }
+            "bot_errors_total" | "bot_custom_events_total" => {
+                let (family, label_name) =
+                    if family == "bot_errors_total" { (&self.errors, "kind") } else { (&self.custom, "name") };
+                return match label(label_name) {
+                    Some(v) => {
+                        family.with(v, |c| c.add(value));
+                        true
+                    }
+                    None => false,
+                };
+            }
+            _ => None,
+        };
+        cell.map(|c| c.add(value)).is_some()
+    }
+
+    /// Restores a histogram from its stored cumulative buckets and sum.
+    pub fn restore_histogram(&self, family: &str, buckets: &[(f64, u64)], sum: f64) -> bool {
+        match family {
+            "bot_response_duration_seconds" => self.response_duration.restore(buckets, sum),
+            "bot_db_queries_per_message" => self.db_queries.restore(buckets, sum),
+            _ => false,
+        }
+    }
+
+    /// Read access for the summary.
+    pub fn messages_total(&self) -> f64 {
+        self.messages.iter().map(Counter::get).sum()
+    }
+
+    pub fn responses(&self, status: Status) -> f64 {
+        self.responses[status.index()].get()
+    }
+
+    pub fn response_duration(&self) -> HistogramSnapshot {
+        self.response_duration.snapshot()
+    }
+
+    pub fn registered_total(&self) -> f64 {
+        self.registered.get()
+    }
+
+    pub fn errors_total(&self) -> f64 {
+        let mut total = 0.0;
+        self.errors.for_each(|_, c| total += c.get());
+        total
+    }
+
+    /// Cache lookups over all caches: (hits, misses).
+    pub fn cache_totals(&self) -> (f64, f64) {
+        let (mut hits, mut misses) = (0.0, 0.0);
+        self.cache.for_each(|_, c| {
+            hits += c[CacheResult::Hit.index()].get();
+            misses += c[CacheResult::Miss.index()].get();
+        });
+        (hits, misses)
+    }
+}

@@ -1,0 +1,247 @@
+//! The storage cells behind every `bot_*` series: lock-free counters and
+//! histograms, and capped families for free-form labels.
+//!
+//! The prometheus crate's own types cannot be set to a value, so a restart
+//! could not restore a histogram. These cells can be read for a snapshot and
+//! restored to exact values, and they are exposed through a custom
+//! `Collector` (see `collector.rs`) on the application's `Registry`.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use prometheus::IntCounter;
+
+/// A float that many threads add to without a lock.
+#[derive(Debug, Default)]
+pub struct AtomicF64(AtomicU64);
+
+impl AtomicF64 {
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Relaxed))
+    }
+
+    pub fn add(&self, v: f64) {
+        // A compare-and-swap loop: there is no native float add. Contention
+        // is between at most a handful of request threads, so it is short.
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+    }
+
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Relaxed);
+    }
+}
+
+/// A monotonic counter. Floats, because custom events may carry fractional
+/// values; every integer up to 2^53 is still exact.
+pub type Counter = AtomicF64;
+
+/// A histogram with fixed bounds. Buckets hold non-cumulative counts so an
+/// observation touches exactly one bucket; they are summed on read.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    /// One more than `bounds`: the last bucket is `+Inf`.
+    buckets: Box<[AtomicU64]>,
+    sum: AtomicF64,
+}
+
+/// What a histogram holds at one instant, in exposition form.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistogramSnapshot {
+    pub bounds: &'static [f64],
+    /// Cumulative counts per bound, then the `+Inf` bucket (= count).
+    pub cumulative: Vec<u64>,
+    pub sum: f64,
+}
+
+impl HistogramSnapshot {
+    pub fn count(&self) -> u64 {
+        self.cumulative.last().copied().unwrap_or(0)
+    }
+
+    /// The `q` quantile, interpolated linearly inside the bucket it falls in,
+    /// as PromQL's `histogram_quantile` does. `None` when empty.
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let count = self.count();
+        if count == 0 {
+            return None;
+        }
+        let rank = q * count as f64;
+        let i = self.cumulative.iter().position(|&c| c as f64 >= rank)?;
+        if i == self.bounds.len() {
+            // In the +Inf bucket: the highest finite bound is the best answer.
+            return self.bounds.last().copied();
+        }
+        let (lower, below) = if i == 0 { (0.0, 0) } else { (self.bounds[i - 1], self.cumulative[i - 1]) };
+        let in_bucket = self.cumulative[i] - below;
+        if in_bucket == 0 {
+            return Some(self.bounds[i]);
+        }
+        Some(lower + (self.bounds[i] - lower) * (rank - below as f64) / in_bucket as f64)
+    }
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram { bounds, buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum: AtomicF64::default() }
+    }
+
+    pub fn observe(&self, v: f64) {
+        // `le` semantics: a value equal to a bound belongs to that bucket.
+        let i = self.bounds.partition_point(|&b| b < v);
+        self.buckets[i].fetch_add(1, Relaxed);
+        self.sum.add(v);
+    }
+
+    pub fn snapshot(&self) -> HistogramSnapshot {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Relaxed);
+                total
+            })
+            .collect();
+        HistogramSnapshot { bounds: self.bounds, cumulative, sum: self.sum.get() }
+    }
+
+    /// Adds a stored snapshot (cumulative counts, as exposed) back in.
+    /// Returns false, changing nothing, when the stored bounds differ from
+    /// this build's, because the buckets would not mean the same thing.
+    pub fn restore(&self, cumulative_by_bound: &[(f64, u64)], sum: f64) -> bool {
+        let expected = self.bounds.len() + 1;
+        let same_bounds = cumulative_by_bound.len() == expected
+            && cumulative_by_bound.iter().zip(self.bounds.iter().chain([&f64::INFINITY])).all(|((b, _), own)| b == own);
+        if !same_bounds {
+            return false;
+        }
+        let mut below = 0;
+        for (bucket, &(_, cumulative)) in self.buckets.iter().zip(cumulative_by_bound) {
+            bucket.fetch_add(cumulative.saturating_sub(below), Relaxed);
+            below = below.max(cumulative);
+        }
+        self.sum.add(sum);
+        true
+    }
+}
+
+/// The value a free-form label takes once its family is full.
+pub const OVERFLOW_VALUE: &str = "other";
+
+/// Series keyed by one free-form label value, capped at a number of distinct
+/// values. Past the cap new values share the `other` series, and the
+/// overflow counter says so: the event still counts, only its label is
+/// coarsened.
+#[derive(Debug)]
+pub struct Family<T> {
+    cap: usize,
+    series: RwLock<HashMap<Box<str>, T>>,
+    overflow: IntCounter,
+}
+
+impl<T: Default> Family<T> {
+    pub fn new(cap: usize, overflow: IntCounter) -> Self {
+        Family { cap, series: RwLock::new(HashMap::new()), overflow }
+    }
+
+    /// Runs `f` on the series for `value`, creating it if needed. The common
+    /// case, a value already seen, takes a shared lock and does not allocate.
+    pub fn with<R>(&self, value: &str, f: impl FnOnce(&T) -> R) -> R {
+        {
+            let series = self.series.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(cell) = series.get(value) {
+                return f(cell);
+            }
+        }
+        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        let distinct = series.len() - usize::from(series.contains_key(OVERFLOW_VALUE));
+        let key = if series.contains_key(value) || distinct < self.cap || value == OVERFLOW_VALUE {
+            value
+        } else {
+            self.overflow.inc();
+            OVERFLOW_VALUE
+        };
+        f(series.entry(key.into()).or_default())
+    }
+
+    /// Calls `f` for every series, ordered by label value so output is stable.
+    pub fn for_each(&self, mut f: impl FnMut(&str, &T)) {
+        let series = self.series.read().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<&Box<str>> = series.keys().collect();
+        keys.sort_unstable();
+        for key in keys {
+            f(key, &series[key]);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.series.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BOUNDS: &[f64] = &[1.0, 2.0, 5.0];
+
+    #[test]
+    fn histogram_buckets_use_le() {
+        let h = Histogram::new(BOUNDS);
+        for v in [0.5, 1.0, 1.5, 2.0, 4.0, 100.0] {
+            h.observe(v);
+        }
+        let s = h.snapshot();
+        assert_eq!(s.cumulative, vec![2, 4, 5, 6]);
+        assert_eq!(s.count(), 6);
+        assert_eq!(s.sum, 109.0);
+    }
+
+    #[test]
+    fn histogram_restores_exactly() {
+        let h = Histogram::new(BOUNDS);
+        for v in [0.5, 1.5, 3.0, 3.0, 7.0] {
+            h.observe(v);
+        }
+        let s = h.snapshot();
+        let restored = Histogram::new(BOUNDS);
+        let pairs: Vec<(f64, u64)> =
+            BOUNDS.iter().copied().chain([f64::INFINITY]).zip(s.cumulative.iter().copied()).collect();
+        assert!(restored.restore(&pairs, s.sum));
+        assert_eq!(restored.snapshot(), s);
+        assert!(!restored.restore(&pairs[..2], 1.0), "other bounds are refused");
+        assert_eq!(restored.snapshot(), s);
+    }
+
+    #[test]
+    fn quantiles_interpolate_like_promql() {
+        let h = Histogram::new(BOUNDS);
+        assert_eq!(h.snapshot().quantile(0.5), None);
+        for _ in 0..10 {
+            h.observe(1.5);
+        }
+        // All ten in (1, 2]: the median sits halfway through that bucket.
+        assert_eq!(h.snapshot().quantile(0.5), Some(1.5));
+        h.observe(1000.0);
+        assert_eq!(h.snapshot().quantile(1.0), Some(5.0));
+    }
+
+    #[test]
+    fn family_caps_distinct_values() {
+        let overflow = IntCounter::new("o", "o").unwrap();
+        let f: Family<Counter> = Family::new(2, overflow.clone());
+        for name in ["a", "b", "c", "d", "a"] {
+            f.with(name, |c| c.add(1.0));
+        }
+        let mut seen = Vec::new();
+        f.for_each(|k, c| seen.push((k.to_owned(), c.get())));
+        assert_eq!(seen, [("a".into(), 2.0), ("b".into(), 1.0), ("other".into(), 2.0)]);
+        assert_eq!(overflow.get(), 2);
+    }
+}

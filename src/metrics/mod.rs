@@ -1,0 +1,214 @@
+//! Everything counted in memory: the `bot_*` series of every configured bot
+//! and botmetrics' own `botmetrics_*` self-metrics, on one owned Registry.
+
+pub mod active;
+pub mod bot;
+pub mod cells;
+mod collector;
+pub mod today;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub use bot::{BotMetrics, FamilyDesc, Kind, Visitor};
+pub use cells::HistogramSnapshot;
+use today::{Calendar, Today};
+
+/// Why a request to `POST /v1/events` was refused, as counted in
+/// `botmetrics_events_rejected_total{reason}`.
+pub const REJECT_REASONS: &[&str] = &["malformed", "unauthorized", "too_large", "unsupported_media_type", "invalid"];
+
+/// Endpoints whose rendered answers are cached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CachedEndpoint {
+    Metrics,
+    Summary,
+}
+
+impl CachedEndpoint {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CachedEndpoint::Metrics => "metrics",
+            CachedEndpoint::Summary => "summary",
+        }
+    }
+}
+
+/// botmetrics' own health, exposed beside the bots' series.
+pub struct SelfMetrics {
+    pub events_accepted: IntCounterVec,
+    pub events_duplicate: IntCounterVec,
+    pub events_rejected: IntCounterVec,
+    pub cache_hits: IntCounterVec,
+    pub cache_misses: IntCounterVec,
+    pub render_duration: HistogramVec,
+    pub flush_duration: Histogram,
+    pub flush_failures: IntCounter,
+    pub history_duration: Histogram,
+    pub history_failures: IntCounter,
+    pub store_up: IntGauge,
+    pub last_flush: Gauge,
+    pub label_overflow: IntCounterVec,
+}
+
+const STORE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+impl SelfMetrics {
+    fn register(registry: &Registry, cache_ttl_seconds: f64, bots: &[Arc<str>]) -> prometheus::Result<Self> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let m = SelfMetrics {
+            events_accepted: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_events_accepted_total", "Events accepted and counted."),
+                &["bot"],
+            )?)?,
+            events_duplicate: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_events_duplicate_total", "Events acknowledged but not counted: their event_id was seen within the dedupe window."),
+                &["bot"],
+            )?)?,
+            events_rejected: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_events_rejected_total", "Ingest requests refused, by reason; nothing in them was counted."),
+                &["reason"],
+            )?)?,
+            cache_hits: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_exposition_cache_hits_total", "Requests answered from the rendered-output cache."),
+                &["endpoint"],
+            )?)?,
+            cache_misses: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_exposition_cache_misses_total", "Requests that caused a render."),
+                &["endpoint"],
+            )?)?,
+            render_duration: reg(registry, HistogramVec::new(
+                HistogramOpts::new("botmetrics_render_duration_seconds", "Time to render /metrics or the summary on a cache miss.")
+                    .buckets(STORE_BUCKETS.to_vec()),
+                &["endpoint"],
+            )?)?,
+            flush_duration: reg(registry, Histogram::with_opts(
+                HistogramOpts::new("botmetrics_flush_duration_seconds", "Time to write changed series to real_time_metrics.")
+                    .buckets(STORE_BUCKETS.to_vec()),
+            )?)?,
+            flush_failures: reg(registry, IntCounter::new(
+                "botmetrics_flush_failures_total", "Flushes to the store that failed (retried with backoff).",
+            )?)?,
+            history_duration: reg(registry, Histogram::with_opts(
+                HistogramOpts::new("botmetrics_history_write_duration_seconds", "Time to append a point per series to metrics_history.")
+                    .buckets(STORE_BUCKETS.to_vec()),
+            )?)?,
+            history_failures: reg(registry, IntCounter::new(
+                "botmetrics_history_write_failures_total", "History writes that failed.",
+            )?)?,
+            store_up: reg(registry, IntGauge::new(
+                "botmetrics_store_up", "1 when the last store operation succeeded, 0 when the store is unreachable.",
+            )?)?,
+            last_flush: reg(registry, Gauge::new(
+                "botmetrics_last_flush_timestamp_seconds", "Unix time of the last successful flush.",
+            )?)?,
+            label_overflow: reg(registry, IntCounterVec::new(
+                Opts::new("botmetrics_label_overflow_total", "Events whose free-form label was folded into `other` because the label reached --max-label-values."),
+                &["bot", "label"],
+            )?)?,
+        };
+        let ttl = reg(registry, Gauge::new(
+            "botmetrics_metrics_cache_ttl_seconds", "How long a rendered /metrics answer is served (--metrics-cache-ttl).",
+        )?)?;
+        ttl.set(cache_ttl_seconds);
+        let build = reg(registry, IntGauge::with_opts(
+            Opts::new("botmetrics_build_info", "Always 1; labels carry the running version.")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )?)?;
+        build.set(1);
+
+        // Every series of a closed label set exists from start-up.
+        for bot in bots {
+            m.events_accepted.with_label_values(&[&**bot]);
+            m.events_duplicate.with_label_values(&[&**bot]);
+            for label in ["kind", "name", "model", "cache"] {
+                m.label_overflow.with_label_values(&[&**bot, label]);
+            }
+        }
+        for reason in REJECT_REASONS {
+            m.events_rejected.with_label_values(&[*reason]);
+        }
+        for endpoint in [CachedEndpoint::Metrics, CachedEndpoint::Summary] {
+            m.cache_hits.with_label_values(&[endpoint.as_str()]);
+            m.cache_misses.with_label_values(&[endpoint.as_str()]);
+            m.render_duration.with_label_values(&[endpoint.as_str()]);
+        }
+        Ok(m)
+    }
+}
+
+/// All in-memory state that is counted: one [`BotMetrics`] per configured
+/// bot, self-metrics, and the registry that exposes both.
+pub struct Metrics {
+    pub registry: Registry,
+    pub selfm: SelfMetrics,
+    bots: Vec<Arc<BotMetrics>>,
+    by_name: HashMap<Arc<str>, Arc<BotMetrics>>,
+    calendar: Arc<Calendar>,
+}
+
+impl Metrics {
+    pub fn new(
+        bots: &[Arc<str>],
+        max_label_values: usize,
+        tz: chrono_tz::Tz,
+        cache_ttl_seconds: f64,
+    ) -> prometheus::Result<Self> {
+        let registry = Registry::new();
+        let selfm = SelfMetrics::register(&registry, cache_ttl_seconds, bots)?;
+        let calendar = Arc::new(Calendar::new(tz));
+        let bots: Vec<Arc<BotMetrics>> = bots
+            .iter()
+            .map(|bot| {
+                let overflow = |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
+                let overflow = bot::Overflow {
+                    kind: overflow("kind"),
+                    name: overflow("name"),
+                    model: overflow("model"),
+                    cache: overflow("cache"),
+                };
+                Arc::new(BotMetrics::new(bot.clone(), max_label_values, overflow, Today::new(calendar.clone())))
+            })
+            .collect();
+        let by_name = bots.iter().map(|b| (b.bot.clone(), b.clone())).collect();
+        let metrics = Metrics { registry, selfm, bots, by_name, calendar };
+        metrics.registry.register(Box::new(collector::BotCollector::new(metrics.bots.clone())?))?;
+        Ok(metrics)
+    }
+
+    pub fn bot(&self, name: &str) -> Option<&Arc<BotMetrics>> {
+        self.by_name.get(name)
+    }
+
+    pub fn bots(&self) -> &[Arc<BotMetrics>] {
+        &self.bots
+    }
+
+    pub fn calendar(&self) -> &Calendar {
+        &self.calendar
+    }
+
+    /// Walks every bot's series.
+    pub fn visit(&self, v: &mut impl Visitor) {
+        for bot in &self.bots {
+            bot.visit(v);
+        }
+    }
+
+    /// Renders the registry in the Prometheus text format 0.0.4.
+    pub fn render(&self) -> Vec<u8> {
+        let families = self.registry.gather();
+        let mut out = Vec::with_capacity(64 * 1024);
+        // Encoding into a Vec cannot fail; an error here would be a bug in
+        // the collector (for instance an invalid name), so say so loudly.
+        if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
+            tracing::error!(error = %e, "encoding /metrics failed");
+        }
+        out
+    }
+}

@@ -1,0 +1,346 @@
+//! Moves counts between memory and the store: the snapshot a flush writes,
+//! the history points, and the restore at start.
+//!
+//! Restoring *adds* stored values into the cells, which are zero at start.
+//! That makes a late restore (the database was down at start and came back)
+//! still exact: what was counted meanwhile plus what was stored. No flush or
+//! history write happens before the restore, so the store is never
+//! overwritten with totals that lack it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use tokio::sync::Mutex;
+
+use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Visitor};
+use crate::metrics::today::Calendar;
+use crate::metrics::{HistogramSnapshot, Metrics};
+use crate::store::{self, DailyRow, FlushBatch, SeriesRow, Store, StoredSketch};
+
+/// A series' identity in the store.
+type SeriesKey = (String, String, String);
+
+fn key(row: &SeriesRow) -> SeriesKey {
+    (row.metric.clone(), row.bot.clone(), row.labels.clone())
+}
+
+/// Labels other than `bot` as a canonical JSON object (keys sorted).
+fn labels_json<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let map: BTreeMap<&str, &str> = pairs.into_iter().collect();
+    serde_json::to_string(&map).unwrap_or_else(|_| "{}".to_owned())
+}
+
+/// Flattens every series to the rows the store keeps, histogram lines
+/// included, exactly as they are exposed.
+struct Flatten(Vec<SeriesRow>);
+
+impl Visitor for Flatten {
+    fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64) {
+        let pairs = family.labels.iter().copied().zip(labels.iter().copied()).skip(1);
+        self.0.push(SeriesRow {
+            metric: family.name.to_owned(),
+            bot: labels[0].to_owned(),
+            labels: labels_json(pairs),
+            value,
+        });
+    }
+
+    fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], h: &HistogramSnapshot) {
+        let bot = labels[0];
+        let others: Vec<(&str, &str)> = family.labels.iter().copied().zip(labels.iter().copied()).skip(1).collect();
+        let bounds = h.bounds.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]);
+        for (le, count) in bounds.zip(&h.cumulative) {
+            let pairs = others.iter().copied().chain([("le", le.as_str())]);
+            self.0.push(SeriesRow {
+                metric: format!("{}_bucket", family.name),
+                bot: bot.to_owned(),
+                labels: labels_json(pairs),
+                value: *count as f64,
+            });
+        }
+        for (suffix, value) in [("_sum", h.sum), ("_count", h.count() as f64)] {
+            self.0.push(SeriesRow {
+                metric: format!("{}{suffix}", family.name),
+                bot: bot.to_owned(),
+                labels: labels_json(others.iter().copied()),
+                value,
+            });
+        }
+    }
+}
+
+/// Every series as stored rows.
+pub fn snapshot(metrics: &Metrics) -> Vec<SeriesRow> {
+    let mut flat = Flatten(Vec::with_capacity(1024));
+    metrics.visit(&mut flat);
+    flat.0
+}
+
+/// What a restore did, for the start-up log.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RestoreReport {
+    pub series: usize,
+    pub sketches: usize,
+    pub daily: usize,
+    /// Rows for bots no longer configured, or metrics this build does not
+    /// know: kept in the store, not loaded.
+    pub skipped: usize,
+}
+
+/// Adds stored values into the (fresh) cells.
+pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreReport {
+    let mut report = RestoreReport::default();
+    // Histogram lines are grouped first: a histogram is restored whole.
+    #[derive(Default)]
+    struct Hist {
+        buckets: Vec<(f64, u64)>,
+        sum: f64,
+        rows: usize,
+    }
+    let mut histograms: HashMap<(&str, &str), Hist> = HashMap::new();
+    for row in &stored.series {
+        let Some(bot) = metrics.bot(&row.bot) else {
+            report.skipped += 1;
+            continue;
+        };
+        // Active-user gauges are derived from sketches, not restored.
+        if row.metric == ACTIVE_USERS.name {
+            continue;
+        }
+        let labels: BTreeMap<String, String> = serde_json::from_str(&row.labels).unwrap_or_default();
+        if let Some(base) = row.metric.strip_suffix("_bucket") {
+            let le = labels.get("le").and_then(|le| le.parse::<f64>().ok().or((le == "+Inf").then_some(f64::INFINITY)));
+            let hist = histograms.entry((base, &row.bot)).or_default();
+            hist.rows += 1;
+            match le {
+                Some(le) => hist.buckets.push((le, row.value as u64)),
+                None => report.skipped += 1,
+            }
+            continue;
+        }
+        if let Some(base) = row.metric.strip_suffix("_sum") {
+            let hist = histograms.entry((base, &row.bot)).or_default();
+            hist.sum = row.value;
+            hist.rows += 1;
+            continue;
+        }
+        if let Some(base) = row.metric.strip_suffix("_count")
+            && FAMILIES.iter().any(|f| f.name == base)
+        {
+            // Implied by the +Inf bucket.
+            histograms.entry((base, &row.bot)).or_default().rows += 1;
+            continue;
+        }
+        let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        if bot.restore_scalar(&row.metric, &pairs, row.value) {
+            report.series += 1;
+        } else {
+            report.skipped += 1;
+        }
+    }
+    for ((family, bot), mut hist) in histograms {
+        hist.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        match metrics.bot(bot) {
+            Some(b) if b.restore_histogram(family, &hist.buckets, hist.sum) => report.series += hist.rows,
+            _ => {
+                tracing::warn!(family, bot, "stored histogram does not match this build's buckets; not restored");
+                report.skipped += hist.rows;
+            }
+        }
+    }
+    for s in &stored.sketches {
+        match metrics.bot(&s.bot) {
+            Some(b) if b.active.restore(&s.sketch) => report.sketches += 1,
+            _ => report.skipped += 1,
+        }
+    }
+    let today = metrics.calendar().day_of(now);
+    for d in &stored.daily {
+        let counter = metrics.bot(&d.bot).and_then(|b| b.today.counter(&d.name));
+        match counter {
+            // Yesterday's count is not today's: it stays stored until replaced.
+            Some(c) if Calendar::day_number(d.day) == today => {
+                c.restore(today, d.value.max(0) as u64);
+                report.daily += 1;
+            }
+            Some(_) => {}
+            None => report.skipped += 1,
+        }
+    }
+    report
+}
+
+/// What one flush did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlushOutcome {
+    /// Nothing changed since the last flush: no statement was sent.
+    Idle,
+    /// One transaction wrote this many rows.
+    Wrote { series: usize, sketches: usize, daily: usize },
+}
+
+/// Memory's view of what the store holds, so a flush sends only changes.
+#[derive(Default)]
+struct Flushed {
+    restored: bool,
+    series: HashMap<SeriesKey, f64>,
+    daily: HashMap<(String, String), (NaiveDate, i64)>,
+    history: Option<Vec<SeriesRow>>,
+    maintained_on: Option<NaiveDate>,
+}
+
+/// The link between memory and the store, shared by the flush and history
+/// tasks (and by tests, which call the one-step functions directly).
+pub struct Persistence {
+    pub store: Store,
+    metrics: Arc<Metrics>,
+    retention: chrono::Duration,
+    state: Mutex<Flushed>,
+}
+
+impl Persistence {
+    pub fn new(store: Store, metrics: Arc<Metrics>, retention: std::time::Duration) -> Self {
+        Persistence {
+            store,
+            metrics,
+            retention: chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX),
+            state: Mutex::new(Flushed::default()),
+        }
+    }
+
+    /// True once stored values are loaded; until then nothing is written.
+    pub async fn is_restored(&self) -> bool {
+        self.state.lock().await.restored
+    }
+
+    /// Migrates, restores and maintains, once. Called at start and, while
+    /// it has not succeeded, before every flush.
+    pub async fn prepare(&self) -> store::Result<Option<RestoreReport>> {
+        let mut state = self.state.lock().await;
+        self.prepare_locked(&mut state).await
+    }
+
+    async fn prepare_locked(&self, state: &mut Flushed) -> store::Result<Option<RestoreReport>> {
+        if state.restored {
+            return Ok(None);
+        }
+        self.store.migrate().await?;
+        let stored = self.store.load().await?;
+        let report = restore(&self.metrics, &stored, Utc::now().timestamp());
+        state.series = stored.series.iter().map(|r| (key(r), r.value)).collect();
+        state.daily = stored.daily.iter().map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value))).collect();
+        state.restored = true;
+        self.maintain_locked(state, Utc::now()).await?;
+        Ok(Some(report))
+    }
+
+    async fn maintain_locked(&self, state: &mut Flushed, now: DateTime<Utc>) -> store::Result<()> {
+        let report = self.store.maintain(now, now - self.retention).await?;
+        if !report.partitions_dropped.is_empty() || report.rows_deleted > 0 {
+            tracing::info!(dropped = ?report.partitions_dropped, rows_deleted = report.rows_deleted, "history past retention removed");
+        }
+        state.maintained_on = Some(now.date_naive());
+        Ok(())
+    }
+
+    /// Writes every series, sketch and "today" counter that changed since
+    /// the last successful flush, in one transaction; sends nothing when
+    /// nothing changed. Counts its duration and failures.
+    pub async fn flush_once(&self) -> store::Result<FlushOutcome> {
+        let started = Instant::now();
+        let result = self.flush_inner().await;
+        let selfm = &self.metrics.selfm;
+        match &result {
+            Ok(outcome) => {
+                selfm.store_up.set(1);
+                selfm.last_flush.set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                if *outcome != FlushOutcome::Idle {
+                    selfm.flush_duration.observe(started.elapsed().as_secs_f64());
+                }
+            }
+            Err(_) => {
+                selfm.store_up.set(0);
+                selfm.flush_failures.inc();
+            }
+        }
+        result
+    }
+
+    async fn flush_inner(&self) -> store::Result<FlushOutcome> {
+        let mut state = self.state.lock().await;
+        self.prepare_locked(&mut state).await?;
+        let now = Utc::now();
+        let mut batch = FlushBatch {
+            series: snapshot(&self.metrics).into_iter().filter(|r| state.series.get(&key(r)) != Some(&r.value)).collect(),
+            ..FlushBatch::default()
+        };
+        for bot in self.metrics.bots() {
+            for sketch in bot.active.take_dirty() {
+                batch.sketches.push(StoredSketch { bot: bot.bot.to_string(), sketch });
+            }
+            for (name, counter) in bot.today.counters() {
+                let (day, value) = counter.load();
+                let (day, value) = (Calendar::date(day), value as i64);
+                if value > 0 && state.daily.get(&(bot.bot.to_string(), name.to_owned())) != Some(&(day, value)) {
+                    batch.daily.push(DailyRow { bot: bot.bot.to_string(), name: name.to_owned(), day, value });
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(FlushOutcome::Idle);
+        }
+        if let Err(e) = self.store.flush(&batch, now).await {
+            // The sketches' change marks were taken: hand them back so the
+            // retry writes them. Series and counters are diffed afresh.
+            for s in &batch.sketches {
+                if let Some(bot) = self.metrics.bot(&s.bot) {
+                    bot.active.mark_dirty(std::slice::from_ref(&s.sketch));
+                }
+            }
+            return Err(e);
+        }
+        for row in &batch.series {
+            state.series.insert(key(row), row.value);
+        }
+        for d in &batch.daily {
+            state.daily.insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
+        }
+        Ok(FlushOutcome::Wrote { series: batch.series.len(), sketches: batch.sketches.len(), daily: batch.daily.len() })
+    }
+
+    /// Appends a point per series to the history, in one statement, unless
+    /// nothing changed since the last point. Returns the points written.
+    pub async fn write_history_once(&self) -> store::Result<usize> {
+        let started = Instant::now();
+        let result = self.write_history_inner().await;
+        let selfm = &self.metrics.selfm;
+        match &result {
+            Ok(0) => {}
+            Ok(_) => selfm.history_duration.observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                selfm.store_up.set(0);
+                selfm.history_failures.inc();
+            }
+        }
+        result
+    }
+
+    async fn write_history_inner(&self) -> store::Result<usize> {
+        let mut state = self.state.lock().await;
+        self.prepare_locked(&mut state).await?;
+        let now = Utc::now();
+        if state.maintained_on != Some(now.date_naive()) {
+            self.maintain_locked(&mut state, now).await?;
+        }
+        let rows = snapshot(&self.metrics);
+        if state.history.as_ref() == Some(&rows) {
+            return Ok(0);
+        }
+        self.store.write_history(&rows, now).await?;
+        let written = rows.len();
+        state.history = Some(rows);
+        Ok(written)
+    }
+}

@@ -1,0 +1,146 @@
+//! Building the application and running it until it is told to stop.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::metrics::{CachedEndpoint, Metrics};
+use crate::persist::Persistence;
+use crate::render_cache::RenderCache;
+use crate::state::AppState;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("--database-url: {0}")]
+    Store(#[from] StoreError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// A bound, ready-to-run botmetrics.
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    /// Binds the listener, builds the state and restores stored totals. A
+    /// store that is down does not stop the start: the flush task restores
+    /// as soon as it answers, and /readyz says 503 until then.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let metrics = Arc::new(Metrics::new(
+            config.tokens.bots(),
+            usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
+            config.timezone,
+            config.metrics_cache_ttl.as_secs_f64(),
+        )?);
+        let store = Store::open(&config.database_url)?;
+        let persistence = Arc::new(Persistence::new(store, metrics.clone(), config.retention));
+        match persistence.prepare().await {
+            Ok(Some(report)) => tracing::info!(backend = persistence.store.backend(), ?report, "stored totals restored"),
+            Ok(None) => {}
+            Err(e) => tracing::error!(
+                error = %e,
+                "store unreachable at start; serving from memory, will restore when it answers"
+            ),
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let state = AppState {
+            ingest: Arc::new(Ingest::new(config.dedupe_window)),
+            metrics_page: Arc::new(RenderCache::new(CachedEndpoint::Metrics, config.metrics_cache_ttl)),
+            summaries: Arc::new(RenderCache::new(CachedEndpoint::Summary, config.metrics_cache_ttl)),
+            metrics,
+            persistence,
+            config,
+            started: Instant::now(),
+        };
+        Ok(Application { listener, state })
+    }
+
+    /// The address actually bound (the real port when `--listen` said 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.state.config.listen)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes; then stops accepting, lets
+    /// in-flight requests finish, and waits for the background tasks' final
+    /// flush and history write.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+        let Application { listener, state } = self;
+        let token = CancellationToken::new();
+        let config = state.config.clone();
+        let flush = tokio::spawn(crate::tasks::flush_loop(
+            state.persistence.clone(),
+            config.flush_interval,
+            token.clone(),
+        ));
+        let history = tokio::spawn(crate::tasks::history_loop(
+            state.persistence.clone(),
+            config.history_interval,
+            token.clone(),
+        ));
+        let persistence = state.persistence.clone();
+        tracing::info!(
+            listen = %listener.local_addr().map_err(StartError::Serve)?,
+            bots = ?config.tokens.bots(),
+            store = persistence.store.backend(),
+            "botmetrics serving"
+        );
+        let served = axum::serve(listener, crate::http::router(state))
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: finishing in-flight requests");
+            })
+            .await;
+        token.cancel();
+        let _ = tokio::join!(flush, history);
+        persistence.store.close().await;
+        served.map_err(StartError::Serve)
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}

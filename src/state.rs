@@ -1,0 +1,28 @@
+//! The state every handler shares: cheap to clone, handles only.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::config::Config;
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::persist::Persistence;
+use crate::render_cache::RenderCache;
+
+/// What varies a summary answer: one bot or all, JSON or text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct SummaryKey {
+    pub bot: Option<String>,
+    pub text: bool,
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub metrics: Arc<Metrics>,
+    pub ingest: Arc<Ingest>,
+    pub persistence: Arc<Persistence>,
+    pub metrics_page: Arc<RenderCache<()>>,
+    pub summaries: Arc<RenderCache<SummaryKey>>,
+    pub started: Instant,
+}

@@ -1,0 +1,536 @@
+//! The store: the only module that speaks SQL.
+//!
+//! Two backends behind one narrow interface: PostgreSQL for production and
+//! an embedded SQLite file as the zero-setup default. Queries are built at
+//! run time (two dialects, no database needed to compile); every value is a
+//! bound parameter. Each public method is one round trip to PostgreSQL,
+//! whatever the number of series, by passing whole columns as arrays and
+//! `unnest`-ing them server-side.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{AssertSqlSafe, ConnectOptions, Row};
+
+use crate::metrics::active::{Granularity, SketchRow};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("unsupported database URL `{0}`: use postgres://… or sqlite://…")]
+    Url(String),
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is unreadable: {0}")]
+    Corrupt(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One series' value, keyed as it is stored: metric name (with `_bucket`,
+/// `_sum`, `_count` for histogram lines), bot, and the other labels as a
+/// canonical JSON object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeriesRow {
+    pub metric: String,
+    pub bot: String,
+    pub labels: String,
+    pub value: f64,
+}
+
+/// A "today" counter as stored: which local day it counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DailyRow {
+    pub bot: String,
+    pub name: String,
+    pub day: NaiveDate,
+    pub value: i64,
+}
+
+/// A bot's sketch as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSketch {
+    pub bot: String,
+    pub sketch: SketchRow,
+}
+
+/// Everything a flush writes, in one transaction.
+#[derive(Debug, Default)]
+pub struct FlushBatch {
+    pub series: Vec<SeriesRow>,
+    pub sketches: Vec<StoredSketch>,
+    pub daily: Vec<DailyRow>,
+}
+
+impl FlushBatch {
+    pub fn is_empty(&self) -> bool {
+        self.series.is_empty() && self.sketches.is_empty() && self.daily.is_empty()
+    }
+}
+
+/// What a start-up restore reads.
+#[derive(Debug, Default)]
+pub struct Stored {
+    pub series: Vec<SeriesRow>,
+    pub sketches: Vec<StoredSketch>,
+    pub daily: Vec<DailyRow>,
+}
+
+/// A history query, already checked by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct HistoryQuery {
+    pub metric: String,
+    pub bot: Option<String>,
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub step_seconds: i64,
+    /// At most this many rows are read; one more tells the caller to narrow.
+    pub limit: i64,
+}
+
+/// One downsampled point: the last value within its step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HistoryPoint {
+    pub bot: String,
+    pub labels: String,
+    pub at: DateTime<Utc>,
+    pub value: f64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Store {
+    Postgres(PgPool),
+    Sqlite(SqlitePool),
+}
+
+/// How long an operation may wait for a connection before failing, so an
+/// outage is noticed within a tick instead of hanging the task.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+
+impl Store {
+    /// Builds a pool without connecting: the process starts (and serves from
+    /// memory) even while the database is down. [`Store::migrate`] is the
+    /// first real contact.
+    pub fn open(url: &str) -> Result<Store> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
+            let pool =
+                PgPoolOptions::new().max_connections(4).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+            Ok(Store::Postgres(pool))
+        } else if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                // WAL lets /v1/history read while a flush writes.
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5))
+                .log_statements(tracing::log::LevelFilter::Trace);
+            let pool =
+                SqlitePoolOptions::new().max_connections(2).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+            Ok(Store::Sqlite(pool))
+        } else {
+            Err(StoreError::Url(url.split('@').next_back().unwrap_or_default().to_owned()))
+        }
+    }
+
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Store::Postgres(_) => "postgres",
+            Store::Sqlite(_) => "sqlite",
+        }
+    }
+
+    /// Applies the embedded migrations of this backend.
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+            Store::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+        }
+        Ok(())
+    }
+
+    /// One trivial query: is the store reachable right now?
+    pub async fn ping(&self) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => {
+                sqlx::query("select 1").execute(pool).await?;
+            }
+            Store::Sqlite(pool) => {
+                sqlx::query("select 1").execute(pool).await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        match self {
+            Store::Postgres(pool) => pool.close().await,
+            Store::Sqlite(pool) => pool.close().await,
+        }
+    }
+
+    /// Reads everything a restart restores.
+    pub async fn load(&self) -> Result<Stored> {
+        let series_sql = "select metric, bot, labels::text as labels, value from real_time_metrics";
+        let sketches_sql = "select bot, granularity, bucket, registers from active_user_sketches";
+        let daily_sql = "select bot, name, day::text as day, value from daily_counters";
+        let mut stored = Stored::default();
+        match self {
+            Store::Postgres(pool) => decode(
+                &mut stored,
+                &sqlx::query(series_sql).fetch_all(pool).await?,
+                &sqlx::query(sketches_sql).fetch_all(pool).await?,
+                &sqlx::query(daily_sql).fetch_all(pool).await?,
+            )?,
+            // SQLite keeps labels and days as text already.
+            Store::Sqlite(pool) => decode(
+                &mut stored,
+                &sqlx::query(AssertSqlSafe(series_sql.replace("::text", ""))).fetch_all(pool).await?,
+                &sqlx::query(sketches_sql).fetch_all(pool).await?,
+                &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", ""))).fetch_all(pool).await?,
+            )?,
+        }
+        Ok(stored)
+    }
+
+    /// Writes changed series, sketches and "today" counters in one
+    /// transaction: on PostgreSQL one statement, one round trip.
+    pub async fn flush(&self, batch: &FlushBatch, now: DateTime<Utc>) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => {
+                let sql = "
+                    with series as (
+                        insert into real_time_metrics (metric, bot, labels, value, last_updated)
+                        select metric, bot, labels::jsonb, value, $5
+                        from unnest($1::text[], $2::text[], $3::text[], $4::float8[]) as t(metric, bot, labels, value)
+                        on conflict (metric, bot, labels)
+                        do update set value = excluded.value, last_updated = excluded.last_updated
+                        returning 1
+                    ), sketches as (
+                        insert into active_user_sketches (bot, granularity, bucket, registers, last_updated)
+                        select bot, granularity, bucket, registers, $5
+                        from unnest($6::text[], $7::text[], $8::int8[], $9::bytea[]) as t(bot, granularity, bucket, registers)
+                        on conflict (bot, granularity, bucket)
+                        do update set registers = excluded.registers, last_updated = excluded.last_updated
+                        returning 1
+                    ), daily as (
+                        insert into daily_counters (bot, name, day, value, last_updated)
+                        select bot, name, day::date, value, $5
+                        from unnest($10::text[], $11::text[], $12::text[], $13::int8[]) as t(bot, name, day, value)
+                        on conflict (bot, name)
+                        do update set day = excluded.day, value = excluded.value, last_updated = excluded.last_updated
+                        returning 1
+                    )
+                    select (select count(*) from series) + (select count(*) from sketches) + (select count(*) from daily)";
+                let s = &batch.series;
+                let k = &batch.sketches;
+                let d = &batch.daily;
+                sqlx::query(sql)
+                    .bind(s.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>())
+                    .bind(s.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(s.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
+                    .bind(s.iter().map(|r| r.value).collect::<Vec<_>>())
+                    .bind(now)
+                    .bind(k.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(k.iter().map(|r| r.sketch.granularity.as_str()).collect::<Vec<_>>())
+                    .bind(k.iter().map(|r| r.sketch.bucket).collect::<Vec<_>>())
+                    .bind(k.iter().map(|r| r.sketch.registers.as_slice()).collect::<Vec<_>>())
+                    .bind(d.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(d.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
+                    .bind(d.iter().map(|r| r.day.to_string()).collect::<Vec<_>>())
+                    .bind(d.iter().map(|r| r.value).collect::<Vec<_>>())
+                    .fetch_one(pool)
+                    .await?;
+            }
+            Store::Sqlite(pool) => {
+                // A local file: per-row statements inside one transaction
+                // cost no network round trips, and stay under SQLite's
+                // bound-parameter limit whatever the batch size.
+                let mut tx = pool.begin().await?;
+                let now = now.timestamp();
+                for r in &batch.series {
+                    sqlx::query(
+                        "insert into real_time_metrics (metric, bot, labels, value, last_updated)
+                         values (?, ?, ?, ?, ?)
+                         on conflict (metric, bot, labels)
+                         do update set value = excluded.value, last_updated = excluded.last_updated",
+                    )
+                    .bind(&r.metric)
+                    .bind(&r.bot)
+                    .bind(&r.labels)
+                    .bind(r.value)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in &batch.sketches {
+                    sqlx::query(
+                        "insert into active_user_sketches (bot, granularity, bucket, registers, last_updated)
+                         values (?, ?, ?, ?, ?)
+                         on conflict (bot, granularity, bucket)
+                         do update set registers = excluded.registers, last_updated = excluded.last_updated",
+                    )
+                    .bind(&r.bot)
+                    .bind(r.sketch.granularity.as_str())
+                    .bind(r.sketch.bucket)
+                    .bind(&r.sketch.registers)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in &batch.daily {
+                    sqlx::query(
+                        "insert into daily_counters (bot, name, day, value, last_updated)
+                         values (?, ?, ?, ?, ?)
+                         on conflict (bot, name)
+                         do update set day = excluded.day, value = excluded.value, last_updated = excluded.last_updated",
+                    )
+                    .bind(&r.bot)
+                    .bind(&r.name)
+                    .bind(r.day.to_string())
+                    .bind(r.value)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                tx.commit().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends one point per series at `at`: one statement.
+    pub async fn write_history(&self, rows: &[SeriesRow], at: DateTime<Utc>) -> Result<()> {
+        match self {
+            Store::Postgres(pool) => {
+                sqlx::query(
+                    "insert into metrics_history (recorded_at, metric, bot, labels, value)
+                     select $1, metric, bot, labels::jsonb, value
+                     from unnest($2::text[], $3::text[], $4::text[], $5::float8[]) as t(metric, bot, labels, value)",
+                )
+                .bind(at)
+                .bind(rows.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
+                .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
+                .execute(pool)
+                .await?;
+            }
+            Store::Sqlite(pool) => {
+                // SQLite's json_each turns one bound JSON document into rows,
+                // so the whole tick is still one statement.
+                let doc = serde_json::to_string(
+                    &rows.iter().map(|r| (&r.metric, &r.bot, &r.labels, r.value)).collect::<Vec<_>>(),
+                )
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                sqlx::query(
+                    "insert into metrics_history (recorded_at, metric, bot, labels, value)
+                     select ?, value ->> 0, value ->> 1, value ->> 2, value ->> 3 from json_each(?)",
+                )
+                .bind(at.timestamp())
+                .bind(doc)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates history partitions for the days around `now` (PostgreSQL),
+    /// drops history older than `cutoff`, and prunes sketches that no
+    /// window can reach any more. Run at start and once a day.
+    pub async fn maintain(&self, now: DateTime<Utc>, cutoff: DateTime<Utc>) -> Result<MaintenanceReport> {
+        let mut report = MaintenanceReport::default();
+        let hour_floor = now.timestamp().div_euclid(3600) - 48;
+        let day_floor = now.timestamp().div_euclid(86_400) - 32;
+        match self {
+            Store::Postgres(pool) => {
+                let today = now.date_naive();
+                for offset in 0..3 {
+                    let day = today + chrono::Days::new(offset);
+                    let next = day + chrono::Days::new(1);
+                    // Identifiers cannot be bound; the name is built from a
+                    // date this process formatted, never from input.
+                    let created = sqlx::query(AssertSqlSafe(format!(
+                        "create table if not exists {} partition of metrics_history for values from ('{day}') to ('{next}')",
+                        partition_name(day)
+                    )))
+                    .execute(pool)
+                    .await;
+                    created?;
+                    report.partitions_ensured += 1;
+                }
+                let partitions: Vec<String> = sqlx::query_scalar(
+                    "select c.relname::text from pg_inherits i
+                     join pg_class c on c.oid = i.inhrelid
+                     join pg_class p on p.oid = i.inhparent
+                     where p.relname = 'metrics_history'",
+                )
+                .fetch_all(pool)
+                .await?;
+                for name in partitions {
+                    let Some(day) = partition_day(&name) else { continue };
+                    // A partition goes once all of it is past the cutoff.
+                    if day + chrono::Days::new(1) <= cutoff.date_naive() {
+                        sqlx::query(AssertSqlSafe(format!("drop table if exists {name}"))).execute(pool).await?;
+                        report.partitions_dropped.push(name);
+                    }
+                }
+                sqlx::query(
+                    "delete from active_user_sketches
+                     where (granularity = 'hour' and bucket < $1) or (granularity = 'day' and bucket < $2)",
+                )
+                .bind(hour_floor)
+                .bind(day_floor)
+                .execute(pool)
+                .await?;
+            }
+            Store::Sqlite(pool) => {
+                let deleted = sqlx::query("delete from metrics_history where recorded_at < ?")
+                    .bind(cutoff.timestamp())
+                    .execute(pool)
+                    .await?;
+                report.rows_deleted = deleted.rows_affected();
+                sqlx::query(
+                    "delete from active_user_sketches
+                     where (granularity = 'hour' and bucket < ?) or (granularity = 'day' and bucket < ?)",
+                )
+                .bind(hour_floor)
+                .bind(day_floor)
+                .execute(pool)
+                .await?;
+            }
+        }
+        Ok(report)
+    }
+
+    /// History points, downsampled server-side to the last value per step.
+    pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryPoint>> {
+        let rows = match self {
+            Store::Postgres(pool) => {
+                sqlx::query(
+                    "select bot, labels, recorded_at, value from (
+                        select bot, labels::text as labels, recorded_at, value,
+                               row_number() over (
+                                   partition by bot, labels, floor(extract(epoch from recorded_at) / $5)
+                                   order by recorded_at desc) as rn
+                        from metrics_history
+                        where metric = $1 and ($2::text is null or bot = $2)
+                          and recorded_at >= $3 and recorded_at <= $4
+                     ) t where rn = 1
+                     order by bot, labels, recorded_at
+                     limit $6",
+                )
+                .bind(&q.metric)
+                .bind(&q.bot)
+                .bind(q.from)
+                .bind(q.to)
+                .bind(q.step_seconds as f64)
+                .bind(q.limit)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|r| {
+                    Ok(HistoryPoint {
+                        bot: r.try_get("bot")?,
+                        labels: r.try_get("labels")?,
+                        at: r.try_get("recorded_at")?,
+                        value: r.try_get("value")?,
+                    })
+                })
+                .collect::<Result<Vec<_>, sqlx::Error>>()?
+            }
+            Store::Sqlite(pool) => sqlx::query(
+                "select bot, labels, recorded_at, value from (
+                    select bot, labels, recorded_at, value,
+                           row_number() over (
+                               partition by bot, labels, recorded_at / ?5
+                               order by recorded_at desc) as rn
+                    from metrics_history
+                    where metric = ?1 and (?2 is null or bot = ?2)
+                      and recorded_at >= ?3 and recorded_at <= ?4
+                 ) where rn = 1
+                 order by bot, labels, recorded_at
+                 limit ?6",
+            )
+            .bind(&q.metric)
+            .bind(&q.bot)
+            .bind(q.from.timestamp())
+            .bind(q.to.timestamp())
+            .bind(q.step_seconds)
+            .bind(q.limit)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|r| {
+                let at: i64 = r.try_get("recorded_at")?;
+                Ok(HistoryPoint {
+                    bot: r.try_get("bot")?,
+                    labels: r.try_get("labels")?,
+                    at: DateTime::from_timestamp(at, 0).unwrap_or_default(),
+                    value: r.try_get("value")?,
+                })
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?,
+        };
+        Ok(rows)
+    }
+}
+
+/// What [`Store::maintain`] did, for the log.
+#[derive(Debug, Default)]
+pub struct MaintenanceReport {
+    pub partitions_ensured: usize,
+    pub partitions_dropped: Vec<String>,
+    pub rows_deleted: u64,
+}
+
+/// `metrics_history_20261124`: one partition per UTC day.
+pub fn partition_name(day: NaiveDate) -> String {
+    format!("metrics_history_{}", day.format("%Y%m%d"))
+}
+
+fn partition_day(name: &str) -> Option<NaiveDate> {
+    NaiveDate::parse_from_str(name.strip_prefix("metrics_history_")?, "%Y%m%d").ok()
+}
+
+fn decode<R: Row>(stored: &mut Stored, series: &[R], sketches: &[R], daily: &[R]) -> Result<()>
+where
+    for<'r> String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'r> Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+{
+    for r in series {
+        stored.series.push(SeriesRow {
+            metric: r.try_get("metric")?,
+            bot: r.try_get("bot")?,
+            labels: r.try_get("labels")?,
+            value: r.try_get("value")?,
+        });
+    }
+    for r in sketches {
+        let granularity: String = r.try_get("granularity")?;
+        let granularity = Granularity::parse(&granularity)
+            .ok_or_else(|| StoreError::Corrupt(format!("unknown sketch granularity `{granularity}`")))?;
+        stored.sketches.push(StoredSketch {
+            bot: r.try_get("bot")?,
+            sketch: SketchRow { granularity, bucket: r.try_get("bucket")?, registers: r.try_get("registers")? },
+        });
+    }
+    for r in daily {
+        let day: String = r.try_get("day")?;
+        stored.daily.push(DailyRow {
+            bot: r.try_get("bot")?,
+            name: r.try_get("name")?,
+            day: NaiveDate::parse_from_str(&day, "%Y-%m-%d")
+                .map_err(|e| StoreError::Corrupt(format!("daily counter day `{day}`: {e}")))?,
+            value: r.try_get("value")?,
+        });
+    }
+    Ok(())
+}
