@@ -30,7 +30,11 @@ pub struct Config {
 
     /// Where totals, history and sketches are kept: `postgres://…` or
     /// `sqlite://path` (created if missing). Also read from DATABASE_URL.
-    #[arg(long, env = "BOTMETRICS_DATABASE_URL", default_value = "sqlite://botmetrics.db")]
+    #[arg(
+        long,
+        env = "BOTMETRICS_DATABASE_URL",
+        default_value = "sqlite://botmetrics.db"
+    )]
     pub database_url: String,
 
     /// Comma-separated `bot=token` pairs; a bare `token` means bot `default`.
@@ -181,7 +185,8 @@ pub fn parse_tokens(raw: &str) -> Result<Tokens, String> {
 
 /// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
-    humantime::parse_duration(raw.trim()).map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))
+    humantime::parse_duration(raw.trim())
+        .map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))
 }
 
 fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
@@ -223,7 +228,10 @@ mod tests {
     #[test]
     fn durations_are_human_readable() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
-        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86400));
+        assert_eq!(
+            parse_duration("90d").unwrap(),
+            Duration::from_secs(90 * 86400)
+        );
         assert!(parse_duration("ten seconds").is_err());
         assert!(parse_positive_duration("0s").is_err());
     }

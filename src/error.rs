@@ -16,7 +16,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub enum Error {
     /// The body is not well-formed JSON (or NDJSON).
     #[error("{message}")]
-    Malformed { message: String, index: Option<usize> },
+    Malformed {
+        message: String,
+        index: Option<usize>,
+    },
 
     /// No bearer token, or one that belongs to no bot.
     #[error("{0}")]
@@ -32,7 +35,10 @@ pub enum Error {
 
     /// Well-formed JSON that is not a valid event.
     #[error("{message}")]
-    Invalid { message: String, index: Option<usize> },
+    Invalid {
+        message: String,
+        index: Option<usize>,
+    },
 
     /// A query parameter is missing or wrong.
     #[error("{0}")]
@@ -91,14 +97,23 @@ impl Error {
     /// Attaches the position of the event at fault within a batch.
     pub fn at(self, i: usize) -> Self {
         match self {
-            Error::Malformed { message, .. } => Error::Malformed { message, index: Some(i) },
-            Error::Invalid { message, .. } => Error::Invalid { message, index: Some(i) },
+            Error::Malformed { message, .. } => Error::Malformed {
+                message,
+                index: Some(i),
+            },
+            Error::Invalid { message, .. } => Error::Invalid {
+                message,
+                index: Some(i),
+            },
             other => other,
         }
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {
-        Error::Invalid { message: message.into(), index: None }
+        Error::Invalid {
+            message: message.into(),
+            index: None,
+        }
     }
 }
 
@@ -122,10 +137,16 @@ impl IntoResponse for Error {
             Error::Store(_) => "the store is unavailable; the event path is unaffected".to_owned(),
             other => other.to_string(),
         };
-        let body = Body { error: self.code(), message, index: self.index() };
+        let body = Body {
+            error: self.code(),
+            message,
+            index: self.index(),
+        };
         let mut response = (self.status(), Json(body)).into_response();
         if let Error::Store(e) = &self {
-            response.extensions_mut().insert(InternalDetail(e.to_string()));
+            response
+                .extensions_mut()
+                .insert(InternalDetail(e.to_string()));
         }
         response
     }

@@ -10,8 +10,8 @@ use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 use crate::error::{Error, Result};
 
@@ -26,7 +26,8 @@ pub const MAX_FUTURE_SECS: i64 = 300;
 /// 1-64 characters of `[A-Za-z0-9_.:-]`.
 pub fn is_short_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
 }
 
 /// A checked free-form label value (error kind, custom event, model, cache).
@@ -163,7 +164,10 @@ impl<'de: 'a, 'a> Deserialize<'de> for UserId<'a> {
             fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
                 Ok(UserId::Int(v.into()))
             }
-            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> std::result::Result<Self::Value, E> {
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
                 check_user_id(v)?;
                 Ok(UserId::Str(Cow::Borrowed(v)))
             }
@@ -233,7 +237,9 @@ impl<'de> Deserialize<'de> for UnixSeconds {
                 Ok(UnixSeconds(v))
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<UnixSeconds, E> {
-                i64::try_from(v).map(UnixSeconds).map_err(|_| E::custom("ts is out of range"))
+                i64::try_from(v)
+                    .map(UnixSeconds)
+                    .map_err(|_| E::custom("ts is out of range"))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<UnixSeconds, E> {
                 if v.is_finite() && (0.0..9.0e15).contains(&v) {
@@ -322,14 +328,32 @@ pub struct Event<'a> {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EventBody<'a> {
-    Message { role: Role, db_queries: Option<u32> },
-    Response { status: Status, duration_seconds: f64, model: Option<ShortName<'a>>, tokens: Option<[u64; 2]> },
-    Cache { result: CacheResult, cache: ShortName<'a> },
+    Message {
+        role: Role,
+        db_queries: Option<u32>,
+    },
+    Response {
+        status: Status,
+        duration_seconds: f64,
+        model: Option<ShortName<'a>>,
+        tokens: Option<[u64; 2]>,
+    },
+    Cache {
+        result: CacheResult,
+        cache: ShortName<'a>,
+    },
     UserRegistered,
-    Consent { decision: Decision },
+    Consent {
+        decision: Decision,
+    },
     LimitReached,
-    Error { kind: ShortName<'a> },
-    Custom { name: ShortName<'a>, value: f64 },
+    Error {
+        kind: ShortName<'a>,
+    },
+    Custom {
+        name: ShortName<'a>,
+        value: f64,
+    },
 }
 
 /// The cache name used when a `cache` event names none.
@@ -409,7 +433,10 @@ impl<'a> RawEvent<'a> {
                 EventBody::Response {
                     status: required("status", kind, self.status)?,
                     duration_seconds: duration_ms / 1000.0,
-                    model: self.model.map(|m| ShortName::parse("model", m)).transpose()?,
+                    model: self
+                        .model
+                        .map(|m| ShortName::parse("model", m))
+                        .transpose()?,
                     tokens: self.tokens.map(|t| [t.prompt, t.completion]),
                 }
             }
@@ -437,10 +464,19 @@ impl<'a> RawEvent<'a> {
                 if !(value.is_finite() && value >= 0.0) {
                     return Err(Error::invalid("`value` must be a finite number >= 0"));
                 }
-                EventBody::Custom { name: ShortName::parse("name", required("name", kind, self.name)?)?, value }
+                EventBody::Custom {
+                    name: ShortName::parse("name", required("name", kind, self.name)?)?,
+                    value,
+                }
             }
         };
-        Ok(Event { user: self.user_id, event_id: self.event_id, ts, chat_type: self.chat_type, body })
+        Ok(Event {
+            user: self.user_id,
+            event_id: self.event_id,
+            ts,
+            chat_type: self.chat_type,
+            body,
+        })
     }
 }
 
@@ -455,11 +491,19 @@ pub enum BodyFormat {
 
 /// Parses and checks a whole request body. Nothing is applied here: the
 /// caller applies the events only when every one of them is valid.
-pub fn parse_batch(body: &[u8], format: BodyFormat, max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
+pub fn parse_batch(
+    body: &[u8],
+    format: BodyFormat,
+    max_batch: usize,
+    now: i64,
+) -> Result<Vec<Event<'_>>> {
     match format {
         BodyFormat::Ndjson => parse_ndjson(body, max_batch, now),
         BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
-            None => Err(Error::Malformed { message: "the request body is empty".into(), index: None }),
+            None => Err(Error::Malformed {
+                message: "the request body is empty".into(),
+                index: None,
+            }),
             Some(b'[') => parse_array(body, max_batch, now),
             Some(_) => {
                 let raw: RawEvent = serde_json::from_slice(body).map_err(from_serde)?;
@@ -470,12 +514,16 @@ pub fn parse_batch(body: &[u8], format: BodyFormat, max_batch: usize, now: i64) 
 }
 
 fn too_many(max_batch: usize) -> Error {
-    Error::TooLarge(format!("a request may carry at most {max_batch} events (--max-batch)"))
+    Error::TooLarge(format!(
+        "a request may carry at most {max_batch} events (--max-batch)"
+    ))
 }
 
 fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
     let mut events = Vec::new();
-    let lines = body.split(|&b| b == b'\n').filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()));
+    let lines = body
+        .split(|&b| b == b'\n')
+        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()));
     for (i, line) in lines.enumerate() {
         if i == max_batch {
             return Err(too_many(max_batch));
@@ -484,7 +532,10 @@ fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>
         events.push(raw.check(now).map_err(|e| e.at(i))?);
     }
     if events.is_empty() {
-        return Err(Error::Malformed { message: "the request body holds no events".into(), index: None });
+        return Err(Error::Malformed {
+            message: "the request body holds no events".into(),
+            index: None,
+        });
     }
     Ok(events)
 }
@@ -501,7 +552,10 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
     }
     impl<'de> DeserializeSeed<'de> for Batch<'_> {
         type Value = Vec<Event<'de>>;
-        fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Self::Value, D::Error> {
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Self::Value, D::Error> {
             d.deserialize_seq(self)
         }
     }
@@ -510,7 +564,10 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an array of events")
         }
-        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Self::Value, A::Error> {
+        fn visit_seq<A: SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
             let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max_batch));
             while let Some(raw) = seq.next_element::<RawEvent<'de>>()? {
                 let fail = |e: Error| {
@@ -530,13 +587,19 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
     let index = Cell::new(0);
     let failure = RefCell::new(None);
     let mut de = serde_json::Deserializer::from_slice(body);
-    let parsed = Batch { max_batch, now, index: &index, failure: &failure }
-        .deserialize(&mut de)
-        .and_then(|events| de.end().map(|()| events));
+    let parsed = Batch {
+        max_batch,
+        now,
+        index: &index,
+        failure: &failure,
+    }
+    .deserialize(&mut de)
+    .and_then(|events| de.end().map(|()| events));
     match parsed {
-        Ok(events) if events.is_empty() => {
-            Err(Error::Invalid { message: "the batch holds no events".into(), index: None })
-        }
+        Ok(events) if events.is_empty() => Err(Error::Invalid {
+            message: "the batch holds no events".into(),
+            index: None,
+        }),
         Ok(events) => Ok(events),
         Err(e) => Err(match failure.into_inner() {
             Some(own @ Error::TooLarge(_)) => own,
@@ -551,7 +614,10 @@ fn from_serde(e: serde_json::Error) -> Error {
     if e.is_data() {
         Error::invalid(e.to_string())
     } else {
-        Error::Malformed { message: format!("invalid JSON: {e}"), index: None }
+        Error::Malformed {
+            message: format!("invalid JSON: {e}"),
+            index: None,
+        }
     }
 }
 
@@ -579,14 +645,26 @@ mod tests {
     #[test]
     fn every_type_parses() {
         let cases = [
-            (r#"{"type":"message","user_id":1,"role":"user","db_queries":6}"#, "message"),
-            (r#"{"type":"response","status":"success","duration_ms":1200,"model":"gpt-4o","tokens":{"prompt":10,"completion":5}}"#, "response"),
+            (
+                r#"{"type":"message","user_id":1,"role":"user","db_queries":6}"#,
+                "message",
+            ),
+            (
+                r#"{"type":"response","status":"success","duration_ms":1200,"model":"gpt-4o","tokens":{"prompt":10,"completion":5}}"#,
+                "response",
+            ),
             (r#"{"type":"cache","result":"hit"}"#, "cache"),
-            (r#"{"type":"user_registered","user_id":"abc"}"#, "user_registered"),
+            (
+                r#"{"type":"user_registered","user_id":"abc"}"#,
+                "user_registered",
+            ),
             (r#"{"type":"consent","granted":false}"#, "consent"),
             (r#"{"type":"limit_reached","user_id":5}"#, "limit_reached"),
             (r#"{"type":"error","kind":"db_timeout"}"#, "error"),
-            (r#"{"type":"custom","name":"voice_note","value":2.5}"#, "custom"),
+            (
+                r#"{"type":"custom","name":"voice_note","value":2.5}"#,
+                "custom",
+            ),
         ];
         for (json, _) in cases {
             one(json).unwrap_or_else(|e| panic!("{json}: {e}"));
@@ -594,23 +672,52 @@ mod tests {
         let e = one(r#"{"type":"response","status":"timeout","duration_ms":1500}"#).unwrap();
         assert_eq!(
             e.body,
-            EventBody::Response { status: Status::Timeout, duration_seconds: 1.5, model: None, tokens: None }
+            EventBody::Response {
+                status: Status::Timeout,
+                duration_seconds: 1.5,
+                model: None,
+                tokens: None
+            }
         );
         let e = one(r#"{"type":"cache","result":"miss"}"#).unwrap();
-        assert_eq!(e.body, EventBody::Cache { result: CacheResult::Miss, cache: ShortName(DEFAULT_CACHE.into()) });
+        assert_eq!(
+            e.body,
+            EventBody::Cache {
+                result: CacheResult::Miss,
+                cache: ShortName(DEFAULT_CACHE.into())
+            }
+        );
     }
 
     #[test]
     fn timestamps() {
         assert_eq!(one(r#"{"type":"limit_reached"}"#).unwrap().ts, NOW);
-        assert_eq!(one(r#"{"type":"limit_reached","ts":1700000000}"#).unwrap().ts, 1_700_000_000);
-        assert_eq!(one(r#"{"type":"limit_reached","ts":1700000000.7}"#).unwrap().ts, 1_700_000_000);
-        assert_eq!(one(r#"{"type":"limit_reached","ts":"2026-11-23T10:00:00Z"}"#).unwrap().ts, 1_795_428_000);
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":1700000000}"#)
+                .unwrap()
+                .ts,
+            1_700_000_000
+        );
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":1700000000.7}"#)
+                .unwrap()
+                .ts,
+            1_700_000_000
+        );
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":"2026-11-23T10:00:00Z"}"#)
+                .unwrap()
+                .ts,
+            1_795_428_000
+        );
         let future = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 301);
         assert!(matches!(one(&future), Err(Error::Invalid { .. })));
         let near = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 299);
         assert!(one(&near).is_ok());
-        assert!(matches!(one(r#"{"type":"limit_reached","ts":"yesterday"}"#), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            one(r#"{"type":"limit_reached","ts":"yesterday"}"#),
+            Err(Error::Invalid { .. })
+        ));
     }
 
     #[test]
@@ -641,15 +748,29 @@ mod tests {
                 other => panic!("{json}: expected invalid, got {other:?}"),
             }
         }
-        let long_id = format!(r#"{{"type":"limit_reached","user_id":"{}"}}"#, "u".repeat(257));
+        let long_id = format!(
+            r#"{{"type":"limit_reached","user_id":"{}"}}"#,
+            "u".repeat(257)
+        );
         assert!(matches!(one(&long_id), Err(Error::Invalid { .. })));
-        let ok_id = format!(r#"{{"type":"limit_reached","user_id":"{}"}}"#, "u".repeat(256));
+        let ok_id = format!(
+            r#"{{"type":"limit_reached","user_id":"{}"}}"#,
+            "u".repeat(256)
+        );
         assert!(one(&ok_id).is_ok());
     }
 
     #[test]
     fn malformed_bodies_are_400() {
-        for json in ["", "   ", "{", r#"{"type":"message""#, r#"[{"type":"limit_reached"}"#, "nul", r#"{"type":"limit_reached"} x"#] {
+        for json in [
+            "",
+            "   ",
+            "{",
+            r#"{"type":"message""#,
+            r#"[{"type":"limit_reached"}"#,
+            "nul",
+            r#"{"type":"limit_reached"} x"#,
+        ] {
             match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
                 Err(Error::Malformed { .. }) => {}
                 other => panic!("{json:?}: expected malformed, got {other:?}"),
@@ -659,7 +780,8 @@ mod tests {
 
     #[test]
     fn batch_errors_name_the_index() {
-        let body = r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"message","role":"x"}]"#;
+        let body =
+            r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"message","role":"x"}]"#;
         match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
             Err(Error::Invalid { index: Some(2), .. }) => {}
             other => panic!("{other:?}"),
@@ -684,10 +806,21 @@ mod tests {
     #[test]
     fn batch_size_is_capped() {
         let body = format!("[{}]", vec![r#"{"type":"limit_reached"}"#; 4].join(","));
-        assert_eq!(parse_batch(body.as_bytes(), BodyFormat::Json, 4, NOW).unwrap().len(), 4);
-        assert!(matches!(parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW), Err(Error::TooLarge(_))));
+        assert_eq!(
+            parse_batch(body.as_bytes(), BodyFormat::Json, 4, NOW)
+                .unwrap()
+                .len(),
+            4
+        );
+        assert!(matches!(
+            parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW),
+            Err(Error::TooLarge(_))
+        ));
         let nd = vec![r#"{"type":"limit_reached"}"#; 4].join("\n");
-        assert!(matches!(parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW), Err(Error::TooLarge(_))));
+        assert!(matches!(
+            parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW),
+            Err(Error::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -701,6 +834,11 @@ mod tests {
     #[test]
     fn escaped_strings_are_accepted() {
         let e = one(r#"{"type":"error","kind":"db\u005ftimeout","user_id":"a\"b"}"#).unwrap();
-        assert_eq!(e.body, EventBody::Error { kind: ShortName("db_timeout".into()) });
+        assert_eq!(
+            e.body,
+            EventBody::Error {
+                kind: ShortName("db_timeout".into())
+            }
+        );
     }
 }

@@ -30,8 +30,12 @@ pub struct Ingest {
 
 impl Ingest {
     pub fn new(window: Duration) -> Self {
-        let seen = (!window.is_zero()).then(|| moka::sync::Cache::builder().time_to_live(window).build());
-        Ingest { seen, hasher: RandomState::new() }
+        let seen =
+            (!window.is_zero()).then(|| moka::sync::Cache::builder().time_to_live(window).build());
+        Ingest {
+            seen,
+            hasher: RandomState::new(),
+        }
     }
 
     /// True the first time `(bot, id)` is seen within the window.
@@ -53,6 +57,9 @@ impl Ingest {
             }
             bot.apply(event);
         }
-        Accepted { accepted: events.len() - duplicates, duplicates }
+        Accepted {
+            accepted: events.len() - duplicates,
+            duplicates,
+        }
     }
 }

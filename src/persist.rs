@@ -38,7 +38,12 @@ struct Flatten(Vec<SeriesRow>);
 
 impl Visitor for Flatten {
     fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64) {
-        let pairs = family.labels.iter().copied().zip(labels.iter().copied()).skip(1);
+        let pairs = family
+            .labels
+            .iter()
+            .copied()
+            .zip(labels.iter().copied())
+            .skip(1);
         self.0.push(SeriesRow {
             metric: family.name.to_owned(),
             bot: labels[0].to_owned(),
@@ -49,8 +54,18 @@ impl Visitor for Flatten {
 
     fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], h: &HistogramSnapshot) {
         let bot = labels[0];
-        let others: Vec<(&str, &str)> = family.labels.iter().copied().zip(labels.iter().copied()).skip(1).collect();
-        let bounds = h.bounds.iter().map(|b| b.to_string()).chain(["+Inf".to_owned()]);
+        let others: Vec<(&str, &str)> = family
+            .labels
+            .iter()
+            .copied()
+            .zip(labels.iter().copied())
+            .skip(1)
+            .collect();
+        let bounds = h
+            .bounds
+            .iter()
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_owned()]);
         for (le, count) in bounds.zip(&h.cumulative) {
             let pairs = others.iter().copied().chain([("le", le.as_str())]);
             self.0.push(SeriesRow {
@@ -109,9 +124,14 @@ pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreRe
         if row.metric == ACTIVE_USERS.name {
             continue;
         }
-        let labels: BTreeMap<String, String> = serde_json::from_str(&row.labels).unwrap_or_default();
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&row.labels).unwrap_or_default();
         if let Some(base) = row.metric.strip_suffix("_bucket") {
-            let le = labels.get("le").and_then(|le| le.parse::<f64>().ok().or((le == "+Inf").then_some(f64::INFINITY)));
+            let le = labels.get("le").and_then(|le| {
+                le.parse::<f64>()
+                    .ok()
+                    .or((le == "+Inf").then_some(f64::INFINITY))
+            });
             let hist = histograms.entry((base, &row.bot)).or_default();
             hist.rows += 1;
             match le {
@@ -133,7 +153,10 @@ pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreRe
             histograms.entry((base, &row.bot)).or_default().rows += 1;
             continue;
         }
-        let pairs: Vec<(&str, &str)> = labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let pairs: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         if bot.restore_scalar(&row.metric, &pairs, row.value) {
             report.series += 1;
         } else {
@@ -143,9 +166,15 @@ pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreRe
     for ((family, bot), mut hist) in histograms {
         hist.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         match metrics.bot(bot) {
-            Some(b) if b.restore_histogram(family, &hist.buckets, hist.sum) => report.series += hist.rows,
+            Some(b) if b.restore_histogram(family, &hist.buckets, hist.sum) => {
+                report.series += hist.rows
+            }
             _ => {
-                tracing::warn!(family, bot, "stored histogram does not match this build's buckets; not restored");
+                tracing::warn!(
+                    family,
+                    bot,
+                    "stored histogram does not match this build's buckets; not restored"
+                );
                 report.skipped += hist.rows;
             }
         }
@@ -178,7 +207,11 @@ pub enum FlushOutcome {
     /// Nothing changed since the last flush: no statement was sent.
     Idle,
     /// One transaction wrote this many rows.
-    Wrote { series: usize, sketches: usize, daily: usize },
+    Wrote {
+        series: usize,
+        sketches: usize,
+        daily: usize,
+    },
 }
 
 /// Memory's view of what the store holds, so a flush sends only changes.
@@ -230,7 +263,11 @@ impl Persistence {
         let stored = self.store.load().await?;
         let report = restore(&self.metrics, &stored, Utc::now().timestamp());
         state.series = stored.series.iter().map(|r| (key(r), r.value)).collect();
-        state.daily = stored.daily.iter().map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value))).collect();
+        state.daily = stored
+            .daily
+            .iter()
+            .map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value)))
+            .collect();
         state.restored = true;
         self.maintain_locked(state, Utc::now()).await?;
         Ok(Some(report))
@@ -255,9 +292,13 @@ impl Persistence {
         match &result {
             Ok(outcome) => {
                 selfm.store_up.set(1);
-                selfm.last_flush.set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                selfm
+                    .last_flush
+                    .set(Utc::now().timestamp_millis() as f64 / 1000.0);
                 if *outcome != FlushOutcome::Idle {
-                    selfm.flush_duration.observe(started.elapsed().as_secs_f64());
+                    selfm
+                        .flush_duration
+                        .observe(started.elapsed().as_secs_f64());
                 }
             }
             Err(_) => {
@@ -273,18 +314,32 @@ impl Persistence {
         self.prepare_locked(&mut state).await?;
         let now = Utc::now();
         let mut batch = FlushBatch {
-            series: snapshot(&self.metrics).into_iter().filter(|r| state.series.get(&key(r)) != Some(&r.value)).collect(),
+            series: snapshot(&self.metrics)
+                .into_iter()
+                .filter(|r| state.series.get(&key(r)) != Some(&r.value))
+                .collect(),
             ..FlushBatch::default()
         };
         for bot in self.metrics.bots() {
             for sketch in bot.active.take_dirty() {
-                batch.sketches.push(StoredSketch { bot: bot.bot.to_string(), sketch });
+                batch.sketches.push(StoredSketch {
+                    bot: bot.bot.to_string(),
+                    sketch,
+                });
             }
             for (name, counter) in bot.today.counters() {
                 let (day, value) = counter.load();
                 let (day, value) = (Calendar::date(day), value as i64);
-                if value > 0 && state.daily.get(&(bot.bot.to_string(), name.to_owned())) != Some(&(day, value)) {
-                    batch.daily.push(DailyRow { bot: bot.bot.to_string(), name: name.to_owned(), day, value });
+                if value > 0
+                    && state.daily.get(&(bot.bot.to_string(), name.to_owned()))
+                        != Some(&(day, value))
+                {
+                    batch.daily.push(DailyRow {
+                        bot: bot.bot.to_string(),
+                        name: name.to_owned(),
+                        day,
+                        value,
+                    });
                 }
             }
         }
@@ -305,9 +360,15 @@ impl Persistence {
             state.series.insert(key(row), row.value);
         }
         for d in &batch.daily {
-            state.daily.insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
+            state
+                .daily
+                .insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
         }
-        Ok(FlushOutcome::Wrote { series: batch.series.len(), sketches: batch.sketches.len(), daily: batch.daily.len() })
+        Ok(FlushOutcome::Wrote {
+            series: batch.series.len(),
+            sketches: batch.sketches.len(),
+            daily: batch.daily.len(),
+        })
     }
 
     /// Appends a point per series to the history, in one statement, unless
@@ -318,7 +379,9 @@ impl Persistence {
         let selfm = &self.metrics.selfm;
         match &result {
             Ok(0) => {}
-            Ok(_) => selfm.history_duration.observe(started.elapsed().as_secs_f64()),
+            Ok(_) => selfm
+                .history_duration
+                .observe(started.elapsed().as_secs_f64()),
             Err(_) => {
                 selfm.store_up.set(0);
                 selfm.history_failures.inc();

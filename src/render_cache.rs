@@ -29,15 +29,27 @@ pub struct Rendered {
 
 impl Rendered {
     pub fn plain(content_type: &'static str, body: Vec<u8>) -> Self {
-        Rendered { content_type, body: body.into(), gzip: None }
+        Rendered {
+            content_type,
+            body: body.into(),
+            gzip: None,
+        }
     }
 
     pub fn with_gzip(content_type: &'static str, body: Vec<u8>) -> Self {
         // Level 1: most of the size win of higher levels at a fraction of
         // the CPU, which matters on every cache miss.
         let mut encoder = GzEncoder::new(Vec::with_capacity(body.len() / 4), Compression::fast());
-        let gzip = encoder.write_all(&body).and_then(|()| encoder.finish()).ok().map(Bytes::from);
-        Rendered { content_type, body: body.into(), gzip }
+        let gzip = encoder
+            .write_all(&body)
+            .and_then(|()| encoder.finish())
+            .ok()
+            .map(Bytes::from);
+        Rendered {
+            content_type,
+            body: body.into(),
+            gzip,
+        }
     }
 }
 
@@ -50,7 +62,12 @@ pub struct RenderCache<K> {
 
 impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
     pub fn new(endpoint: CachedEndpoint, ttl: Duration) -> Self {
-        let cache = (!ttl.is_zero()).then(|| Cache::builder().max_capacity(1024).time_to_live(ttl).build());
+        let cache = (!ttl.is_zero()).then(|| {
+            Cache::builder()
+                .max_capacity(1024)
+                .time_to_live(ttl)
+                .build()
+        });
         RenderCache { endpoint, cache }
     }
 
@@ -72,7 +89,10 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
                     Rendered::plain("text/plain; charset=utf-8", Vec::new())
                 }
             };
-            selfm.render_duration.with_label_values(&[endpoint]).observe(started.elapsed().as_secs_f64());
+            selfm
+                .render_duration
+                .with_label_values(&[endpoint])
+                .observe(started.elapsed().as_secs_f64());
             selfm.cache_misses.with_label_values(&[endpoint]).inc();
             Arc::new(rendered)
         };

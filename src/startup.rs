@@ -19,7 +19,10 @@ use crate::store::{Store, StoreError};
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("--database-url: {0}")]
     Store(#[from] StoreError),
     #[error("metrics registry: {0}")]
@@ -49,20 +52,34 @@ impl Application {
         let store = Store::open(&config.database_url)?;
         let persistence = Arc::new(Persistence::new(store, metrics.clone(), config.retention));
         match persistence.prepare().await {
-            Ok(Some(report)) => tracing::info!(backend = persistence.store.backend(), ?report, "stored totals restored"),
+            Ok(Some(report)) => tracing::info!(
+                backend = persistence.store.backend(),
+                ?report,
+                "stored totals restored"
+            ),
             Ok(None) => {}
             Err(e) => tracing::error!(
                 error = %e,
                 "store unreachable at start; serving from memory, will restore when it answers"
             ),
         }
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+        let listener =
+            TcpListener::bind(config.listen)
+                .await
+                .map_err(|source| StartError::Bind {
+                    addr: config.listen,
+                    source,
+                })?;
         let state = AppState {
             ingest: Arc::new(Ingest::new(config.dedupe_window)),
-            metrics_page: Arc::new(RenderCache::new(CachedEndpoint::Metrics, config.metrics_cache_ttl)),
-            summaries: Arc::new(RenderCache::new(CachedEndpoint::Summary, config.metrics_cache_ttl)),
+            metrics_page: Arc::new(RenderCache::new(
+                CachedEndpoint::Metrics,
+                config.metrics_cache_ttl,
+            )),
+            summaries: Arc::new(RenderCache::new(
+                CachedEndpoint::Summary,
+                config.metrics_cache_ttl,
+            )),
             metrics,
             persistence,
             config,
@@ -73,7 +90,9 @@ impl Application {
 
     /// The address actually bound (the real port when `--listen` said 0).
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.state.config.listen)
+        self.listener
+            .local_addr()
+            .unwrap_or(self.state.config.listen)
     }
 
     pub fn state(&self) -> &AppState {
@@ -83,7 +102,10 @@ impl Application {
     /// Serves until `shutdown` completes; then stops accepting, lets
     /// in-flight requests finish, and waits for the background tasks' final
     /// flush and history write.
-    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), StartError> {
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), StartError> {
         let Application { listener, state } = self;
         let token = CancellationToken::new();
         let config = state.config.clone();

@@ -117,9 +117,12 @@ impl Store {
     /// first real contact.
     pub fn open(url: &str) -> Result<Store> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options = PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
-            let pool =
-                PgPoolOptions::new().max_connections(4).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+            let options =
+                PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
+            let pool = PgPoolOptions::new()
+                .max_connections(4)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options);
             Ok(Store::Postgres(pool))
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
@@ -128,11 +131,15 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5))
                 .log_statements(tracing::log::LevelFilter::Trace);
-            let pool =
-                SqlitePoolOptions::new().max_connections(2).acquire_timeout(ACQUIRE_TIMEOUT).connect_lazy_with(options);
+            let pool = SqlitePoolOptions::new()
+                .max_connections(2)
+                .acquire_timeout(ACQUIRE_TIMEOUT)
+                .connect_lazy_with(options);
             Ok(Store::Sqlite(pool))
         } else {
-            Err(StoreError::Url(url.split('@').next_back().unwrap_or_default().to_owned()))
+            Err(StoreError::Url(
+                url.split('@').next_back().unwrap_or_default().to_owned(),
+            ))
         }
     }
 
@@ -188,9 +195,13 @@ impl Store {
             // SQLite keeps labels and days as text already.
             Store::Sqlite(pool) => decode(
                 &mut stored,
-                &sqlx::query(AssertSqlSafe(series_sql.replace("::text", ""))).fetch_all(pool).await?,
+                &sqlx::query(AssertSqlSafe(series_sql.replace("::text", "")))
+                    .fetch_all(pool)
+                    .await?,
                 &sqlx::query(sketches_sql).fetch_all(pool).await?,
-                &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", ""))).fetch_all(pool).await?,
+                &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", "")))
+                    .fetch_all(pool)
+                    .await?,
             )?,
         }
         Ok(stored)
@@ -235,9 +246,17 @@ impl Store {
                     .bind(s.iter().map(|r| r.value).collect::<Vec<_>>())
                     .bind(now)
                     .bind(k.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
-                    .bind(k.iter().map(|r| r.sketch.granularity.as_str()).collect::<Vec<_>>())
+                    .bind(
+                        k.iter()
+                            .map(|r| r.sketch.granularity.as_str())
+                            .collect::<Vec<_>>(),
+                    )
                     .bind(k.iter().map(|r| r.sketch.bucket).collect::<Vec<_>>())
-                    .bind(k.iter().map(|r| r.sketch.registers.as_slice()).collect::<Vec<_>>())
+                    .bind(
+                        k.iter()
+                            .map(|r| r.sketch.registers.as_slice())
+                            .collect::<Vec<_>>(),
+                    )
                     .bind(d.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
                     .bind(d.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
                     .bind(d.iter().map(|r| r.day.to_string()).collect::<Vec<_>>())
@@ -323,7 +342,10 @@ impl Store {
                 // SQLite's json_each turns one bound JSON document into rows,
                 // so the whole tick is still one statement.
                 let doc = serde_json::to_string(
-                    &rows.iter().map(|r| (&r.metric, &r.bot, &r.labels, r.value)).collect::<Vec<_>>(),
+                    &rows
+                        .iter()
+                        .map(|r| (&r.metric, &r.bot, &r.labels, r.value))
+                        .collect::<Vec<_>>(),
                 )
                 .map_err(|e| StoreError::Corrupt(e.to_string()))?;
                 sqlx::query(
@@ -342,7 +364,11 @@ impl Store {
     /// Creates history partitions for the days around `now` (PostgreSQL),
     /// drops history older than `cutoff`, and prunes sketches that no
     /// window can reach any more. Run at start and once a day.
-    pub async fn maintain(&self, now: DateTime<Utc>, cutoff: DateTime<Utc>) -> Result<MaintenanceReport> {
+    pub async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        cutoff: DateTime<Utc>,
+    ) -> Result<MaintenanceReport> {
         let mut report = MaintenanceReport::default();
         let hour_floor = now.timestamp().div_euclid(3600) - 48;
         let day_floor = now.timestamp().div_euclid(86_400) - 32;
@@ -372,10 +398,14 @@ impl Store {
                 .fetch_all(pool)
                 .await?;
                 for name in partitions {
-                    let Some(day) = partition_day(&name) else { continue };
+                    let Some(day) = partition_day(&name) else {
+                        continue;
+                    };
                     // A partition goes once all of it is past the cutoff.
                     if day + chrono::Days::new(1) <= cutoff.date_naive() {
-                        sqlx::query(AssertSqlSafe(format!("drop table if exists {name}"))).execute(pool).await?;
+                        sqlx::query(AssertSqlSafe(format!("drop table if exists {name}")))
+                            .execute(pool)
+                            .await?;
                         report.partitions_dropped.push(name);
                     }
                 }
@@ -515,11 +545,16 @@ where
     }
     for r in sketches {
         let granularity: String = r.try_get("granularity")?;
-        let granularity = Granularity::parse(&granularity)
-            .ok_or_else(|| StoreError::Corrupt(format!("unknown sketch granularity `{granularity}`")))?;
+        let granularity = Granularity::parse(&granularity).ok_or_else(|| {
+            StoreError::Corrupt(format!("unknown sketch granularity `{granularity}`"))
+        })?;
         stored.sketches.push(StoredSketch {
             bot: r.try_get("bot")?,
-            sketch: SketchRow { granularity, bucket: r.try_get("bucket")?, registers: r.try_get("registers")? },
+            sketch: SketchRow {
+                granularity,
+                bucket: r.try_get("bucket")?,
+                registers: r.try_get("registers")?,
+            },
         });
     }
     for r in daily {

@@ -81,7 +81,10 @@ impl Summary {
             generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             uptime_seconds,
             timezone: bot.today.calendar().tz().name().to_owned(),
-            messages: Messages { total: bot.messages_total() as u64, today: bot.today.messages.get_at(ts) },
+            messages: Messages {
+                total: bot.messages_total() as u64,
+                today: bot.today.messages.get_at(ts),
+            },
             users: Users {
                 active_1d,
                 active_7d,
@@ -91,23 +94,39 @@ impl Summary {
             },
             responses: Responses {
                 total: responses as u64,
-                success_rate: if responses > 0.0 { success / responses } else { 1.0 },
+                success_rate: if responses > 0.0 {
+                    success / responses
+                } else {
+                    1.0
+                },
                 p50_ms: quantile_ms(0.5),
                 p95_ms: quantile_ms(0.95),
             },
             cache: CacheSummary {
-                hit_rate: if hits + misses > 0.0 { hits / (hits + misses) } else { 0.0 },
+                hit_rate: if hits + misses > 0.0 {
+                    hits / (hits + misses)
+                } else {
+                    0.0
+                },
                 requests: (hits + misses) as u64,
             },
-            limit_reached: LimitReached { today: bot.today.limit_reached.get_at(ts) },
-            errors: Errors { total: bot.errors_total() as u64 },
+            limit_reached: LimitReached {
+                today: bot.today.limit_reached.get_at(ts),
+            },
+            errors: Errors {
+                total: bot.errors_total() as u64,
+            },
         }
     }
 
     /// A few lines for a chat, numbers formatted for people.
     pub fn to_text(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "📊 {} — today since midnight ({})", self.bot, self.timezone);
+        let _ = writeln!(
+            t,
+            "📊 {} — today since midnight ({})",
+            self.bot, self.timezone
+        );
         let _ = writeln!(
             t,
             "Messages: {} today, {} total",
@@ -142,7 +161,11 @@ impl Summary {
         if self.cache.requests > 0 {
             let _ = writeln!(t, "Cache hit rate: {}", percent(self.cache.hit_rate));
         }
-        let _ = writeln!(t, "Daily limit reached: {} today", group(self.limit_reached.today));
+        let _ = writeln!(
+            t,
+            "Daily limit reached: {} today",
+            group(self.limit_reached.today)
+        );
         let _ = write!(t, "Errors: {} total", group(self.errors.total));
         t
     }

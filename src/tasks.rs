@@ -17,7 +17,11 @@ use crate::persist::{FlushOutcome, Persistence};
 /// The first retry after a failed flush; doubled up to the flush interval.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
 
-pub async fn flush_loop(persistence: Arc<Persistence>, interval: Duration, shutdown: CancellationToken) {
+pub async fn flush_loop(
+    persistence: Arc<Persistence>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut failing = false;
     let mut wait = interval;
     loop {
@@ -30,7 +34,12 @@ pub async fn flush_loop(persistence: Arc<Persistence>, interval: Duration, shutd
                 if failing {
                     tracing::info!(?outcome, "store reachable again; flush caught up");
                     failing = false;
-                } else if let FlushOutcome::Wrote { series, sketches, daily } = outcome {
+                } else if let FlushOutcome::Wrote {
+                    series,
+                    sketches,
+                    daily,
+                } = outcome
+                {
                     tracing::debug!(series, sketches, daily, "flushed");
                 }
                 wait = interval;
@@ -49,11 +58,17 @@ pub async fn flush_loop(persistence: Arc<Persistence>, interval: Duration, shutd
     // The last flush on the way out: what was counted since the last tick.
     match persistence.flush_once().await {
         Ok(outcome) => tracing::info!(?outcome, "final flush done"),
-        Err(e) => tracing::error!(error = %e, "final flush failed; events since the last flush are lost"),
+        Err(e) => {
+            tracing::error!(error = %e, "final flush failed; events since the last flush are lost")
+        }
     }
 }
 
-pub async fn history_loop(persistence: Arc<Persistence>, interval: Duration, shutdown: CancellationToken) {
+pub async fn history_loop(
+    persistence: Arc<Persistence>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     let mut failing = false;
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -16,16 +16,31 @@ pub fn router() -> Router<AppState> {
     Router::new().route("/v1/events", post(post_events))
 }
 
-async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Body) -> impl IntoResponse {
+async fn post_events(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> impl IntoResponse {
     match ingest(&state, &headers, body).await {
         Ok((bot, accepted)) => {
             let selfm = &state.metrics.selfm;
-            selfm.events_accepted.with_label_values(&[bot.as_str()]).inc_by(accepted.accepted as u64);
-            selfm.events_duplicate.with_label_values(&[bot.as_str()]).inc_by(accepted.duplicates as u64);
+            selfm
+                .events_accepted
+                .with_label_values(&[bot.as_str()])
+                .inc_by(accepted.accepted as u64);
+            selfm
+                .events_duplicate
+                .with_label_values(&[bot.as_str()])
+                .inc_by(accepted.duplicates as u64);
             Ok((StatusCode::ACCEPTED, Json(accepted)))
         }
         Err(e) => {
-            state.metrics.selfm.events_rejected.with_label_values(&[e.code()]).inc();
+            state
+                .metrics
+                .selfm
+                .events_rejected
+                .with_label_values(&[e.code()])
+                .inc();
             Err(e)
         }
     }
@@ -36,24 +51,43 @@ async fn post_events(State(state): State<AppState>, headers: HeaderMap, body: Bo
 async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(String, Accepted)> {
     let config = &state.config;
     if config.tokens.is_empty() {
-        return Err(Error::Unauthorized("ingestion is disabled: start botmetrics with --tokens bot=secret"));
+        return Err(Error::Unauthorized(
+            "ingestion is disabled: start botmetrics with --tokens bot=secret",
+        ));
     }
-    let token = super::bearer(headers).ok_or(Error::Unauthorized("send `Authorization: Bearer <token>`"))?;
-    let bot_name = config.tokens.bot_for(token).ok_or(Error::Unauthorized("unknown token"))?;
-    let bot = state.metrics.bot(bot_name).ok_or(Error::Unauthorized("unknown token"))?;
+    let token = super::bearer(headers)
+        .ok_or(Error::Unauthorized("send `Authorization: Bearer <token>`"))?;
+    let bot_name = config
+        .tokens
+        .bot_for(token)
+        .ok_or(Error::Unauthorized("unknown token"))?;
+    let bot = state
+        .metrics
+        .bot(bot_name)
+        .ok_or(Error::Unauthorized("unknown token"))?;
 
     let format = body_format(headers)?;
     let limit = usize::try_from(config.max_body_bytes).unwrap_or(usize::MAX);
-    let too_large = || Error::TooLarge(format!("the body is larger than {limit} bytes (--max-body-bytes)"));
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let too_large = || {
+        Error::TooLarge(format!(
+            "the body is larger than {limit} bytes (--max-body-bytes)"
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > config.max_body_bytes) {
         return Err(too_large());
     }
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>())
+        {
             too_large()
         } else {
-            Error::Malformed { message: format!("could not read the body: {e}"), index: None }
+            Error::Malformed {
+                message: format!("could not read the body: {e}"),
+                index: None,
+            }
         }
     })?;
 
@@ -64,13 +98,24 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(St
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat> {
-    let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default();
-    let mime = content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let mime = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
     match mime.as_str() {
         "application/json" => Ok(BodyFormat::Json),
-        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(BodyFormat::Ndjson),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => {
+            Ok(BodyFormat::Ndjson)
+        }
         "" => Err(Error::UnsupportedMediaType(
-            "set Content-Type: application/json (an event or an array) or application/x-ndjson".into(),
+            "set Content-Type: application/json (an event or an array) or application/x-ndjson"
+                .into(),
         )),
         other => Err(Error::UnsupportedMediaType(format!(
             "Content-Type `{other}` is not accepted; use application/json or application/x-ndjson"

@@ -11,7 +11,9 @@ use crate::error::{Error, Result};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 async fn healthz() -> Json<Value> {
@@ -27,15 +29,21 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             state.metrics.selfm.store_up.set(0);
-            return Err(Error::Unavailable(format!("the {backend} store is unreachable: {e}")));
+            return Err(Error::Unavailable(format!(
+                "the {backend} store is unreachable: {e}"
+            )));
         }
         Err(_) => {
             state.metrics.selfm.store_up.set(0);
-            return Err(Error::Unavailable(format!("the {backend} store did not answer within 2 s")));
+            return Err(Error::Unavailable(format!(
+                "the {backend} store did not answer within 2 s"
+            )));
         }
     }
     if !persistence.is_restored().await {
-        return Err(Error::Unavailable("stored totals are not loaded yet".into()));
+        return Err(Error::Unavailable(
+            "stored totals are not loaded yet".into(),
+        ));
     }
     Ok(Json(json!({ "status": "ready", "store": backend })))
 }

@@ -69,24 +69,39 @@ fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>> {
     }
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|_| Error::BadRequest(format!("`{field}` must be RFC 3339 or unix seconds, got {raw:?}")))
+        .map_err(|_| {
+            Error::BadRequest(format!(
+                "`{field}` must be RFC 3339 or unix seconds, got {raw:?}"
+            ))
+        })
 }
 
 async fn get_history(
     State(state): State<AppState>,
     params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Answer>> {
-    let Query(p) = params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
-    let metric = p.metric.ok_or_else(|| Error::BadRequest("`metric` is required, e.g. metric=bot_messages_total".into()))?;
+    let Query(p) =
+        params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let metric = p.metric.ok_or_else(|| {
+        Error::BadRequest("`metric` is required, e.g. metric=bot_messages_total".into())
+    })?;
     if !known_metric(&metric) {
-        return Err(Error::BadRequest(format!("`{metric}` is not a botmetrics metric")));
+        return Err(Error::BadRequest(format!(
+            "`{metric}` is not a botmetrics metric"
+        )));
     }
     if let Some(bot) = &p.bot
         && state.metrics.bot(bot).is_none()
     {
-        return Err(Error::NotFound(format!("no bot named `{bot}` is configured")));
+        return Err(Error::NotFound(format!(
+            "no bot named `{bot}` is configured"
+        )));
     }
-    let to = p.to.as_deref().map(|t| parse_time("to", t)).transpose()?.unwrap_or_else(Utc::now);
+    let to =
+        p.to.as_deref()
+            .map(|t| parse_time("to", t))
+            .transpose()?
+            .unwrap_or_else(Utc::now);
     let from = match p.from.as_deref() {
         Some(f) => parse_time("from", f)?,
         None => to - chrono::Duration::days(1),
@@ -105,7 +120,9 @@ async fn get_history(
             i64::try_from(step.as_secs()).unwrap_or(i64::MAX)
         }
         // Default: the history interval, or coarser so the cap holds.
-        None => (state.config.history_interval.as_secs() as i64).max(span / MAX_POINTS_PER_SERIES + 1),
+        None => {
+            (state.config.history_interval.as_secs() as i64).max(span / MAX_POINTS_PER_SERIES + 1)
+        }
     };
     if step_seconds < 1 {
         return Err(Error::BadRequest("`step` must be at least 1s".into()));
@@ -116,7 +133,14 @@ async fn get_history(
             span / step_seconds
         )));
     }
-    let query = HistoryQuery { metric: metric.clone(), bot: p.bot, from, to, step_seconds, limit: MAX_ROWS + 1 };
+    let query = HistoryQuery {
+        metric: metric.clone(),
+        bot: p.bot,
+        from,
+        to,
+        step_seconds,
+        limit: MAX_ROWS + 1,
+    };
     let points = state.persistence.store.history(&query).await?;
     if points.len() as i64 > MAX_ROWS {
         return Err(Error::BadRequest(format!(
@@ -125,14 +149,27 @@ async fn get_history(
     }
     let mut series: Vec<Series> = Vec::new();
     for point in points {
-        let labels: BTreeMap<String, String> = serde_json::from_str(&point.labels).unwrap_or_default();
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(&point.labels).unwrap_or_default();
         match series.last_mut() {
-            Some(s) if s.bot == point.bot && s.labels == labels => s.points.push((point.at.timestamp(), point.value)),
-            _ => series.push(Series { bot: point.bot, labels, points: vec![(point.at.timestamp(), point.value)] }),
+            Some(s) if s.bot == point.bot && s.labels == labels => {
+                s.points.push((point.at.timestamp(), point.value))
+            }
+            _ => series.push(Series {
+                bot: point.bot,
+                labels,
+                points: vec![(point.at.timestamp(), point.value)],
+            }),
         }
     }
     let secs = chrono::SecondsFormat::Secs;
-    Ok(Json(Answer { metric, from: from.to_rfc3339_opts(secs, true), to: to.to_rfc3339_opts(secs, true), step_seconds, series }))
+    Ok(Json(Answer {
+        metric,
+        from: from.to_rfc3339_opts(secs, true),
+        to: to.to_rfc3339_opts(secs, true),
+        step_seconds,
+        series,
+    }))
 }
 
 #[cfg(test)]

@@ -21,13 +21,16 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     if let Some(expected) = &state.config.metrics_token {
         let ok = super::bearer(&headers).is_some_and(|token| super::same_secret(token, expected));
         if !ok {
-            return Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`").into_response();
+            return Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`")
+                .into_response();
         }
     }
     let metrics = state.metrics.clone();
     let rendered = state
         .metrics_page
-        .get_or_render((), &state.metrics.selfm, move || Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render()))
+        .get_or_render((), &state.metrics.selfm, move || {
+            Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render())
+        })
         .await;
     super::serve_rendered(&rendered, &headers)
 }

@@ -67,19 +67,27 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 
 /// Compares secrets in time independent of where they first differ.
 fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
 }
 
 /// True when the client accepts a gzip body (and did not refuse it, q=0).
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers.get_all(header::ACCEPT_ENCODING).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).any(
-        |item| {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
             let mut parts = item.split(';').map(str::trim);
             let coding = parts.next().unwrap_or_default();
-            let refused = parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0") || p == "q=0.0");
+            let refused =
+                parts.any(|p| p.replace(' ', "").eq_ignore_ascii_case("q=0") || p == "q=0.0");
             (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
-        },
-    )
+        })
 }
 
 /// Serves a rendered answer, compressed if the client takes gzip.
@@ -89,8 +97,14 @@ fn serve_rendered(rendered: &crate::render_cache::Rendered, headers: &HeaderMap)
         _ => rendered.body.clone().into_response(),
     };
     let h = response.headers_mut();
-    h.insert(header::CONTENT_TYPE, header::HeaderValue::from_static(rendered.content_type));
-    h.insert(header::VARY, header::HeaderValue::from_static("accept-encoding"));
+    h.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static(rendered.content_type),
+    );
+    h.insert(
+        header::VARY,
+        header::HeaderValue::from_static("accept-encoding"),
+    );
     response
 }
 
@@ -108,8 +122,14 @@ mod tests {
 
     #[test]
     fn bearer_tokens() {
-        assert_eq!(bearer(&headers(&[("authorization", "Bearer abc")])), Some("abc"));
-        assert_eq!(bearer(&headers(&[("authorization", "bearer abc")])), Some("abc"));
+        assert_eq!(
+            bearer(&headers(&[("authorization", "Bearer abc")])),
+            Some("abc")
+        );
+        assert_eq!(
+            bearer(&headers(&[("authorization", "bearer abc")])),
+            Some("abc")
+        );
         assert_eq!(bearer(&headers(&[("authorization", "Basic abc")])), None);
         assert_eq!(bearer(&headers(&[])), None);
     }
@@ -117,7 +137,10 @@ mod tests {
     #[test]
     fn gzip_negotiation() {
         assert!(accepts_gzip(&headers(&[("accept-encoding", "gzip")])));
-        assert!(accepts_gzip(&headers(&[("accept-encoding", "deflate, gzip;q=0.5")])));
+        assert!(accepts_gzip(&headers(&[(
+            "accept-encoding",
+            "deflate, gzip;q=0.5"
+        )])));
         assert!(!accepts_gzip(&headers(&[("accept-encoding", "gzip;q=0")])));
         assert!(!accepts_gzip(&headers(&[("accept-encoding", "identity")])));
         assert!(!accepts_gzip(&headers(&[])));

@@ -28,22 +28,34 @@ async fn get_summary(
     headers: HeaderMap,
     params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response> {
-    let Query(params) = params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
+    let Query(params) =
+        params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
     let text = match params.format.as_deref() {
         None | Some("json") => false,
         Some("text") => true,
-        Some(other) => return Err(Error::BadRequest(format!("format `{other}` is unknown; use json or text"))),
+        Some(other) => {
+            return Err(Error::BadRequest(format!(
+                "format `{other}` is unknown; use json or text"
+            )));
+        }
     };
     if let Some(bot) = &params.bot
         && state.metrics.bot(bot).is_none()
     {
-        return Err(Error::NotFound(format!("no bot named `{bot}` is configured")));
+        return Err(Error::NotFound(format!(
+            "no bot named `{bot}` is configured"
+        )));
     }
-    let key = SummaryKey { bot: params.bot, text };
+    let key = SummaryKey {
+        bot: params.bot,
+        text,
+    };
     let render_state = state.clone();
     let rendered = state
         .summaries
-        .get_or_render(key.clone(), &state.metrics.selfm, move || render(&render_state, &key))
+        .get_or_render(key.clone(), &state.metrics.selfm, move || {
+            render(&render_state, &key)
+        })
         .await;
     Ok(super::serve_rendered(&rendered, &headers).into_response())
 }
@@ -62,7 +74,11 @@ fn render(state: &AppState, key: &SummaryKey) -> Rendered {
         let text = if summaries.is_empty() {
             "No bots are configured yet.".to_owned()
         } else {
-            summaries.iter().map(Summary::to_text).collect::<Vec<_>>().join("\n\n")
+            summaries
+                .iter()
+                .map(Summary::to_text)
+                .collect::<Vec<_>>()
+                .join("\n\n")
         };
         return Rendered::plain("text/plain; charset=utf-8", text.into_bytes());
     }

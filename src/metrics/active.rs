@@ -81,8 +81,15 @@ struct Ring {
 
 impl Ring {
     fn new(granularity: Granularity, len: usize) -> Self {
-        let slots = (0..len).map(|_| Slot { bucket: i64::MIN, sketch: new_sketch(), dirty: AtomicBool::new(false) });
-        Ring { granularity, slots: RwLock::new(slots.collect()) }
+        let slots = (0..len).map(|_| Slot {
+            bucket: i64::MIN,
+            sketch: new_sketch(),
+            dirty: AtomicBool::new(false),
+        });
+        Ring {
+            granularity,
+            slots: RwLock::new(slots.collect()),
+        }
     }
 
     fn slot_index(len: usize, bucket: i64) -> usize {
@@ -108,7 +115,11 @@ impl Ring {
         let len = slots.len();
         let slot = &mut slots[Self::slot_index(len, bucket)];
         if slot.bucket < bucket {
-            *slot = Slot { bucket, sketch: new_sketch(), dirty: AtomicBool::new(false) };
+            *slot = Slot {
+                bucket,
+                sketch: new_sketch(),
+                dirty: AtomicBool::new(false),
+            };
         }
         if slot.bucket == bucket {
             insert_marking(slot, hash);
@@ -120,7 +131,10 @@ impl Ring {
         let now_bucket = now.div_euclid(self.granularity.seconds());
         let union = new_sketch();
         let slots = self.slots.read().unwrap_or_else(|e| e.into_inner());
-        for slot in slots.iter().filter(|s| s.bucket > now_bucket - span && s.bucket <= now_bucket) {
+        for slot in slots
+            .iter()
+            .filter(|s| s.bucket > now_bucket - span && s.bucket <= now_bucket)
+        {
             // Same precision by construction, so union cannot fail.
             let _ = union.union(&slot.sketch);
         }
@@ -245,7 +259,11 @@ impl ActiveUsers {
         let len = slots.len();
         let slot = &mut slots[Ring::slot_index(len, row.bucket)];
         if slot.bucket < row.bucket {
-            *slot = Slot { bucket: row.bucket, sketch: new_sketch(), dirty: AtomicBool::new(false) };
+            *slot = Slot {
+                bucket: row.bucket,
+                sketch: new_sketch(),
+                dirty: AtomicBool::new(false),
+            };
         }
         if slot.bucket == row.bucket {
             let _ = slot.sketch.union(&stored);
@@ -283,8 +301,14 @@ mod tests {
         a.insert(&user(4), NOW - 40 * DAY);
         assert_eq!(a.estimates_at(NOW), [("1d", 1), ("7d", 2), ("30d", 3)]);
         // A day later user 1 has left the 1d window but not the others.
-        assert_eq!(a.estimates_at(NOW + DAY), [("1d", 0), ("7d", 2), ("30d", 3)]);
-        assert_eq!(a.estimates_at(NOW + 60 * DAY), [("1d", 0), ("7d", 0), ("30d", 0)]);
+        assert_eq!(
+            a.estimates_at(NOW + DAY),
+            [("1d", 0), ("7d", 2), ("30d", 3)]
+        );
+        assert_eq!(
+            a.estimates_at(NOW + 60 * DAY),
+            [("1d", 0), ("7d", 0), ("30d", 0)]
+        );
     }
 
     #[test]
@@ -303,6 +327,9 @@ mod tests {
         }
         assert_eq!(a.estimates_at(NOW), b.estimates_at(NOW));
         a.insert(&user(1), NOW);
-        assert!(a.take_dirty().is_empty(), "a repeat visitor changes no register");
+        assert!(
+            a.take_dirty().is_empty(),
+            "a repeat visitor changes no register"
+        );
     }
 }

@@ -4,7 +4,9 @@
 
 use std::sync::Arc;
 
-use crate::event::{CacheResult, Decision, Event, EventBody, Role, Status, TokenKind, UNKNOWN_MODEL};
+use crate::event::{
+    CacheResult, DEFAULT_CACHE, Decision, Event, EventBody, Role, Status, TokenKind, UNKNOWN_MODEL,
+};
 use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot};
 use crate::metrics::today::Today;
@@ -28,26 +30,98 @@ pub struct FamilyDesc {
 
 macro_rules! family {
     ($id:ident, $name:literal, $kind:ident, [$($label:literal),*], $help:literal) => {
-        pub const $id: FamilyDesc =
+        pub static $id: FamilyDesc =
             FamilyDesc { name: $name, help: $help, kind: Kind::$kind, labels: &["bot" $(, $label)*] };
     };
 }
 
-family!(MESSAGES, "bot_messages_total", Counter, ["role"], "Messages handled by the bot, by who wrote them.");
-family!(RESPONSES, "bot_responses_total", Counter, ["status"], "LLM responses, by outcome.");
-family!(RESPONSE_DURATION, "bot_response_duration_seconds", Histogram, [], "Time to produce an LLM response.");
-family!(DB_QUERIES, "bot_db_queries_per_message", Histogram, [], "Database queries the bot ran per message.");
-family!(CACHE, "bot_cache_requests_total", Counter, ["cache", "result"], "Cache lookups, by cache and outcome.");
-family!(REGISTERED, "bot_users_registered_total", Counter, [], "Users who registered with the bot.");
-family!(CONSENT, "bot_consent_total", Counter, ["decision"], "Consent decisions, granted or denied.");
-family!(LIMIT_REACHED, "bot_limit_reached_total", Counter, [], "Times a user hit the daily limit.");
-family!(ERRORS, "bot_errors_total", Counter, ["kind"], "Errors the bot reported, by kind.");
-family!(LLM_TOKENS, "bot_llm_tokens_total", Counter, ["model", "kind"], "LLM tokens spent, by model and prompt/completion.");
-family!(CUSTOM, "bot_custom_events_total", Counter, ["name"], "Custom events, summed by their value.");
-family!(ACTIVE_USERS, "bot_active_users", Gauge, ["window"], "Distinct active users in a rolling window (HyperLogLog estimate).");
+family!(
+    MESSAGES,
+    "bot_messages_total",
+    Counter,
+    ["role"],
+    "Messages handled by the bot, by who wrote them."
+);
+family!(
+    RESPONSES,
+    "bot_responses_total",
+    Counter,
+    ["status"],
+    "LLM responses, by outcome."
+);
+family!(
+    RESPONSE_DURATION,
+    "bot_response_duration_seconds",
+    Histogram,
+    [],
+    "Time to produce an LLM response."
+);
+family!(
+    DB_QUERIES,
+    "bot_db_queries_per_message",
+    Histogram,
+    [],
+    "Database queries the bot ran per message."
+);
+family!(
+    CACHE,
+    "bot_cache_requests_total",
+    Counter,
+    ["cache", "result"],
+    "Cache lookups, by cache and outcome."
+);
+family!(
+    REGISTERED,
+    "bot_users_registered_total",
+    Counter,
+    [],
+    "Users who registered with the bot."
+);
+family!(
+    CONSENT,
+    "bot_consent_total",
+    Counter,
+    ["decision"],
+    "Consent decisions, granted or denied."
+);
+family!(
+    LIMIT_REACHED,
+    "bot_limit_reached_total",
+    Counter,
+    [],
+    "Times a user hit the daily limit."
+);
+family!(
+    ERRORS,
+    "bot_errors_total",
+    Counter,
+    ["kind"],
+    "Errors the bot reported, by kind."
+);
+family!(
+    LLM_TOKENS,
+    "bot_llm_tokens_total",
+    Counter,
+    ["model", "kind"],
+    "LLM tokens spent, by model and prompt/completion."
+);
+family!(
+    CUSTOM,
+    "bot_custom_events_total",
+    Counter,
+    ["name"],
+    "Custom events, summed by their value."
+);
+family!(
+    ACTIVE_USERS,
+    "bot_active_users",
+    Gauge,
+    ["window"],
+    "Distinct active users in a rolling window (HyperLogLog estimate)."
+);
 
 /// Every family, in exposition order.
-pub const FAMILIES: &[&FamilyDesc] = &[
+pub static FAMILIES: &[&FamilyDesc] = &[
     &MESSAGES,
     &RESPONSES,
     &RESPONSE_DURATION,
@@ -63,8 +137,9 @@ pub const FAMILIES: &[&FamilyDesc] = &[
 ];
 
 /// Response-time buckets for LLM calls: 50 ms to a minute.
-pub const RESPONSE_BUCKETS: &[f64] =
-    &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0];
+pub const RESPONSE_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0,
+];
 /// Database queries per message: 1 to 50.
 pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 50.0];
 
@@ -73,7 +148,12 @@ pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0
 /// disagree about what exists.
 pub trait Visitor {
     fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64);
-    fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], value: &HistogramSnapshot);
+    fn histogram(
+        &mut self,
+        family: &'static FamilyDesc,
+        labels: &[&str],
+        value: &HistogramSnapshot,
+    );
 }
 
 /// Free-form label families are capped by `--max-label-values`; each gets
@@ -104,7 +184,7 @@ pub struct BotMetrics {
 
 impl BotMetrics {
     pub fn new(bot: Arc<str>, max_label_values: usize, overflow: Overflow, today: Today) -> Self {
-        BotMetrics {
+        let metrics = BotMetrics {
             bot,
             messages: Default::default(),
             responses: Default::default(),
@@ -119,7 +199,11 @@ impl BotMetrics {
             custom: Family::new(max_label_values, overflow.name),
             active: ActiveUsers::new(),
             today,
-        }
+        };
+        // The cache that events without a `cache` name count in exists
+        // from start-up, like every closed label set.
+        metrics.cache.with(DEFAULT_CACHE, |_| ());
+        metrics
     }
 
     /// Counts one checked event. Lock-free but for the shared read lock of a
@@ -136,7 +220,12 @@ impl BotMetrics {
                     self.db_queries.observe(f64::from(*q));
                 }
             }
-            EventBody::Response { status, duration_seconds, model, tokens } => {
+            EventBody::Response {
+                status,
+                duration_seconds,
+                model,
+                tokens,
+            } => {
                 self.responses[status.index()].add(1.0);
                 self.response_duration.observe(*duration_seconds);
                 if let Some([prompt, completion]) = tokens {
@@ -147,7 +236,9 @@ impl BotMetrics {
                     });
                 }
             }
-            EventBody::Cache { result, cache } => self.cache.with(cache.as_str(), |c| c[result.index()].add(1.0)),
+            EventBody::Cache { result, cache } => self
+                .cache
+                .with(cache.as_str(), |c| c[result.index()].add(1.0)),
             EventBody::UserRegistered => {
                 self.registered.add(1.0);
                 self.today.registered.add(event.ts, 1);
@@ -166,30 +257,56 @@ impl BotMetrics {
     pub fn visit(&self, v: &mut impl Visitor) {
         let bot = &*self.bot;
         for role in Role::ALL {
-            v.scalar(&MESSAGES, &[bot, role.as_str()], self.messages[role.index()].get());
+            v.scalar(
+                &MESSAGES,
+                &[bot, role.as_str()],
+                self.messages[role.index()].get(),
+            );
         }
         for status in Status::ALL {
-            v.scalar(&RESPONSES, &[bot, status.as_str()], self.responses[status.index()].get());
+            v.scalar(
+                &RESPONSES,
+                &[bot, status.as_str()],
+                self.responses[status.index()].get(),
+            );
         }
-        v.histogram(&RESPONSE_DURATION, &[bot], &self.response_duration.snapshot());
+        v.histogram(
+            &RESPONSE_DURATION,
+            &[bot],
+            &self.response_duration.snapshot(),
+        );
         v.histogram(&DB_QUERIES, &[bot], &self.db_queries.snapshot());
         self.cache.for_each(|cache, cells| {
             for result in CacheResult::ALL {
-                v.scalar(&CACHE, &[bot, cache, result.as_str()], cells[result.index()].get());
+                v.scalar(
+                    &CACHE,
+                    &[bot, cache, result.as_str()],
+                    cells[result.index()].get(),
+                );
             }
         });
         v.scalar(&REGISTERED, &[bot], self.registered.get());
         for decision in Decision::ALL {
-            v.scalar(&CONSENT, &[bot, decision.as_str()], self.consent[decision.index()].get());
+            v.scalar(
+                &CONSENT,
+                &[bot, decision.as_str()],
+                self.consent[decision.index()].get(),
+            );
         }
         v.scalar(&LIMIT_REACHED, &[bot], self.limit_reached.get());
-        self.errors.for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
+        self.errors
+            .for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
         self.llm_tokens.for_each(|model, cells| {
             for kind in TokenKind::ALL {
-                v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], cells[kind.index()].get());
+                v.scalar(
+                    &LLM_TOKENS,
+                    &[bot, model, kind.as_str()],
+                    cells[kind.index()].get(),
+                );
             }
         });
-        self.custom.for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
+        self.custom
+            .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
         for (window, estimate) in self.active.estimates() {
             v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
         }
@@ -200,7 +317,9 @@ impl BotMetrics {
     /// know, which the caller logs and skips.
     pub fn restore_scalar(&self, family: &str, labels: &[(&str, &str)], value: f64) -> bool {
         let label = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
-        let closed = |name: &str, all: &[&'static str]| label(name).and_then(|v| all.iter().position(|a| *a == v));
+        let closed = |name: &str, all: &[&'static str]| {
+            label(name).and_then(|v| all.iter().position(|a| *a == v))
+        };
         let cell: Option<&Counter> = match family {
             "bot_messages_total" => closed("role", Role::NAMES).map(|i| &self.messages[i]),
             "bot_responses_total" => closed("status", Status::NAMES).map(|i| &self.responses[i]),
@@ -226,8 +345,11 @@ impl BotMetrics {
                 };
             }
             "bot_errors_total" | "bot_custom_events_total" => {
-                let (family, label_name) =
-                    if family == "bot_errors_total" { (&self.errors, "kind") } else { (&self.custom, "name") };
+                let (family, label_name) = if family == "bot_errors_total" {
+                    (&self.errors, "kind")
+                } else {
+                    (&self.custom, "name")
+                };
                 return match label(label_name) {
                     Some(v) => {
                         family.with(v, |c| c.add(value));

@@ -24,7 +24,9 @@ impl AtomicF64 {
     pub fn add(&self, v: f64) {
         // A compare-and-swap loop: there is no native float add. Contention
         // is between at most a handful of request threads, so it is short.
-        let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| Some((f64::from_bits(bits) + v).to_bits()));
+        let _ = self.0.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + v).to_bits())
+        });
     }
 
     pub fn set(&self, v: f64) {
@@ -73,7 +75,11 @@ impl HistogramSnapshot {
             // In the +Inf bucket: the highest finite bound is the best answer.
             return self.bounds.last().copied();
         }
-        let (lower, below) = if i == 0 { (0.0, 0) } else { (self.bounds[i - 1], self.cumulative[i - 1]) };
+        let (lower, below) = if i == 0 {
+            (0.0, 0)
+        } else {
+            (self.bounds[i - 1], self.cumulative[i - 1])
+        };
         let in_bucket = self.cumulative[i] - below;
         if in_bucket == 0 {
             return Some(self.bounds[i]);
@@ -84,7 +90,11 @@ impl HistogramSnapshot {
 
 impl Histogram {
     pub fn new(bounds: &'static [f64]) -> Self {
-        Histogram { bounds, buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(), sum: AtomicF64::default() }
+        Histogram {
+            bounds,
+            buckets: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum: AtomicF64::default(),
+        }
     }
 
     pub fn observe(&self, v: f64) {
@@ -104,7 +114,11 @@ impl Histogram {
                 total
             })
             .collect();
-        HistogramSnapshot { bounds: self.bounds, cumulative, sum: self.sum.get() }
+        HistogramSnapshot {
+            bounds: self.bounds,
+            cumulative,
+            sum: self.sum.get(),
+        }
     }
 
     /// Adds a stored snapshot (cumulative counts, as exposed) back in.
@@ -113,7 +127,10 @@ impl Histogram {
     pub fn restore(&self, cumulative_by_bound: &[(f64, u64)], sum: f64) -> bool {
         let expected = self.bounds.len() + 1;
         let same_bounds = cumulative_by_bound.len() == expected
-            && cumulative_by_bound.iter().zip(self.bounds.iter().chain([&f64::INFINITY])).all(|((b, _), own)| b == own);
+            && cumulative_by_bound
+                .iter()
+                .zip(self.bounds.iter().chain([&f64::INFINITY]))
+                .all(|((b, _), own)| b == own);
         if !same_bounds {
             return false;
         }
@@ -143,7 +160,11 @@ pub struct Family<T> {
 
 impl<T: Default> Family<T> {
     pub fn new(cap: usize, overflow: IntCounter) -> Self {
-        Family { cap, series: RwLock::new(HashMap::new()), overflow }
+        Family {
+            cap,
+            series: RwLock::new(HashMap::new()),
+            overflow,
+        }
     }
 
     /// Runs `f` on the series for `value`, creating it if needed. The common
@@ -211,11 +232,18 @@ mod tests {
         }
         let s = h.snapshot();
         let restored = Histogram::new(BOUNDS);
-        let pairs: Vec<(f64, u64)> =
-            BOUNDS.iter().copied().chain([f64::INFINITY]).zip(s.cumulative.iter().copied()).collect();
+        let pairs: Vec<(f64, u64)> = BOUNDS
+            .iter()
+            .copied()
+            .chain([f64::INFINITY])
+            .zip(s.cumulative.iter().copied())
+            .collect();
         assert!(restored.restore(&pairs, s.sum));
         assert_eq!(restored.snapshot(), s);
-        assert!(!restored.restore(&pairs[..2], 1.0), "other bounds are refused");
+        assert!(
+            !restored.restore(&pairs[..2], 1.0),
+            "other bounds are refused"
+        );
         assert_eq!(restored.snapshot(), s);
     }
 
@@ -241,7 +269,10 @@ mod tests {
         }
         let mut seen = Vec::new();
         f.for_each(|k, c| seen.push((k.to_owned(), c.get())));
-        assert_eq!(seen, [("a".into(), 2.0), ("b".into(), 1.0), ("other".into(), 2.0)]);
+        assert_eq!(
+            seen,
+            [("a".into(), 2.0), ("b".into(), 1.0), ("other".into(), 2.0)]
+        );
         assert_eq!(overflow.get(), 2);
     }
 }

@@ -31,7 +31,12 @@ impl BotCollector {
                 )
             })
             .collect::<prometheus::Result<Vec<_>>>()?;
-        descs.push(Desc::new(SERIES_NAME.into(), SERIES_HELP.into(), vec![], Default::default())?);
+        descs.push(Desc::new(
+            SERIES_NAME.into(),
+            SERIES_HELP.into(),
+            vec![],
+            Default::default(),
+        )?);
         Ok(BotCollector { bots, descs })
     }
 }
@@ -44,7 +49,10 @@ struct Builder {
 
 impl Builder {
     fn metric(&mut self, family: &'static FamilyDesc, labels: &[&str]) -> &mut proto::Metric {
-        let i = FAMILIES.iter().position(|f| std::ptr::eq(*f, family)).unwrap_or_default();
+        let i = FAMILIES
+            .iter()
+            .position(|f| f.name == family.name)
+            .unwrap_or_default();
         let pairs = family
             .labels
             .iter()
@@ -77,7 +85,12 @@ impl Visitor for Builder {
         }
     }
 
-    fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], snapshot: &HistogramSnapshot) {
+    fn histogram(
+        &mut self,
+        family: &'static FamilyDesc,
+        labels: &[&str],
+        snapshot: &HistogramSnapshot,
+    ) {
         // Buckets (the TextEncoder adds +Inf itself), _sum and _count.
         self.series += snapshot.cumulative.len() + 2;
         let mut h = proto::Histogram::default();
@@ -120,7 +133,10 @@ impl Collector for BotCollector {
                 mf
             })
             .collect();
-        let mut builder = Builder { families, series: 0 };
+        let mut builder = Builder {
+            families,
+            series: 0,
+        };
         for bot in &self.bots {
             bot.visit(&mut builder);
         }

@@ -10,7 +10,10 @@ pub mod today;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry,
+};
 
 pub use bot::{BotMetrics, FamilyDesc, Kind, Visitor};
 pub use cells::HistogramSnapshot;
@@ -18,7 +21,13 @@ use today::{Calendar, Today};
 
 /// Why a request to `POST /v1/events` was refused, as counted in
 /// `botmetrics_events_rejected_total{reason}`.
-pub const REJECT_REASONS: &[&str] = &["malformed", "unauthorized", "too_large", "unsupported_media_type", "invalid"];
+pub const REJECT_REASONS: &[&str] = &[
+    "malformed",
+    "unauthorized",
+    "too_large",
+    "unsupported_media_type",
+    "invalid",
+];
 
 /// Endpoints whose rendered answers are cached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,73 +62,162 @@ pub struct SelfMetrics {
     pub label_overflow: IntCounterVec,
 }
 
-const STORE_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const STORE_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 impl SelfMetrics {
-    fn register(registry: &Registry, cache_ttl_seconds: f64, bots: &[Arc<str>]) -> prometheus::Result<Self> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: C) -> prometheus::Result<C> {
+    fn register(
+        registry: &Registry,
+        cache_ttl_seconds: f64,
+        bots: &[Arc<str>],
+    ) -> prometheus::Result<Self> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            c: C,
+        ) -> prometheus::Result<C> {
             r.register(Box::new(c.clone()))?;
             Ok(c)
         }
         let m = SelfMetrics {
-            events_accepted: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_events_accepted_total", "Events accepted and counted."),
-                &["bot"],
-            )?)?,
-            events_duplicate: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_events_duplicate_total", "Events acknowledged but not counted: their event_id was seen within the dedupe window."),
-                &["bot"],
-            )?)?,
-            events_rejected: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_events_rejected_total", "Ingest requests refused, by reason; nothing in them was counted."),
-                &["reason"],
-            )?)?,
-            cache_hits: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_exposition_cache_hits_total", "Requests answered from the rendered-output cache."),
-                &["endpoint"],
-            )?)?,
-            cache_misses: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_exposition_cache_misses_total", "Requests that caused a render."),
-                &["endpoint"],
-            )?)?,
-            render_duration: reg(registry, HistogramVec::new(
-                HistogramOpts::new("botmetrics_render_duration_seconds", "Time to render /metrics or the summary on a cache miss.")
+            events_accepted: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_events_accepted_total",
+                        "Events accepted and counted.",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            events_duplicate: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_events_duplicate_total",
+                        "Events acknowledged but not counted: their event_id was seen within the dedupe window.",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            events_rejected: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_events_rejected_total",
+                        "Ingest requests refused, by reason; nothing in them was counted.",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            cache_hits: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_exposition_cache_hits_total",
+                        "Requests answered from the rendered-output cache.",
+                    ),
+                    &["endpoint"],
+                )?,
+            )?,
+            cache_misses: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_exposition_cache_misses_total",
+                        "Requests that caused a render.",
+                    ),
+                    &["endpoint"],
+                )?,
+            )?,
+            render_duration: reg(
+                registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "botmetrics_render_duration_seconds",
+                        "Time to render /metrics or the summary on a cache miss.",
+                    )
                     .buckets(STORE_BUCKETS.to_vec()),
-                &["endpoint"],
-            )?)?,
-            flush_duration: reg(registry, Histogram::with_opts(
-                HistogramOpts::new("botmetrics_flush_duration_seconds", "Time to write changed series to real_time_metrics.")
+                    &["endpoint"],
+                )?,
+            )?,
+            flush_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "botmetrics_flush_duration_seconds",
+                        "Time to write changed series to real_time_metrics.",
+                    )
                     .buckets(STORE_BUCKETS.to_vec()),
-            )?)?,
-            flush_failures: reg(registry, IntCounter::new(
-                "botmetrics_flush_failures_total", "Flushes to the store that failed (retried with backoff).",
-            )?)?,
-            history_duration: reg(registry, Histogram::with_opts(
-                HistogramOpts::new("botmetrics_history_write_duration_seconds", "Time to append a point per series to metrics_history.")
+                )?,
+            )?,
+            flush_failures: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_flush_failures_total",
+                    "Flushes to the store that failed (retried with backoff).",
+                )?,
+            )?,
+            history_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "botmetrics_history_write_duration_seconds",
+                        "Time to append a point per series to metrics_history.",
+                    )
                     .buckets(STORE_BUCKETS.to_vec()),
-            )?)?,
-            history_failures: reg(registry, IntCounter::new(
-                "botmetrics_history_write_failures_total", "History writes that failed.",
-            )?)?,
-            store_up: reg(registry, IntGauge::new(
-                "botmetrics_store_up", "1 when the last store operation succeeded, 0 when the store is unreachable.",
-            )?)?,
-            last_flush: reg(registry, Gauge::new(
-                "botmetrics_last_flush_timestamp_seconds", "Unix time of the last successful flush.",
-            )?)?,
-            label_overflow: reg(registry, IntCounterVec::new(
-                Opts::new("botmetrics_label_overflow_total", "Events whose free-form label was folded into `other` because the label reached --max-label-values."),
-                &["bot", "label"],
-            )?)?,
+                )?,
+            )?,
+            history_failures: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_history_write_failures_total",
+                    "History writes that failed.",
+                )?,
+            )?,
+            store_up: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_store_up",
+                    "1 when the last store operation succeeded, 0 when the store is unreachable.",
+                )?,
+            )?,
+            last_flush: reg(
+                registry,
+                Gauge::new(
+                    "botmetrics_last_flush_timestamp_seconds",
+                    "Unix time of the last successful flush.",
+                )?,
+            )?,
+            label_overflow: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_label_overflow_total",
+                        "Events whose free-form label was folded into `other` because the label reached --max-label-values.",
+                    ),
+                    &["bot", "label"],
+                )?,
+            )?,
         };
-        let ttl = reg(registry, Gauge::new(
-            "botmetrics_metrics_cache_ttl_seconds", "How long a rendered /metrics answer is served (--metrics-cache-ttl).",
-        )?)?;
+        let ttl = reg(
+            registry,
+            Gauge::new(
+                "botmetrics_metrics_cache_ttl_seconds",
+                "How long a rendered /metrics answer is served (--metrics-cache-ttl).",
+            )?,
+        )?;
         ttl.set(cache_ttl_seconds);
-        let build = reg(registry, IntGauge::with_opts(
-            Opts::new("botmetrics_build_info", "Always 1; labels carry the running version.")
+        let build = reg(
+            registry,
+            IntGauge::with_opts(
+                Opts::new(
+                    "botmetrics_build_info",
+                    "Always 1; labels carry the running version.",
+                )
                 .const_label("version", env!("CARGO_PKG_VERSION")),
-        )?)?;
+            )?,
+        )?;
         build.set(1);
 
         // Every series of a closed label set exists from start-up.
@@ -165,19 +263,35 @@ impl Metrics {
         let bots: Vec<Arc<BotMetrics>> = bots
             .iter()
             .map(|bot| {
-                let overflow = |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
+                let overflow =
+                    |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
                 let overflow = bot::Overflow {
                     kind: overflow("kind"),
                     name: overflow("name"),
                     model: overflow("model"),
                     cache: overflow("cache"),
                 };
-                Arc::new(BotMetrics::new(bot.clone(), max_label_values, overflow, Today::new(calendar.clone())))
+                Arc::new(BotMetrics::new(
+                    bot.clone(),
+                    max_label_values,
+                    overflow,
+                    Today::new(calendar.clone()),
+                ))
             })
             .collect();
         let by_name = bots.iter().map(|b| (b.bot.clone(), b.clone())).collect();
-        let metrics = Metrics { registry, selfm, bots, by_name, calendar };
-        metrics.registry.register(Box::new(collector::BotCollector::new(metrics.bots.clone())?))?;
+        let metrics = Metrics {
+            registry,
+            selfm,
+            bots,
+            by_name,
+            calendar,
+        };
+        metrics
+            .registry
+            .register(Box::new(collector::BotCollector::new(
+                metrics.bots.clone(),
+            )?))?;
         Ok(metrics)
     }
 

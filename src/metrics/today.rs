@@ -38,7 +38,10 @@ pub struct Calendar {
 
 impl Calendar {
     pub fn new(tz: Tz) -> Self {
-        Calendar { tz, current: RwLock::new(Self::range_of(tz, chrono::Utc::now().timestamp())) }
+        Calendar {
+            tz,
+            current: RwLock::new(Self::range_of(tz, chrono::Utc::now().timestamp())),
+        }
     }
 
     pub fn tz(&self) -> Tz {
@@ -46,18 +49,30 @@ impl Calendar {
     }
 
     fn range_of(tz: Tz, ts: i64) -> DayRange {
-        let date = tz.timestamp_opt(ts, 0).single().map_or_else(|| epoch_day(ts), |t| t.date_naive());
+        let date = tz
+            .timestamp_opt(ts, 0)
+            .single()
+            .map_or_else(|| epoch_day(ts), |t| t.date_naive());
         let start_of = |d: NaiveDate| {
             // Midnight may not exist (a DST jump at 00:00): the first instant of
             // the day is then the earliest valid local time after it.
             let midnight = d.and_hms_opt(0, 0, 0).unwrap_or_default();
             (0..=3)
-                .find_map(|h| tz.from_local_datetime(&(midnight + chrono::Duration::hours(h))).earliest())
+                .find_map(|h| {
+                    tz.from_local_datetime(&(midnight + chrono::Duration::hours(h)))
+                        .earliest()
+                })
                 .map_or(midnight.and_utc().timestamp(), |t| t.timestamp())
         };
         let next = date.succ_opt().unwrap_or(date);
-        let day = (date - NaiveDate::default()).num_days().clamp(0, i64::from(u32::MAX)) as u32;
-        DayRange { day, start: start_of(date), end: start_of(next) }
+        let day = (date - NaiveDate::default())
+            .num_days()
+            .clamp(0, i64::from(u32::MAX)) as u32;
+        DayRange {
+            day,
+            start: start_of(date),
+            end: start_of(next),
+        }
     }
 
     /// The local day number of `ts`.
@@ -79,12 +94,16 @@ impl Calendar {
     }
 
     pub fn day_number(date: NaiveDate) -> u32 {
-        (date - NaiveDate::default()).num_days().clamp(0, i64::from(u32::MAX)) as u32
+        (date - NaiveDate::default())
+            .num_days()
+            .clamp(0, i64::from(u32::MAX)) as u32
     }
 }
 
 fn epoch_day(ts: i64) -> NaiveDate {
-    chrono::DateTime::from_timestamp(ts, 0).unwrap_or_default().date_naive()
+    chrono::DateTime::from_timestamp(ts, 0)
+        .unwrap_or_default()
+        .date_naive()
 }
 
 /// A count that belongs to one local day.
@@ -167,8 +186,16 @@ impl TodayCounter {
 
 impl Today {
     pub fn new(calendar: Arc<Calendar>) -> Self {
-        let counter = || TodayCounter { calendar: calendar.clone(), counter: DailyCounter::default() };
-        Today { messages: counter(), registered: counter(), limit_reached: counter(), calendar }
+        let counter = || TodayCounter {
+            calendar: calendar.clone(),
+            counter: DailyCounter::default(),
+        };
+        Today {
+            messages: counter(),
+            registered: counter(),
+            limit_reached: counter(),
+            calendar,
+        }
     }
 
     pub fn calendar(&self) -> &Calendar {
@@ -185,7 +212,10 @@ impl Today {
     }
 
     pub fn counter(&self, name: &str) -> Option<&TodayCounter> {
-        self.counters().into_iter().find(|(n, _)| *n == name).map(|(_, c)| c)
+        self.counters()
+            .into_iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, c)| c)
     }
 }
 
@@ -199,7 +229,10 @@ mod tests {
         let cal = Arc::new(Calendar::new(tz));
         let today = Today::new(cal.clone());
         // 2026-11-23 14:30 UTC is 23:30 in Tokyo; 15:30 UTC is 00:30 next day.
-        let before = chrono::Utc.with_ymd_and_hms(2026, 11, 23, 14, 30, 0).unwrap().timestamp();
+        let before = chrono::Utc
+            .with_ymd_and_hms(2026, 11, 23, 14, 30, 0)
+            .unwrap()
+            .timestamp();
         let after = before + 3600;
         today.messages.add(before, 2);
         assert_eq!(today.messages.get_at(before), 2);
@@ -207,7 +240,11 @@ mod tests {
         today.messages.add(after, 1);
         assert_eq!(today.messages.get_at(after), 1);
         today.messages.add(before, 5);
-        assert_eq!(today.messages.get_at(after), 1, "a late event of yesterday is not today's");
+        assert_eq!(
+            today.messages.get_at(after),
+            1,
+            "a late event of yesterday is not today's"
+        );
         let (day, count) = today.messages.load();
         assert_eq!(Calendar::date(day).to_string(), "2026-11-24");
         assert_eq!(count, 1);
@@ -217,7 +254,13 @@ mod tests {
     fn days_follow_dst() {
         let tz: Tz = "Europe/Berlin".parse().unwrap();
         // The night of 2026-10-25 has 25 hours in Berlin.
-        let r = Calendar::range_of(tz, chrono::Utc.with_ymd_and_hms(2026, 10, 25, 12, 0, 0).unwrap().timestamp());
+        let r = Calendar::range_of(
+            tz,
+            chrono::Utc
+                .with_ymd_and_hms(2026, 10, 25, 12, 0, 0)
+                .unwrap()
+                .timestamp(),
+        );
         assert_eq!(r.end - r.start, 25 * 3600);
         assert_eq!(Calendar::date(r.day).to_string(), "2026-10-25");
     }

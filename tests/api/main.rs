@@ -1,0 +1,7 @@
+//! Black-box tests: the real application on port 0, real HTTP, a real
+//! PostgreSQL (a fresh database per test) and real SQLite files.
+//! One binary for every test file, so it links once.
+
+mod helpers;
+
+mod events;
