@@ -1,1 +1,303 @@
-fn main(){}
+//! In-process benchmarks, each beside a baseline measured in the same run:
+//!
+//! * `ingest`: parse + validate + apply of a realistic batch, against
+//!   serde_json parsing the same bytes into untyped `Value`s (no checks, no
+//!   counting) — the floor any JSON service pays.
+//! * `apply`: counting one parsed event, against the prometheus crate's own
+//!   `IntCounterVec::with_label_values(..).inc()`.
+//! * `render`: the whole registry with 10,000 series, against the prometheus
+//!   crate rendering 10,000 plain counters.
+//! * `sketch`: one active-user insert (hash + two sketches).
+//! * `store`: flush of 10,000 changed series, history write of 10,000
+//!   points and start-up restore of 10,000 series, on the local PostgreSQL
+//!   (`DATABASE_URL`, default postgres://postgres@127.0.0.1:5432/test);
+//!   skipped with a message when it is unreachable.
+//!
+//! Run: `cargo bench --bench ingest` (add a filter such as `-- render`).
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use botmetrics::event::{BodyFormat, UserId, parse_batch};
+use botmetrics::ingest::Ingest;
+use botmetrics::metrics::Metrics;
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+
+const NOW: i64 = 1_800_000_000;
+
+fn metrics(max_label_values: usize) -> Arc<Metrics> {
+    let bots: Vec<Arc<str>> = vec![Arc::from("bench")];
+    Arc::new(Metrics::new(&bots, max_label_values, chrono_tz::UTC, 30.0).expect("registry"))
+}
+
+/// A bot's traffic as the design describes it: mostly messages and LLM
+/// responses, some cache lookups, a few errors, registrations and limits.
+/// Every event carries a user; a third carry an idempotency key.
+fn realistic_batch(n: usize) -> Vec<u8> {
+    let mut out = String::from("[");
+    for i in 0..n {
+        if i > 0 {
+            out.push(',');
+        }
+        let user = 100_000 + (i * 7919) % 50_000;
+        let id = if i % 3 == 0 {
+            format!(r#","event_id":"evt-{i}""#)
+        } else {
+            String::new()
+        };
+        let body = match i % 20 {
+            0..=7 => format!(
+                r#""type":"message","role":"{}","db_queries":{}"#,
+                ["user", "assistant"][i % 2],
+                i % 9
+            ),
+            8..=13 => format!(
+                r#""type":"response","status":"{}","duration_ms":{},"model":"gpt-4o-mini","tokens":{{"prompt":{},"completion":{}}}"#,
+                [
+                    "success",
+                    "success",
+                    "success",
+                    "error",
+                    "timeout",
+                    "rate_limited"
+                ][i % 6],
+                200 + (i * 37) % 9000,
+                300 + i % 500,
+                50 + i % 200
+            ),
+            14..=16 => format!(
+                r#""type":"cache","result":"{}","cache":"answers""#,
+                ["hit", "miss"][i % 2]
+            ),
+            17 => r#""type":"error","kind":"llm_timeout""#.to_owned(),
+            18 => r#""type":"limit_reached""#.to_owned(),
+            _ => r#""type":"custom","name":"voice_note","value":1"#.to_owned(),
+        };
+        out.push_str(&format!(
+            r#"{{{body},"user_id":{user}{id},"ts":{}}}"#,
+            NOW - (i as i64 % 600)
+        ));
+    }
+    out.push(']');
+    out.into_bytes()
+}
+
+fn ingest(c: &mut Criterion) {
+    const N: usize = 1000;
+    let body = realistic_batch(N);
+    let mut group = c.benchmark_group("ingest");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("baseline_serde_json_value", |b| {
+        b.iter(|| {
+            black_box(
+                serde_json::from_slice::<Vec<serde_json::Value>>(black_box(&body)).expect("json"),
+            )
+        })
+    });
+    group.bench_function("botmetrics_parse_validate_apply", |b| {
+        let metrics = metrics(1000);
+        // Dedupe window off so every iteration counts, as a stream of new ids would.
+        let ingest = Ingest::new(std::time::Duration::ZERO);
+        let bot = metrics.bot("bench").expect("bot").clone();
+        b.iter(|| {
+            let events =
+                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            black_box(ingest.apply(&bot, &events))
+        })
+    });
+    group.bench_function("botmetrics_with_dedupe", |b| {
+        let metrics = metrics(1000);
+        let ingest = Ingest::new(std::time::Duration::from_secs(600));
+        let bot = metrics.bot("bench").expect("bot").clone();
+        b.iter(|| {
+            let events =
+                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            black_box(ingest.apply(&bot, &events))
+        })
+    });
+    group.finish();
+}
+
+fn apply(c: &mut Criterion) {
+    let body = br#"{"type":"error","kind":"db_timeout"}"#;
+    let events = parse_batch(body, BodyFormat::Json, 1, NOW).expect("valid");
+    let metrics = metrics(1000);
+    let bot = metrics.bot("bench").expect("bot").clone();
+    let peer = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("bot_errors_total", "peer"),
+        &["bot", "kind"],
+    )
+    .expect("counter");
+    let mut group = c.benchmark_group("apply_free_form_label");
+    group.bench_function("baseline_prometheus_with_label_values", |b| {
+        b.iter(|| {
+            peer.with_label_values(&[black_box("bench"), black_box("db_timeout")])
+                .inc()
+        })
+    });
+    group.bench_function("botmetrics_apply", |b| {
+        b.iter(|| bot.apply(black_box(&events[0])))
+    });
+    group.finish();
+}
+
+fn render(c: &mut Criterion) {
+    const SERIES: usize = 10_000;
+    let metrics = metrics(SERIES);
+    let bot = metrics.bot("bench").expect("bot").clone();
+    // Fill to 10,000 series with error kinds, the free-form label that grows.
+    let fixed = String::from_utf8_lossy(&metrics.render())
+        .lines()
+        .filter(|l| l.starts_with("bot_"))
+        .count();
+    let kinds = SERIES.saturating_sub(fixed);
+    for k in 0..kinds {
+        let body = format!(r#"{{"type":"error","kind":"kind_{k}"}}"#);
+        let events = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
+        bot.apply(&events[0]);
+    }
+    let peer_registry = prometheus::Registry::new();
+    let peer = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("peer_total", "peer"),
+        &["bot", "kind"],
+    )
+    .expect("counter");
+    peer_registry
+        .register(Box::new(peer.clone()))
+        .expect("register");
+    for k in 0..SERIES {
+        peer.with_label_values(&["bench", &format!("kind_{k}")])
+            .inc();
+    }
+    let mut group = c.benchmark_group("render_10k_series");
+    group.sample_size(30);
+    group.bench_function("baseline_prometheus_crate_counters", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &peer_registry.gather(),
+                &mut out,
+            )
+            .expect("encode");
+            black_box(out)
+        })
+    });
+    group.bench_function("botmetrics_render", |b| {
+        b.iter(|| black_box(metrics.render()))
+    });
+    group.bench_function("botmetrics_store_snapshot", |b| {
+        b.iter(|| black_box(botmetrics::persist::snapshot(&metrics)))
+    });
+    group.bench_function("botmetrics_render_and_gzip", |b| {
+        b.iter(|| {
+            black_box(botmetrics::render_cache::Rendered::with_gzip(
+                "text/plain",
+                metrics.render(),
+            ))
+        })
+    });
+    group.finish();
+}
+
+fn sketch(c: &mut Criterion) {
+    let metrics = metrics(10);
+    let bot = metrics.bot("bench").expect("bot").clone();
+    let mut group = c.benchmark_group("active_users");
+    group.throughput(Throughput::Elements(1));
+    let mut n: i128 = 0;
+    group.bench_function("insert_distinct_user", |b| {
+        b.iter(|| {
+            n += 1;
+            bot.active.insert(&UserId::Int(black_box(n)), NOW)
+        })
+    });
+    group.bench_function("estimate_three_windows", |b| {
+        b.iter(|| black_box(bot.active.estimates_at(NOW)))
+    });
+    group.finish();
+}
+
+fn store(c: &mut Criterion) {
+    use botmetrics::persist::Persistence;
+    use botmetrics::store::Store;
+
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = std::env::var("DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let db = format!("botmetrics_bench_{}", std::process::id());
+    let admin = match rt.block_on(sqlx::PgPool::connect(&url)) {
+        Ok(pool) => pool,
+        Err(e) => {
+            eprintln!("store benchmarks skipped: PostgreSQL at {url} is unreachable ({e})");
+            return;
+        }
+    };
+    rt.block_on(sqlx::query(sqlx::AssertSqlSafe(format!("create database {db}"))).execute(&admin))
+        .expect("create db");
+    let (base, _) = url.rsplit_once('/').expect("url path");
+    let db_url = format!("{base}/{db}");
+
+    const SERIES: usize = 10_000;
+    let metrics = metrics(SERIES);
+    let bot = metrics.bot("bench").expect("bot").clone();
+    let fixed = String::from_utf8_lossy(&metrics.render())
+        .lines()
+        .filter(|l| l.starts_with("bot_"))
+        .count();
+    let events: Vec<String> = (0..SERIES.saturating_sub(fixed))
+        .map(|k| format!(r#"{{"type":"error","kind":"kind_{k}"}}"#))
+        .collect();
+    let bump = |bot: &botmetrics::metrics::BotMetrics| {
+        for body in &events {
+            let parsed = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
+            bot.apply(&parsed[0]);
+        }
+    };
+    bump(&bot);
+    let _runtime = rt.enter();
+    let store = Store::open(&db_url).expect("open");
+    let persistence = Persistence::new(
+        store.clone(),
+        metrics.clone(),
+        std::time::Duration::from_secs(90 * 86400),
+    );
+    rt.block_on(persistence.prepare()).expect("prepare");
+    let changed = botmetrics::persist::snapshot(&metrics).len();
+    eprintln!("store benchmarks: {changed} series per flush");
+
+    let mut group = c.benchmark_group("store_postgres_10k");
+    group.sample_size(20);
+    group.bench_function("flush_10k_changed_series", |b| {
+        b.iter_batched(
+            || bump(&bot),
+            |()| rt.block_on(persistence.flush_once()).expect("flush"),
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("history_write_10k_points", |b| {
+        let rows = botmetrics::persist::snapshot(&metrics);
+        b.iter(|| {
+            rt.block_on(store.write_history(&rows, chrono::Utc::now()))
+                .expect("history")
+        })
+    });
+    group.bench_function("restore_10k_series", |b| {
+        b.iter(|| {
+            let fresh = self::metrics(SERIES);
+            let stored = rt.block_on(store.load()).expect("load");
+            black_box(botmetrics::persist::restore(&fresh, &stored, NOW))
+        })
+    });
+    group.finish();
+    rt.block_on(store.close());
+    let _ = rt.block_on(
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "drop database if exists {db} with (force)"
+        )))
+        .execute(&admin),
+    );
+}
+
+criterion_group!(benches, ingest, apply, render, sketch, store);
+criterion_main!(benches);

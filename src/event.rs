@@ -258,6 +258,31 @@ impl<'de> Deserialize<'de> for UnixSeconds {
     }
 }
 
+/// Reads `T` only from a JSON object. serde's derived structs also accept
+/// an array of their fields in order, which would let `["message", 42]`
+/// pass as an event; the contract says an event is an object.
+#[derive(Debug)]
+struct Object<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawTokens {
@@ -295,7 +320,7 @@ struct RawEvent<'a> {
     #[serde(borrow, default)]
     model: Option<Cow<'a, str>>,
     #[serde(default)]
-    tokens: Option<RawTokens>,
+    tokens: Option<Object<RawTokens>>,
     // cache
     #[serde(default)]
     result: Option<CacheResult>,
@@ -437,7 +462,7 @@ impl<'a> RawEvent<'a> {
                         .model
                         .map(|m| ShortName::parse("model", m))
                         .transpose()?,
-                    tokens: self.tokens.map(|t| [t.prompt, t.completion]),
+                    tokens: self.tokens.map(|Object(t)| [t.prompt, t.completion]),
                 }
             }
             EventType::Cache => EventBody::Cache {
@@ -506,7 +531,8 @@ pub fn parse_batch(
             }),
             Some(b'[') => parse_array(body, max_batch, now),
             Some(_) => {
-                let raw: RawEvent = serde_json::from_slice(body).map_err(from_serde)?;
+                let Object(raw): Object<RawEvent> =
+                    serde_json::from_slice(body).map_err(from_serde)?;
                 Ok(vec![raw.check(now)?])
             }
         },
@@ -528,7 +554,8 @@ fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>
         if i == max_batch {
             return Err(too_many(max_batch));
         }
-        let raw: RawEvent = serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;
+        let Object(raw): Object<RawEvent> =
+            serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;
         events.push(raw.check(now).map_err(|e| e.at(i))?);
     }
     if events.is_empty() {
@@ -569,7 +596,7 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
             mut seq: A,
         ) -> std::result::Result<Self::Value, A::Error> {
             let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max_batch));
-            while let Some(raw) = seq.next_element::<RawEvent<'de>>()? {
+            while let Some(Object(raw)) = seq.next_element::<Object<RawEvent<'de>>>()? {
                 let fail = |e: Error| {
                     *self.failure.borrow_mut() = Some(e);
                     de::Error::custom("rejected")
@@ -805,7 +832,7 @@ mod tests {
 
     #[test]
     fn batch_size_is_capped() {
-        let body = format!("[{}]", vec![r#"{"type":"limit_reached"}"#; 4].join(","));
+        let body = format!("[{}]", [r#"{"type":"limit_reached"}"#; 4].join(","));
         assert_eq!(
             parse_batch(body.as_bytes(), BodyFormat::Json, 4, NOW)
                 .unwrap()
@@ -816,7 +843,7 @@ mod tests {
             parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW),
             Err(Error::TooLarge(_))
         ));
-        let nd = vec![r#"{"type":"limit_reached"}"#; 4].join("\n");
+        let nd = [r#"{"type":"limit_reached"}"#; 4].join("\n");
         assert!(matches!(
             parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW),
             Err(Error::TooLarge(_))

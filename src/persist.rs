@@ -19,11 +19,12 @@ use crate::metrics::today::Calendar;
 use crate::metrics::{HistogramSnapshot, Metrics};
 use crate::store::{self, DailyRow, FlushBatch, SeriesRow, Store, StoredSketch};
 
-/// A series' identity in the store.
-type SeriesKey = (String, String, String);
+/// A series' identity in the store, as one string (one allocation per
+/// lookup instead of three): no part contains a NUL, so it is unambiguous.
+type SeriesKey = String;
 
 fn key(row: &SeriesRow) -> SeriesKey {
-    (row.metric.clone(), row.bot.clone(), row.labels.clone())
+    [row.metric.as_str(), row.bot.as_str(), row.labels.as_str()].join("\0")
 }
 
 /// Labels other than `bot` as a canonical JSON object (keys sorted).
@@ -269,6 +270,7 @@ impl Persistence {
             .map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value)))
             .collect();
         state.restored = true;
+        self.metrics.selfm.store_up.set(1);
         self.maintain_locked(state, Utc::now()).await?;
         Ok(Some(report))
     }

@@ -181,7 +181,7 @@ impl Store {
 
     /// Reads everything a restart restores.
     pub async fn load(&self) -> Result<Stored> {
-        let series_sql = "select metric, bot, labels::text as labels, value from real_time_metrics";
+        let series_sql = "select metric, bot, labels, value from real_time_metrics";
         let sketches_sql = "select bot, granularity, bucket, registers from active_user_sketches";
         let daily_sql = "select bot, name, day::text as day, value from daily_counters";
         let mut stored = Stored::default();
@@ -195,9 +195,7 @@ impl Store {
             // SQLite keeps labels and days as text already.
             Store::Sqlite(pool) => decode(
                 &mut stored,
-                &sqlx::query(AssertSqlSafe(series_sql.replace("::text", "")))
-                    .fetch_all(pool)
-                    .await?,
+                &sqlx::query(series_sql).fetch_all(pool).await?,
                 &sqlx::query(sketches_sql).fetch_all(pool).await?,
                 &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", "")))
                     .fetch_all(pool)
@@ -213,10 +211,22 @@ impl Store {
         match self {
             Store::Postgres(pool) => {
                 let sql = "
-                    with series as (
+                    with input as (
+                        select * from unnest($1::text[], $2::text[], $3::text[], $4::float8[])
+                            as t(metric, bot, labels, value)
+                    ), updated as (
+                        -- existing series: one hash join, cheaper than an
+                        -- upsert's per-row conflict check
+                        update real_time_metrics r set value = i.value, last_updated = $5
+                        from input i
+                        where r.metric = i.metric and r.bot = i.bot and r.labels = i.labels
+                        returning r.metric, r.bot, r.labels
+                    ), series as (
                         insert into real_time_metrics (metric, bot, labels, value, last_updated)
-                        select metric, bot, labels::jsonb, value, $5
-                        from unnest($1::text[], $2::text[], $3::text[], $4::float8[]) as t(metric, bot, labels, value)
+                        select i.metric, i.bot, i.labels, i.value, $5 from input i
+                        where not exists (
+                            select 1 from updated u
+                            where u.metric = i.metric and u.bot = i.bot and u.labels = i.labels)
                         on conflict (metric, bot, labels)
                         do update set value = excluded.value, last_updated = excluded.last_updated
                         returning 1
@@ -235,7 +245,7 @@ impl Store {
                         do update set day = excluded.day, value = excluded.value, last_updated = excluded.last_updated
                         returning 1
                     )
-                    select (select count(*) from series) + (select count(*) from sketches) + (select count(*) from daily)";
+                    select (select count(*) from updated) + (select count(*) from series) + (select count(*) from sketches) + (select count(*) from daily)";
                 let s = &batch.series;
                 let k = &batch.sketches;
                 let d = &batch.daily;
@@ -478,7 +488,9 @@ impl Store {
                     select bot, labels, recorded_at, value,
                            row_number() over (
                                partition by bot, labels, recorded_at / ?5
-                               order by recorded_at desc) as rn
+                               -- Whole seconds: two writes in one second tie,
+                               -- and the later insert is the last value.
+                               order by recorded_at desc, rowid desc) as rn
                     from metrics_history
                     where metric = ?1 and (?2 is null or bot = ?2)
                       and recorded_at >= ?3 and recorded_at <= ?4

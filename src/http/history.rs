@@ -61,11 +61,12 @@ pub fn known_metric(name: &str) -> bool {
 }
 
 fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>> {
-    if let Ok(secs) = raw.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 {
-            return DateTime::from_timestamp(secs as i64, 0)
-                .ok_or_else(|| Error::BadRequest(format!("`{field}` is out of range")));
-        }
+    if let Ok(secs) = raw.parse::<f64>()
+        && secs.is_finite()
+        && secs >= 0.0
+    {
+        return DateTime::from_timestamp(secs as i64, 0)
+            .ok_or_else(|| Error::BadRequest(format!("`{field}` is out of range")));
     }
     DateTime::parse_from_rfc3339(raw)
         .map(|t| t.with_timezone(&Utc))

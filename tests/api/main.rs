@@ -4,4 +4,10 @@
 
 mod helpers;
 
+mod active_users;
 mod events;
+mod exposition;
+mod history;
+mod persistence;
+mod process;
+mod summary;

@@ -1,0 +1,530 @@
+//! `GET /metrics` and the other read endpoints, black-box: every closed
+//! series present at 0 from start-up, the render cache (TTL, hits and
+//! misses, one render shared by concurrent scrapes), gzip, the optional
+//! bearer token, `promtool check metrics`, health and routing errors.
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::events::{
+    assert_error, assert_series, bot_part, bot_series, every_event_type, post_ok, start,
+    start_with, value,
+};
+use crate::helpers::{TestApp, eventually, sample};
+
+const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// The buckets of the two histograms, as their `le` labels read.
+const RESPONSE_LE: &[&str] = &[
+    "0.05", "0.1", "0.25", "0.5", "1", "2", "3", "5", "8", "13", "20", "30", "45", "60", "+Inf",
+];
+const DB_QUERIES_LE: &[&str] = &["1", "2", "3", "5", "8", "13", "20", "30", "50", "+Inf"];
+
+/// One scrape, whatever it answers: status, headers and the raw body.
+async fn scrape(
+    app: &TestApp,
+    headers: &[(&str, &str)],
+) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+    let mut req = app.client.get(app.url("/metrics"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = req.send().await.expect("scrape");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    (status, headers, res.bytes().await.expect("body").to_vec())
+}
+
+fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h str> {
+    headers.get(name).map(|v| v.to_str().expect("ASCII header"))
+}
+
+fn misses(app: &TestApp) -> u64 {
+    app.state
+        .metrics
+        .selfm
+        .cache_misses
+        .with_label_values(&["metrics"])
+        .get()
+}
+
+fn hits(app: &TestApp) -> u64 {
+    app.state
+        .metrics
+        .selfm
+        .cache_hits
+        .with_label_values(&["metrics"])
+        .get()
+}
+
+async fn get(app: &TestApp, method: reqwest::Method, path: &str) -> (u16, Value) {
+    let res = app
+        .client
+        .request(method, app.url(path))
+        .send()
+        .await
+        .expect("request sent");
+    let status = res.status().as_u16();
+    (status, res.json().await.expect("JSON answer"))
+}
+
+// ---------------------------------------------------------------------------
+// No missing series
+// ---------------------------------------------------------------------------
+
+/// Every series of every closed label set, for one bot.
+fn closed_series(bot: &str) -> Vec<String> {
+    let mut s = Vec::new();
+    for role in ["user", "assistant"] {
+        s.push(format!(
+            r#"bot_messages_total{{bot="{bot}",role="{role}"}}"#
+        ));
+    }
+    for status in ["success", "error", "rate_limited", "timeout"] {
+        s.push(format!(
+            r#"bot_responses_total{{bot="{bot}",status="{status}"}}"#
+        ));
+    }
+    for (name, les) in [
+        ("bot_response_duration_seconds", RESPONSE_LE),
+        ("bot_db_queries_per_message", DB_QUERIES_LE),
+    ] {
+        for le in les {
+            s.push(format!(r#"{name}_bucket{{bot="{bot}",le="{le}"}}"#));
+        }
+        s.push(format!(r#"{name}_sum{{bot="{bot}"}}"#));
+        s.push(format!(r#"{name}_count{{bot="{bot}"}}"#));
+    }
+    for result in ["hit", "miss"] {
+        s.push(format!(
+            r#"bot_cache_requests_total{{bot="{bot}",cache="default",result="{result}"}}"#
+        ));
+    }
+    s.push(format!(r#"bot_users_registered_total{{bot="{bot}"}}"#));
+    for decision in ["granted", "denied"] {
+        s.push(format!(
+            r#"bot_consent_total{{bot="{bot}",decision="{decision}"}}"#
+        ));
+    }
+    s.push(format!(r#"bot_limit_reached_total{{bot="{bot}"}}"#));
+    for window in ["1d", "7d", "30d"] {
+        s.push(format!(
+            r#"bot_active_users{{bot="{bot}",window="{window}"}}"#
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn every_closed_series_exists_at_zero_from_start_for_each_bot() {
+    // Two tokens for one bot make one bot, not two.
+    let (app, _db) = start("alpha=t1,beta=t2,alpha=t3").await;
+    let text = app.metrics_text().await;
+    let mut expected = BTreeSet::new();
+    for bot in ["alpha", "beta"] {
+        for series in closed_series(bot) {
+            assert_eq!(sample(&text, &series), Some(0.0), "{series} at start");
+            expected.insert(series);
+        }
+    }
+    // Nothing else: free-form families have no series until an event names one.
+    assert_eq!(bot_series(&text), expected);
+    assert_eq!(value(&text, "botmetrics_series"), expected.len() as f64);
+
+    let mut own = Vec::new();
+    for bot in ["alpha", "beta"] {
+        own.push(format!(
+            r#"botmetrics_events_accepted_total{{bot="{bot}"}}"#
+        ));
+        own.push(format!(
+            r#"botmetrics_events_duplicate_total{{bot="{bot}"}}"#
+        ));
+        for label in ["kind", "name", "model", "cache"] {
+            own.push(format!(
+                r#"botmetrics_label_overflow_total{{bot="{bot}",label="{label}"}}"#
+            ));
+        }
+    }
+    for reason in [
+        "malformed",
+        "unauthorized",
+        "too_large",
+        "unsupported_media_type",
+        "invalid",
+    ] {
+        own.push(format!(
+            r#"botmetrics_events_rejected_total{{reason="{reason}"}}"#
+        ));
+    }
+    for endpoint in ["metrics", "summary"] {
+        own.push(format!(
+            r#"botmetrics_exposition_cache_hits_total{{endpoint="{endpoint}"}}"#
+        ));
+    }
+    own.push(r#"botmetrics_exposition_cache_misses_total{endpoint="summary"}"#.into());
+    for series in &own {
+        assert_eq!(sample(&text, series), Some(0.0), "{series} at start");
+    }
+    let build_info = format!(
+        r#"botmetrics_build_info{{version="{}"}}"#,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_series(
+        &text,
+        &[
+            (build_info.as_str(), 1.0),
+            ("botmetrics_metrics_cache_ttl_seconds", 0.0),
+        ],
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_store_is_reported_up_once_it_answered_at_start() {
+    // The SQLite store answered the start-up restore (so /readyz is 200);
+    // `botmetrics_store_up` must not claim it is down until the first
+    // flush, which by default is ten seconds later.
+    let (app, _db) = start("a=t").await;
+    assert_eq!(app.sample("botmetrics_store_up").await, Some(1.0));
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The render cache
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_exposition_has_the_exact_prometheus_content_type() {
+    let (app, _db) = start("a=t").await;
+    let (status, headers, body) = scrape(&app, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-type"), Some(CONTENT_TYPE));
+    assert_eq!(header(&headers, "content-encoding"), None);
+    assert!(String::from_utf8(body).expect("UTF-8").ends_with('\n'));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn within_the_ttl_scrapes_are_served_from_the_cache_and_after_it_fresh() {
+    let ttl = Duration::from_secs(1);
+    let (app, _db) = start_with("a=t", |c| c.metrics_cache_ttl = ttl).await;
+    let message = json!({"type": "message", "role": "user"});
+
+    let started = Instant::now();
+    let (_, _, first) = scrape(&app, &[]).await;
+    assert_eq!((misses(&app), hits(&app)), (1, 0));
+    post_ok(&app, "t", message.clone()).await;
+    let (_, _, second) = scrape(&app, &[]).await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < ttl,
+        "two scrapes and a post took {elapsed:?}, longer than the {ttl:?} TTL under test"
+    );
+    assert_eq!(first, second, "a scrape within the TTL is the cached bytes");
+    assert_eq!((misses(&app), hits(&app)), (1, 1));
+    let text = String::from_utf8(second).unwrap();
+    assert_eq!(
+        value(&text, r#"bot_messages_total{bot="a",role="user"}"#),
+        0.0
+    );
+    assert_eq!(value(&text, "botmetrics_metrics_cache_ttl_seconds"), 1.0);
+
+    // Once the TTL has passed, the next scrape renders again and shows it.
+    eventually(Duration::from_secs(5), || async {
+        app.sample(r#"bot_messages_total{bot="a",role="user"}"#)
+            .await
+            == Some(1.0)
+    })
+    .await;
+    assert_eq!(misses(&app), 2, "exactly one more render after expiry");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_zero_ttl_every_scrape_renders_afresh() {
+    let (app, _db) = start_with("a=t", |c| c.metrics_cache_ttl = Duration::ZERO).await;
+    for scrape_no in 0..3u32 {
+        post_ok(&app, "t", json!({"type": "limit_reached"})).await;
+        let text = app.metrics_text().await;
+        // The page reports the misses counted before its own render.
+        assert_series(
+            &text,
+            &[
+                (
+                    r#"bot_limit_reached_total{bot="a"}"#,
+                    f64::from(scrape_no + 1),
+                ),
+                (
+                    r#"botmetrics_exposition_cache_misses_total{endpoint="metrics"}"#,
+                    f64::from(scrape_no),
+                ),
+                (
+                    r#"botmetrics_exposition_cache_hits_total{endpoint="metrics"}"#,
+                    0.0,
+                ),
+            ],
+        );
+    }
+    assert_eq!((misses(&app), hits(&app)), (3, 0));
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_scrapes_during_a_miss_share_one_render() {
+    let (app, _db) = start_with("a=t", |c| {
+        c.metrics_cache_ttl = Duration::from_secs(60);
+        c.max_label_values = 5000;
+    })
+    .await;
+    // Thousands of series make the render slow enough that the scrapes
+    // below really arrive while it runs.
+    let many: Vec<Value> = (0..4000)
+        .map(|i| json!({"type": "custom", "name": format!("event_{i}")}))
+        .collect();
+    post_ok(&app, "t", json!(many)).await;
+
+    let mut scrapes = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (client, url) = (app.client.clone(), app.url("/metrics"));
+        scrapes.spawn(async move {
+            let res = client.get(url).send().await.expect("scrape");
+            assert_eq!(res.status(), 200);
+            res.bytes().await.expect("body")
+        });
+    }
+    let bodies: Vec<_> = scrapes.join_all().await;
+    assert!(
+        bodies.windows(2).all(|w| w[0] == w[1]),
+        "every scrape got the same render"
+    );
+    assert_eq!(misses(&app), 1, "twenty scrapes, one render");
+    assert_eq!(hits(&app), 19);
+    let text = String::from_utf8(bodies[0].to_vec()).unwrap();
+    assert_eq!(
+        value(
+            &text,
+            r#"bot_custom_events_total{bot="a",name="event_3999"}"#
+        ),
+        1.0
+    );
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// gzip
+// ---------------------------------------------------------------------------
+
+fn gunzip(bytes: &[u8]) -> String {
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(bytes)
+        .read_to_string(&mut text)
+        .expect("a gzip stream of UTF-8 text");
+    text
+}
+
+#[tokio::test]
+async fn gzip_is_served_when_asked_and_decompresses_to_the_plain_answer() {
+    // A TTL, so the plain and the gzip answer come from one render.
+    let (app, _db) = start_with("a=t", |c| c.metrics_cache_ttl = Duration::from_secs(60)).await;
+    post_ok(&app, "t", every_event_type()).await;
+
+    let (status, headers, plain) = scrape(&app, &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(header(&headers, "content-encoding"), None);
+    let plain = String::from_utf8(plain).expect("plain text");
+    assert!(plain.contains(r#"bot_messages_total{bot="a",role="user"} 1"#));
+
+    for accept in ["gzip", "deflate, gzip;q=0.5", "br, gzip"] {
+        let (status, headers, body) = scrape(&app, &[("accept-encoding", accept)]).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            header(&headers, "content-encoding"),
+            Some("gzip"),
+            "{accept}"
+        );
+        assert_eq!(header(&headers, "content-type"), Some(CONTENT_TYPE));
+        assert!(
+            header(&headers, "vary")
+                .is_some_and(|v| v.to_ascii_lowercase().contains("accept-encoding")),
+            "caches must key on Accept-Encoding"
+        );
+        assert!(body.len() < plain.len(), "compressed is smaller");
+        assert_eq!(gunzip(&body), plain, "{accept}");
+    }
+    // Refused or not offered: plain text.
+    for accept in ["gzip;q=0", "identity"] {
+        let (_, headers, body) = scrape(&app, &[("accept-encoding", accept)]).await;
+        assert_eq!(header(&headers, "content-encoding"), None, "{accept}");
+        assert_eq!(String::from_utf8(body).unwrap(), plain);
+    }
+    assert_eq!(misses(&app), 1, "one render, one compression, many answers");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn gzip_works_without_a_cache_too() {
+    let (app, _db) = start("a=t").await;
+    post_ok(&app, "t", every_event_type()).await;
+    let (_, headers, body) = scrape(&app, &[("accept-encoding", "gzip")]).await;
+    assert_eq!(header(&headers, "content-encoding"), Some("gzip"));
+    let unzipped = gunzip(&body);
+    let plain = app.metrics_text().await;
+    // Two renders: self-metrics differ, the bots' series do not.
+    assert_eq!(bot_part(&unzipped), bot_part(&plain));
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// --metrics-token
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_metrics_token_guards_the_exposition() {
+    let (app, _db) = start_with("a=ingest-token", |c| {
+        c.metrics_token = Some("prom-secret".into());
+    })
+    .await;
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer ingest-token"),
+        Some("prom-secret"),
+        Some("Bearer prom-secre"),
+    ] {
+        let mut req = app.client.get(app.url("/metrics"));
+        if let Some(auth) = auth {
+            req = req.header("authorization", auth);
+        }
+        let res = req.send().await.expect("scrape");
+        let got = (res.status().as_u16(), res.json().await.expect("JSON error"));
+        assert_error(&got, 401, "unauthorized", None);
+    }
+    let res = app
+        .client
+        .get(app.url("/metrics"))
+        .bearer_auth("prom-secret")
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(res.status(), 200);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        CONTENT_TYPE
+    );
+    let text = res.text().await.unwrap();
+    assert_eq!(
+        sample(&text, r#"bot_messages_total{bot="a",role="user"}"#),
+        Some(0.0)
+    );
+    // The probes stay open for the orchestrator.
+    assert_eq!(get(&app, reqwest::Method::GET, "/healthz").await.0, 200);
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// promtool
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn promtool_accepts_the_real_exposition() {
+    let (app, _db) = start_with("a=ta,b.bot:2=tb", |c| c.max_label_values = 3).await;
+    post_ok(&app, "ta", every_event_type()).await;
+    post_ok(&app, "tb", every_event_type()).await;
+    // Overflow into `other`, odd but allowed label characters, big values.
+    post_ok(
+        &app,
+        "ta",
+        json!([
+            {"type": "error", "kind": "k1"}, {"type": "error", "kind": "k2"},
+            {"type": "error", "kind": "k3"}, {"type": "error", "kind": "k4"},
+            {"type": "custom", "name": "a.b:c-d_e", "value": 0.125},
+            {"type": "response", "status": "error", "duration_ms": 1e7, "model": "m:1.2-x",
+             "tokens": {"prompt": 9_007_199_254_740_992u64, "completion": 1}},
+        ]),
+    )
+    .await;
+    let text = app.metrics_text().await;
+    assert_eq!(
+        value(&text, r#"bot_errors_total{bot="a",kind="other"}"#),
+        2.0
+    );
+
+    let promtool = ["promtool", "/usr/bin/promtool"]
+        .into_iter()
+        .find(|p| Command::new(p).arg("--version").output().is_ok());
+    let Some(promtool) = promtool else {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("promtool is missing in CI: install the Debian package `prometheus`");
+        }
+        eprintln!(
+            "\n*** SKIPPED promtool_accepts_the_real_exposition: promtool not found (apt install prometheus) ***\n"
+        );
+        app.stop().await;
+        return;
+    };
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(text.as_bytes())
+        .expect("exposition written to promtool");
+    let out = child.wait_with_output().expect("promtool ends");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{report}"
+    );
+    assert_eq!(report.trim(), "", "promtool has lint remarks");
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// Health and routing
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn health_readiness_and_routing_errors_answer_json() {
+    let (app, _db) = start("a=t").await;
+    use reqwest::Method;
+    assert_eq!(
+        get(&app, Method::GET, "/healthz").await,
+        (200, json!({"status": "ok"}))
+    );
+    assert_eq!(
+        get(&app, Method::GET, "/readyz").await,
+        (200, json!({"status": "ready", "store": "sqlite"}))
+    );
+    for path in ["/nope", "/v1/event", "/metrics/extra", "/v2/events"] {
+        assert_error(&get(&app, Method::GET, path).await, 404, "not_found", None);
+    }
+    for (method, path) in [
+        (Method::POST, "/metrics"),
+        (Method::GET, "/v1/events"),
+        (Method::PUT, "/v1/events"),
+        (Method::DELETE, "/healthz"),
+        (Method::POST, "/readyz"),
+    ] {
+        assert_error(
+            &get(&app, method.clone(), path).await,
+            405,
+            "method_not_allowed",
+            None,
+        );
+    }
+    app.stop().await;
+}
