@@ -442,7 +442,9 @@ impl<'a> RawEvent<'a> {
                     ts - now
                 )));
             }
-            Some(UnixSeconds(ts)) => ts,
+            // Within the allowed skew a future `ts` counts as now, so a
+            // fast clock cannot start "today" or an hour's sketch early.
+            Some(UnixSeconds(ts)) => ts.min(now),
             None => now,
         };
         let body = match kind {

@@ -9,6 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use chrono::{DateTime, NaiveDate, Utc};
@@ -232,6 +233,9 @@ pub struct Persistence {
     metrics: Arc<Metrics>,
     retention: chrono::Duration,
     state: Mutex<Flushed>,
+    /// Bumped by every restore, and part of every render-cache key, so no
+    /// answer rendered before a (late) restore is served after it.
+    generation: AtomicU64,
 }
 
 impl Persistence {
@@ -241,7 +245,13 @@ impl Persistence {
             metrics,
             retention: chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX),
             state: Mutex::new(Flushed::default()),
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// Changes whenever stored values were added into memory.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     /// True once stored values are loaded; until then nothing is written.
@@ -270,6 +280,7 @@ impl Persistence {
             .map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value)))
             .collect();
         state.restored = true;
+        self.generation.fetch_add(1, Ordering::Relaxed);
         self.metrics.selfm.store_up.set(1);
         self.maintain_locked(state, Utc::now()).await?;
         Ok(Some(report))
@@ -293,7 +304,11 @@ impl Persistence {
         let selfm = &self.metrics.selfm;
         match &result {
             Ok(outcome) => {
-                selfm.store_up.set(1);
+                // An idle tick sent nothing, so it says nothing about the
+                // store: only a write (or /readyz's ping) sets it up again.
+                if *outcome != FlushOutcome::Idle {
+                    selfm.store_up.set(1);
+                }
                 selfm
                     .last_flush
                     .set(Utc::now().timestamp_millis() as f64 / 1000.0);
@@ -315,13 +330,14 @@ impl Persistence {
         let mut state = self.state.lock().await;
         self.prepare_locked(&mut state).await?;
         let now = Utc::now();
-        let mut batch = FlushBatch {
-            series: snapshot(&self.metrics)
-                .into_iter()
-                .filter(|r| state.series.get(&key(r)) != Some(&r.value))
-                .collect(),
-            ..FlushBatch::default()
-        };
+        let mut batch = FlushBatch::default();
+        for row in snapshot(&self.metrics) {
+            match state.series.get(&key(&row)) {
+                Some(stored) if *stored == row.value => {}
+                Some(_) => batch.changed.push(row),
+                None => batch.added.push(row),
+            }
+        }
         for bot in self.metrics.bots() {
             for sketch in bot.active.take_dirty() {
                 batch.sketches.push(StoredSketch {
@@ -348,7 +364,8 @@ impl Persistence {
         if batch.is_empty() {
             return Ok(FlushOutcome::Idle);
         }
-        if let Err(e) = self.store.flush(&batch, now).await {
+        let written = self.store.flush(&batch, now).await;
+        if let Err(e) = written {
             // The sketches' change marks were taken: hand them back so the
             // retry writes them. Series and counters are diffed afresh.
             for s in &batch.sketches {
@@ -358,8 +375,15 @@ impl Persistence {
             }
             return Err(e);
         }
-        for row in &batch.series {
-            state.series.insert(key(row), row.value);
+        if written.is_ok_and(|report| report.missing) {
+            tracing::warn!(
+                "rows of real_time_metrics disappeared; the next flush rewrites every series"
+            );
+            state.series.clear();
+        } else {
+            for row in batch.changed.iter().chain(&batch.added) {
+                state.series.insert(key(row), row.value);
+            }
         }
         for d in &batch.daily {
             state
@@ -367,7 +391,7 @@ impl Persistence {
                 .insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
         }
         Ok(FlushOutcome::Wrote {
-            series: batch.series.len(),
+            series: batch.changed.len() + batch.added.len(),
             sketches: batch.sketches.len(),
             daily: batch.daily.len(),
         })

@@ -109,11 +109,4 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
             }
         }
     }
-
-    /// Drops every cached answer (used by tests and after a restore).
-    pub fn invalidate(&self) {
-        if let Some(cache) = &self.cache {
-            cache.invalidate_all();
-        }
-    }
 }

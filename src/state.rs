@@ -14,6 +14,8 @@ use crate::render_cache::RenderCache;
 pub struct SummaryKey {
     pub bot: Option<String>,
     pub text: bool,
+    /// The store's restore generation: see `Persistence::generation`.
+    pub generation: u64,
 }
 
 #[derive(Clone)]
@@ -22,7 +24,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<Ingest>,
     pub persistence: Arc<Persistence>,
-    pub metrics_page: Arc<RenderCache<()>>,
+    /// Keyed by the restore generation only: one page for everyone.
+    pub metrics_page: Arc<RenderCache<u64>>,
     pub summaries: Arc<RenderCache<SummaryKey>>,
     pub started: Instant,
 }

@@ -61,15 +61,31 @@ pub struct StoredSketch {
 /// Everything a flush writes, in one transaction.
 #[derive(Debug, Default)]
 pub struct FlushBatch {
-    pub series: Vec<SeriesRow>,
+    /// Series the store already has a row for (the caller knows which, from
+    /// its last successful flush): a bulk update, no conflict checks.
+    pub changed: Vec<SeriesRow>,
+    /// Series new to the store: inserted.
+    pub added: Vec<SeriesRow>,
     pub sketches: Vec<StoredSketch>,
     pub daily: Vec<DailyRow>,
 }
 
 impl FlushBatch {
     pub fn is_empty(&self) -> bool {
-        self.series.is_empty() && self.sketches.is_empty() && self.daily.is_empty()
+        self.changed.is_empty()
+            && self.added.is_empty()
+            && self.sketches.is_empty()
+            && self.daily.is_empty()
     }
+}
+
+/// What a flush found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlushReport {
+    /// Some rows the caller believed stored were not there (deleted by
+    /// hand, say). Everything else was written; the caller should forget
+    /// what it believes stored so the next flush inserts every series.
+    pub missing: bool,
 }
 
 /// What a start-up restore reads.
@@ -207,26 +223,21 @@ impl Store {
 
     /// Writes changed series, sketches and "today" counters in one
     /// transaction: on PostgreSQL one statement, one round trip.
-    pub async fn flush(&self, batch: &FlushBatch, now: DateTime<Utc>) -> Result<()> {
+    pub async fn flush(&self, batch: &FlushBatch, now: DateTime<Utc>) -> Result<FlushReport> {
         match self {
             Store::Postgres(pool) => {
                 let sql = "
-                    with input as (
-                        select * from unnest($1::text[], $2::text[], $3::text[], $4::float8[])
-                            as t(metric, bot, labels, value)
-                    ), updated as (
-                        -- existing series: one hash join, cheaper than an
+                    with updated as (
+                        -- rows known to exist: one hash join, cheaper than an
                         -- upsert's per-row conflict check
                         update real_time_metrics r set value = i.value, last_updated = $5
-                        from input i
+                        from unnest($1::text[], $2::text[], $3::text[], $4::float8[]) as i(metric, bot, labels, value)
                         where r.metric = i.metric and r.bot = i.bot and r.labels = i.labels
-                        returning r.metric, r.bot, r.labels
-                    ), series as (
+                        returning 1
+                    ), added as (
                         insert into real_time_metrics (metric, bot, labels, value, last_updated)
-                        select i.metric, i.bot, i.labels, i.value, $5 from input i
-                        where not exists (
-                            select 1 from updated u
-                            where u.metric = i.metric and u.bot = i.bot and u.labels = i.labels)
+                        select metric, bot, labels, value, $5
+                        from unnest($14::text[], $15::text[], $16::text[], $17::float8[]) as t(metric, bot, labels, value)
                         on conflict (metric, bot, labels)
                         do update set value = excluded.value, last_updated = excluded.last_updated
                         returning 1
@@ -245,11 +256,13 @@ impl Store {
                         do update set day = excluded.day, value = excluded.value, last_updated = excluded.last_updated
                         returning 1
                     )
-                    select (select count(*) from updated) + (select count(*) from series) + (select count(*) from sketches) + (select count(*) from daily)";
-                let s = &batch.series;
+                    select (select count(*) from updated) as updated,
+                           (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) as others";
+                let s = &batch.changed;
+                let n = &batch.added;
                 let k = &batch.sketches;
                 let d = &batch.daily;
-                sqlx::query(sql)
+                let row = sqlx::query(sql)
                     .bind(s.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>())
                     .bind(s.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
                     .bind(s.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
@@ -271,8 +284,16 @@ impl Store {
                     .bind(d.iter().map(|r| r.name.as_str()).collect::<Vec<_>>())
                     .bind(d.iter().map(|r| r.day.to_string()).collect::<Vec<_>>())
                     .bind(d.iter().map(|r| r.value).collect::<Vec<_>>())
+                    .bind(n.iter().map(|r| r.metric.as_str()).collect::<Vec<_>>())
+                    .bind(n.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(n.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
+                    .bind(n.iter().map(|r| r.value).collect::<Vec<_>>())
                     .fetch_one(pool)
                     .await?;
+                let updated: i64 = row.try_get("updated")?;
+                if updated != s.len() as i64 {
+                    return Ok(FlushReport { missing: true });
+                }
             }
             Store::Sqlite(pool) => {
                 // A local file: per-row statements inside one transaction
@@ -280,7 +301,7 @@ impl Store {
                 // bound-parameter limit whatever the batch size.
                 let mut tx = pool.begin().await?;
                 let now = now.timestamp();
-                for r in &batch.series {
+                for r in batch.changed.iter().chain(&batch.added) {
                     sqlx::query(
                         "insert into real_time_metrics (metric, bot, labels, value, last_updated)
                          values (?, ?, ?, ?, ?)
@@ -328,7 +349,7 @@ impl Store {
                 tx.commit().await?;
             }
         }
-        Ok(())
+        Ok(FlushReport { missing: false })
     }
 
     /// Appends one point per series at `at`: one statement.

@@ -26,7 +26,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
     let persistence = &state.persistence;
     let backend = persistence.store.backend();
     match tokio::time::timeout(Duration::from_secs(2), persistence.store.ping()).await {
-        Ok(Ok(())) => {}
+        Ok(Ok(())) => state.metrics.selfm.store_up.set(1),
         Ok(Err(e)) => {
             state.metrics.selfm.store_up.set(0);
             return Err(Error::Unavailable(format!(

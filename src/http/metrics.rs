@@ -28,9 +28,11 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     let metrics = state.metrics.clone();
     let rendered = state
         .metrics_page
-        .get_or_render((), &state.metrics.selfm, move || {
-            Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render())
-        })
+        .get_or_render(
+            state.persistence.generation(),
+            &state.metrics.selfm,
+            move || Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render()),
+        )
         .await;
     super::serve_rendered(&rendered, &headers)
 }

@@ -49,6 +49,7 @@ async fn get_summary(
     let key = SummaryKey {
         bot: params.bot,
         text,
+        generation: state.persistence.generation(),
     };
     let render_state = state.clone();
     let rendered = state

@@ -313,8 +313,10 @@ impl BotMetrics {
     }
 
     /// Adds a stored counter value back into its series (the bot label
-    /// already matched). Returns false for a series this build does not
-    /// know, which the caller logs and skips.
+    /// already matched). Free-form label values are restored as stored,
+    /// never folded into `other` (see `Family::with_restored`). Returns
+    /// false for a series this build does not know, which the caller logs
+    /// and skips.
     pub fn restore_scalar(&self, family: &str, labels: &[(&str, &str)], value: f64) -> bool {
         let label = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let closed = |name: &str, all: &[&'static str]| {
@@ -329,7 +331,7 @@ impl BotMetrics {
             "bot_cache_requests_total" => {
                 return match (label("cache"), closed("result", CacheResult::NAMES)) {
                     (Some(cache), Some(i)) => {
-                        self.cache.with(cache, |c| c[i].add(value));
+                        self.cache.with_restored(cache, |c| c[i].add(value));
                         true
                     }
                     _ => false,
@@ -338,7 +340,7 @@ impl BotMetrics {
             "bot_llm_tokens_total" => {
                 return match (label("model"), closed("kind", TokenKind::NAMES)) {
                     (Some(model), Some(i)) => {
-                        self.llm_tokens.with(model, |c| c[i].add(value));
+                        self.llm_tokens.with_restored(model, |c| c[i].add(value));
                         true
                     }
                     _ => false,
@@ -352,7 +354,7 @@ impl BotMetrics {
                 };
                 return match label(label_name) {
                     Some(v) => {
-                        family.with(v, |c| c.add(value));
+                        family.with_restored(v, |c| c.add(value));
                         true
                     }
                     None => false,

@@ -187,6 +187,16 @@ impl<T: Default> Family<T> {
         f(series.entry(key.into()).or_default())
     }
 
+    /// Like [`Family::with`] but never folds into `other`: for restoring a
+    /// stored series. It was admitted under the cap when it was counted;
+    /// folding it now would leave its stored row beside the `other` row it
+    /// went into, and the next restart would count it twice. New values
+    /// still fold once the family is full.
+    pub fn with_restored<R>(&self, value: &str, f: impl FnOnce(&T) -> R) -> R {
+        let mut series = self.series.write().unwrap_or_else(|e| e.into_inner());
+        f(series.entry(value.into()).or_default())
+    }
+
     /// Calls `f` for every series, ordered by label value so output is stable.
     pub fn for_each(&self, mut f: impl FnMut(&str, &T)) {
         let series = self.series.read().unwrap_or_else(|e| e.into_inner());
@@ -258,6 +268,28 @@ mod tests {
         assert_eq!(h.snapshot().quantile(0.5), Some(1.5));
         h.observe(1000.0);
         assert_eq!(h.snapshot().quantile(1.0), Some(5.0));
+    }
+
+    #[test]
+    fn restored_values_are_never_folded() {
+        let overflow = IntCounter::new("o", "o").unwrap();
+        let f: Family<Counter> = Family::new(1, overflow.clone());
+        f.with("new", |c| c.add(1.0));
+        f.with_restored("a", |c| c.add(2.0));
+        f.with_restored("b", |c| c.add(3.0));
+        f.with("c", |c| c.add(4.0));
+        let mut seen = Vec::new();
+        f.for_each(|k, c| seen.push((k.to_owned(), c.get())));
+        assert_eq!(
+            seen,
+            [
+                ("a".into(), 2.0),
+                ("b".into(), 3.0),
+                ("new".into(), 1.0),
+                ("other".into(), 4.0)
+            ]
+        );
+        assert_eq!(overflow.get(), 1, "only the new value overflowed");
     }
 
     #[test]

@@ -1,0 +1,470 @@
+//! `GET /v1/summary` (issue 4): every field of the DESIGN's summary object
+//! with exact values for a known mix of events, percentiles interpolated
+//! from the histogram, bot selection, the chat text, caching, and "today"
+//! counted in the configured time zone across midnight and restarts.
+
+use std::time::{Duration, Instant};
+
+use botmetrics::summary::Summary;
+use chrono::{DateTime, TimeZone, Utc};
+use serde_json::{Value, json};
+
+use crate::active_users::post_ndjson;
+use crate::helpers::{PgDatabase, SqliteFile, TestApp, eventually, spawn_app};
+use crate::persistence::{Raw, quiet_config};
+
+async fn get_text(app: &TestApp, path: &str) -> (u16, String, String) {
+    let res = app
+        .client
+        .get(app.url(path))
+        .send()
+        .await
+        .expect("request sent");
+    let status = res.status().as_u16();
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, content_type, res.text().await.expect("a body"))
+}
+
+/// Durations (ms) of ten responses; the last one failed.
+///
+/// Response buckets (s): 0.05 0.1 0.25 0.5 1 2 3 …; cumulative counts:
+/// 1 1 … → le=0.05:1, 0.1:2, 0.25:3, 0.5:4, 1:8, 2:9, 3:10.
+/// p50: rank 5 falls in (0.5, 1] holding 4 (ranks 5..8), 1 into it:
+///      0.5 + 0.5 × (5 − 4) / 4 = 0.625 s → 625 ms.
+/// p95: rank 9.5 falls in (2, 3] holding 1 (rank 10), 0.5 into it:
+///      2 + 1 × (9.5 − 9) / 1 = 2.5 s → 2500 ms (the true value is 2.2 s:
+///      interpolation, as PromQL's histogram_quantile does).
+const DURATIONS_MS: [f64; 10] = [
+    40.0, 80.0, 200.0, 300.0, 600.0, 700.0, 800.0, 900.0, 1500.0, 2200.0,
+];
+
+fn known_mix() -> Value {
+    let mut events = vec![];
+    for user in [1, 2, 3, 4, 5, 1] {
+        events.push(json!({"type": "message", "role": "user", "user_id": user}));
+    }
+    for _ in 0..4 {
+        events.push(json!({"type": "message", "role": "assistant"}));
+    }
+    for user in [1, 2, 3] {
+        events.push(json!({"type": "user_registered", "user_id": user}));
+    }
+    for (i, ms) in DURATIONS_MS.iter().enumerate() {
+        let status = if i == 9 { "error" } else { "success" };
+        events.push(json!({"type": "response", "status": status, "duration_ms": ms}));
+    }
+    for result in ["hit", "hit", "miss"] {
+        events.push(json!({"type": "cache", "result": result}));
+    }
+    events.push(json!({"type": "cache", "result": "hit", "cache": "embeddings"}));
+    events.push(json!({"type": "limit_reached", "user_id": 4}));
+    events.push(json!({"type": "limit_reached", "user_id": 5}));
+    for kind in ["a", "a", "b"] {
+        events.push(json!({"type": "error", "kind": kind}));
+    }
+    events.push(json!({"type": "consent", "granted": true}));
+    events.push(json!({"type": "custom", "name": "x", "value": 3}));
+    Value::Array(events)
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    let mut at = v;
+    for key in path.split('.') {
+        at = &at[key];
+    }
+    assert!(at.is_number(), "{path} is a number in {v}");
+    at.as_f64().unwrap()
+}
+
+#[tokio::test]
+async fn summary_json_has_every_field_with_exact_values() {
+    let db = SqliteFile::new();
+    let app = spawn_app(quiet_config("demo=td", &db.url())).await;
+    let (status, empty) = app.get_json("/v1/summary").await;
+    assert_eq!(status, 200, "{empty}");
+    assert_eq!(
+        num(&empty, "responses.success_rate"),
+        1.0,
+        "1.0 before any response"
+    );
+    assert_eq!(num(&empty, "responses.p50_ms"), 0.0);
+    assert_eq!(num(&empty, "cache.hit_rate"), 0.0);
+
+    let (status, body) = app.post_events("td", &known_mix()).await;
+    assert_eq!(status, 202, "{body}");
+    let started = Utc::now();
+    let (status, s) = app.get_json("/v1/summary").await;
+    assert_eq!(status, 200, "{s}");
+    // One bot: the object itself.
+    assert_eq!(s["bot"], "demo");
+    let expected = [
+        ("messages.total", 10.0),
+        ("messages.today", 10.0),
+        ("users.active_1d", 5.0),
+        ("users.active_7d", 5.0),
+        ("users.active_30d", 5.0),
+        ("users.registered_total", 3.0),
+        ("users.registered_today", 3.0),
+        ("responses.total", 10.0),
+        ("responses.success_rate", 0.9),
+        ("responses.p50_ms", 625.0),
+        ("responses.p95_ms", 2500.0),
+        ("cache.hit_rate", 0.75),
+        ("limit_reached.today", 2.0),
+        ("errors.total", 3.0),
+    ];
+    for (path, value) in expected {
+        // Within an ulp: serde_json's default float parsing may be one off.
+        let got = num(&s, path);
+        assert!(
+            (got - value).abs() <= 1e-12 * value.abs(),
+            "{path}: {got} in {s}"
+        );
+    }
+    assert!(num(&s, "uptime_seconds") >= 0.0);
+    assert!(s["uptime_seconds"].is_u64(), "whole seconds: {s}");
+    let generated: DateTime<Utc> = s["generated_at"]
+        .as_str()
+        .expect("generated_at is a string")
+        .parse()
+        .expect("RFC 3339");
+    assert!(
+        (generated - started).num_seconds().abs() <= 5,
+        "{generated} vs {started}"
+    );
+    // Whole integers stay integers in JSON.
+    for path in [
+        "messages.total",
+        "users.active_1d",
+        "users.registered_total",
+        "responses.total",
+        "limit_reached.today",
+        "errors.total",
+    ] {
+        let (outer, inner) = path.split_once('.').unwrap();
+        assert!(s[outer][inner].is_u64(), "{path} is an integer in {s}");
+    }
+
+    // The same numbers in the chat text.
+    let (status, content_type, text) = get_text(&app, "/v1/summary?format=text").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "text/plain; charset=utf-8");
+    for line in [
+        "demo",
+        "Messages: 10 today, 10 total",
+        "Active users: 5 (24 h), 5 (7 d), 5 (30 d)",
+        "New users: 3 today, 3 total",
+        "Responses: 10 total, 90.0 % ok, median 625 ms, p95 2.5 s",
+        "Cache hit rate: 75.0 %",
+        "Daily limit reached: 2 today",
+        "Errors: 3 total",
+    ] {
+        assert!(text.contains(line), "{line:?} in\n{text}");
+    }
+    assert!(text.lines().count() <= 10, "a short message:\n{text}");
+    // Explicit JSON is the default.
+    let (status, content_type, _) = get_text(&app, "/v1/summary?format=json").await;
+    assert_eq!((status, content_type.as_str()), (200, "application/json"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn percentiles_interpolate_like_histogram_quantile() {
+    let db = SqliteFile::new();
+    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let responses = |n: usize, status: &str, ms: f64| {
+        Value::Array(
+            (0..n)
+                .map(|_| json!({"type": "response", "status": status, "duration_ms": ms}))
+                .collect(),
+        )
+    };
+    // 20 responses of 1.2 s, all in the (1, 2] bucket.
+    let (status, _) = app
+        .post_events("tx", &responses(20, "success", 1200.0))
+        .await;
+    assert_eq!(status, 202);
+    let (_, s) = app.get_json("/v1/summary").await;
+    // p50: rank 10 of the bucket's 20: 1 + 1 × 10 / 20 = 1.5 s.
+    assert_eq!(num(&s, "responses.p50_ms"), 1500.0, "{s}");
+    // p95: rank 19: 1 + 19 / 20 = 1.95 s, not the 1.2 s every call took.
+    assert_eq!(num(&s, "responses.p95_ms"), 1950.0, "{s}");
+    assert_eq!(num(&s, "responses.success_rate"), 1.0);
+
+    // One of 90 s lands in +Inf: p50 is rank 10.5, 1 + 10.5 / 20 = 1.525 s.
+    app.post_events("tx", &responses(1, "timeout", 90_000.0))
+        .await;
+    let (_, s) = app.get_json("/v1/summary").await;
+    assert_eq!(num(&s, "responses.p50_ms"), 1525.0, "{s}");
+    // serde_json's default float parsing may be one ulp off.
+    assert!(
+        (num(&s, "responses.success_rate") - 20.0 / 21.0).abs() < 1e-12,
+        "{s}"
+    );
+
+    // Past every finite bucket, the highest bound (60 s) is the answer.
+    app.post_events("tx", &responses(100, "timeout", 90_000.0))
+        .await;
+    let (_, s) = app.get_json("/v1/summary").await;
+    assert_eq!(num(&s, "responses.p95_ms"), 60_000.0, "{s}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn several_bots_are_listed_and_selected() {
+    let db = SqliteFile::new();
+    let app = spawn_app(quiet_config("alpha=ta,beta=tb", &db.url())).await;
+    app.post_events(
+        "ta",
+        &json!({"type": "message", "role": "user", "user_id": 1}),
+    )
+    .await;
+    app.post_events(
+        "tb",
+        &json!([
+            {"type": "message", "role": "user", "user_id": 1},
+            {"type": "message", "role": "user", "user_id": 2},
+            {"type": "error", "kind": "x"}
+        ]),
+    )
+    .await;
+    let (status, all) = app.get_json("/v1/summary").await;
+    assert_eq!(status, 200);
+    let bots = all["bots"].as_array().expect("{\"bots\": [...]}");
+    assert_eq!(all.as_object().unwrap().len(), 1, "{all}");
+    let names: Vec<&str> = bots.iter().map(|b| b["bot"].as_str().unwrap()).collect();
+    assert_eq!(names, ["alpha", "beta"], "configured order");
+    assert_eq!(num(&bots[0], "messages.total"), 1.0);
+    assert_eq!(num(&bots[1], "messages.total"), 2.0);
+
+    let (status, beta) = app.get_json("/v1/summary?bot=beta").await;
+    assert_eq!(status, 200);
+    assert_eq!(beta["bot"], "beta", "one bot asked for: the object");
+    assert_eq!(num(&beta, "messages.total"), 2.0);
+    assert_eq!(num(&beta, "users.active_1d"), 2.0);
+    assert_eq!(num(&beta, "errors.total"), 1.0);
+
+    let (status, _, text) = get_text(&app, "/v1/summary?format=text").await;
+    assert_eq!(status, 200);
+    assert!(text.contains("alpha") && text.contains("beta"), "{text}");
+    let (_, _, text) = get_text(&app, "/v1/summary?format=text&bot=alpha").await;
+    assert!(text.contains("alpha") && !text.contains("beta"), "{text}");
+
+    for (path, status, code) in [
+        ("/v1/summary?bot=gamma", 404, "not_found"),
+        ("/v1/summary?format=xml", 400, "bad_request"),
+        ("/v1/summary?format=text&bot=gamma", 404, "not_found"),
+        ("/v1/summary?window=7d", 400, "bad_request"),
+    ] {
+        let (got, body) = app.get_json(path).await;
+        assert_eq!(got, status, "{path}: {body}");
+        assert_eq!(body["error"], code, "{path}: {body}");
+        assert!(
+            body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{body}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn text_answer_formats_numbers_for_people() {
+    let db = SqliteFile::new();
+    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let messages =
+        (0..12_345).map(|n| json!({"type": "message", "role": "user", "user_id": n % 7}));
+    let messages: Vec<Value> = messages.collect();
+    for batch in messages.chunks(10_000) {
+        post_ndjson(&app, "tx", batch.iter().cloned()).await;
+    }
+    let responses = (0..1000).map(|i| {
+        let status = if i < 987 { "success" } else { "error" };
+        json!({"type": "response", "status": status, "duration_ms": 1234})
+    });
+    post_ndjson(&app, "tx", responses).await;
+    let (status, content_type, text) = get_text(&app, "/v1/summary?format=text").await;
+    assert_eq!(status, 200);
+    assert_eq!(content_type, "text/plain; charset=utf-8");
+    for part in [
+        "Messages: 12 345 today, 12 345 total",
+        "Active users: 7 (24 h)",
+        "1 000 total, 98.7 % ok",
+        // All in (1, 2]: the median is interpolated halfway, 1.5 s.
+        "median 1.5 s",
+    ] {
+        assert!(text.contains(part), "{part:?} in\n{text}");
+    }
+    let (_, s) = app.get_json("/v1/summary").await;
+    assert_eq!(
+        num(&s, "messages.total"),
+        12_345.0,
+        "JSON keeps plain numbers"
+    );
+    assert!(
+        (num(&s, "responses.success_rate") - 0.987).abs() < 1e-12,
+        "{s}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn summary_is_cached_like_metrics() {
+    let db = SqliteFile::new();
+    let ttl = Duration::from_secs(2);
+    let mut cfg = quiet_config("x=tx", &db.url());
+    cfg.metrics_cache_ttl = ttl;
+    let app = spawn_app(cfg).await;
+    let selfm = &app.state.metrics.selfm;
+    let misses = || selfm.cache_misses.with_label_values(&["summary"]).get();
+    let hits = || selfm.cache_hits.with_label_values(&["summary"]).get();
+
+    // Concurrent requests on a miss share one build.
+    let before = misses();
+    let started = Instant::now();
+    let answers = concurrent_gets(&app, "/v1/summary?format=text", 8).await;
+    assert!(answers.windows(2).all(|w| w[0] == w[1]));
+    if started.elapsed() < ttl {
+        assert_eq!(misses() - before, 1, "eight requests, one build");
+    }
+
+    let started = Instant::now();
+    let (_, _, first) = get_text(&app, "/v1/summary").await;
+    let (_, _, metrics_first) = get_text(&app, "/metrics").await;
+    app.post_events("tx", &json!({"type": "message", "role": "user"}))
+        .await;
+    let hits_before = hits();
+    let (_, _, second) = get_text(&app, "/v1/summary").await;
+    let (_, _, metrics_second) = get_text(&app, "/metrics").await;
+    if started.elapsed() < ttl {
+        assert_eq!(second, first, "the cached answer until the TTL passes");
+        assert_eq!(metrics_second, metrics_first, "as /metrics does");
+        assert_eq!(hits() - hits_before, 1);
+    }
+    // After the TTL the new message shows, in both.
+    eventually(Duration::from_secs(10), || async {
+        let (_, s) = app.get_json("/v1/summary").await;
+        s["messages"]["total"] == 1
+    })
+    .await;
+    eventually(Duration::from_secs(10), || async {
+        app.sample(r#"bot_messages_total{bot="x",role="user"}"#)
+            .await
+            == Some(1.0)
+    })
+    .await;
+    app.stop().await;
+}
+
+/// `n` concurrent GETs of one path; their bodies.
+async fn concurrent_gets(app: &TestApp, path: &str, n: usize) -> Vec<String> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (client, url) = (app.client.clone(), app.url(path));
+        tasks.spawn(async move {
+            let res = client.get(url).send().await.expect("request sent");
+            assert_eq!(res.status(), 200);
+            res.text().await.expect("body")
+        });
+    }
+    tasks.join_all().await
+}
+
+// ---------------------------------------------------------------------------
+// "Today" in the configured time zone
+// ---------------------------------------------------------------------------
+
+async fn today_counts_the_local_day(url: &str) {
+    let tz = chrono_tz::Asia::Tokyo;
+    let mut cfg = quiet_config("x=tx", url);
+    cfg.timezone = tz;
+    let app = spawn_app(cfg.clone()).await;
+    let now = Utc::now();
+    let local_today = now.with_timezone(&tz).date_naive();
+    let midnight = tz
+        .from_local_datetime(&local_today.and_hms_opt(0, 0, 0).unwrap())
+        .single()
+        .expect("Tokyo has no DST")
+        .with_timezone(&Utc);
+    let next_midnight = midnight + chrono::Duration::days(1);
+    let (today, yesterday) = (midnight.timestamp(), midnight.timestamp() - 1);
+    let at = |ty: &str, ts: i64| match ty {
+        "message" => json!({"type": "message", "role": "user", "ts": ts}),
+        other => json!({"type": other, "ts": ts}),
+    };
+    // Today's, then yesterday's (a late retry), then today's again.
+    let mut events = vec![];
+    for (ty, n_today, n_yesterday) in [
+        ("message", 3, 4),
+        ("user_registered", 1, 2),
+        ("limit_reached", 3, 1),
+    ] {
+        events.extend((0..n_today).map(|i| at(ty, if i == 0 { today } else { now.timestamp() })));
+        events.extend((0..n_yesterday).map(|_| at(ty, yesterday)));
+        events.push(at(ty, now.timestamp()));
+    }
+    let (status, body) = app.post_events("tx", &Value::Array(events)).await;
+    assert_eq!(status, 202, "{body}");
+
+    let check = |s: &Value, today: [f64; 3]| {
+        assert_eq!(s["timezone"], "Asia/Tokyo", "{s}");
+        assert_eq!(num(s, "messages.total"), 8.0, "{s}");
+        assert_eq!(num(s, "users.registered_total"), 4.0, "{s}");
+        assert_eq!(num(s, "messages.today"), today[0], "{s}");
+        assert_eq!(num(s, "users.registered_today"), today[1], "{s}");
+        assert_eq!(num(s, "limit_reached.today"), today[2], "{s}");
+    };
+    let (_, s) = app.get_json("/v1/summary").await;
+    check(&s, [4.0, 2.0, 4.0]);
+    let (_, _, text) = get_text(&app, "/v1/summary?format=text").await;
+    assert!(text.contains("Messages: 4 today, 8 total"), "{text}");
+    assert!(text.contains("Asia/Tokyo"), "{text}");
+
+    // At the next local midnight the day starts over; until then it holds.
+    let bot = app.state.metrics.bot("x").unwrap();
+    let summary_at = |t: DateTime<Utc>| serde_json::to_value(Summary::build(bot, t, 0)).unwrap();
+    check(
+        &summary_at(next_midnight - chrono::Duration::seconds(1)),
+        [4.0, 2.0, 4.0],
+    );
+    check(&summary_at(next_midnight), [0.0, 0.0, 0.0]);
+    app.stop().await;
+
+    // A restart keeps today's figures.
+    let app = spawn_app(cfg.clone()).await;
+    let (_, s) = app.get_json("/v1/summary").await;
+    check(&s, [4.0, 2.0, 4.0]);
+    app.stop().await;
+
+    // Stored counts of another day are not today's.
+    let raw = Raw::connect(url).await;
+    assert_eq!(raw.count("daily_counters").await, 3);
+    let back = if raw.is_pg() {
+        "update daily_counters set day = day - 1"
+    } else {
+        "update daily_counters set day = date(day, '-1 day')"
+    };
+    raw.execute(back).await;
+    raw.close().await;
+    let app = spawn_app(cfg).await;
+    let (_, s) = app.get_json("/v1/summary").await;
+    check(&s, [0.0, 0.0, 0.0]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn today_counts_the_local_day_sqlite() {
+    let db = SqliteFile::new();
+    today_counts_the_local_day(&db.url()).await;
+}
+
+#[tokio::test]
+async fn today_counts_the_local_day_postgres() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    today_counts_the_local_day(&db.url).await;
+}
