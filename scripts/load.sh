@@ -108,6 +108,8 @@ http {
     server { listen 127.0.0.1:$NG; root $TMP/www; }
 }
 EOF
+# nginx workers drop root: let them read the files.
+chmod 755 "$TMP"; chmod -R a+rX "$TMP/www"
 nginx -c "$TMP/ngx/nginx.conf" -p "$TMP/ngx" &
 PIDS+=($!)
 wait_port "$NG"

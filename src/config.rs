@@ -33,17 +33,19 @@ pub struct Config {
     #[arg(
         long,
         env = "BOTMETRICS_DATABASE_URL",
+        hide_env_values = true,
         default_value = "sqlite://botmetrics.db"
     )]
     pub database_url: String,
 
     /// Comma-separated `bot=token` pairs; a bare `token` means bot `default`.
     /// Ingestion is refused until at least one token is set.
-    #[arg(long, env = "BOTMETRICS_TOKENS", value_parser = parse_tokens, default_value = "", hide_default_value = true)]
+    #[arg(long, env = "BOTMETRICS_TOKENS",
+        hide_env_values = true, value_parser = parse_tokens, default_value = "", hide_default_value = true)]
     pub tokens: Tokens,
 
     /// Bearer token Prometheus must send to read /metrics (open when unset).
-    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN")]
+    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
     /// How long a rendered /metrics page and summary are served before being

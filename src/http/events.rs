@@ -22,18 +22,7 @@ async fn post_events(
     body: Body,
 ) -> impl IntoResponse {
     match ingest(&state, &headers, body).await {
-        Ok((bot, accepted)) => {
-            let selfm = &state.metrics.selfm;
-            selfm
-                .events_accepted
-                .with_label_values(&[bot.as_str()])
-                .inc_by(accepted.accepted as u64);
-            selfm
-                .events_duplicate
-                .with_label_values(&[bot.as_str()])
-                .inc_by(accepted.duplicates as u64);
-            Ok((StatusCode::ACCEPTED, Json(accepted)))
-        }
+        Ok(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted))),
         Err(e) => {
             state
                 .metrics
@@ -48,7 +37,7 @@ async fn post_events(
 
 /// Checks everything about the request before anything is counted: the
 /// token, the content type, the size, then every event of the batch.
-async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(String, Accepted)> {
+async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Accepted> {
     let config = &state.config;
     if config.tokens.is_empty() {
         return Err(Error::Unauthorized(
@@ -94,7 +83,7 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<(St
     let now = chrono::Utc::now().timestamp();
     let max_batch = usize::try_from(config.max_batch).unwrap_or(usize::MAX);
     let events = parse_batch(&bytes, format, max_batch, now)?;
-    Ok((bot.bot.to_string(), state.ingest.apply(bot, &events)))
+    Ok(state.ingest.apply(bot, &events))
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat> {

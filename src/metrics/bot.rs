@@ -156,13 +156,17 @@ pub trait Visitor {
     );
 }
 
-/// Free-form label families are capped by `--max-label-values`; each gets
-/// its own overflow counter so an operator sees which label overflowed.
-pub struct Overflow {
-    pub kind: prometheus::IntCounter,
-    pub name: prometheus::IntCounter,
-    pub model: prometheus::IntCounter,
-    pub cache: prometheus::IntCounter,
+/// A bot's own self-metric series, looked up once at start so the hot path
+/// does not hash label values per request. Free-form label families are
+/// capped by `--max-label-values`; each has its own overflow counter so an
+/// operator sees which label overflowed.
+pub struct SelfCounters {
+    pub accepted: prometheus::IntCounter,
+    pub duplicates: prometheus::IntCounter,
+    pub overflow_kind: prometheus::IntCounter,
+    pub overflow_name: prometheus::IntCounter,
+    pub overflow_model: prometheus::IntCounter,
+    pub overflow_cache: prometheus::IntCounter,
 }
 
 pub struct BotMetrics {
@@ -180,25 +184,32 @@ pub struct BotMetrics {
     custom: Family<Counter>,
     pub active: ActiveUsers,
     pub today: Today,
+    pub counters: SelfCounters,
 }
 
 impl BotMetrics {
-    pub fn new(bot: Arc<str>, max_label_values: usize, overflow: Overflow, today: Today) -> Self {
+    pub fn new(
+        bot: Arc<str>,
+        max_label_values: usize,
+        counters: SelfCounters,
+        today: Today,
+    ) -> Self {
         let metrics = BotMetrics {
             bot,
             messages: Default::default(),
             responses: Default::default(),
             response_duration: Histogram::new(RESPONSE_BUCKETS),
             db_queries: Histogram::new(DB_QUERY_BUCKETS),
-            cache: Family::new(max_label_values, overflow.cache),
+            cache: Family::new(max_label_values, counters.overflow_cache.clone()),
             registered: Counter::default(),
             consent: Default::default(),
             limit_reached: Counter::default(),
-            errors: Family::new(max_label_values, overflow.kind),
-            llm_tokens: Family::new(max_label_values, overflow.model),
-            custom: Family::new(max_label_values, overflow.name),
+            errors: Family::new(max_label_values, counters.overflow_kind.clone()),
+            llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
+            custom: Family::new(max_label_values, counters.overflow_name.clone()),
             active: ActiveUsers::new(),
             today,
+            counters,
         };
         // The cache that events without a `cache` name count in exists
         // from start-up, like every closed label set.

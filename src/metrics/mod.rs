@@ -265,16 +265,18 @@ impl Metrics {
             .map(|bot| {
                 let overflow =
                     |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
-                let overflow = bot::Overflow {
-                    kind: overflow("kind"),
-                    name: overflow("name"),
-                    model: overflow("model"),
-                    cache: overflow("cache"),
+                let counters = bot::SelfCounters {
+                    accepted: selfm.events_accepted.with_label_values(&[&**bot]),
+                    duplicates: selfm.events_duplicate.with_label_values(&[&**bot]),
+                    overflow_kind: overflow("kind"),
+                    overflow_name: overflow("name"),
+                    overflow_model: overflow("model"),
+                    overflow_cache: overflow("cache"),
                 };
                 Arc::new(BotMetrics::new(
                     bot.clone(),
                     max_label_values,
-                    overflow,
+                    counters,
                     Today::new(calendar.clone()),
                 ))
             })
