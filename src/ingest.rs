@@ -57,8 +57,11 @@ impl Ingest {
             }
             bot.apply(event);
         }
+        let accepted = events.len() - duplicates;
+        bot.counters.accepted.inc_by(accepted as u64);
+        bot.counters.duplicates.inc_by(duplicates as u64);
         Accepted {
-            accepted: events.len() - duplicates,
+            accepted,
             duplicates,
         }
     }
