@@ -10,4 +10,5 @@ mod exposition;
 mod history;
 mod persistence;
 mod process;
+mod stack;
 mod summary;

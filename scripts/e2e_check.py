@@ -1,0 +1,532 @@
+#!/usr/bin/env python3
+"""Checks for scripts/e2e.sh, run against a live Prometheus scraping botmetrics.
+
+    e2e_check.py wait-http URL SECONDS               until URL answers 200
+    e2e_check.py short-for-rules RULES ALERT OUT     write a copy of one alert with `for: 1s`
+    e2e_check.py reject --url URL --token TOKEN      send one request of each rejected kind
+    e2e_check.py wait-alert --prom URL --alert NAME --bot BOT --rules-file F [--timeout S]
+    e2e_check.py check --prom URL --bot BOT --rules-file F [--psql-url URL] DASHBOARD.json...
+    e2e_check.py lint DASHBOARD.json...              static checks, no server needed
+
+`check` evaluates, through Prometheus' HTTP API, every PromQL expression of
+every dashboard panel and template variable, and every rule of the shipped
+rules file (taken from /api/v1/rules, i.e. exactly what Prometheus loaded).
+Each must parse and return at least one non-NaN sample, with these rules:
+
+* A recording rule: its expression and the series it records.
+* An alert rule: its full expression must parse, but may be empty (the
+  condition is false on healthy traffic). Its data-carrying operands must
+  return data: the operands of `and`/`or`, the left-hand side of a
+  comparison, the argument of absent() (the right-hand side of a comparison
+  is a threshold or a baseline such as `offset 1h` that a 20-second test
+  cannot have, so it is only parsed as part of the whole).
+* Every rule must report health "ok" after evaluation.
+
+SQL panel targets (the PostgreSQL history panel) are run with psql against
+--psql-url, the database botmetrics writes to, and must return rows; without
+--psql-url they are reported as skipped.
+
+Standard library only. Prints one line per expression and ends with
+"N passed, M failed"; exits 1 when anything failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+
+# Grafana's built-in variables, as a 1-second-scrape test needs them.
+GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "15s", "__interval_ms": "15000",
+                "__range": "5m", "__range_s": "300", "__range_ms": "300000"}
+
+
+# --------------------------------------------------------------- HTTP helpers
+
+def http(method: str, url: str, body: bytes | None = None, headers: dict | None = None) -> tuple:
+    req = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, e.read()
+
+
+def prom_get(prom: str, path: str, **params: str) -> dict:
+    status, body = http("GET", f"{prom}{path}?{urllib.parse.urlencode(params)}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        return {"status": "error", "error": f"HTTP {status}: {body[:200]!r}"}
+
+
+def query(prom: str, expr: str) -> tuple[bool, str, list]:
+    """Instant query. Returns (parsed_ok, error, [(labels, value)])."""
+    reply = prom_get(prom, "/api/v1/query", query=expr)
+    if reply.get("status") != "success":
+        return False, f"{reply.get('errorType', '')}: {reply.get('error', '')}", []
+    data = reply["data"]
+    if data["resultType"] in ("scalar", "string"):
+        return True, "", [({}, float(data["result"][1]))]
+    if data["resultType"] == "vector":
+        return True, "", [(s["metric"], float(s["value"][1])) for s in data["result"]]
+    return True, "", [(s["metric"], float(s["values"][-1][1])) for s in data["result"]]
+
+
+class Report:
+    def __init__(self) -> None:
+        self.passed = 0
+        self.failed = 0
+
+    def ok(self, what: str, detail: str) -> None:
+        self.passed += 1
+        print(f"PASS  {what}\n      {detail}", flush=True)
+
+    def fail(self, what: str, detail: str) -> None:
+        self.failed += 1
+        print(f"FAIL  {what}\n      {detail}", flush=True)
+
+    def data(self, what: str, prom: str, expr: str) -> None:
+        """Pass when expr parses and has at least one non-NaN sample."""
+        parsed, err, samples = query(prom, expr)
+        shown = f"`{one_line(expr)}`"
+        if not parsed:
+            self.fail(what, f"{shown}: does not evaluate: {err}")
+        elif not samples:
+            self.fail(what, f"{shown}: parsed, but returned no data")
+        elif all(math.isnan(v) for _, v in samples):
+            self.fail(what, f"{shown}: {len(samples)} series, all NaN")
+        else:
+            labels, value = next((l, v) for l, v in samples if not math.isnan(v))
+            self.ok(what, f"{shown}: {len(samples)} series, e.g. {fmt_labels(labels)} = {value:.6g}")
+
+    def parses(self, what: str, prom: str, expr: str) -> None:
+        parsed, err, samples = query(prom, expr)
+        shown = f"`{one_line(expr)}`"
+        if parsed:
+            self.ok(what, f"{shown}: parsed OK, {len(samples)} series now "
+                          "(may be empty: the alert condition is false)")
+        else:
+            self.fail(what, f"{shown}: does not evaluate: {err}")
+
+
+def one_line(expr: str) -> str:
+    return re.sub(r"\s+", " ", expr).strip()
+
+
+def fmt_labels(labels: dict) -> str:
+    return "{" + ", ".join(f'{k}="{v}"' for k, v in sorted(labels.items())) + "}"
+
+
+# ----------------------------------------------------- PromQL decomposition
+
+_WORD_OPS = ("or", "and", "unless")
+_CMP_OPS = ("==", "!=", ">=", "<=", ">", "<")
+
+
+def _top_level_ops(expr: str) -> list:
+    """(position, operator) of binary set and comparison operators outside
+    any brackets or string literal."""
+    ops, depth, i, n = [], 0, 0, len(expr)
+    while i < n:
+        c = expr[i]
+        if c in "\"'`":
+            j = i + 1
+            while j < n and expr[j] != c:
+                j += 2 if expr[j] == "\\" else 1
+            i = j + 1
+            continue
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif depth == 0:
+            two = expr[i:i + 2]
+            if two in _CMP_OPS:
+                ops.append((i, two))
+                i += 2
+                continue
+            if c in "<>":
+                ops.append((i, c))
+            elif c.isalpha() and (i == 0 or not (expr[i - 1].isalnum() or expr[i - 1] in "_:")):
+                m = re.match(r"[A-Za-z_:][A-Za-z0-9_:]*", expr[i:])
+                word = m.group(0)
+                if word in _WORD_OPS:
+                    ops.append((i, word))
+                i += len(word)
+                continue
+        i += 1
+    return ops
+
+
+def _strip_parens(expr: str) -> str:
+    expr = expr.strip()
+    while expr.startswith("(") and expr.endswith(")"):
+        depth = 0
+        for i, c in enumerate(expr):
+            depth += c == "("
+            depth -= c == ")"
+            if depth == 0 and i < len(expr) - 1:
+                return expr  # the first "(" closes before the end: not one group
+        expr = expr[1:-1].strip()
+    return expr
+
+
+def _strip_modifiers(rhs: str) -> str:
+    """Drop `bool`, `on(...)`, `ignoring(...)`, `group_left(...)` after an operator."""
+    while True:
+        m = re.match(r"\s*(bool\b|(?:on|ignoring|group_left|group_right)\s*\([^)]*\))", rhs)
+        if not m:
+            return rhs.strip()
+        rhs = rhs[m.end():]
+
+
+def data_operands(expr: str) -> list:
+    """The sub-expressions of an alert condition that must return data."""
+    expr = _strip_parens(expr)
+    ops = _top_level_ops(expr)
+    for group in (("or",), ("and", "unless")):
+        cuts = [(p, op) for p, op in ops if op in group]
+        if cuts:
+            parts, start = [], 0
+            for p, op in cuts:
+                parts.append(expr[start:p])
+                start = p + len(op)
+            parts.append(expr[start:])
+            if cuts[-1][1] == "unless":
+                parts = parts[:-1]  # `unless X`: X is expected to be empty
+            return [o for part in parts for o in data_operands(_strip_modifiers(part))]
+    cmps = [(p, op) for p, op in ops if op in _CMP_OPS]
+    if cmps:
+        return data_operands(expr[:cmps[0][0]])
+    m = re.fullmatch(r"absent(?:_over_time)?\s*\((.*)\)", expr, re.S)
+    if m:
+        return data_operands(m.group(1))
+    return [expr.strip()]
+
+
+# ------------------------------------------------------------------ commands
+
+def substitute(expr: str, bot: str) -> str:
+    values = dict(GRAFANA_VARS, bot=bot, instance=".+")
+    out = re.sub(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)",
+                 lambda m: values.get(m.group(1) or m.group(2), m.group(0)), expr)
+    return out
+
+
+def panels(items: list):
+    for p in items:
+        yield p
+        yield from panels(p.get("panels", []))
+
+
+def sql_substitute(sql: str, bot: str) -> str:
+    """Grafana's SQL macros and variables, as Grafana would expand them for
+    the last hour and one selected bot (SQL variables are quoted)."""
+    sql = re.sub(r"\$__timeFilter\((\w+)\)", r"\1 between now() - interval '1 hour' and now()", sql)
+    return re.sub(r"\$\{?bot\}?", "'" + bot.replace("'", "''") + "'", sql)
+
+
+def check_sql(rep: Report, what: str, psql_url: str, sql: str, bot: str) -> None:
+    sql = sql_substitute(sql, bot)
+    shown = f"`{one_line(sql)}`"
+    if "$" in sql:
+        rep.fail(what, f"unknown macro or variable left in {shown}")
+        return
+    run = subprocess.run(["psql", psql_url, "-X", "-q", "-A", "-t", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-c", sql],
+                         capture_output=True, text=True, timeout=30)
+    rows = [r for r in run.stdout.splitlines() if r.strip()]
+    if run.returncode != 0:
+        rep.fail(what, f"{shown}: psql failed: {run.stderr.strip()}")
+    elif not rows:
+        rep.fail(what, f"{shown}: no rows")
+    else:
+        rep.ok(what, f"{shown}: {len(rows)} rows, e.g. {rows[-1]!r}")
+
+
+def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: str | None = None) -> None:
+    for path in files:
+        with open(path) as f:
+            dash = json.load(f)  # also proves the file is valid JSON
+        name = os.path.basename(path)
+        for var in dash.get("templating", {}).get("list", []):
+            if var.get("type") != "query":
+                continue
+            q = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            m = re.fullmatch(r"\s*label_values\((.+),\s*(\w+)\)\s*", q)
+            what = f"{name} variable ${var['name']}: {q}"
+            if not m:
+                rep.fail(what, "not a label_values(metric, label) query")
+                continue
+            rep.data(what, prom, f"count by ({m.group(2)}) ({substitute(m.group(1), bot)})")
+            if var["name"] == "bot":
+                _, _, samples = query(prom, f"count by (bot) ({m.group(1)})")
+                if bot not in {labels.get("bot") for labels, _ in samples}:
+                    rep.fail(what, f"bot {bot!r} is not among the variable's values")
+        for panel in panels(dash.get("panels", [])):
+            for t in panel.get("targets", []):
+                what = f"{name} panel \"{panel.get('title')}\" [{t.get('refId')}]"
+                ds = t.get("datasource") or panel.get("datasource") or {}
+                if ds.get("type") != "prometheus":
+                    if psql_url and "rawSql" in t:
+                        check_sql(rep, what, psql_url, t["rawSql"], bot)
+                    else:
+                        print(f"SKIP  {what}\n      {ds.get('type')} target: SQL, run only with --psql-url",
+                              flush=True)
+                    continue
+                expr = substitute(t["expr"], bot)
+                if "$" in expr:
+                    rep.fail(what, f"unknown variable left in `{one_line(expr)}`")
+                    continue
+                rep.data(what, prom, expr)
+
+
+def check_rules(rep: Report, prom: str, rules_file: str) -> None:
+    reply = prom_get(prom, "/api/v1/rules")
+    groups = [g for g in reply.get("data", {}).get("groups", [])
+              if os.path.realpath(g["file"]) == os.path.realpath(rules_file)]
+    if not groups:
+        rep.fail(f"rules file {rules_file}", "Prometheus has not loaded it")
+        return
+    for g in groups:
+        for r in g["rules"]:
+            kind = "recording rule" if r["type"] == "recording" else "alert"
+            label = r.get("name")
+            what = f"{g['name']} {kind} {label}"
+            if r.get("health") != "ok":
+                rep.fail(what, f"health {r.get('health')!r}: {r.get('lastError', '')}")
+                continue
+            if r["type"] == "recording":
+                rep.data(what, prom, r["query"])
+                rep.data(what + " (recorded series)", prom, label)
+            else:
+                rep.parses(what, prom, r["query"])
+                for operand in data_operands(r["query"]):
+                    rep.data(what + " operand", prom, operand)
+                for a in r.get("alerts", []):
+                    for k, v in a.get("annotations", {}).items():
+                        if "error" in v and "template" in v:
+                            rep.fail(what, f"annotation {k} did not render: {v}")
+
+
+# Range selectors a dashboard may use besides [$__rate_interval]: the
+# "last 24 h" stat panels.
+FIXED_WINDOWS = {"24h"}
+
+
+def lint_dashboard(rep: Report, path: str, uids: set) -> None:
+    """What Grafana needs to import the file as-is, and the conventions the
+    dashboards promise (datasource variable, bot variable, $__rate_interval)."""
+    name = os.path.basename(path)
+    try:
+        with open(path) as f:
+            dash = json.load(f)
+    except ValueError as e:
+        rep.fail(name, f"not valid JSON: {e}")
+        return
+    problems = []
+    for key in ("uid", "title", "schemaVersion", "panels", "templating"):
+        if key not in dash:
+            problems.append(f"missing top-level {key!r}")
+    if dash.get("id") is not None:
+        problems.append("id must be null so that import creates a new dashboard")
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 39:
+        problems.append(f"schemaVersion {dash.get('schemaVersion')!r} < 39")
+    uid = dash.get("uid", "")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,40}", uid) or uid in uids:
+        problems.append(f"uid {uid!r} is not 1-40 of [A-Za-z0-9_-] or is not unique")
+    uids.add(uid)
+    variables = {v.get("name"): v for v in dash.get("templating", {}).get("list", [])}
+    ds = variables.get("datasource", {})
+    if ds.get("type") != "datasource" or ds.get("query") != "prometheus":
+        problems.append("no Prometheus datasource variable named 'datasource'")
+    bot = variables.get("bot", {})
+    bot_q = bot.get("query", {})
+    bot_q = bot_q.get("query") if isinstance(bot_q, dict) else bot_q
+    if bot_q != "label_values(bot_messages_total, bot)":
+        problems.append("no 'bot' variable from label_values(bot_messages_total, bot)")
+    ids, cells = set(), {}
+    for panel in panels(dash.get("panels", [])):
+        title = panel.get("title", "?")
+        if panel.get("id") in ids:
+            problems.append(f"panel {title!r}: duplicate id {panel.get('id')}")
+        ids.add(panel.get("id"))
+        g = panel.get("gridPos", {})
+        if not all(isinstance(g.get(k), int) for k in "hwxy") or g["x"] + g["w"] > 24:
+            problems.append(f"panel {title!r}: bad gridPos {g}")
+            continue
+        mine = {(x, y) for x in range(g["x"], g["x"] + g["w"]) for y in range(g["y"], g["y"] + g["h"])}
+        clash = mine & cells.keys()
+        if clash:
+            problems.append(f"panel {title!r} overlaps {cells[min(clash)]!r}")
+        cells.update(dict.fromkeys(mine, title))
+        if panel.get("type") == "row":
+            continue
+        refs = [t.get("refId") for t in panel.get("targets", [])]
+        if not refs or len(set(refs)) != len(refs):
+            problems.append(f"panel {title!r}: no targets, or duplicate refIds {refs}")
+        for t in panel.get("targets", []):
+            tds = t.get("datasource") or panel.get("datasource") or {}
+            if tds.get("type") == "prometheus":
+                if tds.get("uid") != "${datasource}":
+                    problems.append(f"panel {title!r}: Prometheus target not on ${{datasource}}")
+                for window in re.findall(r"\[([^\]]+)\]", t.get("expr", "")):
+                    if window != "$__rate_interval" and window not in FIXED_WINDOWS:
+                        problems.append(f"panel {title!r}: range [{window}] instead of [$__rate_interval]")
+                if "$bot" not in t.get("expr", "") and "botmetrics_" not in t.get("expr", ""):
+                    problems.append(f"panel {title!r}: bot_ query ignores $bot")
+            elif not str(tds.get("uid", "")).startswith("${"):
+                problems.append(f"panel {title!r}: datasource {tds} is not a variable")
+    if problems:
+        for pr in problems:
+            rep.fail(name, pr)
+    else:
+        rep.ok(name, f"uid {uid}, schemaVersion {dash['schemaVersion']}, {len(ids)} panels, "
+                     f"variables {', '.join(variables)}")
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    rep, uids = Report(), set()
+    for path in args.dashboards:
+        lint_dashboard(rep, path, uids)
+    print(f"{rep.passed} passed, {rep.failed} failed")
+    return 1 if rep.failed or not rep.passed else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    rep = Report()
+    check_rules(rep, args.prom, args.rules_file)
+    check_dashboards(rep, args.prom, args.bot, args.dashboards, args.psql_url)
+    print(f"{rep.passed} passed, {rep.failed} failed")
+    return 1 if rep.failed or not rep.passed else 0
+
+
+def cmd_wait_alert(args: argparse.Namespace) -> int:
+    """Wait until the shipped alert is pending or firing for the bot, and
+    the short-`for` copy (any other file) is firing."""
+    deadline = time.monotonic() + args.timeout
+    shipped = copy = "inactive"
+    while time.monotonic() < deadline:
+        reply = prom_get(args.prom, "/api/v1/rules", type="alert")
+        shipped = copy = "inactive"
+        for g in reply.get("data", {}).get("groups", []):
+            is_shipped = os.path.realpath(g["file"]) == os.path.realpath(args.rules_file)
+            for r in g["rules"]:
+                if r["name"] != args.alert:
+                    continue
+                states = {a["state"] for a in r.get("alerts", []) if a["labels"].get("bot") == args.bot}
+                state = "firing" if "firing" in states else "pending" if "pending" in states else "inactive"
+                if is_shipped:
+                    shipped = state
+                else:
+                    copy = state
+        if shipped in ("pending", "firing") and copy == "firing":
+            print(f"PASS  alert {args.alert} for bot {args.bot}: {shipped} (shipped rule), "
+                  f"firing (copy with for: 1s)", flush=True)
+            alerts = prom_get(args.prom, "/api/v1/alerts")["data"]["alerts"]
+            for a in alerts:
+                if a["labels"].get("alertname") == args.alert:
+                    print(f"      {a['state']}: {a['annotations'].get('summary')}")
+            return 0
+        time.sleep(1)
+    print(f"FAIL  alert {args.alert} for bot {args.bot}: shipped rule {shipped}, copy {copy} "
+          f"after {args.timeout:.0f}s", flush=True)
+    return 1
+
+
+def cmd_short_for_rules(args: argparse.Namespace) -> int:
+    """Copy one alert rule, verbatim but for `for: 1s`, into its own group."""
+    lines = open(args.rules).read().splitlines()
+    start = next((i for i, l in enumerate(lines) if re.fullmatch(rf"\s*- alert: {args.alert}\s*", l)), None)
+    if start is None:
+        print(f"alert {args.alert} not found in {args.rules}", file=sys.stderr)
+        return 1
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or len(lines[end]) - len(lines[end].lstrip()) > indent):
+        end += 1
+    block = [re.sub(r"^(\s*)for: .*$", r"\1for: 1s", l[indent:]) for l in lines[start:end]]
+    with open(args.out, "w") as f:
+        f.write("# Generated by scripts/e2e_check.py for the end-to-end test only.\n"
+                "groups:\n  - name: e2e.short-for\n    rules:\n")
+        f.write("".join(f"      {l}\n" if l else "\n" for l in block))
+    return 0
+
+
+def cmd_wait_http(args: argparse.Namespace) -> int:
+    deadline = time.monotonic() + args.seconds
+    while time.monotonic() < deadline:
+        try:
+            if http("GET", args.url)[0] == 200:
+                return 0
+        except OSError:
+            pass
+        time.sleep(0.2)
+    print(f"e2e: {args.url} not ready after {args.seconds:.0f} s", file=sys.stderr)
+    return 1
+
+
+def cmd_reject(args: argparse.Namespace) -> int:
+    """One request of each kind botmetrics must refuse, with its status."""
+    ev = json.dumps({"type": "message", "user_id": 1, "role": "user"}).encode()
+    auth = {"Authorization": f"Bearer {args.token}"}
+    cases = [
+        ("unauthorized", 401, ev, {"Authorization": "Bearer wrong", "Content-Type": "application/json"}),
+        ("malformed", 400, b"{not json", dict(auth, **{"Content-Type": "application/json"})),
+        ("unsupported_media_type", 415, ev, dict(auth, **{"Content-Type": "text/plain"})),
+        ("invalid", 422, json.dumps({"type": "message", "user_id": 1, "role": "robot"}).encode(),
+         dict(auth, **{"Content-Type": "application/json"})),
+    ]
+    failed = 0
+    for reason, want, body, headers in cases:
+        status, reply = http("POST", args.url + "/v1/events", body, headers)
+        good = status == want
+        failed += not good
+        print(f"{'PASS' if good else 'FAIL'}  rejected request ({reason}): HTTP {status}, want {want}: "
+              f"{reply[:120].decode('utf-8', 'replace')}", flush=True)
+    return 1 if failed else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("check")
+    c.add_argument("--prom", required=True)
+    c.add_argument("--bot", required=True)
+    c.add_argument("--rules-file", required=True)
+    c.add_argument("--psql-url", help="botmetrics' PostgreSQL database, to run the SQL panels")
+    c.add_argument("dashboards", nargs="+")
+    w = sub.add_parser("wait-alert")
+    w.add_argument("--prom", required=True)
+    w.add_argument("--alert", required=True)
+    w.add_argument("--bot", required=True)
+    w.add_argument("--rules-file", required=True)
+    w.add_argument("--timeout", type=float, default=60)
+    wh = sub.add_parser("wait-http")
+    wh.add_argument("url")
+    wh.add_argument("seconds", type=float)
+    s = sub.add_parser("short-for-rules")
+    s.add_argument("rules")
+    s.add_argument("alert")
+    s.add_argument("out")
+    li = sub.add_parser("lint")
+    li.add_argument("dashboards", nargs="+")
+    r = sub.add_parser("reject")
+    r.add_argument("--url", required=True)
+    r.add_argument("--token", required=True)
+    args = p.parse_args()
+    return {"check": cmd_check, "lint": cmd_lint, "wait-alert": cmd_wait_alert, "wait-http": cmd_wait_http,
+            "short-for-rules": cmd_short_for_rules, "reject": cmd_reject}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+//! The monitoring stack shipped beside the server, checked with the real
+//! tools: promtool on the Prometheus config and alert rules, the dashboards'
+//! lint, the Python client's tests against this build's binary, and the
+//! end-to-end run (this binary + a real Prometheus + traffic; every panel
+//! and rule expression evaluated).
+//!
+//! A missing tool fails the run in CI (`CI=true`) and is skipped loudly
+//! elsewhere, like the PostgreSQL tests.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::helpers::postgres_base_url;
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// True when `tool` can be run; otherwise panics in CI or says it skips.
+fn have(tool: &str, package: &str) -> bool {
+    let found = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+            panic!("{tool} is required in CI (apt-get install {package})");
+        }
+        eprintln!("\n*** SKIPPED: {tool} is not installed (apt-get install {package}) ***\n");
+    }
+    found
+}
+
+/// Runs a command from the repository root and fails with its output.
+fn run(program: &str, args: &[&str], envs: &[(&str, &str)]) {
+    let output = Command::new(program)
+        .args(args)
+        .envs(envs.iter().copied())
+        .current_dir(repo())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\n--- stdout\n{}\n--- stderr\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn prometheus_config_and_rules_pass_promtool() {
+    if !have("promtool", "prometheus") {
+        return;
+    }
+    run("promtool", &["check", "config", "prometheus.yml"], &[]);
+    run(
+        "promtool",
+        &["test", "rules", "prometheus/rules_test.yml"],
+        &[],
+    );
+}
+
+#[test]
+fn dashboards_are_valid_and_lint_clean() {
+    if !have("python3", "python3") {
+        return;
+    }
+    for name in [
+        "dashboards/bot-overview.json",
+        "dashboards/botmetrics-internals.json",
+    ] {
+        run("python3", &["-m", "json.tool", name], &[]);
+    }
+    run(
+        "python3",
+        &[
+            "scripts/e2e_check.py",
+            "lint",
+            "dashboards/bot-overview.json",
+            "dashboards/botmetrics-internals.json",
+        ],
+        &[],
+    );
+}
+
+#[test]
+fn python_client_against_the_real_server() {
+    if !have("python3", "python3") {
+        return;
+    }
+    run(
+        "python3",
+        &[
+            "-m",
+            "unittest",
+            "discover",
+            "-s",
+            "clients/python/tests",
+            "-v",
+        ],
+        &[("BOTMETRICS_BIN", env!("CARGO_BIN_EXE_botmetrics"))],
+    );
+}
+
+#[test]
+fn end_to_end_with_a_real_prometheus() {
+    if !have("prometheus", "prometheus") || !have("python3", "python3") {
+        return;
+    }
+    let mut envs = vec![("BOTMETRICS_BIN", env!("CARGO_BIN_EXE_botmetrics"))];
+    // With PostgreSQL at hand the run also checks the dashboards' SQL panel
+    // against the server's real history table.
+    let pg = postgres_base_url();
+    let pg_up = Command::new("pg_isready")
+        .args(["-q", "-d", &pg])
+        .status()
+        .is_ok_and(|s| s.success());
+    if pg_up {
+        envs.push(("E2E_POSTGRES_URL", &pg));
+    }
+    run("bash", &["scripts/e2e.sh"], &envs);
+}
