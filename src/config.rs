@@ -151,6 +151,11 @@ impl Tokens {
 }
 
 /// Parses `bot=token,other=token2,bare-token`.
+///
+/// ```
+/// let tokens = botmetrics::config::parse_tokens("support=s3cret,sales=t0ken").unwrap();
+/// assert_eq!(tokens.bot_for("t0ken").map(|b| &**b), Some("sales"));
+/// ```
 pub fn parse_tokens(raw: &str) -> Result<Tokens, String> {
     let mut tokens = Tokens::default();
     for pair in raw.split(',').map(str::trim).filter(|p| !p.is_empty()) {

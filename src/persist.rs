@@ -15,7 +15,7 @@ use std::time::Instant;
 use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::Mutex;
 
-use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Visitor};
+use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Kind, Visitor};
 use crate::metrics::today::Calendar;
 use crate::metrics::{HistogramSnapshot, Metrics};
 use crate::store::{self, DailyRow, FlushBatch, SeriesRow, Store, StoredSketch};
@@ -128,31 +128,29 @@ pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreRe
         }
         let labels: BTreeMap<String, String> =
             serde_json::from_str(&row.labels).unwrap_or_default();
-        if let Some(base) = row.metric.strip_suffix("_bucket") {
-            let le = labels.get("le").and_then(|le| {
-                le.parse::<f64>()
-                    .ok()
-                    .or((le == "+Inf").then_some(f64::INFINITY))
-            });
-            let hist = histograms.entry((base, &row.bot)).or_default();
+        // A histogram line: `<family>_bucket`, `_sum` or `_count`.
+        let line = FAMILIES
+            .iter()
+            .filter(|f| f.kind == Kind::Histogram)
+            .find_map(|f| Some((f.name, row.metric.strip_prefix(f.name)?)));
+        if let Some((family, suffix @ ("_bucket" | "_sum" | "_count"))) = line {
+            let hist = histograms.entry((family, &row.bot)).or_default();
             hist.rows += 1;
-            match le {
-                Some(le) => hist.buckets.push((le, row.value as u64)),
-                None => report.skipped += 1,
+            match suffix {
+                "_bucket" => {
+                    let le = labels.get("le").and_then(|le| match le.as_str() {
+                        "+Inf" => Some(f64::INFINITY),
+                        le => le.parse::<f64>().ok(),
+                    });
+                    match le {
+                        Some(le) => hist.buckets.push((le, row.value as u64)),
+                        None => report.skipped += 1,
+                    }
+                }
+                "_sum" => hist.sum = row.value,
+                // The count is the +Inf bucket; nothing more to restore.
+                _ => {}
             }
-            continue;
-        }
-        if let Some(base) = row.metric.strip_suffix("_sum") {
-            let hist = histograms.entry((base, &row.bot)).or_default();
-            hist.sum = row.value;
-            hist.rows += 1;
-            continue;
-        }
-        if let Some(base) = row.metric.strip_suffix("_count")
-            && FAMILIES.iter().any(|f| f.name == base)
-        {
-            // Implied by the +Inf bucket.
-            histograms.entry((base, &row.bot)).or_default().rows += 1;
             continue;
         }
         let pairs: Vec<(&str, &str)> = labels

@@ -171,7 +171,11 @@ impl Summary {
     }
 }
 
-/// `12345` → `12 345`.
+/// Groups digits by thousands for a chat message.
+///
+/// ```
+/// assert_eq!(botmetrics::summary::group(1234567), "1 234 567");
+/// ```
 pub fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
