@@ -10,21 +10,12 @@ use botmetrics::persist::FlushOutcome;
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use crate::helpers::{PgDatabase, SqliteFile, TestApp, sample, spawn_app};
-use crate::persistence::{Raw, active_lines, quiet_config};
+use crate::helpers::{
+    PgDatabase, Raw, SqliteFile, TestApp, active_lines, config, on_both_backends, sample,
+    spawn_app, start,
+};
 
 const DAY: i64 = 86_400;
-
-/// Posts events as NDJSON (one request, up to --max-batch lines).
-pub(crate) async fn post_ndjson(app: &TestApp, token: &str, events: impl Iterator<Item = Value>) {
-    let body: String = events.map(|e| format!("{e}\n")).collect();
-    let res = app
-        .post_raw(Some(token), Some("application/x-ndjson"), body)
-        .await;
-    let status = res.status().as_u16();
-    let answer: Value = res.json().await.expect("JSON answer");
-    assert_eq!(status, 202, "{answer}");
-}
 
 fn message(user: impl Into<Value>, ts: i64) -> Value {
     json!({"type": "message", "role": "user", "user_id": user.into(), "ts": ts})
@@ -57,10 +48,10 @@ fn within_2_percent(estimate: u64, truth: u64) {
 
 #[tokio::test]
 async fn ten_users_read_exactly_ten() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let now = Utc::now().timestamp();
-    post_ndjson(&app, "tx", (1..=10).map(|n| message(n, now))).await;
+    app.post_ndjson("tx", (1..=10).map(|n| message(n, now)))
+        .await;
     assert_eq!(windows(&app, "x").await, [Some(10.0); 3]);
     let users = summary_users(&app, "x").await;
     assert_eq!(
@@ -82,35 +73,26 @@ async fn ten_users_read_exactly_ten() {
             json!({"type": "limit_reached", "user_id": n.to_string()}),
         ]
     });
-    post_ndjson(&app, "tx", again).await;
+    app.post_ndjson("tx", again).await;
     assert_eq!(windows(&app, "x").await, [Some(10.0); 3]);
     // An 11th user does move it.
-    post_ndjson(&app, "tx", std::iter::once(message("eleven", now))).await;
+    app.post_ndjson("tx", std::iter::once(message("eleven", now)))
+        .await;
     assert_eq!(windows(&app, "x").await, [Some(11.0); 3]);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn a_thousand_users_within_2_percent() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let now = Utc::now().timestamp();
-    post_ndjson(
-        &app,
-        "tx",
-        (0..1000).map(|n| message(format!("user-{n}"), now)),
-    )
-    .await;
+    let users = || (0..1000).map(|n| message(format!("user-{n}"), now));
+    app.post_ndjson("tx", users()).await;
     let first = windows(&app, "x").await;
     for w in first {
         within_2_percent(w.expect("exposed") as u64, 1000);
     }
-    post_ndjson(
-        &app,
-        "tx",
-        (0..1000).map(|n| message(format!("user-{n}"), now)),
-    )
-    .await;
+    app.post_ndjson("tx", users()).await;
     assert_eq!(
         windows(&app, "x").await,
         first,
@@ -122,7 +104,7 @@ async fn a_thousand_users_within_2_percent() {
 #[tokio::test]
 async fn a_million_users_within_2_percent_in_fixed_memory() {
     let db = SqliteFile::new();
-    let cfg = quiet_config("big=tb,small=ts", &db.url());
+    let cfg = config("big=tb,small=ts", &db.url());
     let app = spawn_app(cfg.clone()).await;
     let now = Utc::now().timestamp();
     let metrics = app.state.metrics.clone();
@@ -185,12 +167,11 @@ async fn a_million_users_within_2_percent_in_fixed_memory() {
 /// 100,000 users through the HTTP API, in NDJSON batches of 10,000.
 #[tokio::test]
 async fn a_hundred_thousand_users_over_http_within_2_percent() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let now = Utc::now().timestamp();
     for batch in 0..10 {
         let users = (batch * 10_000..(batch + 1) * 10_000).map(|n| message(n, now));
-        post_ndjson(&app, "tx", users).await;
+        app.post_ndjson("tx", users).await;
     }
     for w in windows(&app, "x").await {
         within_2_percent(w.expect("exposed") as u64, 100_000);
@@ -211,10 +192,9 @@ fn spread_users(now: i64) -> impl Iterator<Item = Value> {
 
 #[tokio::test]
 async fn windows_roll() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let now = Utc::now().timestamp();
-    post_ndjson(&app, "tx", spread_users(now)).await;
+    app.post_ndjson("tx", spread_users(now)).await;
     assert_eq!(
         windows(&app, "x").await,
         [Some(3.0), Some(8.0), Some(15.0)],
@@ -250,18 +230,20 @@ async fn windows_roll() {
     app.stop().await;
 }
 
+/// 3,000 users of bot x over the last five days, 250 of bot y today.
+async fn post_many_users(app: &TestApp, now: i64) {
+    app.post_ndjson("tx", (0..3000).map(|n| message(n, now - (n % 5) * DAY)))
+        .await;
+    app.post_ndjson("ty", (0..250).map(|n| message(n, now)))
+        .await;
+}
+
 async fn restart_keeps_estimates(url: &str) {
-    let cfg = quiet_config("x=tx,y=ty", url);
+    let cfg = config("x=tx,y=ty", url);
     let app = spawn_app(cfg.clone()).await;
     let now = Utc::now().timestamp();
-    post_ndjson(&app, "tx", spread_users(now)).await;
-    post_ndjson(
-        &app,
-        "tx",
-        (0..3000).map(|n| message(n, now - (n % 5) * DAY)),
-    )
-    .await;
-    post_ndjson(&app, "ty", (0..250).map(|n| message(n, now))).await;
+    app.post_ndjson("tx", spread_users(now)).await;
+    post_many_users(&app, now).await;
     let before = active_lines(&app.metrics_text().await);
     assert_eq!(before.len(), 6, "three windows for each of two bots");
     let users_x = summary_users(&app, "x").await;
@@ -274,13 +256,7 @@ async fn restart_keeps_estimates(url: &str) {
     assert_eq!(summary_users(&app, "y").await, users_y);
     // The restored sketches merge with new inserts of the same users (the
     // hash is fixed across runs): nothing moves.
-    post_ndjson(
-        &app,
-        "tx",
-        (0..3000).map(|n| message(n, now - (n % 5) * DAY)),
-    )
-    .await;
-    post_ndjson(&app, "ty", (0..250).map(|n| message(n, now))).await;
+    post_many_users(&app, now).await;
     assert_eq!(active_lines(&app.metrics_text().await), before);
     app.stop().await;
 
@@ -290,19 +266,7 @@ async fn restart_keeps_estimates(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn restart_keeps_estimates_sqlite() {
-    let db = SqliteFile::new();
-    restart_keeps_estimates(&db.url()).await;
-}
-
-#[tokio::test]
-async fn restart_keeps_estimates_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    restart_keeps_estimates(&db.url).await;
-}
+on_both_backends!(restart_keeps_estimates);
 
 // ---------------------------------------------------------------------------
 // Privacy: no user id is stored
@@ -339,7 +303,7 @@ fn assert_absent(haystack: &[u8], place: &str) {
 }
 
 async fn store_with_distinctive_ids(url: &str) {
-    let app = spawn_app(quiet_config("x=tx", url)).await;
+    let app = spawn_app(config("x=tx", url)).await;
     let now = Utc::now().timestamp();
     for user in [json!(STRING_ID), json!(INT_ID)] {
         let (status, body) = app

@@ -1,49 +1,19 @@
 //! `POST /v1/events`, black-box: every event type and field counted exactly,
 //! every error code with its JSON shape, and the promises around a request:
 //! validated whole, deduplicated by `event_id`, confined to the token's bot.
-//!
-//! The small readers at the top (`bot_part`, `value`, `assert_error`, …)
-//! are shared with `exposition.rs` and `process.rs`.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use botmetrics::config::Config;
 use serde_json::{Value, json};
 
-use crate::helpers::{SqliteFile, TestApp, config, eventually, sample, spawn_app};
-
-// ---------------------------------------------------------------------------
-// Shared readers
-// ---------------------------------------------------------------------------
-
-/// Starts the application on a fresh SQLite file; keep the file alive as
-/// long as the app (`let (app, _db) = …`).
-pub async fn start(tokens: &str) -> (TestApp, SqliteFile) {
-    start_with(tokens, |_| {}).await
-}
-
-/// Like [`start`], with a chance to change the configuration first.
-pub async fn start_with(tokens: &str, tweak: impl FnOnce(&mut Config)) -> (TestApp, SqliteFile) {
-    let db = SqliteFile::new();
-    let mut config = config(tokens, &db.url());
-    tweak(&mut config);
-    (spawn_app(config).await, db)
-}
-
-/// The `bot_*` part of an exposition (samples, HELP and TYPE): everything
-/// an event can move, and nothing a scrape itself moves.
-pub fn bot_part(text: &str) -> String {
-    text.lines()
-        .filter(|l| {
-            l.starts_with("bot_") || l.starts_with("# HELP bot_") || l.starts_with("# TYPE bot_")
-        })
-        .map(|l| format!("{l}\n"))
-        .collect()
-}
+use crate::helpers::{
+    TestApp, assert_error, assert_series, bot_part, bot_series, eventually, every_event_type,
+    sample, start, start_with, value,
+};
 
 /// The sample lines of one bot.
-pub fn lines_of_bot(text: &str, bot: &str) -> Vec<String> {
+fn lines_of_bot(text: &str, bot: &str) -> Vec<String> {
     let needle = format!("bot=\"{bot}\"");
     text.lines()
         .filter(|l| !l.starts_with('#') && l.contains(&needle))
@@ -51,122 +21,23 @@ pub fn lines_of_bot(text: &str, bot: &str) -> Vec<String> {
         .collect()
 }
 
-/// The names-with-labels of every `bot_*` sample in an exposition.
-pub fn bot_series(text: &str) -> BTreeSet<String> {
-    text.lines()
-        .filter(|l| l.starts_with("bot_"))
-        .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
-        .collect()
-}
-
-/// The value of a series that must exist.
-#[track_caller]
-pub fn value(text: &str, series: &str) -> f64 {
-    sample(text, series).unwrap_or_else(|| panic!("series {series} is missing from:\n{text}"))
-}
-
-/// Checks many series at once and reports every mismatch together.
-#[track_caller]
-pub fn assert_series(text: &str, expected: &[(&str, f64)]) {
-    let wrong: Vec<String> = expected
-        .iter()
-        .filter_map(|(series, want)| {
-            let got = sample(text, series);
-            (got != Some(*want)).then(|| format!("  {series}: want {want}, got {got:?}"))
-        })
-        .collect();
-    assert!(
-        wrong.is_empty(),
-        "series differ:\n{}\n--- exposition ---\n{text}",
-        wrong.join("\n")
-    );
-}
-
-/// Checks an error answer: its status, `{"error": code, "message": text}`
-/// with a non-empty message, and `"index"` exactly when a batch is at fault.
-#[track_caller]
-pub fn assert_error(got: &(u16, Value), status: u16, code: &str, index: Option<u64>) {
-    let (got_status, body) = got;
-    assert_eq!(*got_status, status, "status of {body}");
-    let object = body
-        .as_object()
-        .unwrap_or_else(|| panic!("error body is not an object: {body}"));
-    assert_eq!(
-        object.get("error"),
-        Some(&json!(code)),
-        "error code of {body}"
-    );
-    let message = object
-        .get("message")
-        .and_then(Value::as_str)
-        .unwrap_or_else(|| panic!("no message string in {body}"));
-    assert!(!message.trim().is_empty(), "empty message in {body}");
-    assert_eq!(
-        object
-            .get("index")
-            .map(|i| i.as_u64().expect("index is an integer")),
-        index,
-        "index of {body}"
-    );
-    let keys: BTreeSet<&str> = object.keys().map(String::as_str).collect();
-    let mut allowed = BTreeSet::from(["error", "message"]);
-    if index.is_some() {
-        allowed.insert("index");
-    }
-    assert_eq!(keys, allowed, "keys of {body}");
-}
-
-/// Posts a raw body and reads the JSON answer, whatever the status.
-pub async fn post(
-    app: &TestApp,
-    token: Option<&str>,
-    content_type: Option<&str>,
-    body: impl Into<reqwest::Body>,
-) -> (u16, Value) {
-    let res = app.post_raw(token, content_type, body).await;
-    let status = res.status().as_u16();
-    let bytes = res.bytes().await.expect("body");
-    let json = serde_json::from_slice(&bytes).unwrap_or_else(|e| {
-        panic!(
-            "answer {status} is not JSON ({e}): {:?}",
-            String::from_utf8_lossy(&bytes)
-        )
-    });
-    (status, json)
-}
-
-/// Posts events that must be accepted, all of them new.
-pub async fn post_ok(app: &TestApp, token: &str, events: Value) {
-    let n = events.as_array().map_or(1, Vec::len);
-    let got = app.post_events(token, &events).await;
-    assert_eq!(
-        got,
-        (202, json!({"accepted": n, "duplicates": 0})),
-        "{events}"
-    );
-}
-
-/// One event of every type, every optional field used once: what a busy
-/// bot sends. Moves series of every `bot_*` family.
-pub fn every_event_type() -> Value {
-    json!([
-        {"type": "message", "role": "user", "user_id": 1, "chat_type": "private", "db_queries": 4},
-        {"type": "message", "role": "assistant", "user_id": "u-2"},
-        {"type": "response", "status": "success", "duration_ms": 1200, "model": "gpt-4o",
-         "tokens": {"prompt": 120, "completion": 40}},
-        {"type": "response", "status": "timeout", "duration_ms": 60000, "tokens": {"prompt": 3}},
-        {"type": "cache", "result": "hit"},
-        {"type": "cache", "result": "miss", "cache": "embeddings"},
-        {"type": "user_registered", "user_id": 3},
-        {"type": "consent", "granted": true},
-        {"type": "consent", "granted": false},
-        {"type": "limit_reached", "user_id": 1},
-        {"type": "error", "kind": "db_timeout"},
-        {"type": "custom", "name": "voice_note", "value": 2.5},
-    ])
-}
-
 const TOKEN: &str = "secret-a";
+
+/// The answer to a request whose events were taken.
+fn accepted(accepted: usize, duplicates: usize) -> (u16, Value) {
+    (202, json!({"accepted": accepted, "duplicates": duplicates}))
+}
+
+/// Posts a raw NDJSON body with bot a's token.
+async fn post_ndjson(app: &TestApp, body: impl Into<reqwest::Body>) -> (u16, Value) {
+    app.post(Some(TOKEN), Some("application/x-ndjson"), body)
+        .await
+}
+
+/// Bot a's `bot_limit_reached_total`: the event most tests send.
+async fn limits_reached(app: &TestApp) -> Option<f64> {
+    app.sample(r#"bot_limit_reached_total{bot="a"}"#).await
+}
 
 // ---------------------------------------------------------------------------
 // Every event type and field, counted exactly
@@ -175,10 +46,9 @@ const TOKEN: &str = "secret-a";
 #[tokio::test]
 async fn messages_count_by_role_and_fill_the_db_queries_histogram() {
     let (app, _db) = start("a=secret-a").await;
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "message", "role": "user", "db_queries": 0},
             {"type": "message", "role": "user", "db_queries": 1},
             {"type": "message", "role": "user", "db_queries": 3},
@@ -218,10 +88,9 @@ async fn messages_count_by_role_and_fill_the_db_queries_histogram() {
 #[tokio::test]
 async fn responses_count_status_duration_buckets_and_tokens_by_model() {
     let (app, _db) = start("a=secret-a").await;
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "response", "status": "success", "duration_ms": 0},
             // Exactly on the 0.25 s bound.
             {"type": "response", "status": "success", "duration_ms": 250},
@@ -320,10 +189,9 @@ async fn responses_count_status_duration_buckets_and_tokens_by_model() {
 #[tokio::test]
 async fn cache_lookups_count_by_cache_and_result() {
     let (app, _db) = start("a=secret-a").await;
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "cache", "result": "hit"},
             {"type": "cache", "result": "hit"},
             {"type": "cache", "result": "miss"},
@@ -362,10 +230,9 @@ async fn cache_lookups_count_by_cache_and_result() {
 #[tokio::test]
 async fn registrations_consent_limits_errors_and_custom_events_are_counted() {
     let (app, _db) = start("a=secret-a").await;
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "user_registered", "user_id": 1},
             {"type": "user_registered"},
             {"type": "consent", "granted": true},
@@ -410,10 +277,9 @@ async fn active_users_are_distinct_ids_per_window_and_42_equals_string_42() {
             .expect("valid time")
             .to_rfc3339()
     };
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "message", "role": "user", "user_id": 42},
             {"type": "message", "role": "assistant", "user_id": "42"},
             {"type": "limit_reached", "user_id": 7},
@@ -442,10 +308,9 @@ async fn active_users_are_distinct_ids_per_window_and_42_equals_string_42() {
         ],
     );
     // A user seen again adds nothing.
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!({"type": "message", "role": "user", "user_id": "alice"}),
+        &json!({"type": "message", "role": "user", "user_id": "alice"}),
     )
     .await;
     assert_eq!(
@@ -458,10 +323,9 @@ async fn active_users_are_distinct_ids_per_window_and_42_equals_string_42() {
 #[tokio::test]
 async fn user_ids_up_to_256_characters_are_accepted_counting_characters_not_bytes() {
     let (app, _db) = start("a=secret-a").await;
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!([
+        &json!([
             {"type": "limit_reached", "user_id": "u".repeat(256)},
             {"type": "limit_reached", "user_id": "é".repeat(256)},
             {"type": "limit_reached", "user_id": -5},
@@ -492,14 +356,14 @@ async fn ndjson_bodies_count_every_line_and_skip_blank_ones() {
         "\t\n",
         "{\"type\":\"error\",\"kind\":\"boom\"}",
     );
-    let got = post(
-        &app,
-        Some(TOKEN),
-        Some("application/x-ndjson; charset=utf-8"),
-        body,
-    )
-    .await;
-    assert_eq!(got, (202, json!({"accepted": 3, "duplicates": 0})));
+    let got = app
+        .post(
+            Some(TOKEN),
+            Some("application/x-ndjson; charset=utf-8"),
+            body,
+        )
+        .await;
+    assert_eq!(got, accepted(3, 0));
     assert_series(
         &app.metrics_text().await,
         &[
@@ -509,7 +373,7 @@ async fn ndjson_bodies_count_every_line_and_skip_blank_ones() {
         ],
     );
     // A body of blank lines holds no event: malformed, nothing counted.
-    let got = post(&app, Some(TOKEN), Some("application/x-ndjson"), "\n \n\n").await;
+    let got = post_ndjson(&app, "\n \n\n").await;
     assert_error(&got, 400, "malformed", None);
     app.stop().await;
 }
@@ -537,7 +401,9 @@ async fn malformed_json_is_400_without_an_index() {
     .chain([b"{\"type\":\"error\",\"kind\":\"\xff\"}".to_vec()])
     .collect();
     for body in bodies {
-        let got = post(&app, Some(TOKEN), Some("application/json"), body.clone()).await;
+        let got = app
+            .post(Some(TOKEN), Some("application/json"), body.clone())
+            .await;
         assert_eq!(
             got.0,
             400,
@@ -559,13 +425,10 @@ async fn malformed_json_is_400_without_an_index() {
 async fn a_malformed_ndjson_line_is_400_with_its_index() {
     let (app, _db) = start("a=secret-a").await;
     let body = "{\"type\":\"limit_reached\"}\n\n{\"type\":\"limit_reached\"}\n{oops\n";
-    let got = post(&app, Some(TOKEN), Some("application/x-ndjson"), body).await;
+    let got = post_ndjson(&app, body).await;
     // Blank lines are not events: the third event is index 2.
     assert_error(&got, 400, "malformed", Some(2));
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(0.0)
-    );
+    assert_eq!(limits_reached(&app).await, Some(0.0));
     app.stop().await;
 }
 
@@ -574,25 +437,11 @@ async fn a_missing_or_unknown_token_is_401() {
     let (app, _db) = start("a=secret-a").await;
     let event = r#"{"type":"limit_reached"}"#;
     let json = Some("application/json");
-    assert_error(
-        &post(&app, None, json, event).await,
-        401,
-        "unauthorized",
-        None,
-    );
-    assert_error(
-        &post(&app, Some("wrong"), json, event).await,
-        401,
-        "unauthorized",
-        None,
-    );
-    // A bot's name is not its token.
-    assert_error(
-        &post(&app, Some("a"), json, event).await,
-        401,
-        "unauthorized",
-        None,
-    );
+    // None, a wrong one, and a bot's name (which is not its token).
+    for token in [None, Some("wrong"), Some("a")] {
+        let got = app.post(token, json, event).await;
+        assert_error(&got, 401, "unauthorized", None);
+    }
     for header in ["secret-a", "Basic secret-a", "Token secret-a", "Bearer"] {
         let res = app
             .client
@@ -607,31 +456,22 @@ async fn a_missing_or_unknown_token_is_401() {
         assert_error(&got, 401, "unauthorized", None);
     }
     // The token is checked before anything else about the request.
-    assert_error(
-        &post(&app, None, None, "{").await,
-        401,
-        "unauthorized",
-        None,
-    );
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(0.0)
-    );
+    assert_error(&app.post(None, None, "{").await, 401, "unauthorized", None);
+    assert_eq!(limits_reached(&app).await, Some(0.0));
     app.stop().await;
 }
 
 #[tokio::test]
 async fn without_tokens_ingestion_is_disabled_with_401() {
     let (app, _db) = start("").await;
-    let got = post(
-        &app,
-        Some("anything"),
-        Some("application/json"),
-        r#"{"type":"limit_reached"}"#,
-    )
-    .await;
-    assert_error(&got, 401, "unauthorized", None);
-    let message = got.1["message"].as_str().unwrap();
+    let got = app
+        .post(
+            Some("anything"),
+            Some("application/json"),
+            r#"{"type":"limit_reached"}"#,
+        )
+        .await;
+    let message = assert_error(&got, 401, "unauthorized", None);
     assert!(message.contains("--tokens"), "{message}");
     // No bot, no bot series; the server still serves its self-metrics.
     let text = app.metrics_text().await;
@@ -662,21 +502,14 @@ async fn a_body_over_max_body_bytes_is_413_json_and_ndjson() {
         } else {
             r#"{"type":"limit_reached"}"#
         };
-        let got = post(&app, Some(TOKEN), Some(ct), padded(event, 201)).await;
-        assert_error(&got, 413, "too_large", None);
-        assert!(
-            got.1["message"].as_str().unwrap().contains("200"),
-            "{}",
-            got.1
-        );
+        let got = app.post(Some(TOKEN), Some(ct), padded(event, 201)).await;
+        let message = assert_error(&got, 413, "too_large", None);
+        assert!(message.contains("200"), "{message}");
         // The limit itself is allowed.
-        let got = post(&app, Some(TOKEN), Some(ct), padded(event, 200)).await;
-        assert_eq!(got, (202, json!({"accepted": 1, "duplicates": 0})), "{ct}");
+        let got = app.post(Some(TOKEN), Some(ct), padded(event, 200)).await;
+        assert_eq!(got, accepted(1, 0), "{ct}");
     }
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(2.0)
-    );
+    assert_eq!(limits_reached(&app).await, Some(2.0));
     app.stop().await;
 }
 
@@ -686,27 +519,17 @@ async fn a_batch_over_max_batch_is_413_json_and_ndjson() {
     let one = json!({"type": "limit_reached"});
     let over = json!([one, one, one, one]);
     let got = app.post_events(TOKEN, &over).await;
-    assert_error(&got, 413, "too_large", None);
-    assert!(
-        got.1["message"].as_str().unwrap().contains('3'),
-        "{}",
-        got.1
-    );
+    let message = assert_error(&got, 413, "too_large", None);
+    assert!(message.contains('3'), "{message}");
     let ndjson = |n: usize| format!("{one}\n\n").repeat(n);
-    let got = post(&app, Some(TOKEN), Some("application/x-ndjson"), ndjson(4)).await;
+    let got = post_ndjson(&app, ndjson(4)).await;
     assert_error(&got, 413, "too_large", None);
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(0.0)
-    );
+    assert_eq!(limits_reached(&app).await, Some(0.0));
     // Exactly the limit passes, blank lines not counted against it.
-    post_ok(&app, TOKEN, json!([one, one, one])).await;
-    let got = post(&app, Some(TOKEN), Some("application/x-ndjson"), ndjson(3)).await;
-    assert_eq!(got, (202, json!({"accepted": 3, "duplicates": 0})));
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(6.0)
-    );
+    app.post_ok(TOKEN, &json!([one, one, one])).await;
+    let got = post_ndjson(&app, ndjson(3)).await;
+    assert_eq!(got, accepted(3, 0));
+    assert_eq!(limits_reached(&app).await, Some(6.0));
     app.stop().await;
 }
 
@@ -715,7 +538,7 @@ async fn a_missing_or_wrong_content_type_is_415() {
     let (app, _db) = start("a=secret-a").await;
     let event = r#"{"type":"limit_reached"}"#;
     assert_error(
-        &post(&app, Some(TOKEN), None, event).await,
+        &app.post(Some(TOKEN), None, event).await,
         415,
         "unsupported_media_type",
         None,
@@ -727,18 +550,15 @@ async fn a_missing_or_wrong_content_type_is_415() {
         "multipart/form-data; boundary=x",
         "application/jsonx",
     ] {
-        let got = post(&app, Some(TOKEN), Some(ct), event).await;
+        let got = app.post(Some(TOKEN), Some(ct), event).await;
         assert_error(&got, 415, "unsupported_media_type", None);
     }
     // Parameters and case do not matter.
     for ct in ["application/json; charset=utf-8", "Application/JSON"] {
-        let got = post(&app, Some(TOKEN), Some(ct), event).await;
-        assert_eq!(got, (202, json!({"accepted": 1, "duplicates": 0})), "{ct}");
+        let got = app.post(Some(TOKEN), Some(ct), event).await;
+        assert_eq!(got, accepted(1, 0), "{ct}");
     }
-    assert_eq!(
-        app.sample(r#"bot_limit_reached_total{bot="a"}"#).await,
-        Some(2.0)
-    );
+    assert_eq!(limits_reached(&app).await, Some(2.0));
     app.stop().await;
 }
 
@@ -874,8 +694,7 @@ async fn invalid_events_are_422_alone_and_name_their_index_in_a_batch() {
     let empty = bot_part(&app.metrics_text().await);
     for (event, word) in invalid_events() {
         let got = app.post_events(TOKEN, &event).await;
-        assert_error(&got, 422, "invalid", None);
-        let message = got.1["message"].as_str().unwrap();
+        let message = assert_error(&got, 422, "invalid", None);
         assert!(
             message.contains(word),
             "the message for {event} should mention {word:?}: {message}"
@@ -885,12 +704,13 @@ async fn invalid_events_are_422_alone_and_name_their_index_in_a_batch() {
         assert_eq!(got.0, 422, "[ok, ok, {event}] → {}", got.1);
         assert_error(&got, 422, "invalid", Some(2));
         let ndjson = format!("{ok}\n\n{event}\n{ok}\n");
-        let got = post(&app, Some(TOKEN), Some("application/x-ndjson"), ndjson).await;
+        let got = post_ndjson(&app, ndjson).await;
         assert_error(&got, 422, "invalid", Some(1));
     }
     // A valid time close enough to now is accepted (clock skew).
     let soon = chrono::Utc::now().timestamp() + 60;
-    post_ok(&app, TOKEN, json!({"type": "limit_reached", "ts": soon})).await;
+    app.post_ok(TOKEN, &json!({"type": "limit_reached", "ts": soon}))
+        .await;
     let text = app.metrics_text().await;
     assert_eq!(value(&text, r#"bot_limit_reached_total{bot="a"}"#), 1.0);
     // Everything but that one event was refused: nothing else moved.
@@ -932,13 +752,7 @@ async fn an_event_must_be_an_object_not_a_positional_array() {
     let (app, _db) = start("a=secret-a").await;
     let got = app.post_events(TOKEN, &json!([["limit_reached"]])).await;
     assert_error(&got, 422, "invalid", Some(0));
-    let got = post(
-        &app,
-        Some(TOKEN),
-        Some("application/x-ndjson"),
-        "[\"message\",42,null,null,null,\"user\"]\n",
-    )
-    .await;
+    let got = post_ndjson(&app, "[\"message\",42,null,null,null,\"user\"]\n").await;
     assert_error(&got, 422, "invalid", Some(0));
     // The same holds for the nested `tokens` object.
     let got = app
@@ -966,19 +780,18 @@ async fn every_refused_request_is_counted_by_reason() {
     let (app, _db) = start_with("a=secret-a", |c| c.max_batch = 2).await;
     let json_ct = Some("application/json");
     let before = app.metrics_text().await;
-    post(&app, Some(TOKEN), json_ct, "{").await;
-    post(&app, None, json_ct, "{}").await;
-    post(&app, Some("nope"), json_ct, "{}").await;
-    post(
-        &app,
+    app.post(Some(TOKEN), json_ct, "{").await;
+    app.post(None, json_ct, "{}").await;
+    app.post(Some("nope"), json_ct, "{}").await;
+    app.post(
         Some(TOKEN),
         json_ct,
         r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"limit_reached"}]"#,
     )
     .await;
-    post(&app, Some(TOKEN), Some("text/plain"), "{}").await;
+    app.post(Some(TOKEN), Some("text/plain"), "{}").await;
     for _ in 0..3 {
-        post(&app, Some(TOKEN), json_ct, r#"{"type":"nope"}"#).await;
+        app.post(Some(TOKEN), json_ct, r#"{"type":"nope"}"#).await;
     }
     let text = app.metrics_text().await;
     let reason = |r: &str| format!(r#"botmetrics_events_rejected_total{{reason="{r}"}}"#);
@@ -1005,7 +818,7 @@ async fn every_refused_request_is_counted_by_reason() {
 async fn a_batch_with_one_bad_event_changes_nothing() {
     let (app, _db) = start("a=secret-a").await;
     // Some history first, so "nothing changed" is not "all zero".
-    post_ok(&app, TOKEN, every_event_type()).await;
+    app.post_ok(TOKEN, &every_event_type()).await;
     let before = app.metrics_text().await;
 
     // Every event type, new label values, new users and an event_id, then
@@ -1024,20 +837,14 @@ async fn a_batch_with_one_bad_event_changes_nothing() {
     let mut lines: Vec<String> = batch.iter().map(Value::to_string).collect();
     lines.insert(3, r#"{"type":"message","role":"user","bot":"b"}"#.into());
     lines.pop();
-    let got = post(
-        &app,
-        Some(TOKEN),
-        Some("application/x-ndjson"),
-        lines.join("\n"),
-    )
-    .await;
+    let got = post_ndjson(&app, lines.join("\n")).await;
     assert_error(&got, 422, "invalid", Some(3));
 
     // And a malformed tail after valid events.
     let mut raw = json!(batch[..4]).to_string();
     raw.pop();
     raw.push_str(r#",{"type":"#);
-    let got = post(&app, Some(TOKEN), Some("application/json"), raw).await;
+    let got = app.post(Some(TOKEN), Some("application/json"), raw).await;
     assert_error(&got, 400, "malformed", None);
 
     let after = app.metrics_text().await;
@@ -1054,10 +861,9 @@ async fn a_batch_with_one_bad_event_changes_nothing() {
         2.0
     );
     // The refused event_id was not remembered: sent alone, it counts.
-    post_ok(
-        &app,
+    app.post_ok(
         TOKEN,
-        json!({"type": "message", "role": "user", "event_id": "once"}),
+        &json!({"type": "message", "role": "user", "event_id": "once"}),
     )
     .await;
     assert_eq!(
@@ -1077,7 +883,7 @@ async fn a_bots_token_only_ever_moves_that_bots_series() {
     let (app, _db) = start("A=token-a,B=token-b").await;
     let fresh = app.metrics_text().await;
 
-    post_ok(&app, "token-a", every_event_type()).await;
+    app.post_ok("token-a", &every_event_type()).await;
     let after_a = app.metrics_text().await;
     assert_eq!(lines_of_bot(&after_a, "B"), lines_of_bot(&fresh, "B"));
     assert_ne!(lines_of_bot(&after_a, "A"), lines_of_bot(&fresh, "A"));
@@ -1118,7 +924,8 @@ async fn a_bots_token_only_ever_moves_that_bots_series() {
     );
 
     // And the other way round.
-    post_ok(&app, "token-b", json!({"type": "error", "kind": "only_b"})).await;
+    app.post_ok("token-b", &json!({"type": "error", "kind": "only_b"}))
+        .await;
     let after_b = app.metrics_text().await;
     assert_eq!(
         lines_of_bot(&after_b, "A"),
@@ -1157,25 +964,25 @@ async fn an_event_id_seen_again_is_a_duplicate_in_one_batch_and_across_requests(
             &json!([event("m-1"), event("m-1"), event("m-2")]),
         )
         .await;
-    assert_eq!(got, (202, json!({"accepted": 2, "duplicates": 1})));
+    assert_eq!(got, accepted(2, 1));
     let got = app.post_events("token-a", &event("m-2")).await;
-    assert_eq!(got, (202, json!({"accepted": 0, "duplicates": 1})));
+    assert_eq!(got, accepted(0, 1));
     let got = app
         .post_events("token-a", &json!([event("m-1"), event("m-3")]))
         .await;
-    assert_eq!(got, (202, json!({"accepted": 1, "duplicates": 1})));
+    assert_eq!(got, accepted(1, 1));
     // Events without an id are never duplicates.
     let plain = json!({"type": "message", "role": "user"});
     let got = app.post_events("token-a", &json!([plain, plain])).await;
-    assert_eq!(got, (202, json!({"accepted": 2, "duplicates": 0})));
+    assert_eq!(got, accepted(2, 0));
     // The same id from another bot is that bot's own event.
     let got = app.post_events("token-b", &event("m-1")).await;
-    assert_eq!(got, (202, json!({"accepted": 1, "duplicates": 0})));
+    assert_eq!(got, accepted(1, 0));
     // Ids are exact strings: case and a trailing space make a new one.
     let got = app
         .post_events("token-a", &json!([event("M-1"), event("m-1 ")]))
         .await;
-    assert_eq!(got, (202, json!({"accepted": 2, "duplicates": 0})));
+    assert_eq!(got, accepted(2, 0));
 
     assert_series(
         &app.metrics_text().await,
@@ -1199,9 +1006,9 @@ async fn an_event_id_is_forgotten_after_the_dedupe_window() {
     .await;
     let event = json!({"type": "message", "role": "user", "event_id": "retry"});
     let got = app.post_events(TOKEN, &event).await;
-    assert_eq!(got, (202, json!({"accepted": 1, "duplicates": 0})));
+    assert_eq!(got, accepted(1, 0));
     let got = app.post_events(TOKEN, &event).await;
-    assert_eq!(got, (202, json!({"accepted": 0, "duplicates": 1})));
+    assert_eq!(got, accepted(0, 1));
     eventually(Duration::from_secs(5), || {
         let (app, event) = (&app, &event);
         async move { app.post_events(TOKEN, event).await.1["accepted"] == 1 }
@@ -1222,10 +1029,9 @@ async fn an_event_id_is_forgotten_after_the_dedupe_window() {
 #[tokio::test]
 async fn past_max_label_values_new_values_count_under_other() {
     let (app, _db) = start_with("A=token-a,B=token-b", |c| c.max_label_values = 2).await;
-    post_ok(
-        &app,
+    app.post_ok(
         "token-a",
-        json!([
+        &json!([
             {"type": "error", "kind": "first"},
             {"type": "error", "kind": "second"},
             {"type": "error", "kind": "third"},
@@ -1241,7 +1047,8 @@ async fn past_max_label_values_new_values_count_under_other() {
     )
     .await;
     // The cap is per bot: B still has room for "third".
-    post_ok(&app, "token-b", json!({"type": "error", "kind": "third"})).await;
+    app.post_ok("token-b", &json!({"type": "error", "kind": "third"}))
+        .await;
     let text = app.metrics_text().await;
     assert_series(
         &text,

@@ -3,15 +3,15 @@
 //! downsampling (last value per step), histogram line names, and a clear
 //! JSON error for every bad parameter.
 
-use botmetrics::store::SeriesRow;
 use chrono::{DateTime, Duration, Utc};
 use serde_json::{Value, json};
 
-use crate::helpers::{PgDatabase, SqliteFile, TestApp, spawn_app};
-use crate::persistence::{Raw, labels, quiet_config};
+use crate::helpers::{
+    Raw, TestApp, assert_error, config, on_both_backends, spawn_app, user_messages_row,
+};
 
 /// `key=value&…`, percent-encoded.
-pub(crate) fn query_string(query: &[(&str, &str)]) -> String {
+fn query_string(query: &[(&str, &str)]) -> String {
     let encode = |s: &str| {
         s.bytes()
             .map(|b| match b {
@@ -30,14 +30,8 @@ pub(crate) fn query_string(query: &[(&str, &str)]) -> String {
 }
 
 async fn history(app: &TestApp, query: &[(&str, &str)]) -> (u16, Value) {
-    let res = app
-        .client
-        .get(app.url(&format!("/v1/history?{}", query_string(query))))
-        .send()
+    app.get_json(&format!("/v1/history?{}", query_string(query)))
         .await
-        .expect("request sent");
-    let status = res.status().as_u16();
-    (status, res.json().await.expect("a JSON answer"))
 }
 
 /// The series of an answer keyed by their `role`-style label value.
@@ -65,21 +59,19 @@ fn points(series: &Value) -> Vec<(i64, f64)> {
 }
 
 async fn history_points_from_write_history_once(url: &str) {
-    let app = spawn_app(quiet_config("x=tx,y=ty", url)).await;
+    let app = spawn_app(config("x=tx,y=ty", url)).await;
     let p = &app.state.persistence;
     let raw = Raw::connect(url).await;
-    let (status, _) = app
-        .post_events(
-            "tx",
-            &json!([
-                {"type": "message", "role": "user"},
-                {"type": "message", "role": "user"},
-                {"type": "message", "role": "assistant"},
-                {"type": "response", "status": "success", "duration_ms": 700}
-            ]),
-        )
-        .await;
-    assert_eq!(status, 202);
+    app.post_ok(
+        "tx",
+        &json!([
+            {"type": "message", "role": "user"},
+            {"type": "message", "role": "user"},
+            {"type": "message", "role": "assistant"},
+            {"type": "response", "status": "success", "duration_ms": 700}
+        ]),
+    )
+    .await;
 
     let all = botmetrics::persist::snapshot(&app.state.metrics).len();
     assert_eq!(
@@ -93,10 +85,8 @@ async fn history_points_from_write_history_once(url: &str) {
         "nothing changed since the last point: no statement"
     );
     assert_eq!(raw.count("metrics_history").await, all as i64);
-    let (status, _) = app
-        .post_events("tx", &json!({"type": "message", "role": "user"}))
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
         .await;
-    assert_eq!(status, 202);
     assert_eq!(p.write_history_once().await.expect("history"), all);
     assert_eq!(p.write_history_once().await.expect("history"), 0);
     assert_eq!(raw.count("metrics_history").await, 2 * all as i64);
@@ -162,19 +152,7 @@ async fn history_points_from_write_history_once(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn history_points_from_write_history_once_sqlite() {
-    let db = SqliteFile::new();
-    history_points_from_write_history_once(&db.url()).await;
-}
-
-#[tokio::test]
-async fn history_points_from_write_history_once_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    history_points_from_write_history_once(&db.url).await;
-}
+on_both_backends!(history_points_from_write_history_once);
 
 /// Tomorrow 00:00 UTC: a PostgreSQL partition exists for it from start-up,
 /// and every step length that divides a day starts there.
@@ -186,15 +164,9 @@ fn tomorrow() -> DateTime<Utc> {
 }
 
 async fn downsampling_keeps_the_last_value_per_step(url: &str) {
-    let app = spawn_app(quiet_config("x=tx", url)).await;
+    let app = spawn_app(config("x=tx", url)).await;
     let store = &app.state.persistence.store;
     let t0 = tomorrow();
-    let row = |value| SeriesRow {
-        metric: "bot_messages_total".into(),
-        bot: "x".into(),
-        labels: labels(&[("role", "user")]),
-        value,
-    };
     for (offset, value) in [
         (0, 1.0),
         (10, 2.0),
@@ -204,7 +176,7 @@ async fn downsampling_keeps_the_last_value_per_step(url: &str) {
         (500, 6.0),
     ] {
         store
-            .write_history(&[row(value)], t0 + Duration::seconds(offset))
+            .write_history(&[user_messages_row(value)], t0 + Duration::seconds(offset))
             .await
             .expect("write a point");
     }
@@ -286,25 +258,13 @@ async fn downsampling_keeps_the_last_value_per_step(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn downsampling_keeps_the_last_value_per_step_sqlite() {
-    let db = SqliteFile::new();
-    downsampling_keeps_the_last_value_per_step(&db.url()).await;
-}
-
-#[tokio::test]
-async fn downsampling_keeps_the_last_value_per_step_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    downsampling_keeps_the_last_value_per_step(&db.url).await;
-}
+on_both_backends!(downsampling_keeps_the_last_value_per_step);
 
 /// Query parameters, in order.
 type Query<'a> = Vec<(&'a str, &'a str)>;
 
 async fn bad_parameters_get_clear_errors(url: &str) {
-    let app = spawn_app(quiet_config("x=tx", url)).await;
+    let app = spawn_app(config("x=tx", url)).await;
     let m = ("metric", "bot_messages_total");
     let year_ago = (Utc::now() - Duration::days(365)).timestamp().to_string();
     let cases: Vec<(Query, u16, &str)> = vec![
@@ -348,15 +308,14 @@ async fn bad_parameters_get_clear_errors(url: &str) {
         (vec![m, ("bot", "nobody")], 404, "nobody"),
     ];
     for (query, status, mentions) in cases {
-        let (got, body) = history(&app, &query).await;
-        assert_eq!(got, status, "{query:?}: {body}");
         let code = if status == 404 {
             "not_found"
         } else {
             "bad_request"
         };
-        assert_eq!(body["error"], code, "{query:?}: {body}");
-        let message = body["message"].as_str().expect("a message");
+        let got = history(&app, &query).await;
+        assert_eq!(got.0, status, "{query:?}: {}", got.1);
+        let message = assert_error(&got, status, code, None);
         assert!(
             message.contains(mentions),
             "{query:?}: {message:?} should mention {mentions:?}"
@@ -377,16 +336,4 @@ async fn bad_parameters_get_clear_errors(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn bad_parameters_get_clear_errors_sqlite() {
-    let db = SqliteFile::new();
-    bad_parameters_get_clear_errors(&db.url()).await;
-}
-
-#[tokio::test]
-async fn bad_parameters_get_clear_errors_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    bad_parameters_get_clear_errors(&db.url).await;
-}
+on_both_backends!(bad_parameters_get_clear_errors);

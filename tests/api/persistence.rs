@@ -1,177 +1,31 @@
 //! Persistence (issue 3): clean restarts, flushes that write only changes in
-//! one transaction, kill -9, database outages, partitions and retention,
-//! against real SQLite files and a real PostgreSQL (a fresh database per
-//! test). Each scenario is written once, generic over the database URL, and
-//! run by one `#[tokio::test]` per backend.
-//!
-//! The shared pieces other suites reuse (a quiet config, raw database
-//! access, the real binary) live here too.
+//! one transaction, kill -9, SIGTERM and SIGINT, database outages,
+//! partitions and retention, against real SQLite files and a real
+//! PostgreSQL (a fresh database per test). Each scenario is written once,
+//! generic over the database URL, and run on both backends by
+//! `on_both_backends!`.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
-use std::process::Stdio;
-use std::sync::{Arc, Mutex};
+use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use botmetrics::config::Config;
 use botmetrics::metrics::active::{Granularity, SketchRow};
 use botmetrics::persist::FlushOutcome;
-use botmetrics::store::{FlushBatch, SeriesRow, StoredSketch, partition_name};
+use botmetrics::store::{FlushBatch, StoredSketch, partition_name};
 use chrono::{DateTime, NaiveDate, Utc};
 use serde_json::{Value, json};
-use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::helpers::{PgDatabase, SqliteFile, TestApp, config, eventually, sample, spawn_app};
+use crate::helpers::{
+    Binary, PgDatabase, Raw, active_lines, assert_error, assert_series, bot_part, config,
+    eventually, on_both_backends, spawn_app, user_messages_row, value,
+};
 
-// ---------------------------------------------------------------------------
-// Shared helpers
-// ---------------------------------------------------------------------------
-
-/// A test configuration whose background loops stay out of the way: tests
-/// call `flush_once` and `write_history_once` themselves.
-pub(crate) fn quiet_config(tokens: &str, url: &str) -> Config {
-    let mut c = config(tokens, url);
-    c.flush_interval = Duration::from_secs(3600);
-    c.history_interval = Duration::from_secs(3600);
-    c
-}
-
-/// Labels as the store keys them: a JSON object with sorted keys.
-pub(crate) fn labels(pairs: &[(&str, &str)]) -> String {
-    let map: BTreeMap<&str, &str> = pairs.iter().copied().collect();
-    serde_json::to_string(&map).expect("labels serialise")
-}
-
-/// Direct access to the database a test app uses, beside the app's own pool.
-pub(crate) enum Raw {
-    Pg(PgPool),
-    Sqlite(SqlitePool),
-}
-
-impl Raw {
-    pub(crate) async fn connect(url: &str) -> Raw {
-        if url.starts_with("sqlite:") {
-            Raw::Sqlite(SqlitePool::connect(url).await.expect("open SQLite file"))
-        } else {
-            Raw::Pg(PgPool::connect(url).await.expect("connect to PostgreSQL"))
-        }
-    }
-
-    pub(crate) fn is_pg(&self) -> bool {
-        matches!(self, Raw::Pg(_))
-    }
-
-    /// One integer from a query written by the test (never from input).
-    pub(crate) async fn int(&self, sql: &str) -> i64 {
-        let sql = sql.to_owned();
-        match self {
-            Raw::Pg(p) => sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(p).await,
-            Raw::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(p).await,
-        }
-        .unwrap_or_else(|e| panic!("query failed: {e}"))
-    }
-
-    /// Text rows from a query written by the test.
-    pub(crate) async fn texts(&self, sql: &str) -> Vec<String> {
-        let sql = sql.to_owned();
-        match self {
-            Raw::Pg(p) => sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(p).await,
-            Raw::Sqlite(p) => sqlx::query_scalar(AssertSqlSafe(sql)).fetch_all(p).await,
-        }
-        .unwrap_or_else(|e| panic!("query failed: {e}"))
-    }
-
-    pub(crate) async fn execute(&self, sql: &str) {
-        let sql = sql.to_owned();
-        match self {
-            Raw::Pg(p) => sqlx::query(AssertSqlSafe(sql)).execute(p).await.map(drop),
-            Raw::Sqlite(p) => sqlx::query(AssertSqlSafe(sql)).execute(p).await.map(drop),
-        }
-        .unwrap_or_else(|e| panic!("statement failed: {e}"))
-    }
-
-    pub(crate) async fn count(&self, table: &str) -> i64 {
-        self.int(&format!("select count(*) from {table}")).await
-    }
-
-    /// The stored value of one series of `real_time_metrics`.
-    pub(crate) async fn stored(
-        &self,
-        metric: &str,
-        bot: &str,
-        pairs: &[(&str, &str)],
-    ) -> Option<f64> {
-        let labels = labels(pairs);
-        match self {
-            Raw::Pg(p) => sqlx::query_scalar(
-                // A cast on both sides: right whether the column is jsonb or text.
-                "select value from real_time_metrics where metric = $1 and bot = $2 and labels::jsonb = $3::jsonb",
-            )
-            .bind(metric)
-            .bind(bot)
-            .bind(labels)
-            .fetch_optional(p)
-            .await,
-            Raw::Sqlite(p) => sqlx::query_scalar(
-                "select value from real_time_metrics where metric = ? and bot = ? and labels = ?",
-            )
-            .bind(metric)
-            .bind(bot)
-            .bind(labels)
-            .fetch_optional(p)
-            .await,
-        }
-        .expect("read real_time_metrics")
-    }
-
-    /// Sizes in bytes of every stored sketch.
-    pub(crate) async fn sketch_sizes(&self) -> Vec<i64> {
-        self.texts("select cast(length(registers) as text) from active_user_sketches")
-            .await
-            .iter()
-            .map(|s| s.parse().expect("a length"))
-            .collect()
-    }
-
-    pub(crate) async fn close(self) {
-        match self {
-            Raw::Pg(p) => p.close().await,
-            Raw::Sqlite(p) => p.close().await,
-        }
-    }
-}
-
-/// The `bot_*` lines of an exposition, without the active-user gauges
-/// (compared on their own: they are estimates from sketches).
-pub(crate) fn bot_lines(text: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| l.starts_with("bot_") && !l.starts_with("bot_active_users"))
-        .map(str::to_owned)
-        .collect()
-}
-
-pub(crate) fn active_lines(text: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| l.starts_with("bot_active_users{"))
-        .map(str::to_owned)
-        .collect()
-}
-
-fn values(lines: &[String]) -> BTreeMap<String, f64> {
-    lines
-        .iter()
-        .map(|l| {
-            let (name, v) = l.rsplit_once(' ').expect("a sample line");
-            (name.to_owned(), v.parse().expect("a number"))
-        })
-        .collect()
-}
-
-/// One of each event type, with histograms (including the `+Inf` buckets),
-/// free-form labels (with `max_label_values = 2`, the third kind and name
-/// fold into `other`), fractional custom values and both user id forms.
-pub(crate) fn every_event_type() -> Value {
+/// One of each event type with the corners a store must keep: histograms
+/// (including the `+Inf` buckets), free-form labels (with
+/// `max_label_values = 2`, the third kind and name fold into `other`),
+/// fractional custom values and both user id forms.
+fn every_corner() -> Value {
     json!([
         {"type": "message", "role": "user", "user_id": 1, "db_queries": 3},
         {"type": "message", "role": "user", "user_id": "alice", "db_queries": 70},
@@ -197,218 +51,76 @@ pub(crate) fn every_event_type() -> Value {
     ])
 }
 
-async fn post_ok(app: &TestApp, token: &str, events: &Value) {
-    let (status, body) = app.post_events(token, events).await;
-    assert_eq!(status, 202, "events refused: {body}");
-}
-
-async fn readyz(app: &TestApp) -> (u16, Value) {
-    app.get_json("/readyz").await
-}
-
-/// The real binary, started as an operator would.
-pub(crate) struct Binary {
-    child: tokio::process::Child,
-    pub addr: SocketAddr,
-    pub client: reqwest::Client,
-    log: Arc<Mutex<String>>,
-    drain: tokio::task::JoinHandle<()>,
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            // CSI: ESC [ ... final byte in @..~
-            for c in chars.by_ref() {
-                if ('@'..='~').contains(&c) && c != '[' {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-impl Binary {
-    /// Starts `botmetrics` on port 0 with bot `x` (token `tx`) and reads the
-    /// bound address from its `botmetrics serving listen=…` log line.
-    pub(crate) async fn spawn(url: &str, args: &[&str]) -> Binary {
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_botmetrics"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--database-url",
-                url,
-                "--tokens",
-                "x=tx",
-            ])
-            .args(["--history-interval", "1h", "--metrics-cache-ttl", "0s"])
-            .args(args)
-            .env("NO_COLOR", "1")
-            .env("RUST_LOG", "info")
-            .env_remove("DATABASE_URL")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the botmetrics binary");
-        let mut lines = BufReader::new(child.stderr.take().expect("stderr is piped")).lines();
-        let log = Arc::new(Mutex::new(String::new()));
-        let found = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                let line = strip_ansi(&line);
-                log.lock().unwrap().push_str(&format!("{line}\n"));
-                if line.contains("botmetrics serving") {
-                    return line
-                        .split_whitespace()
-                        .find_map(|w| w.strip_prefix("listen="))
-                        .and_then(|a| a.parse::<SocketAddr>().ok());
-                }
-            }
-            None
-        })
-        .await;
-        let addr = match found {
-            Ok(Some(addr)) => addr,
-            _ => panic!(
-                "botmetrics did not log `botmetrics serving listen=…`:\n{}",
-                log.lock().unwrap()
-            ),
-        };
-        let sink = log.clone();
-        let drain = tokio::spawn(async move {
-            while let Ok(Some(line)) = lines.next_line().await {
-                sink.lock()
-                    .unwrap()
-                    .push_str(&format!("{}\n", strip_ansi(&line)));
-            }
-        });
-        Binary {
-            child,
-            addr,
-            client: reqwest::Client::new(),
-            log,
-            drain,
-        }
-    }
-
-    pub(crate) fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.addr, path)
-    }
-
-    pub(crate) async fn post_events(&self, events: &Value) {
-        let res = self
-            .client
-            .post(self.url("/v1/events"))
-            .bearer_auth("tx")
-            .json(events)
-            .send()
-            .await
-            .expect("request sent");
-        assert_eq!(res.status(), 202);
-    }
-
-    pub(crate) async fn metrics_text(&self) -> String {
-        let res = self
-            .client
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .expect("scrape");
-        assert_eq!(res.status(), 200);
-        res.text().await.expect("text")
-    }
-
-    pub(crate) fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn pid(&self) -> String {
-        self.child.id().expect("the child runs").to_string()
-    }
-
-    /// Sends a signal with the `kill` command, e.g. `-KILL` or `-TERM`, and
-    /// waits for the process to end.
-    pub(crate) async fn signal(mut self, signal: &str) -> (std::process::ExitStatus, String) {
-        let sent = std::process::Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .expect("run kill");
-        assert!(sent.success(), "kill {signal} failed");
-        let status = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("botmetrics exits within 30 s after the signal")
-            .expect("wait for botmetrics");
-        // The last lines are read once stderr closes.
-        let _ = tokio::time::timeout(Duration::from_secs(5), &mut self.drain).await;
-        (status, self.log())
-    }
+/// The exposition of a fresh start on `cfg`'s store, right after restore.
+async fn restarted(cfg: Config) -> String {
+    let app = spawn_app(cfg).await;
+    let text = app.metrics_text().await;
+    app.stop().await;
+    text
 }
 
 // ---------------------------------------------------------------------------
 // 1. A clean restart keeps every count exactly
 // ---------------------------------------------------------------------------
 
+/// Every `bot_*` sample but the active-user gauges (estimates, which do not
+/// add up), by series.
+fn counts(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|l| l.starts_with("bot_") && !l.starts_with("bot_active_users"))
+        .map(|l| {
+            let (name, v) = l.rsplit_once(' ').expect("a sample line");
+            (name.to_owned(), v.parse().expect("a number"))
+        })
+        .collect()
+}
+
 async fn clean_restart_keeps_every_count(url: &str) {
-    let mut cfg = quiet_config("x=tx", url);
+    let mut cfg = config("x=tx", url);
     cfg.max_label_values = 2;
     let app = spawn_app(cfg.clone()).await;
-    post_ok(&app, "tx", &every_event_type()).await;
+    app.post_ok("tx", &every_corner()).await;
     let before = app.metrics_text().await;
     // Sanity: the batch reached the corners this test is about.
-    for (series, value) in [
-        (r#"bot_errors_total{bot="x",kind="other"}"#, 1.0),
-        (r#"bot_custom_events_total{bot="x",name="other"}"#, 1.0),
-        (
-            r#"bot_custom_events_total{bot="x",name="feature_x"}"#,
-            0.1 + 0.2,
-        ),
-        (r#"bot_custom_events_total{bot="x",name="payment"}"#, 2.125),
-        (
-            r#"bot_response_duration_seconds_bucket{bot="x",le="+Inf"}"#,
-            4.0,
-        ),
-        (
-            r#"bot_response_duration_seconds_bucket{bot="x",le="60"}"#,
-            3.0,
-        ),
-        (r#"bot_db_queries_per_message_bucket{bot="x",le="50"}"#, 1.0),
-        (
-            r#"bot_llm_tokens_total{bot="x",model="unknown",kind="prompt"}"#,
-            7.0,
-        ),
-        (r#"bot_active_users{bot="x",window="1d"}"#, 3.0),
-    ] {
-        assert_eq!(
-            sample(&before, series),
-            Some(value),
-            "{series} in\n{before}"
-        );
-    }
+    assert_series(
+        &before,
+        &[
+            (r#"bot_errors_total{bot="x",kind="other"}"#, 1.0),
+            (r#"bot_custom_events_total{bot="x",name="other"}"#, 1.0),
+            (
+                r#"bot_custom_events_total{bot="x",name="feature_x"}"#,
+                0.1 + 0.2,
+            ),
+            (r#"bot_custom_events_total{bot="x",name="payment"}"#, 2.125),
+            (
+                r#"bot_response_duration_seconds_bucket{bot="x",le="+Inf"}"#,
+                4.0,
+            ),
+            (
+                r#"bot_response_duration_seconds_bucket{bot="x",le="60"}"#,
+                3.0,
+            ),
+            (r#"bot_db_queries_per_message_bucket{bot="x",le="50"}"#, 1.0),
+            (
+                r#"bot_llm_tokens_total{bot="x",model="unknown",kind="prompt"}"#,
+                7.0,
+            ),
+            (r#"bot_active_users{bot="x",window="1d"}"#, 3.0),
+        ],
+    );
     app.stop().await;
 
     let app = spawn_app(cfg.clone()).await;
-    let after = app.metrics_text().await;
     assert_eq!(
-        bot_lines(&after),
-        bot_lines(&before),
-        "every bot_* series restored exactly"
-    );
-    assert_eq!(
-        active_lines(&after),
-        active_lines(&before),
-        "active-user estimates unchanged"
+        bot_part(&app.metrics_text().await),
+        bot_part(&before),
+        "every bot_* series restored exactly, active-user estimates too"
     );
 
-    // Counters stay monotonic: the same batch again doubles every series.
-    post_ok(&app, "tx", &every_event_type()).await;
+    // Counters stay monotonic: the same batch again doubles every count...
+    app.post_ok("tx", &every_corner()).await;
     let again = app.metrics_text().await;
-    let (once, twice) = (values(&bot_lines(&before)), values(&bot_lines(&again)));
+    let (once, twice) = (counts(&before), counts(&again));
     assert_eq!(once.len(), twice.len(), "the same series exist");
     for (series, v) in &once {
         let w = twice[series];
@@ -417,61 +129,44 @@ async fn clean_restart_keeps_every_count(url: &str) {
             "{series}: {v} before the restart, {w} after sending the batch again"
         );
     }
-    assert_eq!(
-        active_lines(&again),
-        active_lines(&before),
-        "the same users again"
-    );
+    // ...and moves no estimate: the same users again.
+    assert_eq!(active_lines(&again), active_lines(&before));
     app.stop().await;
 
     // Nothing is replayed: another restart shows exactly the last values.
-    let app = spawn_app(cfg).await;
-    let third = app.metrics_text().await;
-    assert_eq!(bot_lines(&third), bot_lines(&again));
-    assert_eq!(active_lines(&third), active_lines(&again));
-    app.stop().await;
+    assert_eq!(bot_part(&restarted(cfg).await), bot_part(&again));
 }
 
-#[tokio::test]
-async fn clean_restart_keeps_every_count_sqlite() {
-    let db = SqliteFile::new();
-    clean_restart_keeps_every_count(&db.url()).await;
-}
-
-#[tokio::test]
-async fn clean_restart_keeps_every_count_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    clean_restart_keeps_every_count(&db.url).await;
-}
+on_both_backends!(clean_restart_keeps_every_count);
 
 // ---------------------------------------------------------------------------
 // 2. A flush writes only changes, in one transaction; nothing when idle
 // ---------------------------------------------------------------------------
 
+/// What a flush wrote: so many series, sketches and daily counters.
+fn wrote(series: usize, sketches: usize, daily: usize) -> FlushOutcome {
+    FlushOutcome::Wrote {
+        series,
+        sketches,
+        daily,
+    }
+}
+
 async fn flush_writes_only_changes(url: &str) {
-    let app = spawn_app(quiet_config("x=tx", url)).await;
+    let app = spawn_app(config("x=tx", url)).await;
     let p = &app.state.persistence;
     let raw = Raw::connect(url).await;
     let all = botmetrics::persist::snapshot(&app.state.metrics).len();
+    let flush = || async { p.flush_once().await.expect("flush") };
 
     // A fresh store: every series is written once, at 0.
-    assert_eq!(
-        p.flush_once().await.expect("flush"),
-        FlushOutcome::Wrote {
-            series: all,
-            sketches: 0,
-            daily: 0
-        }
-    );
+    assert_eq!(flush().await, wrote(all, 0, 0));
     assert_eq!(raw.count("real_time_metrics").await, all as i64);
-    assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
-    assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
+    assert_eq!(flush().await, FlushOutcome::Idle);
+    assert_eq!(flush().await, FlushOutcome::Idle);
 
     // Three series change (one existing, two new); the daily message count too.
-    post_ok(
-        &app,
+    app.post_ok(
         "tx",
         &json!([
             {"type": "message", "role": "user"},
@@ -481,14 +176,7 @@ async fn flush_writes_only_changes(url: &str) {
         ]),
     )
     .await;
-    assert_eq!(
-        p.flush_once().await.expect("flush"),
-        FlushOutcome::Wrote {
-            series: 3,
-            sketches: 0,
-            daily: 1
-        }
-    );
+    assert_eq!(flush().await, wrote(3, 0, 1));
     assert_eq!(raw.count("real_time_metrics").await, all as i64 + 2);
     assert_eq!(raw.count("daily_counters").await, 1);
     assert_eq!(
@@ -522,23 +210,12 @@ async fn flush_writes_only_changes(url: &str) {
             3
         );
     }
-    assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
+    assert_eq!(flush().await, FlushOutcome::Idle);
 
     // A user: its message, the three active-user gauges and two sketches.
-    post_ok(
-        &app,
-        "tx",
-        &json!({"type": "message", "role": "user", "user_id": 42}),
-    )
-    .await;
-    assert_eq!(
-        p.flush_once().await.expect("flush"),
-        FlushOutcome::Wrote {
-            series: 4,
-            sketches: 2,
-            daily: 1
-        }
-    );
+    let user_42 = json!({"type": "message", "role": "user", "user_id": 42});
+    app.post_ok("tx", &user_42).await;
+    assert_eq!(flush().await, wrote(4, 2, 1));
     assert_eq!(raw.count("active_user_sketches").await, 2);
     assert_eq!(raw.sketch_sizes().await, vec![16384, 16384]);
     if raw.is_pg() {
@@ -556,22 +233,10 @@ async fn flush_writes_only_changes(url: &str) {
         );
     }
     // The same user again changes no register and no count but the message.
-    assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
-    post_ok(
-        &app,
-        "tx",
-        &json!({"type": "message", "role": "user", "user_id": 42}),
-    )
-    .await;
-    assert_eq!(
-        p.flush_once().await.expect("flush"),
-        FlushOutcome::Wrote {
-            series: 1,
-            sketches: 0,
-            daily: 1
-        }
-    );
-    assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
+    assert_eq!(flush().await, FlushOutcome::Idle);
+    app.post_ok("tx", &user_42).await;
+    assert_eq!(flush().await, wrote(1, 0, 1));
+    assert_eq!(flush().await, FlushOutcome::Idle);
 
     // The primary key is real_time_metrics' only index.
     if raw.is_pg() {
@@ -595,50 +260,38 @@ async fn flush_writes_only_changes(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn flush_writes_only_changes_sqlite() {
-    let db = SqliteFile::new();
-    flush_writes_only_changes(&db.url()).await;
-}
-
-#[tokio::test]
-async fn flush_writes_only_changes_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    flush_writes_only_changes(&db.url).await;
-}
+on_both_backends!(flush_writes_only_changes);
 
 // ---------------------------------------------------------------------------
-// 3. The real binary: kill -9 after a flush keeps what was flushed;
-//    SIGTERM flushes everything and exits 0
+// 3. The real binary: kill -9 after a flush keeps what was flushed; SIGTERM
+//    and SIGINT flush everything and exit 0
 // ---------------------------------------------------------------------------
+
+/// Waits until the store holds `value` for one series of bot x: written by
+/// the binary's own flush loop.
+async fn until_stored(url: &str, metric: &str, pairs: &[(&str, &str)], value: f64) {
+    let raw = Raw::connect(url).await;
+    eventually(Duration::from_secs(20), || async {
+        raw.stored(metric, "x", pairs).await == Some(value)
+    })
+    .await;
+    raw.close().await;
+}
 
 async fn last_flush(bin: &Binary) -> f64 {
-    sample(
-        &bin.metrics_text().await,
-        "botmetrics_last_flush_timestamp_seconds",
-    )
-    .unwrap_or(0.0)
+    bin.sample("botmetrics_last_flush_timestamp_seconds")
+        .await
+        .unwrap_or(0.0)
 }
 
 async fn kill_9_keeps_what_was_flushed(url: &str) {
-    let bin = Binary::spawn(
-        url,
-        &["--flush-interval", "200ms", "--max-label-values", "2"],
-    )
-    .await;
-    bin.post_events(&every_event_type()).await;
+    let flags = ["--flush-interval", "200ms", "--max-label-values", "2"];
+    let mut bin = Binary::serve(url, "x=tx", &flags).await;
+    bin.post_ok("tx", &every_corner()).await;
     let expected = bin.metrics_text().await;
 
     // Wait for a flush holding the batch's last event...
-    let raw = Raw::connect(url).await;
-    eventually(Duration::from_secs(15), || async {
-        raw.stored("bot_custom_events_total", "x", &[("name", "other")])
-            .await
-            == Some(1.0)
-    })
-    .await;
+    until_stored(url, "bot_custom_events_total", &[("name", "other")], 1.0).await;
     // ...then for two more, so a flush that began before the batch was
     // applied whole cannot be the last one.
     for _ in 0..2 {
@@ -648,69 +301,70 @@ async fn kill_9_keeps_what_was_flushed(url: &str) {
         })
         .await;
     }
-    let (status, log) = bin.signal("-KILL").await;
-    use std::os::unix::process::ExitStatusExt;
+    let status = bin.signal("KILL").await;
     assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    let log = bin.log();
     assert!(
         !log.contains("final flush"),
         "no final flush on kill -9:\n{log}"
     );
 
-    let app = spawn_app(quiet_config("x=tx", url)).await;
-    let restored = app.metrics_text().await;
     assert_eq!(
-        bot_lines(&restored),
-        bot_lines(&expected),
+        bot_part(&restarted(config("x=tx", url)).await),
+        bot_part(&expected),
         "what was flushed survives kill -9"
     );
-    assert_eq!(active_lines(&restored), active_lines(&expected));
-    raw.close().await;
-    app.stop().await;
 }
 
-#[tokio::test]
-async fn kill_9_keeps_what_was_flushed_sqlite() {
-    let db = SqliteFile::new();
-    kill_9_keeps_what_was_flushed(&db.url()).await;
-}
+on_both_backends!(kill_9_keeps_what_was_flushed);
 
-#[tokio::test]
-async fn kill_9_keeps_what_was_flushed_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    kill_9_keeps_what_was_flushed(&db.url).await;
-}
-
-async fn sigterm_flushes_and_exits_0(url: &str) {
-    // The default 10 s flush interval: only the final flush can store this.
-    let bin = Binary::spawn(url, &["--max-label-values", "2"]).await;
-    bin.post_events(&every_event_type()).await;
-    let expected = bin.metrics_text().await;
-    let (status, log) = bin.signal("-TERM").await;
-    assert!(status.success(), "exit status {status:?}, log:\n{log}");
+async fn sigterm_and_sigint_flush_everything_and_exit_0(url: &str) {
+    // Flushing hourly: only the flush on the way out can store these.
+    let flags = ["--flush-interval", "1h", "--max-label-values", "2"];
+    let mut first = Binary::serve(url, "x=tx,y=ty", &flags).await;
+    first.post_ok("tx", &every_corner()).await;
+    first
+        .post_ok(
+            "ty",
+            &json!({"type": "message", "role": "user", "user_id": 77}),
+        )
+        .await;
+    let expected = first.metrics_text().await;
+    let status = first.signal("TERM").await;
+    let log = first.log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
     assert!(log.contains("final flush done"), "log:\n{log}");
 
-    let app = spawn_app(quiet_config("x=tx", url)).await;
-    let restored = app.metrics_text().await;
-    assert_eq!(bot_lines(&restored), bot_lines(&expected));
-    assert_eq!(active_lines(&restored), active_lines(&expected));
-    app.stop().await;
+    // Same store, new process: totals, histograms and active-user sketches
+    // are exactly what was counted.
+    let mut second = Binary::serve(url, "x=tx,y=ty", &flags).await;
+    let restored = second.metrics_text().await;
+    assert_eq!(bot_part(&restored), bot_part(&expected));
+    assert_eq!(
+        value(&restored, r#"bot_active_users{bot="x",window="1d"}"#),
+        3.0
+    );
+
+    // Counting goes on from there; SIGINT stops as cleanly as SIGTERM.
+    second
+        .post_ok("tx", &json!({"type": "message", "role": "user"}))
+        .await;
+    let status = second.signal("INT").await;
+    let log = second.log();
+    assert_eq!(status.code(), Some(0), "log:\n{log}");
+    assert!(log.contains("final flush done"), "log:\n{log}");
+
+    let third = Binary::serve(url, "x=tx,y=ty", &flags).await;
+    assert_series(
+        &third.metrics_text().await,
+        &[
+            (r#"bot_messages_total{bot="x",role="user"}"#, 3.0),
+            (r#"bot_messages_total{bot="y",role="user"}"#, 1.0),
+        ],
+    );
 }
 
-#[tokio::test]
-async fn sigterm_flushes_and_exits_0_sqlite() {
-    let db = SqliteFile::new();
-    sigterm_flushes_and_exits_0(&db.url()).await;
-}
-
-#[tokio::test]
-async fn sigterm_flushes_and_exits_0_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    sigterm_flushes_and_exits_0(&db.url).await;
-}
+on_both_backends!(sigterm_and_sigint_flush_everything_and_exit_0);
 
 // ---------------------------------------------------------------------------
 // 4. Outages (PostgreSQL)
@@ -721,11 +375,10 @@ async fn outage_keeps_every_event_postgres() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    let cfg = quiet_config("x=tx", &db.url);
+    let cfg = config("x=tx", &db.url);
     let app = spawn_app(cfg.clone()).await;
     let p = &app.state.persistence;
-    post_ok(
-        &app,
+    app.post_ok(
         "tx",
         &json!([
             {"type": "message", "role": "user", "user_id": 1},
@@ -734,12 +387,11 @@ async fn outage_keeps_every_event_postgres() {
     )
     .await;
     p.flush_once().await.expect("flush while the store is up");
-    assert_eq!(readyz(&app).await.0, 200);
+    assert_eq!(app.get_json("/readyz").await.0, 200);
 
     db.set_outage(true).await;
     // Ingestion and /metrics work from memory.
-    post_ok(
-        &app,
+    app.post_ok(
         "tx",
         &json!([
             {"type": "message", "role": "user", "user_id": 3},
@@ -755,10 +407,7 @@ async fn outage_keeps_every_event_postgres() {
             .await,
         Some(5.0)
     );
-    let (status, body) = readyz(&app).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "unavailable", "{body}");
-    assert!(body["message"].is_string(), "{body}");
+    assert_error(&app.get_json("/readyz").await, 503, "unavailable", None);
 
     assert!(
         p.flush_once().await.is_err(),
@@ -772,13 +421,14 @@ async fn outage_keeps_every_event_postgres() {
         p.write_history_once().await.is_err(),
         "so does a history write"
     );
-    let text = app.metrics_text().await;
-    assert_eq!(sample(&text, "botmetrics_flush_failures_total"), Some(2.0));
-    assert_eq!(
-        sample(&text, "botmetrics_history_write_failures_total"),
-        Some(1.0)
+    assert_series(
+        &app.metrics_text().await,
+        &[
+            ("botmetrics_flush_failures_total", 2.0),
+            ("botmetrics_history_write_failures_total", 1.0),
+            ("botmetrics_store_up", 0.0),
+        ],
     );
-    assert_eq!(sample(&text, "botmetrics_store_up"), Some(0.0));
     let (status, body) = app.get_json("/healthz").await;
     assert_eq!((status, &body["status"]), (200, &json!("ok")));
 
@@ -806,7 +456,7 @@ async fn outage_keeps_every_event_postgres() {
         raw.stored("bot_users_registered_total", "x", &[]).await,
         Some(1.0)
     );
-    let (status, body) = readyz(&app).await;
+    let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready");
     assert!(
@@ -824,17 +474,13 @@ async fn outage_keeps_every_event_postgres() {
     app.stop().await;
 
     // The sketches that failed to flush were written on recovery.
-    let app = spawn_app(cfg).await;
-    assert_eq!(
-        app.sample(r#"bot_active_users{bot="x",window="1d"}"#).await,
-        Some(5.0)
+    assert_series(
+        &restarted(cfg).await,
+        &[
+            (r#"bot_active_users{bot="x",window="1d"}"#, 5.0),
+            (r#"bot_messages_total{bot="x",role="user"}"#, 5.0),
+        ],
     );
-    assert_eq!(
-        app.sample(r#"bot_messages_total{bot="x",role="user"}"#)
-            .await,
-        Some(5.0)
-    );
-    app.stop().await;
 }
 
 #[tokio::test]
@@ -842,11 +488,10 @@ async fn start_during_outage_restores_on_recovery_postgres() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    let cfg = quiet_config("x=tx", &db.url);
+    let cfg = config("x=tx", &db.url);
     // Totals in the store from an earlier run.
     let app = spawn_app(cfg.clone()).await;
-    post_ok(
-        &app,
+    app.post_ok(
         "tx",
         &json!([
             {"type": "message", "role": "user", "user_id": 1},
@@ -864,11 +509,8 @@ async fn start_during_outage_restores_on_recovery_postgres() {
     let p = &app.state.persistence;
     assert!(!p.is_restored().await);
     assert_eq!(app.get_json("/healthz").await.0, 200);
-    let (status, body) = readyz(&app).await;
-    assert_eq!(status, 503, "{body}");
-    assert_eq!(body["error"], "unavailable");
-    post_ok(
-        &app,
+    assert_error(&app.get_json("/readyz").await, 503, "unavailable", None);
+    app.post_ok(
         "tx",
         &json!([
             {"type": "message", "role": "user", "user_id": 4},
@@ -891,26 +533,15 @@ async fn start_during_outage_restores_on_recovery_postgres() {
         FlushOutcome::Wrote { .. }
     ));
     assert!(p.is_restored().await);
-    let text = app.metrics_text().await;
-    assert_eq!(
-        sample(&text, r#"bot_messages_total{bot="x",role="user"}"#),
-        Some(5.0)
-    );
-    assert_eq!(
-        sample(&text, r#"bot_users_registered_total{bot="x"}"#),
-        Some(1.0)
-    );
-    assert_eq!(
-        sample(&text, r#"bot_response_duration_seconds_count{bot="x"}"#),
-        Some(2.0)
-    );
-    assert_eq!(
-        sample(&text, r#"bot_response_duration_seconds_sum{bot="x"}"#),
-        Some(2.0)
-    );
-    assert_eq!(
-        sample(&text, r#"bot_active_users{bot="x",window="1d"}"#),
-        Some(5.0)
+    assert_series(
+        &app.metrics_text().await,
+        &[
+            (r#"bot_messages_total{bot="x",role="user"}"#, 5.0),
+            (r#"bot_users_registered_total{bot="x"}"#, 1.0),
+            (r#"bot_response_duration_seconds_count{bot="x"}"#, 2.0),
+            (r#"bot_response_duration_seconds_sum{bot="x"}"#, 2.0),
+            (r#"bot_active_users{bot="x",window="1d"}"#, 5.0),
+        ],
     );
     let raw = Raw::connect(&db.url).await;
     assert_eq!(
@@ -919,19 +550,15 @@ async fn start_during_outage_restores_on_recovery_postgres() {
         Some(5.0)
     );
     raw.close().await;
-    assert_eq!(readyz(&app).await.0, 200);
+    assert_eq!(app.get_json("/readyz").await.0, 200);
     let before = app.metrics_text().await;
     app.stop().await;
 
-    let app = spawn_app(cfg).await;
-    let after = app.metrics_text().await;
     assert_eq!(
-        bot_lines(&after),
-        bot_lines(&before),
+        bot_part(&restarted(cfg).await),
+        bot_part(&before),
         "nothing double-counted"
     );
-    assert_eq!(active_lines(&after), active_lines(&before));
-    app.stop().await;
 }
 
 /// The real binary through an outage: the flush retries with backoff, and
@@ -941,41 +568,43 @@ async fn outage_is_logged_once_per_state_change_postgres() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    let bin = Binary::spawn(&db.url, &["--flush-interval", "200ms"]).await;
+    let mut bin = Binary::serve(&db.url, "x=tx", &["--flush-interval", "200ms"]).await;
     let failures = || async {
-        sample(&bin.metrics_text().await, "botmetrics_flush_failures_total").unwrap_or(0.0)
+        bin.sample("botmetrics_flush_failures_total")
+            .await
+            .unwrap_or(0.0)
     };
     db.set_outage(true).await;
-    bin.post_events(&json!([
-        {"type": "message", "role": "user", "user_id": 1},
-        {"type": "error", "kind": "during-outage"}
-    ]))
+    bin.post_ok(
+        "tx",
+        &json!([
+            {"type": "message", "role": "user", "user_id": 1},
+            {"type": "error", "kind": "during-outage"}
+        ]),
+    )
     .await;
     // Several failed attempts...
     eventually(Duration::from_secs(20), || async {
         failures().await >= 4.0
     })
     .await;
-    assert_eq!(
-        sample(&bin.metrics_text().await, "botmetrics_store_up"),
-        Some(0.0)
-    );
+    assert_eq!(bin.sample("botmetrics_store_up").await, Some(0.0));
     db.set_outage(false).await;
     // ...then the catch-up writes what was counted meanwhile.
-    let raw = Raw::connect(&db.url).await;
-    eventually(Duration::from_secs(20), || async {
-        raw.stored("bot_errors_total", "x", &[("kind", "during-outage")])
-            .await
-            == Some(1.0)
-    })
+    until_stored(
+        &db.url,
+        "bot_errors_total",
+        &[("kind", "during-outage")],
+        1.0,
+    )
     .await;
-    raw.close().await;
     eventually(Duration::from_secs(5), || async {
-        sample(&bin.metrics_text().await, "botmetrics_store_up") == Some(1.0)
+        bin.sample("botmetrics_store_up").await == Some(1.0)
     })
     .await;
     let attempts = failures().await;
-    let (status, log) = bin.signal("-TERM").await;
+    let status = bin.signal("TERM").await;
+    let log = bin.log();
     assert!(status.success(), "{log}");
     let count = |needle: &str| log.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(
@@ -989,15 +618,6 @@ async fn outage_is_logged_once_per_state_change_postgres() {
 // ---------------------------------------------------------------------------
 // 5. Partitions and retention
 // ---------------------------------------------------------------------------
-
-fn one_row(bot: &str, value: f64) -> Vec<SeriesRow> {
-    vec![SeriesRow {
-        metric: "bot_messages_total".into(),
-        bot: bot.into(),
-        labels: labels(&[("role", "user")]),
-        value,
-    }]
-}
 
 fn noon(day: NaiveDate) -> DateTime<Utc> {
     day.and_hms_opt(12, 0, 0).unwrap().and_utc()
@@ -1027,7 +647,7 @@ async fn partitions_are_created_ahead_and_dropped_past_retention_postgres() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    let mut cfg = quiet_config("x=tx", &db.url);
+    let mut cfg = config("x=tx", &db.url);
     cfg.retention = Duration::from_secs(90 * 86_400);
     let app = spawn_app(cfg.clone()).await;
     let raw = Raw::connect(&db.url).await;
@@ -1043,11 +663,11 @@ async fn partitions_are_created_ahead_and_dropped_past_retention_postgres() {
     }
     let store = &app.state.persistence.store;
     store
-        .write_history(&one_row("x", 1.0), noon(day(-200)))
+        .write_history(&[user_messages_row(1.0)], noon(day(-200)))
         .await
         .expect("history into the old partition");
     store
-        .write_history(&one_row("x", 2.0), noon(day(-10)))
+        .write_history(&[user_messages_row(2.0)], noon(day(-10)))
         .await
         .expect("history into a recent partition");
     assert_eq!(raw.count("metrics_history").await, 2);
@@ -1090,7 +710,7 @@ async fn partitions_are_created_ahead_and_dropped_past_retention_postgres() {
 }
 
 async fn maintain_prunes_history_and_sketches(url: &str) {
-    let app = spawn_app(quiet_config("x=tx", url)).await;
+    let app = spawn_app(config("x=tx", url)).await;
     let raw = Raw::connect(url).await;
     let store = &app.state.persistence.store;
     let now = Utc::now();
@@ -1102,7 +722,7 @@ async fn maintain_prunes_history_and_sketches(url: &str) {
     }
     for (days, value) in [(200, 1.0), (91, 2.0), (89, 3.0), (0, 4.0)] {
         store
-            .write_history(&one_row("x", value), ago(days))
+            .write_history(&[user_messages_row(value)], ago(days))
             .await
             .expect("write history");
     }
@@ -1154,37 +774,36 @@ async fn maintain_prunes_history_and_sketches(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn maintain_prunes_history_and_sketches_sqlite() {
-    let db = SqliteFile::new();
-    maintain_prunes_history_and_sketches(&db.url()).await;
-}
-
-#[tokio::test]
-async fn maintain_prunes_history_and_sketches_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    maintain_prunes_history_and_sketches(&db.url).await;
-}
+on_both_backends!(maintain_prunes_history_and_sketches);
 
 // ---------------------------------------------------------------------------
-// Free-form labels past the cap at restore time
+// 6. Free-form labels past the cap at restore time
 // ---------------------------------------------------------------------------
 
-/// The sum of every series of one family, as exposed.
-async fn family_total(app: &TestApp, family: &str) -> f64 {
-    app.metrics_text()
-        .await
-        .lines()
+/// The sum of every series of one family in an exposition.
+fn family_total(text: &str, family: &str) -> f64 {
+    text.lines()
         .filter(|l| l.starts_with(&format!("{family}{{")))
         .map(|l| l.rsplit_once(' ').unwrap().1.parse::<f64>().unwrap())
         .sum()
 }
 
+/// Restarts `restarts` times on `cfg`'s store; every time, the errors of
+/// every kind add up to `total`.
+async fn assert_errors_after_restarts(cfg: &Config, restarts: usize, total: f64) {
+    for restart in 1..=restarts {
+        let text = restarted(cfg.clone()).await;
+        assert_eq!(
+            family_total(&text, "bot_errors_total"),
+            total,
+            "restart {restart}:\n{text}"
+        );
+    }
+}
+
 async fn restore_past_the_label_cap_counts_once(url: &str) {
     // Three error kinds stored while the cap allowed them...
-    let mut cfg = quiet_config("x=tx", url);
+    let mut cfg = config("x=tx", url);
     cfg.max_label_values = 3;
     let app = spawn_app(cfg.clone()).await;
     let kinds = |pairs: &[(&str, usize)]| {
@@ -1194,38 +813,21 @@ async fn restore_past_the_label_cap_counts_once(url: &str) {
             .collect();
         Value::Array(events)
     };
-    post_ok(&app, "tx", &kinds(&[("a", 1), ("b", 2), ("c", 4)])).await;
-    assert_eq!(family_total(&app, "bot_errors_total").await, 7.0);
+    app.post_ok("tx", &kinds(&[("a", 1), ("b", 2), ("c", 4)]))
+        .await;
+    assert_eq!(
+        family_total(&app.metrics_text().await, "bot_errors_total"),
+        7.0
+    );
     app.stop().await;
 
     // ...then restarts with a lower cap: every count is still counted once,
     // restart after restart.
     cfg.max_label_values = 2;
-    for restart in 1..=3 {
-        let app = spawn_app(cfg.clone()).await;
-        assert_eq!(
-            family_total(&app, "bot_errors_total").await,
-            7.0,
-            "restart {restart}:\n{}",
-            app.metrics_text().await
-        );
-        app.stop().await;
-    }
+    assert_errors_after_restarts(&cfg, 3, 7.0).await;
 }
 
-#[tokio::test]
-async fn restore_past_the_label_cap_counts_once_sqlite() {
-    let db = SqliteFile::new();
-    restore_past_the_label_cap_counts_once(&db.url()).await;
-}
-
-#[tokio::test]
-async fn restore_past_the_label_cap_counts_once_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    restore_past_the_label_cap_counts_once(&db.url).await;
-}
+on_both_backends!(restore_past_the_label_cap_counts_once);
 
 /// The same through an outage at start: kinds first seen while the store
 /// was down take places under the cap before the stored ones are restored.
@@ -1234,11 +836,10 @@ async fn late_restore_past_the_label_cap_counts_once_postgres() {
     let Some(db) = PgDatabase::create().await else {
         return;
     };
-    let mut cfg = quiet_config("x=tx", &db.url);
+    let mut cfg = config("x=tx", &db.url);
     cfg.max_label_values = 2;
     let app = spawn_app(cfg.clone()).await;
-    post_ok(
-        &app,
+    app.post_ok(
         "tx",
         &json!([{"type": "error", "kind": "a"}, {"type": "error", "kind": "b"}]),
     )
@@ -1247,24 +848,19 @@ async fn late_restore_past_the_label_cap_counts_once_postgres() {
 
     db.set_outage(true).await;
     let app = spawn_app(cfg.clone()).await;
-    post_ok(&app, "tx", &json!({"type": "error", "kind": "c"})).await;
+    app.post_ok("tx", &json!({"type": "error", "kind": "c"}))
+        .await;
     db.set_outage(false).await;
     app.state
         .persistence
         .flush_once()
         .await
         .expect("restore and flush");
-    assert_eq!(family_total(&app, "bot_errors_total").await, 3.0);
+    assert_eq!(
+        family_total(&app.metrics_text().await, "bot_errors_total"),
+        3.0
+    );
     app.stop().await;
 
-    for restart in 1..=2 {
-        let app = spawn_app(cfg.clone()).await;
-        assert_eq!(
-            family_total(&app, "bot_errors_total").await,
-            3.0,
-            "restart {restart}:\n{}",
-            app.metrics_text().await
-        );
-        app.stop().await;
-    }
+    assert_errors_after_restarts(&cfg, 2, 3.0).await;
 }

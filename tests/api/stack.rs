@@ -10,25 +10,10 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::helpers::postgres_base_url;
+use crate::helpers::{cannot_run, have, postgres_base_url};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-/// True when `tool` can be run; otherwise panics in CI or says it skips.
-fn have(tool: &str, package: &str) -> bool {
-    let found = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !found {
-        if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-            panic!("{tool} is required in CI (apt-get install {package})");
-        }
-        eprintln!("\n*** SKIPPED: {tool} is not installed (apt-get install {package}) ***\n");
-    }
-    found
 }
 
 /// Runs a command from the repository root and fails with its output.
@@ -118,6 +103,10 @@ fn end_to_end_with_a_real_prometheus() {
         .is_ok_and(|s| s.success());
     if pg_up {
         envs.push(("E2E_POSTGRES_URL", &pg));
+    } else {
+        cannot_run(&format!(
+            "the end-to-end SQL panel check: PostgreSQL at {pg} is unreachable"
+        ));
     }
     run("bash", &["scripts/e2e.sh"], &envs);
 }

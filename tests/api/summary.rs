@@ -3,30 +3,30 @@
 //! from the histogram, bot selection, the chat text, caching, and "today"
 //! counted in the configured time zone across midnight and restarts.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use botmetrics::summary::Summary;
 use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{Value, json};
 
-use crate::active_users::post_ndjson;
-use crate::helpers::{PgDatabase, SqliteFile, TestApp, eventually, spawn_app};
-use crate::persistence::{Raw, quiet_config};
+use crate::helpers::{
+    Raw, TestApp, assert_error, config, eventually, on_both_backends, spawn_app, start, start_with,
+};
 
-async fn get_text(app: &TestApp, path: &str) -> (u16, String, String) {
-    let res = app
-        .client
-        .get(app.url(path))
-        .send()
-        .await
-        .expect("request sent");
-    let status = res.status().as_u16();
-    let content_type = res
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    (status, content_type, res.text().await.expect("a body"))
+/// The chat text at `path`, which must answer 200 in UTF-8 plain text.
+async fn summary_text(app: &TestApp, path: &str) -> String {
+    let (status, content_type, text) = app.get_text(path).await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(content_type, "text/plain; charset=utf-8");
+    text
+}
+
+/// Checks that `text` holds every one of `parts`.
+#[track_caller]
+fn assert_contains(text: &str, parts: &[&str]) {
+    for part in parts {
+        assert!(text.contains(part), "{part:?} in\n{text}");
+    }
 }
 
 /// Durations (ms) of ten responses; the last one failed.
@@ -82,8 +82,7 @@ fn num(v: &Value, path: &str) -> f64 {
 
 #[tokio::test]
 async fn summary_json_has_every_field_with_exact_values() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("demo=td", &db.url())).await;
+    let (app, _db) = start("demo=td").await;
     let (status, empty) = app.get_json("/v1/summary").await;
     assert_eq!(status, 200, "{empty}");
     assert_eq!(
@@ -94,8 +93,7 @@ async fn summary_json_has_every_field_with_exact_values() {
     assert_eq!(num(&empty, "responses.p50_ms"), 0.0);
     assert_eq!(num(&empty, "cache.hit_rate"), 0.0);
 
-    let (status, body) = app.post_events("td", &known_mix()).await;
-    assert_eq!(status, 202, "{body}");
+    app.post_ok("td", &known_mix()).await;
     let started = Utc::now();
     let (status, s) = app.get_json("/v1/summary").await;
     assert_eq!(status, 200, "{s}");
@@ -150,32 +148,30 @@ async fn summary_json_has_every_field_with_exact_values() {
     }
 
     // The same numbers in the chat text.
-    let (status, content_type, text) = get_text(&app, "/v1/summary?format=text").await;
-    assert_eq!(status, 200);
-    assert_eq!(content_type, "text/plain; charset=utf-8");
-    for line in [
-        "demo",
-        "Messages: 10 today, 10 total",
-        "Active users: 5 (24 h), 5 (7 d), 5 (30 d)",
-        "New users: 3 today, 3 total",
-        "Responses: 10 total, 90.0 % ok, median 625 ms, p95 2.5 s",
-        "Cache hit rate: 75.0 %",
-        "Daily limit reached: 2 today",
-        "Errors: 3 total",
-    ] {
-        assert!(text.contains(line), "{line:?} in\n{text}");
-    }
+    let text = summary_text(&app, "/v1/summary?format=text").await;
+    assert_contains(
+        &text,
+        &[
+            "demo",
+            "Messages: 10 today, 10 total",
+            "Active users: 5 (24 h), 5 (7 d), 5 (30 d)",
+            "New users: 3 today, 3 total",
+            "Responses: 10 total, 90.0 % ok, median 625 ms, p95 2.5 s",
+            "Cache hit rate: 75.0 %",
+            "Daily limit reached: 2 today",
+            "Errors: 3 total",
+        ],
+    );
     assert!(text.lines().count() <= 10, "a short message:\n{text}");
     // Explicit JSON is the default.
-    let (status, content_type, _) = get_text(&app, "/v1/summary?format=json").await;
+    let (status, content_type, _) = app.get_text("/v1/summary?format=json").await;
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
     app.stop().await;
 }
 
 #[tokio::test]
 async fn percentiles_interpolate_like_histogram_quantile() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let responses = |n: usize, status: &str, ms: f64| {
         Value::Array(
             (0..n)
@@ -184,10 +180,7 @@ async fn percentiles_interpolate_like_histogram_quantile() {
         )
     };
     // 20 responses of 1.2 s, all in the (1, 2] bucket.
-    let (status, _) = app
-        .post_events("tx", &responses(20, "success", 1200.0))
-        .await;
-    assert_eq!(status, 202);
+    app.post_ok("tx", &responses(20, "success", 1200.0)).await;
     let (_, s) = app.get_json("/v1/summary").await;
     // p50: rank 10 of the bucket's 20: 1 + 1 × 10 / 20 = 1.5 s.
     assert_eq!(num(&s, "responses.p50_ms"), 1500.0, "{s}");
@@ -196,8 +189,7 @@ async fn percentiles_interpolate_like_histogram_quantile() {
     assert_eq!(num(&s, "responses.success_rate"), 1.0);
 
     // One of 90 s lands in +Inf: p50 is rank 10.5, 1 + 10.5 / 20 = 1.525 s.
-    app.post_events("tx", &responses(1, "timeout", 90_000.0))
-        .await;
+    app.post_ok("tx", &responses(1, "timeout", 90_000.0)).await;
     let (_, s) = app.get_json("/v1/summary").await;
     assert_eq!(num(&s, "responses.p50_ms"), 1525.0, "{s}");
     // serde_json's default float parsing may be one ulp off.
@@ -207,7 +199,7 @@ async fn percentiles_interpolate_like_histogram_quantile() {
     );
 
     // Past every finite bucket, the highest bound (60 s) is the answer.
-    app.post_events("tx", &responses(100, "timeout", 90_000.0))
+    app.post_ok("tx", &responses(100, "timeout", 90_000.0))
         .await;
     let (_, s) = app.get_json("/v1/summary").await;
     assert_eq!(num(&s, "responses.p95_ms"), 60_000.0, "{s}");
@@ -216,14 +208,13 @@ async fn percentiles_interpolate_like_histogram_quantile() {
 
 #[tokio::test]
 async fn several_bots_are_listed_and_selected() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("alpha=ta,beta=tb", &db.url())).await;
-    app.post_events(
+    let (app, _db) = start("alpha=ta,beta=tb").await;
+    app.post_ok(
         "ta",
         &json!({"type": "message", "role": "user", "user_id": 1}),
     )
     .await;
-    app.post_events(
+    app.post_ok(
         "tb",
         &json!([
             {"type": "message", "role": "user", "user_id": 1},
@@ -248,10 +239,9 @@ async fn several_bots_are_listed_and_selected() {
     assert_eq!(num(&beta, "users.active_1d"), 2.0);
     assert_eq!(num(&beta, "errors.total"), 1.0);
 
-    let (status, _, text) = get_text(&app, "/v1/summary?format=text").await;
-    assert_eq!(status, 200);
+    let text = summary_text(&app, "/v1/summary?format=text").await;
     assert!(text.contains("alpha") && text.contains("beta"), "{text}");
-    let (_, _, text) = get_text(&app, "/v1/summary?format=text&bot=alpha").await;
+    let text = summary_text(&app, "/v1/summary?format=text&bot=alpha").await;
     assert!(text.contains("alpha") && !text.contains("beta"), "{text}");
 
     for (path, status, code) in [
@@ -260,44 +250,37 @@ async fn several_bots_are_listed_and_selected() {
         ("/v1/summary?format=text&bot=gamma", 404, "not_found"),
         ("/v1/summary?window=7d", 400, "bad_request"),
     ] {
-        let (got, body) = app.get_json(path).await;
-        assert_eq!(got, status, "{path}: {body}");
-        assert_eq!(body["error"], code, "{path}: {body}");
-        assert!(
-            body["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{body}"
-        );
+        let got = app.get_json(path).await;
+        assert_eq!(got.0, status, "{path}: {}", got.1);
+        assert_error(&got, status, code, None);
     }
     app.stop().await;
 }
 
 #[tokio::test]
 async fn text_answer_formats_numbers_for_people() {
-    let db = SqliteFile::new();
-    let app = spawn_app(quiet_config("x=tx", &db.url())).await;
+    let (app, _db) = start("x=tx").await;
     let messages =
         (0..12_345).map(|n| json!({"type": "message", "role": "user", "user_id": n % 7}));
     let messages: Vec<Value> = messages.collect();
     for batch in messages.chunks(10_000) {
-        post_ndjson(&app, "tx", batch.iter().cloned()).await;
+        app.post_ndjson("tx", batch.iter().cloned()).await;
     }
     let responses = (0..1000).map(|i| {
         let status = if i < 987 { "success" } else { "error" };
         json!({"type": "response", "status": status, "duration_ms": 1234})
     });
-    post_ndjson(&app, "tx", responses).await;
-    let (status, content_type, text) = get_text(&app, "/v1/summary?format=text").await;
-    assert_eq!(status, 200);
-    assert_eq!(content_type, "text/plain; charset=utf-8");
-    for part in [
-        "Messages: 12 345 today, 12 345 total",
-        "Active users: 7 (24 h)",
-        "1 000 total, 98.7 % ok",
-        // All in (1, 2]: the median is interpolated halfway, 1.5 s.
-        "median 1.5 s",
-    ] {
-        assert!(text.contains(part), "{part:?} in\n{text}");
-    }
+    app.post_ndjson("tx", responses).await;
+    assert_contains(
+        &summary_text(&app, "/v1/summary?format=text").await,
+        &[
+            "Messages: 12 345 today, 12 345 total",
+            "Active users: 7 (24 h)",
+            "1 000 total, 98.7 % ok",
+            // All in (1, 2]: the median is interpolated halfway, 1.5 s.
+            "median 1.5 s",
+        ],
+    );
     let (_, s) = app.get_json("/v1/summary").await;
     assert_eq!(
         num(&s, "messages.total"),
@@ -313,38 +296,33 @@ async fn text_answer_formats_numbers_for_people() {
 
 #[tokio::test]
 async fn summary_is_cached_like_metrics() {
-    let db = SqliteFile::new();
-    let ttl = Duration::from_secs(2);
-    let mut cfg = quiet_config("x=tx", &db.url());
-    cfg.metrics_cache_ttl = ttl;
-    let app = spawn_app(cfg).await;
-    let selfm = &app.state.metrics.selfm;
-    let misses = || selfm.cache_misses.with_label_values(&["summary"]).get();
-    let hits = || selfm.cache_hits.with_label_values(&["summary"]).get();
+    // A TTL no test run outlasts: every answer after the first is cached.
+    let (app, _db) = start_with("x=tx", |c| c.metrics_cache_ttl = Duration::from_secs(60)).await;
+    let misses = || app.cache_misses("summary");
+    let hits = || app.cache_hits("summary");
 
     // Concurrent requests on a miss share one build.
-    let before = misses();
-    let started = Instant::now();
-    let answers = concurrent_gets(&app, "/v1/summary?format=text", 8).await;
+    let answers = app.concurrent_gets("/v1/summary?format=text", 8).await;
     assert!(answers.windows(2).all(|w| w[0] == w[1]));
-    if started.elapsed() < ttl {
-        assert_eq!(misses() - before, 1, "eight requests, one build");
-    }
+    assert_eq!(misses(), 1, "eight requests, one build");
 
-    let started = Instant::now();
-    let (_, _, first) = get_text(&app, "/v1/summary").await;
-    let (_, _, metrics_first) = get_text(&app, "/metrics").await;
-    app.post_events("tx", &json!({"type": "message", "role": "user"}))
+    let (_, _, first) = app.get_text("/v1/summary").await;
+    let metrics_first = app.metrics_text().await;
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
         .await;
     let hits_before = hits();
-    let (_, _, second) = get_text(&app, "/v1/summary").await;
-    let (_, _, metrics_second) = get_text(&app, "/metrics").await;
-    if started.elapsed() < ttl {
-        assert_eq!(second, first, "the cached answer until the TTL passes");
-        assert_eq!(metrics_second, metrics_first, "as /metrics does");
-        assert_eq!(hits() - hits_before, 1);
-    }
-    // After the TTL the new message shows, in both.
+    let (_, _, second) = app.get_text("/v1/summary").await;
+    assert_eq!(second, first, "the cached answer until the TTL passes");
+    assert_eq!(app.metrics_text().await, metrics_first, "as /metrics does");
+    assert_eq!(hits() - hits_before, 1);
+    app.stop().await;
+
+    // A short TTL: once it has passed, the new message shows, in both.
+    let (app, _db) = start_with("x=tx", |c| c.metrics_cache_ttl = Duration::from_secs(1)).await;
+    app.get_text("/v1/summary").await;
+    app.metrics_text().await;
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
+        .await;
     eventually(Duration::from_secs(10), || async {
         let (_, s) = app.get_json("/v1/summary").await;
         s["messages"]["total"] == 1
@@ -359,27 +337,13 @@ async fn summary_is_cached_like_metrics() {
     app.stop().await;
 }
 
-/// `n` concurrent GETs of one path; their bodies.
-async fn concurrent_gets(app: &TestApp, path: &str, n: usize) -> Vec<String> {
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..n {
-        let (client, url) = (app.client.clone(), app.url(path));
-        tasks.spawn(async move {
-            let res = client.get(url).send().await.expect("request sent");
-            assert_eq!(res.status(), 200);
-            res.text().await.expect("body")
-        });
-    }
-    tasks.join_all().await
-}
-
 // ---------------------------------------------------------------------------
 // "Today" in the configured time zone
 // ---------------------------------------------------------------------------
 
 async fn today_counts_the_local_day(url: &str) {
     let tz = chrono_tz::Asia::Tokyo;
-    let mut cfg = quiet_config("x=tx", url);
+    let mut cfg = config("x=tx", url);
     cfg.timezone = tz;
     let app = spawn_app(cfg.clone()).await;
     let now = Utc::now();
@@ -406,8 +370,7 @@ async fn today_counts_the_local_day(url: &str) {
         events.extend((0..n_yesterday).map(|_| at(ty, yesterday)));
         events.push(at(ty, now.timestamp()));
     }
-    let (status, body) = app.post_events("tx", &Value::Array(events)).await;
-    assert_eq!(status, 202, "{body}");
+    app.post_ok("tx", &Value::Array(events)).await;
 
     let check = |s: &Value, today: [f64; 3]| {
         assert_eq!(s["timezone"], "Asia/Tokyo", "{s}");
@@ -419,9 +382,10 @@ async fn today_counts_the_local_day(url: &str) {
     };
     let (_, s) = app.get_json("/v1/summary").await;
     check(&s, [4.0, 2.0, 4.0]);
-    let (_, _, text) = get_text(&app, "/v1/summary?format=text").await;
-    assert!(text.contains("Messages: 4 today, 8 total"), "{text}");
-    assert!(text.contains("Asia/Tokyo"), "{text}");
+    assert_contains(
+        &summary_text(&app, "/v1/summary?format=text").await,
+        &["Messages: 4 today, 8 total", "Asia/Tokyo"],
+    );
 
     // At the next local midnight the day starts over; until then it holds.
     let bot = app.state.metrics.bot("x").unwrap();
@@ -455,16 +419,4 @@ async fn today_counts_the_local_day(url: &str) {
     app.stop().await;
 }
 
-#[tokio::test]
-async fn today_counts_the_local_day_sqlite() {
-    let db = SqliteFile::new();
-    today_counts_the_local_day(&db.url()).await;
-}
-
-#[tokio::test]
-async fn today_counts_the_local_day_postgres() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    today_counts_the_local_day(&db.url).await;
-}
+on_both_backends!(today_counts_the_local_day);
