@@ -141,21 +141,30 @@ fn apply(c: &mut Criterion) {
     group.finish();
 }
 
-fn render(c: &mut Criterion) {
-    const SERIES: usize = 10_000;
-    let metrics = metrics(SERIES);
+/// Returns a function that counts one error of each of enough kinds (the
+/// free-form label that grows) to bring the bot to `series` series; the
+/// first call creates them, later calls move each of them once more.
+fn fill_to(metrics: &Metrics, series: usize) -> impl Fn() + use<> {
     let bot = metrics.bot("bench").expect("bot").clone();
-    // Fill to 10,000 series with error kinds, the free-form label that grows.
     let fixed = String::from_utf8_lossy(&metrics.render())
         .lines()
         .filter(|l| l.starts_with("bot_"))
         .count();
-    let kinds = SERIES.saturating_sub(fixed);
-    for k in 0..kinds {
-        let body = format!(r#"{{"type":"error","kind":"kind_{k}"}}"#);
-        let events = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
-        bot.apply(&events[0]);
+    let bodies: Vec<String> = (0..series.saturating_sub(fixed))
+        .map(|k| format!(r#"{{"type":"error","kind":"kind_{k}"}}"#))
+        .collect();
+    move || {
+        for body in &bodies {
+            let events = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
+            bot.apply(&events[0]);
+        }
     }
+}
+
+fn render(c: &mut Criterion) {
+    const SERIES: usize = 10_000;
+    let metrics = metrics(SERIES);
+    fill_to(&metrics, SERIES)();
     let peer_registry = prometheus::Registry::new();
     let peer = prometheus::IntCounterVec::new(
         prometheus::Opts::new("peer_total", "peer"),
@@ -240,21 +249,9 @@ fn store(c: &mut Criterion) {
 
     const SERIES: usize = 10_000;
     let metrics = metrics(SERIES);
-    let bot = metrics.bot("bench").expect("bot").clone();
-    let fixed = String::from_utf8_lossy(&metrics.render())
-        .lines()
-        .filter(|l| l.starts_with("bot_"))
-        .count();
-    let events: Vec<String> = (0..SERIES.saturating_sub(fixed))
-        .map(|k| format!(r#"{{"type":"error","kind":"kind_{k}"}}"#))
-        .collect();
-    let bump = |bot: &botmetrics::metrics::BotMetrics| {
-        for body in &events {
-            let parsed = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
-            bot.apply(&parsed[0]);
-        }
-    };
-    bump(&bot);
+    // Every call moves every series: what the flush bench needs between runs.
+    let bump = fill_to(&metrics, SERIES);
+    bump();
     let _runtime = rt.enter();
     let store = Store::open(&db_url).expect("open");
     let persistence = Persistence::new(
@@ -270,7 +267,7 @@ fn store(c: &mut Criterion) {
     group.sample_size(20);
     group.bench_function("flush_10k_changed_series", |b| {
         b.iter_batched(
-            || bump(&bot),
+            &bump,
             |()| rt.block_on(persistence.flush_once()).expect("flush"),
             BatchSize::PerIteration,
         )
