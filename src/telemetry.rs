@@ -5,7 +5,11 @@ use tracing_subscriber::EnvFilter;
 use crate::config::LogFormat;
 
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // PostgreSQL's notices ("relation … already exists, skipping") come
+    // from the idempotent partition and migration statements at every start:
+    // not worth an info line each.
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn"));
     // Colours only for a terminal: logs piped to a file or journald stay
     // plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
