@@ -206,14 +206,6 @@ impl<T: Default> Family<T> {
             f(key, &series[key]);
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.series.read().unwrap_or_else(|e| e.into_inner()).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]
