@@ -217,7 +217,6 @@ pub enum FlushOutcome {
 /// Memory's view of what the store holds, so a flush sends only changes.
 #[derive(Default)]
 struct Flushed {
-    restored: bool,
     series: HashMap<SeriesKey, f64>,
     daily: HashMap<(String, String), (NaiveDate, i64)>,
     history: Option<Vec<SeriesRow>>,
@@ -231,8 +230,9 @@ pub struct Persistence {
     metrics: Arc<Metrics>,
     retention: chrono::Duration,
     state: Mutex<Flushed>,
-    /// Bumped by every restore, and part of every render-cache key, so no
-    /// answer rendered before a (late) restore is served after it.
+    /// Bumped by the restore (0 before it), and part of every render-cache
+    /// key, so no answer rendered before a (late) restore is served after
+    /// it. Read without the state lock, so /readyz never waits on a flush.
     generation: AtomicU64,
 }
 
@@ -253,8 +253,8 @@ impl Persistence {
     }
 
     /// True once stored values are loaded; until then nothing is written.
-    pub async fn is_restored(&self) -> bool {
-        self.state.lock().await.restored
+    pub fn is_restored(&self) -> bool {
+        self.generation() > 0
     }
 
     /// Migrates, restores and maintains, once. Called at start and, while
@@ -265,7 +265,7 @@ impl Persistence {
     }
 
     async fn prepare_locked(&self, state: &mut Flushed) -> store::Result<Option<RestoreReport>> {
-        if state.restored {
+        if self.is_restored() {
             return Ok(None);
         }
         self.store.migrate().await?;
@@ -277,7 +277,6 @@ impl Persistence {
             .iter()
             .map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value)))
             .collect();
-        state.restored = true;
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.metrics.selfm.store_up.set(1);
         self.maintain_locked(state, Utc::now()).await?;

@@ -40,7 +40,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
             )));
         }
     }
-    if !persistence.is_restored().await {
+    if !persistence.is_restored() {
         return Err(Error::Unavailable(
             "stored totals are not loaded yet".into(),
         ));

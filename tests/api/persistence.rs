@@ -507,7 +507,7 @@ async fn start_during_outage_restores_on_recovery_postgres() {
     db.set_outage(true).await;
     let app = spawn_app(cfg.clone()).await;
     let p = &app.state.persistence;
-    assert!(!p.is_restored().await);
+    assert!(!p.is_restored());
     assert_eq!(app.get_json("/healthz").await.0, 200);
     assert_error(&app.get_json("/readyz").await, 503, "unavailable", None);
     app.post_ok(
@@ -532,7 +532,7 @@ async fn start_during_outage_restores_on_recovery_postgres() {
         p.flush_once().await.expect("restore and flush on recovery"),
         FlushOutcome::Wrote { .. }
     ));
-    assert!(p.is_restored().await);
+    assert!(p.is_restored());
     assert_series(
         &app.metrics_text().await,
         &[
