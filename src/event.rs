@@ -218,6 +218,30 @@ impl UserId<'_> {
     }
 }
 
+/// A user id after hashing: what stands for a user everywhere past parsing
+/// (the sketches and the journal), so a raw id never outlives its request.
+/// The key is fixed, so every process and replica hashes a user alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserHash(pub u64);
+
+/// The SipHash key for user ids. Fixed (not random per process) so sketches
+/// and journals written by one run merge with the next run's; ids are never
+/// stored, and a sketch register keeps only a maximum rank.
+pub(crate) const USER_HASH_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
+
+static USER_HASHER: std::sync::LazyLock<hyperloglockless::DefaultHasher> =
+    std::sync::LazyLock::new(|| {
+        hyperloglockless::DefaultHasher::seeded(&USER_HASH_KEY.to_be_bytes())
+    });
+
+impl UserId<'_> {
+    /// The keyed hash of this id.
+    pub fn hash(&self) -> UserHash {
+        use std::hash::BuildHasher;
+        UserHash(self.hash_bytes(|bytes| USER_HASHER.hash_one(bytes)))
+    }
+}
+
 /// `ts` as RFC 3339 text or unix seconds (integer or fractional).
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct UnixSeconds(i64);
@@ -342,7 +366,8 @@ struct RawEvent<'a> {
 /// A checked event: what the registry applies.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Event<'a> {
-    pub user: Option<UserId<'a>>,
+    /// Hashed as soon as the event is checked: the raw id goes no further.
+    pub user: Option<UserHash>,
     pub event_id: Option<Cow<'a, str>>,
     /// Unix seconds; arrival time when the bot sent none.
     pub ts: i64,
@@ -498,7 +523,7 @@ impl<'a> RawEvent<'a> {
             }
         };
         Ok(Event {
-            user: self.user_id,
+            user: self.user_id.as_ref().map(UserId::hash),
             event_id: self.event_id,
             ts,
             chat_type: self.chat_type,

@@ -10,21 +10,19 @@
 //! The hash key and the precision are fixed so that sketches written by one
 //! process (or replica) can be merged with another's after a restart.
 
-use std::hash::BuildHasher;
 use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering::Relaxed};
 
 use hyperloglockless::{AtomicHyperLogLog, DefaultHasher};
 
-use crate::event::UserId;
+use crate::event::{UserHash, UserId};
 
 /// 2^14 registers: 0.81 % standard error, 16 KiB per sketch.
 pub const PRECISION: u8 = 14;
 pub const REGISTERS: usize = 1 << PRECISION;
-/// The SipHash key for user ids. Fixed (not random per process) so sketches
-/// persisted by one run merge with the next run's; ids are never stored, and
-/// a register keeps only the maximum rank, so a sketch cannot list its users.
-const HASH_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
+/// The user-id hash key (see [`crate::event::UserHash`]); sketches carry it
+/// so that one process's registers merge with another's.
+const HASH_KEY: u128 = crate::event::USER_HASH_KEY;
 
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
@@ -163,7 +161,6 @@ pub struct SketchRow {
 }
 
 pub struct ActiveUsers {
-    hasher: DefaultHasher,
     hourly: Ring,
     daily: Ring,
 }
@@ -177,7 +174,6 @@ impl Default for ActiveUsers {
 impl ActiveUsers {
     pub fn new() -> Self {
         ActiveUsers {
-            hasher: DefaultHasher::seeded(&HASH_KEY.to_be_bytes()),
             hourly: Ring::new(Granularity::Hour, 24),
             daily: Ring::new(Granularity::Day, 30),
         }
@@ -186,9 +182,13 @@ impl ActiveUsers {
     /// Counts a user as active at `ts` (unix seconds). The id is hashed
     /// once and dropped.
     pub fn insert(&self, user: &UserId<'_>, ts: i64) {
-        let hash = user.hash_bytes(|bytes| self.hasher.hash_one(bytes));
-        self.hourly.insert(hash, ts);
-        self.daily.insert(hash, ts);
+        self.insert_hashed(user.hash(), ts);
+    }
+
+    /// Counts an already hashed user as active at `ts` (unix seconds).
+    pub fn insert_hashed(&self, user: UserHash, ts: i64) {
+        self.hourly.insert(user.0, ts);
+        self.daily.insert(user.0, ts);
     }
 
     /// The three windows' estimates at `now`.

@@ -220,8 +220,8 @@ impl BotMetrics {
     /// Counts one checked event. Lock-free but for the shared read lock of a
     /// free-form family; never touches the store.
     pub fn apply(&self, event: &Event<'_>) {
-        if let Some(user) = &event.user {
-            self.active.insert(user, event.ts);
+        if let Some(user) = event.user {
+            self.active.insert_hashed(user, event.ts);
         }
         match &event.body {
             EventBody::Message { role, db_queries } => {
