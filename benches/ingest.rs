@@ -17,9 +17,12 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 
+use botmetrics::dedupe::Dedupe;
 use botmetrics::event::{BodyFormat, UserId, parse_batch};
 use botmetrics::ingest::Ingest;
+use botmetrics::journal::{FsyncPolicy, Journal};
 use botmetrics::metrics::Metrics;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -94,28 +97,75 @@ fn ingest(c: &mut Criterion) {
             )
         })
     });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
     group.bench_function("botmetrics_parse_validate_apply", |b| {
         let metrics = metrics(1000);
         // Dedupe window off so every iteration counts, as a stream of new ids would.
-        let ingest = Ingest::new(std::time::Duration::ZERO);
+        let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         b.iter(|| {
             let events =
                 parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
-            black_box(ingest.apply(&bot, &events))
+            black_box(
+                rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                    .expect("applied"),
+            )
         })
     });
     group.bench_function("botmetrics_with_dedupe", |b| {
         let metrics = metrics(1000);
-        let ingest = Ingest::new(std::time::Duration::from_secs(600));
+        let ingest = Ingest::new(Dedupe::new(Duration::from_secs(600), 2_000_000), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         b.iter(|| {
             let events =
                 parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
-            black_box(ingest.apply(&bot, &events))
+            black_box(
+                rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                    .expect("applied"),
+            )
         })
     });
     group.finish();
+
+    // The journal's cost, side by side in one run: the same batch and the
+    // same single event with the journal off, `everysec` (the default) and
+    // `always`.
+    let single = br#"{"type":"message","user_id":42,"role":"user"}"#.to_vec();
+    for (name, events_body, elements) in [("batch_1000", &body, N as u64), ("single", &single, 1)] {
+        let mut group = c.benchmark_group(format!("journal_{name}"));
+        group.throughput(Throughput::Elements(elements));
+        for policy in [None, Some(FsyncPolicy::Everysec), Some(FsyncPolicy::Always)] {
+            let label = policy.map_or("off".to_owned(), |p| format!("{p:?}").to_lowercase());
+            let metrics = metrics(1000);
+            let dir = std::env::temp_dir().join(format!(
+                "botmetrics-bench-{name}-{label}-{}",
+                std::process::id()
+            ));
+            let _ = std::fs::remove_dir_all(&dir);
+            let journal = policy.map(|p| {
+                Journal::open(&dir, "bench", p, u64::MAX)
+                    .expect("journal")
+                    .journal
+            });
+            let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), journal);
+            let bot = metrics.bot("bench").expect("bot").clone();
+            group.bench_function(&label, |b| {
+                b.iter(|| {
+                    let events = parse_batch(black_box(events_body), BodyFormat::Json, 10_000, NOW)
+                        .expect("valid");
+                    black_box(
+                        rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                            .expect("applied"),
+                    )
+                })
+            });
+            drop(ingest);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        group.finish();
+    }
 }
 
 fn apply(c: &mut Criterion) {
@@ -253,12 +303,14 @@ fn store(c: &mut Criterion) {
     let bump = fill_to(&metrics, SERIES);
     bump();
     let _runtime = rt.enter();
-    let store = Store::open(&db_url).expect("open");
     let persistence = Persistence::new(
-        store.clone(),
+        Store::open(&db_url).expect("open"),
         metrics.clone(),
-        std::time::Duration::from_secs(90 * 86400),
+        Arc::new(Ingest::new(Dedupe::new(Duration::ZERO, 16), None)),
+        Duration::from_secs(90 * 86400),
+        Duration::ZERO,
     );
+    let store = &persistence.store;
     rt.block_on(persistence.prepare()).expect("prepare");
     let changed = botmetrics::persist::snapshot(&metrics).len();
     eprintln!("store benchmarks: {changed} series per flush");

@@ -69,6 +69,35 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_DEDUPE_WINDOW", value_parser = parse_duration, default_value = "10m")]
     pub dedupe_window: Duration,
 
+    /// Most `event_id`s remembered at once (each costs about 10-20 bytes).
+    /// Past it the oldest are forgotten before the window ends, and
+    /// `botmetrics_dedupe_window_seconds` shows the window actually kept.
+    #[arg(long, env = "BOTMETRICS_DEDUPE_MAX_IDS", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(16..))]
+    pub dedupe_max_ids: u64,
+
+    /// Where the journal lives (`<data-dir>/journal/`). Default: beside the
+    /// SQLite file, or `./botmetrics-data` with PostgreSQL.
+    #[arg(long, env = "BOTMETRICS_DATA_DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
+
+    /// When the journal is fsynced: `everysec` (a crash of the process loses
+    /// nothing, power loss at most the last second), `always` (every answer
+    /// waits for the disk), or `no` (the kernel decides).
+    #[arg(long, env = "BOTMETRICS_JOURNAL_FSYNC", value_enum, default_value_t = crate::journal::FsyncPolicy::Everysec)]
+    pub journal_fsync: crate::journal::FsyncPolicy,
+
+    /// Most journal bytes not yet in the store. Reached only while the store
+    /// is unreachable (or this process is a standby); then new events are
+    /// answered 503 until the store catches up.
+    #[arg(long, env = "BOTMETRICS_JOURNAL_MAX_BYTES", default_value_t = 1 << 30, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub journal_max_bytes: u64,
+
+    /// Run without a journal: a 202 is then durable only after the next
+    /// flush (`kill -9` loses up to one flush interval). For benchmarks and
+    /// throwaway runs.
+    #[arg(long, env = "BOTMETRICS_NO_JOURNAL")]
+    pub no_journal: bool,
+
     /// Request bodies larger than this many bytes are answered with 413.
     #[arg(long, env = "BOTMETRICS_MAX_BODY_BYTES", default_value_t = 1_048_576, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_body_bytes: u64,

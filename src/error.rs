@@ -56,6 +56,11 @@ pub enum Error {
 
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+
+    /// The journal cannot take the batch: full while the store is behind,
+    /// or broken by a failed write. Nothing of the batch was acknowledged.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 impl Error {
@@ -68,7 +73,9 @@ impl Error {
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Unavailable(_) | Error::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Error::Unavailable(_) | Error::Store(_) | Error::Journal(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -84,6 +91,8 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Unavailable(_) | Error::Store(_) => "unavailable",
+            Error::Journal(crate::journal::JournalError::Full { .. }) => "journal_full",
+            Error::Journal(_) => "journal_failed",
         }
     }
 

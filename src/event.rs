@@ -22,6 +22,20 @@ pub const MAX_EVENT_ID_LEN: usize = 128;
 /// How far in the future a `ts` may be (clock skew between bot and server).
 pub const MAX_FUTURE_SECS: i64 = 300;
 
+// Ranges of the numeric fields. Each is far beyond what a real bot sends,
+// and small enough that a counter fed the maximum at 100,000 events a second
+// for a thousand years stays finite (about 3e27 at most, against f64's 1.8e308),
+// so no input can make a series infinite or NaN (Principle 6).
+
+/// `duration_ms`: one day.
+pub const MAX_DURATION_MS: f64 = 86_400_000.0;
+/// `tokens.prompt` and `tokens.completion`, each: a billion tokens.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
+/// `db_queries` for one message.
+pub const MAX_DB_QUERIES: u32 = 1_000_000;
+/// A `custom` event's `value`.
+pub const MAX_CUSTOM_VALUE: f64 = 1e12;
+
 /// True when `s` may be used as a free-form label value or a bot name:
 /// 1-64 characters of `[A-Za-z0-9_.:-]`.
 pub fn is_short_name(s: &str) -> bool {
@@ -473,14 +487,30 @@ impl<'a> RawEvent<'a> {
             None => now,
         };
         let body = match kind {
-            EventType::Message => EventBody::Message {
-                role: required("role", kind, self.role)?,
-                db_queries: self.db_queries,
-            },
+            EventType::Message => {
+                if self.db_queries.is_some_and(|q| q > MAX_DB_QUERIES) {
+                    return Err(Error::invalid(format!(
+                        "`db_queries` must be an integer from 0 to {MAX_DB_QUERIES}"
+                    )));
+                }
+                EventBody::Message {
+                    role: required("role", kind, self.role)?,
+                    db_queries: self.db_queries,
+                }
+            }
             EventType::Response => {
                 let duration_ms = required("duration_ms", kind, self.duration_ms)?;
-                if !(duration_ms.is_finite() && duration_ms >= 0.0) {
-                    return Err(Error::invalid("`duration_ms` must be a finite number >= 0"));
+                if !(0.0..=MAX_DURATION_MS).contains(&duration_ms) {
+                    return Err(Error::invalid(format!(
+                        "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
+                    )));
+                }
+                if let Some(Object(t)) = &self.tokens
+                    && (t.prompt > MAX_TOKENS || t.completion > MAX_TOKENS)
+                {
+                    return Err(Error::invalid(format!(
+                        "`tokens.prompt` and `tokens.completion` must be integers from 0 to {MAX_TOKENS}"
+                    )));
                 }
                 EventBody::Response {
                     status: required("status", kind, self.status)?,
@@ -513,8 +543,10 @@ impl<'a> RawEvent<'a> {
             },
             EventType::Custom => {
                 let value = self.value.unwrap_or(1.0);
-                if !(value.is_finite() && value >= 0.0) {
-                    return Err(Error::invalid("`value` must be a finite number >= 0"));
+                if !(0.0..=MAX_CUSTOM_VALUE).contains(&value) {
+                    return Err(Error::invalid(format!(
+                        "`value` must be a number from 0 to {MAX_CUSTOM_VALUE:e}"
+                    )));
                 }
                 EventBody::Custom {
                     name: ShortName::parse("name", required("name", kind, self.name)?)?,

@@ -9,7 +9,11 @@
 //! * [`http`]: the API, one file per resource, merged under shared middleware.
 //! * [`event`]: raw JSON events become checked domain types; whole batches
 //!   are validated before anything is applied.
-//! * [`ingest`]: dedupes retries by `event_id` and applies a batch.
+//! * [`ingest`]: dedupes retries by `event_id`, applies a batch and journals
+//!   it before the answer; replays journals at start.
+//! * [`dedupe`]: remembered `event_id`s, bounded, a few bytes each.
+//! * [`journal`]: the write-ahead log (group commit, fsync policy, torn-tail
+//!   recovery, trim); [`record`]: a batch's compact encoding in it.
 //! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
 //!   histograms, capped free-form families, active-user sketches, "today"
 //!   counters), self-metrics, and the `Registry` that exposes them.
@@ -23,12 +27,15 @@
 //! * [`error`]: the API's error type and its JSON shape.
 
 pub mod config;
+pub mod dedupe;
 pub mod error;
 pub mod event;
 pub mod http;
 pub mod ingest;
+pub mod journal;
 pub mod metrics;
 pub mod persist;
+pub mod record;
 pub mod render_cache;
 pub mod startup;
 pub mod state;

@@ -1,11 +1,17 @@
 //! Moves counts between memory and the store: the snapshot a flush writes,
 //! the history points, and the restore at start.
 //!
-//! Restoring *adds* stored values into the cells, which are zero at start.
-//! That makes a late restore (the database was down at start and came back)
-//! still exact: what was counted meanwhile plus what was stored. No flush or
-//! history write happens before the restore, so the store is never
-//! overwritten with totals that lack it.
+//! Restoring *adds* into the cells what the store holds beyond what this
+//! process last wrote there (everything, at start). That one rule makes
+//! every late restore exact: the database was down at start and came back,
+//! a standby takes over from a stopped writer, or a writer retakes the lease
+//! after another process wrote meanwhile: memory becomes what it counted
+//! plus what others stored. No flush or history write happens before the
+//! restore, so the store is never overwritten with totals that lack it.
+//!
+//! Exactly once: a flush stores, in the same transaction as the totals, the
+//! journal LSN its snapshot covers (see `ingest`); at start only the journal
+//! past it is replayed, and the journal is trimmed up to it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -15,6 +21,7 @@ use std::time::Instant;
 use chrono::{DateTime, NaiveDate, Utc};
 use tokio::sync::Mutex;
 
+use crate::ingest::Ingest;
 use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Kind, Visitor};
 use crate::metrics::today::Calendar;
 use crate::metrics::{HistogramSnapshot, Metrics};
@@ -88,11 +95,60 @@ impl Visitor for Flatten {
     }
 }
 
-/// Every series as stored rows.
+/// Every series as stored rows. A non-finite value cannot arise from
+/// checked input (every number has a range); should one ever appear it is
+/// left out, so that one bad series never blocks every other bot's writes.
 pub fn snapshot(metrics: &Metrics) -> Vec<SeriesRow> {
     let mut flat = Flatten(Vec::with_capacity(1024));
     metrics.visit(&mut flat);
-    flat.0
+    let mut rows = flat.0;
+    let before = rows.len();
+    rows.retain(|r| r.value.is_finite());
+    if rows.len() < before {
+        tracing::error!(
+            series = before - rows.len(),
+            "non-finite values left out of the store"
+        );
+    }
+    rows
+}
+
+/// What the store holds beyond what this process believes it wrote: the
+/// part a restore adds into memory.
+fn beyond(stored: &store::Stored, written: &Flushed) -> store::Stored {
+    let series = stored
+        .series
+        .iter()
+        .filter(|r| r.value.is_finite())
+        .map(|r| {
+            let mine = written.series.get(&key(r)).copied().unwrap_or(0.0);
+            SeriesRow {
+                value: (r.value - mine).max(0.0),
+                ..r.clone()
+            }
+        })
+        .collect();
+    let daily = stored
+        .daily
+        .iter()
+        .map(|d| {
+            let mine = match written.daily.get(&(d.bot.clone(), d.name.clone())) {
+                Some((day, v)) if *day == d.day => *v,
+                _ => 0,
+            };
+            DailyRow {
+                value: (d.value - mine).max(0),
+                ..d.clone()
+            }
+        })
+        .collect();
+    store::Stored {
+        series,
+        // Sketches merge as a union: adding them again changes nothing.
+        sketches: stored.sketches.clone(),
+        daily,
+        progress: stored.progress.clone(),
+    }
 }
 
 /// What a restore did, for the start-up log.
@@ -221,6 +277,11 @@ struct Flushed {
     daily: HashMap<(String, String), (NaiveDate, i64)>,
     history: Option<Vec<SeriesRow>>,
     maintained_on: Option<NaiveDate>,
+    /// The journal LSN the store holds everything up to.
+    lsn: u64,
+    /// Whether this process's journal from before a restart was counted:
+    /// once, on the first restore.
+    replayed: bool,
 }
 
 /// The link between memory and the store, shared by the flush and history
@@ -228,7 +289,13 @@ struct Flushed {
 pub struct Persistence {
     pub store: Store,
     metrics: Arc<Metrics>,
+    ingest: Arc<Ingest>,
     retention: chrono::Duration,
+    /// Journal segments stay this long after the store holds them: the ids
+    /// in them are what dedupe remembers across a restart.
+    dedupe_window: std::time::Duration,
+    /// Why this process does not write, while it is a standby.
+    standby: std::sync::Mutex<Option<String>>,
     state: Mutex<Flushed>,
     /// Bumped by the restore (0 before it), and part of every render-cache
     /// key, so no answer rendered before a (late) restore is served after
@@ -237,11 +304,20 @@ pub struct Persistence {
 }
 
 impl Persistence {
-    pub fn new(store: Store, metrics: Arc<Metrics>, retention: std::time::Duration) -> Self {
+    pub fn new(
+        store: Store,
+        metrics: Arc<Metrics>,
+        ingest: Arc<Ingest>,
+        retention: std::time::Duration,
+        dedupe_window: std::time::Duration,
+    ) -> Self {
         Persistence {
             store,
             metrics,
+            ingest,
             retention: chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX),
+            dedupe_window,
+            standby: std::sync::Mutex::new(None),
             state: Mutex::new(Flushed::default()),
             generation: AtomicU64::new(0),
         }
@@ -264,19 +340,77 @@ impl Persistence {
         self.prepare_locked(&mut state).await
     }
 
+    /// Why this process is not writing, while it is a standby.
+    pub fn standby_reason(&self) -> Option<String> {
+        self.standby
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     async fn prepare_locked(&self, state: &mut Flushed) -> store::Result<Option<RestoreReport>> {
-        if self.is_restored() {
+        let writer = self.store.is_writer().await;
+        if self.is_restored() && writer {
             return Ok(None);
         }
+        if let Err(e) = self.store.acquire_writer().await {
+            if let store::StoreError::Standby(holder) = &e {
+                let mut standby = self.standby.lock().unwrap_or_else(|e| e.into_inner());
+                if standby.is_none() {
+                    tracing::warn!(holder = %holder, "standby: another process writes to the store; counting in memory and the journal until it stops");
+                }
+                *standby = Some(e.to_string());
+            }
+            return Err(e);
+        }
+        if self
+            .standby
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .is_some()
+        {
+            tracing::info!("the store's writer stopped; this process takes over");
+        }
+        tracing::info!(
+            backend = self.store.backend(),
+            "this process is the store's writer"
+        );
         self.store.migrate().await?;
         let stored = self.store.load().await?;
-        let report = restore(&self.metrics, &stored, Utc::now().timestamp());
+        let report = restore(
+            &self.metrics,
+            &beyond(&stored, state),
+            Utc::now().timestamp(),
+        );
         state.series = stored.series.iter().map(|r| (key(r), r.value)).collect();
         state.daily = stored
             .daily
             .iter()
             .map(|d| ((d.bot.clone(), d.name.clone()), (d.day, d.value)))
             .collect();
+        if let Some(journal) = self.ingest.journal() {
+            let applied = |id: &str| stored.progress.get(id).copied().unwrap_or(0);
+            state.lsn = state.lsn.max(applied(journal.id()));
+            if !state.replayed {
+                let replayed = self
+                    .ingest
+                    .replay_own(&self.metrics, applied(journal.id()))
+                    .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+                if replayed.records > 0 {
+                    tracing::info!(?replayed, "journal replayed past what the store held");
+                }
+                state.replayed = true;
+            }
+            let adopted = self
+                .ingest
+                .adopt_orphans(&self.metrics, applied)
+                .await
+                .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+            if adopted.records > 0 {
+                tracing::info!(?adopted, "stopped processes' journals counted");
+            }
+        }
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.metrics.selfm.store_up.set(1);
         self.maintain_locked(state, Utc::now()).await?;
@@ -299,6 +433,19 @@ impl Persistence {
         let started = Instant::now();
         let result = self.flush_inner().await;
         let selfm = &self.metrics.selfm;
+        let now = Utc::now().timestamp_millis();
+        selfm.dedupe_ids.set(self.ingest.dedupe.len() as i64);
+        selfm
+            .dedupe_window
+            .set(self.ingest.dedupe.effective_window(now).as_secs_f64());
+        if let Some(journal) = self.ingest.journal() {
+            let (backlog, max) = journal.backlog();
+            selfm.journal_backlog.set(backlog as i64);
+            selfm.journal_max.set(max as i64);
+        }
+        selfm.store_writer.set(i64::from(
+            self.store.is_writer().await && self.is_restored(),
+        ));
         match &result {
             Ok(outcome) => {
                 // An idle tick sent nothing, so it says nothing about the
@@ -328,41 +475,59 @@ impl Persistence {
         self.prepare_locked(&mut state).await?;
         let now = Utc::now();
         let mut batch = FlushBatch::default();
-        for row in snapshot(&self.metrics) {
+        // One consistent cut: no request counts while it is taken, so the
+        // snapshot holds exactly the journal up to `lsn`.
+        let (rows, sketches, daily, lsn) = self.ingest.consistent(|lsn| {
+            let rows = snapshot(&self.metrics);
+            let mut sketches = Vec::new();
+            let mut daily = Vec::new();
+            for bot in self.metrics.bots() {
+                for sketch in bot.active.take_dirty() {
+                    sketches.push(StoredSketch {
+                        bot: bot.bot.to_string(),
+                        sketch,
+                    });
+                }
+                for (name, counter) in bot.today.counters() {
+                    let (day, value) = counter.load();
+                    daily.push((bot.bot.clone(), name, Calendar::date(day), value as i64));
+                }
+            }
+            (rows, sketches, daily, lsn)
+        });
+        for row in rows {
             match state.series.get(&key(&row)) {
                 Some(stored) if *stored == row.value => {}
                 Some(_) => batch.changed.push(row),
                 None => batch.added.push(row),
             }
         }
-        for bot in self.metrics.bots() {
-            for sketch in bot.active.take_dirty() {
-                batch.sketches.push(StoredSketch {
-                    bot: bot.bot.to_string(),
-                    sketch,
+        batch.sketches = sketches;
+        for (bot, name, day, value) in daily {
+            if value > 0
+                && state.daily.get(&(bot.to_string(), name.to_owned())) != Some(&(day, value))
+            {
+                batch.daily.push(DailyRow {
+                    bot: bot.to_string(),
+                    name: name.to_owned(),
+                    day,
+                    value,
                 });
             }
-            for (name, counter) in bot.today.counters() {
-                let (day, value) = counter.load();
-                let (day, value) = (Calendar::date(day), value as i64);
-                if value > 0
-                    && state.daily.get(&(bot.bot.to_string(), name.to_owned()))
-                        != Some(&(day, value))
-                {
-                    batch.daily.push(DailyRow {
-                        bot: bot.bot.to_string(),
-                        name: name.to_owned(),
-                        day,
-                        value,
-                    });
-                }
-            }
+        }
+        if let Some(journal) = self.ingest.journal()
+            && lsn > state.lsn
+        {
+            batch.progress = Some((journal.id().to_owned(), lsn as i64));
         }
         if batch.is_empty() {
             return Ok(FlushOutcome::Idle);
         }
         let written = self.store.flush(&batch, now).await;
         if let Err(e) = written {
+            // A PostgreSQL writer whose connection dropped has lost the lease
+            // with it: let the next tick take it again (and restore).
+            self.store.lost_connection().await;
             // The sketches' change marks were taken: hand them back so the
             // retry writes them. Series and counters are diffed afresh.
             for s in &batch.sketches {
@@ -386,6 +551,14 @@ impl Persistence {
             state
                 .daily
                 .insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
+        }
+        if let Some(journal) = self.ingest.journal() {
+            state.lsn = state.lsn.max(lsn);
+            // Trimming is housekeeping: a failure leaves files to delete
+            // next time, never a wrong count.
+            if let Err(e) = journal.trim(state.lsn, self.dedupe_window).await {
+                tracing::warn!(error = %e, "journal trim failed; retried after the next flush");
+            }
         }
         Ok(FlushOutcome::Wrote {
             series: batch.changed.len() + batch.added.len(),

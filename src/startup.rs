@@ -2,6 +2,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,7 +10,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
+use crate::dedupe::Dedupe;
 use crate::ingest::Ingest;
+use crate::journal::Journal;
 use crate::metrics::{CachedEndpoint, Metrics};
 use crate::persist::Persistence;
 use crate::render_cache::RenderCache;
@@ -25,6 +28,8 @@ pub enum StartError {
     },
     #[error("--database-url: {0}")]
     Store(#[from] StoreError),
+    #[error("--data-dir: {0}")]
+    Journal(#[from] crate::journal::JournalError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
@@ -50,7 +55,14 @@ impl Application {
             config.metrics_cache_ttl.as_secs_f64(),
         )?);
         let store = Store::open(&config.database_url)?;
-        let persistence = Arc::new(Persistence::new(store, metrics.clone(), config.retention));
+        let ingest = Arc::new(open_ingest(&config, &store)?);
+        let persistence = Arc::new(Persistence::new(
+            store,
+            metrics.clone(),
+            ingest.clone(),
+            config.retention,
+            config.dedupe_window,
+        ));
         match persistence.prepare().await {
             Ok(Some(report)) => tracing::info!(
                 backend = persistence.store.backend(),
@@ -71,7 +83,7 @@ impl Application {
                     source,
                 })?;
         let state = AppState {
-            ingest: Arc::new(Ingest::new(config.dedupe_window)),
+            ingest,
             metrics_page: Arc::new(RenderCache::new(
                 CachedEndpoint::Metrics,
                 config.metrics_cache_ttl,
@@ -119,6 +131,11 @@ impl Application {
             config.history_interval,
             token.clone(),
         ));
+        let journal_sync = tokio::spawn(crate::tasks::journal_sync_loop(
+            state.ingest.clone(),
+            token.clone(),
+        ));
+        let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         tracing::info!(
             listen = %listener.local_addr().map_err(StartError::Serve)?,
@@ -133,10 +150,61 @@ impl Application {
             })
             .await;
         token.cancel();
-        let _ = tokio::join!(flush, history);
+        let _ = tokio::join!(flush, history, journal_sync);
+        crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         served.map_err(StartError::Serve)
     }
+}
+
+/// The journal and dedupe, with what the journal on disk remembers.
+fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
+    let dedupe = Dedupe::new(
+        config.dedupe_window,
+        usize::try_from(config.dedupe_max_ids).unwrap_or(usize::MAX),
+    );
+    let data_dir = match (&config.data_dir, store.sqlite_file()) {
+        _ if config.no_journal => None,
+        (Some(dir), _) => Some(dir.clone()),
+        // Beside the database file, named after it.
+        (None, Some(file)) => {
+            let mut dir = file.as_os_str().to_owned();
+            dir.push("-data");
+            Some(PathBuf::from(dir))
+        }
+        (None, None) if store.backend() == "postgres" => Some(PathBuf::from("botmetrics-data")),
+        // An in-memory SQLite database has nothing to journal for.
+        (None, None) => None,
+    };
+    let Some(data_dir) = data_dir else {
+        tracing::warn!("no journal: a 202 is durable only after the next flush");
+        return Ok(Ingest::new(dedupe, None));
+    };
+    let opened = Journal::open(
+        &data_dir,
+        &store.identity(),
+        config.journal_fsync,
+        config.journal_max_bytes,
+    )?;
+    if opened.torn_bytes > 0 {
+        tracing::warn!(
+            bytes = opened.torn_bytes,
+            "journal: a torn tail was dropped"
+        );
+    }
+    tracing::info!(
+        dir = %data_dir.display(),
+        journal = opened.journal.id(),
+        fsync = ?config.journal_fsync,
+        records = opened.journal.recovered_lsn(),
+        "journal open"
+    );
+    let ingest = Ingest::new(dedupe, Some(opened.journal));
+    let ids = ingest.remember_journal_ids(chrono::Utc::now().timestamp_millis())?;
+    if ids > 0 {
+        tracing::info!(ids, "event_ids remembered from the journal");
+    }
+    Ok(ingest)
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -7,13 +7,14 @@
 //! whatever the number of series, by passing whole columns as arrays and
 //! `unnest`-ing them server-side.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Row};
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Row};
 
 use crate::metrics::active::{Granularity, SketchRow};
 
@@ -27,6 +28,10 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is unreadable: {0}")]
     Corrupt(String),
+    #[error(
+        "standby: another botmetrics process writes to this store ({0}); this one takes over when it stops"
+    )]
+    Standby(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -68,6 +73,9 @@ pub struct FlushBatch {
     pub added: Vec<SeriesRow>,
     pub sketches: Vec<StoredSketch>,
     pub daily: Vec<DailyRow>,
+    /// (journal id, LSN): the snapshot holds that journal up to the LSN.
+    /// Written in the same transaction as the totals, never apart.
+    pub progress: Option<(String, i64)>,
 }
 
 impl FlushBatch {
@@ -76,6 +84,7 @@ impl FlushBatch {
             && self.added.is_empty()
             && self.sketches.is_empty()
             && self.daily.is_empty()
+            && self.progress.is_none()
     }
 }
 
@@ -94,6 +103,8 @@ pub struct Stored {
     pub series: Vec<SeriesRow>,
     pub sketches: Vec<StoredSketch>,
     pub daily: Vec<DailyRow>,
+    /// How far into each journal the store has applied.
+    pub progress: std::collections::HashMap<String, u64>,
 }
 
 /// A history query, already checked by the HTTP layer.
@@ -117,11 +128,43 @@ pub struct HistoryPoint {
     pub value: f64,
 }
 
+/// The database and, beside it, this process's claim to be its one writer.
+pub struct Store {
+    db: Db,
+    lease: Lease,
+}
+
 #[derive(Debug, Clone)]
-pub enum Store {
+enum Db {
     Postgres(PgPool),
     Sqlite(SqlitePool),
 }
+
+/// One writer per store. Two processes that each overwrite the totals with
+/// their own would silently lose each other's counts, so only the holder of
+/// the lease writes; any other process on the same store is a standby.
+enum Lease {
+    /// PostgreSQL: a session-level advisory lock, held by the one connection
+    /// every write goes through. If that connection drops, the server
+    /// releases the lock and no write can follow on it: the lease cannot be
+    /// lost silently.
+    Postgres {
+        options: Box<PgConnectOptions>,
+        writer: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+    },
+    /// SQLite: an OS file lock on `<database>.lock`, released when the
+    /// process exits or dies.
+    File {
+        path: PathBuf,
+        db: PathBuf,
+        held: std::sync::Mutex<Option<std::fs::File>>,
+    },
+    /// An in-memory SQLite database: nobody else can open it.
+    Exclusive,
+}
+
+/// The advisory lock key: "botmetrics" in ASCII, folded into 64 bits.
+const LEASE_KEY: i64 = 0x626f_746d_6574_7269;
 
 /// How long an operation may wait for a connection before failing, so an
 /// outage is noticed within a tick instead of hanging the task.
@@ -133,13 +176,22 @@ impl Store {
     /// first real contact.
     pub fn open(url: &str) -> Result<Store> {
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let options =
-                PgConnectOptions::from_str(url)?.log_statements(tracing::log::LevelFilter::Trace);
+            let options = PgConnectOptions::from_str(url)?
+                .log_statements(tracing::log::LevelFilter::Trace)
+                // Names this process in pg_stat_activity, which is how a
+                // standby tells the operator who holds the store.
+                .application_name(&format!("botmetrics pid {}", std::process::id()));
             let pool = PgPoolOptions::new()
                 .max_connections(4)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
-                .connect_lazy_with(options);
-            Ok(Store::Postgres(pool))
+                .connect_lazy_with(options.clone());
+            Ok(Store {
+                db: Db::Postgres(pool),
+                lease: Lease::Postgres {
+                    options: Box::new(options),
+                    writer: tokio::sync::Mutex::new(None),
+                },
+            })
         } else if url.starts_with("sqlite:") {
             let options = SqliteConnectOptions::from_str(url)?
                 .create_if_missing(true)
@@ -147,11 +199,29 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5))
                 .log_statements(tracing::log::LevelFilter::Trace);
+            let file = options.get_filename();
+            let lease = if file.as_os_str().is_empty()
+                || file.as_os_str() == ":memory:"
+                || url.contains(":memory:")
+            {
+                Lease::Exclusive
+            } else {
+                let mut path = file.as_os_str().to_owned();
+                path.push(".lock");
+                Lease::File {
+                    path: PathBuf::from(path),
+                    db: file.to_path_buf(),
+                    held: std::sync::Mutex::new(None),
+                }
+            };
             let pool = SqlitePoolOptions::new()
                 .max_connections(2)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
                 .connect_lazy_with(options);
-            Ok(Store::Sqlite(pool))
+            Ok(Store {
+                db: Db::Sqlite(pool),
+                lease,
+            })
         } else {
             Err(StoreError::Url(
                 url.split('@').next_back().unwrap_or_default().to_owned(),
@@ -159,29 +229,183 @@ impl Store {
         }
     }
 
+    /// The SQLite database file, if this is one (the journal lives beside it
+    /// by default).
+    pub fn sqlite_file(&self) -> Option<&std::path::Path> {
+        match &self.lease {
+            Lease::File { db, .. } => Some(db),
+            _ => None,
+        }
+    }
+
+    /// Names the database without credentials: which store a journal feeds.
+    pub fn identity(&self) -> String {
+        match (&self.lease, &self.db) {
+            (Lease::Postgres { options, .. }, _) => format!(
+                "postgres://{}:{}/{}",
+                options.get_host(),
+                options.get_port(),
+                options.get_database().unwrap_or_default()
+            ),
+            (Lease::File { db, .. }, _) => {
+                let path = std::fs::canonicalize(db)
+                    .or_else(|_| std::path::absolute(db))
+                    .unwrap_or_else(|_| db.clone());
+                format!("sqlite://{}", path.display())
+            }
+            (Lease::Exclusive, _) => "sqlite::memory:".to_owned(),
+        }
+    }
+
+    /// True while this process holds the lease (it is the store's writer).
+    pub async fn is_writer(&self) -> bool {
+        match &self.lease {
+            Lease::Postgres { writer, .. } => writer.lock().await.is_some(),
+            Lease::File { held, .. } => lock_ignoring_poison(held).is_some(),
+            Lease::Exclusive => true,
+        }
+    }
+
+    /// Takes the lease if nobody holds it. `Err(Standby)` names the holder
+    /// when another process has it.
+    pub async fn acquire_writer(&self) -> Result<()> {
+        match &self.lease {
+            Lease::Exclusive => Ok(()),
+            Lease::File { path, held, .. } => {
+                if lock_ignoring_poison(held).is_some() {
+                    return Ok(());
+                }
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    return Err(StoreError::Sql(sqlx::Error::Io(std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        format!("directory {} does not exist", dir.display()),
+                    ))));
+                }
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .read(true)
+                    .write(true)
+                    .open(path)
+                    .map_err(|e| StoreError::Sql(sqlx::Error::Io(e)))?;
+                match file.try_lock() {
+                    Ok(()) => {
+                        use std::io::Write;
+                        // Who holds it, for the standby's message; advisory.
+                        let _ = file.set_len(0);
+                        let _ =
+                            (&file).write_all(format!("pid {}\n", std::process::id()).as_bytes());
+                        *lock_ignoring_poison(held) = Some(file);
+                        Ok(())
+                    }
+                    Err(std::fs::TryLockError::WouldBlock) => {
+                        let holder = std::fs::read_to_string(path).unwrap_or_default();
+                        Err(StoreError::Standby(format!(
+                            "{} holds {}",
+                            holder.trim(),
+                            path.display()
+                        )))
+                    }
+                    Err(std::fs::TryLockError::Error(e)) => {
+                        Err(StoreError::Sql(sqlx::Error::Io(e)))
+                    }
+                }
+            }
+            Lease::Postgres { options, writer } => {
+                let mut writer = writer.lock().await;
+                if let Some(conn) = writer.as_mut() {
+                    // A dropped connection has lost the lock with it.
+                    if conn.ping().await.is_ok() {
+                        return Ok(());
+                    }
+                    tracing::warn!("the store's writer connection dropped; taking the lease again");
+                    *writer = None;
+                }
+                let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, options.connect())
+                    .await
+                    .map_err(|_| StoreError::Sql(sqlx::Error::PoolTimedOut))??;
+                let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
+                    .bind(LEASE_KEY)
+                    .fetch_one(&mut conn)
+                    .await?;
+                if got {
+                    *writer = Some(conn);
+                    return Ok(());
+                }
+                let holder: Option<String> = sqlx::query_scalar(
+                    "select coalesce(a.application_name, '') || ' on ' || coalesce(host(a.client_addr), 'local socket')
+                     from pg_locks l join pg_stat_activity a on a.pid = l.pid
+                     where l.locktype = 'advisory' and l.granted
+                       and ((l.classid::int8 << 32) | l.objid::int8) = $1
+                     limit 1",
+                )
+                .bind(LEASE_KEY)
+                .fetch_optional(&mut conn)
+                .await
+                .ok()
+                .flatten();
+                let _ = conn.close().await;
+                Err(StoreError::Standby(
+                    holder.unwrap_or_else(|| "another session".to_owned()),
+                ))
+            }
+        }
+    }
+
+    /// The writer connection, checked alive. Every PostgreSQL write goes
+    /// through it, so no write can happen without the lease.
+    async fn pg_writer(&self) -> Result<tokio::sync::MutexGuard<'_, Option<sqlx::PgConnection>>> {
+        let Lease::Postgres { writer, .. } = &self.lease else {
+            return Err(StoreError::Standby("no PostgreSQL lease".to_owned()));
+        };
+        let guard = writer.lock().await;
+        if guard.is_none() {
+            return Err(StoreError::Standby("the lease is not held".to_owned()));
+        }
+        Ok(guard)
+    }
+
+    /// Gives the lease up (and the writer connection with it) after a write
+    /// failed on a connection that may be gone, so the next tick takes it
+    /// again and restores what others wrote meanwhile.
+    pub async fn lost_connection(&self) {
+        if let Lease::Postgres { writer, .. } = &self.lease {
+            let mut writer = writer.lock().await;
+            if let Some(conn) = writer.as_mut()
+                && conn.ping().await.is_err()
+            {
+                *writer = None;
+            }
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
-        match self {
-            Store::Postgres(_) => "postgres",
-            Store::Sqlite(_) => "sqlite",
+        match &self.db {
+            Db::Postgres(_) => "postgres",
+            Db::Sqlite(_) => "sqlite",
         }
     }
 
     /// Applies the embedded migrations of this backend.
     pub async fn migrate(&self) -> Result<()> {
-        match self {
-            Store::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
-            Store::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
+        match &self.db {
+            // On the pool, not the writer connection: sqlx's migrator takes
+            // its own advisory lock, so two processes never migrate at once.
+            Db::Postgres(pool) => sqlx::migrate!("migrations/postgres").run(pool).await?,
+            Db::Sqlite(pool) => sqlx::migrate!("migrations/sqlite").run(pool).await?,
         }
         Ok(())
     }
 
     /// One trivial query: is the store reachable right now?
     pub async fn ping(&self) -> Result<()> {
-        match self {
-            Store::Postgres(pool) => {
+        match &self.db {
+            Db::Postgres(pool) => {
                 sqlx::query("select 1").execute(pool).await?;
             }
-            Store::Sqlite(pool) => {
+            Db::Sqlite(pool) => {
                 sqlx::query("select 1").execute(pool).await?;
             }
         }
@@ -189,9 +413,17 @@ impl Store {
     }
 
     pub async fn close(&self) {
-        match self {
-            Store::Postgres(pool) => pool.close().await,
-            Store::Sqlite(pool) => pool.close().await,
+        if let Lease::Postgres { writer, .. } = &self.lease
+            && let Some(conn) = writer.lock().await.take()
+        {
+            let _ = conn.close().await;
+        }
+        if let Lease::File { held, .. } = &self.lease {
+            lock_ignoring_poison(held).take();
+        }
+        match &self.db {
+            Db::Postgres(pool) => pool.close().await,
+            Db::Sqlite(pool) => pool.close().await,
         }
     }
 
@@ -201,15 +433,15 @@ impl Store {
         let sketches_sql = "select bot, granularity, bucket, registers from active_user_sketches";
         let daily_sql = "select bot, name, day::text as day, value from daily_counters";
         let mut stored = Stored::default();
-        match self {
-            Store::Postgres(pool) => decode(
+        match &self.db {
+            Db::Postgres(pool) => decode(
                 &mut stored,
                 &sqlx::query(series_sql).fetch_all(pool).await?,
                 &sqlx::query(sketches_sql).fetch_all(pool).await?,
                 &sqlx::query(daily_sql).fetch_all(pool).await?,
             )?,
             // SQLite keeps labels and days as text already.
-            Store::Sqlite(pool) => decode(
+            Db::Sqlite(pool) => decode(
                 &mut stored,
                 &sqlx::query(series_sql).fetch_all(pool).await?,
                 &sqlx::query(sketches_sql).fetch_all(pool).await?,
@@ -218,14 +450,25 @@ impl Store {
                     .await?,
             )?,
         }
+        let progress_sql = "select journal, applied from journal_progress";
+        let progress: Vec<(String, i64)> = match &self.db {
+            Db::Postgres(pool) => sqlx::query_as(progress_sql).fetch_all(pool).await?,
+            Db::Sqlite(pool) => sqlx::query_as(progress_sql).fetch_all(pool).await?,
+        };
+        stored.progress = progress
+            .into_iter()
+            .map(|(journal, applied)| (journal, applied.max(0) as u64))
+            .collect();
         Ok(stored)
     }
 
     /// Writes changed series, sketches and "today" counters in one
     /// transaction: on PostgreSQL one statement, one round trip.
     pub async fn flush(&self, batch: &FlushBatch, now: DateTime<Utc>) -> Result<FlushReport> {
-        match self {
-            Store::Postgres(pool) => {
+        match &self.db {
+            Db::Postgres(_) => {
+                let mut writer = self.pg_writer().await?;
+                let pool = writer.as_mut().ok_or_else(not_writer)?;
                 let sql = "
                     with updated as (
                         -- rows known to exist: one hash join, cheaper than an
@@ -255,9 +498,16 @@ impl Store {
                         on conflict (bot, name)
                         do update set day = excluded.day, value = excluded.value, last_updated = excluded.last_updated
                         returning 1
+                    ), progress as (
+                        insert into journal_progress (journal, applied, last_updated)
+                        select journal, applied, $5
+                        from unnest($18::text[], $19::int8[]) as t(journal, applied)
+                        on conflict (journal)
+                        do update set applied = excluded.applied, last_updated = excluded.last_updated
+                        returning 1
                     )
                     select (select count(*) from updated) as updated,
-                           (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) as others";
+                           (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) + (select count(*) from progress) as others";
                 let s = &batch.changed;
                 let n = &batch.added;
                 let k = &batch.sketches;
@@ -288,14 +538,22 @@ impl Store {
                     .bind(n.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
                     .bind(n.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
                     .bind(n.iter().map(|r| r.value).collect::<Vec<_>>())
-                    .fetch_one(pool)
+                    .bind(
+                        batch
+                            .progress
+                            .iter()
+                            .map(|p| p.0.as_str())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(batch.progress.iter().map(|p| p.1).collect::<Vec<_>>())
+                    .fetch_one(&mut *pool)
                     .await?;
                 let updated: i64 = row.try_get("updated")?;
                 if updated != s.len() as i64 {
                     return Ok(FlushReport { missing: true });
                 }
             }
-            Store::Sqlite(pool) => {
+            Db::Sqlite(pool) => {
                 // A local file: per-row statements inside one transaction
                 // cost no network round trips, and stay under SQLite's
                 // bound-parameter limit whatever the batch size.
@@ -346,6 +604,19 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
+                if let Some((journal, applied)) = &batch.progress {
+                    sqlx::query(
+                        "insert into journal_progress (journal, applied, last_updated)
+                         values (?, ?, ?)
+                         on conflict (journal)
+                         do update set applied = excluded.applied, last_updated = excluded.last_updated",
+                    )
+                    .bind(journal)
+                    .bind(applied)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
                 tx.commit().await?;
             }
         }
@@ -354,8 +625,10 @@ impl Store {
 
     /// Appends one point per series at `at`: one statement.
     pub async fn write_history(&self, rows: &[SeriesRow], at: DateTime<Utc>) -> Result<()> {
-        match self {
-            Store::Postgres(pool) => {
+        match &self.db {
+            Db::Postgres(_) => {
+                let mut writer = self.pg_writer().await?;
+                let pool = writer.as_mut().ok_or_else(not_writer)?;
                 sqlx::query(
                     "insert into metrics_history (recorded_at, metric, bot, labels, value)
                      select $1, metric, bot, labels::jsonb, value
@@ -366,10 +639,10 @@ impl Store {
                 .bind(rows.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.labels.as_str()).collect::<Vec<_>>())
                 .bind(rows.iter().map(|r| r.value).collect::<Vec<_>>())
-                .execute(pool)
+                .execute(&mut *pool)
                 .await?;
             }
-            Store::Sqlite(pool) => {
+            Db::Sqlite(pool) => {
                 // SQLite's json_each turns one bound JSON document into rows,
                 // so the whole tick is still one statement.
                 let doc = serde_json::to_string(
@@ -403,8 +676,10 @@ impl Store {
         let mut report = MaintenanceReport::default();
         let hour_floor = now.timestamp().div_euclid(3600) - 48;
         let day_floor = now.timestamp().div_euclid(86_400) - 32;
-        match self {
-            Store::Postgres(pool) => {
+        match &self.db {
+            Db::Postgres(_) => {
+                let mut writer = self.pg_writer().await?;
+                let pool = writer.as_mut().ok_or_else(not_writer)?;
                 let today = now.date_naive();
                 for offset in 0..3 {
                     let day = today + chrono::Days::new(offset);
@@ -415,7 +690,7 @@ impl Store {
                         "create table if not exists {} partition of metrics_history for values from ('{day}') to ('{next}')",
                         partition_name(day)
                     )))
-                    .execute(pool)
+                    .execute(&mut *pool)
                     .await;
                     created?;
                     report.partitions_ensured += 1;
@@ -426,7 +701,7 @@ impl Store {
                      join pg_class p on p.oid = i.inhparent
                      where p.relname = 'metrics_history'",
                 )
-                .fetch_all(pool)
+                .fetch_all(&mut *pool)
                 .await?;
                 for name in partitions {
                     let Some(day) = partition_day(&name) else {
@@ -435,7 +710,7 @@ impl Store {
                     // A partition goes once all of it is past the cutoff.
                     if day + chrono::Days::new(1) <= cutoff.date_naive() {
                         sqlx::query(AssertSqlSafe(format!("drop table if exists {name}")))
-                            .execute(pool)
+                            .execute(&mut *pool)
                             .await?;
                         report.partitions_dropped.push(name);
                     }
@@ -446,10 +721,10 @@ impl Store {
                 )
                 .bind(hour_floor)
                 .bind(day_floor)
-                .execute(pool)
+                .execute(&mut *pool)
                 .await?;
             }
-            Store::Sqlite(pool) => {
+            Db::Sqlite(pool) => {
                 let deleted = sqlx::query("delete from metrics_history where recorded_at < ?")
                     .bind(cutoff.timestamp())
                     .execute(pool)
@@ -470,8 +745,8 @@ impl Store {
 
     /// History points, downsampled server-side to the last value per step.
     pub async fn history(&self, q: &HistoryQuery) -> Result<Vec<HistoryPoint>> {
-        let rows = match self {
-            Store::Postgres(pool) => {
+        let rows = match &self.db {
+            Db::Postgres(pool) => {
                 sqlx::query(
                     "select bot, labels, recorded_at, value from (
                         select bot, labels::text as labels, recorded_at, value,
@@ -504,7 +779,7 @@ impl Store {
                 })
                 .collect::<Result<Vec<_>, sqlx::Error>>()?
             }
-            Store::Sqlite(pool) => sqlx::query(
+            Db::Sqlite(pool) => sqlx::query(
                 "select bot, labels, recorded_at, value from (
                     select bot, labels, recorded_at, value,
                            row_number() over (
@@ -554,6 +829,14 @@ pub struct MaintenanceReport {
 /// `metrics_history_20261124`: one partition per UTC day.
 pub fn partition_name(day: NaiveDate) -> String {
     format!("metrics_history_{}", day.format("%Y%m%d"))
+}
+
+fn not_writer() -> StoreError {
+    StoreError::Standby("the lease is not held".to_owned())
+}
+
+fn lock_ignoring_poison<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn partition_day(name: &str) -> Option<NaiveDate> {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use crate::ingest::Ingest;
 use crate::persist::{FlushOutcome, Persistence};
 
 /// The first retry after a failed flush; doubled up to the flush interval.
@@ -58,8 +59,37 @@ pub async fn flush_loop(
     // The last flush on the way out: what was counted since the last tick.
     match persistence.flush_once().await {
         Ok(outcome) => tracing::info!(?outcome, "final flush done"),
-        Err(e) => {
-            tracing::error!(error = %e, "final flush failed; events since the last flush are lost")
+        Err(e) => tracing::warn!(
+            error = %e,
+            "final flush failed; the journal keeps every acknowledged event and the next start counts them"
+        ),
+    }
+}
+
+/// Fsyncs the journal once a second (the `everysec` promise), and once
+/// more on the way out, after the final flush.
+pub async fn journal_sync_loop(ingest: Arc<Ingest>, shutdown: CancellationToken) {
+    let Some(journal) = ingest.journal() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            _ = ticker.tick() => {}
+        }
+        // A failure is logged where it happens and refuses new events.
+        let _ = journal.sync().await;
+    }
+}
+
+/// The journal's last sync before exit: everything acknowledged is on disk.
+pub async fn final_journal_sync(ingest: &Ingest) {
+    if let Some(journal) = ingest.journal() {
+        match journal.sync().await {
+            Ok(()) => tracing::info!(last_lsn = journal.last_lsn(), "journal synced"),
+            Err(e) => tracing::error!(error = %e, "final journal sync failed"),
         }
     }
 }

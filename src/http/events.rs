@@ -80,10 +80,11 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Acc
         }
     })?;
 
-    let now = chrono::Utc::now().timestamp();
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now = now_ms.div_euclid(1000);
     let max_batch = usize::try_from(config.max_batch).unwrap_or(usize::MAX);
     let events = parse_batch(&bytes, format, max_batch, now)?;
-    Ok(state.ingest.apply(bot, &events))
+    Ok(state.ingest.apply(bot, &events, now_ms).await?)
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat> {

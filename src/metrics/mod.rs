@@ -60,6 +60,11 @@ pub struct SelfMetrics {
     pub store_up: IntGauge,
     pub last_flush: Gauge,
     pub label_overflow: IntCounterVec,
+    pub dedupe_ids: IntGauge,
+    pub dedupe_window: Gauge,
+    pub journal_backlog: IntGauge,
+    pub journal_max: IntGauge,
+    pub store_writer: IntGauge,
 }
 
 const STORE_BUCKETS: &[f64] = &[
@@ -187,6 +192,41 @@ impl SelfMetrics {
                 Gauge::new(
                     "botmetrics_last_flush_timestamp_seconds",
                     "Unix time of the last successful flush.",
+                )?,
+            )?,
+            dedupe_ids: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_dedupe_ids",
+                    "event_ids remembered for dedupe right now (bound: --dedupe-max-ids).",
+                )?,
+            )?,
+            dedupe_window: reg(
+                registry,
+                Gauge::new(
+                    "botmetrics_dedupe_window_seconds",
+                    "How far back event_ids are remembered: --dedupe-window, or less once --dedupe-max-ids made the oldest be forgotten early.",
+                )?,
+            )?,
+            journal_backlog: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_journal_backlog_bytes",
+                    "Journal bytes not yet applied to the store; new events get 503 past botmetrics_journal_max_bytes.",
+                )?,
+            )?,
+            journal_max: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_journal_max_bytes",
+                    "The journal backlog bound (--journal-max-bytes).",
+                )?,
+            )?,
+            store_writer: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_store_writer",
+                    "1 while this process holds the store's one-writer lease, 0 while it is a standby.",
                 )?,
             )?,
             label_overflow: reg(

@@ -343,15 +343,28 @@ async fn no_user_id_in_the_database_sqlite() {
     store_with_distinctive_ids(&db.url()).await;
     let dir = db.path().parent().unwrap().to_owned();
     let mut files = 0;
+    let mut journal_files = 0;
     let mut all = Vec::new();
-    for entry in std::fs::read_dir(&dir).expect("read the database directory") {
-        let path = entry.expect("entry").path();
-        let bytes = std::fs::read(&path).expect("read a database file");
-        assert_absent(&bytes, &path.display().to_string());
-        all.extend(bytes);
-        files += 1;
+    // Every file the server wrote, the journal's segments included.
+    let mut pending = vec![dir];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read the database directory") {
+            let path = entry.expect("entry").path();
+            if path.is_dir() {
+                pending.push(path);
+                continue;
+            }
+            let bytes = std::fs::read(&path).expect("read a database file");
+            assert_absent(&bytes, &path.display().to_string());
+            if path.extension().is_some_and(|e| e == "wal") && bytes.len() > 12 {
+                journal_files += 1;
+            }
+            all.extend(bytes);
+            files += 1;
+        }
     }
     assert!(files >= 1);
+    assert!(journal_files >= 1, "the journal was searched too");
     // Sanity: the dump holds what was stored.
     for present in [
         "bot_messages_total",

@@ -63,6 +63,12 @@ pub fn have(tool: &str, package: &str) -> bool {
 /// and `write_history_once` itself).
 pub fn config(tokens: &str, database_url: &str) -> Config {
     let mut config = Config::for_tests(tokens, database_url);
+    // A SQLite file keeps its journal beside it (in the test's own temp
+    // dir); a PostgreSQL test database gets a journal directory named after
+    // it, so restarts within a test find their journal and tests never meet.
+    if database_url.starts_with("postgres") {
+        config.data_dir = Some(pg_data_dir(database_url));
+    }
     config.metrics_cache_ttl = Duration::ZERO;
     config.flush_interval = Duration::from_secs(3600);
     config.history_interval = Duration::from_secs(3600);
@@ -103,6 +109,12 @@ fn unique_suffix() -> String {
         .unwrap()
         .as_nanos();
     format!("{:016x}", RandomState::new().hash_one(nanos))
+}
+
+/// The journal directory of a PostgreSQL test database.
+pub fn pg_data_dir(database_url: &str) -> PathBuf {
+    let name = database_url.rsplit('/').next().unwrap_or("db");
+    std::env::temp_dir().join(format!("botmetrics-pgdata-{name}"))
 }
 
 /// A database of its own on the test PostgreSQL server, dropped at the end.
@@ -173,6 +185,7 @@ impl Drop for PgDatabase {
         // does the cleanup so a failed test does not leak databases.
         let admin_url = self.admin_url.clone();
         let name = self.name.clone();
+        let _ = std::fs::remove_dir_all(pg_data_dir(&self.url));
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -642,6 +655,10 @@ impl Binary {
             "--metrics-cache-ttl",
             "0s",
         ];
+        let data_dir = pg_data_dir(database_url).display().to_string();
+        if database_url.starts_with("postgres") && !flags.contains(&"--data-dir") {
+            args.extend(["--data-dir", &data_dir]);
+        }
         args.extend_from_slice(flags);
         Binary::start(&args, &[]).await
     }

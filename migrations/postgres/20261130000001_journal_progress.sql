@@ -1,0 +1,8 @@
+-- how far into each process's journal the store has applied, written in the
+-- same transaction as the totals it covers: on start, only journal records
+-- past this point are replayed, so nothing is counted twice.
+create table journal_progress (
+    journal      text        not null primary key,
+    applied      bigint      not null,
+    last_updated timestamptz not null
+);

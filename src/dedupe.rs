@@ -1,0 +1,282 @@
+//! Remembered `event_id`s: a retry within the dedupe window is counted once.
+//!
+//! An id is remembered as a 64-bit keyed hash of (bot, id) in one of a ring
+//! of time buckets, so each costs a fixed few bytes (a hash-set slot: 8
+//! bytes plus a control byte, at most twice that while a set grows) instead
+//! of a general cache entry. A bucket expires whole: dropping a set of
+//! plain integers frees its one allocation, so expiry never stalls a
+//! request however many ids it forgets.
+//!
+//! Memory is bounded by `max_ids`: past it, the oldest bucket is forgotten
+//! early and [`Dedupe::effective_window`] says how far back ids are still
+//! remembered. The hash key is fixed so that ids read back from the journal
+//! after a restart hash as they did before it.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::time::Duration;
+
+/// The SipHash key for (bot, event_id). Fixed, so a restart recognises ids
+/// remembered before it.
+const ID_HASH_KEY: u128 = 0x6274_6d65_7472_6963_732d_6964_732d_7631;
+
+/// Buckets per window: an id is remembered for between one window and one
+/// window plus a bucket (1/16 more).
+const BUCKETS: u32 = 16;
+
+/// Shards, each under its own lock, so concurrent requests rarely contend.
+const SHARDS: usize = 16;
+
+/// The key of a remembered id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct IdHash(pub u64);
+
+static ID_HASHER: std::sync::LazyLock<hyperloglockless::DefaultHasher> =
+    std::sync::LazyLock::new(|| {
+        hyperloglockless::DefaultHasher::seeded(&ID_HASH_KEY.to_be_bytes())
+    });
+
+impl IdHash {
+    pub fn of(bot: &str, event_id: &str) -> IdHash {
+        IdHash(ID_HASHER.hash_one((bot, event_id)))
+    }
+}
+
+/// The keys are already uniform hashes: hashing them again is wasted work.
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type IdSet = HashSet<u64, BuildHasherDefault<PassThrough>>;
+
+struct Bucket {
+    /// Arrival time (unix milliseconds) / bucket length.
+    number: i64,
+    ids: IdSet,
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Oldest first.
+    buckets: VecDeque<Bucket>,
+    /// The first bucket number this shard still remembers in full, once the
+    /// memory bound made it forget a bucket early.
+    floor: i64,
+}
+
+pub struct Dedupe {
+    /// Bucket length in milliseconds; `None` when dedupe is off
+    /// (`--dedupe-window 0s`).
+    bucket_ms: Option<i64>,
+    shards: Vec<Mutex<Shard>>,
+    max_ids: usize,
+    len: AtomicUsize,
+}
+
+/// Whether an id was new.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seen {
+    First,
+    Duplicate,
+}
+
+impl Dedupe {
+    pub fn new(window: Duration, max_ids: usize) -> Self {
+        let bucket_ms = (!window.is_zero()).then(|| {
+            let ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
+            ms.div_ceil(u64::from(BUCKETS)).clamp(1, i64::MAX as u64) as i64
+        });
+        Dedupe {
+            bucket_ms,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            max_ids: max_ids.max(SHARDS),
+            len: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.bucket_ms.is_some()
+    }
+
+    /// Remembers `id` as seen at `now_ms` (unix milliseconds); says whether
+    /// it had been seen within the window.
+    pub fn check(&self, id: IdHash, now_ms: i64) -> Seen {
+        let Some(bucket_ms) = self.bucket_ms else {
+            return Seen::First;
+        };
+        let number = now_ms.div_euclid(bucket_ms);
+        let mut shard = self.shard(id).lock().unwrap_or_else(|e| e.into_inner());
+        self.expire(&mut shard, number);
+        if shard.buckets.iter().any(|b| b.ids.contains(&id.0)) {
+            return Seen::Duplicate;
+        }
+        self.insert_locked(&mut shard, id, number);
+        Seen::First
+    }
+
+    /// Remembers an id read back from the journal at start, as seen at
+    /// `at_ms` (unix milliseconds).
+    pub fn remember(&self, id: IdHash, at_ms: i64, now_ms: i64) {
+        let Some(bucket_ms) = self.bucket_ms else {
+            return;
+        };
+        let number = at_ms.div_euclid(bucket_ms);
+        let mut shard = self.shard(id).lock().unwrap_or_else(|e| e.into_inner());
+        self.expire(&mut shard, now_ms.div_euclid(bucket_ms));
+        if number <= now_ms.div_euclid(bucket_ms) - i64::from(BUCKETS)
+            || shard.buckets.iter().any(|b| b.ids.contains(&id.0))
+        {
+            return;
+        }
+        self.insert_locked(&mut shard, id, number);
+    }
+
+    fn shard(&self, id: IdHash) -> &Mutex<Shard> {
+        // The low bits pick the hash-set slot; the high bits pick the shard.
+        &self.shards[(id.0 >> 60) as usize % SHARDS]
+    }
+
+    fn insert_locked(&self, shard: &mut Shard, id: IdHash, number: i64) {
+        // Buckets stay ordered by number; ids read back at start may be older
+        // than the newest bucket.
+        let position = shard.buckets.iter().rposition(|b| b.number <= number);
+        match position {
+            Some(i) if shard.buckets[i].number == number => {
+                shard.buckets[i].ids.insert(id.0);
+            }
+            _ => {
+                let at = position.map_or(0, |i| i + 1);
+                let mut ids = IdSet::default();
+                ids.insert(id.0);
+                shard.buckets.insert(at, Bucket { number, ids });
+            }
+        }
+        let len = self.len.fetch_add(1, Relaxed) + 1;
+        // Over the bound: this shard forgets its oldest bucket early. Each
+        // shard holds about 1/SHARDS of the ids, so this keeps the whole
+        // within the bound without a global lock.
+        if len > self.max_ids
+            && shard.buckets.len() > 1
+            && let Some(oldest) = shard.buckets.pop_front()
+        {
+            self.len.fetch_sub(oldest.ids.len(), Relaxed);
+            shard.floor = shard.floor.max(oldest.number + 1);
+        }
+    }
+
+    fn expire(&self, shard: &mut Shard, now_number: i64) {
+        while shard
+            .buckets
+            .front()
+            .is_some_and(|b| b.number <= now_number - i64::from(BUCKETS))
+        {
+            if let Some(old) = shard.buckets.pop_front() {
+                self.len.fetch_sub(old.ids.len(), Relaxed);
+            }
+        }
+    }
+
+    /// Ids remembered right now.
+    pub fn len(&self) -> usize {
+        self.len.load(Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How far back ids are remembered at `now`: the configured window,
+    /// or less when the memory bound made shards forget early.
+    pub fn effective_window(&self, now_ms: i64) -> Duration {
+        let Some(bucket_ms) = self.bucket_ms else {
+            return Duration::ZERO;
+        };
+        let now_number = now_ms.div_euclid(bucket_ms);
+        let full = now_number - i64::from(BUCKETS) + 1;
+        let reach = self
+            .shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).floor)
+            .fold(full, i64::max);
+        // Whole buckets reach back to `reach`; the newest is partly filled.
+        Duration::from_millis(((now_number - reach) * bucket_ms).max(0) as u64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_repeat_within_the_window_is_a_duplicate() {
+        let d = Dedupe::new(Duration::from_secs(600), 1_000_000);
+        let id = IdHash::of("bot", "e1");
+        assert_eq!(d.check(id, NOW), Seen::First);
+        assert_eq!(d.check(id, NOW + 599_000), Seen::Duplicate);
+        assert_eq!(d.check(IdHash::of("other", "e1"), NOW), Seen::First);
+        assert_eq!(d.len(), 2);
+    }
+
+    #[test]
+    fn ids_expire_after_the_window_plus_at_most_a_bucket() {
+        let d = Dedupe::new(Duration::from_secs(160), 1_000_000);
+        let id = IdHash::of("bot", "e1");
+        assert_eq!(d.check(id, NOW), Seen::First);
+        assert_eq!(d.check(id, NOW + 170_000), Seen::First);
+        assert_eq!(d.len(), 1, "the expired bucket was dropped");
+    }
+
+    #[test]
+    fn the_memory_bound_forgets_the_oldest_first_and_says_so() {
+        let d = Dedupe::new(Duration::from_secs(1600), 16 * 100);
+        for t in 0..16 {
+            for i in 0..200 {
+                d.check(IdHash::of("bot", &format!("{t}-{i}")), NOW + t * 100_000);
+            }
+        }
+        assert!(d.len() <= 16 * 100 + 16 * 200, "bounded: {}", d.len());
+        let window = d.effective_window(NOW + 1_500_000);
+        assert!(window < Duration::from_secs(1600), "{window:?}");
+        // The newest ids are still remembered.
+        assert_eq!(
+            d.check(IdHash::of("bot", "15-199"), NOW + 1_500_000),
+            Seen::Duplicate
+        );
+    }
+
+    #[test]
+    fn off_when_the_window_is_zero() {
+        let d = Dedupe::new(Duration::ZERO, 10);
+        let id = IdHash::of("bot", "e1");
+        assert_eq!(d.check(id, NOW), Seen::First);
+        assert_eq!(d.check(id, NOW), Seen::First);
+        assert_eq!(d.effective_window(NOW), Duration::ZERO);
+    }
+
+    #[test]
+    fn ids_read_back_at_start_are_duplicates() {
+        let d = Dedupe::new(Duration::from_secs(600), 1_000);
+        let id = IdHash::of("bot", "e1");
+        d.remember(id, NOW - 100_000, NOW);
+        d.remember(IdHash::of("bot", "old"), NOW - 10_000_000, NOW);
+        assert_eq!(d.check(id, NOW), Seen::Duplicate);
+        assert_eq!(d.check(IdHash::of("bot", "old"), NOW), Seen::First);
+    }
+}

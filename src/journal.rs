@@ -1,0 +1,818 @@
+//! The journal: a local write-ahead log of accepted batches, written before
+//! their 202 goes out, so an acknowledged event survives a crash.
+//!
+//! Four verbs: [`Journal::append`] + [`Journal::commit`] (group commit),
+//! [`Journal::sync`], [`Journal::replay`] and [`Journal::trim`]. Callers
+//! never see files or offsets, only log sequence numbers (LSNs).
+//!
+//! # On disk
+//!
+//! A journal is a directory `<data-dir>/journal/j-<id>/` holding a `lock`
+//! file (whoever holds its lock owns the journal) and segments named by their
+//! first LSN. A segment opens with a header (magic `BMJ`, format version,
+//! first LSN) followed by records, each framed as
+//!
+//! ```text
+//! u32 length | u32 crc32(payload) | payload = u64 lsn | i64 unix seconds | body
+//! ```
+//!
+//! all little-endian. As in SQLite's WAL frames and Redis' AOF loader, a
+//! record whose length runs past the end of the file or whose checksum fails
+//! is a torn write: it and everything after it in that segment are dropped
+//! (the file is truncated there), never misread. Segments are never appended
+//! to after a restart; writing resumes in a new one.
+//!
+//! # Durability
+//!
+//! Concurrent requests share one `write(2)`: the first to reach the file
+//! writes everything queued so far (PostgreSQL's and Kafka's group commit).
+//! With `everysec` a 202 waits for that write (it survives the process
+//! being killed) and a background task fsyncs once a second (power loss
+//! costs at most that second, as Redis' `appendfsync everysec`); with
+//! `always` it waits for the fsync too; with `no` the kernel decides.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use clap::ValueEnum;
+
+/// When the journal is fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FsyncPolicy {
+    /// Before every 202: no acknowledged event is lost even on power loss;
+    /// each answer waits for the disk.
+    Always,
+    /// Once a second (the default): a 202 waits only for the write into the
+    /// OS; power loss can cost the last second, a crash of the process
+    /// nothing.
+    Everysec,
+    /// Never explicitly: the kernel writes back when it likes (typically
+    /// within 30 s). A crash of the process loses nothing.
+    No,
+}
+
+const MAGIC: &[u8; 4] = b"BMJ\x01";
+const HEADER_LEN: u64 = 12;
+const FRAME_LEN: usize = 8;
+/// Longest record accepted when reading: far above any batch the HTTP limits
+/// allow, so a garbage length is recognised as a torn tail.
+const MAX_RECORD: u32 = 256 << 20;
+/// A segment is closed once it is this large...
+const SEGMENT_BYTES: u64 = 16 << 20;
+/// ...or this old, so a quiet journal can still be trimmed.
+const SEGMENT_AGE: Duration = Duration::from_secs(600);
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal directory {path}: {source}")]
+    Dir { path: PathBuf, source: io::Error },
+    #[error("journal write failed: {0}")]
+    Io(#[from] io::Error),
+    #[error("an earlier journal write failed; nothing more is accepted until restart")]
+    Broken,
+    #[error(
+        "the journal holds {bytes} bytes not yet in the store (bound {max}); the store must catch up first"
+    )]
+    Full { bytes: u64, max: u64 },
+}
+
+pub type Result<T, E = JournalError> = std::result::Result<T, E>;
+
+/// A segment already closed: it is only read and, once trimmed, deleted.
+#[derive(Debug)]
+struct Sealed {
+    path: PathBuf,
+    last: u64,
+    bytes: u64,
+    closed_at: SystemTime,
+}
+
+/// What is queued for the next group write.
+struct Pending {
+    buf: Vec<u8>,
+    /// The last LSN handed out.
+    last: u64,
+}
+
+struct Segment {
+    file: File,
+    path: PathBuf,
+    bytes: u64,
+    opened: Instant,
+}
+
+/// A journal this process owns.
+pub struct Journal {
+    id: String,
+    /// `<data-dir>/journal`, where other processes' journals are found.
+    root: PathBuf,
+    /// Which store this journal feeds (see [`Journal::open`]).
+    store: String,
+    dir: PathBuf,
+    policy: FsyncPolicy,
+    max_bytes: u64,
+    /// Held for the life of the journal: the OS releases it if we die.
+    _lock: File,
+    pending: Mutex<Pending>,
+    /// The segment being written; a tokio mutex because the group writer
+    /// holds it across nothing but its own write and fsync.
+    current: tokio::sync::Mutex<Segment>,
+    sealed: Mutex<Vec<Sealed>>,
+    written: AtomicU64,
+    synced: AtomicU64,
+    /// The current segment's size, readable without its lock.
+    current_bytes: AtomicU64,
+    /// What the store has applied; bytes past it count against `max_bytes`.
+    applied: AtomicU64,
+    /// The last LSN found on disk at open: records up to it are replayed.
+    recovered: u64,
+    broken: AtomicBool,
+}
+
+/// A record handed to [`Journal::replay`].
+pub struct Record<'a> {
+    pub lsn: u64,
+    /// When it was appended (unix seconds).
+    pub at: i64,
+    pub body: &'a [u8],
+}
+
+/// An unlocked journal of a process that has stopped (or died): its records
+/// past what the store applied still have to be counted.
+pub struct Orphan {
+    pub id: String,
+    dir: PathBuf,
+    lock: File,
+}
+
+/// What opening found.
+pub struct Opened {
+    pub journal: Journal,
+    /// Records dropped from a torn tail.
+    pub torn_bytes: u64,
+}
+
+impl Journal {
+    /// Opens the journal under `data_dir` for `store` (the database it feeds):
+    /// continues the first such journal no running process holds (this
+    /// process's own, before a restart), or starts a new one.
+    pub fn open(
+        data_dir: &Path,
+        store: &str,
+        policy: FsyncPolicy,
+        max_bytes: u64,
+    ) -> Result<Opened> {
+        let root = data_dir.join("journal");
+        let dir_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| JournalError::Dir { path, source }
+        };
+        fs::create_dir_all(&root).map_err(dir_err(&root))?;
+        let mut mine: Option<(String, PathBuf, File)> = None;
+        let mut entries: Vec<PathBuf> = fs::read_dir(&root)
+            .map_err(dir_err(&root))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        entries.sort();
+        for dir in entries {
+            let Some(id) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("j-"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            // A journal written for another store is none of ours, even
+            // when two configurations share a data directory.
+            if fs::read_to_string(dir.join("store")).ok().as_deref() != Some(store) {
+                continue;
+            }
+            let Some(lock) = try_lock(&dir).map_err(dir_err(&dir))? else {
+                continue; // held by a running process
+            };
+            mine = Some((id, dir, lock));
+            break;
+        }
+        let (id, dir, lock) = match mine {
+            Some(found) => found,
+            None => {
+                let id = new_id();
+                let dir = root.join(format!("j-{id}"));
+                fs::create_dir_all(&dir).map_err(dir_err(&dir))?;
+                fs::write(dir.join("store"), store).map_err(dir_err(&dir))?;
+                let lock =
+                    try_lock(&dir)
+                        .map_err(dir_err(&dir))?
+                        .ok_or_else(|| JournalError::Dir {
+                            path: dir.clone(),
+                            source: io::Error::other("a new journal is locked by someone else"),
+                        })?;
+                (id, dir, lock)
+            }
+        };
+        let (sealed, last, torn_bytes) = recover(&dir)?;
+        let current = Segment::create(&dir, last + 1)?;
+        let journal = Journal {
+            id,
+            root,
+            store: store.to_owned(),
+            dir,
+            policy,
+            max_bytes,
+            _lock: lock,
+            pending: Mutex::new(Pending {
+                buf: Vec::with_capacity(64 << 10),
+                last,
+            }),
+            current: tokio::sync::Mutex::new(current),
+            sealed: Mutex::new(sealed),
+            written: AtomicU64::new(last),
+            synced: AtomicU64::new(last),
+            current_bytes: AtomicU64::new(HEADER_LEN),
+            applied: AtomicU64::new(0),
+            recovered: last,
+            broken: AtomicBool::new(false),
+        };
+        Ok(Opened {
+            journal,
+            torn_bytes,
+        })
+    }
+
+    /// The journals of this store that no running process holds: those of
+    /// processes that stopped or died. Each is locked while its handle lives.
+    pub fn orphans(&self) -> Result<Vec<Orphan>> {
+        let dir_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| JournalError::Dir { path, source }
+        };
+        let mut found = Vec::new();
+        let mut entries: Vec<PathBuf> = fs::read_dir(&self.root)
+            .map_err(dir_err(&self.root))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.is_dir() && *p != self.dir)
+            .collect();
+        entries.sort();
+        for dir in entries {
+            let Some(id) = dir
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix("j-"))
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if fs::read_to_string(dir.join("store")).ok().as_deref() != Some(self.store.as_str()) {
+                continue;
+            }
+            if let Some(lock) = try_lock(&dir).map_err(dir_err(&dir))? {
+                found.push(Orphan { id, dir, lock });
+            }
+        }
+        Ok(found)
+    }
+
+    /// This journal's name in the store's progress table.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The last LSN handed out: every record up to it is in memory.
+    pub fn last_lsn(&self) -> u64 {
+        self.lock_pending().last
+    }
+
+    /// The last LSN that was on disk when the journal was opened.
+    pub fn recovered_lsn(&self) -> u64 {
+        self.recovered
+    }
+
+    /// Bytes of records the store has not applied yet, and the bound.
+    pub fn backlog(&self) -> (u64, u64) {
+        let applied = self.applied.load(Ordering::Relaxed);
+        let sealed: u64 = self
+            .lock_sealed()
+            .iter()
+            .filter(|s| s.last > applied)
+            .map(|s| s.bytes)
+            .sum();
+        let pending = self.lock_pending().buf.len() as u64;
+        // The current segment counts while it holds anything unapplied; a
+        // segment the store holds whole is closed by `trim`.
+        let current = if self.written.load(Ordering::Acquire) > applied {
+            self.current_bytes.load(Ordering::Relaxed)
+        } else {
+            0
+        };
+        (sealed + current + pending, self.max_bytes)
+    }
+
+    /// Refuses new records while the backlog is over the bound.
+    pub fn check_room(&self) -> Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(JournalError::Broken);
+        }
+        let (bytes, max) = self.backlog();
+        if bytes > max {
+            return Err(JournalError::Full { bytes, max });
+        }
+        Ok(())
+    }
+
+    /// Queues a record and returns its LSN. Cheap and synchronous: call
+    /// [`Journal::commit`] with the LSN before answering.
+    pub fn append(&self, at: i64, body: &[u8]) -> u64 {
+        let mut pending = self.lock_pending();
+        let lsn = pending.last + 1;
+        pending.last = lsn;
+        let len = (16 + body.len()) as u32;
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&lsn.to_le_bytes());
+        crc.update(&at.to_le_bytes());
+        crc.update(body);
+        let buf = &mut pending.buf;
+        buf.extend_from_slice(&len.to_le_bytes());
+        buf.extend_from_slice(&crc.finalize().to_le_bytes());
+        buf.extend_from_slice(&lsn.to_le_bytes());
+        buf.extend_from_slice(&at.to_le_bytes());
+        buf.extend_from_slice(body);
+        lsn
+    }
+
+    fn durable(&self, lsn: u64) -> bool {
+        match self.policy {
+            FsyncPolicy::Always => self.synced.load(Ordering::Acquire) >= lsn,
+            FsyncPolicy::Everysec | FsyncPolicy::No => self.written.load(Ordering::Acquire) >= lsn,
+        }
+    }
+
+    /// Returns once record `lsn` is as durable as the policy promises. The
+    /// first caller to get the file writes everything queued, its own
+    /// record and those of everyone waiting behind it.
+    pub async fn commit(&self, lsn: u64) -> Result<()> {
+        loop {
+            if self.broken.load(Ordering::Relaxed) {
+                return Err(JournalError::Broken);
+            }
+            if self.durable(lsn) {
+                return Ok(());
+            }
+            let mut segment = self.current.lock().await;
+            if self.durable(lsn) {
+                return Ok(());
+            }
+            let result = self.write_pending(&mut segment);
+            let result = result.and_then(|()| {
+                if self.policy == FsyncPolicy::Always {
+                    self.sync_locked(&mut segment)
+                } else {
+                    Ok(())
+                }
+            });
+            if let Err(e) = result {
+                // What was taken from the queue may be half on disk: the
+                // journal can no longer promise anything, so it says so.
+                self.broken.store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, dir = %self.dir.display(), "journal write failed; new events are refused until restart");
+                return Err(e.into());
+            }
+        }
+    }
+
+    fn write_pending(&self, segment: &mut Segment) -> io::Result<()> {
+        let (buf, last) = {
+            let mut pending = self.lock_pending();
+            let cap = pending.buf.capacity();
+            (
+                std::mem::replace(&mut pending.buf, Vec::with_capacity(cap)),
+                pending.last,
+            )
+        };
+        if buf.is_empty() {
+            return Ok(());
+        }
+        segment.file.write_all(&buf)?;
+        segment.bytes += buf.len() as u64;
+        self.current_bytes.store(segment.bytes, Ordering::Relaxed);
+        self.written.store(last, Ordering::Release);
+        if segment.bytes >= SEGMENT_BYTES || segment.opened.elapsed() >= SEGMENT_AGE {
+            self.rotate(segment, last)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the current segment (fsynced) and starts the next at `last + 1`.
+    fn rotate(&self, segment: &mut Segment, last: u64) -> io::Result<()> {
+        segment.file.sync_data()?;
+        self.synced.store(last, Ordering::Release);
+        let next = Segment::create(&self.dir, last + 1)?;
+        let old = std::mem::replace(segment, next);
+        self.current_bytes.store(HEADER_LEN, Ordering::Relaxed);
+        self.lock_sealed().push(Sealed {
+            path: old.path,
+            last,
+            bytes: old.bytes,
+            closed_at: SystemTime::now(),
+        });
+        Ok(())
+    }
+
+    fn sync_locked(&self, segment: &mut Segment) -> io::Result<()> {
+        let written = self.written.load(Ordering::Acquire);
+        if self.synced.load(Ordering::Acquire) < written {
+            segment.file.sync_data()?;
+            self.synced.store(written, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    /// Writes whatever is queued and fsyncs: the once-a-second tick, and the
+    /// last thing before exit.
+    pub async fn sync(&self) -> Result<()> {
+        if self.broken.load(Ordering::Relaxed) {
+            return Err(JournalError::Broken);
+        }
+        let mut segment = self.current.lock().await;
+        self.write_pending(&mut segment)?;
+        self.sync_locked(&mut segment)?;
+        Ok(())
+    }
+
+    /// Calls `f` with every intact record whose LSN is in `(after, upto]`,
+    /// in order, reading the segments from disk.
+    pub fn replay(&self, after: u64, upto: u64, f: impl FnMut(Record<'_>)) -> Result<u64> {
+        replay_dir(&self.dir, after, upto, f)
+    }
+
+    /// The store holds everything up to `applied`: segments wholly before
+    /// it, and older than `keep` (ids in them are still wanted by dedupe
+    /// after a restart), are deleted.
+    pub async fn trim(&self, applied: u64, keep: Duration) -> Result<usize> {
+        self.applied.fetch_max(applied, Ordering::Relaxed);
+        {
+            // The store holds everything written: close the segment, so that
+            // it counts no more against the backlog and can be deleted.
+            let mut segment = self.current.lock().await;
+            if applied >= self.written.load(Ordering::Acquire)
+                && segment.bytes > HEADER_LEN
+                && self.lock_pending().buf.is_empty()
+            {
+                self.rotate(&mut segment, applied)?;
+            }
+        }
+        let now = SystemTime::now();
+        let mut sealed = self.lock_sealed();
+        let mut removed = 0;
+        let mut kept = Vec::with_capacity(sealed.len());
+        for s in sealed.drain(..) {
+            let old = now.duration_since(s.closed_at).unwrap_or_default() >= keep;
+            if s.last <= applied && old {
+                fs::remove_file(&s.path)?;
+                removed += 1;
+            } else {
+                kept.push(s);
+            }
+        }
+        *sealed = kept;
+        Ok(removed)
+    }
+
+    fn lock_pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn lock_sealed(&self) -> std::sync::MutexGuard<'_, Vec<Sealed>> {
+        self.sealed.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Orphan {
+    /// Every intact record past `after`.
+    pub fn replay(&self, after: u64, f: impl FnMut(Record<'_>)) -> Result<u64> {
+        replay_dir(&self.dir, after, u64::MAX, f)
+    }
+
+    /// Deletes the orphan once its records are safely elsewhere.
+    pub fn remove(self) -> Result<()> {
+        drop(self.lock);
+        fs::remove_dir_all(&self.dir).map_err(|source| JournalError::Dir {
+            path: self.dir.clone(),
+            source,
+        })
+    }
+}
+
+impl Segment {
+    fn create(dir: &Path, first: u64) -> io::Result<Segment> {
+        let path = segment_path(dir, first);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        let mut header = [0u8; HEADER_LEN as usize];
+        header[..4].copy_from_slice(MAGIC);
+        header[4..].copy_from_slice(&first.to_le_bytes());
+        file.write_all(&header)?;
+        // The new name must survive power loss too, or a later fsync of
+        // the file would save data nobody can find.
+        file.sync_all()?;
+        sync_dir(dir)?;
+        Ok(Segment {
+            file,
+            path,
+            bytes: HEADER_LEN,
+            opened: Instant::now(),
+        })
+    }
+}
+
+fn segment_path(dir: &Path, first: u64) -> PathBuf {
+    dir.join(format!("{first:020}.wal"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn new_id() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    let h = RandomState::new().hash_one((nanos, std::process::id()));
+    format!("{h:016x}")
+}
+
+/// Locks `dir/lock` if nobody holds it.
+fn try_lock(dir: &Path) -> io::Result<Option<File>> {
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => Ok(None),
+        Err(fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
+/// The segments of a journal directory, oldest first.
+fn segments(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut found: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let first = p
+                .file_name()?
+                .to_str()?
+                .strip_suffix(".wal")?
+                .parse::<u64>()
+                .ok()?;
+            Some((first, p))
+        })
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+/// Reads one segment; calls `f` for each intact record; returns the byte
+/// offset where intact records end and the last LSN seen.
+fn scan(path: &Path, mut f: impl FnMut(Record<'_>)) -> io::Result<(u64, Option<u64>, u64)> {
+    let mut bytes = Vec::new();
+    File::open(path)?.read_to_end(&mut bytes)?;
+    let total = bytes.len() as u64;
+    if bytes.len() < HEADER_LEN as usize || &bytes[..4] != MAGIC {
+        // A segment whose header never reached the disk holds nothing.
+        return Ok((0, None, total));
+    }
+    let mut at = HEADER_LEN as usize;
+    let mut last = None;
+    while at + FRAME_LEN <= bytes.len() {
+        let len = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap_or_default());
+        let crc = u32::from_le_bytes(bytes[at + 4..at + 8].try_into().unwrap_or_default());
+        let start = at + FRAME_LEN;
+        let end = start + len as usize;
+        if !(16..=MAX_RECORD).contains(&len) || end > bytes.len() {
+            break;
+        }
+        let payload = &bytes[start..end];
+        if crc32fast::hash(payload) != crc {
+            break;
+        }
+        let lsn = u64::from_le_bytes(payload[..8].try_into().unwrap_or_default());
+        let ts = i64::from_le_bytes(payload[8..16].try_into().unwrap_or_default());
+        f(Record {
+            lsn,
+            at: ts,
+            body: &payload[16..],
+        });
+        last = Some(lsn);
+        at = end;
+    }
+    Ok((at as u64, last, total))
+}
+
+fn replay_dir(dir: &Path, after: u64, upto: u64, mut f: impl FnMut(Record<'_>)) -> Result<u64> {
+    let mut count = 0;
+    let list = segments(dir).map_err(|source| JournalError::Dir {
+        path: dir.to_owned(),
+        source,
+    })?;
+    for (i, (_, path)) in list.iter().enumerate() {
+        // A segment whose successor starts at or before `after` is wholly
+        // applied: skip reading it.
+        if list.get(i + 1).is_some_and(|(next, _)| *next <= after + 1) {
+            continue;
+        }
+        scan(path, |r| {
+            if r.lsn > after && r.lsn <= upto {
+                count += 1;
+                f(r);
+            }
+        })?;
+    }
+    Ok(count)
+}
+
+/// Finds what is on disk, truncating a torn tail.
+fn recover(dir: &Path) -> Result<(Vec<Sealed>, u64, u64)> {
+    let err = |source| JournalError::Dir {
+        path: dir.to_owned(),
+        source,
+    };
+    let mut sealed = Vec::new();
+    let mut last = 0;
+    let mut torn = 0;
+    for (_, path) in segments(dir).map_err(err)? {
+        let (good, seen, total) = scan(&path, |_| {}).map_err(err)?;
+        if good < total {
+            torn += total - good;
+            tracing::warn!(
+                segment = %path.display(),
+                dropped_bytes = total - good,
+                "journal: dropping a torn tail (an incomplete write before a crash or power loss)"
+            );
+            if good == 0 {
+                fs::remove_file(&path).map_err(err)?;
+                continue;
+            }
+            let file = OpenOptions::new().write(true).open(&path).map_err(err)?;
+            file.set_len(good).map_err(err)?;
+            file.sync_all().map_err(err)?;
+        }
+        let Some(seg_last) = seen else {
+            // Only a header: nothing to keep.
+            fs::remove_file(&path).map_err(err)?;
+            continue;
+        };
+        last = last.max(seg_last);
+        sealed.push(Sealed {
+            path,
+            last: seg_last,
+            bytes: good,
+            closed_at: SystemTime::now(),
+        });
+    }
+    Ok((sealed, last, torn))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(j: &Journal, after: u64) -> Vec<(u64, Vec<u8>)> {
+        let mut out = Vec::new();
+        j.replay(after, u64::MAX, |r| out.push((r.lsn, r.body.to_vec())))
+            .unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn records_come_back_after_reopening() {
+        let dir = tempdir();
+        {
+            let opened = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+            let j = opened.journal;
+            for i in 0..10u8 {
+                let lsn = j.append(100, &[i; 3]);
+                j.commit(lsn).await.unwrap();
+            }
+        }
+        let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        assert_eq!(j.recovered_lsn(), 10);
+        let records = collect(&j, 7);
+        assert_eq!(
+            records,
+            vec![(8, vec![7; 3]), (9, vec![8; 3]), (10, vec![9; 3])]
+        );
+        // Writing resumes after the recovered records.
+        assert_eq!(j.append(100, b"x"), 11);
+    }
+
+    #[tokio::test]
+    async fn a_torn_tail_is_dropped_not_misread() {
+        let dir = tempdir();
+        let path;
+        {
+            let j = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30)
+                .unwrap()
+                .journal;
+            for i in 0..3u8 {
+                let lsn = j.append(1, &[i; 100]);
+                j.commit(lsn).await.unwrap();
+            }
+            path = j.current.lock().await.path.clone();
+        }
+        // Cut the last record in half, as a crash mid-write would.
+        let len = fs::metadata(&path).unwrap().len();
+        OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(len - 50)
+            .unwrap();
+        let opened = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        assert!(opened.torn_bytes > 0);
+        let records = collect(&opened.journal, 0);
+        assert_eq!(records.len(), 2);
+        assert_eq!(opened.journal.recovered_lsn(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_flipped_bit_fails_the_checksum() {
+        let dir = tempdir();
+        let path;
+        {
+            let j = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30)
+                .unwrap()
+                .journal;
+            for i in 0..3u8 {
+                let lsn = j.append(1, &[i; 10]);
+                j.commit(lsn).await.unwrap();
+            }
+            path = j.current.lock().await.path.clone();
+        }
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x10;
+        fs::write(&path, bytes).unwrap();
+        let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        assert_eq!(collect(&j, 0).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_held_journal_is_not_taken_and_an_unheld_one_is_an_orphan() {
+        let dir = tempdir();
+        let first = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        let second = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        assert_ne!(first.journal.id(), second.journal.id());
+        let lsn = second.journal.append(1, b"left behind");
+        second.journal.commit(lsn).await.unwrap();
+        let second_id = second.journal.id().to_owned();
+        drop(second);
+        drop(first);
+        // Both are free now: the first found is continued, the other is an
+        // orphan whose records can be replayed.
+        let third = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        let orphans = third.journal.orphans().unwrap();
+        assert_eq!(orphans.len(), 1);
+        let all: Vec<&str> = [third.journal.id(), orphans[0].id.as_str()].to_vec();
+        assert!(all.contains(&second_id.as_str()));
+        // Another store's journals are never taken.
+        let other = Journal::open(&dir, "another store", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        assert!(other.journal.orphans().unwrap().is_empty());
+        assert!(!all.contains(&other.journal.id()));
+    }
+
+    #[tokio::test]
+    async fn trim_deletes_applied_segments_and_the_backlog_has_a_bound() {
+        let dir = tempdir();
+        let j = Journal::open(&dir, "s", FsyncPolicy::No, 100)
+            .unwrap()
+            .journal;
+        let lsn = j.append(1, &[0; 200]);
+        j.commit(lsn).await.unwrap();
+        assert!(matches!(j.check_room(), Err(JournalError::Full { .. })));
+        assert_eq!(j.trim(lsn, Duration::ZERO).await.unwrap(), 1);
+        j.check_room().unwrap();
+        assert!(collect(&j, 0).is_empty());
+    }
+
+    fn tempdir() -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("botmetrics-journal-test-{}", new_id()));
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+}

@@ -1,0 +1,285 @@
+//! An accepted batch as the journal holds it: compact binary, versioned by
+//! the journal's segment header, and holding no raw user id (users are
+//! already [`UserHash`]es, event ids [`IdHash`]es).
+//!
+//! ```text
+//! body   = u8 bot_len | bot | u32 count | event*
+//! event  = u8 type | u8 flags | i64 ts | [u64 user] | [u64 id] | [u8 chat] | fields
+//! ```
+//!
+//! Closed label values are written as their index in the enum's `ALL`, free
+//! names as `u8 len | bytes`. Everything is little-endian.
+
+use std::borrow::Cow;
+
+use crate::dedupe::IdHash;
+use crate::event::{
+    CacheResult, ChatType, Decision, Event, EventBody, Role, ShortName, Status, UserHash,
+};
+
+const HAS_USER: u8 = 1;
+const HAS_ID: u8 = 2;
+const HAS_CHAT: u8 = 4;
+const HAS_A: u8 = 8;
+const HAS_B: u8 = 16;
+
+/// Appends the encoding of `bot`'s events (those to count, each with its id
+/// hash when it had an id) to `out`.
+pub fn encode<'e, 'a: 'e>(
+    out: &mut Vec<u8>,
+    bot: &str,
+    events: impl ExactSizeIterator<Item = (&'e Event<'a>, Option<IdHash>)>,
+) {
+    out.push(bot.len() as u8);
+    out.extend_from_slice(bot.as_bytes());
+    out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    for (e, id) in events {
+        let (tag, a, b) = match &e.body {
+            EventBody::Message { db_queries, .. } => (0u8, db_queries.is_some(), false),
+            EventBody::Response { model, tokens, .. } => (1, model.is_some(), tokens.is_some()),
+            EventBody::Cache { .. } => (2, false, false),
+            EventBody::UserRegistered => (3, false, false),
+            EventBody::Consent { .. } => (4, false, false),
+            EventBody::LimitReached => (5, false, false),
+            EventBody::Error { .. } => (6, false, false),
+            EventBody::Custom { .. } => (7, false, false),
+        };
+        let flags = (e.user.is_some() as u8 * HAS_USER)
+            | (id.is_some() as u8 * HAS_ID)
+            | (e.chat_type.is_some() as u8 * HAS_CHAT)
+            | (a as u8 * HAS_A)
+            | (b as u8 * HAS_B);
+        out.push(tag);
+        out.push(flags);
+        out.extend_from_slice(&e.ts.to_le_bytes());
+        if let Some(UserHash(u)) = e.user {
+            out.extend_from_slice(&u.to_le_bytes());
+        }
+        if let Some(IdHash(i)) = id {
+            out.extend_from_slice(&i.to_le_bytes());
+        }
+        if let Some(c) = e.chat_type {
+            out.push(c.index() as u8);
+        }
+        match &e.body {
+            EventBody::Message { role, db_queries } => {
+                out.push(role.index() as u8);
+                if let Some(q) = db_queries {
+                    out.extend_from_slice(&q.to_le_bytes());
+                }
+            }
+            EventBody::Response {
+                status,
+                duration_seconds,
+                model,
+                tokens,
+            } => {
+                out.push(status.index() as u8);
+                out.extend_from_slice(&duration_seconds.to_le_bytes());
+                if let Some(m) = model {
+                    name(out, m.as_str());
+                }
+                if let Some([p, c]) = tokens {
+                    out.extend_from_slice(&p.to_le_bytes());
+                    out.extend_from_slice(&c.to_le_bytes());
+                }
+            }
+            EventBody::Cache { result, cache } => {
+                out.push(result.index() as u8);
+                name(out, cache.as_str());
+            }
+            EventBody::UserRegistered | EventBody::LimitReached => {}
+            EventBody::Consent { decision } => out.push(decision.index() as u8),
+            EventBody::Error { kind } => name(out, kind.as_str()),
+            EventBody::Custom { name: n, value } => {
+                name(out, n.as_str());
+                out.extend_from_slice(&value.to_le_bytes());
+            }
+        }
+    }
+}
+
+fn name(out: &mut Vec<u8>, s: &str) {
+    out.push(s.len() as u8);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A record that does not decode: written by another format version, or
+/// damaged in a way its checksum did not catch.
+#[derive(Debug, thiserror::Error)]
+#[error("journal record does not decode at byte {0}")]
+pub struct DecodeError(usize);
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.at.checked_add(n).ok_or(DecodeError(self.at))?;
+        let s = self.bytes.get(self.at..end).ok_or(DecodeError(self.at))?;
+        self.at = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let at = self.at;
+        self.take(N)?.try_into().map_err(|_| DecodeError(at))
+    }
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    fn f64(&mut self) -> Result<f64, DecodeError> {
+        Ok(f64::from_le_bytes(self.array()?))
+    }
+    fn str(&mut self) -> Result<&'a str, DecodeError> {
+        let at = self.at;
+        let n = self.u8()? as usize;
+        std::str::from_utf8(self.take(n)?).map_err(|_| DecodeError(at))
+    }
+    fn name(&mut self, field: &str) -> Result<ShortName<'a>, DecodeError> {
+        let at = self.at;
+        ShortName::parse(field, Cow::Borrowed(self.str()?)).map_err(|_| DecodeError(at))
+    }
+    fn pick<T: Copy>(&mut self, all: &[T]) -> Result<T, DecodeError> {
+        let at = self.at;
+        all.get(self.u8()? as usize).copied().ok_or(DecodeError(at))
+    }
+}
+
+/// A decoded record: the bot, and each event with its id hash.
+pub struct Decoded<'a> {
+    pub bot: &'a str,
+    pub events: Vec<(Event<'a>, Option<IdHash>)>,
+}
+
+pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    let mut r = Reader { bytes, at: 0 };
+    let bot = r.str()?;
+    let count = u32::from_le_bytes(r.array()?) as usize;
+    // Each event takes at least 10 bytes: a count that cannot fit is damage.
+    if count > bytes.len() / 10 {
+        return Err(DecodeError(r.at));
+    }
+    let mut events = Vec::with_capacity(count);
+    for _ in 0..count {
+        let at = r.at;
+        let tag = r.u8()?;
+        let flags = r.u8()?;
+        let ts = i64::from_le_bytes(r.array()?);
+        let user = (flags & HAS_USER != 0)
+            .then(|| r.u64().map(UserHash))
+            .transpose()?;
+        let id = (flags & HAS_ID != 0)
+            .then(|| r.u64().map(IdHash))
+            .transpose()?;
+        let chat_type = (flags & HAS_CHAT != 0)
+            .then(|| r.pick(ChatType::ALL))
+            .transpose()?;
+        let body = match tag {
+            0 => EventBody::Message {
+                role: r.pick(Role::ALL)?,
+                db_queries: (flags & HAS_A != 0)
+                    .then(|| r.array().map(u32::from_le_bytes))
+                    .transpose()?,
+            },
+            1 => EventBody::Response {
+                status: r.pick(Status::ALL)?,
+                duration_seconds: r.f64()?,
+                model: (flags & HAS_A != 0).then(|| r.name("model")).transpose()?,
+                tokens: (flags & HAS_B != 0)
+                    .then(|| Ok::<_, DecodeError>([r.u64()?, r.u64()?]))
+                    .transpose()?,
+            },
+            2 => EventBody::Cache {
+                result: r.pick(CacheResult::ALL)?,
+                cache: r.name("cache")?,
+            },
+            3 => EventBody::UserRegistered,
+            4 => EventBody::Consent {
+                decision: r.pick(Decision::ALL)?,
+            },
+            5 => EventBody::LimitReached,
+            6 => EventBody::Error {
+                kind: r.name("kind")?,
+            },
+            7 => EventBody::Custom {
+                name: r.name("name")?,
+                value: r.f64()?,
+            },
+            _ => return Err(DecodeError(at)),
+        };
+        events.push((
+            Event {
+                user,
+                event_id: None,
+                ts,
+                chat_type,
+                body,
+            },
+            id,
+        ));
+    }
+    if r.at != bytes.len() {
+        return Err(DecodeError(r.at));
+    }
+    Ok(Decoded { bot, events })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{BodyFormat, parse_batch};
+
+    #[test]
+    fn every_event_type_round_trips() {
+        let body = r#"[
+            {"type":"message","user_id":1,"role":"user","db_queries":6,"chat_type":"group"},
+            {"type":"message","role":"assistant"},
+            {"type":"response","status":"success","duration_ms":1500,"model":"gpt-4o","tokens":{"prompt":10,"completion":20}},
+            {"type":"response","status":"timeout","duration_ms":0.5},
+            {"type":"cache","result":"hit","cache":"answers"},
+            {"type":"user_registered","user_id":"abc"},
+            {"type":"consent","granted":false},
+            {"type":"limit_reached","event_id":"x1"},
+            {"type":"error","kind":"db_timeout"},
+            {"type":"custom","name":"tip","value":2.5}
+        ]"#;
+        let events = parse_batch(body.as_bytes(), BodyFormat::Json, 100, 1_800_000_000).unwrap();
+        let ids: Vec<Option<IdHash>> = events
+            .iter()
+            .map(|e| e.event_id.as_deref().map(|id| IdHash::of("bot", id)))
+            .collect();
+        let mut out = Vec::new();
+        encode(&mut out, "bot", events.iter().zip(ids.iter().copied()));
+        let decoded = decode(&out).unwrap();
+        assert_eq!(decoded.bot, "bot");
+        assert_eq!(decoded.events.len(), events.len());
+        for ((got, id), (want, want_id)) in decoded.events.iter().zip(events.iter().zip(&ids)) {
+            let want = Event {
+                event_id: None,
+                ..want.clone()
+            };
+            assert_eq!(got, &want);
+            assert_eq!(id, want_id);
+        }
+    }
+
+    #[test]
+    fn damage_is_an_error_not_a_panic() {
+        let events =
+            parse_batch(br#"{"type":"error","kind":"x"}"#, BodyFormat::Json, 1, 0).unwrap();
+        let mut out = Vec::new();
+        encode(&mut out, "b", events.iter().map(|e| (e, None)));
+        for cut in 0..out.len() {
+            assert!(decode(&out[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut bad = out.clone();
+        let n = bad.len();
+        bad[n - 2] = 0xff; // the name's length
+        assert!(decode(&bad).is_err());
+    }
+}
