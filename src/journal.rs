@@ -75,7 +75,7 @@ pub enum JournalError {
     #[error("an earlier journal write failed; nothing more is accepted until restart")]
     Broken,
     #[error(
-        "the journal holds {bytes} bytes not yet in the store (bound {max}); the store must catch up first"
+        "the journal holds {bytes} bytes not yet in the store (--journal-max-bytes {max}); retry once the store has caught up"
     )]
     Full { bytes: u64, max: u64 },
 }

@@ -70,6 +70,8 @@ impl Application {
                 "stored totals restored"
             ),
             Ok(None) => {}
+            // Logged by `prepare` itself, once: not an error, a role.
+            Err(StoreError::Standby(_)) => {}
             Err(e) => tracing::error!(
                 error = %e,
                 "store unreachable at start; serving from memory, will restore when it answers"

@@ -40,6 +40,9 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
             )));
         }
     }
+    if let Some(reason) = persistence.standby_reason() {
+        return Err(Error::Unavailable(reason));
+    }
     if !persistence.is_restored() {
         return Err(Error::Unavailable(
             "stored totals are not loaded yet".into(),

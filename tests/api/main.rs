@@ -5,6 +5,7 @@
 mod helpers;
 
 mod active_users;
+mod durability;
 mod events;
 mod exposition;
 mod history;

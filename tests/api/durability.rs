@@ -1,0 +1,513 @@
+//! Durability (issue 8): a 202 is never lost and never counted twice. Each
+//! test breaks the real thing: `kill -9` of the real binary under
+//! concurrent load, SIGTERM while PostgreSQL refuses connections, a torn
+//! journal tail, a second process on the same store, retries that straddle
+//! restarts, and the dedupe memory bound. Counts are exact.
+
+use std::collections::BTreeSet;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{
+    Binary, PgDatabase, assert_error, config, eventually, on_both_backends, pg_data_dir, spawn_app,
+    start_with,
+};
+
+const USER_MESSAGES: &str = r#"bot_messages_total{bot="x",role="user"}"#;
+
+/// Batch `b` of client `c`: ten user messages, each with its own event id.
+fn batch(c: usize, b: usize) -> Value {
+    Value::Array(
+        (0..10)
+            .map(|i| json!({"type": "message", "role": "user", "event_id": format!("c{c}-b{b}-e{i}")}))
+            .collect(),
+    )
+}
+
+/// Where the journal of `url` lives, as `Binary::serve` and `config` place it.
+fn journal_root(url: &str) -> PathBuf {
+    match url.strip_prefix("sqlite://") {
+        Some(file) => PathBuf::from(format!("{file}-data")).join("journal"),
+        None => pg_data_dir(url).join("journal"),
+    }
+}
+
+fn segments(root: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for dir in std::fs::read_dir(root).expect("journal root").flatten() {
+        for f in std::fs::read_dir(dir.path())
+            .expect("journal dir")
+            .flatten()
+        {
+            if f.path().extension().is_some_and(|e| e == "wal") {
+                found.push(f.path());
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+async fn ready(bin: &Binary) {
+    eventually(Duration::from_secs(20), || async {
+        bin.get_json("/readyz").await.0 == 200
+    })
+    .await;
+}
+
+async fn user_messages(bin: &Binary) -> f64 {
+    bin.sample(USER_MESSAGES).await.unwrap_or(0.0)
+}
+
+// ---------------------------------------------------------------------------
+// kill -9 under concurrent load: every acknowledged event comes back, and
+// retrying every unacknowledged batch (same event ids) on the restarted
+// process makes the total exactly the number of distinct events sent.
+// ---------------------------------------------------------------------------
+
+async fn kill_9_under_load_loses_nothing_and_doubles_nothing(url: &str) {
+    const CLIENTS: usize = 8;
+    // A flush every 150 ms: the kill lands with some batches flushed and some
+    // only in the journal.
+    let flags = ["--flush-interval", "150ms"];
+    let mut bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let client = reqwest::Client::new();
+    let target = bin.url("/v1/events");
+    let mut load = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let (client, target) = (client.clone(), target.clone());
+        let (acked, attempted) = (acked.clone(), attempted.clone());
+        load.spawn(async move {
+            for b in 0.. {
+                attempted.lock().unwrap().insert((c, b));
+                let sent = client
+                    .post(&target)
+                    .bearer_auth("tx")
+                    .json(&batch(c, b))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(res) if res.status() == 202 => {
+                        acked.lock().unwrap().insert((c, b));
+                    }
+                    // The process is gone: this batch is unknown.
+                    _ => return,
+                }
+            }
+        });
+    }
+    // Let acknowledged batches pile up across several flushes, then kill.
+    eventually(Duration::from_secs(30), || async {
+        acked.lock().unwrap().len() >= 300
+    })
+    .await;
+    let status = bin.signal("KILL").await;
+    assert_eq!(status.signal(), Some(9));
+    load.join_all().await;
+    let acked = acked.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    assert!(acked.len() >= 300);
+
+    // Restart: what was acknowledged is all there, before any retry.
+    let bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    let after_restart = user_messages(&bin).await;
+    let acked_events = (acked.len() * 10) as f64;
+    let attempted_events = (attempted.len() * 10) as f64;
+    assert!(
+        after_restart >= acked_events && after_restart <= attempted_events,
+        "after kill -9: {after_restart} counted, {acked_events} acknowledged, {attempted_events} attempted\n{}",
+        bin.log()
+    );
+
+    // The load never paused, so the kill met events that only the journal
+    // held: the restart replayed them.
+    assert!(
+        bin.log()
+            .contains("journal replayed past what the store held"),
+        "{}",
+        bin.log()
+    );
+
+    // The bot retries what it did not get an answer for, and (to prove
+    // dedupe survived the crash) a sample of what it did.
+    let mut duplicates = 0;
+    let mut accepted = 0;
+    for &(c, b) in attempted.difference(&acked).chain(acked.iter().take(20)) {
+        let (status, body) = bin.post_events("tx", &batch(c, b)).await;
+        assert_eq!(status, 202, "{body}");
+        duplicates += body["duplicates"].as_u64().unwrap();
+        accepted += body["accepted"].as_u64().unwrap();
+    }
+    assert!(
+        duplicates >= 200,
+        "acknowledged batches are duplicates after kill -9"
+    );
+    assert_eq!(
+        user_messages(&bin).await,
+        attempted_events,
+        "exactly the distinct events sent: nothing lost, nothing twice ({accepted} accepted on retry)"
+    );
+    drop(bin);
+}
+
+on_both_backends!(kill_9_under_load_loses_nothing_and_doubles_nothing);
+
+// ---------------------------------------------------------------------------
+// SIGTERM while PostgreSQL is down: the final flush fails, the journal keeps
+// every acknowledged event, and the next start counts them.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sigterm_during_a_postgres_outage_keeps_everything() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let mut bin = Binary::serve(&db.url, "x=tx", &["--flush-interval", "1h"]).await;
+    ready(&bin).await;
+    for b in 0..200 {
+        bin.post_ok("tx", &batch(0, b)).await;
+    }
+    db.set_outage(true).await;
+    let status = bin.signal("TERM").await;
+    assert_eq!(status.code(), Some(0), "{}", bin.log());
+    assert!(
+        bin.log().contains("final flush failed"),
+        "the final flush met the outage:\n{}",
+        bin.log()
+    );
+    db.set_outage(false).await;
+    let bin = Binary::serve(&db.url, "x=tx", &["--flush-interval", "1h"]).await;
+    ready(&bin).await;
+    assert_eq!(user_messages(&bin).await, 2000.0, "{}", bin.log());
+    // And a retry of an acknowledged event is still a duplicate.
+    let (status, body) = bin.post_events("tx", &batch(0, 0)).await;
+    assert_eq!(
+        (status, body),
+        (202, json!({"accepted": 0, "duplicates": 10}))
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A torn tail (a crash or power loss mid-write) is dropped, never misread.
+// ---------------------------------------------------------------------------
+
+async fn a_torn_journal_tail_is_dropped(url: &str) {
+    let flags = ["--flush-interval", "1h"];
+    let mut bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    for b in 0..5 {
+        bin.post_ok("tx", &batch(0, b)).await;
+    }
+    bin.signal("KILL").await;
+    // Half a record at the end of the newest segment, as a write cut short.
+    let last = segments(&journal_root(url)).pop().expect("a segment");
+    let mut bytes = std::fs::read(&last).expect("segment");
+    let whole = bytes.len();
+    bytes.extend_from_slice(&200u32.to_le_bytes());
+    bytes.extend_from_slice(&[0xAB; 37]);
+    std::fs::write(&last, &bytes).expect("tear the tail");
+
+    let bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    assert_eq!(user_messages(&bin).await, 50.0, "{}", bin.log());
+    assert!(bin.log().contains("torn tail"), "{}", bin.log());
+    assert_eq!(
+        std::fs::metadata(&last).expect("segment").len() as usize,
+        whole,
+        "the torn bytes were cut off"
+    );
+}
+
+on_both_backends!(a_torn_journal_tail_is_dropped);
+
+// ---------------------------------------------------------------------------
+// Retries across restarts are recognised: a clean stop and a kill -9.
+// ---------------------------------------------------------------------------
+
+async fn retries_across_restarts_are_duplicates(url: &str) {
+    let flags = ["--flush-interval", "100ms"];
+    for signal in ["TERM", "KILL"] {
+        let mut bin = Binary::serve(url, "x=tx", &flags).await;
+        ready(&bin).await;
+        let id = format!("retry-over-{signal}");
+        let event = json!({"type": "message", "role": "user", "event_id": id});
+        assert_eq!(
+            bin.post_events("tx", &event).await,
+            (202, json!({"accepted": 1, "duplicates": 0}))
+        );
+        bin.signal(signal).await;
+        let bin = Binary::serve(url, "x=tx", &flags).await;
+        ready(&bin).await;
+        assert_eq!(
+            bin.post_events("tx", &event).await,
+            (202, json!({"accepted": 0, "duplicates": 1})),
+            "a retry after SIG{signal} is a duplicate"
+        );
+        drop(bin);
+    }
+}
+
+on_both_backends!(retries_across_restarts_are_duplicates);
+
+// ---------------------------------------------------------------------------
+// One writer per store: a second process is a standby, then takes over
+// exactly when the holder stops.
+// ---------------------------------------------------------------------------
+
+async fn a_standby_takes_over_exactly(url: &str) {
+    let flags = ["--flush-interval", "100ms"];
+    let mut holder = Binary::serve(url, "x=tx", &flags).await;
+    ready(&holder).await;
+    let standby = Binary::serve(url, "x=tx", &flags).await;
+    // Not ready, and says why.
+    eventually(Duration::from_secs(10), || async {
+        let (status, body) = standby.get_json("/readyz").await;
+        status == 503 && body["message"].as_str().unwrap_or("").contains("standby")
+    })
+    .await;
+    for b in 0..30 {
+        holder.post_ok("tx", &batch(0, b)).await;
+        standby.post_ok("tx", &batch(1, b)).await;
+    }
+    assert_eq!(user_messages(&standby).await, 300.0);
+    assert!(
+        standby.log().contains("standby"),
+        "the standby says so:\n{}",
+        standby.log()
+    );
+    assert!(
+        holder.log().contains("this process is the store's writer"),
+        "{}",
+        holder.log()
+    );
+    let status = holder.signal("TERM").await;
+    assert_eq!(status.code(), Some(0));
+    // Takes over: restores what the holder stored and adds it to its own.
+    ready(&standby).await;
+    eventually(Duration::from_secs(10), || async {
+        user_messages(&standby).await == 600.0
+    })
+    .await;
+    assert!(standby.log().contains("takes over"), "{}", standby.log());
+    // Retries of the stopped holder's events, sent to the standby: the
+    // holder's journal ids are only known once adopted; the store has them
+    // counted already, so the total stays exact after a restart too.
+    let mut standby = standby;
+    standby.signal("TERM").await;
+    let third = Binary::serve(url, "x=tx", &flags).await;
+    ready(&third).await;
+    assert_eq!(user_messages(&third).await, 600.0, "{}", third.log());
+}
+
+on_both_backends!(a_standby_takes_over_exactly);
+
+/// The holder dies (kill -9) with events only in its journal: the standby
+/// adopts that journal when it takes over.
+async fn a_standby_adopts_a_killed_holders_journal(url: &str) {
+    let mut holder = Binary::serve(url, "x=tx", &["--flush-interval", "1h"]).await;
+    ready(&holder).await;
+    let standby = Binary::serve(url, "x=tx", &["--flush-interval", "100ms"]).await;
+    for b in 0..20 {
+        holder.post_ok("tx", &batch(0, b)).await;
+        standby.post_ok("tx", &batch(1, b)).await;
+    }
+    holder.signal("KILL").await;
+    ready(&standby).await;
+    eventually(Duration::from_secs(10), || async {
+        user_messages(&standby).await == 400.0
+    })
+    .await;
+    assert!(
+        standby
+            .log()
+            .contains("adopted the journal of a stopped process"),
+        "{}",
+        standby.log()
+    );
+}
+
+on_both_backends!(a_standby_adopts_a_killed_holders_journal);
+
+// ---------------------------------------------------------------------------
+// Finite numbers: every numeric field has a range; out of range is a 422
+// naming the field, and nothing of the batch is counted.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn huge_values_are_422_and_change_nothing() {
+    let (app, _db) = start_with("x=tx", |_| {}).await;
+    let before = app.metrics_text().await;
+    for (event, field) in [
+        (
+            json!({"type": "custom", "name": "n", "value": 1.7e308}),
+            "`value`",
+        ),
+        (
+            json!({"type": "custom", "name": "n", "value": 1e12 * 1.5}),
+            "`value`",
+        ),
+        (
+            json!({"type": "response", "status": "success", "duration_ms": 1.7e308}),
+            "`duration_ms`",
+        ),
+        (
+            json!({"type": "response", "status": "success", "duration_ms": 86_400_001}),
+            "`duration_ms`",
+        ),
+        (
+            json!({"type": "response", "status": "success", "duration_ms": 1, "tokens": {"prompt": u64::MAX}}),
+            "`tokens.prompt`",
+        ),
+        (
+            json!({"type": "response", "status": "success", "duration_ms": 1, "tokens": {"completion": 1_000_000_001u64}}),
+            "`tokens.completion`",
+        ),
+        (
+            json!({"type": "message", "role": "user", "db_queries": 1_000_001}),
+            "`db_queries`",
+        ),
+    ] {
+        let batch = json!([{"type": "message", "role": "user"}, event]);
+        let got = app.post_events("tx", &batch).await;
+        let message = assert_error(&got, 422, "invalid", Some(1));
+        assert!(message.contains(field), "{message} names {field}");
+    }
+    // The largest allowed values are accepted and stay finite.
+    app.post_ok(
+        "tx",
+        &json!([
+            {"type": "custom", "name": "n", "value": 1e12},
+            {"type": "response", "status": "success", "duration_ms": 86_400_000,
+             "tokens": {"prompt": 1_000_000_000u64, "completion": 1_000_000_000u64}},
+            {"type": "message", "role": "user", "db_queries": 1_000_000}
+        ]),
+    )
+    .await;
+    let after = app.metrics_text().await;
+    assert_ne!(before, after);
+    assert!(
+        after
+            .lines()
+            .filter(|l| l.starts_with("bot_"))
+            .all(|l| !l.ends_with("Inf") && !l.ends_with("NaN")),
+        "every value finite:\n{after}"
+    );
+    let p = &app.state.persistence;
+    p.flush_once()
+        .await
+        .expect("a flush with the largest values");
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The dedupe memory bound holds, and the effective window says so.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_dedupe_memory_bound_holds() {
+    // A 1.6 s window in 16 buckets of 100 ms; ids arrive over 1.5 s, so
+    // they spread over the buckets and the bound can forget the oldest.
+    let (app, _db) = start_with("x=tx", |c| {
+        c.dedupe_max_ids = 1_000;
+        c.dedupe_window = Duration::from_millis(1600);
+    })
+    .await;
+    for b in 0..50 {
+        let events: Vec<Value> = (0..100)
+            .map(|i| json!({"type": "message", "role": "user", "event_id": format!("{b}-{i}")}))
+            .collect();
+        app.post_ok("tx", &Value::Array(events)).await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let ingest = &app.state.ingest;
+    // The bound, plus at most one bucket per shard still filling.
+    assert!(
+        ingest.dedupe.len() <= 1_000 + 16 * 100,
+        "{} ids remembered",
+        ingest.dedupe.len()
+    );
+    app.state.persistence.flush_once().await.expect("flush");
+    let text = app.metrics_text().await;
+    let window = crate::helpers::value(&text, "botmetrics_dedupe_window_seconds");
+    assert!(window < 1.6, "the effective window shrank: {window}");
+    let ids = crate::helpers::value(&text, "botmetrics_dedupe_ids");
+    assert_eq!(ids as usize, ingest.dedupe.len());
+    // The newest ids are still remembered.
+    let (status, body) = app
+        .post_events(
+            "tx",
+            &json!({"type": "message", "role": "user", "event_id": "49-99"}),
+        )
+        .await;
+    assert_eq!((status, body["duplicates"].clone()), (202, json!(1)));
+    app.stop().await;
+}
+
+// ---------------------------------------------------------------------------
+// The journal's bound: past it new events get 503 (and are not counted);
+// once the store catches up they are accepted again.
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_full_journal_answers_503_until_the_store_catches_up() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let mut cfg = config("x=tx", &db.url);
+    cfg.journal_max_bytes = 8192;
+    cfg.flush_interval = Duration::from_millis(100);
+    let app = spawn_app(cfg).await;
+    app.state.persistence.prepare().await.expect("restored");
+    db.set_outage(true).await;
+    let mut accepted = 0;
+    let mut refused = None;
+    for b in 0..200 {
+        let got = app.post_events("tx", &batch(2, b)).await;
+        if got.0 == 202 {
+            accepted += 10;
+        } else {
+            refused = Some(got);
+            break;
+        }
+    }
+    let refused = refused.expect("the journal filled up");
+    let message = assert_error(&refused, 503, "journal_full", None);
+    assert!(message.contains("--journal-max-bytes"), "{message}");
+    assert_eq!(
+        app.sample(USER_MESSAGES).await,
+        Some(f64::from(accepted)),
+        "the refused batch was not counted"
+    );
+    db.set_outage(false).await;
+    eventually(Duration::from_secs(20), || async {
+        app.post_events("tx", &batch(3, 0)).await.0 == 202
+    })
+    .await;
+    assert_eq!(
+        app.sample(USER_MESSAGES).await,
+        Some(f64::from(accepted + 10))
+    );
+    app.stop().await;
+}
+
+/// A journal directory is found beside the SQLite file by default, and its
+/// records hold no raw ids (the privacy test in active_users covers the
+/// bytes; this checks where it lives).
+#[tokio::test]
+async fn the_journal_lives_beside_the_sqlite_file() {
+    let (app, db) = start_with("x=tx", |_| {}).await;
+    app.post_ok("tx", &batch(0, 0)).await;
+    app.stop().await;
+    let root = journal_root(&db.url());
+    assert!(root.is_dir(), "{}", root.display());
+    assert!(!segments(&root).is_empty());
+}
