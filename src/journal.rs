@@ -367,14 +367,10 @@ impl Journal {
             if self.durable(lsn) {
                 return Ok(());
             }
-            let result = self.write_pending(&mut segment);
-            let result = result.and_then(|()| {
-                if self.policy == FsyncPolicy::Always {
-                    self.sync_locked(&mut segment)
-                } else {
-                    Ok(())
-                }
-            });
+            let mut result = self.write_pending(&mut segment);
+            if result.is_ok() && self.policy == FsyncPolicy::Always {
+                result = self.sync_locked(&mut segment).await;
+            }
             if let Err(e) = result {
                 // What was taken from the queue may be half on disk: the
                 // journal can no longer promise anything, so it says so.
@@ -423,11 +419,18 @@ impl Journal {
         Ok(())
     }
 
-    fn sync_locked(&self, segment: &mut Segment) -> io::Result<()> {
+    /// Fsyncs what was written. The fsync itself runs on the blocking pool:
+    /// it can take milliseconds, and a runtime worker must not stall that
+    /// long. Requests keep queueing records meanwhile (they only need the
+    /// `pending` lock); the next group write waits for this one.
+    async fn sync_locked(&self, segment: &mut Segment) -> io::Result<()> {
         let written = self.written.load(Ordering::Acquire);
         if self.synced.load(Ordering::Acquire) < written {
-            segment.file.sync_data()?;
-            self.synced.store(written, Ordering::Release);
+            let file = segment.file.try_clone()?;
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(io::Error::other)??;
+            self.synced.fetch_max(written, Ordering::AcqRel);
         }
         Ok(())
     }
@@ -440,7 +443,7 @@ impl Journal {
         }
         let mut segment = self.current.lock().await;
         self.write_pending(&mut segment)?;
-        self.sync_locked(&mut segment)?;
+        self.sync_locked(&mut segment).await?;
         Ok(())
     }
 
