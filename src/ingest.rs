@@ -182,8 +182,15 @@ impl Ingest {
             let mut last = None;
             {
                 let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+                let now_ms = chrono::Utc::now().timestamp_millis();
                 orphan.replay(applied(&orphan.id), |r| {
                     count_record(metrics, r.body, &mut report);
+                    // Its retries are duplicates here too.
+                    if let Ok(decoded) = record::decode(r.body) {
+                        for id in decoded.events.into_iter().filter_map(|(_, id)| id) {
+                            self.dedupe.remember(id, r.at.saturating_mul(1000), now_ms);
+                        }
+                    }
                     last = Some(journal.append(r.at, r.body));
                 })?;
             }

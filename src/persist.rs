@@ -282,6 +282,9 @@ struct Flushed {
     /// Whether this process's journal from before a restart was counted:
     /// once, on the first restore.
     replayed: bool,
+    /// How far the store holds each journal, as of the last restore. While
+    /// this process holds the lease nobody else changes it.
+    progress: HashMap<String, u64>,
 }
 
 /// The link between memory and the store, shared by the flush and history
@@ -402,19 +405,30 @@ impl Persistence {
                 }
                 state.replayed = true;
             }
-            let adopted = self
-                .ingest
-                .adopt_orphans(&self.metrics, applied)
-                .await
-                .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
-            if adopted.records > 0 {
-                tracing::info!(?adopted, "stopped processes' journals counted");
-            }
         }
+        state.progress = stored.progress.clone();
+        self.adopt_orphans_locked(state).await?;
         self.generation.fetch_add(1, Ordering::Relaxed);
         self.metrics.selfm.store_up.set(1);
         self.maintain_locked(state, Utc::now()).await?;
         Ok(Some(report))
+    }
+
+    /// Counts the journals of processes that stopped or died (a standby
+    /// that was stopped, a writer killed before its last flush): at each
+    /// restore and at every flush, so their events reach the store without
+    /// waiting for a restart.
+    async fn adopt_orphans_locked(&self, state: &Flushed) -> store::Result<()> {
+        let applied = |id: &str| state.progress.get(id).copied().unwrap_or(0);
+        let adopted = self
+            .ingest
+            .adopt_orphans(&self.metrics, applied)
+            .await
+            .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+        if adopted.records > 0 {
+            tracing::info!(?adopted, "stopped processes' journals counted");
+        }
+        Ok(())
     }
 
     async fn maintain_locked(&self, state: &mut Flushed, now: DateTime<Utc>) -> store::Result<()> {
@@ -473,6 +487,7 @@ impl Persistence {
     async fn flush_inner(&self) -> store::Result<FlushOutcome> {
         let mut state = self.state.lock().await;
         self.prepare_locked(&mut state).await?;
+        self.adopt_orphans_locked(&state).await?;
         let now = Utc::now();
         let mut batch = FlushBatch::default();
         // One consistent cut: no request counts while it is taken, so the

@@ -511,3 +511,27 @@ async fn the_journal_lives_beside_the_sqlite_file() {
     assert!(root.is_dir(), "{}", root.display());
     assert!(!segments(&root).is_empty());
 }
+
+/// A standby that is stopped while the writer runs leaves its journal
+/// behind; the writer counts it at its next flush, without a restart.
+async fn a_stopped_standbys_events_reach_the_writer(url: &str) {
+    let flags = ["--flush-interval", "100ms"];
+    let holder = Binary::serve(url, "x=tx", &flags).await;
+    ready(&holder).await;
+    let mut standby = Binary::serve(url, "x=tx", &flags).await;
+    for b in 0..10 {
+        holder.post_ok("tx", &batch(0, b)).await;
+        standby.post_ok("tx", &batch(1, b)).await;
+    }
+    assert_eq!(standby.signal("TERM").await.code(), Some(0));
+    eventually(Duration::from_secs(10), || async {
+        user_messages(&holder).await == 200.0
+    })
+    .await;
+    // The standby's ids came along: its retries are duplicates on the writer.
+    let (status, body) = holder.post_events("tx", &batch(1, 3)).await;
+    assert_eq!(status, 202);
+    assert_eq!(body["duplicates"], 10, "{body}");
+}
+
+on_both_backends!(a_stopped_standbys_events_reach_the_writer);
