@@ -21,7 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 log = logging.getLogger("botmetrics")
 
@@ -68,7 +68,7 @@ def backoff_delays(initial: float, maximum: float,
     [0.159, 0.486, 0.882, 1.128, 1.736, 1.693]
     """
     uniform = (rng or random.Random()).uniform
-    step = initial
+    step = min(initial, maximum)
     while True:
         yield step * uniform(0.5, 1.0)
         step = min(step * 2, maximum)
@@ -110,9 +110,8 @@ class Core:
     ):
         if batch_size < 1 or max_queue < 1:
             raise ValueError("batch_size and max_queue must be at least 1")
-        if flush_interval <= 0 or initial_backoff <= 0 or max_backoff < initial_backoff:
-            raise ValueError("flush_interval and initial_backoff must be positive, "
-                             "max_backoff at least initial_backoff")
+        if min(flush_interval, initial_backoff, max_backoff) <= 0:
+            raise ValueError("flush_interval, initial_backoff and max_backoff must be positive")
         self.url = url.rstrip("/")
         self._token = token
         self.batch_size = batch_size
@@ -187,15 +186,16 @@ class Core:
     # The helpers build their event inline rather than through track(): one
     # dict, no keyword-argument packing. They are the hot path of every bot.
 
-    def message(self, user_id: UserId, role: str = "user", *, db_queries: Optional[int] = None,
+    def message(self, user_id: Optional[UserId], role: str = "user", *, db_queries: Optional[int] = None,
                 chat_type: Optional[str] = None) -> None:
         """A message: ``role`` is "user" (received) or "assistant" (sent).
         ``db_queries``: how many database queries handling it took."""
         if self._closed:
             self.dropped += 1
             return
-        event = {"type": "message", "event_id": _prefix + str(next(_ids)), "ts": _now(),
-                 "user_id": user_id, "role": role}
+        event = {"type": "message", "event_id": _prefix + str(next(_ids)), "ts": _now(), "role": role}
+        if user_id is not None:
+            event["user_id"] = user_id
         if db_queries is not None:
             event["db_queries"] = db_queries
         if chat_type is not None:
@@ -406,7 +406,7 @@ class ResponseTimer:
         self._start = time.perf_counter()
         return self
 
-    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Any) -> bool:
+    def __exit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Any) -> Literal[False]:
         duration_ms = (time.perf_counter() - self._start) * 1000
         if self.status is None:
             if exc_type is None:
@@ -423,5 +423,6 @@ class ResponseTimer:
     async def __aenter__(self) -> "ResponseTimer":
         return self.__enter__()
 
-    async def __aexit__(self, exc_type: Optional[type], exc: Optional[BaseException], tb: Any) -> bool:
+    async def __aexit__(self, exc_type: Optional[type], exc: Optional[BaseException],
+                        tb: Any) -> Literal[False]:
         return self.__exit__(exc_type, exc, tb)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Play a realistic day of an AI-assistant chat bot against botmetrics.
 
-    python3 clients/python/simulate.py --url http://127.0.0.1:9464 --token secret1 \\
+    python -m botmetrics.simulate --url http://127.0.0.1:9464 --token change-me \\
         --users 500 --speed 720 --duration 120
 
 ``--speed 720`` plays a simulated day in two real minutes. Users arrive with
@@ -26,8 +26,7 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from botmetrics_client import BotMetrics  # noqa: E402
+from botmetrics import BotMetrics
 
 DAY = 86400.0
 # Relative activity per hour of the day: a night trough, a lunch bump and an
@@ -41,7 +40,7 @@ CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), ("feedback_like", 
 class User:
     __slots__ = ("id", "activity", "registered", "consented", "today", "day")
 
-    def __init__(self, uid: int, activity: float):
+    def __init__(self, uid: int, activity: float) -> None:
         self.id = uid
         self.activity = activity  # relative chance of starting a session
         self.registered = False
@@ -52,7 +51,7 @@ class User:
 
 class Simulation:
     def __init__(self, rng: random.Random, users: int, daily_limit: int,
-                 sessions_per_user: float, failure_rate: float):
+                 sessions_per_user: float, failure_rate: float) -> None:
         self.rng = rng
         # Activity is heavy-tailed: most users drop by, a few chat all day
         # and are the ones who reach the daily limit.
@@ -189,7 +188,8 @@ async def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m botmetrics.simulate",
+                                description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--url", default=os.environ.get("BOTMETRICS_URL", "http://127.0.0.1:9464"))
     p.add_argument("--token", default=os.environ.get("BOTMETRICS_TOKEN"),
                    help="the bot's ingestion token (or $BOTMETRICS_TOKEN)")
