@@ -50,15 +50,17 @@ class BotMetrics(Core):
             # asyncio.run() cancels the task when its loop ends; the next
             # loop (another asyncio.run) then starts a new one.
             self._task.add_done_callback(self._sender_ended)
+            self._kick_needed = False
 
     def _sender_ended(self, task: "asyncio.Task[None]") -> None:
         if self._task is task:
             self._task = None
             self._inflight = 0
+            self._kick_needed = True
         if not task.cancelled() and task.exception() is not None:
             log.error("botmetrics: the sender stopped", exc_info=task.exception())
 
-    def _pushed(self) -> None:
+    def _kick(self) -> None:
         if self._task is None:
             try:
                 self.start()

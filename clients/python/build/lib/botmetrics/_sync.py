@@ -46,8 +46,9 @@ class SyncBotMetrics(Core):
                 self._stop = False
                 self._thread = threading.Thread(target=self._run, name="botmetrics-sender", daemon=True)
                 self._thread.start()
+                self._kick_needed = False
 
-    def _pushed(self) -> None:
+    def _kick(self) -> None:
         if self._thread is None:
             self.start()
         if len(self._queue) >= self.batch_size and not self._wake.is_set():
@@ -155,6 +156,7 @@ _live: "weakref.WeakSet[SyncBotMetrics]" = weakref.WeakSet()
 def _after_fork() -> None:
     for client in list(_live):
         client._thread = None
+        client._kick_needed = True
         client._start_lock = threading.Lock()
         client._drop_lock = threading.Lock()
         client._cond = threading.Condition()
