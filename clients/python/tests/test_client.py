@@ -1,7 +1,7 @@
 """The asyncio client (botmetrics.BotMetrics) against the real botmetrics
 server, and against servers that are down or never answer.
 
-    BOTMETRICS_BIN=target/release/botmetrics python3 -m unittest discover -s clients/python/tests -v
+    BOTMETRICS_BIN=target/debug/botmetrics clients/python/ci.sh
 
 Each test starts the server binary on a free port with its own SQLite file
 and reads the results back from /metrics (rendered fresh: --metrics-cache-ttl 0s).
