@@ -195,6 +195,28 @@ class AiogramTest(unittest.TestCase):
         self.assertEqual(v("bot_messages_total", bot=BOT, role="user"), 2)
         self.assertEqual(v("bot_messages_total", bot=BOT, role="assistant"), 0)
 
+    def test_attach_counts_messages_sent_before_any_update(self) -> None:
+        async def go() -> NoTelegram:
+            metrics = BotMetrics(self.server.url, TOKEN, flush_interval=0.05)
+            session = NoTelegram()
+            bot = Bot("42:TEST", session=session)
+            middleware = BotMetricsMiddleware(metrics)
+            middleware.attach(bot)
+            middleware.attach(bot)  # idempotent: still counted once
+            await bot.send_message(ANN.id, "I'm back online")
+            await bot.send_message(GROUP.id, "Hello, group")
+            await bot.send_chat_action(ANN.id, "typing")  # not a message
+            self.assertTrue(await metrics.close(timeout=10))
+            return session
+
+        session = asyncio.run(go())
+        self.assertEqual(session.replies, ["I'm back online", "Hello, group"])
+        v = self.server.value
+        self.assertEqual(v("bot_messages_total", bot=BOT, role="assistant"), 2)
+        self.assertEqual(v("bot_messages_total", bot=BOT, role="user"), 0)
+        # The private chat's id is its user's: one active user, not two.
+        self.assertEqual(v("bot_active_users", bot=BOT, window="1d"), 1)
+
     def test_metrics_command_when_the_server_is_down(self) -> None:
         """/metrics still answers, and says the summary is unavailable."""
         async def go() -> List[str]:

@@ -146,7 +146,8 @@ def _incoming_message(event: TelegramObject) -> Optional[Message]:
     """The message a user sent, for updates that carry one."""
     if not isinstance(event, Update):
         return None
-    message: Union[Message, None] = event.message or event.business_message
+    # business_message: Bot API 7.2 (aiogram 3.5); absent before.
+    message: Union[Message, None] = event.message or getattr(event, "business_message", None)
     return message
 
 
