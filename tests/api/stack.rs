@@ -85,7 +85,10 @@ fn python_client_against_the_real_server() {
         &["clients/python/ci.sh"],
         &[
             ("BOTMETRICS_BIN", env!("CARGO_BIN_EXE_botmetrics")),
-            ("BOTMETRICS_PY_VENV", venv.to_str().expect("a UTF-8 target path")),
+            (
+                "BOTMETRICS_PY_VENV",
+                venv.to_str().expect("a UTF-8 target path"),
+            ),
         ],
     );
 }
