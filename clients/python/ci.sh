@@ -33,8 +33,11 @@ rm -rf "$FRESH"
 "$PYTHON" -m venv "$FRESH"
 (cd "$REPO" && "$FRESH/bin/pip" install -q ./clients/python)
 "$FRESH/bin/python" - <<'PY'
-import importlib.resources, botmetrics, botmetrics.simulate
+import importlib.metadata, importlib.resources, botmetrics, botmetrics.simulate
 assert importlib.resources.files("botmetrics").joinpath("py.typed").is_file(), "py.typed is not installed"
+assert botmetrics.__version__ == importlib.metadata.version("botmetrics"), "__version__ differs from pyproject.toml"
+assert not importlib.metadata.requires("botmetrics") or all("extra ==" in r for r in importlib.metadata.requires("botmetrics")), \
+    "botmetrics must have no runtime dependencies"
 print("botmetrics", botmetrics.__version__, "from", botmetrics.__file__)
 PY
 "$FRESH/bin/python" -m botmetrics.simulate --help >/dev/null

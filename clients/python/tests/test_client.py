@@ -10,12 +10,14 @@ and reads the results back from /metrics (rendered fresh: --metrics-cache-ttl 0s
 from __future__ import annotations
 
 import asyncio
+import doctest
 import logging
 import random
 import re
 import unittest
 import warnings
 
+import botmetrics._core
 from botmetrics import BotMetrics, backoff_delays
 from helpers import BOT, TOKEN, HangingServer, Server
 
@@ -303,6 +305,12 @@ class NoLoopTest(unittest.TestCase):
 
         self.assertTrue(asyncio.run(go()))
         self.assertEqual(server.value("bot_users_registered_total", bot=BOT), 1)
+
+
+def load_tests(loader: unittest.TestLoader, tests: unittest.TestSuite, pattern: object) -> unittest.TestSuite:
+    """The examples in the package's docstrings are tests too."""
+    tests.addTests(doctest.DocTestSuite(botmetrics._core))
+    return tests
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def backoff_delays(initial: float, maximum: float,
 
     >>> steps = backoff_delays(0.25, 2.0, random.Random(1))
     >>> [round(next(steps), 3) for _ in range(6)]
-    [0.159, 0.486, 0.882, 1.128, 1.736, 1.693]
+    [0.142, 0.462, 0.882, 1.255, 1.495, 1.449]
     """
     uniform = (rng or random.Random()).uniform
     step = min(initial, maximum)
