@@ -257,8 +257,9 @@ class NeverBlocksTest(unittest.TestCase):
         is still open: had track() waited on the network, the request would
         have timed out (30 s) and been retried first."""
         with HangingServer() as wedged:
+            m = BotMetrics(wedged.url, TOKEN, batch_size=10, flush_interval=0.05, timeout=30)
+
             async def go() -> tuple[int, int, int, int, bool]:
-                m = BotMetrics(wedged.url, TOKEN, batch_size=10, flush_interval=0.05, timeout=30)
                 for i in range(10):
                     m.message(i)
                 while not wedged.connected.is_set():
@@ -272,6 +273,10 @@ class NeverBlocksTest(unittest.TestCase):
                 return (*state, delivered)
 
             pending, requests, retries, sent, delivered = asyncio.run(go())
+            # asyncio.run() has returned while the request is still open:
+            # had it waited for the request, its 30 s timeout would have
+            # been counted as a retry by now.
+            self.assertEqual((m.requests, m.retries, len(wedged.accepted)), (1, 0, 1))
         self.assertEqual((pending, requests, retries, sent), (1010, 1, 0, 0))
         self.assertFalse(delivered)
 

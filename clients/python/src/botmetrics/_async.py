@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 from ._core import Core, Event, Outcome, _split, _summary_dict, backoff_delays, log
 
@@ -16,8 +17,8 @@ class BotMetrics(Core):
     ``track()`` and the helpers append to a bounded in-memory queue and
     return; a background task on the running loop posts the queue in
     batches (every ``batch_size`` events or ``flush_interval`` seconds),
-    with the HTTP call in a worker thread so the loop never waits on the
-    network. Call them from the loop's thread (asyncio handlers are); from
+    with the HTTP call in a thread of its own so the loop never waits on
+    the network. Call them from the loop's thread (asyncio handlers are); from
     other threads or plain code use ``SyncBotMetrics``.
 
     Counters, for the bot's own logs and tests: ``sent`` events the server
@@ -125,12 +126,12 @@ class BotMetrics(Core):
 
     async def summary_text(self, bot: Optional[str] = None) -> str:
         """The ready-to-send text for the bot's /metrics command."""
-        body = await asyncio.to_thread(self._summary_request, bot, "text")
+        body = await _in_thread(self._summary_request, bot, "text")
         return body.decode("utf-8")
 
     async def summary(self, bot: Optional[str] = None) -> Dict[str, Any]:
         """The summary as a dict (see the server's GET /v1/summary)."""
-        return _summary_dict(await asyncio.to_thread(self._summary_request, bot, None))
+        return _summary_dict(await _in_thread(self._summary_request, bot, None))
 
     # ---------------------------------------------------------------- sender
 
@@ -153,7 +154,7 @@ class BotMetrics(Core):
         delays = backoff_delays(self.initial_backoff, self.max_backoff)
         todo = [batch]
         while todo:
-            outcome = await asyncio.to_thread(self._attempt, todo[-1])
+            outcome = await _in_thread(self._attempt, todo[-1])
             if outcome is Outcome.DONE:
                 todo.pop()
             elif outcome is Outcome.SPLIT:
@@ -163,6 +164,41 @@ class BotMetrics(Core):
                 delay = next(delays)
                 self._log_retry(len(todo[-1]), delay)
                 await asyncio.sleep(delay)
+
+
+T = TypeVar("T")
+
+
+def _in_thread(fn: Callable[..., T], *args: Any) -> "asyncio.Future[T]":
+    """Run a blocking call in a daemon thread of its own, its result a future
+    on the running loop. Not asyncio.to_thread: asyncio.run() ends by joining
+    the default executor, so a request stuck on a server that never answers
+    would hold up the bot's exit for the whole HTTP timeout after close()
+    had given up on it. A thread per request costs nothing at one batch a
+    second."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Optional[T], error: Optional[BaseException]) -> None:
+        if future.cancelled():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            pass  # the loop has closed: nobody waits for this any more
+
+    threading.Thread(target=work, name="botmetrics-http", daemon=True).start()
+    return future
 
 
 async def _wait(event: asyncio.Event, timeout: Optional[float]) -> bool:
