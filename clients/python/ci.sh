@@ -9,7 +9,7 @@
 # 2. the test virtualenv (kept between runs, $BOTMETRICS_PY_VENV, default
 #    target/python-venv): this package reinstalled from the tree, and pinned
 #    aiogram, mypy and prometheus-client from PyPI;
-# 3. mypy --strict over the package;
+# 3. mypy --strict over the package, the example bot and the benchmark;
 # 4. the tests against the server binary $BOTMETRICS_BIN, with CI=true so a
 #    missing package or binary fails rather than skips.
 #
@@ -49,7 +49,7 @@ echo "--- python: test virtualenv $VENV (${PINS[*]})"
 "$VENV/bin/pip" install -q --force-reinstall --no-deps .
 
 echo "--- python: mypy --strict"
-"$VENV/bin/mypy" --strict src/botmetrics
+"$VENV/bin/mypy" --strict src/botmetrics example_aiogram_bot.py benchmarks/hot_path.py
 
 echo "--- python: tests"
 # From tests/: the package under test is the installed one, not src/.

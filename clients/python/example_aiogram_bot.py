@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Awaitable, Callable, Dict, Iterable, Optional
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Tuple
 
 from aiogram import BaseMiddleware, Bot, Dispatcher, F, Router
 from aiogram.filters import CommandStart
@@ -44,14 +44,16 @@ from botmetrics import BotMetrics
 from botmetrics.aiogram import BotMetricsMiddleware, metrics_router
 
 DAILY_LIMIT = 20
-LLM = Callable[[str], Awaitable[tuple]]
+# An LLM call: prompt in, (text, prompt_tokens, completion_tokens) out.
+LLM = Callable[[str], Awaitable[Tuple[str, int, int]]]
+UserRecord = Dict[str, Any]
 
 
 class Store:
     """Stands in for the bot's own database."""
 
     def __init__(self) -> None:
-        self.users: Dict[int, dict] = {}
+        self.users: Dict[int, UserRecord] = {}
         self.answers: Dict[str, str] = {}
 
 
@@ -64,21 +66,22 @@ class Session:
         self.store = store
         self.queries = 0
 
-    def user(self, user_id: int) -> dict | None:
+    def user(self, user_id: int) -> Optional[UserRecord]:
         self.queries += 1
         return self.store.users.get(user_id)
 
-    def add_user(self, user_id: int) -> dict:
+    def add_user(self, user_id: int) -> UserRecord:
         self.queries += 1
         return self.store.users.setdefault(user_id, {"consent": None, "day": "", "today": 0})
 
-    def count_message(self, user: dict) -> int:
+    def count_message(self, user: UserRecord) -> int:
         self.queries += 1
         day = time.strftime("%Y-%m-%d", time.gmtime())
         if user["day"] != day:
             user["day"], user["today"] = day, 0
-        user["today"] += 1
-        return user["today"]
+        today: int = user["today"] + 1
+        user["today"] = today
+        return today
 
     def cached_answer(self, prompt: str) -> str | None:
         self.queries += 1
@@ -103,7 +106,7 @@ class DatabaseMiddleware(BaseMiddleware):
         return await handler(event, data)
 
 
-def ensure_user(uid: int, metrics: BotMetrics, db: Session) -> dict:
+def ensure_user(uid: int, metrics: BotMetrics, db: Session) -> UserRecord:
     """The user's record, created (and counted as a registration) the first
     time the bot sees them, whatever they sent first."""
     user = db.user(uid)
@@ -165,7 +168,7 @@ async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session, llm: 
     return str(text)
 
 
-async def fake_llm(prompt: str) -> tuple:
+async def fake_llm(prompt: str) -> Tuple[str, int, int]:
     """Replace with your LLM client; returns (text, prompt_tokens, completion_tokens)."""
     await asyncio.sleep(0.01)
     return f"You said: {prompt}", len(prompt.split()) + 20, 12
