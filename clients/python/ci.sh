@@ -47,6 +47,7 @@ echo "--- python: test virtualenv $VENV (${PINS[*]})"
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/pip" install -q "${PINS[@]}"
 "$VENV/bin/pip" install -q --force-reinstall --no-deps .
+rm -rf build src/*.egg-info
 
 echo "--- python: mypy --strict"
 "$VENV/bin/mypy" --strict src/botmetrics example_aiogram_bot.py benchmarks/hot_path.py
