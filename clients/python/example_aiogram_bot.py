@@ -1,27 +1,31 @@
 """Example: an aiogram 3 bot that reports to botmetrics.
 
-Shows where each event of botmetrics' event table is sent from a real bot:
+The wiring is two lines in build_dispatcher():
 
-    message          MetricsMiddleware (every incoming text), answer()      -> user / assistant
+    dp.update.outer_middleware(BotMetricsMiddleware(metrics, db_queries=...))
+    dp.include_router(metrics_router(metrics, admin_ids=ADMIN_IDS))
+
+BotMetricsMiddleware counts every incoming message (with its user and the
+database queries it cost), every message the bot sends, and every exception
+a handler raises. The handlers add the events only the bot knows:
+
     response         ask_llm(), timed by metrics.measure_response()
     cache            the answer cache in ask_llm()
-    user_registered  /start, first time a user is seen
+    user_registered  ensure_user(), the first time a user is seen
     consent          the consent buttons
     limit_reached    the daily-limit check
-    error            MetricsMiddleware, when a handler raises
-    custom           voice messages, feedback buttons
+    custom           voice messages
 
-and how the bot answers its own /metrics command from botmetrics' summary
-instead of rebuilding statistics from its database on every call.
+and the bot's admins get /metrics answered from botmetrics' summary
+instead of rebuilding statistics from the bot's database on every call.
 
-Run (needs `pip install aiogram`):
+Run (after `pip install ./clients/python aiogram`):
 
-    BOT_TOKEN=... BOTMETRICS_URL=http://127.0.0.1:9464 BOTMETRICS_TOKEN=secret1 \\
-        python3 example_aiogram_bot.py
+    BOT_TOKEN=... BOTMETRICS_URL=http://127.0.0.1:9464 BOTMETRICS_TOKEN=change-me \\
+        BOT_ADMIN_IDS=123456789 python3 clients/python/example_aiogram_bot.py
 
-The handlers are plain functions of (message, metrics, db, ...) - aiogram
-injects `metrics` and `db` from the middleware's data - so this module imports, and its flow
-is tested (tests/test_client.py), without aiogram installed.
+Its flow is tested through a real aiogram Dispatcher against the real
+server (tests/test_aiogram.py).
 """
 
 from __future__ import annotations
@@ -29,26 +33,27 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from typing import Any, Awaitable, Callable, Dict
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Tuple
 
-from botmetrics_client import BotMetrics
+from aiogram import BaseMiddleware, Bot, Dispatcher, F, Router
+from aiogram.filters import CommandStart
+from aiogram.types import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message,
+                           TelegramObject)
 
-try:
-    from aiogram import BaseMiddleware, Bot, Dispatcher, F, Router
-    from aiogram.filters import Command, CommandStart
-    from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup
-except ImportError:  # aiogram is the bot's dependency, not the client's
-    BaseMiddleware = object  # type: ignore[assignment,misc]
-    Router = None  # type: ignore[assignment,misc]
+from botmetrics import BotMetrics
+from botmetrics.aiogram import BotMetricsMiddleware, metrics_router
 
 DAILY_LIMIT = 20
+# An LLM call: prompt in, (text, prompt_tokens, completion_tokens) out.
+LLM = Callable[[str], Awaitable[Tuple[str, int, int]]]
+UserRecord = Dict[str, Any]
 
 
 class Store:
     """Stands in for the bot's own database."""
 
     def __init__(self) -> None:
-        self.users: Dict[int, dict] = {}
+        self.users: Dict[int, UserRecord] = {}
         self.answers: Dict[str, str] = {}
 
 
@@ -61,21 +66,22 @@ class Session:
         self.store = store
         self.queries = 0
 
-    def user(self, user_id: int) -> dict | None:
+    def user(self, user_id: int) -> Optional[UserRecord]:
         self.queries += 1
         return self.store.users.get(user_id)
 
-    def add_user(self, user_id: int) -> dict:
+    def add_user(self, user_id: int) -> UserRecord:
         self.queries += 1
         return self.store.users.setdefault(user_id, {"consent": None, "day": "", "today": 0})
 
-    def count_message(self, user: dict) -> int:
+    def count_message(self, user: UserRecord) -> int:
         self.queries += 1
         day = time.strftime("%Y-%m-%d", time.gmtime())
         if user["day"] != day:
             user["day"], user["today"] = day, 0
-        user["today"] += 1
-        return user["today"]
+        today: int = user["today"] + 1
+        user["today"] = today
+        return today
 
     def cached_answer(self, prompt: str) -> str | None:
         self.queries += 1
@@ -86,40 +92,21 @@ class Session:
         self.store.answers[prompt] = text
 
 
-class MetricsMiddleware(BaseMiddleware):
-    """Outer middleware for messages and callback queries: hands `metrics`
-    and a fresh `db` session to the handlers, counts every incoming message
-    with the database queries it cost, and counts handler crashes."""
+class DatabaseMiddleware(BaseMiddleware):
+    """Hands each update a fresh `db` session. Registered before
+    BotMetricsMiddleware, so that the latter reads `db.queries` after the
+    handler from the same data."""
 
-    def __init__(self, metrics: BotMetrics, store: Store) -> None:
-        self.metrics = metrics
+    def __init__(self, store: Store) -> None:
         self.store = store
 
-    async def __call__(self, handler: Callable[..., Awaitable[Any]], event: Any, data: Dict[str, Any]) -> Any:
-        db = Session(self.store)
-        data["metrics"] = self.metrics
-        data["db"] = db
-        try:
-            return await handler(event, data)
-        except Exception as e:
-            # A short, bounded kind: the exception class, never its message.
-            self.metrics.error(type(e).__name__, user_id=event.from_user.id)
-            raise
-        finally:
-            if getattr(event, "text", None) is not None or getattr(event, "voice", None) is not None:
-                # Counted after the handler so that db_queries is known; track()
-                # stamps the time, which is all the ordering the metrics need.
-                self.metrics.message(event.from_user.id, "user", db_queries=db.queries,
-                                     chat_type=event.chat.type)
+    async def __call__(self, handler: Callable[..., Awaitable[Any]], event: TelegramObject,
+                      data: Dict[str, Any]) -> Any:
+        data["db"] = Session(self.store)
+        return await handler(event, data)
 
 
-async def answer(message: Any, metrics: BotMetrics, text: str, **kwargs: Any) -> None:
-    """Every reply goes through here, so assistant messages are counted once."""
-    await message.answer(text, **kwargs)
-    metrics.message(message.from_user.id, "assistant", chat_type=message.chat.type)
-
-
-def ensure_user(uid: int, metrics: BotMetrics, db: Session) -> dict:
+def ensure_user(uid: int, metrics: BotMetrics, db: Session) -> UserRecord:
     """The user's record, created (and counted as a registration) the first
     time the bot sees them, whatever they sent first."""
     user = db.user(uid)
@@ -129,13 +116,14 @@ def ensure_user(uid: int, metrics: BotMetrics, db: Session) -> dict:
     return user
 
 
-async def on_start(message: Any, metrics: BotMetrics, db: Session) -> None:
+async def on_start(message: Message, metrics: BotMetrics, db: Session) -> None:
+    assert message.from_user is not None
     ensure_user(message.from_user.id, metrics, db)
-    await answer(message, metrics, "Hi! May I store your messages to answer you better?",
-                 reply_markup=consent_keyboard())
+    await message.answer("Hi! May I store your messages to answer you better?",
+                         reply_markup=consent_keyboard())
 
 
-async def on_consent(callback: Any, metrics: BotMetrics, db: Session) -> None:
+async def on_consent(callback: CallbackQuery, metrics: BotMetrics, db: Session) -> None:
     """Callback of the consent buttons ("consent:yes" / "consent:no")."""
     uid = callback.from_user.id
     granted = callback.data == "consent:yes"
@@ -144,31 +132,29 @@ async def on_consent(callback: Any, metrics: BotMetrics, db: Session) -> None:
     await callback.answer("Thanks!" if granted else "OK, I won't store anything.")
 
 
-async def on_metrics(message: Any, metrics: BotMetrics) -> None:
-    """/metrics: botmetrics renders the summary (cached 30 s server-side),
-    so this costs the bot one HTTP call and no database query."""
-    await answer(message, metrics, await metrics.summary_text())
-
-
-async def on_voice(message: Any, metrics: BotMetrics) -> None:
+async def on_voice(message: Message, metrics: BotMetrics) -> None:
+    assert message.from_user is not None
     metrics.custom("voice_message", user_id=message.from_user.id)
-    await answer(message, metrics, "I can't listen to voice messages yet.")
+    await message.answer("I can't listen to voice messages yet.")
 
 
-async def on_text(message: Any, metrics: BotMetrics, db: Session,
-                  llm: Callable[[str], Awaitable[tuple]] | None = None) -> None:
+async def on_text(message: Message, metrics: BotMetrics, db: Session, llm: Optional[LLM] = None) -> None:
+    """`llm` comes from the dispatcher's data when the bot (or a test) puts
+    one there; fake_llm otherwise."""
+    assert message.from_user is not None and message.text is not None
     uid = message.from_user.id
     user = ensure_user(uid, metrics, db)
     if db.count_message(user) > DAILY_LIMIT:
         metrics.limit_reached(uid)
-        await answer(message, metrics, f"You've reached today's limit of {DAILY_LIMIT} messages.")
+        await message.answer(f"You've reached today's limit of {DAILY_LIMIT} messages.")
         return
+    # An exception from the LLM goes on to aiogram: BotMetricsMiddleware
+    # counts it as an error of its class name.
     reply = await ask_llm(message.text, uid, metrics, db, llm or fake_llm)
-    await answer(message, metrics, reply)
+    await message.answer(reply)
 
 
-async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session,
-                  llm: Callable[[str], Awaitable[tuple]]) -> str:
+async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session, llm: LLM) -> str:
     cached = db.cached_answer(prompt)
     metrics.cache(cached is not None, cache="llm_answer", user_id=uid)
     if cached is not None:
@@ -179,45 +165,50 @@ async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session,
         text, prompt_tokens, completion_tokens = await asyncio.wait_for(llm(prompt), timeout=60)
         call.tokens = (prompt_tokens, completion_tokens)
     db.save_answer(prompt, text)
-    return text
+    return str(text)
 
 
-async def fake_llm(prompt: str) -> tuple:
+async def fake_llm(prompt: str) -> Tuple[str, int, int]:
     """Replace with your LLM client; returns (text, prompt_tokens, completion_tokens)."""
     await asyncio.sleep(0.01)
     return f"You said: {prompt}", len(prompt.split()) + 20, 12
 
 
-def consent_keyboard() -> Any:
-    if Router is None:
-        return None
+def consent_keyboard() -> InlineKeyboardMarkup:
     return InlineKeyboardMarkup(inline_keyboard=[[
         InlineKeyboardButton(text="Yes", callback_data="consent:yes"),
         InlineKeyboardButton(text="No", callback_data="consent:no"),
     ]])
 
 
-def build_router() -> Any:
-    router = Router()
+def build_router() -> Router:
+    router = Router(name="example")
     router.message.register(on_start, CommandStart())
-    router.message.register(on_metrics, Command("metrics"))
     router.message.register(on_voice, F.voice)
     router.message.register(on_text, F.text)
     router.callback_query.register(on_consent, F.data.startswith("consent:"))
     return router
 
 
+def build_dispatcher(metrics: BotMetrics, store: Store, admin_ids: Iterable[int]) -> Dispatcher:
+    dp = Dispatcher()
+    dp.update.outer_middleware(DatabaseMiddleware(store))
+    # The one line: incoming and outgoing messages, handler errors.
+    dp.update.outer_middleware(BotMetricsMiddleware(metrics, db_queries=lambda data: data["db"].queries))
+    # /metrics for the admins, answered from botmetrics' summary: one HTTP
+    # call, no database query. Before the example's router, whose F.text
+    # handler would take the command otherwise.
+    dp.include_router(metrics_router(metrics, admin_ids=set(admin_ids)))
+    dp.include_router(build_router())
+    return dp
+
+
 async def main() -> None:
-    if Router is None:
-        raise SystemExit("this example needs aiogram: pip install aiogram")
     metrics = BotMetrics(os.environ.get("BOTMETRICS_URL", "http://127.0.0.1:9464"),
                          os.environ["BOTMETRICS_TOKEN"])
-    middleware = MetricsMiddleware(metrics, Store())
+    admins = [int(a) for a in os.environ.get("BOT_ADMIN_IDS", "").split(",") if a.strip()]
+    dp = build_dispatcher(metrics, Store(), admins)
     bot = Bot(os.environ["BOT_TOKEN"])
-    dp = Dispatcher()
-    dp.message.outer_middleware(middleware)
-    dp.callback_query.outer_middleware(middleware)
-    dp.include_router(build_router())
     try:
         await dp.start_polling(bot)
     finally:

@@ -1,131 +1,33 @@
-"""Tests of the Python client against the real botmetrics server.
+"""The asyncio client (botmetrics.BotMetrics) against the real botmetrics
+server, and against servers that are down or never answer.
 
-    BOTMETRICS_BIN=target/release/botmetrics python3 -m unittest discover -s clients/python/tests -v
+    BOTMETRICS_BIN=target/debug/botmetrics clients/python/ci.sh
 
 Each test starts the server binary on a free port with its own SQLite file
 and reads the results back from /metrics (rendered fresh: --metrics-cache-ttl 0s).
-Without BOTMETRICS_BIN the default target/release/botmetrics is used; the
-server tests are skipped only when neither exists.
 """
 
 from __future__ import annotations
 
 import asyncio
+import doctest
 import logging
-import os
+import random
 import re
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
-import time
-import types
 import unittest
-import urllib.request
+import warnings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CLIENT_DIR = os.path.dirname(HERE)
-REPO = os.path.dirname(os.path.dirname(CLIENT_DIR))
-sys.path.insert(0, CLIENT_DIR)
+import botmetrics._core
+from botmetrics import BotMetrics, backoff_delays
+from helpers import BOT, TOKEN, HangingServer, Server
 
-from botmetrics_client import BotMetrics  # noqa: E402
-import example_aiogram_bot as example  # noqa: E402
-
-BIN = os.environ.get("BOTMETRICS_BIN") or os.path.join(REPO, "target", "release", "botmetrics")
-BOT, TOKEN = "testbot", "secret1"
 # The tests stop the server on purpose; the client's retry warnings are expected.
 logging.getLogger("botmetrics").setLevel(logging.ERROR)
-# Loopback only: never route the test's requests through a proxy.
-os.environ["no_proxy"] = os.environ["NO_PROXY"] = "127.0.0.1,localhost"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """The botmetrics binary on a fixed port and database, restartable."""
-
-    def __init__(self, port: int, db: str, log: str):
-        self.port, self.db, self.log = port, db, log
-        self.url = f"http://127.0.0.1:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [BIN, "--listen", f"127.0.0.1:{self.port}", "--tokens", f"{BOT}={TOKEN}",
-                 "--database-url", f"sqlite://{self.db}", "--metrics-cache-ttl", "0s",
-                 "--flush-interval", "1s"],
-                stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"botmetrics exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise RuntimeError(f"botmetrics not ready after 20 s:\n{self.tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM: a clean stop, which flushes the counters first."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError("botmetrics did not stop within 15 s of SIGTERM")
-
-    def tail(self) -> str:
-        with open(self.log, "rb") as f:
-            return f.read()[-3000:].decode("utf-8", "replace")
-
-    def metrics(self) -> dict:
-        """/metrics as {(name, frozenset(labels)): value}."""
-        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as r:
-            text = r.read().decode()
-        out = {}
-        for line in text.splitlines():
-            if not line or line.startswith("#"):
-                continue
-            m = re.match(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)', line)
-            if m:
-                labels = frozenset(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
-                out[(m.group(1), labels)] = float(m.group(3))
-        return out
-
-    def value(self, metric: str, /, **labels: str) -> float:
-        """One series' value; 0 when it does not exist (yet)."""
-        return self.metrics().get((metric, frozenset(labels.items())), 0.0)
-
-
-class ExampleImportTest(unittest.TestCase):
-    def test_example_imports_without_aiogram(self):
-        self.assertTrue(callable(example.on_text))
-        self.assertTrue(hasattr(example, "MetricsMiddleware"))
-
-
-@unittest.skipUnless(os.path.exists(BIN) or "BOTMETRICS_BIN" in os.environ,
-                     f"no botmetrics binary at {BIN}; build it or set BOTMETRICS_BIN")
 class ClientAgainstServerTest(unittest.TestCase):
     def setUp(self):
-        if not os.access(BIN, os.X_OK):
-            self.fail(f"BOTMETRICS_BIN={BIN} is not an executable file")
-        tmp = tempfile.TemporaryDirectory(prefix="botmetrics-client-test-")
-        self.addCleanup(tmp.cleanup)
-        self.server = Server(free_port(), os.path.join(tmp.name, "bm.db"), os.path.join(tmp.name, "server.log"))
-        self.addCleanup(self.server.stop)
-        self.server.start()
+        self.server = Server.for_test(self)
 
     def client(self, **kw) -> BotMetrics:
         return BotMetrics(self.server.url, TOKEN, **kw)
@@ -172,8 +74,7 @@ class ClientAgainstServerTest(unittest.TestCase):
             for i in range(300):
                 m.custom("during_outage", user_id=i)
             await asyncio.sleep(1.5)  # the sender fails and backs off meanwhile
-            self.assertGreater(m.retries, 0)
-            self.assertEqual(m.pending, 300)
+            self.assertEqual((m.pending, m.sent), (300, 120))
 
             await asyncio.to_thread(self.server.start)  # same port, same database
             self.assertTrue(await m.flush(timeout=20), "events still pending after restart")
@@ -274,8 +175,19 @@ class ClientAgainstServerTest(unittest.TestCase):
 
         m, text, summary = asyncio.run(go())
         self.assertEqual((m.sent, m.rejected), (15, 0))
-        self.assertTrue(text.strip(), "summary text is empty")
-        self.assertEqual(summary.get("bot"), BOT)
+        # The text is the server's rendering, relayed byte for byte; the
+        # lines for the counts sent above are exact.
+        self.assertEqual(text, self.server.get(f"/v1/summary?format=text"))
+        lines = text.splitlines()
+        self.assertIn("Messages: 2 today, 2 total", lines)
+        self.assertIn("New users: 1 today, 1 total", lines)
+        self.assertIn("Daily limit reached: 1 today", lines)
+        self.assertIn("Errors: 1 total", lines)
+        self.assertEqual(summary["bot"], BOT)
+        self.assertEqual(summary["messages"], {"total": 2, "today": 2})
+        self.assertEqual(summary["responses"]["total"], 4)
+        self.assertEqual(summary["users"]["registered_total"], 1)
+        self.assertEqual(summary["errors"], {"total": 1})
         v = self.server.value
         self.assertEqual(v("bot_responses_total", bot=BOT, status="success"), 2)
         self.assertEqual(v("bot_responses_total", bot=BOT, status="timeout"), 2)
@@ -286,129 +198,124 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(v("bot_limit_reached_total", bot=BOT), 1)
         self.assertEqual(v("bot_custom_events_total", bot=BOT, name="payment"), 2.5)
 
-    def test_example_bot_flow(self):
-        """Drive the example's handlers as aiogram would, with stand-in
-        Telegram objects, and check what reached the server."""
-        replies = []
 
-        def message(uid, text):
-            async def answer(reply, **kw):
-                replies.append(reply)
-            return types.SimpleNamespace(from_user=types.SimpleNamespace(id=uid), text=text, voice=None,
-                                         chat=types.SimpleNamespace(type="private"), answer=answer)
+class BackoffTest(unittest.TestCase):
+    def test_the_sequence_doubles_to_the_cap_with_jitter_in_the_upper_half(self):
+        rng = random.Random(7)
+        draws = random.Random(7)
+        steps = [0.25, 0.5, 1.0, 2.0, 4.0, 4.0, 4.0]
+        delays = backoff_delays(0.25, 4.0, rng)
+        for step in steps:
+            self.assertEqual(next(delays), step * draws.uniform(0.5, 1.0))
 
-        def callback(uid, data):
-            async def answer(reply, **kw):
-                pass
-            return types.SimpleNamespace(from_user=types.SimpleNamespace(id=uid), data=data, answer=answer)
+    def test_retries_wait_the_sequence_between_real_attempts(self):
+        """A server that drops every connection: the client's attempts are
+        spaced by the delays it says it waits, and those follow the
+        sequence 0.2, 0.4, 0.8, 0.8 (capped) within the jitter."""
+        records: list[logging.LogRecord] = []
 
-        def route(handler):
-            # What aiogram does: pass the handler the data keys it asks for.
-            async def call(event, data):
-                names = handler.__code__.co_varnames[1:handler.__code__.co_argcount]
-                return await handler(event, **{k: data[k] for k in names if k in data})
-            return call
+        class Keep(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                records.append(record)
 
-        async def go():
-            m = self.client(flush_interval=0.1)
-            mw = example.MetricsMiddleware(m, example.Store())
-            await mw(route(example.on_start), message(7, "/start"), {})
-            await mw(route(example.on_consent), callback(7, "consent:yes"), {})
-            for i in range(example.DAILY_LIMIT + 1):
-                await mw(route(example.on_text), message(7, "hello" if i % 2 else f"question {i}"), {})
-            self.assertTrue(await m.flush(timeout=10))
-            await mw(route(example.on_metrics), message(7, "/metrics"), {})
-            await m.close()
-            return m
+        log = logging.getLogger("botmetrics")
+        handler = Keep(logging.WARNING)
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        self.addCleanup(log.setLevel, logging.ERROR)
+        self.addCleanup(log.removeHandler, handler)
 
-        m = asyncio.run(go())
-        self.assertEqual(m.rejected, 0)
-        v = self.server.value
-        self.assertEqual(v("bot_users_registered_total", bot=BOT), 1)
-        self.assertEqual(v("bot_consent_total", bot=BOT, decision="granted"), 1)
-        self.assertEqual(v("bot_limit_reached_total", bot=BOT), 1)
-        # /start, 21 texts and /metrics in; a reply to each of them out.
-        self.assertEqual(v("bot_messages_total", bot=BOT, role="user"), 23)
-        self.assertEqual(v("bot_messages_total", bot=BOT, role="assistant"), 23)
-        # 20 texts under the limit: "hello" asked 10 times, 9 of them cached.
-        self.assertEqual(v("bot_cache_requests_total", bot=BOT, cache="llm_answer", result="hit"), 9)
-        self.assertEqual(v("bot_responses_total", bot=BOT, status="success"), 11)
-        self.assertTrue(replies[-1].strip(), "/metrics answered with an empty summary")
+        with HangingServer(hang=False) as down:
+            async def go() -> BotMetrics:
+                m = BotMetrics(down.url, TOKEN, flush_interval=0.05, initial_backoff=0.2, max_backoff=0.8)
+                m.message(1)
+                while len(down.accepted) < 5:
+                    await asyncio.sleep(0.05)
+                self.assertFalse(await m.close(timeout=0))
+                return m
+
+            m = asyncio.run(go())
+            accepted = list(down.accepted[:5])
+        waits = [float(re.search(r"retrying in ([0-9.]+)s", r.getMessage()).group(1))
+                 for r in records if "retrying in" in r.getMessage()][:4]
+        self.assertEqual(len(waits), 4, [r.getMessage() for r in records])
+        for wait, step in zip(waits, [0.2, 0.4, 0.8, 0.8]):
+            self.assertGreaterEqual(wait, step * 0.5 - 0.001)
+            self.assertLessEqual(wait, step + 0.001)
+        gaps = [b - a for a, b in zip(accepted, accepted[1:])]
+        for gap, wait in zip(gaps, waits):
+            # The logged wait is rounded to the millisecond.
+            self.assertGreaterEqual(gap, wait - 0.002, (gaps, waits))
+        self.assertGreaterEqual(m.retries, 4)
+        self.assertEqual(m.sent, 0)
 
 
-@unittest.skipIf(example.Router is None, "aiogram is not installed (optional: pip install aiogram)")
-@unittest.skipUnless(os.path.exists(BIN), f"no botmetrics binary at {BIN}")
-class ExampleWithAiogramTest(unittest.TestCase):
-    """The example wired into a real aiogram Dispatcher, fed updates as
-    Telegram would send them, with a session that answers instead of Telegram."""
+class NeverBlocksTest(unittest.TestCase):
+    def test_track_returns_while_the_server_holds_the_request(self):
+        """The server accepted the batch's connection and never answers.
+        1,000 events tracked meanwhile are all queued, and the one request
+        is still open: had track() waited on the network, the request would
+        have timed out (30 s) and been retried first."""
+        with HangingServer() as wedged:
+            m = BotMetrics(wedged.url, TOKEN, batch_size=10, flush_interval=0.05, timeout=30)
 
-    def test_updates_through_aiogram(self):
-        import datetime
-        from aiogram import Bot, Dispatcher
-        from aiogram.client.session.base import BaseSession
-        from aiogram.methods import SendMessage
-        from aiogram.types import CallbackQuery, Chat, Message, Update, User, Voice
+            async def go() -> tuple[int, int, int, int, bool]:
+                for i in range(10):
+                    m.message(i)
+                while not wedged.connected.is_set():
+                    await asyncio.sleep(0.01)
+                for i in range(1000):
+                    m.message(i, "assistant")
+                state = (m.pending, m.requests, m.retries, m.sent)
+                # close() gives up after its timeout; the stuck request is
+                # abandoned, not waited for.
+                delivered = await m.close(timeout=0.2)
+                return (*state, delivered)
 
-        tmp = tempfile.TemporaryDirectory(prefix="botmetrics-aiogram-test-")
-        self.addCleanup(tmp.cleanup)
-        server = Server(free_port(), os.path.join(tmp.name, "bm.db"), os.path.join(tmp.name, "server.log"))
-        self.addCleanup(server.stop)
-        server.start()
+            pending, requests, retries, sent, delivered = asyncio.run(go())
+            # asyncio.run() has returned while the request is still open:
+            # had it waited for the request, its 30 s timeout would have
+            # been counted as a retry by now.
+            self.assertEqual((m.requests, m.retries, len(wedged.accepted)), (1, 0, 1))
+        self.assertEqual((pending, requests, retries, sent), (1010, 1, 0, 0))
+        self.assertFalse(delivered)
 
-        chat = Chat(id=7, type="private")
-        user = User(id=7, is_bot=False, first_name="Ann")
-        now = datetime.datetime.now(datetime.timezone.utc)
 
-        class FakeTelegram(BaseSession):
-            def __init__(self):
-                super().__init__()
-                self.replies = []
+class NoLoopTest(unittest.TestCase):
+    def test_tracking_without_a_running_loop_warns_once_and_keeps_the_events(self):
+        m = BotMetrics("http://127.0.0.1:9", TOKEN)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m.message(1)
+            m.error("x")
+            m.track("custom", name="y")
+        self.assertEqual(len(caught), 1, [str(w.message) for w in caught])
+        self.assertIs(caught[0].category, RuntimeWarning)
+        self.assertIn("no running asyncio event loop", str(caught[0].message))
+        self.assertIn("SyncBotMetrics", str(caught[0].message))
+        # It points at the caller, not into the client.
+        self.assertEqual(caught[0].filename, __file__)
+        self.assertEqual(m.pending, 3)
 
-            async def close(self):
-                pass
+    def test_events_tracked_before_the_loop_are_sent_once_it_runs(self):
+        server = Server.for_test(self)
+        m = BotMetrics(server.url, TOKEN, flush_interval=0.05)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m.user_registered(5)
 
-            async def stream_content(self, *args, **kwargs):
-                yield b""
+        async def go() -> bool:
+            m.start()
+            return await m.close(timeout=10)
 
-            async def make_request(self, bot, method, timeout=None):
-                if isinstance(method, SendMessage):
-                    self.replies.append(method.text)
-                    return Message(message_id=len(self.replies), date=now, chat=chat, text=method.text)
-                return True
+        self.assertTrue(asyncio.run(go()))
+        self.assertEqual(server.value("bot_users_registered_total", bot=BOT), 1)
 
-        def message(n, text=None, voice=None):
-            return Update(update_id=n, message=Message(message_id=n, date=now, chat=chat, from_user=user,
-                                                       text=text, voice=voice))
 
-        async def go():
-            metrics = BotMetrics(server.url, TOKEN, flush_interval=0.1)
-            session = FakeTelegram()
-            bot = Bot("42:TEST", session=session)
-            dp = Dispatcher()
-            middleware = example.MetricsMiddleware(metrics, example.Store())
-            dp.message.outer_middleware(middleware)
-            dp.callback_query.outer_middleware(middleware)
-            dp.include_router(example.build_router())
-            await dp.feed_update(bot, message(1, "/start"))
-            await dp.feed_update(bot, Update(update_id=2, callback_query=CallbackQuery(
-                id="c1", from_user=user, chat_instance="ci", data="consent:yes")))
-            await dp.feed_update(bot, message(3, "what is botmetrics?"))
-            await dp.feed_update(bot, message(4, voice=Voice(file_id="f", file_unique_id="u", duration=2)))
-            self.assertTrue(await metrics.flush(timeout=10))
-            await dp.feed_update(bot, message(5, "/metrics"))
-            await metrics.close()
-            return metrics, session.replies
-
-        metrics, replies = asyncio.run(go())
-        self.assertEqual(metrics.rejected, 0)
-        self.assertEqual(len(replies), 4, replies)  # /start, the answer, voice, /metrics
-        v = server.value
-        self.assertEqual(v("bot_users_registered_total", bot=BOT), 1)
-        self.assertEqual(v("bot_consent_total", bot=BOT, decision="granted"), 1)
-        self.assertEqual(v("bot_responses_total", bot=BOT, status="success"), 1)
-        self.assertEqual(v("bot_custom_events_total", bot=BOT, name="voice_message"), 1)
-        self.assertEqual(v("bot_messages_total", bot=BOT, role="user"), 4)
-        self.assertEqual(v("bot_messages_total", bot=BOT, role="assistant"), 4)
+def load_tests(loader: unittest.TestLoader, tests: unittest.TestSuite, pattern: object) -> unittest.TestSuite:
+    """The examples in the package's docstrings are tests too."""
+    tests.addTests(doctest.DocTestSuite(botmetrics._core))
+    return tests
 
 
 if __name__ == "__main__":

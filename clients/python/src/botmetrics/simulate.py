@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Play a realistic day of an AI-assistant chat bot against botmetrics.
+
+    python -m botmetrics.simulate --url http://127.0.0.1:9464 --token change-me \\
+        --users 500 --speed 720 --duration 120
+
+``--speed 720`` plays a simulated day in two real minutes. Users arrive with
+the rhythm of a day (quiet at night, busy at lunch and in the evening), some
+heavy users run into the daily limit, new users register and answer the
+consent question, the LLM is sometimes slow, times out, is rate limited or
+fails, two caches hit and miss, and a few custom events happen. Everything
+goes through the Python client, as a real bot would send it.
+
+Event times are real time (the client stamps them): only the rhythm of the
+day is accelerated, so dashboards show it against the wall clock.
+Exit status 1 when events were refused or could not be delivered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import math
+import os
+import random
+import sys
+
+from botmetrics import BotMetrics
+
+DAY = 86400.0
+# Relative activity per hour of the day: a night trough, a lunch bump and an
+# evening peak, as in a consumer chat bot's traffic.
+HOURLY = [2, 1, 1, 1, 1, 2, 4, 7, 9, 10, 10, 11, 13, 12, 10, 10, 11, 12, 14, 16, 17, 15, 10, 5]
+MODELS = [("gpt-4o-mini", 0.8), ("gpt-4o", 0.2)]
+CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), ("feedback_like", 0.04),
+          ("feedback_dislike", 0.01), ("subscription_purchased", 0.002)]
+
+
+class User:
+    __slots__ = ("id", "activity", "registered", "consented", "today", "day")
+
+    def __init__(self, uid: int, activity: float) -> None:
+        self.id = uid
+        self.activity = activity  # relative chance of starting a session
+        self.registered = False
+        self.consented = False
+        self.today = 0            # messages sent on the simulated day `day`
+        self.day = 0
+
+
+class Simulation:
+    def __init__(self, rng: random.Random, users: int, daily_limit: int,
+                 sessions_per_user: float, failure_rate: float) -> None:
+        self.rng = rng
+        # Activity is heavy-tailed: most users drop by, a few chat all day
+        # and are the ones who reach the daily limit.
+        self.users = [User(10_000_000 + i, rng.lognormvariate(0, 1.2)) for i in range(users)]
+        self.cum_weights = list(itertools.accumulate(u.activity for u in self.users))
+        self.daily_limit = daily_limit
+        self.sessions_per_day = users * sessions_per_user
+        self.failure_rate = failure_rate
+        self.stats = {"sessions": 0, "messages": 0, "limit_reached": 0, "registered": 0}
+
+    def sessions_between(self, t0: float, t1: float) -> int:
+        """Sessions starting in simulated seconds [t0, t1): Poisson with the
+        hour's share of the day's sessions."""
+        hour = int(t0 % DAY // 3600)
+        rate = self.sessions_per_day * HOURLY[hour] / sum(HOURLY) / 3600
+        return poisson(self.rng, rate * (t1 - t0))
+
+    def session(self, m: BotMetrics, sim_time: float) -> None:
+        rng = self.rng
+        user = rng.choices(self.users, cum_weights=self.cum_weights)[0]
+        day = int(sim_time // DAY)
+        if user.day != day:
+            user.day, user.today = day, 0
+        self.stats["sessions"] += 1
+        chat_type = "private" if rng.random() < 0.9 else "group"
+
+        if not user.registered:
+            # /start: the first message registers the user and asks for consent.
+            user.registered = True
+            self.stats["registered"] += 1
+            m.user_registered(user.id)
+            m.message(user.id, "user", db_queries=rng.randint(8, 14), chat_type=chat_type)
+            user.consented = rng.random() < 0.85
+            m.consent(user.id, user.consented)
+            m.message(user.id, "assistant", db_queries=2, chat_type=chat_type)
+        if not user.consented:
+            return  # the bot answers nobody who declined
+
+        for _ in range(1 + geometric(rng, 0.4)):
+            self.stats["messages"] += 1
+            user.today += 1
+            m.message(user.id, "user", db_queries=rng.randint(3, 9), chat_type=chat_type)
+            if user.today > self.daily_limit:
+                self.stats["limit_reached"] += 1
+                m.limit_reached(user.id)
+                m.message(user.id, "assistant", db_queries=1, chat_type=chat_type)
+                return  # the user gives up until tomorrow
+            m.cache(rng.random() < 0.8, cache="user_context", user_id=user.id)
+            llm_cached = rng.random() < 0.25
+            m.cache(llm_cached, cache="llm_answer", user_id=user.id)
+            if not llm_cached:
+                self.llm_call(m, user, chat_type)
+            else:
+                m.message(user.id, "assistant", db_queries=1, chat_type=chat_type)
+            for name, p in CUSTOM:
+                if rng.random() < p:
+                    m.custom(name, user_id=user.id)
+            if rng.random() < 0.005:
+                m.error("telegram_api", user_id=user.id)
+
+    def llm_call(self, m: BotMetrics, user: User, chat_type: str) -> None:
+        rng = self.rng
+        model = rng.choices([n for n, _ in MODELS], [w for _, w in MODELS])[0]
+        prompt = rng.randint(300, 2500)
+        # Latency is log-normal around 1.8 s (p95 about 4 s), with a slow
+        # tail of 2 % at 5-15 s: visible on the p99, not enough for an alert.
+        duration = rng.lognormvariate(math.log(1800), 0.5)
+        if rng.random() < 0.02:
+            duration *= rng.uniform(3, 8)
+        r = rng.random()
+        f = self.failure_rate
+        if r < f * 0.4:
+            m.response(user.id, "timeout", 30000.0, model=model, tokens=(prompt, 0))
+            m.error("llm_timeout", user_id=user.id)
+        elif r < f * 0.7:
+            m.response(user.id, "error", duration / 4, model=model, tokens=(prompt, 0))
+            m.error("llm_api", user_id=user.id)
+        elif r < f:
+            m.response(user.id, "rate_limited", rng.uniform(50, 300), model=model)
+        else:
+            m.response(user.id, "success", duration, model=model,
+                       tokens=(prompt, rng.randint(40, 700)), chat_type=chat_type)
+            m.message(user.id, "assistant", db_queries=rng.randint(1, 3), chat_type=chat_type)
+
+
+def poisson(rng: random.Random, lam: float) -> int:
+    if lam <= 0:
+        return 0
+    if lam > 30:  # normal approximation: Knuth's loop is slow for large means
+        return max(0, round(rng.gauss(lam, math.sqrt(lam))))
+    limit, k, p = math.exp(-lam), 0, 1.0
+    while True:
+        p *= rng.random()
+        if p <= limit:
+            return k
+        k += 1
+
+
+def geometric(rng: random.Random, p_continue: float) -> int:
+    n = 0
+    while rng.random() < p_continue:
+        n += 1
+    return n
+
+
+async def run(args: argparse.Namespace) -> int:
+    rng = random.Random(args.seed)
+    sim = Simulation(rng, args.users, args.daily_limit, args.sessions_per_user, args.failure_rate)
+    loop = asyncio.get_running_loop()
+    start = args.start_hour * 3600.0
+    async with BotMetrics(args.url, args.token, batch_size=args.batch_size, flush_interval=0.5) as m:
+        t0 = loop.time()
+        last_sim = start
+        next_report = 0.0
+        while (elapsed := loop.time() - t0) < args.duration:
+            now_sim = start + elapsed * args.speed
+            for _ in range(sim.sessions_between(last_sim, now_sim)):
+                sim.session(m, now_sim)
+            last_sim = now_sim
+            if elapsed >= next_report and not args.quiet:
+                h, rem = divmod(int(now_sim % DAY), 3600)
+                print(f"[{elapsed:5.1f}s] day {int(now_sim // DAY) + 1} {h:02d}:{rem // 60:02d}  "
+                      f"sessions={sim.stats['sessions']} sent={m.sent} pending={m.pending} "
+                      f"dropped={m.dropped} retries={m.retries}", flush=True)
+                next_report += 5.0
+            await asyncio.sleep(0.1)
+        tracked = m.sent + m.pending
+        await m.close(timeout=15.0)
+        print(f"done: {sim.stats['sessions']} sessions, {sim.stats['messages']} user messages, "
+              f"{sim.stats['registered']} new users, {sim.stats['limit_reached']} limit hits; "
+              f"events sent={m.sent} duplicates={m.duplicates} rejected={m.rejected} "
+              f"dropped={m.dropped} unsent={m.pending} (of {tracked})", flush=True)
+        return 1 if (m.rejected or m.pending or m.dropped) else 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(prog="python -m botmetrics.simulate",
+                                description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--url", default=os.environ.get("BOTMETRICS_URL", "http://127.0.0.1:9464"))
+    p.add_argument("--token", default=os.environ.get("BOTMETRICS_TOKEN"),
+                   help="the bot's ingestion token (or $BOTMETRICS_TOKEN)")
+    p.add_argument("--users", type=int, default=500, help="user population (default 500)")
+    p.add_argument("--speed", type=float, default=720.0,
+                   help="simulated seconds per real second (720: a day in 2 minutes)")
+    p.add_argument("--duration", type=float, default=120.0, help="real seconds to run")
+    p.add_argument("--start-hour", type=float, default=8.0, help="simulated hour of day to start at")
+    p.add_argument("--sessions-per-user", type=float, default=3.0, help="mean sessions per user per day")
+    p.add_argument("--daily-limit", type=int, default=20, help="user messages per day before limit_reached")
+    p.add_argument("--failure-rate", type=float, default=0.06,
+                   help="share of LLM calls that time out, fail or are rate limited (default 0.06)")
+    p.add_argument("--batch-size", type=int, default=200)
+    p.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable day")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    if not args.token:
+        p.error("--token or $BOTMETRICS_TOKEN is required")
+    if not 0 <= args.failure_rate <= 1:
+        p.error("--failure-rate must be between 0 and 1")
+    return asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
