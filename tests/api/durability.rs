@@ -535,3 +535,74 @@ async fn a_stopped_standbys_events_reach_the_writer(url: &str) {
 }
 
 on_both_backends!(a_stopped_standbys_events_reach_the_writer);
+
+// ---------------------------------------------------------------------------
+// A clean stop finishes its work: the final history point, and a request
+// that was still being sent when SIGTERM came.
+// ---------------------------------------------------------------------------
+
+async fn sigterm_writes_one_last_history_point_per_series(url: &str) {
+    // History hourly (as `serve` sets it): only the write on the way out
+    // can store a point.
+    let flags = ["--flush-interval", "1h"];
+    let mut bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    bin.post_ok("tx", &crate::helpers::every_event_type()).await;
+    assert_eq!(bin.signal("TERM").await.code(), Some(0), "{}", bin.log());
+    let raw = crate::helpers::Raw::connect(url).await;
+    let series = raw.count("real_time_metrics").await;
+    assert!(series > 50, "{series} series stored");
+    assert_eq!(
+        raw.count("metrics_history").await,
+        series,
+        "one history point per series"
+    );
+    let distinct = raw
+        .int("select count(*) from (select distinct metric, bot, labels from metrics_history) t")
+        .await;
+    assert_eq!(distinct, series, "no series twice");
+    raw.close().await;
+}
+
+on_both_backends!(sigterm_writes_one_last_history_point_per_series);
+
+async fn sigterm_lets_a_request_in_flight_finish(url: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let flags = ["--flush-interval", "1h"];
+    let mut bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    let body: String = (0..5_000)
+        .map(|i| format!("{{\"type\":\"message\",\"role\":\"user\",\"event_id\":\"big-{i}\"}}\n"))
+        .collect();
+    let addr = bin.url("").trim_start_matches("http://").to_owned();
+    let mut conn = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer tx\r\n\
+         Content-Type: application/x-ndjson\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("head");
+    let (first, rest) = body.as_bytes().split_at(body.len() / 2);
+    conn.write_all(first).await.expect("first half");
+    // The signal arrives while half the body is still to come.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bin.send_signal("TERM").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    conn.write_all(rest).await.expect("second half");
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).await.expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 202"), "{answer}");
+    assert!(
+        answer.contains(r#"{"accepted":5000,"duplicates":0}"#),
+        "{answer}"
+    );
+    assert_eq!(bin.exited("TERM").await.code(), Some(0), "{}", bin.log());
+
+    let bin = Binary::serve(url, "x=tx", &flags).await;
+    ready(&bin).await;
+    assert_eq!(user_messages(&bin).await, 5000.0);
+}
+
+on_both_backends!(sigterm_lets_a_request_in_flight_finish);

@@ -690,6 +690,12 @@ impl Binary {
     /// Sends a signal (`TERM`, `INT`, `KILL`) with the `kill` command and
     /// waits for the exit and for the last line of the log.
     pub async fn signal(&mut self, signal: &str) -> ExitStatus {
+        self.send_signal(signal).await;
+        self.exited(signal).await
+    }
+
+    /// Sends a signal and returns at once.
+    pub async fn send_signal(&self, signal: &str) {
         let pid = self.child.id().expect("botmetrics still runs").to_string();
         let sent = Command::new("kill")
             .args([&format!("-{signal}"), &pid])
@@ -697,6 +703,10 @@ impl Binary {
             .await
             .expect("run kill");
         assert!(sent.success(), "kill -{signal} {pid} failed");
+    }
+
+    /// Waits for the exit (after `signal` was sent) and the log's last line.
+    pub async fn exited(&mut self, signal: &str) -> ExitStatus {
         let status = match tokio::time::timeout(PATIENCE, self.child.wait()).await {
             Ok(status) => status.expect("exit status"),
             Err(_) => panic!("botmetrics ignored SIG{signal}; log:\n{}", self.log()),
