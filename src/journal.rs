@@ -654,7 +654,12 @@ fn recover(dir: &Path) -> Result<(Vec<Sealed>, u64, u64)> {
     let mut sealed = Vec::new();
     let mut last = 0;
     let mut torn = 0;
-    for (_, path) in segments(dir).map_err(err)? {
+    for (first, path) in segments(dir).map_err(err)? {
+        // Numbering never goes back, even when every record was trimmed: the
+        // store remembers how far it applied this journal, and a record that
+        // reused a number below that would never be replayed. A segment's
+        // name is the number its first record gets, written or not.
+        last = last.max(first.saturating_sub(1));
         let (good, seen, total) = scan(&path, |_| {}).map_err(err)?;
         if good < total {
             torn += total - good;
@@ -811,6 +816,25 @@ mod tests {
         assert_eq!(j.trim(lsn, Duration::ZERO).await.unwrap(), 1);
         j.check_room().unwrap();
         assert!(collect(&j, 0).is_empty());
+    }
+
+    #[tokio::test]
+    async fn numbering_goes_on_after_everything_was_trimmed() {
+        let dir = tempdir();
+        {
+            let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+                .unwrap()
+                .journal;
+            for _ in 0..5 {
+                let lsn = j.append(1, b"r");
+                j.commit(lsn).await.unwrap();
+            }
+            assert_eq!(j.trim(5, Duration::ZERO).await.unwrap(), 1);
+        }
+        let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        assert_eq!(j.append(1, b"next"), 6, "numbers are never reused");
     }
 
     fn tempdir() -> PathBuf {
