@@ -367,7 +367,14 @@ impl Journal {
             if self.durable(lsn) {
                 return Ok(());
             }
-            let mut result = self.write_pending(&mut segment);
+            let mut result = match self.write_pending(&mut segment) {
+                Ok(Some(sealed)) => {
+                    self.sync_sealed(sealed, self.policy == FsyncPolicy::Always)
+                        .await
+                }
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            };
             if result.is_ok() && self.policy == FsyncPolicy::Always {
                 result = self.sync_locked(&mut segment).await;
             }
@@ -381,7 +388,9 @@ impl Journal {
         }
     }
 
-    fn write_pending(&self, segment: &mut Segment) -> io::Result<()> {
+    /// Writes what is queued; returns the segment it closed, if it reached
+    /// its size or age, for the caller to fsync.
+    fn write_pending(&self, segment: &mut Segment) -> io::Result<Option<File>> {
         let (buf, last) = {
             let mut pending = self.lock_pending();
             let cap = pending.buf.capacity();
@@ -391,22 +400,40 @@ impl Journal {
             )
         };
         if buf.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         segment.file.write_all(&buf)?;
         segment.bytes += buf.len() as u64;
         self.current_bytes.store(segment.bytes, Ordering::Relaxed);
         self.written.store(last, Ordering::Release);
         if segment.bytes >= SEGMENT_BYTES || segment.opened.elapsed() >= SEGMENT_AGE {
-            self.rotate(segment, last)?;
+            return self.rotate(segment, last).map(Some);
         }
+        Ok(None)
+    }
+
+    /// Fsyncs a closed segment on the blocking pool: inline it would stall
+    /// every request queued behind this write for the time it takes to sync
+    /// 16 MiB. With `always` the caller waits (its records are in it);
+    /// otherwise it runs in the background, well within the second.
+    async fn sync_sealed(&self, file: File, wait: bool) -> io::Result<()> {
+        let task = tokio::task::spawn_blocking(move || file.sync_data());
+        if wait {
+            return task.await.map_err(io::Error::other)?;
+        }
+        let dir = self.dir.clone();
+        tokio::spawn(async move {
+            if let Ok(Err(e)) = task.await {
+                tracing::error!(error = %e, dir = %dir.display(), "journal: fsync of a closed segment failed");
+            }
+        });
         Ok(())
     }
 
     /// Closes the current segment (fsynced) and starts the next at `last + 1`.
-    fn rotate(&self, segment: &mut Segment, last: u64) -> io::Result<()> {
-        segment.file.sync_data()?;
-        self.synced.store(last, Ordering::Release);
+    /// Closes the current segment and starts the next at `last + 1`;
+    /// returns the closed file, which the caller fsyncs.
+    fn rotate(&self, segment: &mut Segment, last: u64) -> io::Result<File> {
         let next = Segment::create(&self.dir, last + 1)?;
         let old = std::mem::replace(segment, next);
         self.current_bytes.store(HEADER_LEN, Ordering::Relaxed);
@@ -416,7 +443,7 @@ impl Journal {
             bytes: old.bytes,
             closed_at: SystemTime::now(),
         });
-        Ok(())
+        Ok(old.file)
     }
 
     /// Fsyncs what was written. The fsync itself runs on the blocking pool:
@@ -442,7 +469,9 @@ impl Journal {
             return Err(JournalError::Broken);
         }
         let mut segment = self.current.lock().await;
-        self.write_pending(&mut segment)?;
+        if let Some(sealed) = self.write_pending(&mut segment)? {
+            self.sync_sealed(sealed, true).await?;
+        }
         self.sync_locked(&mut segment).await?;
         Ok(())
     }
@@ -466,7 +495,8 @@ impl Journal {
                 && segment.bytes > HEADER_LEN
                 && self.lock_pending().buf.is_empty()
             {
-                self.rotate(&mut segment, applied)?;
+                let sealed = self.rotate(&mut segment, applied)?;
+                self.sync_sealed(sealed, false).await?;
             }
         }
         let now = SystemTime::now();
