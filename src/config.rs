@@ -24,8 +24,10 @@ pub const DEFAULT_PORT: u16 = 9464;
 #[derive(Debug, Clone, Parser)]
 #[command(name = "botmetrics", version, about, long_about = None)]
 pub struct Config {
-    /// Address to serve HTTP on. Use port 0 to let the OS pick one.
-    #[arg(long, env = "BOTMETRICS_LISTEN", default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
+    /// Address to serve HTTP on, `host:port` (e.g. `0.0.0.0:9464` for every
+    /// interface). Use port 0 to let the OS pick one.
+    #[arg(long, env = "BOTMETRICS_LISTEN", value_parser = parse_listen,
+        default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
     pub listen: SocketAddr,
 
     /// Where totals, history and sketches are kept: `postgres://…` or
@@ -44,14 +46,24 @@ pub struct Config {
         hide_env_values = true, value_parser = parse_tokens, default_value = "", hide_default_value = true)]
     pub tokens: Tokens,
 
-    /// Bearer token Prometheus must send to read /metrics (open when unset).
+    /// Bearer token that reads /metrics, /v1/summary and /v1/history for
+    /// every bot. When unset they are open (a bot's own token still reads
+    /// only its own summary and history).
     #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
-    /// How long a rendered /metrics page and summary are served before being
-    /// rebuilt; `0s` renders on every request.
-    #[arg(long, env = "BOTMETRICS_METRICS_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
+    /// How long a rendered /metrics page is served before being rebuilt.
+    /// `0s` (the default): every scrape gets a render that started after it
+    /// arrived, so it sees every event acknowledged before it; scrapes that
+    /// arrive together still share one render.
+    #[arg(long, env = "BOTMETRICS_METRICS_CACHE_TTL", value_parser = parse_duration, default_value = "0s")]
     pub metrics_cache_ttl: Duration,
+
+    /// How long a built /v1/summary answer is served before being rebuilt
+    /// (the bot's /metrics command); `0s` builds it for every request, as
+    /// `--metrics-cache-ttl 0s` does.
+    #[arg(long, env = "BOTMETRICS_SUMMARY_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
+    pub summary_cache_ttl: Duration,
 
     /// How often changed series are written to the `real_time_metrics` table.
     #[arg(long, env = "BOTMETRICS_FLUSH_INTERVAL", value_parser = parse_positive_duration, default_value = "10s")]
@@ -112,16 +124,34 @@ pub struct Config {
     pub max_label_values: u64,
 
     /// IANA time zone that decides when "today" starts, e.g. `Europe/Berlin`.
-    #[arg(long, env = "BOTMETRICS_TIMEZONE", default_value = "UTC")]
+    #[arg(long, env = "BOTMETRICS_TIMEZONE", value_parser = parse_timezone, default_value = "UTC")]
     pub timezone: chrono_tz::Tz,
 
     /// Log line format.
     #[arg(long, env = "BOTMETRICS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Time allowed for one HTTP request before it is answered with 408.
+    /// Time allowed for one HTTP request, body included, once its head has
+    /// arrived, before it is answered with 408.
     #[arg(long, env = "BOTMETRICS_REQUEST_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
     pub request_timeout: Duration,
+
+    /// Time a connection has to send a complete request head, counted from
+    /// when it opens and again after each answer: it closes half-sent
+    /// (slowloris) and idle keep-alive connections alike.
+    #[arg(long, env = "BOTMETRICS_HEADER_READ_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
+    pub header_read_timeout: Duration,
+
+    /// Open HTTP connections at most; past it a new connection gets a JSON
+    /// 503 at once. The open-files limit is raised to its hard limit at
+    /// start, and this is lowered (with a warning) if that is still short.
+    #[arg(long, env = "BOTMETRICS_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_connections: u64,
+
+    /// On SIGTERM or Ctrl-C: how long requests in flight may take to finish
+    /// before their connections are dropped and the final flush runs.
+    #[arg(long, env = "BOTMETRICS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Config {
@@ -225,6 +255,39 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
         .map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))
 }
 
+/// Parses `--listen`: an IP address and a port. A bare port or a host name
+/// gets an example of the accepted form.
+pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
+    let raw = raw.trim();
+    raw.parse().map_err(|_| {
+        let example = match raw.trim_start_matches(':').parse::<u16>() {
+            Ok(port) => format!("127.0.0.1:{port} (this machine) or 0.0.0.0:{port} (every interface)"),
+            Err(_) => format!("127.0.0.1:{DEFAULT_PORT}, 0.0.0.0:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}"),
+        };
+        format!("`{raw}` is not an IP address and port; use e.g. {example}")
+    })
+}
+
+/// Parses `--timezone`: an IANA name. A city alone gets the full name it
+/// most likely means.
+pub fn parse_timezone(raw: &str) -> Result<chrono_tz::Tz, String> {
+    let raw = raw.trim();
+    if let Ok(tz) = raw.parse::<chrono_tz::Tz>() {
+        return Ok(tz);
+    }
+    let wanted = format!("/{}", raw.replace(' ', "_")).to_ascii_lowercase();
+    let guess = chrono_tz::TZ_VARIANTS
+        .iter()
+        .map(|tz| tz.name())
+        .find(|name| name.to_ascii_lowercase().ends_with(&wanted));
+    Err(match guess {
+        Some(name) => format!("`{raw}` is not an IANA time zone name; did you mean {name}?"),
+        None => format!(
+            "`{raw}` is not an IANA time zone name; use e.g. Europe/Berlin, America/New_York or UTC"
+        ),
+    })
+}
+
 fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if d.is_zero() => Err(format!("`{raw}` must be longer than zero")),
@@ -276,10 +339,24 @@ mod tests {
     fn defaults_match_the_design() {
         let c = Config::parse_from(["botmetrics"]);
         assert_eq!(c.listen.port(), DEFAULT_PORT);
-        assert_eq!(c.metrics_cache_ttl, Duration::from_secs(30));
         assert_eq!(c.flush_interval, Duration::from_secs(10));
         assert_eq!(c.history_interval, Duration::from_secs(300));
         assert_eq!(c.max_batch, 10_000);
         assert_eq!(c.timezone, chrono_tz::UTC);
+        assert_eq!(c.summary_cache_ttl, Duration::from_secs(30));
+        assert_eq!(c.metrics_cache_ttl, Duration::ZERO);
+    }
+
+    #[test]
+    fn listen_and_timezone_errors_show_the_accepted_form() {
+        assert_eq!(parse_listen("0.0.0.0:80").unwrap().port(), 80);
+        let bare = parse_listen("9465").unwrap_err();
+        assert!(bare.contains("127.0.0.1:9465"), "{bare}");
+        assert!(parse_listen("localhost:9465").unwrap_err().contains("e.g."));
+        assert_eq!(parse_timezone("Europe/Berlin").unwrap(), chrono_tz::Europe::Berlin);
+        let city = parse_timezone("Berlin").unwrap_err();
+        assert!(city.contains("Europe/Berlin"), "{city}");
+        assert!(parse_timezone("new york").unwrap_err().contains("America/New_York"));
+        assert!(parse_timezone("Mars/Olympus_Mons").unwrap_err().contains("e.g."));
     }
 }

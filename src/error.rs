@@ -25,6 +25,14 @@ pub enum Error {
     #[error("{0}")]
     Unauthorized(&'static str),
 
+    /// A valid token asking for what it may not read (another bot's data).
+    #[error("{0}")]
+    Forbidden(String),
+
+    /// The request took longer than `--request-timeout`.
+    #[error("the request took longer than {0:?} (--request-timeout)")]
+    Timeout(std::time::Duration),
+
     /// The body or the batch is larger than the configured limit.
     #[error("{0}")]
     TooLarge(String),
@@ -68,6 +76,8 @@ impl Error {
         match self {
             Error::Malformed { .. } | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
@@ -84,6 +94,8 @@ impl Error {
         match self {
             Error::Malformed { .. } => "malformed",
             Error::Unauthorized(_) => "unauthorized",
+            Error::Forbidden(_) => "forbidden",
+            Error::Timeout(_) => "timeout",
             Error::TooLarge(_) => "too_large",
             Error::UnsupportedMediaType(_) => "unsupported_media_type",
             Error::Invalid { .. } => "invalid",

@@ -23,6 +23,8 @@
 //! * [`store`]: the only module with SQL (PostgreSQL and SQLite).
 //! * [`tasks`]: the flush and history loops around `persist`'s one-step
 //!   functions.
+//! * [`serve`]: the accept loop: header-read timeout, a bound on
+//!   connections, and a deadline on shutdown.
 //! * [`startup`]: builds the application and runs it until stopped.
 //! * [`error`]: the API's error type and its JSON shape.
 
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod persist;
 pub mod record;
 pub mod render_cache;
+pub mod serve;
 pub mod startup;
 pub mod state;
 pub mod store;

@@ -16,6 +16,7 @@ use crate::journal::Journal;
 use crate::metrics::{CachedEndpoint, Metrics};
 use crate::persist::Persistence;
 use crate::render_cache::RenderCache;
+use crate::serve::{ConnectionMetrics, Limits};
 use crate::state::AppState;
 use crate::store::{Store, StoreError};
 
@@ -40,6 +41,8 @@ pub enum StartError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    limits: Limits,
+    connections: ConnectionMetrics,
 }
 
 impl Application {
@@ -55,6 +58,9 @@ impl Application {
             config.metrics_cache_ttl.as_secs_f64(),
         )?);
         let store = Store::open(&config.database_url)?;
+        // A fault no retry mends stops the start here, with the cause; a
+        // store that is only not there yet is retried by the flush task.
+        let unreachable = store.check(&config.database_url).await?;
         let ingest = Arc::new(open_ingest(&config, &store)?);
         let persistence = Arc::new(Persistence::new(
             store,
@@ -63,19 +69,25 @@ impl Application {
             config.retention,
             config.dedupe_window,
         ));
-        match persistence.prepare().await {
-            Ok(Some(report)) => tracing::info!(
-                backend = persistence.store.backend(),
-                ?report,
-                "stored totals restored"
-            ),
-            Ok(None) => {}
-            // Logged by `prepare` itself, once: not an error, a role.
-            Err(StoreError::Standby(_)) => {}
-            Err(e) => tracing::error!(
-                error = %e,
-                "store unreachable at start; serving from memory, will restore when it answers"
-            ),
+        if let Some(why) = unreachable {
+            tracing::warn!(
+                "{why}; serving from memory and retrying, stored totals restore when it answers"
+            );
+        } else {
+            match persistence.prepare().await {
+                Ok(Some(report)) => tracing::info!(
+                    backend = persistence.store.backend(),
+                    ?report,
+                    "stored totals restored"
+                ),
+                Ok(None) => {}
+                // Logged by `prepare` itself, once: not an error, a role.
+                Err(StoreError::Standby(_)) => {}
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "store unreachable at start; serving from memory, will restore when it answers"
+                ),
+            }
         }
         let listener =
             TcpListener::bind(config.listen)
@@ -84,6 +96,30 @@ impl Application {
                     addr: config.listen,
                     source,
                 })?;
+        let connections = ConnectionMetrics::register(&metrics.registry)?;
+        let max_connections = match crate::serve::raise_open_files_limit() {
+            Ok(open_files) => {
+                let wanted = usize::try_from(config.max_connections).unwrap_or(usize::MAX);
+                let fitted = crate::serve::fit_connections(wanted, open_files);
+                if fitted < wanted {
+                    tracing::warn!(
+                        open_files,
+                        "the open-files limit allows {fitted} connections: --max-connections {wanted} lowered to {fitted}; raise `ulimit -n` (LimitNOFILE= under systemd) to allow more"
+                    );
+                }
+                fitted
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the open-files limit; --max-connections used as given");
+                usize::try_from(config.max_connections).unwrap_or(usize::MAX)
+            }
+        };
+        warn_about_access(&config, listener.local_addr().unwrap_or(config.listen));
+        let limits = Limits {
+            max_connections,
+            header_read_timeout: config.header_read_timeout,
+            shutdown_timeout: config.shutdown_timeout,
+        };
         let state = AppState {
             ingest,
             metrics_page: Arc::new(RenderCache::new(
@@ -92,14 +128,20 @@ impl Application {
             )),
             summaries: Arc::new(RenderCache::new(
                 CachedEndpoint::Summary,
-                config.metrics_cache_ttl,
+                config.summary_cache_ttl,
             )),
+            readiness: Arc::default(),
             metrics,
             persistence,
             config,
             started: Instant::now(),
         };
-        Ok(Application { listener, state })
+        Ok(Application {
+            listener,
+            state,
+            limits,
+            connections,
+        })
     }
 
     /// The address actually bound (the real port when `--listen` said 0).
@@ -114,13 +156,18 @@ impl Application {
     }
 
     /// Serves until `shutdown` completes; then stops accepting, lets
-    /// in-flight requests finish, and waits for the background tasks' final
-    /// flush and history write.
+    /// in-flight requests finish (for at most `--shutdown-timeout`), and
+    /// waits for the background tasks' final flush and history write.
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), StartError> {
-        let Application { listener, state } = self;
+        let Application {
+            listener,
+            state,
+            limits,
+            connections,
+        } = self;
         let token = CancellationToken::new();
         let config = state.config.clone();
         let flush = tokio::spawn(crate::tasks::flush_loop(
@@ -145,17 +192,35 @@ impl Application {
             store = persistence.store.backend(),
             "botmetrics serving"
         );
-        let served = axum::serve(listener, crate::http::router(state))
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: finishing in-flight requests");
-            })
-            .await;
+        crate::serve::serve(
+            listener,
+            crate::http::router(state),
+            limits,
+            connections,
+            shutdown,
+        )
+        .await;
         token.cancel();
         let _ = tokio::join!(flush, history, journal_sync);
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
-        served.map_err(StartError::Serve)
+        Ok(())
+    }
+}
+
+/// Says at start what is open to whom, when it is more than a reader of
+/// the configuration may expect.
+fn warn_about_access(config: &Config, listen: SocketAddr) {
+    if config.tokens.is_empty() {
+        tracing::warn!(
+            "no --tokens: every POST /v1/events is refused (401); start with --tokens bot=secret to accept events"
+        );
+    }
+    if config.metrics_token.is_none() && !listen.ip().is_loopback() {
+        tracing::warn!(
+            %listen,
+            "listening beyond this machine with no --metrics-token: /metrics, /v1/summary and /v1/history are open to anyone who can reach {listen}; set --metrics-token"
+        );
     }
 }
 

@@ -27,5 +27,8 @@ pub struct AppState {
     /// Keyed by the restore generation only: one page for everyone.
     pub metrics_page: Arc<RenderCache<u64>>,
     pub summaries: Arc<RenderCache<SummaryKey>>,
+    /// The last state /readyz answered (`""` before the first probe), so a
+    /// change is logged once instead of once per probe.
+    pub readiness: Arc<std::sync::Mutex<&'static str>>,
     pub started: Instant,
 }

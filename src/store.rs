@@ -20,8 +20,12 @@ use crate::metrics::active::{Granularity, SketchRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported database URL `{0}`: use postgres://… or sqlite://…")]
-    Url(String),
+    #[error("unsupported scheme `{scheme}` in `{url}`: use postgres://user@host/db or sqlite://path/to/file.db")]
+    Url { scheme: String, url: String },
+    /// A fault no retry mends (a missing directory, a wrong password, an
+    /// unknown database): the process stops and says which.
+    #[error("`{url}`: {cause}")]
+    Unusable { url: String, cause: String },
     #[error("database error: {0}")]
     Sql(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
@@ -170,6 +174,36 @@ const LEASE_KEY: i64 = 0x626f_746d_6574_7269;
 /// outage is noticed within a tick instead of hanging the task.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// How long the start-up check waits for PostgreSQL to answer.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A database URL fit for a log line: the password, if any, replaced.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+            let hidden = if userinfo.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{tail}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// The innermost message of an sqlx error: the database's own words, or
+/// the I/O error, without sqlx's wrapping.
+fn cause(e: &sqlx::Error) -> String {
+    match e {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        sqlx::Error::Io(io) => io.to_string(),
+        other => other.to_string(),
+    }
+}
+
 impl Store {
     /// Builds a pool without connecting: the process starts (and serves from
     /// memory) even while the database is down. [`Store::migrate`] is the
@@ -223,9 +257,87 @@ impl Store {
                 lease,
             })
         } else {
-            Err(StoreError::Url(
-                url.split('@').next_back().unwrap_or_default().to_owned(),
-            ))
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            Err(StoreError::Url {
+                scheme: scheme.to_owned(),
+                url: redacted(url),
+            })
+        }
+    }
+
+    /// The first contact at start, on one connection of its own rather
+    /// than through the pool, whose errors only say that it timed out. A
+    /// fault no retry mends is an `Err` that stops the start; a store that
+    /// is merely not there yet is `Ok(Some(why))`: the caller serves from
+    /// memory and the flush task keeps trying.
+    pub async fn check(&self, url: &str) -> Result<Option<String>> {
+        let unusable = |cause: String| StoreError::Unusable {
+            url: redacted(url),
+            cause,
+        };
+        match &self.db {
+            Db::Sqlite(pool) => {
+                let options = pool.connect_options();
+                let file = options.get_filename();
+                if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty())
+                    && !dir.is_dir()
+                {
+                    return Err(unusable(format!(
+                        "the directory {} does not exist; create it or choose another path",
+                        dir.display()
+                    )));
+                }
+                match options.connect().await {
+                    Ok(conn) => {
+                        let _ = conn.close().await;
+                        Ok(None)
+                    }
+                    Err(e) => Err(unusable(format!(
+                        "cannot open the SQLite file {}: {}",
+                        file.display(),
+                        cause(&e)
+                    ))),
+                }
+            }
+            Db::Postgres(pool) => {
+                let options = pool.connect_options();
+                let at = format!("{}:{}", options.get_host(), options.get_port());
+                let connected =
+                    tokio::time::timeout(CHECK_TIMEOUT, options.connect()).await;
+                let e = match connected {
+                    Ok(Ok(conn)) => {
+                        let _ = conn.close().await;
+                        return Ok(None);
+                    }
+                    Ok(Err(e)) => e,
+                    Err(_) => {
+                        return Ok(Some(format!(
+                            "PostgreSQL at {at} did not answer within {} s",
+                            CHECK_TIMEOUT.as_secs()
+                        )));
+                    }
+                };
+                match &e {
+                    // Authentication (class 28), an unknown database (3D000)
+                    // and TLS or URL mistakes are the operator's to fix.
+                    sqlx::Error::Database(db)
+                        if db
+                            .code()
+                            .is_some_and(|c| c.starts_with("28") || c == "3D000") =>
+                    {
+                        Err(unusable(format!("PostgreSQL at {at}: {}", db.message())))
+                    }
+                    sqlx::Error::Tls(_) | sqlx::Error::Configuration(_) => {
+                        Err(unusable(format!("PostgreSQL at {at}: {}", cause(&e))))
+                    }
+                    sqlx::Error::Io(io) if io.kind() == std::io::ErrorKind::ConnectionRefused => {
+                        Ok(Some(format!(
+                            "PostgreSQL at {at} refused the connection (is it running, on that port?)"
+                        )))
+                    }
+                    _ => Ok(Some(format!("cannot reach PostgreSQL at {at}: {}", cause(&e)))),
+                }
+            }
         }
     }
 
@@ -884,4 +996,22 @@ where
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod url_tests {
+    use super::*;
+
+    #[test]
+    fn passwords_never_reach_a_message() {
+        assert_eq!(
+            redacted("postgres://bot:s3cret@db.example:5432/metrics?sslmode=require"),
+            "postgres://bot:***@db.example:5432/metrics?sslmode=require"
+        );
+        assert_eq!(redacted("postgres://bot@db/m"), "postgres://bot@db/m");
+        assert_eq!(redacted("sqlite://x.db"), "sqlite://x.db");
+        let e = Store::open("mysql://root:pw@localhost/x").unwrap_err().to_string();
+        assert!(e.contains("`mysql`") && e.contains("mysql://root:***@localhost/x"), "{e}");
+        assert!(!e.contains("pw"), "{e}");
+    }
 }

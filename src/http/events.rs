@@ -24,6 +24,8 @@ async fn post_events(
     match ingest(&state, &headers, body).await {
         Ok(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted))),
         Err(e) => {
+            let bot = super::bearer(&headers).and_then(|t| state.config.tokens.bot_for(t));
+            super::rejected(bot.map(|b| &**b), &e);
             state
                 .metrics
                 .selfm

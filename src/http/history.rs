@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 
 use axum::extract::{Query, State};
+use axum::http::HeaderMap;
 use axum::routing::get;
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
@@ -79,10 +80,17 @@ fn parse_time(field: &str, raw: &str) -> Result<DateTime<Utc>> {
 
 async fn get_history(
     State(state): State<AppState>,
+    headers: HeaderMap,
     params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Answer>> {
-    let Query(p) =
+    let reader = super::Reader::of(&state, &headers).inspect_err(|e| super::rejected(None, e))?;
+    let Query(mut p) =
         params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
+    p.bot = reader.bot(p.bot).inspect_err(|e| {
+        if let super::Reader::Bot(own) = &reader {
+            super::rejected(Some(own), e);
+        }
+    })?;
     let metric = p.metric.ok_or_else(|| {
         Error::BadRequest("`metric` is required, e.g. metric=bot_messages_total".into())
     })?;

@@ -18,11 +18,20 @@ pub fn router() -> Router<AppState> {
 }
 
 async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    // Open while --metrics-token is unset, whatever the request carries:
+    // Prometheus is configured once and should not break on a stray header.
     if let Some(expected) = &state.config.metrics_token {
-        let ok = super::bearer(&headers).is_some_and(|token| super::same_secret(token, expected));
-        if !ok {
-            return Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`")
-                .into_response();
+        let token = super::bearer(&headers);
+        if !token.is_some_and(|token| super::same_secret(token, expected)) {
+            let bot = token.and_then(|t| state.config.tokens.bot_for(t));
+            let e = match bot {
+                Some(bot) => Error::Forbidden(format!(
+                    "bot `{bot}`'s token reads its own /v1/summary and /v1/history; /metrics needs --metrics-token"
+                )),
+                None => Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`"),
+            };
+            super::rejected(bot.map(|b| &**b), &e);
+            return e.into_response();
         }
     }
     let metrics = state.metrics.clone();

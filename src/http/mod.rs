@@ -11,14 +11,15 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
+use axum::middleware::Next;
 use tower_http::compression::CompressionLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::error::{Error, InternalDetail};
+use crate::error::{Error, InternalDetail, Result};
+use crate::serve::RateLimited;
 use crate::state::AppState;
 
 /// The whole application as a router, separate from serving so tests can
@@ -35,7 +36,18 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound("no such endpoint; see README for the API".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .with_state(state)
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, timeout))
+        // The project's own 408 (tower-http's has an empty body). The
+        // timeout covers reading the body, which handlers do themselves.
+        .layer(axum::middleware::from_fn(move |req: Request, next: Next| async move {
+            match tokio::time::timeout(timeout, next.run(req)).await {
+                Ok(response) => response,
+                Err(_) => {
+                    let e = Error::Timeout(timeout);
+                    rejected(None, &e);
+                    e.into_response()
+                }
+            }
+        }))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|req: &Request| {
@@ -50,6 +62,10 @@ pub fn router(state: AppState) -> Router {
                     let status = res.status().as_u16();
                     if let Some(InternalDetail(detail)) = res.extensions().get::<InternalDetail>() {
                         tracing::error!(error = %detail, status, ?latency, "request failed");
+                    } else if res.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+                        // /readyz logs its changes of state itself; a line
+                        // per probe would drown them.
+                        tracing::debug!(?latency, "request done");
                     } else if res.status().is_server_error() {
                         tracing::error!(status, ?latency, "request failed");
                     } else {
@@ -57,6 +73,81 @@ pub fn router(state: AppState) -> Router {
                     }
                 }),
         )
+}
+
+/// Who may read counts, as decided by the request's bearer token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Reader {
+    /// `--metrics-token`, or no token where `--metrics-token` is unset.
+    Everything,
+    /// A bot's own ingest token: that bot's summary and history only.
+    Bot(std::sync::Arc<str>),
+}
+
+impl Reader {
+    /// The reader of `/v1/summary` and `/v1/history`: `--metrics-token`
+    /// reads every bot, a bot's token its own bot, and no token at all is
+    /// enough only while `--metrics-token` is unset.
+    fn of(state: &AppState, headers: &HeaderMap) -> Result<Reader> {
+        let config = &state.config;
+        let reader = match (bearer(headers), &config.metrics_token) {
+            (Some(token), Some(expected)) if same_secret(token, expected) => Reader::Everything,
+            (Some(token), _) => match config.tokens.bot_for(token) {
+                Some(bot) => Reader::Bot(bot.clone()),
+                None => {
+                    return Err(Error::Unauthorized(
+                        "unknown token: send --metrics-token, or a bot's own token to read that bot",
+                    ));
+                }
+            },
+            (None, None) => Reader::Everything,
+            (None, Some(_)) => {
+                return Err(Error::Unauthorized(
+                    "send `Authorization: Bearer <--metrics-token>`, or a bot's own token to read that bot",
+                ));
+            }
+        };
+        Ok(reader)
+    }
+
+    /// The bot a request reads: the one asked for, and for a bot's token
+    /// its own bot, whether asked for or not.
+    fn bot(&self, asked: Option<String>) -> Result<Option<String>> {
+        match (self, asked) {
+            (Reader::Everything, asked) => Ok(asked),
+            (Reader::Bot(own), None) => Ok(Some(own.to_string())),
+            (Reader::Bot(own), Some(asked)) if *asked == **own => Ok(Some(asked)),
+            (Reader::Bot(own), Some(asked)) => Err(Error::Forbidden(format!(
+                "this token reads bot `{own}` only, not `{asked}`"
+            ))),
+        }
+    }
+}
+
+/// At most one warning a period about refused requests, so a misbehaving
+/// client shows in the log without flooding it; every refusal is at debug.
+static REJECTIONS: std::sync::Mutex<RateLimited> =
+    std::sync::Mutex::new(RateLimited::new(Duration::from_secs(10)));
+
+/// Logs a refused request: at debug always, with the bot when the token
+/// named one, and at warn at most once per ten seconds.
+fn rejected(bot: Option<&str>, e: &Error) {
+    let status = e.status().as_u16();
+    let reason = e.code();
+    tracing::debug!(bot, status, reason, "request refused: {e}");
+    let allowed = REJECTIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow();
+    if let Some(suppressed) = allowed {
+        tracing::warn!(
+            bot,
+            status,
+            reason,
+            suppressed,
+            "request refused: {e} (at most one such line per 10 s; `suppressed` counts the others since the last, all are at debug)"
+        );
+    }
 }
 
 /// The token of an `Authorization: Bearer …` header.

@@ -28,8 +28,14 @@ async fn get_summary(
     headers: HeaderMap,
     params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response> {
-    let Query(params) =
+    let reader = super::Reader::of(&state, &headers).inspect_err(|e| super::rejected(None, e))?;
+    let Query(mut params) =
         params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
+    params.bot = reader.bot(params.bot).inspect_err(|e| {
+        if let super::Reader::Bot(own) = &reader {
+            super::rejected(Some(own), e);
+        }
+    })?;
     let text = match params.format.as_deref() {
         None | Some("json") => false,
         Some("text") => true,

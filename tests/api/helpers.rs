@@ -70,6 +70,7 @@ pub fn config(tokens: &str, database_url: &str) -> Config {
         config.data_dir = Some(pg_data_dir(database_url));
     }
     config.metrics_cache_ttl = Duration::ZERO;
+    config.summary_cache_ttl = Duration::ZERO;
     config.flush_interval = Duration::from_secs(3600);
     config.history_interval = Duration::from_secs(3600);
     config
@@ -601,7 +602,29 @@ impl Binary {
     /// Starts the binary with exactly these flags and environment variables
     /// and learns its address from the `botmetrics serving listen=…` line.
     pub async fn start(args: &[&str], env: &[(&str, &str)]) -> Binary {
-        let mut child = command()
+        Binary::start_under(&[], args, env).await
+    }
+
+    /// Like [`Binary::start`], run through `wrapper` (a program and its
+    /// arguments, e.g. `prlimit --nofile=256:256`) when it is not empty.
+    pub async fn start_under(wrapper: &[&str], args: &[&str], env: &[(&str, &str)]) -> Binary {
+        let mut cmd = match wrapper.split_first() {
+            Some((program, wrapper_args)) => {
+                let mut cmd = command();
+                let std = cmd.as_std_mut();
+                *std = std::process::Command::new(program);
+                std.args(wrapper_args).arg(env!("CARGO_BIN_EXE_botmetrics"));
+                std.env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .env("RUST_LOG", "info")
+                    .env("NO_COLOR", "1")
+                    .stdin(Stdio::null());
+                cmd.kill_on_drop(true);
+                cmd
+            }
+            None => command(),
+        };
+        let mut child = cmd
             .args(args)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -653,6 +676,8 @@ impl Binary {
             "--history-interval",
             "1h",
             "--metrics-cache-ttl",
+            "0s",
+            "--summary-cache-ttl",
             "0s",
         ];
         let data_dir = pg_data_dir(database_url).display().to_string();

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod active_users;
+mod connections;
 mod durability;
 mod events;
 mod exposition;

@@ -297,7 +297,11 @@ async fn text_answer_formats_numbers_for_people() {
 #[tokio::test]
 async fn summary_is_cached_like_metrics() {
     // A TTL no test run outlasts: every answer after the first is cached.
-    let (app, _db) = start_with("x=tx", |c| c.metrics_cache_ttl = Duration::from_secs(60)).await;
+    let (app, _db) = start_with("x=tx", |c| {
+        c.metrics_cache_ttl = Duration::from_secs(60);
+        c.summary_cache_ttl = Duration::from_secs(60);
+    })
+    .await;
     let misses = || app.cache_misses("summary");
     let hits = || app.cache_hits("summary");
 
@@ -318,7 +322,11 @@ async fn summary_is_cached_like_metrics() {
     app.stop().await;
 
     // A short TTL: once it has passed, the new message shows, in both.
-    let (app, _db) = start_with("x=tx", |c| c.metrics_cache_ttl = Duration::from_secs(1)).await;
+    let (app, _db) = start_with("x=tx", |c| {
+        c.metrics_cache_ttl = Duration::from_secs(1);
+        c.summary_cache_ttl = Duration::from_secs(1);
+    })
+    .await;
     app.get_text("/v1/summary").await;
     app.metrics_text().await;
     app.post_ok("tx", &json!({"type": "message", "role": "user"}))
