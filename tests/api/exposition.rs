@@ -487,3 +487,56 @@ async fn health_readiness_and_routing_errors_answer_json() {
     }
     app.stop().await;
 }
+
+// ---------------------------------------------------------------------------
+// Fresh scrapes at the defaults (issue 9)
+// ---------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn at_the_defaults_every_scrape_on_a_fixed_schedule_sees_every_event_sent_before_it() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    let defaults = botmetrics::config::Config::for_tests("", "sqlite://unused.db");
+    let (app, _db) = start_with("a=t", |c| {
+        c.metrics_cache_ttl = defaults.metrics_cache_ttl;
+        c.summary_cache_ttl = defaults.summary_cache_ttl;
+    })
+    .await;
+    let app = Arc::new(app);
+    // Traffic flows the whole time; `acked` counts what got its 202.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let traffic = tokio::spawn({
+        let (app, acked, stop) = (app.clone(), acked.clone(), stop.clone());
+        async move {
+            while !stop.is_cancelled() {
+                app.post_ok("t", &json!({"type": "limit_reached"})).await;
+                acked.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    let (_, first_summary) = app.get_json("/v1/summary").await;
+    // Prometheus' fixed schedule, scaled down: a tick every 100 ms, and an
+    // HA pair scraping at each tick.
+    let mut ticks = tokio::time::interval(Duration::from_millis(100));
+    for tick in 0..15 {
+        ticks.tick().await;
+        let before = acked.load(Ordering::SeqCst);
+        let (one, two) = tokio::join!(app.metrics_text(), app.metrics_text());
+        for text in [one, two] {
+            let seen = value(&text, r#"bot_limit_reached_total{bot="a"}"#);
+            assert!(
+                seen >= before as f64,
+                "tick {tick}: the scrape shows {seen} of the {before} events acknowledged before it"
+            );
+        }
+    }
+    stop.cancel();
+    traffic.await.expect("traffic task");
+    assert!(acked.load(Ordering::SeqCst) > 0);
+    // The bot's summary keeps its 30 s cache meanwhile.
+    let (_, summary) = app.get_json("/v1/summary").await;
+    assert_eq!(summary, first_summary, "the summary is the cached one");
+    assert!(app.cache_hits("summary") >= 1);
+}

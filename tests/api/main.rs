@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod access;
 mod active_users;
 mod connections;
 mod durability;
