@@ -133,6 +133,10 @@ async fn help_lists_every_flag_of_the_design_with_its_environment_variable() {
         "max-label-values",
         "timezone",
         "log-format",
+        "summary-cache-ttl",
+        "header-read-timeout",
+        "max-connections",
+        "shutdown-timeout",
     ] {
         assert!(
             stdout.contains(&format!("--{flag} <")),
@@ -168,5 +172,175 @@ async fn a_port_already_in_use_exits_non_zero_saying_so() {
     assert!(
         stderr.contains("cannot listen on") && stderr.contains(&addr),
         "{stderr}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Messages a person can act on (issue 9)
+// ---------------------------------------------------------------------------
+
+/// Runs the binary to its failed start and returns its one complaint.
+async fn the_one_line(args: &[&str]) -> String {
+    let (status, _, stderr) = Binary::run(args, &[]).await;
+    assert!(!status.success(), "{args:?} started:\n{stderr}");
+    assert!(status.code().is_some(), "killed by a signal:\n{stderr}");
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{args:?}: one line expected:\n{stderr}");
+    lines[0].to_owned()
+}
+
+#[tokio::test]
+async fn flag_errors_show_an_example_of_the_accepted_form() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let base = ["--database-url", url.as_str()];
+    let cases: [(&[&str], &[&str]); 5] = [
+        (&["--listen", "9465"], &["--listen", "127.0.0.1:9465", "0.0.0.0:9465"]),
+        (&["--listen", "localhost:9465"], &["--listen", "e.g. 127.0.0.1:9464"]),
+        (&["--timezone", "Berlin"], &["--timezone", "Europe/Berlin"]),
+        (&["--timezone", "Mars"], &["--timezone", "e.g. Europe/Berlin"]),
+        (&["--flush-interval", "ten seconds"], &["--flush-interval", "e.g. 500ms, 10s, 5m, 90d"]),
+    ];
+    for (flags, wanted) in cases {
+        let mut args = flags.to_vec();
+        args.extend(base);
+        if flags[0] != "--listen" {
+            args.extend(["--listen", "127.0.0.1:0"]);
+        }
+        let line = the_one_line(&args).await;
+        for needle in wanted {
+            assert!(line.contains(needle), "{flags:?}: `{needle}` missing from: {line}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_unusable_sqlite_path_stops_the_start_naming_the_flag_and_the_path() {
+    let db = SqliteFile::new();
+    let missing = db.path().with_file_name("no-such-dir").join("x.db");
+    let url = format!("sqlite://{}", missing.display());
+    let line = the_one_line(&["--listen", "127.0.0.1:0", "--database-url", &url]).await;
+    let dir = missing.parent().unwrap().display().to_string();
+    for needle in ["--database-url", &url, &dir, "does not exist"] {
+        assert!(line.contains(needle), "`{needle}` missing from: {line}");
+    }
+    assert!(!missing.exists());
+}
+
+#[tokio::test]
+async fn an_unsupported_scheme_is_echoed_with_its_scheme_and_without_the_password() {
+    let line = the_one_line(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        "mysql://root:hunter2@db.example/metrics",
+    ])
+    .await;
+    assert!(line.contains("--database-url"), "{line}");
+    assert!(line.contains("`mysql`"), "{line}");
+    assert!(line.contains("mysql://root:***@db.example/metrics"), "{line}");
+    assert!(!line.contains("hunter2"), "{line}");
+}
+
+#[tokio::test]
+async fn postgres_refusing_credentials_or_database_stops_the_start_with_the_cause() {
+    let base = crate::helpers::postgres_base_url();
+    // Only run where the test server answers at all.
+    if sqlx::PgPool::connect(&base).await.is_err() {
+        crate::helpers::cannot_run(&format!("PostgreSQL at {base} is unreachable"));
+        return;
+    }
+    let (server, _) = base.rsplit_once('/').expect("a database path");
+    let no_db = format!("{server}/botmetrics_no_such_database");
+    let line = the_one_line(&["--listen", "127.0.0.1:0", "--database-url", &no_db]).await;
+    for needle in ["--database-url", "botmetrics_no_such_database", "does not exist"] {
+        assert!(line.contains(needle), "`{needle}` missing from: {line}");
+    }
+    // A role the server does not know: an authentication failure.
+    let (scheme_user, host) = server.split_once('@').expect("a user in the test URL");
+    let (scheme, _) = scheme_user.split_once("://").expect("a scheme");
+    let no_role = format!("{scheme}://botmetrics_no_such_role:pw@{host}/test");
+    let line = the_one_line(&["--listen", "127.0.0.1:0", "--database-url", &no_role]).await;
+    for needle in ["--database-url", "botmetrics_no_such_role", "PostgreSQL at"] {
+        assert!(line.contains(needle), "`{needle}` missing from: {line}");
+    }
+    assert!(!line.contains(":pw@"), "the password is hidden: {line}");
+}
+
+#[tokio::test]
+async fn a_refused_postgres_connection_names_host_and_port_is_retried_and_readyz_logs_once() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/x");
+    let mut bin = Binary::serve(&url, "a=t", &[]).await;
+    let log = bin.log();
+    assert!(
+        log.contains(&format!("PostgreSQL at 127.0.0.1:{port} refused the connection"))
+            && log.contains("retrying"),
+        "{log}"
+    );
+    // Events still count, from memory.
+    bin.post_ok("t", &json!({"type": "limit_reached"})).await;
+    for _ in 0..5 {
+        let (status, body) = bin.get_json("/readyz").await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "unavailable");
+    }
+    assert!(bin.signal("TERM").await.success());
+    let log = bin.log();
+    let not_ready = log.lines().filter(|l| l.contains("not ready")).count();
+    assert_eq!(not_ready, 1, "one line for five 503 probes:\n{log}");
+    assert!(
+        !log.lines().any(|l| l.contains("request failed")),
+        "no line per probe:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn refused_requests_are_logged_at_debug_with_bot_and_reason_and_rate_limited_at_warn() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let mut bin = Binary::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--tokens",
+            "alpha=ta",
+        ],
+        &[("RUST_LOG", "info,botmetrics::http=debug")],
+    )
+    .await;
+    let bad = json!({"type": "message", "role": "robot"});
+    for _ in 0..5 {
+        assert_eq!(bin.post_events("ta", &bad).await.0, 422);
+    }
+    assert_eq!(bin.post_events("wrong", &bad).await.0, 401);
+    assert!(bin.signal("TERM").await.success());
+    let log = bin.log();
+    let refused: Vec<&str> = log.lines().filter(|l| l.contains("request refused")).collect();
+    let debug = refused.iter().filter(|l| l.contains("DEBUG")).count();
+    let warn = refused.iter().filter(|l| l.contains("WARN")).count();
+    assert_eq!(debug, 6, "every refusal at debug:\n{log}");
+    assert_eq!(warn, 1, "one warning within ten seconds:\n{log}");
+    let invalid = refused
+        .iter()
+        .find(|l| l.contains("DEBUG") && l.contains("reason=\"invalid\""))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(invalid.contains("alpha") && invalid.contains("422"), "{invalid}");
+    assert!(
+        refused
+            .iter()
+            .any(|l| l.contains("DEBUG") && l.contains("401") && !l.contains("alpha")),
+        "{log}"
     );
 }
