@@ -241,3 +241,27 @@ async fn sigterm_finishes_within_the_shutdown_timeout_whatever_a_client_holds_op
     assert!(read_until_closed(&mut half).await.is_empty());
     assert!(read_until_closed(&mut idle).await.starts_with("HTTP/1.1 200"));
 }
+
+#[tokio::test]
+async fn a_body_slower_than_the_request_timeout_gets_a_json_408() {
+    let (app, _db) = start_with("a=t", |c| {
+        c.request_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let mut stream = TcpStream::connect(app.addr).await.expect("connect");
+    // The head in full, a tenth of the promised body, then nothing.
+    stream
+        .write_all(
+            b"POST /v1/events HTTP/1.1\r\nHost: botmetrics\r\nAuthorization: Bearer t\r\n\
+              Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"type\":",
+        )
+        .await
+        .expect("write");
+    let answer = read_until_closed(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let body = answer.split_once("\r\n\r\n").expect("a body").1;
+    let json: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
+    assert_eq!(json["error"], "timeout");
+    assert!(json["message"].as_str().is_some_and(|m| m.contains("--request-timeout")));
+    app.stop().await;
+}

@@ -13,5 +13,6 @@ mod exposition;
 mod history;
 mod persistence;
 mod process;
+mod readme;
 mod stack;
 mod summary;
