@@ -261,8 +261,12 @@ pub fn parse_listen(raw: &str) -> Result<SocketAddr, String> {
     let raw = raw.trim();
     raw.parse().map_err(|_| {
         let example = match raw.trim_start_matches(':').parse::<u16>() {
-            Ok(port) => format!("127.0.0.1:{port} (this machine) or 0.0.0.0:{port} (every interface)"),
-            Err(_) => format!("127.0.0.1:{DEFAULT_PORT}, 0.0.0.0:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}"),
+            Ok(port) => {
+                format!("127.0.0.1:{port} (this machine) or 0.0.0.0:{port} (every interface)")
+            }
+            Err(_) => {
+                format!("127.0.0.1:{DEFAULT_PORT}, 0.0.0.0:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}")
+            }
         };
         format!("`{raw}` is not an IP address and port; use e.g. {example}")
     })
@@ -353,10 +357,21 @@ mod tests {
         let bare = parse_listen("9465").unwrap_err();
         assert!(bare.contains("127.0.0.1:9465"), "{bare}");
         assert!(parse_listen("localhost:9465").unwrap_err().contains("e.g."));
-        assert_eq!(parse_timezone("Europe/Berlin").unwrap(), chrono_tz::Europe::Berlin);
+        assert_eq!(
+            parse_timezone("Europe/Berlin").unwrap(),
+            chrono_tz::Europe::Berlin
+        );
         let city = parse_timezone("Berlin").unwrap_err();
         assert!(city.contains("Europe/Berlin"), "{city}");
-        assert!(parse_timezone("new york").unwrap_err().contains("America/New_York"));
-        assert!(parse_timezone("Mars/Olympus_Mons").unwrap_err().contains("e.g."));
+        assert!(
+            parse_timezone("new york")
+                .unwrap_err()
+                .contains("America/New_York")
+        );
+        assert!(
+            parse_timezone("Mars/Olympus_Mons")
+                .unwrap_err()
+                .contains("e.g.")
+        );
     }
 }

@@ -169,17 +169,27 @@ mod tests {
     async fn without_a_ttl_every_answer_is_newer_than_its_request_and_bursts_share() {
         let metrics = Metrics::new(&[], 10, chrono_tz::UTC, 0.0).unwrap();
         let selfm = &metrics.selfm;
-        let cache = Arc::new(RenderCache::<u8>::new(CachedEndpoint::Metrics, Duration::ZERO));
+        let cache = Arc::new(RenderCache::<u8>::new(
+            CachedEndpoint::Metrics,
+            Duration::ZERO,
+        ));
         // "Events": a counter the render reads; each request bumps it
         // before asking, so its answer must show at least its own bump.
         let events = Arc::new(AtomicU64::new(0));
         let ask = || {
             let events = events.clone();
+            let cache = cache.clone();
             let seen = events.fetch_add(1, Ordering::SeqCst) + 1;
             async move {
                 let rendered = cache_get(&cache, selfm, events).await;
-                let shown: u64 = std::str::from_utf8(&rendered.body).unwrap().parse().unwrap();
-                assert!(shown >= seen, "answer shows {shown}, request came after {seen}");
+                let shown: u64 = std::str::from_utf8(&rendered.body)
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(
+                    shown >= seen,
+                    "answer shows {shown}, request came after {seen}"
+                );
             }
         };
         // Sequential requests: each renders afresh.
@@ -192,8 +202,15 @@ mod tests {
         // arrived during it and share one more.
         let burst: Vec<_> = (0..10).map(|_| ask()).collect();
         futures_join_all(burst).await;
-        assert!(misses() - 3 <= 2, "{} renders for a burst of ten", misses() - 3);
-        assert_eq!(selfm.cache_hits.with_label_values(&["metrics"]).get() + misses() - 3, 10);
+        assert!(
+            misses() - 3 <= 2,
+            "{} renders for a burst of ten",
+            misses() - 3
+        );
+        assert_eq!(
+            selfm.cache_hits.with_label_values(&["metrics"]).get() + misses() - 3,
+            10
+        );
     }
 
     async fn cache_get(

@@ -73,10 +73,7 @@ pub struct ConnectionMetrics {
 
 impl ConnectionMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let open = IntGauge::new(
-            "botmetrics_connections_open",
-            "HTTP connections open now.",
-        )?;
+        let open = IntGauge::new("botmetrics_connections_open", "HTTP connections open now.")?;
         let limit = IntGauge::new(
             "botmetrics_connections_max",
             "Open HTTP connections allowed (--max-connections, lowered to fit the open-files limit).",
@@ -121,6 +118,8 @@ pub fn raise_open_files_limit() -> std::io::Result<u64> {
             limit = raised;
         }
     }
+    // `rlim_t` is u64 on Linux but not on every unix.
+    #[allow(clippy::useless_conversion)]
     Ok(u64::from(limit.rlim_cur))
 }
 
@@ -151,7 +150,9 @@ pub async fn serve(
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(MAX_BUF_BYTES);
-    metrics.limit.set(i64::try_from(limits.max_connections).unwrap_or(i64::MAX));
+    metrics
+        .limit
+        .set(i64::try_from(limits.max_connections).unwrap_or(i64::MAX));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let rejecting = Arc::new(Semaphore::new(REJECTING_AT_ONCE));
     let stop = CancellationToken::new();
@@ -356,8 +357,13 @@ mod tests {
             rlim_max: 0,
         };
         // SAFETY: as above.
-        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) }, 0);
-        assert_eq!(soft, u64::from(limit.rlim_cur));
+        assert_eq!(
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+            0
+        );
+        #[allow(clippy::useless_conversion)]
+        let current = u64::from(limit.rlim_cur);
+        assert_eq!(soft, current);
         assert!(soft > 0);
     }
 }

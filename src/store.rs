@@ -20,7 +20,9 @@ use crate::metrics::active::{Granularity, SketchRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("unsupported scheme `{scheme}` in `{url}`: use postgres://user@host/db or sqlite://path/to/file.db")]
+    #[error(
+        "unsupported scheme `{scheme}` in `{url}`: use postgres://user@host/db or sqlite://path/to/file.db"
+    )]
     Url { scheme: String, url: String },
     /// A fault no retry mends (a missing directory, a wrong password, an
     /// unknown database): the process stops and says which.
@@ -302,8 +304,7 @@ impl Store {
             Db::Postgres(pool) => {
                 let options = pool.connect_options();
                 let at = format!("{}:{}", options.get_host(), options.get_port());
-                let connected =
-                    tokio::time::timeout(CHECK_TIMEOUT, options.connect()).await;
+                let connected = tokio::time::timeout(CHECK_TIMEOUT, options.connect()).await;
                 let e = match connected {
                     Ok(Ok(conn)) => {
                         let _ = conn.close().await;
@@ -335,7 +336,10 @@ impl Store {
                             "PostgreSQL at {at} refused the connection (is it running, on that port?)"
                         )))
                     }
-                    _ => Ok(Some(format!("cannot reach PostgreSQL at {at}: {}", cause(&e)))),
+                    _ => Ok(Some(format!(
+                        "cannot reach PostgreSQL at {at}: {}",
+                        cause(&e)
+                    ))),
                 }
             }
         }
@@ -1010,8 +1014,13 @@ mod url_tests {
         );
         assert_eq!(redacted("postgres://bot@db/m"), "postgres://bot@db/m");
         assert_eq!(redacted("sqlite://x.db"), "sqlite://x.db");
-        let e = Store::open("mysql://root:pw@localhost/x").unwrap_err().to_string();
-        assert!(e.contains("`mysql`") && e.contains("mysql://root:***@localhost/x"), "{e}");
+        let e = Store::open("mysql://root:pw@localhost/x")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`mysql`") && e.contains("mysql://root:***@localhost/x"),
+            "{e}"
+        );
         assert!(!e.contains("pw"), "{e}");
     }
 }

@@ -28,7 +28,9 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
                 Some(bot) => Error::Forbidden(format!(
                     "bot `{bot}`'s token reads its own /v1/summary and /v1/history; /metrics needs --metrics-token"
                 )),
-                None => Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`"),
+                None => {
+                    Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`")
+                }
             };
             super::rejected(bot.map(|b| &**b), &e);
             return e.into_response();

@@ -12,8 +12,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, header};
-use axum::response::{IntoResponse, Response};
 use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use tower_http::compression::CompressionLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
@@ -135,10 +135,7 @@ fn rejected(bot: Option<&str>, e: &Error) {
     let status = e.status().as_u16();
     let reason = e.code();
     tracing::debug!(bot, status, reason, "request refused: {e}");
-    let allowed = REJECTIONS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .allow();
+    let allowed = REJECTIONS.lock().unwrap_or_else(|p| p.into_inner()).allow();
     if let Some(suppressed) = allowed {
         tracing::warn!(
             bot,

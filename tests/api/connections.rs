@@ -92,7 +92,10 @@ async fn half_sent_and_idle_connections_are_closed_while_others_are_served() {
 
     // Meanwhile everyone else is served.
     for _ in 0..3 {
-        assert_eq!(get(app.addr, "/healthz").await, (200, json!({"status": "ok"})));
+        assert_eq!(
+            get(app.addr, "/healthz").await,
+            (200, json!({"status": "ok"}))
+        );
     }
     app.post_ok("t", &json!({"type": "limit_reached"})).await;
 
@@ -239,7 +242,11 @@ async fn sigterm_finishes_within_the_shutdown_timeout_whatever_a_client_holds_op
     );
     assert!(log.contains("final flush done"), "{log}");
     assert!(read_until_closed(&mut half).await.is_empty());
-    assert!(read_until_closed(&mut idle).await.starts_with("HTTP/1.1 200"));
+    assert!(
+        read_until_closed(&mut idle)
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
 }
 
 #[tokio::test]
@@ -262,6 +269,10 @@ async fn a_body_slower_than_the_request_timeout_gets_a_json_408() {
     let body = answer.split_once("\r\n\r\n").expect("a body").1;
     let json: Value = serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {answer}"));
     assert_eq!(json["error"], "timeout");
-    assert!(json["message"].as_str().is_some_and(|m| m.contains("--request-timeout")));
+    assert!(
+        json["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("--request-timeout"))
+    );
     app.stop().await;
 }

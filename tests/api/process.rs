@@ -199,11 +199,23 @@ async fn flag_errors_show_an_example_of_the_accepted_form() {
     let url = db.url();
     let base = ["--database-url", url.as_str()];
     let cases: [(&[&str], &[&str]); 5] = [
-        (&["--listen", "9465"], &["--listen", "127.0.0.1:9465", "0.0.0.0:9465"]),
-        (&["--listen", "localhost:9465"], &["--listen", "e.g. 127.0.0.1:9464"]),
+        (
+            &["--listen", "9465"],
+            &["--listen", "127.0.0.1:9465", "0.0.0.0:9465"],
+        ),
+        (
+            &["--listen", "localhost:9465"],
+            &["--listen", "e.g. 127.0.0.1:9464"],
+        ),
         (&["--timezone", "Berlin"], &["--timezone", "Europe/Berlin"]),
-        (&["--timezone", "Mars"], &["--timezone", "e.g. Europe/Berlin"]),
-        (&["--flush-interval", "ten seconds"], &["--flush-interval", "e.g. 500ms, 10s, 5m, 90d"]),
+        (
+            &["--timezone", "Mars"],
+            &["--timezone", "e.g. Europe/Berlin"],
+        ),
+        (
+            &["--flush-interval", "ten seconds"],
+            &["--flush-interval", "e.g. 500ms, 10s, 5m, 90d"],
+        ),
     ];
     for (flags, wanted) in cases {
         let mut args = flags.to_vec();
@@ -213,7 +225,10 @@ async fn flag_errors_show_an_example_of_the_accepted_form() {
         }
         let line = the_one_line(&args).await;
         for needle in wanted {
-            assert!(line.contains(needle), "{flags:?}: `{needle}` missing from: {line}");
+            assert!(
+                line.contains(needle),
+                "{flags:?}: `{needle}` missing from: {line}"
+            );
         }
     }
 }
@@ -242,7 +257,10 @@ async fn an_unsupported_scheme_is_echoed_with_its_scheme_and_without_the_passwor
     .await;
     assert!(line.contains("--database-url"), "{line}");
     assert!(line.contains("`mysql`"), "{line}");
-    assert!(line.contains("mysql://root:***@db.example/metrics"), "{line}");
+    assert!(
+        line.contains("mysql://root:***@db.example/metrics"),
+        "{line}"
+    );
     assert!(!line.contains("hunter2"), "{line}");
 }
 
@@ -257,7 +275,11 @@ async fn postgres_refusing_credentials_or_database_stops_the_start_with_the_caus
     let (server, _) = base.rsplit_once('/').expect("a database path");
     let no_db = format!("{server}/botmetrics_no_such_database");
     let line = the_one_line(&["--listen", "127.0.0.1:0", "--database-url", &no_db]).await;
-    for needle in ["--database-url", "botmetrics_no_such_database", "does not exist"] {
+    for needle in [
+        "--database-url",
+        "botmetrics_no_such_database",
+        "does not exist",
+    ] {
         assert!(line.contains(needle), "`{needle}` missing from: {line}");
     }
     // A role the server does not know: an authentication failure.
@@ -283,8 +305,9 @@ async fn a_refused_postgres_connection_names_host_and_port_is_retried_and_readyz
     let mut bin = Binary::serve(&url, "a=t", &[]).await;
     let log = bin.log();
     assert!(
-        log.contains(&format!("PostgreSQL at 127.0.0.1:{port} refused the connection"))
-            && log.contains("retrying"),
+        log.contains(&format!(
+            "PostgreSQL at 127.0.0.1:{port} refused the connection"
+        )) && log.contains("retrying"),
         "{log}"
     );
     // Events still count, from memory.
@@ -327,7 +350,10 @@ async fn refused_requests_are_logged_at_debug_with_bot_and_reason_and_rate_limit
     assert_eq!(bin.post_events("wrong", &bad).await.0, 401);
     assert!(bin.signal("TERM").await.success());
     let log = bin.log();
-    let refused: Vec<&str> = log.lines().filter(|l| l.contains("request refused")).collect();
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("request refused"))
+        .collect();
     let debug = refused.iter().filter(|l| l.contains("DEBUG")).count();
     let warn = refused.iter().filter(|l| l.contains("WARN")).count();
     assert_eq!(debug, 6, "every refusal at debug:\n{log}");
@@ -336,7 +362,10 @@ async fn refused_requests_are_logged_at_debug_with_bot_and_reason_and_rate_limit
         .iter()
         .find(|l| l.contains("DEBUG") && l.contains("reason=\"invalid\""))
         .unwrap_or_else(|| panic!("{log}"));
-    assert!(invalid.contains("alpha") && invalid.contains("422"), "{invalid}");
+    assert!(
+        invalid.contains("alpha") && invalid.contains("422"),
+        "{invalid}"
+    );
     assert!(
         refused
             .iter()

@@ -189,7 +189,10 @@ fn the_readme_parser_cuts_commands_and_their_answers() {
     let cut = cut(&block);
     assert_eq!(cut.len(), 3, "{cut:#?}");
     assert_eq!(cut[0].command.lines().count(), 3);
-    assert_eq!(cut[0].shown, Some(serde_json::json!({"accepted": 1, "duplicates": 0})));
+    assert_eq!(
+        cut[0].shown,
+        Some(serde_json::json!({"accepted": 1, "duplicates": 0}))
+    );
     assert_eq!(cut[1].command.lines().count(), 2);
     assert_eq!(cut[1].shown, None);
     assert_eq!(cut[2].shown, Some(serde_json::json!({"status": "ok"})));
