@@ -367,7 +367,6 @@ async fn a_metrics_token_guards_the_exposition() {
     for auth in [
         None,
         Some("Bearer wrong"),
-        Some("Bearer ingest-token"),
         Some("prom-secret"),
         Some("Bearer prom-secre"),
     ] {
@@ -376,6 +375,10 @@ async fn a_metrics_token_guards_the_exposition() {
         let got = (status, serde_json::from_slice(&body).expect("JSON error"));
         assert_error(&got, 401, "unauthorized", None);
     }
+    // A bot's token is known but reads only its own bot: the page shows all.
+    let (status, _, body) = scrape(&app, &[("authorization", "Bearer ingest-token")]).await;
+    let got = (status, serde_json::from_slice(&body).expect("JSON error"));
+    assert_error(&got, 403, "forbidden", None);
     let (status, headers, body) = scrape(&app, &[("authorization", "Bearer prom-secret")]).await;
     assert_eq!(status, 200);
     assert_eq!(header(&headers, "content-type"), Some(CONTENT_TYPE));
