@@ -244,7 +244,7 @@ impl SelfMetrics {
             registry,
             Gauge::new(
                 "botmetrics_metrics_cache_ttl_seconds",
-                "How long a rendered /metrics answer is served (--metrics-cache-ttl).",
+                "How long a rendered /metrics answer is served (--metrics-cache-ttl; 0: rendered for each scrape).",
             )?,
         )?;
         ttl.set(cache_ttl_seconds);
