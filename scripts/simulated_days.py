@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Play the traffic simulator's days through prometheus/rules.yml with promtool.
+
+    python3 scripts/simulated_days.py --out /tmp/days_test.yml
+    promtool test rules /tmp/days_test.yml
+
+Writes a `promtool test rules` file whose input series are what Prometheus
+would scrape from botmetrics, minute by minute, while four bots of 20, 80,
+500 and 5,000 users live three simulated days of clients/python/simulate.py
+(its Simulation class, the same rhythm of the day, sessions, caches, limits
+and LLM outcomes; seeded, so the file is the same on every run). Two tests:
+
+* Three ordinary days: no alert is ever pending or firing, from the first
+  minute of a new deployment on (the ALERTS series promtool records at every
+  evaluation stays empty).
+* The same days with five faults on the third: the 500-user bot stops at
+  noon (BotSilent), and the 5,000-user bot gets an hour of failing LLM
+  calls (BotHighErrorRate), an hour of slow ones (BotSlowResponses), two
+  hours of a cache that misses (BotLowCacheHitRatio) and 90 minutes of a
+  client hammering its daily limit (BotDailyLimitSurge). Each alert fires
+  during its fault, and no other alert fires at any time.
+
+`cargo test --test api stack` generates and runs it. Standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import os
+import random
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The simulator as a package (clients/python/src/botmetrics/simulate.py) or
+# as the single script beside the client (clients/python/simulate.py).
+sys.path[:0] = [os.path.join(REPO, "clients", "python", "src"), os.path.join(REPO, "clients", "python")]
+try:
+    from botmetrics.simulate import DAY, Simulation  # noqa: E402
+except ImportError:
+    from simulate import DAY, Simulation  # noqa: E402
+
+MINUTE = 60
+DAYS = 3
+HOUR = 3600
+# botmetrics' response-time buckets (src/metrics/bot.rs RESPONSE_BUCKETS), seconds.
+BUCKETS = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0]
+STATUSES = ["success", "error", "timeout", "rate_limited"]
+BOTS = [("b20", 20, 1), ("b80", 80, 2), ("b500", 500, 3), ("b5000", 5000, 4)]
+
+# Faults of the second test, on the third day (seconds since the start).
+D3 = 2 * DAY
+SILENT = ("b500", D3 + 12 * HOUR)                              # stops for good
+ERRORS = ("b5000", D3 + 9 * HOUR, D3 + 10 * HOUR)             # 30 % of calls fail
+SLOW = ("b5000", D3 + 11 * HOUR, D3 + 12 * HOUR)              # every call 6x slower
+CACHE_DROP = ("b5000", D3 + 14 * HOUR, D3 + 16 * HOUR)        # user_context 80 % -> ~45 %
+LIMIT_SURGE = ("b5000", D3 + 17 * HOUR, D3 + 18.5 * HOUR)     # +10 limit hits a minute
+
+
+class Recorder:
+    """Stands in for the client: counts what botmetrics would expose, per minute."""
+
+    def __init__(self, bot: str, faults: bool, rng: random.Random):
+        self.bot, self.faults, self.rng = bot, faults, rng
+        self.t = 0.0
+        self.minutes = int(DAYS * DAY // MINUTE)
+        self.series: dict[tuple, list] = {}
+
+    def add(self, key: tuple, n: float = 1.0) -> None:
+        if self.faults and self.bot == SILENT[0] and self.t >= SILENT[1]:
+            return
+        col = self.series.setdefault(key, [0.0] * self.minutes)
+        col[min(int(self.t // MINUTE), self.minutes - 1)] += n
+
+    def during(self, fault: tuple) -> bool:
+        return self.faults and self.bot == fault[0] and fault[1] <= self.t < fault[2]
+
+    def message(self, user_id, role="user", **_):
+        self.add(("bot_messages_total", (("role", role),)))
+
+    def limit_reached(self, user_id, **_):
+        self.add(("bot_limit_reached_total", ()))
+
+    def cache(self, hit, cache="default", **_):
+        if hit and cache == "user_context" and self.during(CACHE_DROP) and self.rng.random() < 0.45:
+            hit = False
+        self.add(("bot_cache_requests_total", (("cache", cache), ("result", "hit" if hit else "miss"))))
+
+    def response(self, user_id, status, duration_ms, **_):
+        if status == "success" and self.during(ERRORS) and self.rng.random() < 0.3:
+            status, duration_ms = "error", duration_ms / 4
+        if self.during(SLOW):
+            duration_ms *= 6
+        self.add(("bot_responses_total", (("status", status),)))
+        seconds = duration_ms / 1000
+        for le in BUCKETS[bisect.bisect_left(BUCKETS, seconds):]:
+            self.add(("bot_response_duration_seconds_bucket", (("le", repr(le)),)))
+        self.add(("bot_response_duration_seconds_bucket", (("le", "+Inf"),)))
+
+    def __getattr__(self, name):  # registrations, consent, custom events, errors
+        return lambda *a, **k: None
+
+
+def play(bot: str, users: int, seed: int, faults: bool) -> Recorder:
+    rng = random.Random(seed)
+    sim = Simulation(rng, users, 20, 3.0, 0.06)
+    rec = Recorder(bot, faults, random.Random(seed + 1000))
+    # Every series of the closed label sets exists at 0 from start-up, as
+    # botmetrics exposes them.
+    for role in ("user", "assistant"):
+        rec.series[("bot_messages_total", (("role", role),))] = [0.0] * rec.minutes
+    for status in STATUSES:
+        rec.series[("bot_responses_total", (("status", status),))] = [0.0] * rec.minutes
+    for le in [repr(b) for b in BUCKETS] + ["+Inf"]:
+        rec.series[("bot_response_duration_seconds_bucket", (("le", le),))] = [0.0] * rec.minutes
+    rec.series[("bot_limit_reached_total", ())] = [0.0] * rec.minutes
+    t = 0.0
+    while t < DAYS * DAY:
+        for _ in range(sim.sessions_between(t, t + MINUTE)):
+            rec.t = t + rng.random() * MINUTE
+            sim.session(rec, rec.t)
+        rec.t = t
+        if faults and bot == LIMIT_SURGE[0] and LIMIT_SURGE[1] <= t < LIMIT_SURGE[2]:
+            rec.add(("bot_limit_reached_total", ()), 10)
+        t += MINUTE
+    return rec
+
+
+def series_lines(rec: Recorder) -> list:
+    lines = []
+    for (name, labels), per_minute in sorted(rec.series.items()):
+        all_labels = (("job", "botmetrics"), ("instance", "a:9464"), ("bot", rec.bot)) + labels
+        sel = ", ".join(f'{k}="{v}"' for k, v in all_labels)
+        total, values = 0.0, ["0"]
+        for n in per_minute:  # the scrape at the end of each minute
+            total += n
+            values.append(f"{total:g}")
+        lines.append(f"      - series: '{name}{{{sel}}}'\n        values: '{compress(values)}'\n")
+    return lines
+
+
+def compress(values: list) -> str:
+    """Runs of one value as promtool's `vxn` (v repeated n more times)."""
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        out.append(values[i] if j == i else f"{values[i]}x{j - i}")
+        i = j + 1
+    return " ".join(out)
+
+
+def hm(seconds: float) -> str:
+    return f"{int(seconds // 60)}m"
+
+
+def test_group(faults: bool) -> str:
+    minutes = int(DAYS * DAY // MINUTE)
+    out = ["  - interval: 1m\n    input_series:\n",
+           f"      - series: 'up{{job=\"botmetrics\", instance=\"a:9464\"}}'\n        values: '1x{minutes}'\n"]
+    for bot, users, seed in BOTS:
+        out += series_lines(play(bot, users, seed, faults))
+    end = hm(DAYS * DAY)
+    out.append("    promql_expr_test:\n")
+    if not faults:
+        out.append(f"""      # Nothing was pending or firing at any evaluation of the three days.
+      - expr: count by (alertname, bot, alertstate) (count_over_time(ALERTS[{DAYS}d]))
+        eval_time: {end}
+        exp_samples: []
+      - expr: count by (alertname, bot, alertstate) (count_over_time(ALERTS[1d]))
+        eval_time: 1d
+        exp_samples: []
+      - expr: count by (alertname, bot, alertstate) (count_over_time(ALERTS[1d]))
+        eval_time: 2d
+        exp_samples: []
+""")
+        return "".join(out)
+    out.append(f"""      # The first two days stay quiet with faults to come on the third.
+      - expr: count by (alertname, bot, alertstate) (count_over_time(ALERTS[2d]))
+        eval_time: {hm(D3)}
+        exp_samples: []
+      # Over the third day, exactly the five faults' alerts fired.
+      - expr: count by (alertname, bot) (max_over_time(ALERTS{{alertstate="firing"}}[1d]))
+        eval_time: {end}
+        exp_samples:
+          - labels: '{{alertname="BotSilent", bot="{SILENT[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotHighErrorRate", bot="{ERRORS[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotSlowResponses", bot="{SLOW[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotLowCacheHitRatio", bot="{CACHE_DROP[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotDailyLimitSurge", bot="{LIMIT_SURGE[0]}"}}'
+            value: 1
+""")
+    # Each one fires during its own fault (the last minutes of it) and not in
+    # the hour before.
+    checks = [("BotSilent", SILENT[0], SILENT[1], SILENT[1] + 3 * HOUR),
+              ("BotHighErrorRate", *ERRORS), ("BotSlowResponses", *SLOW),
+              ("BotLowCacheHitRatio", *CACHE_DROP), ("BotDailyLimitSurge", *LIMIT_SURGE)]
+    for alert, bot, start, stop in checks:
+        extra = ', cache="user_context"' if alert == "BotLowCacheHitRatio" else ""
+        out.append(f"""      - expr: count_over_time(ALERTS{{alertname="{alert}", alertstate="firing"}}[1h])
+        eval_time: {hm(start)}
+        exp_samples: []
+      - expr: count by (alertname, bot{", cache" if extra else ""}) (ALERTS{{alertname="{alert}", alertstate="firing"}})
+        eval_time: {hm(stop - 60)}
+        exp_samples:
+          - labels: '{{alertname="{alert}", bot="{bot}"{extra}}}'
+            value: 1
+""")
+    return "".join(out)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="the promtool test file to write")
+    p.add_argument("--rules", default=os.path.join(REPO, "prometheus", "rules.yml"))
+    p.add_argument("--only", choices=["ordinary", "faults"], help="write one of the two tests")
+    args = p.parse_args()
+    with open(args.out, "w") as f:
+        f.write("# Generated by scripts/simulated_days.py: the traffic simulator's days.\n")
+        f.write(f"rule_files:\n  - {os.path.abspath(args.rules)}\n\nevaluation_interval: 1m\n\ntests:\n")
+        if args.only != "faults":
+            f.write(test_group(faults=False))
+        if args.only != "ordinary":
+            f.write(test_group(faults=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
