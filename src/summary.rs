@@ -55,6 +55,17 @@ pub struct CacheSummary {
     /// Hits over all lookups of every cache; 0.0 before the first lookup.
     pub hit_rate: f64,
     pub requests: u64,
+    /// The same per cache, by cache name, for caches with lookups: caches
+    /// differ by design (one may hit 80 %, another 25 %), so the blend alone
+    /// hides which one changed.
+    pub caches: Vec<CacheHits>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CacheHits {
+    pub cache: String,
+    pub hit_rate: f64,
+    pub requests: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -76,6 +87,16 @@ impl Summary {
         let durations = bot.response_duration();
         let quantile_ms = |q| durations.quantile(q).map_or(0.0, |s| (s * 1000.0).round());
         let (hits, misses) = bot.cache_totals();
+        let caches = bot
+            .cache_lookups()
+            .into_iter()
+            .filter(|(_, hits, misses)| hits + misses > 0.0)
+            .map(|(cache, hits, misses)| CacheHits {
+                cache,
+                hit_rate: hits / (hits + misses),
+                requests: (hits + misses) as u64,
+            })
+            .collect();
         Summary {
             bot: bot.bot.to_string(),
             generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -109,6 +130,7 @@ impl Summary {
                     0.0
                 },
                 requests: (hits + misses) as u64,
+                caches,
             },
             limit_reached: LimitReached {
                 today: bot.today.limit_reached.get_at(ts),
@@ -119,37 +141,39 @@ impl Summary {
         }
     }
 
-    /// A few lines for a chat, numbers formatted for people.
+    /// A few lines for a chat, numbers formatted for people: today's
+    /// figures on one line, the all-time totals on others, each saying which
+    /// it is. Spaces inside a figure (thousands, units, percent) do not
+    /// break, so a narrow chat window never splits "1 234" over two lines.
     pub fn to_text(&self) -> String {
         let mut t = String::new();
+        let _ = writeln!(t, "📊 {}", self.bot);
         let _ = writeln!(
             t,
-            "📊 {} — today since midnight ({})",
-            self.bot, self.timezone
-        );
-        let _ = writeln!(
-            t,
-            "Messages: {} today, {} total",
+            "Today (since midnight, {}): {} messages, {} new users, {} daily-limit hits",
+            self.timezone,
             group(self.messages.today),
-            group(self.messages.total)
+            group(self.users.registered_today),
+            group(self.limit_reached.today)
         );
         let _ = writeln!(
             t,
-            "Active users: {} (24 h), {} (7 d), {} (30 d)",
+            "Active users: {} (24{NBSP}h), {} (7{NBSP}d), {} (30{NBSP}d)",
             group(self.users.active_1d),
             group(self.users.active_7d),
             group(self.users.active_30d)
         );
         let _ = writeln!(
             t,
-            "New users: {} today, {} total",
-            group(self.users.registered_today),
-            group(self.users.registered_total)
+            "All time: {} messages, {} users, {} errors",
+            group(self.messages.total),
+            group(self.users.registered_total),
+            group(self.errors.total)
         );
         if self.responses.total > 0 {
             let _ = writeln!(
                 t,
-                "Responses: {} total, {} ok, median {}, p95 {}",
+                "Responses, all time: {}, {} ok, median {}, p95 {}",
                 group(self.responses.total),
                 percent(self.responses.success_rate),
                 duration(self.responses.p50_ms),
@@ -158,50 +182,69 @@ impl Summary {
         } else {
             let _ = writeln!(t, "Responses: none yet");
         }
-        if self.cache.requests > 0 {
-            let _ = writeln!(t, "Cache hit rate: {}", percent(self.cache.hit_rate));
+        match self.cache.caches.as_slice() {
+            [] => {}
+            [one] => {
+                let _ = writeln!(
+                    t,
+                    "Cache hits, all time: {} ({})",
+                    percent(one.hit_rate),
+                    one.cache
+                );
+            }
+            several => {
+                let each: Vec<String> = several
+                    .iter()
+                    .map(|c| format!("{} {}", c.cache, percent(c.hit_rate)))
+                    .collect();
+                let _ = writeln!(t, "Cache hits, all time: {}", each.join(", "));
+            }
         }
-        let _ = writeln!(
-            t,
-            "Daily limit reached: {} today",
-            group(self.limit_reached.today)
-        );
-        let _ = write!(t, "Errors: {} total", group(self.errors.total));
+        t.truncate(t.trim_end().len());
         t
     }
 }
 
-/// Groups digits by thousands for a chat message.
+/// U+202F NARROW NO-BREAK SPACE: groups thousands and separates the percent
+/// sign without letting a chat client wrap a number in two.
+pub const THIN: char = '\u{202F}';
+/// U+00A0 NO-BREAK SPACE: between a number and its unit.
+pub const NBSP: char = '\u{00A0}';
+
+/// Groups digits by thousands for a chat message, with a narrow no-break
+/// space.
 ///
 /// ```
-/// assert_eq!(botmetrics::summary::group(1234567), "1 234 567");
+/// assert_eq!(botmetrics::summary::group(1234567), "1\u{202F}234\u{202F}567");
 /// ```
 pub fn group(n: u64) -> String {
     let digits = n.to_string();
-    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3 * THIN.len_utf8());
     for (i, c) in digits.chars().enumerate() {
         if i > 0 && (digits.len() - i).is_multiple_of(3) {
-            out.push(' ');
+            out.push(THIN);
         }
         out.push(c);
     }
     out
 }
 
-/// `0.9871` → `98.7 %`.
+/// `0.9871` → `98.7 %` (narrow no-break space).
 pub fn percent(ratio: f64) -> String {
-    format!("{:.1} %", ratio * 100.0)
+    format!("{:.1}{THIN}%", ratio * 100.0)
 }
 
-/// `850` → `850 ms`, `1234` → `1.2 s`, `75000` → `1 min 15 s`.
+/// `850` → `850 ms`, `1234` → `1.2 s`, `75000` → `1 min 15 s` (no-break spaces).
 pub fn duration(ms: f64) -> String {
     if ms < 1000.0 {
-        format!("{ms:.0} ms")
+        format!("{ms:.0}{NBSP}ms")
     } else if ms < 60_000.0 {
-        format!("{:.1} s", ms / 1000.0)
+        // Rounded on whole tenths first: 1950 ms is 2.0 s, where formatting
+        // 1.95 (stored as 1.9499…) directly would print 1.9.
+        format!("{:.1}{NBSP}s", (ms / 100.0).round() / 10.0)
     } else {
         let s = (ms / 1000.0).round() as u64;
-        format!("{} min {} s", s / 60, s % 60)
+        format!("{}{NBSP}min {}{NBSP}s", s / 60, s % 60)
     }
 }
 
@@ -213,11 +256,12 @@ mod tests {
     fn numbers_for_people() {
         assert_eq!(group(0), "0");
         assert_eq!(group(999), "999");
-        assert_eq!(group(12345), "12 345");
-        assert_eq!(group(1234567), "1 234 567");
-        assert_eq!(percent(0.9871), "98.7 %");
-        assert_eq!(duration(850.0), "850 ms");
-        assert_eq!(duration(1234.0), "1.2 s");
-        assert_eq!(duration(75_000.0), "1 min 15 s");
+        assert_eq!(group(12345), "12\u{202F}345");
+        assert_eq!(group(1234567), "1\u{202F}234\u{202F}567");
+        assert_eq!(percent(0.9871), "98.7\u{202F}%");
+        assert_eq!(duration(850.0), "850\u{A0}ms");
+        assert_eq!(duration(1234.0), "1.2\u{A0}s");
+        assert_eq!(duration(1950.0), "2.0\u{A0}s");
+        assert_eq!(duration(75_000.0), "1\u{A0}min 15\u{A0}s");
     }
 }

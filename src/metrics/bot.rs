@@ -408,6 +408,19 @@ impl BotMetrics {
         total
     }
 
+    /// Cache lookups per cache, sorted by cache name: (cache, hits, misses).
+    pub fn cache_lookups(&self) -> Vec<(String, f64, f64)> {
+        let mut out = Vec::new();
+        self.cache.for_each(|cache, c| {
+            out.push((
+                cache.to_owned(),
+                c[CacheResult::Hit.index()].get(),
+                c[CacheResult::Miss.index()].get(),
+            ));
+        });
+        out
+    }
+
     /// Cache lookups over all caches: (hits, misses).
     pub fn cache_totals(&self) -> (f64, f64) {
         let (mut hits, mut misses) = (0.0, 0.0);

@@ -147,22 +147,30 @@ async fn summary_json_has_every_field_with_exact_values() {
         assert!(s[outer][inner].is_u64(), "{path} is an integer in {s}");
     }
 
-    // The same numbers in the chat text.
-    let text = summary_text(&app, "/v1/summary?format=text").await;
-    assert_contains(
-        &text,
-        &[
-            "demo",
-            "Messages: 10 today, 10 total",
-            "Active users: 5 (24 h), 5 (7 d), 5 (30 d)",
-            "New users: 3 today, 3 total",
-            "Responses: 10 total, 90.0 % ok, median 625 ms, p95 2.5 s",
-            "Cache hit rate: 75.0 %",
-            "Daily limit reached: 2 today",
-            "Errors: 3 total",
-        ],
+    // Per cache as well, by name; cache.hit_rate stays the blend.
+    assert_eq!(
+        s["cache"]["caches"],
+        json!([
+            {"cache": "default", "hit_rate": 2.0 / 3.0, "requests": 3},
+            {"cache": "embeddings", "hit_rate": 1.0, "requests": 1}
+        ]),
+        "{s}"
     );
-    assert!(text.lines().count() <= 10, "a short message:\n{text}");
+
+    // The same numbers in the chat text, exactly: today's figures on a line
+    // that says so, all-time totals on lines that say so, one hit rate per
+    // cache, and no breakable space inside a figure (U+202F before "%",
+    // U+00A0 before a unit).
+    let text = summary_text(&app, "/v1/summary?format=text").await;
+    assert_eq!(
+        text,
+        "📊 demo\n\
+         Today (since midnight, UTC): 10 messages, 3 new users, 2 daily-limit hits\n\
+         Active users: 5 (24\u{A0}h), 5 (7\u{A0}d), 5 (30\u{A0}d)\n\
+         All time: 10 messages, 3 users, 3 errors\n\
+         Responses, all time: 10, 90.0\u{202F}% ok, median 625\u{A0}ms, p95 2.5\u{A0}s\n\
+         Cache hits, all time: default 66.7\u{202F}%, embeddings 100.0\u{202F}%"
+    );
     // Explicit JSON is the default.
     let (status, content_type, _) = app.get_text("/v1/summary?format=json").await;
     assert_eq!((status, content_type.as_str()), (200, "application/json"));
@@ -271,15 +279,18 @@ async fn text_answer_formats_numbers_for_people() {
         json!({"type": "response", "status": status, "duration_ms": 1234})
     });
     app.post_ndjson("tx", responses).await;
-    assert_contains(
-        &summary_text(&app, "/v1/summary?format=text").await,
-        &[
-            "Messages: 12 345 today, 12 345 total",
-            "Active users: 7 (24 h)",
-            "1 000 total, 98.7 % ok",
-            // All in (1, 2]: the median is interpolated halfway, 1.5 s.
-            "median 1.5 s",
-        ],
+    app.post_ok("tx", &json!({"type": "cache", "result": "hit", "cache": "llm"}))
+        .await;
+    // Thousands grouped with U+202F NARROW NO-BREAK SPACE, which a chat
+    // client never wraps; one cache: its rate, with its name.
+    assert_eq!(
+        summary_text(&app, "/v1/summary?format=text").await,
+        "📊 x\n\
+         Today (since midnight, UTC): 12\u{202F}345 messages, 0 new users, 0 daily-limit hits\n\
+         Active users: 7 (24\u{A0}h), 7 (7\u{A0}d), 7 (30\u{A0}d)\n\
+         All time: 12\u{202F}345 messages, 0 users, 0 errors\n\
+         Responses, all time: 1\u{202F}000, 98.7\u{202F}% ok, median 1.5\u{A0}s, p95 2.0\u{A0}s\n\
+         Cache hits, all time: 100.0\u{202F}% (llm)"
     );
     let (_, s) = app.get_json("/v1/summary").await;
     assert_eq!(
@@ -392,7 +403,10 @@ async fn today_counts_the_local_day(url: &str) {
     check(&s, [4.0, 2.0, 4.0]);
     assert_contains(
         &summary_text(&app, "/v1/summary?format=text").await,
-        &["Messages: 4 today, 8 total", "Asia/Tokyo"],
+        &[
+            "Today (since midnight, Asia/Tokyo): 4 messages, 2 new users, 4 daily-limit hits",
+            "All time: 8 messages, 4 users, 0 errors",
+        ],
     );
 
     // At the next local midnight the day starts over; until then it holds.
