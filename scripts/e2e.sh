@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # End-to-end test of the monitoring stack: the botmetrics release binary, a
 # real Prometheus scraping it every second with the shipped alert rules,
-# about 20 s of simulated bot traffic, then every PromQL expression of every
+# about 20 s of simulated bot traffic (whose exact counts Prometheus must
+# hold, with no alert pending), then every PromQL expression of every
 # dashboard panel and every rule evaluated through Prometheus' HTTP API, and
 # the BotHighErrorRate alert driven until it is pending (shipped rule) and
 # firing (a copy with `for: 1s`). Needs python3 and Debian's `prometheus`.
@@ -28,7 +29,9 @@ fi
 cd "$(dirname "$0")/.."
 REPO=$PWD
 BIN=${BOTMETRICS_BIN:-target/release/botmetrics}
-BOT=e2ebot
+# The bot and token of the README's quick start (README.md, dashboards/README.md).
+BOT=mybot
+TOKEN=change-me
 # Loopback only: never send the test's requests through a proxy.
 export no_proxy=127.0.0.1,localhost NO_PROXY=127.0.0.1,localhost
 
@@ -84,7 +87,7 @@ step "botmetrics on $BM ($BIN, ${DATABASE%%:*})"
 # Short intervals so that flushes, history writes and cache expiry all
 # happen within the run; the TTL matches the 1 s scrape interval, as the
 # shipped config matches 30 s with 30 s.
-"$BIN" --listen "127.0.0.1:$BM_PORT" --tokens "$BOT=secret1,otherbot=secret2" \
+"$BIN" --listen "127.0.0.1:$BM_PORT" --tokens "$BOT=$TOKEN,otherbot=secret2" \
     --database-url "$DATABASE" --metrics-cache-ttl 1s \
     --flush-interval 1s --history-interval 2s >"$WORK/botmetrics.log" 2>&1 &
 PIDS+=("$!")
@@ -113,22 +116,29 @@ PIDS+=("$!")
 "${CHECK[@]}" wait-http "$PROM/-/ready" 30
 
 step "20 s of simulated traffic (two bots), and one request of each rejected kind"
-# --speed 1440: the 20 s play about 8 hours of a bot's day.
-timeout 60 python3 clients/python/simulate.py --url "$BM" --token secret1 \
-    --users 300 --speed 1440 --duration 20 --seed 1 &
+# --speed 1440: the 20 s play about 8 hours of a bot's day. Each simulator
+# writes what it sent (--counts), which Prometheus must then hold exactly.
+timeout 60 python3 clients/python/simulate.py --url "$BM" --token "$TOKEN" \
+    --users 300 --speed 1440 --duration 20 --seed 1 --counts "$WORK/counts-$BOT.json" &
 SIM1=$!
 PIDS+=("$SIM1")
 timeout 60 python3 clients/python/simulate.py --url "$BM" --token secret2 \
-    --users 80 --speed 1440 --duration 20 --seed 2 --quiet &
+    --users 80 --speed 1440 --duration 20 --seed 2 --quiet --counts "$WORK/counts-otherbot.json" &
 SIM2=$!
 PIDS+=("$SIM2")
 sleep 2
-timeout 30 "${CHECK[@]}" reject --url "$BM" --token secret1
+timeout 30 "${CHECK[@]}" reject --url "$BM" --token "$TOKEN"
 wait "$SIM1"
 wait "$SIM2"
 
+step "Prometheus holds exactly what the simulators sent, and no alert fires on their ordinary traffic"
+timeout 30 "${CHECK[@]}" counts --prom "$PROM" --bot "$BOT" --counts "$WORK/counts-$BOT.json"
+timeout 30 "${CHECK[@]}" counts --prom "$PROM" --bot otherbot --counts "$WORK/counts-otherbot.json"
+sleep 2  # a rule evaluation on the last scrape
+timeout 30 "${CHECK[@]}" no-alerts --prom "$PROM"
+
 step "Failing LLM calls until BotHighErrorRate is pending (and the for: 1s copy firing)"
-timeout 90 python3 clients/python/simulate.py --url "$BM" --token secret1 \
+timeout 90 python3 clients/python/simulate.py --url "$BM" --token "$TOKEN" \
     --users 300 --speed 1440 --duration 60 --seed 3 --failure-rate 0.9 --quiet &
 STORM=$!
 PIDS+=("$STORM")
@@ -140,3 +150,19 @@ step "Every dashboard and rule expression through $PROM/api/v1/query"
 sleep 2  # one more scrape and rule evaluation
 timeout 90 "${CHECK[@]}" check --prom "$PROM" --bot "$BOT" --rules-file "$REPO/prometheus/rules.yml" \
     "${PSQL_ARGS[@]}" dashboards/bot-overview.json dashboards/botmetrics-internals.json
+
+step "dashboards/README.md's Prometheus command: the shipped prometheus.yml, temporary storage"
+README_PROM_PORT=$(free_port)
+# As written in the README, plus a free port instead of the default 9090.
+prometheus --config.file=prometheus.yml --storage.tsdb.path="$(mktemp -d "$WORK/readme-prom.XXXXXX")" \
+    --web.listen-address="127.0.0.1:$README_PROM_PORT" --log.level=warn >"$WORK/readme-prometheus.log" 2>&1 &
+PIDS+=("$!")
+"${CHECK[@]}" wait-http "http://127.0.0.1:$README_PROM_PORT/-/ready" 30
+python3 - "http://127.0.0.1:$README_PROM_PORT/api/v1/rules" <<'PY'
+import json, sys, urllib.request
+with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+    groups = {g["name"] for g in json.load(r)["data"]["groups"]}
+want = {"botmetrics.recording", "botmetrics.bot.alerts", "botmetrics.self.alerts"}
+assert want <= groups, f"shipped prometheus.yml loaded {groups}, want {want}"
+print("PASS  shipped prometheus.yml loads", ", ".join(sorted(want)))
+PY

@@ -5,13 +5,19 @@
     e2e_check.py short-for-rules RULES ALERT OUT     write a copy of one alert with `for: 1s`
     e2e_check.py reject --url URL --token TOKEN      send one request of each rejected kind
     e2e_check.py wait-alert --prom URL --alert NAME --bot BOT --rules-file F [--timeout S]
+    e2e_check.py counts --prom URL --bot BOT --counts FILE [--timeout S]
+                                                     Prometheus holds exactly what the simulator sent
+    e2e_check.py no-alerts --prom URL                no alert pending or firing
     e2e_check.py check --prom URL --bot BOT --rules-file F [--psql-url URL] DASHBOARD.json...
     e2e_check.py lint DASHBOARD.json...              static checks, no server needed
 
 `check` evaluates, through Prometheus' HTTP API, every PromQL expression of
 every dashboard panel and template variable, and every rule of the shipped
 rules file (taken from /api/v1/rules, i.e. exactly what Prometheus loaded).
-Each must parse and return at least one non-NaN sample, with these rules:
+Each must parse and return at least one non-NaN sample, and a dashboard
+target about the bot (one that uses `$bot`) a sample above 0: every closed
+series exists at 0 from start-up, so "returns data" alone would pass with
+nothing counted. The only exceptions are ZERO_ON_A_HEALTHY_RUN below. Rules:
 
 * A recording rule: its expression and the series it records.
 * An alert rule: its full expression must parse, but may be empty (the
@@ -23,7 +29,8 @@ Each must parse and return at least one non-NaN sample, with these rules:
 * Every rule must report health "ok" after evaluation.
 
 SQL panel targets (the PostgreSQL history panel) are run with psql against
---psql-url, the database botmetrics writes to, and must return rows; without
+--psql-url, the database botmetrics writes to, and must return rows with a
+value (the last column) above 0; without
 --psql-url they are reported as skipped.
 
 Standard library only. Prints one line per expression and ends with
@@ -45,7 +52,9 @@ import urllib.parse
 import urllib.request
 
 # Grafana's built-in variables, as a 1-second-scrape test needs them.
-GRAFANA_VARS = {"__rate_interval": "1m", "__interval": "15s", "__interval_ms": "15000",
+# $__rate_interval is 5m so that a rate covers the whole run (about a minute
+# of traffic), and a panel of a rare event still has its events in range.
+GRAFANA_VARS = {"__rate_interval": "5m", "__interval": "15s", "__interval_ms": "15000",
                 "__range": "5m", "__range_s": "300", "__range_ms": "300000"}
 
 
@@ -95,8 +104,9 @@ class Report:
         self.failed += 1
         print(f"FAIL  {what}\n      {detail}", flush=True)
 
-    def data(self, what: str, prom: str, expr: str) -> None:
-        """Pass when expr parses and has at least one non-NaN sample."""
+    def data(self, what: str, prom: str, expr: str, positive: bool = False) -> None:
+        """Pass when expr parses and has at least one non-NaN sample (with
+        `positive`, one above 0)."""
         parsed, err, samples = query(prom, expr)
         shown = f"`{one_line(expr)}`"
         if not parsed:
@@ -105,8 +115,10 @@ class Report:
             self.fail(what, f"{shown}: parsed, but returned no data")
         elif all(math.isnan(v) for _, v in samples):
             self.fail(what, f"{shown}: {len(samples)} series, all NaN")
+        elif positive and not any(v > 0 for _, v in samples):
+            self.fail(what, f"{shown}: {len(samples)} series, none above 0: nothing was counted")
         else:
-            labels, value = next((l, v) for l, v in samples if not math.isnan(v))
+            labels, value = max(((l, v) for l, v in samples if not math.isnan(v)), key=lambda lv: lv[1])
             self.ok(what, f"{shown}: {len(samples)} series, e.g. {fmt_labels(labels)} = {value:.6g}")
 
     def parses(self, what: str, prom: str, expr: str) -> None:
@@ -249,6 +261,8 @@ def check_sql(rep: Report, what: str, psql_url: str, sql: str, bot: str) -> None
         rep.fail(what, f"{shown}: psql failed: {run.stderr.strip()}")
     elif not rows:
         rep.fail(what, f"{shown}: no rows")
+    elif not any(float(r.split("\t")[-1]) > 0 for r in rows):
+        rep.fail(what, f"{shown}: {len(rows)} rows, no value above 0: nothing was counted")
     else:
         rep.ok(what, f"{shown}: {len(rows)} rows, e.g. {rows[-1]!r}")
 
@@ -287,7 +301,13 @@ def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: st
                 if "$" in expr:
                     rep.fail(what, f"unknown variable left in `{one_line(expr)}`")
                     continue
-                rep.data(what, prom, expr)
+                about_bot = "$bot" in t["expr"] and not any(m in expr for m in ZERO_ON_A_HEALTHY_RUN)
+                rep.data(what, prom, expr, positive=about_bot)
+
+
+# Per-bot metrics that stay at 0 on a healthy run with a well-behaved
+# client: their panels must return data, but may read 0.
+ZERO_ON_A_HEALTHY_RUN = ("botmetrics_events_duplicate_total", "botmetrics_label_overflow_total")
 
 
 def check_rules(rep: Report, prom: str, rules_file: str) -> None:
@@ -321,6 +341,20 @@ def check_rules(rep: Report, prom: str, rules_file: str) -> None:
 # Range selectors a dashboard may use besides [$__rate_interval]: the
 # "last 24 h" stat panels.
 FIXED_WINDOWS = {"24h"}
+
+
+def active_users_problems(expr: str) -> list:
+    """bot_active_users is the same cluster-wide estimate on every replica:
+    it must be taken with `max by (bot[, window])`, and never summed (over
+    replicas it would multiply the count, over bots count a user of two
+    bots twice)."""
+    problems = []
+    for m in re.finditer(r"bot_active_users\b", expr):
+        if not re.search(r"max by \(bot(, window)?\) \($", expr[:m.start()]):
+            problems.append("bot_active_users not taken with `max by (bot)`")
+    if "bot_active_users" in expr and re.search(r"\bsum\b[^(]*\(\s*max by \(bot", expr):
+        problems.append("bot_active_users summed: use `max by (bot)` only")
+    return problems
 
 
 def lint_dashboard(rep: Report, path: str, uids: set) -> None:
@@ -384,6 +418,7 @@ def lint_dashboard(rep: Report, path: str, uids: set) -> None:
                         problems.append(f"panel {title!r}: range [{window}] instead of [$__rate_interval]")
                 if "$bot" not in t.get("expr", "") and "botmetrics_" not in t.get("expr", ""):
                     problems.append(f"panel {title!r}: bot_ query ignores $bot")
+                problems += [f"panel {title!r}: {p}" for p in active_users_problems(t.get("expr", ""))]
             elif not str(tds.get("uid", "")).startswith("${"):
                 problems.append(f"panel {title!r}: datasource {tds} is not a variable")
     if problems:
@@ -441,6 +476,58 @@ def cmd_wait_alert(args: argparse.Namespace) -> int:
     print(f"FAIL  alert {args.alert} for bot {args.bot}: shipped rule {shipped}, copy {copy} "
           f"after {args.timeout:.0f}s", flush=True)
     return 1
+
+
+def cmd_counts(args: argparse.Namespace) -> int:
+    """Prometheus' bot_messages_total (by role) and
+    botmetrics_events_accepted_total for the bot equal exactly what the
+    simulator tracked and delivered (its --counts file). Waits for the
+    scrapes that carry the last events, up to --timeout."""
+    with open(args.counts) as f:
+        c = json.load(f)
+    if c["rejected"] or c["dropped"] or c["unsent"]:
+        print(f"FAIL  simulator counts: not everything was delivered: {c}", flush=True)
+        return 1
+    tracked = c["tracked"]
+    want = {f"messages {role}": float(tracked.get(f"message:{role}", 0)) for role in ("user", "assistant")}
+    want["events accepted"] = float(sum(n for k, n in tracked.items() if ":" not in k))
+    if c["sent"] - c["duplicates"] != want["events accepted"]:
+        print(f"FAIL  simulator counts: sent {c['sent']} - duplicates {c['duplicates']} "
+              f"!= tracked {want['events accepted']:.0f}", flush=True)
+        return 1
+    if min(want.values()) <= 0:
+        print(f"FAIL  simulator counts: nothing to check in {c}", flush=True)
+        return 1
+    bot = args.bot.replace("\\", "\\\\").replace('"', '\\"')
+    deadline = time.monotonic() + args.timeout
+    while True:
+        got = {}
+        for role in ("user", "assistant"):
+            _, _, samples = query(args.prom, f'sum(bot_messages_total{{bot="{bot}", role="{role}"}})')
+            got[f"messages {role}"] = samples[0][1] if samples else None
+        _, _, samples = query(args.prom, f'sum(botmetrics_events_accepted_total{{bot="{bot}"}})')
+        got["events accepted"] = samples[0][1] if samples else None
+        if got == want or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    good = got == want
+    print(f"{'PASS' if good else 'FAIL'}  counts of bot {args.bot} in Prometheus: "
+          + ", ".join(f"{k} {got[k]} (sent {want[k]:.0f})" for k in want), flush=True)
+    return 0 if good else 1
+
+
+def cmd_no_alerts(args: argparse.Namespace) -> int:
+    """No alert of the loaded rules is pending or firing."""
+    alerts = prom_get(args.prom, "/api/v1/alerts").get("data", {}).get("alerts")
+    if alerts is None:
+        print("FAIL  no alerts: Prometheus did not answer /api/v1/alerts", flush=True)
+        return 1
+    for a in alerts:
+        print(f"FAIL  alert {a['labels'].get('alertname')} is {a['state']} on ordinary traffic: "
+              f"{a['annotations'].get('summary')}", flush=True)
+    if not alerts:
+        print("PASS  no alert pending or firing on the simulator's ordinary traffic", flush=True)
+    return 1 if alerts else 0
 
 
 def cmd_short_for_rules(args: argparse.Namespace) -> int:
@@ -523,8 +610,15 @@ def main() -> int:
     r = sub.add_parser("reject")
     r.add_argument("--url", required=True)
     r.add_argument("--token", required=True)
+    co = sub.add_parser("counts")
+    co.add_argument("--prom", required=True)
+    co.add_argument("--bot", required=True)
+    co.add_argument("--counts", required=True, help="the simulator's --counts file")
+    co.add_argument("--timeout", type=float, default=15)
+    na = sub.add_parser("no-alerts")
+    na.add_argument("--prom", required=True)
     args = p.parse_args()
-    return {"check": cmd_check, "lint": cmd_lint, "wait-alert": cmd_wait_alert, "wait-http": cmd_wait_http,
+    return {"counts": cmd_counts, "no-alerts": cmd_no_alerts, "check": cmd_check, "lint": cmd_lint, "wait-alert": cmd_wait_alert, "wait-http": cmd_wait_http,
             "short-for-rules": cmd_short_for_rules, "reject": cmd_reject}[args.cmd](args)
 
 

@@ -46,6 +46,25 @@ fn prometheus_config_and_rules_pass_promtool() {
     );
 }
 
+/// Three days of the traffic simulator's ordinary traffic through the shipped
+/// rules: no alert ever pending; then the same days with five faults on the
+/// third: exactly their five alerts fire, each during its fault.
+#[test]
+fn alerts_stay_quiet_on_the_simulators_days_and_fire_on_faults() {
+    if !have("promtool", "prometheus") || !have("python3", "python3") {
+        return;
+    }
+    let out = std::env::temp_dir().join(format!(
+        "botmetrics-simulated-days-{}.yml",
+        std::process::id()
+    ));
+    let path = out.to_str().expect("UTF-8 temp path");
+    run("python3", &["scripts/simulated_days.py", "--out", path], &[]);
+    run("promtool", &["test", "rules", path], &[]);
+    // About 1 MB; left behind only when the test failed, to look at.
+    let _ = std::fs::remove_file(&out);
+}
+
 #[test]
 fn dashboards_are_valid_and_lint_clean() {
     if !have("python3", "python3") {
