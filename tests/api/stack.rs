@@ -59,7 +59,11 @@ fn alerts_stay_quiet_on_the_simulators_days_and_fire_on_faults() {
         std::process::id()
     ));
     let path = out.to_str().expect("UTF-8 temp path");
-    run("python3", &["scripts/simulated_days.py", "--out", path], &[]);
+    run(
+        "python3",
+        &["scripts/simulated_days.py", "--out", path],
+        &[],
+    );
     run("promtool", &["test", "rules", path], &[]);
     // About 1 MB; left behind only when the test failed, to look at.
     let _ = std::fs::remove_file(&out);

@@ -279,8 +279,11 @@ async fn text_answer_formats_numbers_for_people() {
         json!({"type": "response", "status": status, "duration_ms": 1234})
     });
     app.post_ndjson("tx", responses).await;
-    app.post_ok("tx", &json!({"type": "cache", "result": "hit", "cache": "llm"}))
-        .await;
+    app.post_ok(
+        "tx",
+        &json!({"type": "cache", "result": "hit", "cache": "llm"}),
+    )
+    .await;
     // Thousands grouped with U+202F NARROW NO-BREAK SPACE, which a chat
     // client never wraps; one cache: its rate, with its name.
     assert_eq!(
