@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
+import json
 import math
 import os
 import random
 import sys
+from typing import Any, Callable, cast
 
 from botmetrics import BotMetrics
 
@@ -137,6 +140,27 @@ class Simulation:
             m.message(user.id, "assistant", db_queries=rng.randint(1, 3), chat_type=chat_type)
 
 
+class Counted:
+    """Passes every event helper call through to the client, counting the
+    events by type (each helper sends one event of its own name) and
+    messages by role, for --counts."""
+
+    def __init__(self, m: BotMetrics) -> None:
+        self.m = m
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str) -> Callable[..., Any]:
+        method = getattr(self.m, name)
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.counts[name] += 1
+            if name == "message":
+                role = kwargs.get("role", args[1] if len(args) > 1 else "user")
+                self.counts["message:" + role] += 1
+            return method(*args, **kwargs)
+        return counted
+
+
 def poisson(rng: random.Random, lam: float) -> int:
     if lam <= 0:
         return 0
@@ -163,13 +187,15 @@ async def run(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     start = args.start_hour * 3600.0
     async with BotMetrics(args.url, args.token, batch_size=args.batch_size, flush_interval=0.5) as m:
+        counted = Counted(m)
         t0 = loop.time()
         last_sim = start
         next_report = 0.0
         while (elapsed := loop.time() - t0) < args.duration:
             now_sim = start + elapsed * args.speed
             for _ in range(sim.sessions_between(last_sim, now_sim)):
-                sim.session(m, now_sim)
+                # Counted passes every call through: the client, as far as session() can tell.
+                sim.session(cast(BotMetrics, counted), now_sim)
             last_sim = now_sim
             if elapsed >= next_report and not args.quiet:
                 h, rem = divmod(int(now_sim % DAY), 3600)
@@ -184,6 +210,10 @@ async def run(args: argparse.Namespace) -> int:
               f"{sim.stats['registered']} new users, {sim.stats['limit_reached']} limit hits; "
               f"events sent={m.sent} duplicates={m.duplicates} rejected={m.rejected} "
               f"dropped={m.dropped} unsent={m.pending} (of {tracked})", flush=True)
+        if args.counts:
+            with open(args.counts, "w") as f:
+                json.dump({"tracked": dict(counted.counts), "sent": m.sent, "duplicates": m.duplicates,
+                           "rejected": m.rejected, "dropped": m.dropped, "unsent": m.pending}, f)
         return 1 if (m.rejected or m.pending or m.dropped) else 0
 
 
@@ -205,6 +235,9 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=200)
     p.add_argument("--seed", type=int, default=None, help="random seed, for a repeatable day")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--counts", metavar="FILE",
+                   help="write the exact counts as JSON at the end: events tracked by type and "
+                        "messages by role (\"message:user\"), sent, duplicates, rejected, dropped, unsent")
     args = p.parse_args()
     if not args.token:
         p.error("--token or $BOTMETRICS_TOKEN is required")
