@@ -150,11 +150,15 @@ impl Summary {
         let _ = writeln!(t, "📊 {}", self.bot);
         let _ = writeln!(
             t,
-            "Today (since midnight, {}): {} messages, {} new users, {} daily-limit hits",
+            "Today (since midnight, {}): {}, {}, {}",
             self.timezone,
-            group(self.messages.today),
-            group(self.users.registered_today),
-            group(self.limit_reached.today)
+            count(self.messages.today, "message", "messages"),
+            count(self.users.registered_today, "new user", "new users"),
+            count(
+                self.limit_reached.today,
+                "daily-limit hit",
+                "daily-limit hits"
+            )
         );
         let _ = writeln!(
             t,
@@ -165,10 +169,10 @@ impl Summary {
         );
         let _ = writeln!(
             t,
-            "All time: {} messages, {} users, {} errors",
-            group(self.messages.total),
-            group(self.users.registered_total),
-            group(self.errors.total)
+            "All time: {}, {}, {}",
+            count(self.messages.total, "message", "messages"),
+            count(self.users.registered_total, "user", "users"),
+            count(self.errors.total, "error", "errors")
         );
         if self.responses.total > 0 {
             let _ = writeln!(
@@ -229,6 +233,11 @@ pub fn group(n: u64) -> String {
     out
 }
 
+/// `1, "error", "errors"` → `1 error`; `1234, …` → `1 234 errors`.
+pub fn count(n: u64, one: &str, many: &str) -> String {
+    format!("{} {}", group(n), if n == 1 { one } else { many })
+}
+
 /// `0.9871` → `98.7 %` (narrow no-break space).
 pub fn percent(ratio: f64) -> String {
     format!("{:.1}{THIN}%", ratio * 100.0)
@@ -259,6 +268,9 @@ mod tests {
         assert_eq!(group(12345), "12\u{202F}345");
         assert_eq!(group(1234567), "1\u{202F}234\u{202F}567");
         assert_eq!(percent(0.9871), "98.7\u{202F}%");
+        assert_eq!(count(1, "error", "errors"), "1 error");
+        assert_eq!(count(0, "error", "errors"), "0 errors");
+        assert_eq!(count(1234, "error", "errors"), "1\u{202F}234 errors");
         assert_eq!(duration(850.0), "850\u{A0}ms");
         assert_eq!(duration(1234.0), "1.2\u{A0}s");
         assert_eq!(duration(1950.0), "2.0\u{A0}s");

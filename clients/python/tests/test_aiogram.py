@@ -123,12 +123,12 @@ class AiogramTest(unittest.TestCase):
         self.assertEqual(reply, before)
         # ... which counted what the bot did before it:
         lines = reply.splitlines()
-        self.assertIn("Messages: 9 today, 9 total", lines)          # 5 in, 4 out
-        self.assertIn("Active users: 2 (24 h), 2 (7 d), 2 (30 d)", lines)
-        self.assertIn("New users: 2 today, 2 total", lines)
-        self.assertIn("Cache hit rate: 0.0 %", lines)
-        self.assertIn("Daily limit reached: 0 today", lines)
-        self.assertIn("Errors: 1 total", lines)
+        # 9 messages: 5 in, 4 out. Figures never break: U+202F before "%",
+        # U+00A0 before a unit.
+        self.assertIn("Today (since midnight, UTC): 9 messages, 2 new users, 0 daily-limit hits", lines)
+        self.assertIn("Active users: 2 (24\u00a0h), 2 (7\u00a0d), 2 (30\u00a0d)", lines)
+        self.assertIn("All time: 9 messages, 2 users, 1 error", lines)
+        self.assertIn("Cache hits, all time: 0.0\u202f% (llm_answer)", lines)
         self.assertEqual(summary["messages"], {"total": 9, "today": 9})
         self.assertEqual(summary["responses"]["total"], 3)
         self.assertEqual(summary["errors"], {"total": 1})

@@ -179,10 +179,9 @@ class ClientAgainstServerTest(unittest.TestCase):
         # lines for the counts sent above are exact.
         self.assertEqual(text, self.server.get(f"/v1/summary?format=text"))
         lines = text.splitlines()
-        self.assertIn("Messages: 2 today, 2 total", lines)
-        self.assertIn("New users: 1 today, 1 total", lines)
-        self.assertIn("Daily limit reached: 1 today", lines)
-        self.assertIn("Errors: 1 total", lines)
+        self.assertIn("Today (since midnight, UTC): 2 messages, 1 new user, 1 daily-limit hit", lines)
+        self.assertIn("All time: 2 messages, 1 user, 1 error", lines)
+        self.assertIn("Cache hits, all time: default 0.0\u202f%, llm_answer 100.0\u202f%", lines)
         self.assertEqual(summary["bot"], BOT)
         self.assertEqual(summary["messages"], {"total": 2, "today": 2})
         self.assertEqual(summary["responses"]["total"], 4)
