@@ -363,21 +363,9 @@ impl Journal {
             if self.durable(lsn) {
                 return Ok(());
             }
-            let mut segment = self.current.lock().await;
-            if self.durable(lsn) {
-                return Ok(());
-            }
-            let mut result = match self.write_pending(&mut segment) {
-                Ok(Some(sealed)) => {
-                    self.sync_sealed(sealed, self.policy == FsyncPolicy::Always)
-                        .await
-                }
-                Ok(None) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if result.is_ok() && self.policy == FsyncPolicy::Always {
-                result = self.sync_locked(&mut segment).await;
-            }
+            let result = self
+                .write_and_sync(self.policy == FsyncPolicy::Always)
+                .await;
             if let Err(e) = result {
                 // What was taken from the queue may be half on disk: the
                 // journal can no longer promise anything, so it says so.
@@ -386,6 +374,36 @@ impl Journal {
                 return Err(e.into());
             }
         }
+    }
+
+    /// One group write of everything queued, then (with `fsync`) an fsync
+    /// of it. The file lock is held for the write only: an fsync can take
+    /// milliseconds, and the next group should be writing meanwhile (the
+    /// fsync of a shared descriptor covers whatever reached the file before
+    /// it). The fsync runs on the blocking pool, off the runtime's workers.
+    async fn write_and_sync(&self, fsync: bool) -> io::Result<()> {
+        let (sealed, current, upto) = {
+            let mut segment = self.current.lock().await;
+            if self.written.load(Ordering::Acquire) == self.lock_pending().last && !fsync {
+                return Ok(());
+            }
+            let sealed = self.write_pending(&mut segment)?;
+            let upto = self.written.load(Ordering::Acquire);
+            let current = (fsync && self.synced.load(Ordering::Acquire) < upto)
+                .then(|| segment.file.try_clone())
+                .transpose()?;
+            (sealed, current, upto)
+        };
+        if let Some(sealed) = sealed {
+            self.sync_sealed(sealed, fsync).await?;
+        }
+        if let Some(file) = current {
+            tokio::task::spawn_blocking(move || file.sync_data())
+                .await
+                .map_err(io::Error::other)??;
+            self.synced.fetch_max(upto, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// Writes what is queued; returns the segment it closed, if it reached
@@ -446,33 +464,13 @@ impl Journal {
         Ok(old.file)
     }
 
-    /// Fsyncs what was written. The fsync itself runs on the blocking pool:
-    /// it can take milliseconds, and a runtime worker must not stall that
-    /// long. Requests keep queueing records meanwhile (they only need the
-    /// `pending` lock); the next group write waits for this one.
-    async fn sync_locked(&self, segment: &mut Segment) -> io::Result<()> {
-        let written = self.written.load(Ordering::Acquire);
-        if self.synced.load(Ordering::Acquire) < written {
-            let file = segment.file.try_clone()?;
-            tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(io::Error::other)??;
-            self.synced.fetch_max(written, Ordering::AcqRel);
-        }
-        Ok(())
-    }
-
     /// Writes whatever is queued and fsyncs: the once-a-second tick, and the
     /// last thing before exit.
     pub async fn sync(&self) -> Result<()> {
         if self.broken.load(Ordering::Relaxed) {
             return Err(JournalError::Broken);
         }
-        let mut segment = self.current.lock().await;
-        if let Some(sealed) = self.write_pending(&mut segment)? {
-            self.sync_sealed(sealed, true).await?;
-        }
-        self.sync_locked(&mut segment).await?;
+        self.write_and_sync(true).await?;
         Ok(())
     }
 
