@@ -3,8 +3,8 @@
 //! already [`UserHash`]es, event ids [`IdHash`]es).
 //!
 //! ```text
-//! body   = u8 bot_len | bot | u32 count | event*
-//! event  = u8 type | u8 flags | i64 ts | [u64 user] | [u64 id] | [u8 chat] | fields
+//! body   = u8 bot_len | bot | u32 count | i64 base_ts | event*
+//! event  = u8 type | u8 flags | varint zigzag(ts - base_ts) | [u64 user] | [u64 id] | [u8 chat] | fields
 //! ```
 //!
 //! Closed label values are written as their index in the enum's `ALL`, free
@@ -33,6 +33,11 @@ pub fn encode<'e, 'a: 'e>(
     out.push(bot.len() as u8);
     out.extend_from_slice(bot.as_bytes());
     out.extend_from_slice(&(events.len() as u32).to_le_bytes());
+    // Events of one batch nearly always share their time (arrival): each
+    // stores its difference from the first, usually one byte instead of 8.
+    let mut events = events.peekable();
+    let base = events.peek().map_or(0, |(e, _)| e.ts);
+    out.extend_from_slice(&base.to_le_bytes());
     for (e, id) in events {
         let (tag, a, b) = match &e.body {
             EventBody::Message { db_queries, .. } => (0u8, db_queries.is_some(), false),
@@ -51,7 +56,7 @@ pub fn encode<'e, 'a: 'e>(
             | (b as u8 * HAS_B);
         out.push(tag);
         out.push(flags);
-        out.extend_from_slice(&e.ts.to_le_bytes());
+        varint(out, zigzag(e.ts.wrapping_sub(base)));
         if let Some(UserHash(u)) = e.user {
             out.extend_from_slice(&u.to_le_bytes());
         }
@@ -99,6 +104,18 @@ pub fn encode<'e, 'a: 'e>(
     }
 }
 
+fn zigzag(n: i64) -> u64 {
+    ((n << 1) ^ (n >> 63)) as u64
+}
+
+fn varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
 fn name(out: &mut Vec<u8>, s: &str) {
     out.push(s.len() as u8);
     out.extend_from_slice(s.as_bytes());
@@ -132,6 +149,18 @@ impl<'a> Reader<'a> {
     fn u64(&mut self) -> Result<u64, DecodeError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
+    fn varint(&mut self) -> Result<u64, DecodeError> {
+        let at = self.at;
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = self.u8()?;
+            n |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(n);
+            }
+        }
+        Err(DecodeError(at))
+    }
     fn f64(&mut self) -> Result<f64, DecodeError> {
         Ok(f64::from_le_bytes(self.array()?))
     }
@@ -160,8 +189,9 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
     let mut r = Reader { bytes, at: 0 };
     let bot = r.str()?;
     let count = u32::from_le_bytes(r.array()?) as usize;
-    // Each event takes at least 10 bytes: a count that cannot fit is damage.
-    if count > bytes.len() / 10 {
+    let base = i64::from_le_bytes(r.array()?);
+    // Each event takes at least 3 bytes: a count that cannot fit is damage.
+    if count > bytes.len() / 3 {
         return Err(DecodeError(r.at));
     }
     let mut events = Vec::with_capacity(count);
@@ -169,7 +199,8 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
         let at = r.at;
         let tag = r.u8()?;
         let flags = r.u8()?;
-        let ts = i64::from_le_bytes(r.array()?);
+        let delta = r.varint()?;
+        let ts = base.wrapping_add(((delta >> 1) as i64) ^ -((delta & 1) as i64));
         let user = (flags & HAS_USER != 0)
             .then(|| r.u64().map(UserHash))
             .transpose()?;
@@ -265,6 +296,35 @@ mod tests {
             };
             assert_eq!(got, &want);
             assert_eq!(id, want_id);
+        }
+    }
+
+    #[test]
+    fn times_round_trip_whatever_their_spread() {
+        for spread in [
+            0i64,
+            1,
+            -1,
+            63,
+            -64,
+            300,
+            -86_400 * 400,
+            i64::from(i32::MAX),
+        ] {
+            let body = format!(
+                r#"[{{"type":"limit_reached","ts":1700000000}},{{"type":"limit_reached","ts":{}}}]"#,
+                1_700_000_000 + spread
+            );
+            let events = parse_batch(body.as_bytes(), BodyFormat::Json, 2, i64::MAX / 2).unwrap();
+            let mut out = Vec::new();
+            encode(&mut out, "b", events.iter().map(|e| (e, None)));
+            let got: Vec<i64> = decode(&out)
+                .unwrap()
+                .events
+                .iter()
+                .map(|(e, _)| e.ts)
+                .collect();
+            assert_eq!(got, vec![1_700_000_000, 1_700_000_000 + spread]);
         }
     }
 
