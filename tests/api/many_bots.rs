@@ -1,0 +1,59 @@
+//! A thousand bots in one process: resident memory of the real binary
+//! (read from /proc) before and after a little traffic for every bot, and
+//! every bot's series and summary present.
+
+use serde_json::json;
+
+use crate::helpers::{Binary, SqliteFile, sample};
+
+const BOTS: usize = 1000;
+/// The bound README promises for 1,000 bots with a little traffic each.
+const MAX_RSS: u64 = 100_000_000;
+
+#[tokio::test]
+async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
+    let db = SqliteFile::new();
+    let pairs: Vec<String> = (0..BOTS).map(|i| format!("bot{i}=token-{i}")).collect();
+    let server = Binary::serve(&db.url(), &pairs.join(","), &[]).await;
+    let idle = server.status_bytes("VmRSS");
+    assert!(idle <= MAX_RSS, "{idle} bytes resident before any event");
+
+    // Every bot: ten distinct users and one event of every type.
+    for i in 0..BOTS {
+        let mut batch: Vec<_> = (0..10)
+            .map(|u| json!({"type": "message", "role": "user", "user_id": format!("{i}-{u}")}))
+            .collect();
+        batch.extend(
+            crate::helpers::every_event_type()
+                .as_array()
+                .expect("a batch")
+                .iter()
+                .cloned(),
+        );
+        let n = batch.len();
+        assert_eq!(
+            server
+                .post_events(&format!("token-{i}"), &json!(batch))
+                .await,
+            (202, json!({"accepted": n, "duplicates": 0}))
+        );
+    }
+    let text = server.metrics_text().await;
+    for i in [0, 499, BOTS - 1] {
+        // Ten users plus the three of every_event_type (1, "u-2", 3).
+        assert_eq!(
+            sample(&text, &format!(r#"bot_active_users{{bot="bot{i}",window="1d"}}"#)),
+            Some(13.0),
+            "bot{i}"
+        );
+    }
+    let (status, summary) = server.get_json("/v1/summary").await;
+    assert_eq!(status, 200);
+    assert_eq!(summary["bots"].as_array().map(Vec::len), Some(BOTS));
+
+    let busy = server.status_bytes("VmRSS");
+    let peak = server.status_bytes("VmHWM");
+    eprintln!("1,000 bots: {idle} bytes resident idle, {busy} after traffic, peak {peak}");
+    assert!(busy <= MAX_RSS, "{busy} bytes resident after traffic");
+    assert!(peak <= MAX_RSS, "{peak} bytes resident at the peak");
+}
