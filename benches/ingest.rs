@@ -7,7 +7,8 @@
 //!   `IntCounterVec::with_label_values(..).inc()`.
 //! * `render`: the whole registry with 10,000 series, against the prometheus
 //!   crate rendering 10,000 plain counters.
-//! * `sketch`: one active-user insert (hash + two sketches).
+//! * `sketch`: one active-user insert (hash + two sketches), dense and
+//!   sparse, against two always-dense sketches of the hyperloglockless crate.
 //! * `many_bots`: the uncached `/metrics` render and the all-bots
 //!   `/v1/summary` render for 1,000 bots with a little traffic each, against
 //!   the prometheus crate rendering as many plain counters.
@@ -267,6 +268,27 @@ fn sketch(c: &mut Criterion) {
     let bot = metrics.bot("bench").expect("bot").clone();
     let mut group = c.benchmark_group("active_users");
     group.throughput(Throughput::Elements(1));
+    // What earlier versions did per user: two always-dense atomic sketches.
+    let hourly = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
+    let daily = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
+    let mut n: i128 = 0;
+    group.bench_function("baseline_dense_hll_two_sketches", |b| {
+        b.iter(|| {
+            n += 1;
+            let hash = UserId::Int(black_box(n)).hash().0;
+            hourly.insert_hash(hash);
+            daily.insert_hash(hash);
+        })
+    });
+    // A bot with a little traffic: sparse sketches, 500 users a bucket.
+    let small = botmetrics::metrics::active::ActiveUsers::new();
+    let mut m: i128 = 0;
+    group.bench_function("insert_user_sparse_sketch", |b| {
+        b.iter(|| {
+            m += 1;
+            small.insert(&UserId::Int(black_box(m % 500)), NOW)
+        })
+    });
     let mut n: i128 = 0;
     group.bench_function("insert_distinct_user", |b| {
         b.iter(|| {
