@@ -40,7 +40,7 @@
 //! The hash key and the precisions are fixed so that sketches written by one
 //! process (or replica) can be merged with another's after a restart.
 
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
 
 use crate::event::{UserHash, UserId};
@@ -100,6 +100,7 @@ impl Granularity {
 /// A sparse entry: the hash's top 25 bits, then its rank in the low 7 bits.
 /// Sorting entries sorts them by prefix, and so by dense register.
 type Entry = u32;
+const ENTRY_BYTES: usize = std::mem::size_of::<Entry>();
 
 fn rank_of(hash: u64) -> u8 {
     // The rank every earlier version stored: 1 + trailing zeros of the
@@ -243,8 +244,9 @@ impl Sketch {
         self.sparse.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Counts one hash; true when a register (or entry) changed.
-    fn insert(&self, hash: u64) -> bool {
+    /// Counts one hash; true when a register (or entry) changed. `bytes`
+    /// follows the sketch's heap size.
+    fn insert(&self, hash: u64, bytes: &AtomicUsize) -> bool {
         if let Some(dense) = self.dense.get() {
             return raise(dense, (hash >> (64 - PRECISION)) as usize, rank_of(hash));
         }
@@ -253,11 +255,36 @@ impl Sketch {
         if let Some(dense) = self.dense.get() {
             return raise(dense, (hash >> (64 - PRECISION)) as usize, rank_of(hash));
         }
+        let capacity = list.capacity();
         let changed = add_entry(&mut list, entry_of(hash));
-        if list.len() > SPARSE_MAX {
-            self.densify(&mut list);
-        }
+        self.settle(&mut list, capacity, bytes);
         changed
+    }
+
+    /// After the list changed (it had `capacity` before): turns the sketch
+    /// dense past [`SPARSE_MAX`] entries and accounts the heap it now holds.
+    fn settle(&self, list: &mut Vec<Entry>, capacity: usize, bytes: &AtomicUsize) {
+        if list.len() > SPARSE_MAX {
+            self.densify(list);
+        }
+        let before = capacity * ENTRY_BYTES;
+        let after = match self.dense.get() {
+            Some(_) => REGISTERS,
+            None => list.capacity() * ENTRY_BYTES,
+        };
+        if after >= before {
+            bytes.fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            bytes.fetch_sub(before - after, Ordering::Relaxed);
+        }
+    }
+
+    /// Heap bytes held: the registers, or the list's allocation.
+    fn heap_bytes(&self) -> usize {
+        match self.view() {
+            View::Dense(registers) => registers.len(),
+            View::Sparse(list) => list.capacity() * ENTRY_BYTES,
+        }
     }
 
     /// Turns the sketch dense. Called with the list locked, so no insert
@@ -284,11 +311,11 @@ impl Sketch {
     }
 
     /// Merges stored contents in (a register-wise maximum).
-    fn merge(&self, stored: &Decoded) {
+    fn merge(&self, stored: &Decoded, bytes: &AtomicUsize) {
         match stored {
             Decoded::Sparse(entries) => {
                 for &e in entries {
-                    self.insert_entry(e);
+                    self.insert_entry(e, bytes);
                 }
             }
             Decoded::Dense(registers) => {
@@ -297,7 +324,9 @@ impl Sketch {
                     None => {
                         let mut list = self.lock();
                         if self.dense.get().is_none() {
+                            let capacity = list.capacity();
                             self.densify(&mut list);
+                            self.settle(&mut list, capacity, bytes);
                         }
                         self.dense.get().expect("just turned dense")
                     }
@@ -309,7 +338,7 @@ impl Sketch {
         }
     }
 
-    fn insert_entry(&self, e: Entry) {
+    fn insert_entry(&self, e: Entry, bytes: &AtomicUsize) {
         if let Some(dense) = self.dense.get() {
             raise(dense, register_of(e), entry_rank(e));
             return;
@@ -320,10 +349,9 @@ impl Sketch {
                 raise(dense, register_of(e), entry_rank(e));
             }
             None => {
+                let capacity = list.capacity();
                 add_entry(&mut list, e);
-                if list.len() > SPARSE_MAX {
-                    self.densify(&mut list);
-                }
+                self.settle(&mut list, capacity, bytes);
             }
         }
     }
@@ -457,6 +485,8 @@ struct Ring {
     slots: RwLock<Slots>,
     /// The last estimates of this ring's windows and what they saw.
     cache: Mutex<Option<(CacheKey, [u64; 2])>>,
+    /// Heap bytes held by this ring's sketches.
+    bytes: AtomicUsize,
 }
 
 impl Ring {
@@ -468,6 +498,7 @@ impl Ring {
                 slots: (0..len).map(|_| Slot::empty(i64::MIN)).collect(),
             }),
             cache: Mutex::new(None),
+            bytes: AtomicUsize::new(0),
         }
     }
 
@@ -489,7 +520,7 @@ impl Ring {
             let slots = self.read();
             let slot = &slots.slots[Self::slot_index(slots.slots.len(), bucket)];
             if slot.bucket == bucket {
-                if slot.sketch.insert(hash) {
+                if slot.sketch.insert(hash, &self.bytes) {
                     slot.changed();
                 }
                 return;
@@ -503,7 +534,7 @@ impl Ring {
         let mut slots = self.write();
         let slot = self.claim(&mut slots, bucket);
         if let Some(slot) = slot
-            && slot.sketch.insert(hash)
+            && slot.sketch.insert(hash, &self.bytes)
         {
             slot.changed();
         }
@@ -515,7 +546,9 @@ impl Ring {
         let len = slots.slots.len();
         let i = Self::slot_index(len, bucket);
         if slots.slots[i].bucket < bucket {
-            slots.slots[i] = Slot::empty(bucket);
+            let old = std::mem::replace(&mut slots.slots[i], Slot::empty(bucket));
+            self.bytes
+                .fetch_sub(old.sketch.heap_bytes(), Ordering::Relaxed);
             slots.generation += 1;
         }
         let slot = &slots.slots[i];
@@ -728,26 +761,29 @@ impl ActiveUsers {
         let ring = self.ring(row.granularity);
         let mut slots = ring.write();
         if let Some(slot) = ring.claim(&mut slots, row.bucket) {
-            slot.sketch.merge(&stored);
+            slot.sketch.merge(&stored, &ring.bytes);
         }
         slots.generation += 1;
         true
     }
 
-    /// Heap bytes held by this bot's sketches (entries and registers), for
-    /// tests and the memory figures; the fixed per-slot part is not counted.
+    /// Heap bytes held by this bot's sketches (entries and registers; the
+    /// fixed ~5 KiB of empty slots aside): at most 54 × 16 KiB.
     pub fn heap_bytes(&self) -> usize {
-        let mut total = 0;
-        for ring in [&self.hourly, &self.daily] {
-            let slots = ring.read();
-            for slot in &slots.slots {
-                total += match slot.sketch.view() {
-                    View::Dense(registers) => registers.len(),
-                    View::Sparse(list) => list.capacity() * std::mem::size_of::<Entry>(),
-                };
-            }
-        }
-        total
+        self.hourly.bytes.load(Ordering::Relaxed) + self.daily.bytes.load(Ordering::Relaxed)
+    }
+
+    /// The same, counted by walking every sketch (what `heap_bytes` keeps
+    /// track of as sketches grow).
+    #[cfg(test)]
+    fn walked_bytes(&self) -> usize {
+        [&self.hourly, &self.daily]
+            .iter()
+            .map(|ring| {
+                let slots = ring.read();
+                slots.slots.iter().map(|s| s.sketch.heap_bytes()).sum::<usize>()
+            })
+            .sum()
     }
 }
 
@@ -834,6 +870,7 @@ mod tests {
             a.insert(&user(n), NOW);
         }
         assert_eq!(a.heap_bytes(), 2 * REGISTERS, "two dense sketches, no list");
+        assert_eq!(a.walked_bytes(), a.heap_bytes());
         // Spread over 24 hours, each bucket stays sparse.
         let b = ActiveUsers::new();
         for n in 0..24 * 50 {
@@ -846,6 +883,18 @@ mod tests {
             b.heap_bytes()
         );
         within_2_percent(b.estimates_at(NOW)[0].1, 24 * 50);
+        assert_eq!(b.walked_bytes(), b.heap_bytes());
+        // A new bucket taking an old one's slot gives its memory back.
+        let before = b.heap_bytes();
+        b.insert(&user(1), NOW + 40 * DAY);
+        assert_eq!(b.walked_bytes(), b.heap_bytes());
+        assert!(b.heap_bytes() < before, "{} then {}", before, b.heap_bytes());
+        // Restores are counted too, sparse and dense.
+        let c = ActiveUsers::new();
+        for row in a.take_dirty().iter().chain(&b.take_dirty()) {
+            assert!(c.restore(row));
+        }
+        assert_eq!(c.walked_bytes(), c.heap_bytes());
     }
 
     #[test]
@@ -961,7 +1010,7 @@ mod tests {
             for i in 0..n {
                 let hash = user(i).hash().0;
                 reference.insert_hash(hash);
-                ours.insert(hash);
+                ours.insert(hash, &AtomicUsize::new(0));
             }
             let View::Dense(registers) = ours.view() else {
                 panic!("dense");

@@ -67,6 +67,8 @@ pub struct SelfMetrics {
     pub store_writer: IntGauge,
     /// Set by every `/metrics` render to the `bot_*` lines it wrote.
     pub series: IntGauge,
+    /// Set by every `/metrics` render: heap bytes of every bot's sketches.
+    pub sketch_bytes: IntGauge,
 }
 
 const STORE_BUCKETS: &[f64] = &[
@@ -248,6 +250,13 @@ impl SelfMetrics {
                     "bot_* series currently exposed (histogram lines included).",
                 )?,
             )?,
+            sketch_bytes: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_active_user_sketch_bytes",
+                    "Heap bytes held by every bot's active-user sketches; at most 884736 (54 dense sketches) per bot.",
+                )?,
+            )?,
         };
         let ttl = reg(
             registry,
@@ -372,6 +381,8 @@ impl Metrics {
         let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * self.bots.len() / 16);
         let series = collector::write_bots(&self.sorted, &mut out);
         self.selfm.series.set(series as i64);
+        let sketch_bytes: usize = self.bots.iter().map(|b| b.active.heap_bytes()).sum();
+        self.selfm.sketch_bytes.set(sketch_bytes as i64);
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail; an error here would be a bug in
         // the collector (for instance an invalid name), so say so loudly.

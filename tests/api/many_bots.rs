@@ -47,6 +47,14 @@ async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
             "bot{i}"
         );
     }
+    // Two sparse sketches (hour and day) of 13 entries per bot: between the
+    // entries themselves and twice that (a growing list's spare capacity).
+    let sketch_bytes = sample(&text, "botmetrics_active_user_sketch_bytes").expect("exposed");
+    let entries = (BOTS * 2 * 13 * 4) as f64;
+    assert!(
+        (entries..=2.0 * entries).contains(&sketch_bytes),
+        "{sketch_bytes} bytes of sketches"
+    );
     let (status, summary) = server.get_json("/v1/summary").await;
     assert_eq!(status, 200);
     assert_eq!(summary["bots"].as_array().map(Vec::len), Some(BOTS));
