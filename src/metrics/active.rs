@@ -41,7 +41,7 @@
 //! process (or replica) can be merged with another's after a restart.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::event::{UserHash, UserId};
 
@@ -123,6 +123,12 @@ fn entry_rank(e: Entry) -> u8 {
 /// The dense register an entry projects onto.
 fn register_of(e: Entry) -> usize {
     (prefix(e) >> (SPARSE_PRECISION - PRECISION)) as usize
+}
+
+/// True when the list already has `e`'s prefix with at least its rank.
+fn covers(list: &[Entry], e: Entry) -> bool {
+    list.binary_search_by_key(&prefix(e), |x| prefix(*x))
+        .is_ok_and(|i| entry_rank(list[i]) >= entry_rank(e))
 }
 
 /// Adds `e` to a sorted list, keeping one entry per prefix with the larger
@@ -230,18 +236,24 @@ struct Sketch {
     /// `fetch_max` and never takes the lock.
     dense: OnceLock<Dense>,
     /// Sorted entries while sparse; emptied (and freed) on turning dense.
-    sparse: Mutex<Vec<Entry>>,
+    /// A repeat visitor only reads it, so concurrent inserts of known users
+    /// do not wait for each other.
+    sparse: RwLock<Vec<Entry>>,
 }
 
 /// A sketch's contents as read: borrowed registers or a locked list.
 enum View<'a> {
-    Sparse(MutexGuard<'a, Vec<Entry>>),
+    Sparse(RwLockReadGuard<'a, Vec<Entry>>),
     Dense(&'a [AtomicU8]),
 }
 
 impl Sketch {
-    fn lock(&self) -> MutexGuard<'_, Vec<Entry>> {
-        self.sparse.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> RwLockWriteGuard<'_, Vec<Entry>> {
+        self.sparse.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, Vec<Entry>> {
+        self.sparse.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Counts one hash; true when a register (or entry) changed. `bytes`
@@ -250,13 +262,20 @@ impl Sketch {
         if let Some(dense) = self.dense.get() {
             return raise(dense, (hash >> (64 - PRECISION)) as usize, rank_of(hash));
         }
+        let e = entry_of(hash);
+        {
+            let list = self.read();
+            if self.dense.get().is_none() && covers(&list, e) {
+                return false;
+            }
+        }
         let mut list = self.lock();
         // Another thread may have turned it dense while this one waited.
         if let Some(dense) = self.dense.get() {
             return raise(dense, (hash >> (64 - PRECISION)) as usize, rank_of(hash));
         }
         let capacity = list.capacity();
-        let changed = add_entry(&mut list, entry_of(hash));
+        let changed = add_entry(&mut list, e);
         self.settle(&mut list, capacity, bytes);
         changed
     }
@@ -303,7 +322,7 @@ impl Sketch {
         if let Some(dense) = self.dense.get() {
             return View::Dense(dense);
         }
-        let list = self.lock();
+        let list = self.read();
         match self.dense.get() {
             Some(dense) => View::Dense(dense),
             None => View::Sparse(list),
