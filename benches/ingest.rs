@@ -449,7 +449,9 @@ fn many_bots(c: &mut Criterion) {
                 .iter()
                 .map(|bot| botmetrics::summary::Summary::build(bot, now, 60))
                 .collect();
-            black_box(serde_json::to_vec(&serde_json::json!({ "bots": summaries })))
+            black_box(serde_json::to_vec(
+                &serde_json::json!({ "bots": summaries }),
+            ))
         })
     });
     group.bench_function("botmetrics_active_estimates_all_bots", |b| {

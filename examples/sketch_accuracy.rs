@@ -25,7 +25,9 @@ fn error_percent(estimate: u64, n: u64) -> f64 {
 }
 
 fn main() {
-    println!("| distinct users | samples | exact | worst error | mean abs error | sketch bytes (hour + day) |");
+    println!(
+        "| distinct users | samples | exact | worst error | mean abs error | sketch bytes (hour + day) |"
+    );
     println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
     let sizes = [
         1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 1_024, 1_025, 1_500, 2_000, 5_000, 10_000,

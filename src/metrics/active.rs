@@ -378,7 +378,10 @@ impl Sketch {
     /// The stored form (see [`SketchRow`]).
     fn encode(&self) -> Vec<u8> {
         match self.view() {
-            View::Dense(registers) => registers.iter().map(|r| r.load(Ordering::Relaxed)).collect(),
+            View::Dense(registers) => registers
+                .iter()
+                .map(|r| r.load(Ordering::Relaxed))
+                .collect(),
             View::Sparse(list) => {
                 let mut out = Vec::with_capacity(1 + 4 * list.len());
                 out.push(SPARSE_TAG);
@@ -580,7 +583,8 @@ impl Ring {
     fn estimates(&self, now: i64, spans: [i64; 2]) -> [u64; 2] {
         let now_bucket = now.div_euclid(self.granularity.seconds());
         let slots = self.read();
-        let in_window = |s: &&Slot, span: i64| s.bucket > now_bucket - span && s.bucket <= now_bucket;
+        let in_window =
+            |s: &&Slot, span: i64| s.bucket > now_bucket - span && s.bucket <= now_bucket;
         let key = CacheKey {
             now_bucket,
             generation: slots.generation,
@@ -800,7 +804,11 @@ impl ActiveUsers {
             .iter()
             .map(|ring| {
                 let slots = ring.read();
-                slots.slots.iter().map(|s| s.sketch.heap_bytes()).sum::<usize>()
+                slots
+                    .slots
+                    .iter()
+                    .map(|s| s.sketch.heap_bytes())
+                    .sum::<usize>()
             })
             .sum()
     }
@@ -818,7 +826,11 @@ mod tests {
 
     fn within_2_percent(estimate: u64, n: u64) {
         let error = (estimate as f64 - n as f64).abs() / n as f64;
-        assert!(error <= 0.02, "{estimate} for {n} users: {:.2} % off", error * 100.0);
+        assert!(
+            error <= 0.02,
+            "{estimate} for {n} users: {:.2} % off",
+            error * 100.0
+        );
     }
 
     #[test]
@@ -907,7 +919,12 @@ mod tests {
         let before = b.heap_bytes();
         b.insert(&user(1), NOW + 40 * DAY);
         assert_eq!(b.walked_bytes(), b.heap_bytes());
-        assert!(b.heap_bytes() < before, "{} then {}", before, b.heap_bytes());
+        assert!(
+            b.heap_bytes() < before,
+            "{} then {}",
+            before,
+            b.heap_bytes()
+        );
         // Restores are counted too, sparse and dense.
         let c = ActiveUsers::new();
         for row in a.take_dirty().iter().chain(&b.take_dirty()) {
@@ -920,7 +937,9 @@ mod tests {
     fn accurate_at_every_size() {
         let a = ActiveUsers::new();
         let mut inserted = 0;
-        for n in [1u64, 2, 5, 10, 50, 100, 500, 1000, 1024, 1025, 2000, 10_000, 100_000] {
+        for n in [
+            1u64, 2, 5, 10, 50, 100, 500, 1000, 1024, 1025, 2000, 10_000, 100_000,
+        ] {
             while inserted < n {
                 // Ids far apart, as real user ids are.
                 a.insert(&user(inserted * 7_919 + 1_000_003), NOW);
@@ -952,8 +971,15 @@ mod tests {
         let rows = whole.take_dirty();
         let dense = rows[0].dense_registers().expect("well formed");
         let mut max = vec![0u8; REGISTERS];
-        for row in split.take_dirty().iter().filter(|r| r.granularity == Granularity::Hour) {
-            for (m, r) in max.iter_mut().zip(row.dense_registers().expect("well formed")) {
+        for row in split
+            .take_dirty()
+            .iter()
+            .filter(|r| r.granularity == Granularity::Hour)
+        {
+            for (m, r) in max
+                .iter_mut()
+                .zip(row.dense_registers().expect("well formed"))
+            {
                 *m = (*m).max(r);
             }
         }
@@ -1001,7 +1027,11 @@ mod tests {
         assert!(a.restore(&row(registers.clone())));
         assert_eq!(a.estimates_at(NOW)[2].1, 1);
         a.insert(&user(7), NOW);
-        assert!(a.take_dirty().iter().all(|r| r.granularity == Granularity::Hour));
+        assert!(
+            a.take_dirty()
+                .iter()
+                .all(|r| r.granularity == Granularity::Hour)
+        );
 
         for bad in [
             vec![],
@@ -1036,7 +1066,10 @@ mod tests {
             };
             let mine = dense_estimate(registers.iter().map(|r| r.load(Ordering::Relaxed)));
             let theirs = reference.raw_count();
-            assert!((mine - theirs).abs() <= 1e-9 * theirs.max(1.0), "{mine} vs {theirs}");
+            assert!(
+                (mine - theirs).abs() <= 1e-9 * theirs.max(1.0),
+                "{mine} vs {theirs}"
+            );
         }
     }
 

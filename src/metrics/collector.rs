@@ -67,7 +67,10 @@ impl Writer {
 }
 
 fn escape(out: &mut Vec<u8>, s: &str, quote: bool) {
-    if !s.bytes().any(|b| b == b'\\' || b == b'\n' || (quote && b == b'"')) {
+    if !s
+        .bytes()
+        .any(|b| b == b'\\' || b == b'\n' || (quote && b == b'"'))
+    {
         out.extend_from_slice(s.as_bytes());
         return;
     }
@@ -244,7 +247,12 @@ mod tests {
             }
         }
 
-        fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], s: &HistogramSnapshot) {
+        fn histogram(
+            &mut self,
+            family: &'static FamilyDesc,
+            labels: &[&str],
+            s: &HistogramSnapshot,
+        ) {
             let mut h = proto::Histogram::default();
             h.set_sample_count(s.count());
             h.set_sample_sum(s.sum);
@@ -341,8 +349,12 @@ mod tests {
         };
         registry.register(Box::new(reference)).unwrap();
         let mut theirs = Vec::new();
-        prometheus::Encoder::encode(&prometheus::TextEncoder::new(), &registry.gather(), &mut theirs)
-            .unwrap();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &registry.gather(),
+            &mut theirs,
+        )
+        .unwrap();
         let ours = String::from_utf8(ours).unwrap();
         assert_eq!(ours, String::from_utf8(theirs.clone()).unwrap());
         // Every kind of line is in it (the last bot had every event): the cap

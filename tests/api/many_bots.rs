@@ -42,7 +42,10 @@ async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
     for i in [0, 499, BOTS - 1] {
         // Ten users plus the three of every_event_type (1, "u-2", 3).
         assert_eq!(
-            sample(&text, &format!(r#"bot_active_users{{bot="bot{i}",window="1d"}}"#)),
+            sample(
+                &text,
+                &format!(r#"bot_active_users{{bot="bot{i}",window="1d"}}"#)
+            ),
             Some(13.0),
             "bot{i}"
         );
