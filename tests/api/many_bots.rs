@@ -1,10 +1,12 @@
 //! A thousand bots in one process: resident memory of the real binary
-//! (read from /proc) before and after a little traffic for every bot, and
-//! every bot's series and summary present.
+//! (read from /proc) before and after a little traffic for every bot and
+//! the flush that stores it, and every bot's series and summary present.
+
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{Binary, SqliteFile, sample};
+use crate::helpers::{Binary, Raw, SqliteFile, eventually, sample};
 
 const BOTS: usize = 1000;
 /// The bound README promises for 1,000 bots with a little traffic each.
@@ -14,7 +16,7 @@ const MAX_RSS: u64 = 100_000_000;
 async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
     let db = SqliteFile::new();
     let pairs: Vec<String> = (0..BOTS).map(|i| format!("bot{i}=token-{i}")).collect();
-    let server = Binary::serve(&db.url(), &pairs.join(","), &[]).await;
+    let server = Binary::serve(&db.url(), &pairs.join(","), &["--flush-interval", "1s"]).await;
     let idle = server.status_bytes("VmRSS");
     assert!(idle <= MAX_RSS, "{idle} bytes resident before any event");
 
@@ -62,9 +64,23 @@ async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
     assert_eq!(status, 200);
     assert_eq!(summary["bots"].as_array().map(Vec::len), Some(BOTS));
 
+    // The flush that stores it: every bot's hourly and daily sketch is in
+    // the database (the server flushes every second here).
+    let raw = Raw::connect(&db.url()).await;
+    eventually(Duration::from_secs(60), || async {
+        raw.count("active_user_sketches").await == 2 * BOTS as i64
+    })
+    .await;
+    raw.close().await;
+
     let busy = server.status_bytes("VmRSS");
     let peak = server.status_bytes("VmHWM");
-    eprintln!("1,000 bots: {idle} bytes resident idle, {busy} after traffic, peak {peak}");
-    assert!(busy <= MAX_RSS, "{busy} bytes resident after traffic");
+    eprintln!(
+        "1,000 bots: {idle} bytes resident idle, {busy} after traffic and flush, peak {peak}"
+    );
+    assert!(
+        busy <= MAX_RSS,
+        "{busy} bytes resident after traffic and flush"
+    );
     assert!(peak <= MAX_RSS, "{peak} bytes resident at the peak");
 }
