@@ -419,7 +419,7 @@ impl Union {
                 }
             }
             (acc, View::Dense(registers)) => {
-                let dense = acc.to_dense();
+                let dense = acc.make_dense();
                 for (r, x) in dense.iter_mut().zip(registers) {
                     *r = (*r).max(x.load(Ordering::Relaxed));
                 }
@@ -427,7 +427,7 @@ impl Union {
         }
     }
 
-    fn to_dense(&mut self) -> &mut [u8] {
+    fn make_dense(&mut self) -> &mut [u8] {
         if let Union::Sparse(list) = self {
             let mut dense = vec![0u8; REGISTERS].into_boxed_slice();
             for &e in list.iter() {
@@ -651,7 +651,7 @@ impl SketchRow {
         match bytes.first() {
             Some(&SPARSE_TAG) => {
                 let body = &bytes[1..];
-                if body.len() % 4 != 0 {
+                if !body.len().is_multiple_of(4) {
                     return None;
                 }
                 let entries: Vec<Entry> = body
