@@ -7,7 +7,8 @@
 #
 #   scripts/many_bots.sh [bots, default 1000] [users per bot, default 10]
 #
-# Prints a markdown table. Needs python3 (for the HTTP client).
+# Prints a markdown table. Needs python3 (for the HTTP client). NO_BUILD=1
+# uses the release binary as it is, without `cargo build --release` first.
 set -euo pipefail
 
 BOTS=${1:-1000}
@@ -22,7 +23,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+[ -n "${NO_BUILD:-}" ] || cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/botmetrics"
 
 TOKENS=$(python3 -c "print(','.join(f'bot{i}=token-{i}' for i in range($BOTS)))")
@@ -39,7 +40,7 @@ for _ in $(seq 300); do
 done
 
 python3 - "$PORT" "$PID" "$BOTS" "$USERS" <<'EOF'
-import http.client, json, re, sys, time
+import http.client, json, os, re, sys, time
 
 port, pid, bots, users = (int(a) for a in sys.argv[1:])
 
@@ -81,25 +82,33 @@ for i in range(bots):
 sent = time.time() - start
 busy = status("VmRSS")
 
-def render_ms(endpoint, path, n=10):
+def cpu_seconds():
+    # utime + stime of the whole server process, in clock ticks.
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+def render_ms(endpoint, path, n=20):
     """Server-side render time per request (the render-duration histogram's
     sum over count), uncached: --metrics-cache-ttl 0s renders every time."""
     text = request("GET", "/metrics").decode()
     before = (self_metric(text, "botmetrics_render_duration_seconds_sum", endpoint),
               self_metric(text, "botmetrics_render_duration_seconds_count", endpoint))
     walls = []
+    cpu = cpu_seconds()
     for _ in range(n):
         t = time.time()
         request("GET", path, headers={"Accept-Encoding": "gzip"})
         walls.append(time.time() - t)
+    cpu = (cpu_seconds() - cpu) / n * 1000
     text = request("GET", "/metrics").decode()
     after = (self_metric(text, "botmetrics_render_duration_seconds_sum", endpoint),
              self_metric(text, "botmetrics_render_duration_seconds_count", endpoint))
     server = (after[0] - before[0]) / (after[1] - before[1]) * 1000
-    return server, sorted(walls)[len(walls) // 2] * 1000
+    return server, sorted(walls)[len(walls) // 2] * 1000, cpu
 
-metrics_server, metrics_wall = render_ms("metrics", "/metrics")
-summary_server, summary_wall = render_ms("summary", "/v1/summary")
+metrics_server, metrics_wall, metrics_cpu = render_ms("metrics", "/metrics")
+summary_server, summary_wall, summary_cpu = render_ms("summary", "/v1/summary")
 page = request("GET", "/metrics").decode()
 lines = sum(1 for l in page.splitlines() if l.startswith("bot_"))
 
@@ -123,9 +132,11 @@ print(f"| RSS after every bot's batch ({bots} requests in {sent:.1f} s) | {mb(bu
 print(f"| RSS after the flush | {mb(after_flush)} |")
 print(f"| peak RSS (VmHWM) | {mb(peak)} |")
 print(f"| /metrics: {lines} bot_ lines, render (server side, uncached) | {metrics_server:.1f} ms |")
-print(f"| /metrics with gzip, request wall time (median of 10) | {metrics_wall:.1f} ms |")
+print(f"| /metrics with gzip, request wall time (median of 20) | {metrics_wall:.1f} ms |")
+print(f"| /metrics with gzip, server CPU time per request | {metrics_cpu:.1f} ms |")
 print(f"| /v1/summary, all bots, render (server side, uncached) | {summary_server:.1f} ms |")
-print(f"| /v1/summary, request wall time (median of 10) | {summary_wall:.1f} ms |")
+print(f"| /v1/summary, request wall time (median of 20) | {summary_wall:.1f} ms |")
+print(f"| /v1/summary, server CPU time per request | {summary_cpu:.1f} ms |")
 if flush is not None:
     print(f"| first flush: every bot's series and sketches, SQLite | {flush:.1f} ms |")
 EOF
