@@ -385,7 +385,7 @@ impl Metrics {
         self.selfm.sketch_bytes.set(sketch_bytes as i64);
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail; an error here would be a bug in
-        // the collector (for instance an invalid name), so say so loudly.
+        // a self-metric (for instance an invalid name), so say so loudly.
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "encoding /metrics failed");
         }
