@@ -337,6 +337,29 @@ mod tests {
     }
 
     #[test]
+    fn values_print_as_f64_display() {
+        for v in [
+            0.0,
+            -0.0,
+            1.0,
+            0.1,
+            -3.0,
+            2.5e-7,
+            999_999_999_999_999.0,
+            1e15,
+            1e16,
+            123_456_789_012_345_680.0,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+        ] {
+            let mut out = Vec::new();
+            write_value(&mut out, v);
+            assert_eq!(String::from_utf8(out).unwrap(), v.to_string(), "{v:?}");
+        }
+    }
+
+    #[test]
     fn same_bytes_as_the_prometheus_crate() {
         // Names that sort differently from their configured order, and
         // free-form labels that arrive out of order.
@@ -356,7 +379,7 @@ mod tests {
             {"type":"error","kind":"z_err"},{"type":"error","kind":"a_err"},
             {"type":"error","kind":"b_err"},{"type":"error","kind":"c_err"},
             {"type":"custom","name":"n1","value":0.1},
-            {"type":"custom","name":"n2","value":12345678901234567},
+            {"type":"custom","name":"n2","value":1000000000000},
             {"type":"user_registered","user_id":3},
             {"type":"limit_reached"}
         ]"#;
