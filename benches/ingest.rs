@@ -7,7 +7,11 @@
 //!   `IntCounterVec::with_label_values(..).inc()`.
 //! * `render`: the whole registry with 10,000 series, against the prometheus
 //!   crate rendering 10,000 plain counters.
-//! * `sketch`: one active-user insert (hash + two sketches).
+//! * `sketch`: one active-user insert (hash + two sketches), dense and
+//!   sparse, against two always-dense sketches of the hyperloglockless crate.
+//! * `many_bots`: the uncached `/metrics` render and the all-bots
+//!   `/v1/summary` render for 1,000 bots with a little traffic each, against
+//!   the prometheus crate rendering as many plain counters.
 //! * `store`: flush of 10,000 changed series, history write of 10,000
 //!   points and start-up restore of 10,000 series, on the local PostgreSQL
 //!   (`DATABASE_URL`, default postgres://postgres@127.0.0.1:5432/test);
@@ -36,7 +40,7 @@ fn metrics(max_label_values: usize) -> Arc<Metrics> {
 /// A bot's traffic as the design describes it: mostly messages and LLM
 /// responses, some cache lookups, a few errors, registrations and limits.
 /// Every event carries a user; a third carry an idempotency key.
-fn realistic_batch(n: usize) -> Vec<u8> {
+fn realistic_batch(n: usize, now: i64) -> Vec<u8> {
     let mut out = String::from("[");
     for i in 0..n {
         if i > 0 {
@@ -78,7 +82,7 @@ fn realistic_batch(n: usize) -> Vec<u8> {
         };
         out.push_str(&format!(
             r#"{{{body},"user_id":{user}{id},"ts":{}}}"#,
-            NOW - (i as i64 % 600)
+            now - (i as i64 % 600)
         ));
     }
     out.push(']');
@@ -87,7 +91,7 @@ fn realistic_batch(n: usize) -> Vec<u8> {
 
 fn ingest(c: &mut Criterion) {
     const N: usize = 1000;
-    let body = realistic_batch(N);
+    let body = realistic_batch(N, NOW);
     let mut group = c.benchmark_group("ingest");
     group.throughput(Throughput::Elements(N as u64));
     group.bench_function("baseline_serde_json_value", |b| {
@@ -264,6 +268,27 @@ fn sketch(c: &mut Criterion) {
     let bot = metrics.bot("bench").expect("bot").clone();
     let mut group = c.benchmark_group("active_users");
     group.throughput(Throughput::Elements(1));
+    // What earlier versions did per user: two always-dense atomic sketches.
+    let hourly = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
+    let daily = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
+    let mut n: i128 = 0;
+    group.bench_function("baseline_dense_hll_two_sketches", |b| {
+        b.iter(|| {
+            n += 1;
+            let hash = UserId::Int(black_box(n)).hash().0;
+            hourly.insert_hash(hash);
+            daily.insert_hash(hash);
+        })
+    });
+    // A bot with a little traffic: sparse sketches, 500 users a bucket.
+    let small = botmetrics::metrics::active::ActiveUsers::new();
+    let mut m: i128 = 0;
+    group.bench_function("insert_user_sparse_sketch", |b| {
+        b.iter(|| {
+            m += 1;
+            small.insert(&UserId::Int(black_box(m % 500)), NOW)
+        })
+    });
     let mut n: i128 = 0;
     group.bench_function("insert_distinct_user", |b| {
         b.iter(|| {
@@ -348,5 +373,96 @@ fn store(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, ingest, apply, render, sketch, store);
+/// 1,000 bots, each with a little traffic: 20 distinct users this hour and
+/// a few of every event type, as `--tokens` with 1,000 pairs would serve.
+fn many_bots_metrics() -> Arc<Metrics> {
+    const BOTS: usize = 1000;
+    let bots: Vec<Arc<str>> = (0..BOTS).map(|i| Arc::from(format!("bot{i}"))).collect();
+    let metrics = Arc::new(Metrics::new(&bots, 1000, chrono_tz::UTC, 30.0).expect("registry"));
+    // Real time: `/metrics` estimates the windows that end now.
+    let now = chrono::Utc::now().timestamp();
+    let body = realistic_batch(20, now);
+    for (i, bot) in metrics.bots().iter().enumerate() {
+        let events = parse_batch(&body, BodyFormat::Json, 100, now).expect("valid");
+        for event in events.iter() {
+            bot.apply(event);
+        }
+        // Yesterday's users too, so two hourly and two daily buckets hold some.
+        for u in 0..20 {
+            bot.active
+                .insert(&UserId::Int((i * 1000 + u) as i128), now - 86_400 + 3600);
+        }
+    }
+    metrics
+}
+
+fn many_bots(c: &mut Criterion) {
+    let metrics = many_bots_metrics();
+    let lines = String::from_utf8_lossy(&metrics.render())
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .count();
+    eprintln!("many_bots: {lines} sample lines on /metrics");
+    let peer_registry = prometheus::Registry::new();
+    let peer = prometheus::IntCounterVec::new(
+        prometheus::Opts::new("peer_total", "peer"),
+        &["bot", "kind"],
+    )
+    .expect("counter");
+    peer_registry
+        .register(Box::new(peer.clone()))
+        .expect("register");
+    for k in 0..lines {
+        peer.with_label_values(&[&format!("bot{}", k % 1000), &format!("kind_{k}")])
+            .inc();
+    }
+    let mut group = c.benchmark_group("many_bots_1000");
+    group.sample_size(20);
+    group.bench_function("baseline_prometheus_crate_same_line_count", |b| {
+        b.iter(|| {
+            let mut out = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &peer_registry.gather(),
+                &mut out,
+            )
+            .expect("encode");
+            black_box(out)
+        })
+    });
+    group.bench_function("botmetrics_metrics_render", |b| {
+        b.iter(|| black_box(metrics.render()))
+    });
+    group.bench_function("botmetrics_metrics_render_and_gzip", |b| {
+        b.iter(|| {
+            black_box(botmetrics::render_cache::Rendered::with_gzip(
+                "text/plain",
+                metrics.render(),
+            ))
+        })
+    });
+    group.bench_function("botmetrics_summary_all_bots_json", |b| {
+        b.iter(|| {
+            let now = chrono::Utc::now();
+            let summaries: Vec<botmetrics::summary::Summary> = metrics
+                .bots()
+                .iter()
+                .map(|bot| botmetrics::summary::Summary::build(bot, now, 60))
+                .collect();
+            black_box(serde_json::to_vec(
+                &serde_json::json!({ "bots": summaries }),
+            ))
+        })
+    });
+    group.bench_function("botmetrics_active_estimates_all_bots", |b| {
+        b.iter(|| {
+            for bot in metrics.bots() {
+                black_box(bot.active.estimates());
+            }
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, ingest, apply, render, sketch, many_bots, store);
 criterion_main!(benches);

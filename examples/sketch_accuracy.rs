@@ -1,5 +1,7 @@
-//! Active-user sketches: estimate error by cardinality, and memory growth
-//! with 1M and 10M distinct users (resident set size, from /proc).
+//! Active-user sketches: estimate error by cardinality (worst case over
+//! several independent samples per size, across the sparse/dense switch),
+//! sketch memory by cardinality, and memory growth with 1M and 10M
+//! distinct users (resident set size, from /proc).
 //!
 //! Run: `cargo run --release --example sketch_accuracy`
 
@@ -9,6 +11,8 @@ use botmetrics::event::UserId;
 use botmetrics::metrics::active::ActiveUsers;
 
 const NOW: i64 = 1_800_000_000;
+/// Independent samples per size (fewer for the largest sizes).
+const SAMPLES: u64 = 20;
 
 fn rss_kib() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -16,18 +20,42 @@ fn rss_kib() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
+fn error_percent(estimate: u64, n: u64) -> f64 {
+    (estimate as f64 - n as f64) / n as f64 * 100.0
+}
+
 fn main() {
-    println!("| distinct users | 1d estimate | error |");
-    println!("| ---: | ---: | ---: |");
-    for n in [1u64, 10, 100, 1_000, 10_000, 100_000, 1_000_000] {
-        // A different id range per row, so rows are independent samples.
-        let active = ActiveUsers::new();
-        for i in 0..n {
-            active.insert(&UserId::Int(i128::from(n * 1_000_000_000 + i)), NOW);
+    println!(
+        "| distinct users | samples | exact | worst error | mean abs error | sketch bytes (hour + day) |"
+    );
+    println!("| ---: | ---: | ---: | ---: | ---: | ---: |");
+    let sizes = [
+        1u64, 2, 5, 10, 20, 50, 100, 200, 500, 1_000, 1_024, 1_025, 1_500, 2_000, 5_000, 10_000,
+        100_000, 1_000_000,
+    ];
+    for n in sizes {
+        let samples = if n >= 100_000 { 3 } else { SAMPLES };
+        let (mut exact, mut worst, mut total_abs, mut bytes) = (0, 0.0f64, 0.0, 0);
+        for sample in 0..samples {
+            // A different id range per size and sample: independent draws.
+            let active = ActiveUsers::new();
+            let base = (n * 100 + sample) * 10_000_000;
+            for i in 0..n {
+                active.insert(&UserId::Int(i128::from(base + i)), NOW);
+            }
+            let [(_, estimate), _, _] = active.estimates_at(NOW);
+            let error = error_percent(estimate, n);
+            exact += u32::from(estimate == n);
+            if error.abs() > worst.abs() {
+                worst = error;
+            }
+            total_abs += error.abs();
+            bytes = active.heap_bytes();
         }
-        let [(_, estimate), _, _] = active.estimates_at(NOW);
-        let error = (estimate as f64 - n as f64) / n as f64 * 100.0;
-        println!("| {n} | {estimate} | {error:+.2} % |");
+        println!(
+            "| {n} | {samples} | {exact} | {worst:+.2} % | {:.2} % | {bytes} |",
+            total_abs / samples as f64
+        );
     }
     println!();
     println!("| distinct users | RSS growth | insert time per user |");
@@ -49,7 +77,7 @@ fn main() {
         let [(_, estimate), _, _] = active.estimates_at(NOW);
         println!(
             "| {target} (estimate {estimate}, {:+.2} %) | {:.1} MiB | {per:.0} ns |",
-            (estimate as f64 - target as f64) / target as f64 * 100.0,
+            error_percent(estimate, target),
             growth as f64 / 1024.0
         );
     }

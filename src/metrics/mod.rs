@@ -65,6 +65,10 @@ pub struct SelfMetrics {
     pub journal_backlog: IntGauge,
     pub journal_max: IntGauge,
     pub store_writer: IntGauge,
+    /// Set by every `/metrics` render to the `bot_*` lines it wrote.
+    pub series: IntGauge,
+    /// Set by every `/metrics` render: heap bytes of every bot's sketches.
+    pub sketch_bytes: IntGauge,
 }
 
 const STORE_BUCKETS: &[f64] = &[
@@ -239,6 +243,20 @@ impl SelfMetrics {
                     &["bot", "label"],
                 )?,
             )?,
+            series: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_series",
+                    "bot_* series currently exposed (histogram lines included).",
+                )?,
+            )?,
+            sketch_bytes: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_active_user_sketch_bytes",
+                    "Heap bytes held by every bot's active-user sketches; at most 884736 (54 dense sketches) per bot.",
+                )?,
+            )?,
         };
         let ttl = reg(
             registry,
@@ -286,6 +304,8 @@ pub struct Metrics {
     pub registry: Registry,
     pub selfm: SelfMetrics,
     bots: Vec<Arc<BotMetrics>>,
+    /// The same bots ordered by name: the exposition's order.
+    sorted: Vec<Arc<BotMetrics>>,
     by_name: HashMap<Arc<str>, Arc<BotMetrics>>,
     calendar: Arc<Calendar>,
 }
@@ -322,19 +342,16 @@ impl Metrics {
             })
             .collect();
         let by_name = bots.iter().map(|b| (b.bot.clone(), b.clone())).collect();
-        let metrics = Metrics {
+        let mut sorted = bots.clone();
+        sorted.sort_by(|a, b| a.bot.cmp(&b.bot));
+        Ok(Metrics {
             registry,
             selfm,
             bots,
+            sorted,
             by_name,
             calendar,
-        };
-        metrics
-            .registry
-            .register(Box::new(collector::BotCollector::new(
-                metrics.bots.clone(),
-            )?))?;
-        Ok(metrics)
+        })
     }
 
     pub fn bot(&self, name: &str) -> Option<&Arc<BotMetrics>> {
@@ -356,12 +373,19 @@ impl Metrics {
         }
     }
 
-    /// Renders the registry in the Prometheus text format 0.0.4.
+    /// Renders every bot's series and the self-metrics in the Prometheus
+    /// text format 0.0.4. The `bot_*` families are written directly (see
+    /// `collector`); they sort before every `botmetrics_*` family, so the
+    /// page is ordered by family name as `Registry::gather` orders it.
     pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * self.bots.len() / 16);
+        let series = collector::write_bots(&self.sorted, &mut out);
+        self.selfm.series.set(series as i64);
+        let sketch_bytes: usize = self.bots.iter().map(|b| b.active.heap_bytes()).sum();
+        self.selfm.sketch_bytes.set(sketch_bytes as i64);
         let families = self.registry.gather();
-        let mut out = Vec::with_capacity(64 * 1024);
         // Encoding into a Vec cannot fail; an error here would be a bug in
-        // the collector (for instance an invalid name), so say so loudly.
+        // a self-metric (for instance an invalid name), so say so loudly.
         if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
             tracing::error!(error = %e, "encoding /metrics failed");
         }

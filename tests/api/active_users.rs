@@ -1,11 +1,13 @@
 //! Active users (issue 4): HyperLogLog estimates within 2 % up to a million
 //! users and exact for a handful, repeat visitors that change nothing,
-//! rolling windows, estimates that survive a restart on both backends, fixed
-//! memory, and no user id anywhere in the database.
+//! rolling windows, estimates that survive a restart on both backends,
+//! bounded memory (sparse sketches for few users, dense past 1,024), and no
+//! user id anywhere in the database.
 
 use std::time::Instant;
 
 use botmetrics::event::UserId;
+use botmetrics::metrics::active::REGISTERS;
 use botmetrics::persist::FlushOutcome;
 use chrono::Utc;
 use serde_json::{Value, json};
@@ -102,7 +104,7 @@ async fn a_thousand_users_within_2_percent() {
 }
 
 #[tokio::test]
-async fn a_million_users_within_2_percent_in_fixed_memory() {
+async fn a_million_users_within_2_percent_in_bounded_memory() {
     let db = SqliteFile::new();
     let cfg = config("big=tb,small=ts", &db.url());
     let app = spawn_app(cfg.clone()).await;
@@ -124,11 +126,20 @@ async fn a_million_users_within_2_percent_in_fixed_memory() {
     }
     assert_eq!(big.active.estimates_at(now), before, "repeat visitors");
 
-    // A thousand users of another bot: the same sketches, the same bytes.
+    // Memory is bounded: a million users fill two dense sketches (hour and
+    // day), no more.
+    assert_eq!(big.active.heap_bytes(), 2 * REGISTERS);
+
+    // A thousand users of another bot: sparse sketches, exact, 4 bytes a user.
     let small = metrics.bot("small").expect("bot small");
     for n in 0..1000i128 {
         small.active.insert(&UserId::Int(n), now);
     }
+    assert_eq!(
+        small.active.estimates_at(now),
+        [("1d", 1000), ("7d", 1000), ("30d", 1000)]
+    );
+    assert!(small.active.heap_bytes() <= 2 * 4 * 1024);
     assert_eq!(
         app.state.persistence.flush_once().await.expect("flush"),
         FlushOutcome::Wrote {
@@ -144,7 +155,10 @@ async fn a_million_users_within_2_percent_in_fixed_memory() {
         ["big:day", "big:hour", "small:day", "small:hour"],
         "one sketch per bucket, whatever the number of users"
     );
-    assert_eq!(raw.sketch_sizes().await, vec![16384; 4]);
+    let mut sizes = raw.sketch_sizes().await;
+    sizes.sort_unstable();
+    // Sparse rows: a tag byte and 4 bytes per user; dense rows: 2^14 registers.
+    assert_eq!(sizes, vec![4001, 4001, 16384, 16384]);
     raw.close().await;
     let exposed = windows(&app, "big").await;
     app.stop().await;

@@ -11,6 +11,7 @@ mod durability;
 mod events;
 mod exposition;
 mod history;
+mod many_bots;
 mod persistence;
 mod process;
 mod readme;
