@@ -267,6 +267,43 @@ async fn registrations_consent_limits_errors_and_custom_events_are_counted() {
     app.stop().await;
 }
 
+/// "Any event with a `user_id` counts as active", for each type alone: one
+/// bot per type, one event each, and only that bot's user is counted.
+#[tokio::test]
+async fn any_event_type_with_a_user_id_alone_makes_its_user_active() {
+    let events = [
+        json!({"type": "message", "role": "user"}),
+        json!({"type": "message", "role": "assistant"}),
+        json!({"type": "response", "status": "success", "duration_ms": 10}),
+        json!({"type": "cache", "result": "hit"}),
+        json!({"type": "user_registered"}),
+        json!({"type": "consent", "granted": false}),
+        json!({"type": "limit_reached"}),
+        json!({"type": "error", "kind": "e"}),
+        json!({"type": "custom", "name": "n"}),
+    ];
+    let tokens: Vec<String> = (0..events.len()).map(|i| format!("b{i}=t{i}")).collect();
+    // One more bot gets every type without a user_id: nobody is active there.
+    let (app, _db) = start(&format!("{},anon=tanon", tokens.join(","))).await;
+    for (i, event) in events.iter().enumerate() {
+        let mut with_user = event.clone();
+        with_user["user_id"] = json!(format!("user-{i}"));
+        app.post_ok(&format!("t{i}"), &with_user).await;
+    }
+    app.post_ok("tanon", &Value::Array(events.to_vec())).await;
+    let text = app.metrics_text().await;
+    for (i, event) in events.iter().enumerate() {
+        for window in ["1d", "7d", "30d"] {
+            let series = format!(r#"bot_active_users{{bot="b{i}",window="{window}"}}"#);
+            assert_eq!(sample(&text, &series), Some(1.0), "{event}");
+        }
+    }
+    assert_eq!(
+        sample(&text, r#"bot_active_users{bot="anon",window="1d"}"#),
+        Some(0.0)
+    );
+}
+
 #[tokio::test]
 async fn active_users_are_distinct_ids_per_window_and_42_equals_string_42() {
     let (app, _db) = start("a=secret-a,b=secret-b").await;
@@ -1020,6 +1057,28 @@ async fn an_event_id_is_forgotten_after_the_dedupe_window() {
         Some(2.0)
     );
     app.stop().await;
+}
+
+/// `--dedupe-window 0s` turns dedupe off: the same `event_id` counts every
+/// time, within a batch and across requests (the real binary, so the flag's
+/// parsing is in the test too).
+#[tokio::test]
+async fn a_zero_dedupe_window_counts_every_event() {
+    let db = crate::helpers::SqliteFile::new();
+    let bin = crate::helpers::Binary::serve(&db.url(), "a=ta", &["--dedupe-window", "0s"]).await;
+    let event = json!({"type": "message", "role": "user", "event_id": "retry"});
+    let twice = Value::Array(vec![event.clone(), event.clone()]);
+    assert_eq!(bin.post_events("ta", &twice).await, accepted(2, 0));
+    assert_eq!(bin.post_events("ta", &event).await, accepted(1, 0));
+    let text = bin.metrics_text().await;
+    assert_series(
+        &text,
+        &[
+            (r#"bot_messages_total{bot="a",role="user"}"#, 3.0),
+            (r#"botmetrics_events_duplicate_total{bot="a"}"#, 0.0),
+            ("botmetrics_dedupe_window_seconds", 0.0),
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------
