@@ -1081,6 +1081,55 @@ async fn a_zero_dedupe_window_counts_every_event() {
     );
 }
 
+/// A request that takes longer than `--request-timeout` (here a body that
+/// stops half-way) is answered 408 and counts nothing; the server goes on.
+#[tokio::test]
+async fn a_request_slower_than_request_timeout_is_408_and_counts_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = crate::helpers::SqliteFile::new();
+    let bin = crate::helpers::Binary::serve(&db.url(), "a=ta", &["--request-timeout", "1s"]).await;
+    let body = r#"[{"type":"message","role":"user"},{"type":"message","role":"user"}]"#;
+    let addr = bin.url("/").trim_start_matches("http://").trim_end_matches('/').to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ta\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("send the head");
+    stream
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .expect("send half the body");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        // The head of the answer is enough.
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.expect("read the answer");
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 30 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Nothing of the cut-off request was counted; the next request works.
+    assert_eq!(
+        bin.post_events("ta", &json!({"type": "message", "role": "user"}))
+            .await,
+        accepted(1, 0)
+    );
+    assert_eq!(
+        bin.sample(r#"bot_messages_total{bot="a",role="user"}"#).await,
+        Some(1.0)
+    );
+}
+
 // ---------------------------------------------------------------------------
 // Label cap
 // ---------------------------------------------------------------------------
