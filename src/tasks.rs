@@ -31,9 +31,7 @@ pub fn flush_wait(failures_in_a_row: u32, interval: Duration) -> Duration {
     }
     // 2^31 × 0.5 s is 34 years: past any interval, so saturating is exact.
     let doublings = (failures_in_a_row - 1).min(31);
-    FIRST_RETRY
-        .saturating_mul(1u32 << doublings)
-        .min(interval)
+    FIRST_RETRY.saturating_mul(1u32 << doublings).min(interval)
 }
 
 pub async fn flush_loop(

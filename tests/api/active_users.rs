@@ -280,8 +280,14 @@ async fn restart_keeps_estimates(url: &str) {
     let after = active_lines(&app.metrics_text().await);
     assert_ne!(after, before, "the new users moved y's estimates");
     assert_eq!(
-        after.iter().filter(|l| l.contains("bot=\"x\"")).collect::<Vec<_>>(),
-        before.iter().filter(|l| l.contains("bot=\"x\"")).collect::<Vec<_>>(),
+        after
+            .iter()
+            .filter(|l| l.contains("bot=\"x\""))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .filter(|l| l.contains("bot=\"x\""))
+            .collect::<Vec<_>>(),
         "x's did not move"
     );
     let users_y_after = summary_users(&app, "y").await;
@@ -549,7 +555,8 @@ async fn no_user_id_in_logs_or_answers(format: &str) {
         answer["series"].as_array().is_some_and(|series| {
             series.iter().any(|s| {
                 s["labels"]["role"] == "user"
-                    && s["points"].as_array().and_then(|p| p.last()).map(|p| &p[1]) == Some(&json!(1.0))
+                    && s["points"].as_array().and_then(|p| p.last()).map(|p| &p[1])
+                        == Some(&json!(1.0))
             })
         })
     })
@@ -590,20 +597,26 @@ async fn no_user_id_in_logs_or_answers(format: &str) {
         }
     }
     let allowed = [
-        "bot", "cache", "decision", "endpoint", "kind", "label", "le", "model", "name",
-        "quantile", "reason", "result", "role", "status", "version", "window",
+        "bot", "cache", "decision", "endpoint", "kind", "label", "le", "model", "name", "quantile",
+        "reason", "result", "role", "status", "version", "window",
     ];
     let unexpected: Vec<_> = names
         .iter()
         .filter(|n| !allowed.contains(&n.as_str()))
         .collect();
-    assert!(unexpected.is_empty(), "label names {unexpected:?} in\n{metrics}");
+    assert!(
+        unexpected.is_empty(),
+        "label names {unexpected:?} in\n{metrics}"
+    );
 
     let mut bin = bin;
     assert!(bin.signal("TERM").await.success());
     let log = bin.log();
     // The log is at debug level and in the asked format.
-    assert!(log.contains("DEBUG") || log.contains("\"level\":\"DEBUG\""), "{log}");
+    assert!(
+        log.contains("DEBUG") || log.contains("\"level\":\"DEBUG\""),
+        "{log}"
+    );
     if format == "json" {
         for line in log.lines() {
             serde_json::from_str::<Value>(line)

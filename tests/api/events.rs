@@ -1090,14 +1090,23 @@ async fn a_request_slower_than_request_timeout_is_408_and_counts_nothing() {
     let db = crate::helpers::SqliteFile::new();
     let bin = crate::helpers::Binary::serve(&db.url(), "a=ta", &["--request-timeout", "1s"]).await;
     let body = r#"[{"type":"message","role":"user"},{"type":"message","role":"user"}]"#;
-    let addr = bin.url("/").trim_start_matches("http://").trim_end_matches('/').to_owned();
-    let mut stream = tokio::net::TcpStream::connect(&addr).await.expect("connect");
+    let addr = bin
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
     let head = format!(
         "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ta\r\n\
          content-type: application/json\r\ncontent-length: {}\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await.expect("send the head");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
     stream
         .write_all(&body.as_bytes()[..body.len() / 2])
         .await
@@ -1125,7 +1134,8 @@ async fn a_request_slower_than_request_timeout_is_408_and_counts_nothing() {
         accepted(1, 0)
     );
     assert_eq!(
-        bin.sample(r#"bot_messages_total{bot="a",role="user"}"#).await,
+        bin.sample(r#"bot_messages_total{bot="a",role="user"}"#)
+            .await,
         Some(1.0)
     );
 }

@@ -54,7 +54,14 @@ fn any_truthy_ci_value_makes_a_missing_tool_fail() {
     for ci in ["true", "1", "yes", "on", "TRUE", "woodpecker"] {
         assert!(is_ci(Some(ci)), "CI={ci}");
     }
-    for local in [None, Some(""), Some("false"), Some("False"), Some("0"), Some(" ")] {
+    for local in [
+        None,
+        Some(""),
+        Some("false"),
+        Some("False"),
+        Some("0"),
+        Some(" "),
+    ] {
         assert!(!is_ci(local), "CI={local:?}");
     }
 }

@@ -883,19 +883,20 @@ async fn an_idle_flush_commits_nothing_by_postgres_own_count() {
         .await
         .expect("admin connection");
     let commits = || async {
-        sqlx::query_scalar::<_, i64>(
-            "select xact_commit from pg_stat_database where datname = $1",
-        )
-        .bind(&db.name)
-        .fetch_one(&admin)
-        .await
-        .expect("pg_stat_database")
+        sqlx::query_scalar::<_, i64>("select xact_commit from pg_stat_database where datname = $1")
+            .bind(&db.name)
+            .fetch_one(&admin)
+            .await
+            .expect("pg_stat_database")
     };
     let app = spawn_app(config("x=tx", &db.url)).await;
     let p = &app.state.persistence;
     app.post_ok("tx", &json!({"type": "message", "role": "user"}))
         .await;
-    assert!(matches!(p.flush_once().await.expect("flush"), FlushOutcome::Wrote { .. }));
+    assert!(matches!(
+        p.flush_once().await.expect("flush"),
+        FlushOutcome::Wrote { .. }
+    ));
 
     tokio::time::sleep(SETTLE).await;
     let before = commits().await;
@@ -908,8 +909,14 @@ async fn an_idle_flush_commits_nothing_by_postgres_own_count() {
     // The measure sees a flush that has something to write.
     app.post_ok("tx", &json!({"type": "message", "role": "user"}))
         .await;
-    assert!(matches!(p.flush_once().await.expect("flush"), FlushOutcome::Wrote { .. }));
-    eventually(Duration::from_secs(30), || async { commits().await > before }).await;
+    assert!(matches!(
+        p.flush_once().await.expect("flush"),
+        FlushOutcome::Wrote { .. }
+    ));
+    eventually(Duration::from_secs(30), || async {
+        commits().await > before
+    })
+    .await;
     app.stop().await;
     admin.close().await;
 }
