@@ -224,6 +224,18 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000;
 
+    /// The id sets use the keyed hash as it is: hashing it again would be
+    /// wasted work, and a constant would put every id in one probe chain
+    /// (right answers, at a crawl), which no answer-checking test sees.
+    #[test]
+    fn the_id_set_uses_an_ids_hash_as_it_is() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<PassThrough>::default();
+        for id in [0, 1, 42, u64::MAX, IdHash::of("bot", "e1").0] {
+            assert_eq!(build.hash_one(id), id);
+        }
+    }
+
     #[test]
     fn a_repeat_within_the_window_is_a_duplicate() {
         let d = Dedupe::new(Duration::from_secs(600), 1_000_000);
