@@ -239,6 +239,7 @@ mod tests {
     #[test]
     fn a_repeat_within_the_window_is_a_duplicate() {
         let d = Dedupe::new(Duration::from_secs(600), 1_000_000);
+        assert!(d.enabled());
         let id = IdHash::of("bot", "e1");
         assert_eq!(d.check(id, NOW), Seen::First);
         assert_eq!(d.check(id, NOW + 599_000), Seen::Duplicate);
@@ -276,6 +277,7 @@ mod tests {
     #[test]
     fn off_when_the_window_is_zero() {
         let d = Dedupe::new(Duration::ZERO, 10);
+        assert!(!d.enabled());
         let id = IdHash::of("bot", "e1");
         assert_eq!(d.check(id, NOW), Seen::First);
         assert_eq!(d.check(id, NOW), Seen::First);
