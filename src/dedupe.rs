@@ -293,4 +293,34 @@ mod tests {
         assert_eq!(d.check(id, NOW), Seen::Duplicate);
         assert_eq!(d.check(IdHash::of("bot", "old"), NOW), Seen::First);
     }
+
+    /// Read back twice (two journal segments may hold it) an id is
+    /// remembered once; one older than the window is not remembered at all.
+    #[test]
+    fn ids_read_back_are_counted_once_and_only_within_the_window() {
+        let d = Dedupe::new(Duration::from_secs(600), 1_000);
+        let id = IdHash::of("bot", "e1");
+        d.remember(id, NOW - 100_000, NOW);
+        d.remember(id, NOW - 100_000, NOW);
+        assert_eq!(d.len(), 1);
+        d.remember(IdHash::of("bot", "old"), NOW - 10_000_000, NOW);
+        assert_eq!(d.len(), 1);
+    }
+
+    /// An id seen in a later bucket lives as long as that bucket, not as
+    /// long as an older one of the same shard.
+    #[test]
+    fn each_id_expires_with_its_own_bucket() {
+        // 600 s in 16 buckets: 37.5 s each, and NOW starts one.
+        const BUCKET_MS: i64 = 37_500;
+        let d = Dedupe::new(Duration::from_secs(600), 1_000);
+        // The same high bits: the same shard.
+        let (first, later) = (IdHash(1), IdHash(2));
+        assert_eq!(d.check(first, NOW), Seen::First);
+        assert_eq!(d.check(later, NOW + BUCKET_MS), Seen::First);
+        // The first bucket has expired, the later one not.
+        let t = NOW + 16 * BUCKET_MS;
+        assert_eq!(d.check(later, t), Seen::Duplicate);
+        assert_eq!(d.check(first, t), Seen::First);
+    }
 }
