@@ -318,6 +318,11 @@ mod tests {
         let (first, later) = (IdHash(1), IdHash(2));
         assert_eq!(d.check(first, NOW), Seen::First);
         assert_eq!(d.check(later, NOW + BUCKET_MS), Seen::First);
+        // A third id at NOW joins the first one's bucket: one set per
+        // bucket, not one per id.
+        assert_eq!(d.check(IdHash(3), NOW + 1), Seen::First);
+        let buckets = |d: &Dedupe| d.shards[0].lock().unwrap().buckets.len();
+        assert_eq!(buckets(&d), 2);
         // The first bucket has expired, the later one not.
         let t = NOW + 16 * BUCKET_MS;
         assert_eq!(d.check(later, t), Seen::Duplicate);
