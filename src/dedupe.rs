@@ -264,7 +264,9 @@ mod tests {
                 d.check(IdHash::of("bot", &format!("{t}-{i}")), NOW + t * 100_000);
             }
         }
-        assert!(d.len() <= 16 * 100 + 16 * 200, "bounded: {}", d.len());
+        // Every insert over the bound forgets a whole older bucket (each
+        // shard has several here), so the bound holds exactly.
+        assert!(d.len() <= 16 * 100, "bounded: {}", d.len());
         let window = d.effective_window(NOW + 1_500_000);
         assert!(window < Duration::from_secs(1600), "{window:?}");
         // The newest ids are still remembered.
@@ -272,6 +274,43 @@ mod tests {
             d.check(IdHash::of("bot", "15-199"), NOW + 1_500_000),
             Seen::Duplicate
         );
+    }
+
+    /// Exactly the bound, over 8 buckets: every id kept, the whole window.
+    #[test]
+    fn at_the_bound_nothing_is_forgotten() {
+        let d = Dedupe::new(Duration::from_secs(1600), 1600);
+        let unbounded = Dedupe::new(Duration::from_secs(1600), usize::MAX);
+        let ids: Vec<(IdHash, i64)> = (0..8)
+            .flat_map(|t| (0..200).map(move |i| (IdHash::of("bot", &format!("{t}-{i}")), t)))
+            .collect();
+        for &(id, t) in &ids {
+            assert_eq!(d.check(id, NOW + t * 100_000), Seen::First);
+            unbounded.check(id, NOW + t * 100_000);
+        }
+        assert_eq!(d.len(), 1600);
+        let now = NOW + 800_000;
+        assert_eq!(d.effective_window(now), unbounded.effective_window(now));
+        for &(id, _) in &ids {
+            assert_eq!(d.check(id, now), Seen::Duplicate);
+        }
+    }
+
+    /// The bound never forgets the bucket being filled: ids within it are
+    /// all kept, however far over the bound.
+    #[test]
+    fn the_bound_never_forgets_the_current_bucket() {
+        let d = Dedupe::new(Duration::from_secs(1600), 16);
+        for i in 0..100 {
+            assert_eq!(d.check(IdHash::of("bot", &i.to_string()), NOW), Seen::First);
+        }
+        assert_eq!(d.len(), 100);
+        for i in 0..100 {
+            assert_eq!(
+                d.check(IdHash::of("bot", &i.to_string()), NOW),
+                Seen::Duplicate
+            );
+        }
     }
 
     #[test]
