@@ -224,9 +224,22 @@ mod tests {
 
     const NOW: i64 = 1_800_000_000_000;
 
+    /// The id sets use the keyed hash as it is: hashing it again would be
+    /// wasted work, and a constant would put every id in one probe chain
+    /// (right answers, at a crawl), which no answer-checking test sees.
+    #[test]
+    fn the_id_set_uses_an_ids_hash_as_it_is() {
+        use std::hash::BuildHasher;
+        let build = BuildHasherDefault::<PassThrough>::default();
+        for id in [0, 1, 42, u64::MAX, IdHash::of("bot", "e1").0] {
+            assert_eq!(build.hash_one(id), id);
+        }
+    }
+
     #[test]
     fn a_repeat_within_the_window_is_a_duplicate() {
         let d = Dedupe::new(Duration::from_secs(600), 1_000_000);
+        assert!(d.enabled());
         let id = IdHash::of("bot", "e1");
         assert_eq!(d.check(id, NOW), Seen::First);
         assert_eq!(d.check(id, NOW + 599_000), Seen::Duplicate);
@@ -251,7 +264,9 @@ mod tests {
                 d.check(IdHash::of("bot", &format!("{t}-{i}")), NOW + t * 100_000);
             }
         }
-        assert!(d.len() <= 16 * 100 + 16 * 200, "bounded: {}", d.len());
+        // Every insert over the bound forgets a whole older bucket (each
+        // shard has several here), so the bound holds exactly.
+        assert!(d.len() <= 16 * 100, "bounded: {}", d.len());
         let window = d.effective_window(NOW + 1_500_000);
         assert!(window < Duration::from_secs(1600), "{window:?}");
         // The newest ids are still remembered.
@@ -261,9 +276,47 @@ mod tests {
         );
     }
 
+    /// Exactly the bound, over 8 buckets: every id kept, the whole window.
+    #[test]
+    fn at_the_bound_nothing_is_forgotten() {
+        let d = Dedupe::new(Duration::from_secs(1600), 1600);
+        let unbounded = Dedupe::new(Duration::from_secs(1600), usize::MAX);
+        let ids: Vec<(IdHash, i64)> = (0..8)
+            .flat_map(|t| (0..200).map(move |i| (IdHash::of("bot", &format!("{t}-{i}")), t)))
+            .collect();
+        for &(id, t) in &ids {
+            assert_eq!(d.check(id, NOW + t * 100_000), Seen::First);
+            unbounded.check(id, NOW + t * 100_000);
+        }
+        assert_eq!(d.len(), 1600);
+        let now = NOW + 800_000;
+        assert_eq!(d.effective_window(now), unbounded.effective_window(now));
+        for &(id, _) in &ids {
+            assert_eq!(d.check(id, now), Seen::Duplicate);
+        }
+    }
+
+    /// The bound never forgets the bucket being filled: ids within it are
+    /// all kept, however far over the bound.
+    #[test]
+    fn the_bound_never_forgets_the_current_bucket() {
+        let d = Dedupe::new(Duration::from_secs(1600), 16);
+        for i in 0..100 {
+            assert_eq!(d.check(IdHash::of("bot", &i.to_string()), NOW), Seen::First);
+        }
+        assert_eq!(d.len(), 100);
+        for i in 0..100 {
+            assert_eq!(
+                d.check(IdHash::of("bot", &i.to_string()), NOW),
+                Seen::Duplicate
+            );
+        }
+    }
+
     #[test]
     fn off_when_the_window_is_zero() {
         let d = Dedupe::new(Duration::ZERO, 10);
+        assert!(!d.enabled());
         let id = IdHash::of("bot", "e1");
         assert_eq!(d.check(id, NOW), Seen::First);
         assert_eq!(d.check(id, NOW), Seen::First);
@@ -278,5 +331,40 @@ mod tests {
         d.remember(IdHash::of("bot", "old"), NOW - 10_000_000, NOW);
         assert_eq!(d.check(id, NOW), Seen::Duplicate);
         assert_eq!(d.check(IdHash::of("bot", "old"), NOW), Seen::First);
+    }
+
+    /// Read back twice (two journal segments may hold it) an id is
+    /// remembered once; one older than the window is not remembered at all.
+    #[test]
+    fn ids_read_back_are_counted_once_and_only_within_the_window() {
+        let d = Dedupe::new(Duration::from_secs(600), 1_000);
+        let id = IdHash::of("bot", "e1");
+        d.remember(id, NOW - 100_000, NOW);
+        d.remember(id, NOW - 100_000, NOW);
+        assert_eq!(d.len(), 1);
+        d.remember(IdHash::of("bot", "old"), NOW - 10_000_000, NOW);
+        assert_eq!(d.len(), 1);
+    }
+
+    /// An id seen in a later bucket lives as long as that bucket, not as
+    /// long as an older one of the same shard.
+    #[test]
+    fn each_id_expires_with_its_own_bucket() {
+        // 600 s in 16 buckets: 37.5 s each, and NOW starts one.
+        const BUCKET_MS: i64 = 37_500;
+        let d = Dedupe::new(Duration::from_secs(600), 1_000);
+        // The same high bits: the same shard.
+        let (first, later) = (IdHash(1), IdHash(2));
+        assert_eq!(d.check(first, NOW), Seen::First);
+        assert_eq!(d.check(later, NOW + BUCKET_MS), Seen::First);
+        // A third id at NOW joins the first one's bucket: one set per
+        // bucket, not one per id.
+        assert_eq!(d.check(IdHash(3), NOW + 1), Seen::First);
+        let buckets = |d: &Dedupe| d.shards[0].lock().unwrap().buckets.len();
+        assert_eq!(buckets(&d), 2);
+        // The first bucket has expired, the later one not.
+        let t = NOW + 16 * BUCKET_MS;
+        assert_eq!(d.check(later, t), Seen::Duplicate);
+        assert_eq!(d.check(first, t), Seen::First);
     }
 }

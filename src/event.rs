@@ -728,6 +728,21 @@ mod tests {
         assert!(!is_short_name("quote\""));
     }
 
+    /// The wire name of a parsed body's type, to check it independently of
+    /// how the parser maps names to variants.
+    fn type_of(body: &EventBody<'_>) -> &'static str {
+        match body {
+            EventBody::Message { .. } => "message",
+            EventBody::Response { .. } => "response",
+            EventBody::Cache { .. } => "cache",
+            EventBody::UserRegistered => "user_registered",
+            EventBody::Consent { .. } => "consent",
+            EventBody::LimitReached => "limit_reached",
+            EventBody::Error { .. } => "error",
+            EventBody::Custom { .. } => "custom",
+        }
+    }
+
     #[test]
     fn every_type_parses() {
         let cases = [
@@ -752,8 +767,59 @@ mod tests {
                 "custom",
             ),
         ];
-        for (json, _) in cases {
-            one(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+        for (json, expected) in cases {
+            let event = one(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(type_of(&event.body), expected, "{json}");
+        }
+        // And the fields each type carries, exactly.
+        let bodies = [
+            (
+                cases[0].0,
+                EventBody::Message {
+                    role: Role::User,
+                    db_queries: Some(6),
+                },
+            ),
+            (
+                cases[1].0,
+                EventBody::Response {
+                    status: Status::Success,
+                    duration_seconds: 1.2,
+                    model: Some(ShortName("gpt-4o".into())),
+                    tokens: Some([10, 5]),
+                },
+            ),
+            (
+                cases[2].0,
+                EventBody::Cache {
+                    result: CacheResult::Hit,
+                    cache: ShortName(DEFAULT_CACHE.into()),
+                },
+            ),
+            (cases[3].0, EventBody::UserRegistered),
+            (
+                cases[4].0,
+                EventBody::Consent {
+                    decision: Decision::Denied,
+                },
+            ),
+            (cases[5].0, EventBody::LimitReached),
+            (
+                cases[6].0,
+                EventBody::Error {
+                    kind: ShortName("db_timeout".into()),
+                },
+            ),
+            (
+                cases[7].0,
+                EventBody::Custom {
+                    name: ShortName("voice_note".into()),
+                    value: 2.5,
+                },
+            ),
+        ];
+        for (json, body) in bodies {
+            assert_eq!(one(json).unwrap().body, body, "{json}");
         }
         let e = one(r#"{"type":"response","status":"timeout","duration_ms":1500}"#).unwrap();
         assert_eq!(
@@ -798,8 +864,14 @@ mod tests {
         );
         let future = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 301);
         assert!(matches!(one(&future), Err(Error::Invalid { .. })));
-        let near = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 299);
-        assert!(one(&near).is_ok());
+        // Up to five minutes ahead is clock skew: accepted, and counted as
+        // now (so a fast clock cannot start "today" or an hour early).
+        for ahead in [1, 299, 300] {
+            let near = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + ahead);
+            assert_eq!(one(&near).unwrap().ts, NOW, "{ahead}s ahead");
+        }
+        let past = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW - 1);
+        assert_eq!(one(&past).unwrap().ts, NOW - 1);
         assert!(matches!(
             one(r#"{"type":"limit_reached","ts":"yesterday"}"#),
             Err(Error::Invalid { .. })

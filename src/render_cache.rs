@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -62,6 +63,20 @@ impl Rendered {
 pub struct RenderCache<K> {
     endpoint: CachedEndpoint,
     mode: Mode<K>,
+    /// Requests inside [`Self::get_or_render`] right now. The seam that lets
+    /// a test hold a render until N requests wait for it, and so tell a
+    /// coalescing cache from a plain TTL one.
+    in_flight: AtomicUsize,
+}
+
+/// Counts a request out of [`RenderCache::in_flight`] however it ends
+/// (answered, or dropped by a client that went away).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The last render of one key, and when it started.
@@ -94,7 +109,16 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
                     .build(),
             )
         };
-        RenderCache { endpoint, mode }
+        RenderCache {
+            endpoint,
+            mode,
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    /// How many requests are waiting for an answer from this cache now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The cached answer for `key`, or a fresh render shared by every
@@ -103,6 +127,9 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
     where
         F: FnOnce() -> Rendered + Send + 'static,
     {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
         let endpoint = self.endpoint.as_str();
         let rendering = async {
             let started = Instant::now();
@@ -238,5 +265,117 @@ mod tests {
             }
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod single_flight {
+    use super::*;
+    use crate::metrics::Metrics;
+    use std::sync::atomic::Ordering;
+    use std::sync::{Condvar, Mutex};
+
+    /// A gate renders wait at until the test opens it.
+    #[derive(Default)]
+    struct Gate {
+        open: Mutex<bool>,
+        opened: Condvar,
+    }
+
+    impl Gate {
+        fn wait(&self) {
+            let mut open = self.open.lock().unwrap();
+            while !*open {
+                open = self.opened.wait(open).unwrap();
+            }
+        }
+
+        fn open(&self) {
+            *self.open.lock().unwrap() = true;
+            self.opened.notify_all();
+        }
+    }
+
+    /// N requests for the same key while a render is held: exactly one
+    /// render runs, the other N-1 get its answer. The render is held until
+    /// all N are inside the cache, so a plain TTL cache (look up, render on
+    /// a miss, insert) would run N renders here.
+    async fn one_render_for_concurrent_requests(endpoint: CachedEndpoint) {
+        let answers = held_render(endpoint, Duration::from_secs(60)).await;
+        assert_eq!(answers, vec!["render 1"; N]);
+    }
+
+    const N: usize = 8;
+
+    /// Holds the first render until all N requests are inside the cache,
+    /// then lets it finish; checks the count of renders against the self
+    /// metrics and returns each request's answer, in order.
+    async fn held_render(endpoint: CachedEndpoint, ttl: Duration) -> Vec<String> {
+        let metrics = Arc::new(Metrics::new(&["b".into()], 10, chrono_tz::UTC, 60.0).unwrap());
+        let cache = Arc::new(RenderCache::<u64>::new(endpoint, ttl));
+        let gate = Arc::new(Gate::default());
+        let renders = Arc::new(AtomicUsize::new(0));
+        let requests: Vec<_> = (0..N)
+            .map(|_| {
+                let (cache, metrics, gate, renders) = (
+                    cache.clone(),
+                    metrics.clone(),
+                    gate.clone(),
+                    renders.clone(),
+                );
+                tokio::spawn(async move {
+                    cache
+                        .get_or_render(7, &metrics.selfm, move || {
+                            let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
+                            gate.wait();
+                            Rendered::plain("text/plain", format!("render {n}").into_bytes())
+                        })
+                        .await
+                })
+            })
+            .collect();
+        // Every request is inside and at least one render has started.
+        while cache.in_flight() < N || renders.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Give any request that would start a render of its own the chance.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        gate.open();
+        let mut answers = Vec::new();
+        for request in requests {
+            let answer = request.await.unwrap();
+            answers.push(std::str::from_utf8(&answer.body).unwrap().to_owned());
+        }
+        assert_eq!(cache.in_flight(), 0);
+        let renders = renders.load(Ordering::SeqCst) as u64;
+        let label = [endpoint.as_str()];
+        let selfm = &metrics.selfm;
+        assert_eq!(selfm.cache_misses.with_label_values(&label).get(), renders);
+        assert_eq!(
+            selfm.cache_hits.with_label_values(&label).get(),
+            N as u64 - renders
+        );
+        answers
+    }
+
+    /// TTL zero: the requests that arrived during the held render do not
+    /// take its (older) answer; they share exactly one more render.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn without_a_ttl_requests_during_a_render_share_exactly_one_more() {
+        let mut answers = held_render(CachedEndpoint::Metrics, Duration::ZERO).await;
+        answers.sort();
+        let mut expected = vec!["render 2"; N];
+        expected[0] = "render 1";
+        assert_eq!(answers, expected);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn metrics_render_once_for_concurrent_scrapes() {
+        one_render_for_concurrent_requests(CachedEndpoint::Metrics).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn the_summary_renders_once_for_concurrent_requests() {
+        one_render_for_concurrent_requests(CachedEndpoint::Summary).await;
     }
 }

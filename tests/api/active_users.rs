@@ -4,7 +4,8 @@
 //! bounded memory (sparse sketches for few users, dense past 1,024), and no
 //! user id anywhere in the database.
 
-use std::time::Instant;
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
 
 use botmetrics::event::UserId;
 use botmetrics::metrics::active::REGISTERS;
@@ -13,8 +14,8 @@ use chrono::Utc;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    PgDatabase, Raw, SqliteFile, TestApp, active_lines, config, on_both_backends, sample,
-    spawn_app, start,
+    Binary, PgDatabase, Raw, SqliteFile, TestApp, active_lines, config, eventually,
+    on_both_backends, sample, spawn_app, start,
 };
 
 const DAY: i64 = 86_400;
@@ -272,11 +273,31 @@ async fn restart_keeps_estimates(url: &str) {
     // hash is fixed across runs): nothing moves.
     post_many_users(&app, now).await;
     assert_eq!(active_lines(&app.metrics_text().await), before);
+    // New users this time, so the stop stores y's sketches a second time,
+    // over the first: the next start must read the second version.
+    app.post_ndjson("ty", (0..50).map(|n| message(format!("late-{n}"), now)))
+        .await;
+    let after = active_lines(&app.metrics_text().await);
+    assert_ne!(after, before, "the new users moved y's estimates");
+    assert_eq!(
+        after
+            .iter()
+            .filter(|l| l.contains("bot=\"x\""))
+            .collect::<Vec<_>>(),
+        before
+            .iter()
+            .filter(|l| l.contains("bot=\"x\""))
+            .collect::<Vec<_>>(),
+        "x's did not move"
+    );
+    let users_y_after = summary_users(&app, "y").await;
+    assert_ne!(users_y_after, users_y);
     app.stop().await;
 
-    // A restart that finds sketches stored twice over still reads the same.
+    // A restart that finds sketches stored twice over reads the second.
     let app = spawn_app(cfg).await;
-    assert_eq!(active_lines(&app.metrics_text().await), before);
+    assert_eq!(active_lines(&app.metrics_text().await), after);
+    assert_eq!(summary_users(&app, "y").await, users_y_after);
     app.stop().await;
 }
 
@@ -451,4 +472,171 @@ async fn no_user_id_in_the_database_postgres() {
     }
     assert!(dump.contains("bot_messages_total") && dump.contains("role"));
     raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// Privacy beyond the tables: logs at debug level and every answer
+// ---------------------------------------------------------------------------
+
+/// A user id only ever sent in events that are refused.
+const REFUSED_ID: &str = "user-refused-c41d08";
+
+/// The real binary at debug level in `format`, fed distinctive ids in
+/// accepted and refused events (a 257-character one among them): neither
+/// its log nor any answer (the POST answers, `/metrics`, the summary as
+/// JSON and text, `/v1/history`) holds an id, and no series has a label
+/// that could carry one, after the traffic and not only at start.
+async fn no_user_id_in_logs_or_answers(format: &str) {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let bin = Binary::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--tokens",
+            "x=tx",
+            "--log-format",
+            format,
+            "--metrics-cache-ttl",
+            "0s",
+            "--flush-interval",
+            "1s",
+            "--history-interval",
+            "1s",
+        ],
+        &[("RUST_LOG", "debug")],
+    )
+    .await;
+    let long_id = format!("{REFUSED_ID}-{}", "z".repeat(257 - REFUSED_ID.len() - 1));
+    assert_eq!(long_id.chars().count(), 257);
+    let mut answers = String::new();
+    for user in [json!(STRING_ID), json!(INT_ID)] {
+        let (status, body) = bin
+            .post_events(
+                "tx",
+                &json!([
+                    {"type": "message", "role": "user", "user_id": user, "event_id": EVENT_ID},
+                    {"type": "response", "status": "success", "duration_ms": 800, "user_id": user},
+                    {"type": "limit_reached", "user_id": user}
+                ]),
+            )
+            .await;
+        assert_eq!(status, 202, "{body}");
+        answers.push_str(&body.to_string());
+    }
+    let refused = [
+        json!({"type": "message", "role": "user", "user_id": long_id}),
+        json!({"type": "message", "role": "robot", "user_id": REFUSED_ID}),
+        json!([{"type": "limit_reached", "user_id": REFUSED_ID},
+               {"type": "message", "role": "user", "user_id": REFUSED_ID, "surprise": 1}]),
+        json!({"type": "limit_reached", "user_id": REFUSED_ID, "ts": "yesterday"}),
+    ];
+    for events in &refused {
+        let (status, body) = bin.post_events("tx", events).await;
+        assert_eq!(status, 422, "{events}: {body}");
+        answers.push_str(&body.to_string());
+    }
+    // A retry: the event_id again, a duplicate.
+    let (status, body) = bin
+        .post_events(
+            "tx",
+            &json!({"type": "message", "role": "user", "user_id": STRING_ID, "event_id": EVENT_ID}),
+        )
+        .await;
+    assert_eq!((status, body["duplicates"].as_u64()), (202, Some(1)));
+
+    // The history loop has written the traffic (every second): the one
+    // message (the second carried the first one's event_id).
+    let history = "/v1/history?metric=bot_messages_total&bot=x&step=60";
+    eventually(Duration::from_secs(30), || async {
+        let (_, answer) = bin.get_json(history).await;
+        answer["series"].as_array().is_some_and(|series| {
+            series.iter().any(|s| {
+                s["labels"]["role"] == "user"
+                    && s["points"].as_array().and_then(|p| p.last()).map(|p| &p[1])
+                        == Some(&json!(1.0))
+            })
+        })
+    })
+    .await;
+    let metrics = bin.metrics_text().await;
+    assert_eq!(
+        sample(&metrics, r#"bot_active_users{bot="x",window="1d"}"#),
+        Some(2.0),
+        "the accepted ids were counted, the refused ones not"
+    );
+    // The second message carried the first one's event_id: a duplicate.
+    assert_eq!(
+        sample(&metrics, r#"bot_messages_total{bot="x",role="user"}"#),
+        Some(1.0)
+    );
+    for path in [
+        "/metrics",
+        "/v1/summary?bot=x",
+        "/v1/summary?bot=x&format=text",
+        history,
+        "/v1/history?metric=bot_limit_reached_total&bot=x&step=60",
+    ] {
+        let (status, body, _) = bin.get_text(path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        answers.push_str(&body);
+    }
+    // No series has a label a user id could be in: every label name is one
+    // of the closed set, and no label value is an id.
+    let mut names = BTreeSet::new();
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let Some((_, labels)) = line.split_once('{') else {
+            continue;
+        };
+        let labels = labels.rsplit_once('}').expect("closed label set").0;
+        for pair in labels.split("\",") {
+            let (name, _) = pair.split_once("=\"").expect("name=\"value\"");
+            names.insert(name.to_owned());
+        }
+    }
+    let allowed = [
+        "bot", "cache", "decision", "endpoint", "kind", "label", "le", "model", "name", "quantile",
+        "reason", "result", "role", "status", "version", "window",
+    ];
+    let unexpected: Vec<_> = names
+        .iter()
+        .filter(|n| !allowed.contains(&n.as_str()))
+        .collect();
+    assert!(
+        unexpected.is_empty(),
+        "label names {unexpected:?} in\n{metrics}"
+    );
+
+    let mut bin = bin;
+    assert!(bin.signal("TERM").await.success());
+    let log = bin.log();
+    // The log is at debug level and in the asked format.
+    assert!(
+        log.contains("DEBUG") || log.contains("\"level\":\"DEBUG\""),
+        "{log}"
+    );
+    if format == "json" {
+        for line in log.lines() {
+            serde_json::from_str::<Value>(line)
+                .unwrap_or_else(|e| panic!("a log line that is not JSON ({e}): {line}"));
+        }
+    }
+    for (place, text) in [("log", &log), ("answers", &answers)] {
+        assert_absent(text.as_bytes(), &format!("the {format} {place}"));
+        for refused in [REFUSED_ID, &long_id] {
+            assert!(!text.contains(refused), "{refused} in the {format} {place}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn no_user_id_in_the_text_log_or_any_answer() {
+    no_user_id_in_logs_or_answers("text").await;
+}
+
+#[tokio::test]
+async fn no_user_id_in_the_json_log_or_any_answer() {
+    no_user_id_in_logs_or_answers("json").await;
 }

@@ -267,6 +267,43 @@ async fn registrations_consent_limits_errors_and_custom_events_are_counted() {
     app.stop().await;
 }
 
+/// "Any event with a `user_id` counts as active", for each type alone: one
+/// bot per type, one event each, and only that bot's user is counted.
+#[tokio::test]
+async fn any_event_type_with_a_user_id_alone_makes_its_user_active() {
+    let events = [
+        json!({"type": "message", "role": "user"}),
+        json!({"type": "message", "role": "assistant"}),
+        json!({"type": "response", "status": "success", "duration_ms": 10}),
+        json!({"type": "cache", "result": "hit"}),
+        json!({"type": "user_registered"}),
+        json!({"type": "consent", "granted": false}),
+        json!({"type": "limit_reached"}),
+        json!({"type": "error", "kind": "e"}),
+        json!({"type": "custom", "name": "n"}),
+    ];
+    let tokens: Vec<String> = (0..events.len()).map(|i| format!("b{i}=t{i}")).collect();
+    // One more bot gets every type without a user_id: nobody is active there.
+    let (app, _db) = start(&format!("{},anon=tanon", tokens.join(","))).await;
+    for (i, event) in events.iter().enumerate() {
+        let mut with_user = event.clone();
+        with_user["user_id"] = json!(format!("user-{i}"));
+        app.post_ok(&format!("t{i}"), &with_user).await;
+    }
+    app.post_ok("tanon", &Value::Array(events.to_vec())).await;
+    let text = app.metrics_text().await;
+    for (i, event) in events.iter().enumerate() {
+        for window in ["1d", "7d", "30d"] {
+            let series = format!(r#"bot_active_users{{bot="b{i}",window="{window}"}}"#);
+            assert_eq!(sample(&text, &series), Some(1.0), "{event}");
+        }
+    }
+    assert_eq!(
+        sample(&text, r#"bot_active_users{bot="anon",window="1d"}"#),
+        Some(0.0)
+    );
+}
+
 #[tokio::test]
 async fn active_users_are_distinct_ids_per_window_and_42_equals_string_42() {
     let (app, _db) = start("a=secret-a,b=secret-b").await;
@@ -1020,6 +1057,87 @@ async fn an_event_id_is_forgotten_after_the_dedupe_window() {
         Some(2.0)
     );
     app.stop().await;
+}
+
+/// `--dedupe-window 0s` turns dedupe off: the same `event_id` counts every
+/// time, within a batch and across requests (the real binary, so the flag's
+/// parsing is in the test too).
+#[tokio::test]
+async fn a_zero_dedupe_window_counts_every_event() {
+    let db = crate::helpers::SqliteFile::new();
+    let bin = crate::helpers::Binary::serve(&db.url(), "a=ta", &["--dedupe-window", "0s"]).await;
+    let event = json!({"type": "message", "role": "user", "event_id": "retry"});
+    let twice = Value::Array(vec![event.clone(), event.clone()]);
+    assert_eq!(bin.post_events("ta", &twice).await, accepted(2, 0));
+    assert_eq!(bin.post_events("ta", &event).await, accepted(1, 0));
+    let text = bin.metrics_text().await;
+    assert_series(
+        &text,
+        &[
+            (r#"bot_messages_total{bot="a",role="user"}"#, 3.0),
+            (r#"botmetrics_events_duplicate_total{bot="a"}"#, 0.0),
+            ("botmetrics_dedupe_window_seconds", 0.0),
+        ],
+    );
+}
+
+/// A request that takes longer than `--request-timeout` (here a body that
+/// stops half-way) is answered 408 and counts nothing; the server goes on.
+#[tokio::test]
+async fn a_request_slower_than_request_timeout_is_408_and_counts_nothing() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let db = crate::helpers::SqliteFile::new();
+    let bin = crate::helpers::Binary::serve(&db.url(), "a=ta", &["--request-timeout", "1s"]).await;
+    let body = r#"[{"type":"message","role":"user"},{"type":"message","role":"user"}]"#;
+    let addr = bin
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let head = format!(
+        "POST /v1/events HTTP/1.1\r\nhost: {addr}\r\nauthorization: Bearer ta\r\n\
+         content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("send the head");
+    stream
+        .write_all(&body.as_bytes()[..body.len() / 2])
+        .await
+        .expect("send half the body");
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        // The head of the answer is enough.
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut buf).await.expect("read the answer");
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within 30 s");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    // Nothing of the cut-off request was counted; the next request works.
+    assert_eq!(
+        bin.post_events("ta", &json!({"type": "message", "role": "user"}))
+            .await,
+        accepted(1, 0)
+    );
+    assert_eq!(
+        bin.sample(r#"bot_messages_total{bot="a",role="user"}"#)
+            .await,
+        Some(1.0)
+    );
 }
 
 // ---------------------------------------------------------------------------

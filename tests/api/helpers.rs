@@ -31,13 +31,39 @@ pub fn postgres_base_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
 }
 
-/// A test that cannot run here: it fails in CI (`CI=true`) and is skipped
-/// loudly elsewhere.
+/// Whether a `CI` value means "in CI": any non-empty value but `false` and
+/// `0` (CI systems set `true`, `1`, `yes`, `on` or their own name).
+pub fn is_ci(value: Option<&str>) -> bool {
+    value.is_some_and(|v| {
+        let v = v.trim();
+        !v.is_empty() && !v.eq_ignore_ascii_case("false") && v != "0"
+    })
+}
+
+/// A test that cannot run here: it fails in CI (`CI` set, see [`is_ci`])
+/// and is skipped loudly elsewhere.
 pub fn cannot_run(why: &str) {
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
+    if is_ci(std::env::var("CI").ok().as_deref()) {
         panic!("{why}: required in CI");
     }
     eprintln!("\n*** SKIPPED: {why} ***\n");
+}
+
+#[test]
+fn any_truthy_ci_value_makes_a_missing_tool_fail() {
+    for ci in ["true", "1", "yes", "on", "TRUE", "woodpecker"] {
+        assert!(is_ci(Some(ci)), "CI={ci}");
+    }
+    for local in [
+        None,
+        Some(""),
+        Some("false"),
+        Some("False"),
+        Some("0"),
+        Some(" "),
+    ] {
+        assert!(!is_ci(local), "CI={local:?}");
+    }
 }
 
 /// True when `tool` can be run; otherwise fails in CI or says it skips.
@@ -587,10 +613,15 @@ fn command() -> Command {
     cmd
 }
 
-/// The address of a `botmetrics serving listen=…` log line.
+/// The address of a `botmetrics serving listen=…` log line, in the text
+/// format or as a JSON object (`--log-format json`).
 fn serving_address(line: &str) -> Option<SocketAddr> {
     if !line.contains("botmetrics serving") {
         return None;
+    }
+    if line.starts_with('{') {
+        let object: Value = serde_json::from_str(line).ok()?;
+        return object["listen"].as_str()?.parse().ok();
     }
     line.split_whitespace()
         .find_map(|w| w.strip_prefix("listen="))?

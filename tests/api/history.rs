@@ -337,3 +337,43 @@ async fn bad_parameters_get_clear_errors(url: &str) {
 }
 
 on_both_backends!(bad_parameters_get_clear_errors);
+
+/// During a PostgreSQL outage `/v1/history` answers 503 `unavailable` (it
+/// reads the store; memory cannot answer it), and 200 again after.
+#[tokio::test]
+async fn history_is_503_during_an_outage_and_200_after() {
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let app = spawn_app(config("x=tx", &db.url)).await;
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
+        .await;
+    let p = &app.state.persistence;
+    assert!(p.write_history_once().await.expect("history write") > 0);
+    let query = [("metric", "bot_messages_total"), ("bot", "x")];
+    let (status, answer) = history(&app, &query).await;
+    assert_eq!(status, 200, "{answer}");
+    let user = series_by(&answer, "role")
+        .into_iter()
+        .find(|(role, _)| *role == "user")
+        .expect("the user series")
+        .1;
+    assert_eq!(points(user).last().map(|p| p.1), Some(1.0));
+
+    db.set_outage(true).await;
+    let got = history(&app, &query).await;
+    assert_error(&got, 503, "unavailable", None);
+    // Still answered from memory meanwhile.
+    assert_eq!(
+        app.sample(r#"bot_messages_total{bot="x",role="user"}"#)
+            .await,
+        Some(1.0)
+    );
+
+    db.set_outage(false).await;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || async {
+        history(&app, &query).await.0 == 200
+    })
+    .await;
+    app.stop().await;
+}

@@ -865,3 +865,58 @@ async fn late_restore_past_the_label_cap_counts_once_postgres() {
 
     assert_errors_after_restarts(&cfg, 2, 3.0).await;
 }
+
+/// "When nothing changed no statement is sent", by PostgreSQL's own count
+/// of committed transactions in the database (`pg_stat_database`), not by
+/// the application's report of itself. The count is read from another
+/// database, so reading it does not move it.
+#[tokio::test]
+async fn an_idle_flush_commits_nothing_by_postgres_own_count() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    // A backend reports its counts at most every second while busy and 10 s
+    // after it goes idle (PostgreSQL's PGSTAT_IDLE_INTERVAL): so much
+    // settling before each reading.
+    const SETTLE: Duration = Duration::from_secs(11);
+    let admin = sqlx::PgPool::connect(&crate::helpers::postgres_base_url())
+        .await
+        .expect("admin connection");
+    let commits = || async {
+        sqlx::query_scalar::<_, i64>("select xact_commit from pg_stat_database where datname = $1")
+            .bind(&db.name)
+            .fetch_one(&admin)
+            .await
+            .expect("pg_stat_database")
+    };
+    let app = spawn_app(config("x=tx", &db.url)).await;
+    let p = &app.state.persistence;
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
+        .await;
+    assert!(matches!(
+        p.flush_once().await.expect("flush"),
+        FlushOutcome::Wrote { .. }
+    ));
+
+    tokio::time::sleep(SETTLE).await;
+    let before = commits().await;
+    for _ in 0..3 {
+        assert_eq!(p.flush_once().await.expect("flush"), FlushOutcome::Idle);
+    }
+    tokio::time::sleep(SETTLE).await;
+    assert_eq!(commits().await, before, "transactions during idle flushes");
+
+    // The measure sees a flush that has something to write.
+    app.post_ok("tx", &json!({"type": "message", "role": "user"}))
+        .await;
+    assert!(matches!(
+        p.flush_once().await.expect("flush"),
+        FlushOutcome::Wrote { .. }
+    ));
+    eventually(Duration::from_secs(30), || async {
+        commits().await > before
+    })
+    .await;
+    app.stop().await;
+    admin.close().await;
+}

@@ -82,6 +82,7 @@ fn num(v: &Value, path: &str) -> f64 {
 
 #[tokio::test]
 async fn summary_json_has_every_field_with_exact_values() {
+    let before_start = std::time::Instant::now();
     let (app, _db) = start("demo=td").await;
     let (status, empty) = app.get_json("/v1/summary").await;
     assert_eq!(status, 200, "{empty}");
@@ -123,8 +124,23 @@ async fn summary_json_has_every_field_with_exact_values() {
             "{path}: {got} in {s}"
         );
     }
-    assert!(num(&s, "uptime_seconds") >= 0.0);
+    // Whole seconds since the application started: no more than the time
+    // since the test began to start it, and growing.
     assert!(s["uptime_seconds"].is_u64(), "whole seconds: {s}");
+    let uptime = num(&s, "uptime_seconds");
+    assert!(
+        uptime <= before_start.elapsed().as_secs_f64().ceil(),
+        "{uptime} s, started {:?} ago",
+        before_start.elapsed()
+    );
+    eventually(Duration::from_secs(10), || async {
+        num(&app.get_json("/v1/summary").await.1, "uptime_seconds") >= uptime + 1.0
+    })
+    .await;
+    assert!(
+        num(&app.get_json("/v1/summary").await.1, "uptime_seconds")
+            <= before_start.elapsed().as_secs_f64().ceil()
+    );
     let generated: DateTime<Utc> = s["generated_at"]
         .as_str()
         .expect("generated_at is a string")
