@@ -124,6 +124,8 @@ pub struct Journal {
     sealed: Mutex<Vec<Sealed>>,
     written: AtomicU64,
     synced: AtomicU64,
+    /// Woken whenever `written` or `synced` advance (or the journal breaks).
+    progress: tokio::sync::Notify,
     /// The current segment's size, readable without its lock.
     current_bytes: AtomicU64,
     /// What the store has applied; bytes past it count against `max_bytes`.
@@ -234,6 +236,7 @@ impl Journal {
             sealed: Mutex::new(sealed),
             written: AtomicU64::new(last),
             synced: AtomicU64::new(last),
+            progress: tokio::sync::Notify::new(),
             current_bytes: AtomicU64::new(HEADER_LEN),
             applied: AtomicU64::new(0),
             recovered: last,
@@ -363,13 +366,28 @@ impl Journal {
             if self.durable(lsn) {
                 return Ok(());
             }
+            // Registered before the file is tried, so a group write that
+            // ends in between still wakes this request.
+            let progressed = self.progress.notified();
+            tokio::pin!(progressed);
+            progressed.as_mut().enable();
+            if self.durable(lsn) {
+                return Ok(());
+            }
+            // Whoever gets the file writes for everyone queued; the others
+            // wait to be told, rather than queue for the file one by one.
+            let Ok(segment) = self.current.try_lock() else {
+                progressed.await;
+                continue;
+            };
             let result = self
-                .write_and_sync(self.policy == FsyncPolicy::Always)
+                .write_and_sync(segment, self.policy == FsyncPolicy::Always)
                 .await;
             if let Err(e) = result {
                 // What was taken from the queue may be half on disk: the
                 // journal can no longer promise anything, so it says so.
                 self.broken.store(true, Ordering::Relaxed);
+                self.progress.notify_waiters();
                 tracing::error!(error = %e, dir = %self.dir.display(), "journal write failed; new events are refused until restart");
                 return Err(e.into());
             }
@@ -377,23 +395,23 @@ impl Journal {
     }
 
     /// One group write of everything queued, then (with `fsync`) an fsync
-    /// of it. The file lock is held for the write only: an fsync can take
-    /// milliseconds, and the next group should be writing meanwhile (the
-    /// fsync of a shared descriptor covers whatever reached the file before
-    /// it). The fsync runs on the blocking pool, off the runtime's workers.
-    async fn write_and_sync(&self, fsync: bool) -> io::Result<()> {
-        let (sealed, current, upto) = {
-            let mut segment = self.current.lock().await;
-            if self.written.load(Ordering::Acquire) == self.lock_pending().last && !fsync {
-                return Ok(());
-            }
-            let sealed = self.write_pending(&mut segment)?;
-            let upto = self.written.load(Ordering::Acquire);
-            let current = (fsync && self.synced.load(Ordering::Acquire) < upto)
-                .then(|| segment.file.try_clone())
-                .transpose()?;
-            (sealed, current, upto)
-        };
+    /// of it, and a wake-up for every request waiting on either. The file
+    /// lock is held for the write only: an fsync can take milliseconds, and
+    /// the next group should be writing meanwhile (the fsync of a shared
+    /// descriptor covers whatever reached the file before it). The fsync
+    /// runs on the blocking pool, off the runtime's workers.
+    async fn write_and_sync(
+        &self,
+        mut segment: tokio::sync::MutexGuard<'_, Segment>,
+        fsync: bool,
+    ) -> io::Result<()> {
+        let sealed = self.write_pending(&mut segment)?;
+        let upto = self.written.load(Ordering::Acquire);
+        let current = (fsync && self.synced.load(Ordering::Acquire) < upto)
+            .then(|| segment.file.try_clone())
+            .transpose()?;
+        drop(segment);
+        self.progress.notify_waiters();
         if let Some(sealed) = sealed {
             self.sync_sealed(sealed, fsync).await?;
         }
@@ -402,6 +420,7 @@ impl Journal {
                 .await
                 .map_err(io::Error::other)??;
             self.synced.fetch_max(upto, Ordering::AcqRel);
+            self.progress.notify_waiters();
         }
         Ok(())
     }
@@ -470,7 +489,8 @@ impl Journal {
         if self.broken.load(Ordering::Relaxed) {
             return Err(JournalError::Broken);
         }
-        self.write_and_sync(true).await?;
+        let segment = self.current.lock().await;
+        self.write_and_sync(segment, true).await?;
         Ok(())
     }
 
