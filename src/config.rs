@@ -81,7 +81,7 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_DEDUPE_WINDOW", value_parser = parse_duration, default_value = "10m")]
     pub dedupe_window: Duration,
 
-    /// Most `event_id`s remembered at once (each costs about 10-20 bytes).
+    /// Most `event_id`s remembered at once (each costs about 30 bytes).
     /// Past it the oldest are forgotten before the window ends, and
     /// `botmetrics_dedupe_window_seconds` shows the window actually kept.
     #[arg(long, env = "BOTMETRICS_DEDUPE_MAX_IDS", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(16..))]

@@ -2,8 +2,8 @@
 //!
 //! An id is remembered as a 64-bit keyed hash of (bot, id) in one of a ring
 //! of time buckets, so each costs a fixed few bytes (a hash-set slot: 8
-//! bytes plus a control byte, at most twice that while a set grows) instead
-//! of a general cache entry. A bucket expires whole: dropping a set of
+//! bytes plus a control byte, and the set's spare capacity; 29.5 bytes of
+//! RSS per id measured with 2 million ids) instead of a general cache entry. A bucket expires whole: dropping a set of
 //! plain integers frees its one allocation, so expiry never stalls a
 //! request however many ids it forgets.
 //!
