@@ -775,20 +775,23 @@ mod tests {
         assert_eq!(j.append(100, b"x"), 11);
     }
 
+    /// A journal with three records of `size` bytes, closed; the path of
+    /// the segment that holds them.
+    async fn three_records(dir: &Path, size: usize) -> PathBuf {
+        let j = Journal::open(dir, "s", FsyncPolicy::Always, 1 << 30)
+            .unwrap()
+            .journal;
+        for i in 0..3u8 {
+            let lsn = j.append(1, &vec![i; size]);
+            j.commit(lsn).await.unwrap();
+        }
+        j.current.lock().await.path.clone()
+    }
+
     #[tokio::test]
     async fn a_torn_tail_is_dropped_not_misread() {
         let dir = tempdir();
-        let path;
-        {
-            let j = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30)
-                .unwrap()
-                .journal;
-            for i in 0..3u8 {
-                let lsn = j.append(1, &[i; 100]);
-                j.commit(lsn).await.unwrap();
-            }
-            path = j.current.lock().await.path.clone();
-        }
+        let path = three_records(&dir, 100).await;
         // Cut the last record in half, as a crash mid-write would.
         let len = fs::metadata(&path).unwrap().len();
         OpenOptions::new()
@@ -807,17 +810,7 @@ mod tests {
     #[tokio::test]
     async fn a_flipped_bit_fails_the_checksum() {
         let dir = tempdir();
-        let path;
-        {
-            let j = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30)
-                .unwrap()
-                .journal;
-            for i in 0..3u8 {
-                let lsn = j.append(1, &[i; 10]);
-                j.commit(lsn).await.unwrap();
-            }
-            path = j.current.lock().await.path.clone();
-        }
+        let path = three_records(&dir, 10).await;
         let mut bytes = fs::read(&path).unwrap();
         let last = bytes.len() - 1;
         bytes[last] ^= 0x10;
