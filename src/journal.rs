@@ -174,33 +174,12 @@ impl Journal {
             move |source| JournalError::Dir { path, source }
         };
         fs::create_dir_all(&root).map_err(dir_err(&root))?;
-        let mut mine: Option<(String, PathBuf, File)> = None;
-        let mut entries: Vec<PathBuf> = fs::read_dir(&root)
-            .map_err(dir_err(&root))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir())
-            .collect();
-        entries.sort();
-        for dir in entries {
-            let Some(id) = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("j-"))
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            // A journal written for another store is none of ours, even
-            // when two configurations share a data directory.
-            if fs::read_to_string(dir.join("store")).ok().as_deref() != Some(store) {
-                continue;
-            }
-            let Some(lock) = try_lock(&dir).map_err(dir_err(&dir))? else {
-                continue; // held by a running process
-            };
-            mine = Some((id, dir, lock));
-            break;
-        }
+        // The first journal of this store that no running process holds is
+        // this process's own from before a restart: continue it.
+        let mine = unheld(&root, store, None)?
+            .into_iter()
+            .next()
+            .map(|o| (o.id, o.dir, o.lock));
         let (id, dir, lock) = match mine {
             Some(found) => found,
             None => {
@@ -251,34 +230,7 @@ impl Journal {
     /// The journals of this store that no running process holds: those of
     /// processes that stopped or died. Each is locked while its handle lives.
     pub fn orphans(&self) -> Result<Vec<Orphan>> {
-        let dir_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| JournalError::Dir { path, source }
-        };
-        let mut found = Vec::new();
-        let mut entries: Vec<PathBuf> = fs::read_dir(&self.root)
-            .map_err(dir_err(&self.root))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.is_dir() && *p != self.dir)
-            .collect();
-        entries.sort();
-        for dir in entries {
-            let Some(id) = dir
-                .file_name()
-                .and_then(|n| n.to_str())
-                .and_then(|n| n.strip_prefix("j-"))
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            if fs::read_to_string(dir.join("store")).ok().as_deref() != Some(self.store.as_str()) {
-                continue;
-            }
-            if let Some(lock) = try_lock(&dir).map_err(dir_err(&dir))? {
-                found.push(Orphan { id, dir, lock });
-            }
-        }
-        Ok(found)
+        unheld(&self.root, &self.store, Some(&self.dir))
     }
 
     /// This journal's name in the store's progress table.
@@ -600,6 +552,42 @@ fn new_id() -> String {
         .as_nanos();
     let h = RandomState::new().hash_one((nanos, std::process::id()));
     format!("{h:016x}")
+}
+
+/// The journals under `root` written for `store` that no running process
+/// holds (each locked now, oldest name first), leaving out `except`.
+fn unheld(root: &Path, store: &str, except: Option<&Path>) -> Result<Vec<Orphan>> {
+    let dir_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| JournalError::Dir { path, source }
+    };
+    let mut entries: Vec<PathBuf> = fs::read_dir(root)
+        .map_err(dir_err(root))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_dir() && Some(p.as_path()) != except)
+        .collect();
+    entries.sort();
+    let mut found = Vec::new();
+    for dir in entries {
+        let Some(id) = dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("j-"))
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        // A journal written for another store is none of ours, even when
+        // two configurations share a data directory.
+        if fs::read_to_string(dir.join("store")).ok().as_deref() != Some(store) {
+            continue;
+        }
+        // A journal a running process holds is skipped.
+        if let Some(lock) = try_lock(&dir).map_err(dir_err(&dir))? {
+            found.push(Orphan { id, dir, lock });
+        }
+    }
+    Ok(found)
 }
 
 /// Locks `dir/lock` if nobody holds it.
