@@ -9,7 +9,7 @@
 //! snapshot, in one transaction, is what makes a restart exact.
 
 use std::cell::RefCell;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
@@ -19,6 +19,18 @@ use crate::event::Event;
 use crate::journal::{Journal, JournalError};
 use crate::metrics::{BotMetrics, Metrics};
 use crate::record;
+
+/// Why a checked batch was not accepted; nothing of it counted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Cluster mode: see `cluster::claims`.
+    #[error(
+        "an event_id of this batch is being counted by another replica that has not confirmed it yet; retry in a second"
+    )]
+    Pending,
+}
 
 /// The answer to an accepted request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -31,7 +43,7 @@ pub struct Ingest {
     pub dedupe: Dedupe,
     journal: Option<Journal>,
     /// Cluster mode: ids are claimed across replicas in Redis first.
-    claims: Option<Claims>,
+    claims: Option<Arc<Claims>>,
     /// Shared by requests while they count and append; held exclusively by
     /// the flush while it takes its snapshot.
     gate: RwLock<()>,
@@ -63,9 +75,13 @@ impl Ingest {
     }
 
     /// Cluster mode: an id any replica saw is a duplicate here too.
-    pub fn with_claims(mut self, claims: Claims) -> Self {
+    pub fn with_claims(mut self, claims: Arc<Claims>) -> Self {
         self.claims = Some(claims);
         self
+    }
+
+    pub fn claims(&self) -> Option<&Arc<Claims>> {
+        self.claims.as_ref()
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -81,7 +97,7 @@ impl Ingest {
         bot: &BotMetrics,
         events: &[Event<'_>],
         now_ms: i64,
-    ) -> Result<Accepted, JournalError> {
+    ) -> Result<Accepted, IngestError> {
         if let Some(journal) = &self.journal {
             // Before dedupe remembers anything: a refused batch must be
             // countable when it is retried.
@@ -91,12 +107,30 @@ impl Ingest {
         // Cluster mode: one round trip claims every id of the request
         // before anything is counted (`None`: decide locally).
         let claims = match &self.claims {
-            Some(claims) if events.iter().any(|e| e.event_id.is_some()) => {
+            Some(claims)
+                if self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some()) =>
+            {
                 let ids: Vec<IdHash> = events.iter().filter_map(id_of).collect();
                 claims.claim(&bot.bot, &ids, now_ms).await
             }
             _ => None,
         };
+        // Claims this request made, to confirm once journaled or give back.
+        let made = |claims: &[Claim]| -> Vec<IdHash> {
+            events
+                .iter()
+                .filter_map(id_of)
+                .zip(claims)
+                .filter(|(_, c)| **c == Claim::Fresh)
+                .map(|(id, _)| id)
+                .collect()
+        };
+        if let (Some(registry), Some(claimed)) = (&self.claims, &claims)
+            && claimed.contains(&Claim::Pending)
+        {
+            registry.release(&bot.bot, &made(claimed)).await;
+            return Err(IngestError::Pending);
+        }
         let mut claimed = claims.iter().flatten();
         // Per event: `None` for a duplicate, else its id hash if it has an id.
         let mut fresh: Vec<Option<Option<IdHash>>> = Vec::with_capacity(events.len());
@@ -131,22 +165,18 @@ impl Ingest {
                 _ => None,
             }
         };
-        if let (Some(journal), Some(lsn)) = (&self.journal, lsn)
-            && let Err(e) = journal.commit(lsn).await
-        {
-            if let (Some(claims), Some(made)) = (&self.claims, &claims) {
+        let committed = match (&self.journal, lsn) {
+            (Some(journal), Some(lsn)) => journal.commit(lsn).await,
+            _ => Ok(()),
+        };
+        if let (Some(registry), Some(claimed)) = (&self.claims, &claims) {
+            match &committed {
+                Ok(()) => registry.journaled(&bot.bot, made(claimed)),
                 // Not acknowledged: let the client's retry count anywhere.
-                let mine: Vec<IdHash> = events
-                    .iter()
-                    .filter_map(id_of)
-                    .zip(made)
-                    .filter(|(_, c)| **c == Claim::Fresh)
-                    .map(|(id, _)| id)
-                    .collect();
-                claims.release(&bot.bot, &mine).await;
+                Err(_) => registry.release(&bot.bot, &made(claimed)).await,
             }
-            return Err(e);
         }
+        committed?;
         let accepted = events.len() - duplicates;
         bot.counters.accepted.inc_by(accepted as u64);
         bot.counters.duplicates.inc_by(duplicates as u64);

@@ -79,7 +79,7 @@ impl Application {
                     &config,
                     ClusterMetrics::register(&metrics.registry, config.sync_interval)?,
                 ));
-                ingest = ingest.with_claims(Claims::new(cluster.clone()));
+                ingest = ingest.with_claims(Arc::new(Claims::new(cluster.clone())));
                 Some(cluster)
             }
             None => None,
@@ -268,6 +268,12 @@ impl Application {
             token.clone(),
         ));
         let writer = state.cluster.as_ref().map(|parts| parts.writer.clone());
+        let confirm = state.ingest.claims().map(|claims| {
+            tokio::spawn(crate::cluster::claims::confirm_loop(
+                claims.clone(),
+                token.clone(),
+            ))
+        });
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         tracing::info!(
@@ -286,6 +292,9 @@ impl Application {
         .await;
         token.cancel();
         let _ = tokio::join!(flush, history, journal_sync);
+        if let Some(confirm) = confirm {
+            let _ = confirm.await;
+        }
         if let Some(writer) = writer {
             // After the final sync: the store gets the last totals.
             writer.finish().await;

@@ -134,6 +134,16 @@ impl BotKeys {
         format!("{}id:{:016x}", self.prefix, id.0)
     }
 
+    pub fn parse_claim(&self, key: &str) -> Option<crate::dedupe::IdHash> {
+        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("id:")?;
+        u64::from_str_radix(hex, 16).ok().map(crate::dedupe::IdHash)
+    }
+
+    /// A replica's claims whose events are not yet in its journal.
+    pub fn pending(&self, replica: &str) -> String {
+        format!("{}pending:{replica}", self.prefix)
+    }
+
     /// The keys every sync and read script takes, in their order: the five
     /// per-bot keys, the 24 hourly sketches ending at `now`'s hour and the
     /// 30 daily ones ending at its day (oldest first).
@@ -348,6 +358,9 @@ mod tests {
         for key in all.iter().chain([&keys.claim(crate::dedupe::IdHash(7))]) {
             assert!(key.starts_with("bm:{shop.bot-1}:"), "{key}");
         }
+        let id = crate::dedupe::IdHash(0xdead_beef);
+        assert_eq!(keys.parse_claim(&keys.claim(id)), Some(id));
+        assert!(keys.pending("r1").starts_with("bm:{shop.bot-1}:"));
         let hour = keys.hour_sketch(5);
         assert_eq!(keys.parse_sketch(&hour), Some((true, 5)));
         assert_eq!(keys.parse_sketch(&keys.day_sketch(9)), Some((false, 9)));

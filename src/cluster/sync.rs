@@ -404,6 +404,17 @@ impl Syncer {
                 seeded += 1;
             }
         }
+        if let Some(claims) = self.ingest.claims() {
+            let bots: Vec<&str> = state.bots.iter().map(|b| &*b.bot.bot).collect();
+            let (kept, dropped) = claims.resolve_own(&bots, &self.ingest.dedupe).await?;
+            if kept + dropped > 0 {
+                tracing::info!(
+                    confirmed = kept,
+                    given_back = dropped,
+                    "claims pending at the last stop settled against the journal"
+                );
+            }
+        }
         let Some(journal) = self.ingest.journal() else {
             return Ok(());
         };
