@@ -15,6 +15,13 @@
 # the role needs CREATEDB) and also runs the dashboards' SQL history panel
 # against it with psql.
 #
+# With E2E_REDIS_URL=redis://127.0.0.1:<port> botmetrics runs in cluster mode
+# on that Redis (--sync-interval 1s) and the Redis / sync panels and the
+# cluster alerts' operands must return data too; without it they are
+# reported as skipped. Give it a private, empty Redis (e.g.
+# `redis-server --port 6390 --save '' --appendonly no`): the run writes the
+# bots' cluster totals and dedupe claims into it.
+#
 # Exits non-zero on any failure; everything it starts is stopped on exit.
 # Takes about 30 s; each step has its own time limit, and the whole run is
 # cut at $E2E_TIME_LIMIT seconds (170 by default).
@@ -83,13 +90,20 @@ if [ -n "${E2E_POSTGRES_URL:-}" ]; then
     PSQL_ARGS=(--psql-url "$DATABASE")
 fi
 
-step "botmetrics on $BM ($BIN, ${DATABASE%%:*})"
+REDIS_ARGS=()
+CLUSTER_ARGS=()
+if [ -n "${E2E_REDIS_URL:-}" ]; then
+    REDIS_ARGS=(--redis-url "$E2E_REDIS_URL" --sync-interval 1s)
+    CLUSTER_ARGS=(--cluster)
+fi
+
+step "botmetrics on $BM ($BIN, ${DATABASE%%:*}${E2E_REDIS_URL:+, cluster mode on $E2E_REDIS_URL})"
 # Short intervals so that flushes, history writes and cache expiry all
 # happen within the run; the TTL matches the 1 s scrape interval, as the
 # shipped config matches 30 s with 30 s.
 "$BIN" --listen "127.0.0.1:$BM_PORT" --tokens "$BOT=$TOKEN,otherbot=secret2" \
     --database-url "$DATABASE" --metrics-cache-ttl 1s \
-    --flush-interval 1s --history-interval 2s >"$WORK/botmetrics.log" 2>&1 &
+    --flush-interval 1s --history-interval 2s "${REDIS_ARGS[@]}" >"$WORK/botmetrics.log" 2>&1 &
 PIDS+=("$!")
 "${CHECK[@]}" wait-http "$BM/readyz" 20
 
@@ -149,7 +163,7 @@ kill "$STORM" 2>/dev/null || true
 step "Every dashboard and rule expression through $PROM/api/v1/query"
 sleep 2  # one more scrape and rule evaluation
 timeout 90 "${CHECK[@]}" check --prom "$PROM" --bot "$BOT" --rules-file "$REPO/prometheus/rules.yml" \
-    "${PSQL_ARGS[@]}" dashboards/bot-overview.json dashboards/botmetrics-internals.json
+    "${PSQL_ARGS[@]}" "${CLUSTER_ARGS[@]}" dashboards/bot-overview.json dashboards/botmetrics-internals.json
 
 step "dashboards/README.md's Prometheus command: the shipped prometheus.yml, temporary storage"
 README_PROM_PORT=$(free_port)

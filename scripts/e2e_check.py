@@ -8,7 +8,7 @@
     e2e_check.py counts --prom URL --bot BOT --counts FILE [--timeout S]
                                                      Prometheus holds exactly what the simulator sent
     e2e_check.py no-alerts --prom URL                no alert pending or firing
-    e2e_check.py check --prom URL --bot BOT --rules-file F [--psql-url URL] DASHBOARD.json...
+    e2e_check.py check --prom URL --bot BOT --rules-file F [--psql-url URL] [--cluster] DASHBOARD.json...
     e2e_check.py lint DASHBOARD.json...              static checks, no server needed
 
 `check` evaluates, through Prometheus' HTTP API, every PromQL expression of
@@ -17,7 +17,12 @@ rules file (taken from /api/v1/rules, i.e. exactly what Prometheus loaded).
 Each must parse and return at least one non-NaN sample, and a dashboard
 target about the bot (one that uses `$bot`) a sample above 0: every closed
 series exists at 0 from start-up, so "returns data" alone would pass with
-nothing counted. The only exceptions are ZERO_ON_A_HEALTHY_RUN below. Rules:
+nothing counted. The only exceptions are ZERO_ON_A_HEALTHY_RUN below, and
+the cluster-mode self-metrics (CLUSTER_ONLY below), which botmetrics exposes
+only with --redis-url: without `--cluster` an expression over them that
+returns nothing is reported as skipped (it must still parse); with
+`--cluster` (botmetrics run with --redis-url) it must return data like
+any other. Rules:
 
 * A recording rule: its expression and the series it records.
 * An alert rule: its full expression must parse, but may be empty (the
@@ -105,13 +110,18 @@ class Report:
         self.failed += 1
         print(f"FAIL  {what}\n      {detail}", flush=True)
 
-    def data(self, what: str, prom: str, expr: str, positive: bool = False) -> None:
+    def data(self, what: str, prom: str, expr: str, positive: bool = False,
+             may_be_empty: bool = False) -> None:
         """Pass when expr parses and has at least one non-NaN sample (with
-        `positive`, one above 0)."""
+        `positive`, one above 0). With `may_be_empty`, no sample at all is
+        reported as skipped instead of failed."""
         parsed, err, samples = query(prom, expr)
         shown = f"`{one_line(expr)}`"
         if not parsed:
             self.fail(what, f"{shown}: does not evaluate: {err}")
+        elif not samples and may_be_empty:
+            print(f"SKIP  {what}\n      {shown}: parsed OK, no data: cluster-mode series, "
+                  "and this botmetrics runs without --redis-url (check --cluster requires them)", flush=True)
         elif not samples:
             self.fail(what, f"{shown}: parsed, but returned no data")
         elif all(math.isnan(v) for _, v in samples):
@@ -270,7 +280,13 @@ def check_sql(rep: Report, what: str, psql_url: str, sql: str, bot: str) -> None
         rep.ok(what, f"{shown}: {len(rows)} rows, e.g. {rows[-1]!r}")
 
 
-def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: str | None = None) -> None:
+def cluster_only(expr: str, cluster: bool) -> bool:
+    """True when expr reads a cluster-mode series and the run has none."""
+    return not cluster and re.search(CLUSTER_ONLY, expr) is not None
+
+
+def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: str | None = None,
+                     cluster: bool = False) -> None:
     for path in files:
         with open(path) as f:
             dash = json.load(f)  # also proves the file is valid JSON
@@ -305,15 +321,20 @@ def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: st
                     rep.fail(what, f"unknown variable left in `{one_line(expr)}`")
                     continue
                 about_bot = "$bot" in t["expr"] and not any(m in expr for m in ZERO_ON_A_HEALTHY_RUN)
-                rep.data(what, prom, expr, positive=about_bot)
+                rep.data(what, prom, expr, positive=about_bot, may_be_empty=cluster_only(expr, cluster))
 
 
 # Per-bot metrics that stay at 0 on a healthy run with a well-behaved
 # client: their panels must return data, but may read 0.
-ZERO_ON_A_HEALTHY_RUN = ("botmetrics_events_duplicate_total", "botmetrics_label_overflow_total")
+ZERO_ON_A_HEALTHY_RUN = ("botmetrics_events_duplicate_total", "botmetrics_label_overflow_total",
+                         "botmetrics_dedupe_fallbacks_total")
+
+# Self-metrics botmetrics registers only with --redis-url (cluster mode).
+CLUSTER_ONLY = (r"\bbotmetrics_(redis_up|sync_\w+|last_sync_timestamp_seconds|dedupe_fallbacks_total"
+                r"|cluster_writer|redis_reseeds_total)\b")
 
 
-def check_rules(rep: Report, prom: str, rules_file: str) -> None:
+def check_rules(rep: Report, prom: str, rules_file: str, cluster: bool = False) -> None:
     reply = prom_get(prom, "/api/v1/rules")
     groups = [g for g in reply.get("data", {}).get("groups", [])
               if os.path.realpath(g["file"]) == os.path.realpath(rules_file)]
@@ -334,7 +355,7 @@ def check_rules(rep: Report, prom: str, rules_file: str) -> None:
             else:
                 rep.parses(what, prom, r["query"])
                 for operand in data_operands(r["query"]):
-                    rep.data(what + " operand", prom, operand)
+                    rep.data(what + " operand", prom, operand, may_be_empty=cluster_only(operand, cluster))
                 for a in r.get("alerts", []):
                     for k, v in a.get("annotations", {}).items():
                         if "error" in v and "template" in v:
@@ -442,8 +463,8 @@ def cmd_lint(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     rep = Report()
-    check_rules(rep, args.prom, args.rules_file)
-    check_dashboards(rep, args.prom, args.bot, args.dashboards, args.psql_url)
+    check_rules(rep, args.prom, args.rules_file, args.cluster)
+    check_dashboards(rep, args.prom, args.bot, args.dashboards, args.psql_url, args.cluster)
     print(f"{rep.passed} passed, {rep.failed} failed")
     return 1 if rep.failed or not rep.passed else 0
 
@@ -594,6 +615,8 @@ def main() -> int:
     c.add_argument("--bot", required=True)
     c.add_argument("--rules-file", required=True)
     c.add_argument("--psql-url", help="botmetrics' PostgreSQL database, to run the SQL panels")
+    c.add_argument("--cluster", action="store_true",
+                   help="botmetrics runs with --redis-url: its cluster-mode series must return data too")
     c.add_argument("dashboards", nargs="+")
     w = sub.add_parser("wait-alert")
     w.add_argument("--prom", required=True)
