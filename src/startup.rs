@@ -77,7 +77,11 @@ impl Application {
                     Redis::new(urls.clone()),
                     replica,
                     &config,
-                    ClusterMetrics::register(&metrics.registry, config.sync_interval)?,
+                    ClusterMetrics::register(
+                        &metrics.registry,
+                        config.sync_interval,
+                        config.tokens.bots(),
+                    )?,
                 ));
                 ingest = ingest.with_claims(Arc::new(Claims::new(cluster.clone())));
                 Some(cluster)
@@ -93,7 +97,7 @@ impl Application {
             config.dedupe_window,
         ));
         let cluster = cluster.map(|cluster| {
-            let view = Arc::new(View::new(cluster.clone()));
+            let view = Arc::new(View::new(cluster.clone(), persistence.store.clone()));
             let parts = ClusterParts {
                 syncer: Arc::new(Syncer::new(
                     cluster.clone(),

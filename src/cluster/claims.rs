@@ -161,6 +161,9 @@ impl Claims {
     /// Takes `keep` out of the pending set (confirmed) and deletes `drop`
     /// (given back), in one round trip.
     async fn settle(&self, bot: &str, keep: &[IdHash], drop: &[IdHash]) -> Result<()> {
+        if keep.is_empty() && drop.is_empty() {
+            return Ok(());
+        }
         let keys = BotKeys::new(bot);
         let pending = keys.pending(&self.cluster.replica);
         let mut pipe = redis::pipe();

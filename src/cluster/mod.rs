@@ -193,7 +193,11 @@ pub struct ClusterMetrics {
 }
 
 impl ClusterMetrics {
-    pub fn register(registry: &Registry, sync_interval: Duration) -> prometheus::Result<Self> {
+    pub fn register(
+        registry: &Registry,
+        sync_interval: Duration,
+        bots: &[Arc<str>],
+    ) -> prometheus::Result<Self> {
         fn reg<C: prometheus::core::Collector + Clone + 'static>(
             r: &Registry,
             c: C,
@@ -209,7 +213,7 @@ impl ClusterMetrics {
             )?,
         )?;
         interval.set(sync_interval.as_secs_f64());
-        Ok(ClusterMetrics {
+        let metrics = ClusterMetrics {
             redis_up: reg(
                 registry,
                 IntGauge::new(
@@ -281,7 +285,12 @@ impl ClusterMetrics {
                     "Bots whose cluster totals this replica seeded into Redis from the store (at first start, or after Redis lost its data).",
                 )?,
             )?,
-        })
+        };
+        // Every bot's series exists from start-up, at 0.
+        for bot in bots {
+            metrics.dedupe_fallbacks.with_label_values(&[&**bot]);
+        }
+        Ok(metrics)
     }
 }
 

@@ -390,6 +390,7 @@ impl Syncer {
     /// holds of each, so a restart (or `kill -9`) neither loses nor repeats.
     async fn prepare(&self, state: &mut State) -> Result<()> {
         let conn = timed(self.cluster.redis.conn()).await?;
+        warn_about_eviction(conn.clone()).await;
         let mut stored = None;
         let mut seeded = 0;
         for b in &state.bots {
@@ -583,6 +584,26 @@ impl Invocation {
             invocation.arg(arg.as_slice());
         }
         invocation.invoke_async(conn).await
+    }
+}
+
+/// An evicting Redis may drop a bot's totals or claims under memory
+/// pressure while its seeded marker stays, which no reseed would mend.
+/// Best effort: managed Redis often refuses CONFIG, and that is fine.
+async fn warn_about_eviction(mut conn: super::connection::Conn) {
+    let policy: redis::RedisResult<Vec<String>> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("maxmemory-policy")
+        .query_async(&mut conn)
+        .await;
+    if let Ok(policy) = policy
+        && let Some(policy) = policy.get(1)
+        && policy != "noeviction"
+    {
+        tracing::warn!(
+            policy = %policy,
+            "redis may evict keys under memory pressure (maxmemory-policy {policy}); cluster totals and dedupe claims need `maxmemory-policy noeviction`"
+        );
     }
 }
 

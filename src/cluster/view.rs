@@ -10,7 +10,8 @@ use redis::Value;
 use super::sync::parse_field;
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::metrics::Metrics;
-use crate::store::{DailyRow, SeriesRow, Stored};
+use crate::metrics::bot::ACTIVE_USERS;
+use crate::store::{DailyRow, SeriesRow, Store, Stored};
 
 /// One bot's cluster totals at one instant.
 #[derive(Debug, Clone, Default)]
@@ -29,6 +30,7 @@ pub struct BotView {
 
 pub struct View {
     cluster: Arc<Cluster>,
+    store: Arc<Store>,
     script: redis::Script,
     /// The last good read of each bot: what the summary answers with while
     /// Redis is away, rather than fail the bot's own command.
@@ -36,9 +38,10 @@ pub struct View {
 }
 
 impl View {
-    pub fn new(cluster: Arc<Cluster>) -> Self {
+    pub fn new(cluster: Arc<Cluster>, store: Arc<Store>) -> Self {
         View {
             cluster,
+            store,
             script: redis::Script::new(include_str!("lua/read.lua")),
             last: Mutex::new(HashMap::new()),
         }
@@ -87,20 +90,35 @@ impl View {
     }
 
     /// The summary's figures: a fresh `Metrics` holding the cluster totals
-    /// of `bots` (or, for a bot Redis cannot give now, its last good read,
-    /// else this replica's own), so the summary is built as in one process.
-    pub async fn metrics(&self, local: &Metrics, bots: &[Arc<str>]) -> prometheus::Result<Metrics> {
+    /// of `bots`, so the summary is built as in one process. While Redis
+    /// cannot answer: its last good read of a bot, else the cluster totals
+    /// the store holds (at most a flush interval older), else this
+    /// replica's own counts.
+    pub async fn metrics(
+        &self,
+        local: &Metrics,
+        bots: &[Arc<str>],
+    ) -> prometheus::Result<Metrics> {
         let names: Vec<&str> = bots.iter().map(|b| &**b).collect();
         let read = self.read(&names, false).await;
-        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
-        if let Ok(views) = &read {
-            for view in views.iter().flatten() {
-                last.insert(view.bot.clone(), view.clone());
+        let mut views: Vec<Option<BotView>> = {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Ok(views) = &read {
+                for view in views.iter().flatten() {
+                    last.insert(view.bot.clone(), view.clone());
+                }
+            }
+            names.iter().map(|name| last.get(*name).cloned()).collect()
+        };
+        if views.iter().any(Option::is_none)
+            && let Ok(stored) = self.store.load().await
+        {
+            for (name, view) in names.iter().zip(views.iter_mut()) {
+                if view.is_none() {
+                    *view = Some(from_store(&stored, name));
+                }
             }
         }
-        let views: Vec<Option<BotView>> =
-            names.iter().map(|name| last.get(*name).cloned()).collect();
-        drop(last);
         let metrics = Metrics::new(bots, usize::MAX, local.calendar().tz(), 0.0)?;
         let now = chrono::Utc::now().timestamp();
         for (bot, view) in bots.iter().zip(views) {
@@ -118,7 +136,6 @@ impl View {
                     cluster_bot.active.set_cluster(view.users);
                 }
                 None => {
-                    // Redis never answered for it: this replica's own.
                     if let Some(own) = local.bot(bot) {
                         let stored = Stored {
                             series: crate::persist::bot_rows(own),
@@ -139,6 +156,33 @@ impl View {
         }
         Ok(metrics)
     }
+}
+
+/// A bot's cluster totals as the store keeps them.
+fn from_store(stored: &Stored, bot: &str) -> BotView {
+    let mut view = BotView {
+        bot: bot.to_owned(),
+        ..BotView::default()
+    };
+    for row in stored.series.iter().filter(|r| r.bot == bot) {
+        if row.metric == ACTIVE_USERS.name {
+            let window = ["1d", "7d", "30d"]
+                .iter()
+                .position(|w| row.labels == format!(r#"{{"window":"{w}"}}"#));
+            if let Some(i) = window {
+                view.users[i] = row.value.max(0.0) as u64;
+            }
+        } else {
+            view.series.push(row.clone());
+        }
+    }
+    view.daily = stored
+        .daily
+        .iter()
+        .filter(|d| d.bot == bot)
+        .cloned()
+        .collect();
+    view
 }
 
 fn bytes(v: &Value) -> Option<&[u8]> {

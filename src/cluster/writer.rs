@@ -99,36 +99,27 @@ impl Writer {
     }
 
     /// Takes or renews the lease; on taking it, the store's lease too, and
-    /// what the store holds. False while another replica writes.
+    /// what the store holds. False while another replica writes. A Redis
+    /// error steps down: a lease that cannot be renewed is not held.
     async fn hold_lease(&self, state: &mut State) -> Result<bool> {
-        let mut conn = timed(self.cluster.redis.conn()).await?;
-        let ttl_ms = self.lease_ttl.as_millis() as u64;
-        if state.holding {
-            let renewed: i64 = timed(
-                self.renew
-                    .key(LEASE_KEY)
-                    .arg(&self.cluster.replica)
-                    .arg(ttl_ms)
-                    .invoke_async(&mut conn),
-            )
-            .await?;
-            if renewed == 1 {
-                return Ok(true);
+        let held = self.renew_or_take().await;
+        let taken = match held {
+            Ok(true) if state.holding => return Ok(true),
+            Ok(true) => true,
+            Ok(false) => false,
+            Err(e) => {
+                if state.holding {
+                    tracing::warn!(error = %e, "redis unreachable: this replica stops writing the cluster totals until it can renew its lease");
+                    self.step_down(state).await;
+                }
+                return Err(e);
             }
-            tracing::warn!("the store-writer lease expired and another replica took it");
-            self.step_down(state).await;
-        }
-        let taken: Option<String> = timed(
-            redis::cmd("SET")
-                .arg(LEASE_KEY)
-                .arg(&self.cluster.replica)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl_ms)
-                .query_async(&mut conn),
-        )
-        .await?;
-        if taken.is_none() {
+        };
+        if !taken {
+            if state.holding {
+                tracing::warn!("the store-writer lease expired and another replica took it");
+                self.step_down(state).await;
+            }
             return Ok(false);
         }
         let prepared = async {
@@ -145,12 +136,7 @@ impl Writer {
         };
         if let Err(e) = prepared.await {
             // Give the lease back at once: another replica may do better.
-            let _: redis::RedisResult<i64> = self
-                .release
-                .key(LEASE_KEY)
-                .arg(&self.cluster.replica)
-                .invoke_async(&mut conn)
-                .await;
+            self.give_back().await;
             self.store.release_writer().await;
             return Err(e);
         }
@@ -162,6 +148,46 @@ impl Writer {
             self.store.backend()
         );
         Ok(true)
+    }
+
+    /// Renews the lease if this replica holds it, else takes it if free.
+    async fn renew_or_take(&self) -> Result<bool> {
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let ttl_ms = self.lease_ttl.as_millis() as u64;
+        let renewed: i64 = timed(
+            self.renew
+                .key(LEASE_KEY)
+                .arg(&self.cluster.replica)
+                .arg(ttl_ms)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        if renewed == 1 {
+            return Ok(true);
+        }
+        let taken: Option<String> = timed(
+            redis::cmd("SET")
+                .arg(LEASE_KEY)
+                .arg(&self.cluster.replica)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    async fn give_back(&self) {
+        if let Ok(mut conn) = self.cluster.redis.conn().await {
+            let _: Result<i64> = timed(
+                self.release
+                    .key(LEASE_KEY)
+                    .arg(&self.cluster.replica)
+                    .invoke_async(&mut conn),
+            )
+            .await;
+        }
     }
 
     async fn step_down(&self, state: &mut State) {
@@ -187,6 +213,10 @@ impl Writer {
         let started = Instant::now();
         let mut state = self.state.lock().await;
         if !self.hold_lease(&mut state).await? {
+            // Not the writer: still say whether the store answers, so the
+            // store alert means the same on every replica.
+            let up = self.store.ping().await.is_ok();
+            self.metrics.selfm.store_up.set(i64::from(up));
             return Ok(FlushOutcome::Idle);
         }
         let names: Vec<&str> = self.bots.iter().map(|b| &**b).collect();
@@ -351,14 +381,7 @@ impl Writer {
             }
         }
         let mut state = self.state.lock().await;
-        if let Ok(mut conn) = self.cluster.redis.conn().await {
-            let _: redis::RedisResult<i64> = self
-                .release
-                .key(LEASE_KEY)
-                .arg(&self.cluster.replica)
-                .invoke_async(&mut conn)
-                .await;
-        }
+        self.give_back().await;
         self.step_down(&mut state).await;
     }
 }
