@@ -65,6 +65,17 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_SUMMARY_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
     pub summary_cache_ttl: Duration,
 
+    /// Redis that several replicas share (cluster mode):
+    /// `redis://[user:pass@]host:port[/db]`, `rediss://` for TLS; several
+    /// comma-separated URLs are the seed nodes of a Redis Cluster. Unset:
+    /// one process with its own totals.
+    #[arg(long, env = "BOTMETRICS_REDIS_URL", hide_env_values = true, value_parser = parse_redis_urls)]
+    pub redis_url: Option<RedisUrls>,
+
+    /// Cluster mode: how often each replica sends what it counted to Redis.
+    #[arg(long, env = "BOTMETRICS_SYNC_INTERVAL", value_parser = parse_positive_duration, default_value = "10s")]
+    pub sync_interval: Duration,
+
     /// How often changed series are written to the `real_time_metrics` table.
     #[arg(long, env = "BOTMETRICS_FLUSH_INTERVAL", value_parser = parse_positive_duration, default_value = "10s")]
     pub flush_interval: Duration,
@@ -250,6 +261,52 @@ pub fn parse_tokens(raw: &str) -> Result<Tokens, String> {
 }
 
 /// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
+/// The Redis URLs of `--redis-url`: one server, or a Redis Cluster's seeds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisUrls(pub Vec<String>);
+
+impl RedisUrls {
+    /// Several URLs name the seed nodes of a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.0.len() > 1
+    }
+
+    /// The URLs without passwords, for logs and the journal's store name.
+    pub fn redacted(&self) -> String {
+        self.0
+            .iter()
+            .map(|u| crate::store::redacted(u))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+pub fn parse_redis_urls(raw: &str) -> Result<RedisUrls, String> {
+    let urls: Vec<String> = raw
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if urls.is_empty() {
+        return Err(
+            "give redis://host:port (several, comma-separated, for a Redis Cluster)".into(),
+        );
+    }
+    for url in &urls {
+        let scheme_ok = url.starts_with("redis://") || url.starts_with("rediss://");
+        if !scheme_ok {
+            return Err(format!(
+                "`{}` is not a redis:// or rediss:// URL",
+                crate::store::redacted(url)
+            ));
+        }
+        redis::IntoConnectionInfo::into_connection_info(url.as_str())
+            .map_err(|e| format!("`{}`: {e}", crate::store::redacted(url)))?;
+    }
+    Ok(RedisUrls(urls))
+}
+
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim())
         .map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))

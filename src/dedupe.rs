@@ -129,6 +129,12 @@ impl Dedupe {
         Seen::First
     }
 
+    /// Whether `id` is remembered (without remembering it).
+    pub fn contains(&self, id: IdHash) -> bool {
+        let shard = self.shard(id).lock().unwrap_or_else(|e| e.into_inner());
+        shard.buckets.iter().any(|b| b.ids.contains(&id.0))
+    }
+
     /// Remembers an id read back from the journal at start, as seen at
     /// `at_ms` (unix milliseconds).
     pub fn remember(&self, id: IdHash, at_ms: i64, now_ms: i64) {

@@ -62,6 +62,11 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 
+    /// Cluster mode: an event_id of the batch is being counted by another
+    /// replica that has not confirmed it yet. Nothing of the batch counted.
+    #[error("{0}")]
+    RetryLater(String),
+
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
 
@@ -69,6 +74,15 @@ pub enum Error {
     /// or broken by a failed write. Nothing of the batch was acknowledged.
     #[error(transparent)]
     Journal(#[from] crate::journal::JournalError),
+}
+
+impl From<crate::ingest::IngestError> for Error {
+    fn from(e: crate::ingest::IngestError) -> Self {
+        match e {
+            crate::ingest::IngestError::Journal(e) => Error::Journal(e),
+            pending @ crate::ingest::IngestError::Pending => Error::RetryLater(pending.to_string()),
+        }
+    }
 }
 
 impl Error {
@@ -83,7 +97,7 @@ impl Error {
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Error::Unavailable(_) | Error::Store(_) | Error::Journal(_) => {
+            Error::Unavailable(_) | Error::Store(_) | Error::Journal(_) | Error::RetryLater(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
         }
@@ -103,6 +117,7 @@ impl Error {
             Error::NotFound(_) => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Unavailable(_) | Error::Store(_) => "unavailable",
+            Error::RetryLater(_) => "retry_later",
             Error::Journal(crate::journal::JournalError::Full { .. }) => "journal_full",
             Error::Journal(_) => "journal_failed",
         }
@@ -164,6 +179,12 @@ impl IntoResponse for Error {
             index: self.index(),
         };
         let mut response = (self.status(), Json(body)).into_response();
+        if let Error::RetryLater(_) = &self {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
         if let Error::Store(e) = &self {
             response
                 .extensions_mut()

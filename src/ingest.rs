@@ -9,15 +9,28 @@
 //! snapshot, in one transaction, is what makes a restart exact.
 
 use std::cell::RefCell;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
+use crate::cluster::claims::{Claim, Claims};
 use crate::dedupe::{Dedupe, IdHash, Seen};
 use crate::event::Event;
 use crate::journal::{Journal, JournalError};
 use crate::metrics::{BotMetrics, Metrics};
 use crate::record;
+
+/// Why a checked batch was not accepted; nothing of it counted.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Cluster mode: see `cluster::claims`.
+    #[error(
+        "an event_id of this batch is being counted by another replica that has not confirmed it yet; retry in a second"
+    )]
+    Pending,
+}
 
 /// The answer to an accepted request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -29,6 +42,8 @@ pub struct Accepted {
 pub struct Ingest {
     pub dedupe: Dedupe,
     journal: Option<Journal>,
+    /// Cluster mode: ids are claimed across replicas in Redis first.
+    claims: Option<Arc<Claims>>,
     /// Shared by requests while they count and append; held exclusively by
     /// the flush while it takes its snapshot.
     gate: RwLock<()>,
@@ -54,8 +69,19 @@ impl Ingest {
         Ingest {
             dedupe,
             journal,
+            claims: None,
             gate: RwLock::new(()),
         }
+    }
+
+    /// Cluster mode: an id any replica saw is a duplicate here too.
+    pub fn with_claims(mut self, claims: Arc<Claims>) -> Self {
+        self.claims = Some(claims);
+        self
+    }
+
+    pub fn claims(&self) -> Option<&Arc<Claims>> {
+        self.claims.as_ref()
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -71,20 +97,51 @@ impl Ingest {
         bot: &BotMetrics,
         events: &[Event<'_>],
         now_ms: i64,
-    ) -> Result<Accepted, JournalError> {
+    ) -> Result<Accepted, IngestError> {
         if let Some(journal) = &self.journal {
             // Before dedupe remembers anything: a refused batch must be
             // countable when it is retried.
             journal.check_room()?;
         }
+        let id_of = |e: &Event<'_>| e.event_id.as_deref().map(|id| IdHash::of(&bot.bot, id));
+        // Cluster mode: one round trip claims every id of the request
+        // before anything is counted (`None`: decide locally).
+        let claims = match &self.claims {
+            Some(claims)
+                if self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some()) =>
+            {
+                let ids: Vec<IdHash> = events.iter().filter_map(id_of).collect();
+                claims.claim(&bot.bot, &ids, now_ms).await
+            }
+            _ => None,
+        };
+        // Claims this request made, to confirm once journaled or give back.
+        let made = |claims: &[Claim]| -> Vec<IdHash> {
+            events
+                .iter()
+                .filter_map(id_of)
+                .zip(claims)
+                .filter(|(_, c)| **c == Claim::Fresh)
+                .map(|(id, _)| id)
+                .collect()
+        };
+        if let (Some(registry), Some(claimed)) = (&self.claims, &claims)
+            && claimed.contains(&Claim::Pending)
+        {
+            registry.release(&bot.bot, &made(claimed)).await;
+            return Err(IngestError::Pending);
+        }
+        let mut claimed = claims.iter().flatten();
         // Per event: `None` for a duplicate, else its id hash if it has an id.
         let mut fresh: Vec<Option<Option<IdHash>>> = Vec::with_capacity(events.len());
         let mut duplicates = 0;
         let lsn = {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
             for event in events {
-                let id = event.event_id.as_deref().map(|id| IdHash::of(&bot.bot, id));
-                let first = id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
+                let id = id_of(event);
+                let claim = id.and_then(|_| claimed.next().copied());
+                let first = claim != Some(Claim::Taken)
+                    && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
                 if first {
                     bot.apply(event);
                     fresh.push(Some(id));
@@ -108,9 +165,18 @@ impl Ingest {
                 _ => None,
             }
         };
-        if let (Some(journal), Some(lsn)) = (&self.journal, lsn) {
-            journal.commit(lsn).await?;
+        let committed = match (&self.journal, lsn) {
+            (Some(journal), Some(lsn)) => journal.commit(lsn).await,
+            _ => Ok(()),
+        };
+        if let (Some(registry), Some(claimed)) = (&self.claims, &claims) {
+            match &committed {
+                Ok(()) => registry.journaled(&bot.bot, made(claimed)),
+                // Not acknowledged: let the client's retry count anywhere.
+                Err(_) => registry.release(&bot.bot, &made(claimed)).await,
+            }
         }
+        committed?;
         let accepted = events.len() - duplicates;
         bot.counters.accepted.inc_by(accepted as u64);
         bot.counters.duplicates.inc_by(duplicates as u64);
@@ -151,28 +217,35 @@ impl Ingest {
         Ok(ids)
     }
 
-    /// Counts this process's journal records past `applied` (what the store
-    /// holds) and up to what was on disk at open: events counted before a
-    /// crash but never flushed. Records appended since open are in memory.
-    pub fn replay_own(&self, metrics: &Metrics, applied: u64) -> Result<Replayed, JournalError> {
+    /// Counts this process's journal records past what the store (or, in
+    /// cluster mode, Redis) holds of each bot (`applied(bot)`), up to what
+    /// was on disk at open: events counted before a crash but never
+    /// flushed. Records appended since open are in memory already.
+    pub fn replay_own(
+        &self,
+        metrics: &Metrics,
+        applied: impl Fn(&str) -> u64,
+    ) -> Result<Replayed, JournalError> {
         let mut report = Replayed::default();
         let Some(journal) = &self.journal else {
             return Ok(report);
         };
+        let floor = floor(metrics, |bot| applied(bot));
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-        journal.replay(applied, journal.recovered_lsn(), |r| {
-            count_record(metrics, r.body, &mut report);
+        journal.replay(floor, journal.recovered_lsn(), |r| {
+            count_record(metrics, &r, &applied, &mut report);
         })?;
         Ok(report)
     }
 
     /// Counts the records of stopped processes' journals past what the store
-    /// applied of each, moving them into this process's journal (so they are
-    /// flushed, and trimmed, like its own), then deletes the orphans.
+    /// applied of each (`applied(journal, bot)`), moving them into this
+    /// process's journal (so they are flushed, and trimmed, like its own),
+    /// then deletes the orphans.
     pub async fn adopt_orphans(
         &self,
         metrics: &Metrics,
-        applied: impl Fn(&str) -> u64,
+        applied: impl Fn(&str, &str) -> u64,
     ) -> Result<Replayed, JournalError> {
         let mut report = Replayed::default();
         let Some(journal) = &self.journal else {
@@ -183,8 +256,11 @@ impl Ingest {
             {
                 let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
                 let now_ms = chrono::Utc::now().timestamp_millis();
-                orphan.replay(applied(&orphan.id), |r| {
-                    count_record(metrics, r.body, &mut report);
+                let applied = |bot: &str| applied(&orphan.id, bot);
+                orphan.replay(floor(metrics, applied), |r| {
+                    if !count_record(metrics, &r, &applied, &mut report) {
+                        return;
+                    }
                     // Its retries are duplicates here too.
                     if let Ok(decoded) = record::decode(r.body) {
                         for id in decoded.events.into_iter().filter_map(|(_, id)| id) {
@@ -205,6 +281,17 @@ impl Ingest {
     }
 }
 
+/// The lowest of every bot's applied mark: no record at or below it is
+/// wanted, so a replay starts past it.
+fn floor(metrics: &Metrics, applied: impl Fn(&str) -> u64) -> u64 {
+    metrics
+        .bots()
+        .iter()
+        .map(|b| applied(&b.bot))
+        .min()
+        .unwrap_or(0)
+}
+
 /// An iterator whose length is known without counting.
 struct ExactSize<I>(I, usize);
 
@@ -220,21 +307,34 @@ impl<I: Iterator> Iterator for ExactSize<I> {
 
 impl<I: Iterator> ExactSizeIterator for ExactSize<I> {}
 
-fn count_record(metrics: &Metrics, body: &[u8], report: &mut Replayed) {
-    report.records += 1;
-    match record::decode(body) {
-        Ok(decoded) => match metrics.bot(decoded.bot) {
-            Some(bot) => {
-                for (event, _) in &decoded.events {
-                    bot.apply(event);
+/// Counts one replayed record unless its bot's applied mark covers it.
+/// Returns whether it is wanted (counted, or undecodable and so kept).
+fn count_record(
+    metrics: &Metrics,
+    r: &crate::journal::Record<'_>,
+    applied: &impl Fn(&str) -> u64,
+    report: &mut Replayed,
+) -> bool {
+    match record::decode(r.body) {
+        Ok(decoded) if r.lsn <= applied(decoded.bot) => false,
+        Ok(decoded) => {
+            report.records += 1;
+            match metrics.bot(decoded.bot) {
+                Some(bot) => {
+                    for (event, _) in &decoded.events {
+                        bot.apply(event);
+                    }
+                    report.events += decoded.events.len() as u64;
                 }
-                report.events += decoded.events.len() as u64;
+                None => report.skipped += decoded.events.len() as u64,
             }
-            None => report.skipped += decoded.events.len() as u64,
-        },
+            true
+        }
         Err(e) => {
+            report.records += 1;
             tracing::warn!(error = %e, "journal record skipped");
             report.skipped += 1;
+            true
         }
     }
 }

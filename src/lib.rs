@@ -21,6 +21,8 @@
 //! * [`summary`]: the bot's `/metrics` answer, as JSON or chat text.
 //! * [`persist`]: snapshot, diff and restore between memory and the store.
 //! * [`store`]: the only module with SQL (PostgreSQL and SQLite).
+//! * [`cluster`]: cluster mode (`--redis-url`): syncs to Redis, dedupe
+//!   across replicas, the cluster totals for summaries and the store.
 //! * [`tasks`]: the flush and history loops around `persist`'s one-step
 //!   functions.
 //! * [`serve`]: the accept loop: header-read timeout, a bound on
@@ -28,6 +30,7 @@
 //! * [`startup`]: builds the application and runs it until stopped.
 //! * [`error`]: the API's error type and its JSON shape.
 
+pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod error;

@@ -101,7 +101,17 @@ impl Visitor for Flatten {
 pub fn snapshot(metrics: &Metrics) -> Vec<SeriesRow> {
     let mut flat = Flatten(Vec::with_capacity(1024));
     metrics.visit(&mut flat);
-    let mut rows = flat.0;
+    finite(flat.0)
+}
+
+/// One bot's series as stored rows, as [`snapshot`] gives them.
+pub fn bot_rows(bot: &crate::metrics::BotMetrics) -> Vec<SeriesRow> {
+    let mut flat = Flatten(Vec::with_capacity(64));
+    bot.visit(&mut flat);
+    finite(flat.0)
+}
+
+fn finite(mut rows: Vec<SeriesRow>) -> Vec<SeriesRow> {
     let before = rows.len();
     rows.retain(|r| r.value.is_finite());
     if rows.len() < before {
@@ -148,6 +158,7 @@ fn beyond(stored: &store::Stored, written: &Flushed) -> store::Stored {
         sketches: stored.sketches.clone(),
         daily,
         progress: stored.progress.clone(),
+        ..store::Stored::default()
     }
 }
 
@@ -290,7 +301,7 @@ struct Flushed {
 /// The link between memory and the store, shared by the flush and history
 /// tasks (and by tests, which call the one-step functions directly).
 pub struct Persistence {
-    pub store: Store,
+    pub store: Arc<Store>,
     metrics: Arc<Metrics>,
     ingest: Arc<Ingest>,
     retention: chrono::Duration,
@@ -315,7 +326,7 @@ impl Persistence {
         dedupe_window: std::time::Duration,
     ) -> Self {
         Persistence {
-            store,
+            store: Arc::new(store),
             metrics,
             ingest,
             retention: chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX),
@@ -398,7 +409,7 @@ impl Persistence {
             if !state.replayed {
                 let replayed = self
                     .ingest
-                    .replay_own(&self.metrics, applied(journal.id()))
+                    .replay_own(&self.metrics, |_bot| applied(journal.id()))
                     .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
                 if replayed.records > 0 {
                     tracing::info!(?replayed, "journal replayed past what the store held");
@@ -422,7 +433,7 @@ impl Persistence {
         let applied = |id: &str| state.progress.get(id).copied().unwrap_or(0);
         let adopted = self
             .ingest
-            .adopt_orphans(&self.metrics, applied)
+            .adopt_orphans(&self.metrics, |journal, _bot| applied(journal))
             .await
             .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
         if adopted.records > 0 {

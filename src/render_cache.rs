@@ -121,19 +121,15 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The cached answer for `key`, or a fresh render shared by every
-    /// request that arrives while it runs.
+    /// The cached answer for `key`, or a fresh render (CPU work, run on
+    /// the blocking pool) shared by every request that arrives while it runs.
     pub async fn get_or_render<F>(&self, key: K, selfm: &SelfMetrics, render: F) -> Arc<Rendered>
     where
         F: FnOnce() -> Rendered + Send + 'static,
     {
-        self.in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let _in_flight = InFlight(&self.in_flight);
         let endpoint = self.endpoint.as_str();
-        let rendering = async {
-            let started = Instant::now();
-            let rendered = match tokio::task::spawn_blocking(render).await {
+        self.get_or_render_async(key, selfm, async move {
+            match tokio::task::spawn_blocking(render).await {
                 Ok(rendered) => rendered,
                 // A panic in a render is a bug; answer with an empty page
                 // rather than take the server down, and say so.
@@ -141,7 +137,28 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
                     tracing::error!(error = %e, endpoint, "render failed");
                     Rendered::plain("text/plain; charset=utf-8", Vec::new())
                 }
-            };
+            }
+        })
+        .await
+    }
+
+    /// The same for a render that waits on I/O (cluster totals from Redis).
+    pub async fn get_or_render_async<F>(
+        &self,
+        key: K,
+        selfm: &SelfMetrics,
+        render: F,
+    ) -> Arc<Rendered>
+    where
+        F: Future<Output = Rendered> + Send + 'static,
+    {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let _in_flight = InFlight(&self.in_flight);
+        let endpoint = self.endpoint.as_str();
+        let rendering = async {
+            let started = Instant::now();
+            let rendered = render.await;
             selfm
                 .render_duration
                 .with_label_values(&[endpoint])

@@ -9,6 +9,11 @@ use std::time::Instant;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::cluster::claims::Claims;
+use crate::cluster::sync::Syncer;
+use crate::cluster::view::View;
+use crate::cluster::writer::Writer;
+use crate::cluster::{Cluster, ClusterMetrics, Redis};
 use crate::config::Config;
 use crate::dedupe::Dedupe;
 use crate::ingest::Ingest;
@@ -18,6 +23,7 @@ use crate::persist::Persistence;
 use crate::render_cache::RenderCache;
 use crate::serve::{ConnectionMetrics, Limits};
 use crate::state::AppState;
+use crate::state::ClusterParts;
 use crate::store::{Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +67,24 @@ impl Application {
         // A fault no retry mends stops the start here, with the cause; a
         // store that is only not there yet is retried by the flush task.
         let unreachable = store.check(&config.database_url).await?;
-        let ingest = Arc::new(open_ingest(&config, &store)?);
+        let mut ingest = open_ingest(&config, &store)?;
+        let cluster = match &config.redis_url {
+            Some(urls) => {
+                let replica = ingest
+                    .journal()
+                    .map_or_else(crate::cluster::fresh_replica_id, |j| j.id().to_owned());
+                let cluster = Arc::new(Cluster::new(
+                    Redis::new(urls.clone()),
+                    replica,
+                    &config,
+                    ClusterMetrics::register(&metrics.registry, config.sync_interval)?,
+                ));
+                ingest = ingest.with_claims(Arc::new(Claims::new(cluster.clone())));
+                Some(cluster)
+            }
+            None => None,
+        };
+        let ingest = Arc::new(ingest);
         let persistence = Arc::new(Persistence::new(
             store,
             metrics.clone(),
@@ -69,7 +92,42 @@ impl Application {
             config.retention,
             config.dedupe_window,
         ));
-        if let Some(why) = unreachable {
+        let cluster = cluster.map(|cluster| {
+            let view = Arc::new(View::new(cluster.clone()));
+            let parts = ClusterParts {
+                syncer: Arc::new(Syncer::new(
+                    cluster.clone(),
+                    metrics.clone(),
+                    ingest.clone(),
+                    persistence.store.clone(),
+                )),
+                writer: Arc::new(Writer::new(
+                    cluster.clone(),
+                    metrics.clone(),
+                    view.clone(),
+                    persistence.store.clone(),
+                    config.tokens.bots().to_vec(),
+                    config.flush_interval,
+                    config.retention,
+                )),
+                view,
+            };
+            tracing::info!(
+                redis = %cluster.redis.urls().redacted(),
+                replica = %cluster.replica,
+                redis_cluster = cluster.redis.urls().is_cluster(),
+                "cluster mode: counts sync to Redis every {:?}",
+                config.sync_interval
+            );
+            parts
+        });
+        if let Some(parts) = &cluster {
+            // Counted past what Redis holds before serving, when Redis
+            // answers now; else the sync task does it as soon as it does.
+            if let Err(e) = parts.syncer.sync_once().await {
+                tracing::warn!(error = %e, "first sync to redis failed; serving, and retrying");
+            }
+        } else if let Some(why) = unreachable {
             tracing::warn!(
                 "{why}; serving from memory and retrying, stored totals restore when it answers"
             );
@@ -128,8 +186,14 @@ impl Application {
             )),
             summaries: Arc::new(RenderCache::new(
                 CachedEndpoint::Summary,
-                config.summary_cache_ttl,
+                // Cluster totals are at most one sync interval behind; a
+                // cached answer must not add another.
+                match &cluster {
+                    Some(_) => config.summary_cache_ttl.min(config.sync_interval),
+                    None => config.summary_cache_ttl,
+                },
             )),
+            cluster,
             readiness: Arc::default(),
             metrics,
             persistence,
@@ -170,20 +234,46 @@ impl Application {
         } = self;
         let token = CancellationToken::new();
         let config = state.config.clone();
-        let flush = tokio::spawn(crate::tasks::flush_loop(
-            state.persistence.clone(),
-            config.flush_interval,
-            token.clone(),
-        ));
-        let history = tokio::spawn(crate::tasks::history_loop(
-            state.persistence.clone(),
-            config.history_interval,
-            token.clone(),
-        ));
+        // Cluster mode: memory → Redis (sync) and Redis → the store (the
+        // lease holder); one process: memory → the store.
+        let (flush, history) = match &state.cluster {
+            Some(parts) => (
+                tokio::spawn(crate::cluster::sync::sync_loop(
+                    parts.syncer.clone(),
+                    config.sync_interval,
+                    token.clone(),
+                )),
+                tokio::spawn(crate::cluster::writer::writer_loop(
+                    parts.writer.clone(),
+                    config.flush_interval,
+                    config.history_interval,
+                    token.clone(),
+                )),
+            ),
+            None => (
+                tokio::spawn(crate::tasks::flush_loop(
+                    state.persistence.clone(),
+                    config.flush_interval,
+                    token.clone(),
+                )),
+                tokio::spawn(crate::tasks::history_loop(
+                    state.persistence.clone(),
+                    config.history_interval,
+                    token.clone(),
+                )),
+            ),
+        };
         let journal_sync = tokio::spawn(crate::tasks::journal_sync_loop(
             state.ingest.clone(),
             token.clone(),
         ));
+        let writer = state.cluster.as_ref().map(|parts| parts.writer.clone());
+        let confirm = state.ingest.claims().map(|claims| {
+            tokio::spawn(crate::cluster::claims::confirm_loop(
+                claims.clone(),
+                token.clone(),
+            ))
+        });
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         tracing::info!(
@@ -202,6 +292,13 @@ impl Application {
         .await;
         token.cancel();
         let _ = tokio::join!(flush, history, journal_sync);
+        if let Some(confirm) = confirm {
+            let _ = confirm.await;
+        }
+        if let Some(writer) = writer {
+            // After the final sync: the store gets the last totals.
+            writer.finish().await;
+        }
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())
@@ -247,9 +344,15 @@ fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
         tracing::warn!("no journal: a 202 is durable only after the next flush");
         return Ok(Ingest::new(dedupe, None));
     };
+    // The journal feeds what it was written for: the store, or (cluster
+    // mode) the Redis tier, so one is never replayed into the other.
+    let feeds = match &config.redis_url {
+        Some(urls) => format!("redis:{}", urls.redacted()),
+        None => store.identity(),
+    };
     let opened = Journal::open(
         &data_dir,
-        &store.identity(),
+        &feeds,
         config.journal_fsync,
         config.journal_max_bytes,
     )?;

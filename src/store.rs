@@ -82,6 +82,27 @@ pub struct FlushBatch {
     /// (journal id, LSN): the snapshot holds that journal up to the LSN.
     /// Written in the same transaction as the totals, never apart.
     pub progress: Option<(String, i64)>,
+    /// Cluster mode: Redis' sketches that changed, and how far Redis holds
+    /// each replica's journal per bot, as of the same read as the totals.
+    pub cluster_sketches: Vec<ClusterSketch>,
+    pub cluster_progress: Vec<ClusterProgress>,
+}
+
+/// A Redis HyperLogLog as the store keeps it (cluster mode): its name
+/// within the bot's keys (`u:h:<hour>` or `u:d:<day>`) and its raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSketch {
+    pub bot: String,
+    pub sketch: String,
+    pub hll: Vec<u8>,
+}
+
+/// How far Redis holds one replica's journal for one bot (cluster mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterProgress {
+    pub bot: String,
+    pub replica: String,
+    pub applied: i64,
 }
 
 impl FlushBatch {
@@ -91,6 +112,8 @@ impl FlushBatch {
             && self.sketches.is_empty()
             && self.daily.is_empty()
             && self.progress.is_none()
+            && self.cluster_sketches.is_empty()
+            && self.cluster_progress.is_empty()
     }
 }
 
@@ -111,6 +134,8 @@ pub struct Stored {
     pub daily: Vec<DailyRow>,
     /// How far into each journal the store has applied.
     pub progress: std::collections::HashMap<String, u64>,
+    pub cluster_sketches: Vec<ClusterSketch>,
+    pub cluster_progress: Vec<ClusterProgress>,
 }
 
 /// A history query, already checked by the HTTP layer.
@@ -497,6 +522,22 @@ impl Store {
         }
     }
 
+    /// Gives the lease up on purpose (cluster mode: another replica now
+    /// holds the writer lease in Redis), so that replica can take it here.
+    pub async fn release_writer(&self) {
+        match &self.lease {
+            Lease::Postgres { writer, .. } => {
+                if let Some(conn) = writer.lock().await.take() {
+                    let _ = conn.close().await;
+                }
+            }
+            Lease::File { held, .. } => {
+                lock_ignoring_poison(held).take();
+            }
+            Lease::Exclusive => {}
+        }
+    }
+
     pub fn backend(&self) -> &'static str {
         match &self.db {
             Db::Postgres(_) => "postgres",
@@ -575,6 +616,32 @@ impl Store {
             .into_iter()
             .map(|(journal, applied)| (journal, applied.max(0) as u64))
             .collect();
+        let sketches_sql = "select bot, sketch, hll from cluster_sketches";
+        let progress_sql = "select bot, replica, applied from cluster_progress";
+        type Sketches = Vec<(String, String, Vec<u8>)>;
+        type Marks = Vec<(String, String, i64)>;
+        let (sketches, progress): (Sketches, Marks) = match &self.db {
+            Db::Postgres(pool) => (
+                sqlx::query_as(sketches_sql).fetch_all(pool).await?,
+                sqlx::query_as(progress_sql).fetch_all(pool).await?,
+            ),
+            Db::Sqlite(pool) => (
+                sqlx::query_as(sketches_sql).fetch_all(pool).await?,
+                sqlx::query_as(progress_sql).fetch_all(pool).await?,
+            ),
+        };
+        stored.cluster_sketches = sketches
+            .into_iter()
+            .map(|(bot, sketch, hll)| ClusterSketch { bot, sketch, hll })
+            .collect();
+        stored.cluster_progress = progress
+            .into_iter()
+            .map(|(bot, replica, applied)| ClusterProgress {
+                bot,
+                replica,
+                applied,
+            })
+            .collect();
         Ok(stored)
     }
 
@@ -621,9 +688,26 @@ impl Store {
                         on conflict (journal)
                         do update set applied = excluded.applied, last_updated = excluded.last_updated
                         returning 1
+                    ), cluster_sketches as (
+                        insert into cluster_sketches (bot, sketch, hll, last_updated)
+                        select bot, sketch, hll, $5
+                        from unnest($20::text[], $21::text[], $22::bytea[]) as t(bot, sketch, hll)
+                        on conflict (bot, sketch)
+                        do update set hll = excluded.hll, last_updated = excluded.last_updated
+                        returning 1
+                    ), cluster_progress as (
+                        insert into cluster_progress (bot, replica, applied, last_updated)
+                        select bot, replica, applied, $5
+                        from unnest($23::text[], $24::text[], $25::int8[]) as t(bot, replica, applied)
+                        on conflict (bot, replica)
+                        do update set applied = excluded.applied, last_updated = excluded.last_updated
+                        returning 1
                     )
                     select (select count(*) from updated) as updated,
-                           (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) + (select count(*) from progress) as others";
+                           (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) + (select count(*) from progress)
+                           + (select count(*) from cluster_sketches) + (select count(*) from cluster_progress) as others";
+                let cs = &batch.cluster_sketches;
+                let cp = &batch.cluster_progress;
                 let s = &batch.changed;
                 let n = &batch.added;
                 let k = &batch.sketches;
@@ -662,6 +746,12 @@ impl Store {
                             .collect::<Vec<_>>(),
                     )
                     .bind(batch.progress.iter().map(|p| p.1).collect::<Vec<_>>())
+                    .bind(cs.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(cs.iter().map(|r| r.sketch.as_str()).collect::<Vec<_>>())
+                    .bind(cs.iter().map(|r| r.hll.as_slice()).collect::<Vec<_>>())
+                    .bind(cp.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
+                    .bind(cp.iter().map(|r| r.replica.as_str()).collect::<Vec<_>>())
+                    .bind(cp.iter().map(|r| r.applied).collect::<Vec<_>>())
                     .fetch_one(&mut *pool)
                     .await?;
                 let updated: i64 = row.try_get("updated")?;
@@ -729,6 +819,34 @@ impl Store {
                     )
                     .bind(journal)
                     .bind(applied)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in &batch.cluster_sketches {
+                    sqlx::query(
+                        "insert into cluster_sketches (bot, sketch, hll, last_updated)
+                         values (?, ?, ?, ?)
+                         on conflict (bot, sketch)
+                         do update set hll = excluded.hll, last_updated = excluded.last_updated",
+                    )
+                    .bind(&r.bot)
+                    .bind(&r.sketch)
+                    .bind(&r.hll)
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                for r in &batch.cluster_progress {
+                    sqlx::query(
+                        "insert into cluster_progress (bot, replica, applied, last_updated)
+                         values (?, ?, ?, ?)
+                         on conflict (bot, replica)
+                         do update set applied = excluded.applied, last_updated = excluded.last_updated",
+                    )
+                    .bind(&r.bot)
+                    .bind(&r.replica)
+                    .bind(r.applied)
                     .bind(now)
                     .execute(&mut *tx)
                     .await?;
@@ -839,6 +957,12 @@ impl Store {
                 .bind(day_floor)
                 .execute(&mut *pool)
                 .await?;
+                // Redis expires these itself; the store drops them a day
+                // after no window can read them.
+                sqlx::query("delete from cluster_sketches where last_updated < $1")
+                    .bind(now - chrono::Duration::days(32))
+                    .execute(&mut *pool)
+                    .await?;
             }
             Db::Sqlite(pool) => {
                 let deleted = sqlx::query("delete from metrics_history where recorded_at < ?")
@@ -854,6 +978,10 @@ impl Store {
                 .bind(day_floor)
                 .execute(pool)
                 .await?;
+                sqlx::query("delete from cluster_sketches where last_updated < ?")
+                    .bind((now - chrono::Duration::days(32)).timestamp())
+                    .execute(pool)
+                    .await?;
             }
         }
         Ok(report)

@@ -46,6 +46,21 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
 async fn check(state: &AppState) -> std::result::Result<Json<Value>, (&'static str, Error)> {
     let persistence = &state.persistence;
     let backend = persistence.store.backend();
+    if let Some(cluster) = &state.cluster {
+        // Every replica serves, the store up or not (Redis holds the
+        // totals meanwhile); it is ready once its journal was counted
+        // past what Redis holds (before that, its summary would lack it).
+        if !cluster.syncer.is_prepared() {
+            return Err((
+                "restoring",
+                Error::Unavailable("waiting for Redis to count this replica's journal".into()),
+            ));
+        }
+        return Ok(Json(
+            json!({ "status": "ready", "store": backend, "cluster": true }),
+        ));
+    }
+
     match tokio::time::timeout(Duration::from_secs(2), persistence.store.ping()).await {
         Ok(Ok(())) => state.metrics.selfm.store_up.set(1),
         Ok(Err(e)) => {

@@ -8,6 +8,7 @@ use axum::routing::get;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::render_cache::Rendered;
 use crate::state::{AppState, SummaryKey};
 use crate::summary::Summary;
@@ -58,20 +59,47 @@ async fn get_summary(
         generation: state.persistence.generation(),
     };
     let render_state = state.clone();
-    let rendered = state
-        .summaries
-        .get_or_render(key.clone(), &state.metrics.selfm, move || {
-            render(&render_state, &key)
-        })
-        .await;
+    let rendered = match state.cluster.clone() {
+        // Cluster mode: the cluster's totals, read from Redis.
+        Some(cluster) => {
+            state
+                .summaries
+                .get_or_render_async(key.clone(), &state.metrics.selfm, async move {
+                    let bots: Vec<std::sync::Arc<str>> = render_state
+                        .metrics
+                        .bots()
+                        .iter()
+                        .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))
+                        .map(|b| b.bot.clone())
+                        .collect();
+                    match cluster.view.metrics(&render_state.metrics, &bots).await {
+                        Ok(totals) => render(&render_state, &totals, &key),
+                        Err(e) => {
+                            tracing::error!(error = %e, "cluster summary failed");
+                            render(&render_state, &render_state.metrics, &key)
+                        }
+                    }
+                })
+                .await
+        }
+        None => {
+            state
+                .summaries
+                .get_or_render(key.clone(), &state.metrics.selfm, move || {
+                    render(&render_state, &render_state.metrics, &key)
+                })
+                .await
+        }
+    };
     Ok(super::serve_rendered(&rendered, &headers).into_response())
 }
 
-fn render(state: &AppState, key: &SummaryKey) -> Rendered {
+/// The summary of `metrics`' bots: this process's own, or (cluster mode)
+/// the cluster totals read from Redis into a `Metrics` of their own.
+fn render(state: &AppState, metrics: &Metrics, key: &SummaryKey) -> Rendered {
     let now = chrono::Utc::now();
     let uptime = state.started.elapsed().as_secs();
-    let summaries: Vec<Summary> = state
-        .metrics
+    let summaries: Vec<Summary> = metrics
         .bots()
         .iter()
         .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))

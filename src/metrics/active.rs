@@ -696,6 +696,9 @@ impl SketchRow {
 pub struct ActiveUsers {
     hourly: Ring,
     daily: Ring,
+    /// In cluster mode: the cluster-wide estimates (1d, 7d, 30d) Redis gave
+    /// at the last sync, which replace this process's own.
+    cluster: Mutex<Option<[u64; 3]>>,
 }
 
 impl Default for ActiveUsers {
@@ -709,7 +712,13 @@ impl ActiveUsers {
         ActiveUsers {
             hourly: Ring::new(Granularity::Hour, 24),
             daily: Ring::new(Granularity::Day, 30),
+            cluster: Mutex::new(None),
         }
+    }
+
+    /// Sets the cluster-wide estimates every later read answers with.
+    pub fn set_cluster(&self, estimates: [u64; 3]) {
+        *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) = Some(estimates);
     }
 
     fn ring(&self, granularity: Granularity) -> &Ring {
@@ -733,6 +742,9 @@ impl ActiveUsers {
 
     /// The three windows' estimates at `now`.
     pub fn estimates_at(&self, now: i64) -> [(&'static str, u64); 3] {
+        if let Some([day, week, month]) = *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) {
+            return [("1d", day), ("7d", week), ("30d", month)];
+        }
         // The hourly ring has one window; the second span is the same.
         let [day, _] = self.hourly.estimates(now, [24, 24]);
         let [week, month] = self.daily.estimates(now, [7, 30]);

@@ -9,6 +9,7 @@ use crate::event::{
 };
 use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot};
+use crate::metrics::pending::PendingUsers;
 use crate::metrics::today::Today;
 
 /// How a family is exposed.
@@ -183,6 +184,8 @@ pub struct BotMetrics {
     llm_tokens: Family<[Counter; 2]>,
     custom: Family<Counter>,
     pub active: ActiveUsers,
+    /// Users not yet sent to Redis (cluster mode; inert otherwise).
+    pub pending_users: PendingUsers,
     pub today: Today,
     pub counters: SelfCounters,
 }
@@ -208,6 +211,7 @@ impl BotMetrics {
             llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
             active: ActiveUsers::new(),
+            pending_users: PendingUsers::default(),
             today,
             counters,
         };
@@ -222,6 +226,7 @@ impl BotMetrics {
     pub fn apply(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
             self.active.insert_hashed(user, event.ts);
+            self.pending_users.record(user, event.ts);
         }
         match &event.body {
             EventBody::Message { role, db_queries } => {

@@ -5,6 +5,7 @@ pub mod active;
 pub mod bot;
 pub mod cells;
 mod collector;
+pub mod pending;
 pub mod today;
 
 use std::collections::HashMap;

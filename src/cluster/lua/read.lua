@@ -1,0 +1,30 @@
+-- Reads one bot's cluster totals at one instant.
+--
+-- KEYS: as sync.lua (1 series, 2 applied, 3 seeded, 4 today, 5 dirty,
+--       6..29 hourly sketches, 30..59 daily sketches).
+-- ARGV: 1 "1" to also read what the store needs: the applied marks and
+--       the sketches changed since the last store write (name, bytes).
+-- Returns {0} when the bot is not seeded, else {1, series (flat field,
+-- value list), today (flat), users 1d, 7d, 30d[, applied (flat),
+-- sketches (flat name, bytes)]}.
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return {0}
+end
+local hours, week, month = {}, {}, {}
+for j = 6, 29 do hours[#hours + 1] = KEYS[j] end
+for j = 30, 59 do month[#month + 1] = KEYS[j] end
+for j = 53, 59 do week[#week + 1] = KEYS[j] end
+local out = {1, redis.call('HGETALL', KEYS[1]), redis.call('HGETALL', KEYS[4]),
+  redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
+  redis.call('PFCOUNT', unpack(month))}
+if ARGV[1] == '1' then
+  out[7] = redis.call('HGETALL', KEYS[2])
+  local sketches = {}
+  -- Same hash tag as KEYS[5], so the same slot.
+  for _, key in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+    sketches[#sketches + 1] = key
+    sketches[#sketches + 1] = redis.call('GET', key) or ''
+  end
+  out[8] = sketches
+end
+return out

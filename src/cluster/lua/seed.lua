@@ -1,0 +1,31 @@
+-- Reseeds one bot's cluster totals from the store, unless another replica
+-- did it first. Nothing syncs into a bot before its seeded marker is set,
+-- so a Redis that lost its data never zeroes or doubles a total.
+--
+-- KEYS: 1 series, 2 applied, 3 seeded, 4 today, 5 dirty, then the sketches
+--       to restore.
+-- ARGV: 1 series count, 2 applied count, 3 today count, 4 sketch count,
+--       5 marker value, then (field, value) pairs for series, applied and
+--       today, then (key index, ttl seconds, bytes) per sketch.
+-- Returns 1 when it seeded, 0 when the bot already was.
+if redis.call('EXISTS', KEYS[3]) == 1 then
+  return 0
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
+local i = 6
+local function fill(key, n)
+  for _ = 1, n do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+end
+fill(KEYS[1], tonumber(ARGV[1]))
+fill(KEYS[2], tonumber(ARGV[2]))
+fill(KEYS[4], tonumber(ARGV[3]))
+for _ = 1, tonumber(ARGV[4]) do
+  local key = KEYS[tonumber(ARGV[i])]
+  redis.call('SET', key, ARGV[i + 2], 'EX', ARGV[i + 1])
+  i = i + 3
+end
+redis.call('SET', KEYS[3], ARGV[5])
+return 1

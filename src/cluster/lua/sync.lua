@@ -1,0 +1,66 @@
+-- Applies one replica's deltas for one bot, at most once, and answers the
+-- cluster-wide distinct-user estimates. Every key carries the bot's hash
+-- tag, so in a Redis Cluster this runs on one node, atomically.
+--
+-- KEYS: 1 series hash, 2 applied hash, 3 seeded marker, 4 today hash,
+--       5 dirty-sketch set, 6..29 the 24 hourly sketches of the 1d window,
+--       30..59 the 30 daily sketches of the 30d window (oldest first),
+--       then any sketch a user below is added to.
+-- ARGV: 1 replica id, 2 mark (journal LSN; 0 = nothing to apply),
+--       3 series count, 4 today count, 5 sketch group count,
+--       6 oldest "today" date kept, then series (field, delta) pairs,
+--       today (field, delta) pairs, and sketch groups
+--       (key index, ttl seconds, n, n user hashes).
+-- Returns {status, users 1d, users 7d, users 30d}; status 0: the bot's
+-- totals are not seeded (Redis lost them): nothing was applied.
+if redis.call('EXISTS', KEYS[3]) == 0 then
+  return {0, 0, 0, 0}
+end
+local mark = tonumber(ARGV[2])
+local status = 1
+if mark > 0 then
+  local done = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+  -- Already applied: the reply to an earlier attempt was lost.
+  if done >= mark then status = 2 end
+end
+if status == 1 and mark > 0 then
+  local i = 7
+  for _ = 1, tonumber(ARGV[3]) do
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  local today = tonumber(ARGV[4])
+  for _ = 1, today do
+    redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  if today > 0 then
+    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+      if string.sub(field, 1, 10) < ARGV[6] then redis.call('HDEL', KEYS[4], field) end
+    end
+  end
+  for _ = 1, tonumber(ARGV[5]) do
+    local key = KEYS[tonumber(ARGV[i])]
+    local ttl = ARGV[i + 1]
+    local n = tonumber(ARGV[i + 2])
+    i = i + 3
+    local changed = 0
+    local done_in_group = 0
+    while done_in_group < n do
+      -- unpack has a stack limit: add in slices.
+      local m = math.min(1000, n - done_in_group)
+      changed = changed + redis.call('PFADD', key, unpack(ARGV, i + done_in_group, i + done_in_group + m - 1))
+      done_in_group = done_in_group + m
+    end
+    i = i + n
+    redis.call('EXPIRE', key, ttl)
+    if changed > 0 then redis.call('SADD', KEYS[5], key) end
+  end
+  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+end
+local hours, week, month = {}, {}, {}
+for j = 6, 29 do hours[#hours + 1] = KEYS[j] end
+for j = 30, 59 do month[#month + 1] = KEYS[j] end
+for j = 53, 59 do week[#week + 1] = KEYS[j] end
+return {status, redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
+  redis.call('PFCOUNT', unpack(month))}

@@ -1,0 +1,369 @@
+//! Cluster mode: several replicas share Redis (or a Redis Cluster) and one
+//! store, and answer as one system (`--redis-url`).
+//!
+//! The tiers of the original review: each replica counts in memory and its
+//! own journal as a single process does (the hot path never waits on
+//! Redis, but for one pipelined round trip when a request carries
+//! `event_id`s); every `--sync-interval` it adds what it counted since its
+//! last confirmed sync to the cluster totals in Redis ([`sync`]); one
+//! replica at a time, holding a lease in Redis, writes those totals to the
+//! store ([`writer`]); `/v1/summary` reads them on any replica ([`view`]).
+//!
+//! # Exactly once, one level up
+//!
+//! The journal's ideas carry over. A sync's deltas are cut under the same
+//! gate as the journal (see `ingest`), so a sync covers exactly the journal
+//! up to one LSN, and the Redis script that adds them records that LSN per
+//! replica and bot in the same atomic step: a retried sync whose first
+//! reply was lost is recognised and not added twice, and a replica that
+//! restarts (or is killed) replays only its journal past what Redis holds.
+//! The store keeps those marks with the totals (`cluster_progress`), so
+//! that after Redis loses its data and is reseeded from the store, a
+//! restarting replica replays exactly what the store lacks.
+//!
+//! # Keys
+//!
+//! Every key of a bot carries the hash tag `{bot}`, so in a Redis Cluster
+//! a bot's keys live on one slot and every per-bot script is atomic
+//! without a cross-slot operation; see [`BotKeys`].
+
+pub mod claims;
+mod connection;
+pub mod sync;
+pub mod view;
+pub mod writer;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+pub use connection::Redis;
+
+use crate::metrics::pending::UserBudget;
+
+/// Users waiting to be sent to Redis, across every bot, at most. Each costs
+/// about 32 bytes, so the bound is about 32 MB however long Redis is away.
+pub const MAX_PENDING_USERS: usize = 1_000_000;
+
+/// How long a Redis command may take before the caller falls back or
+/// retries. The hot path's dedupe round trip uses its own, shorter bound.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered something unexpected: {0}")]
+    Protocol(String),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
+}
+
+pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
+
+/// Runs a Redis call with [`COMMAND_TIMEOUT`].
+pub async fn timed<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+    match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ClusterError::Timeout(COMMAND_TIMEOUT)),
+    }
+}
+
+/// The names of one bot's keys. `{bot}` is the hash tag (bot names are
+/// `[A-Za-z0-9_.:-]`, never a brace).
+#[derive(Debug, Clone)]
+pub struct BotKeys {
+    prefix: String,
+}
+
+/// Hourly sketches in the 1d window, daily ones in the 30d window.
+pub const HOURS: i64 = 24;
+pub const DAYS: i64 = 30;
+
+impl BotKeys {
+    pub fn new(bot: &str) -> Self {
+        BotKeys {
+            prefix: format!("bm:{{{bot}}}:"),
+        }
+    }
+
+    fn key(&self, name: &str) -> String {
+        format!("{}{name}", self.prefix)
+    }
+
+    /// Field `<metric>{<labels>}` → cluster total.
+    pub fn series(&self) -> String {
+        self.key("series")
+    }
+
+    /// Field `<replica>` → the journal LSN Redis holds that replica up to.
+    pub fn applied(&self) -> String {
+        self.key("applied")
+    }
+
+    /// Set once the bot's totals were seeded from the store.
+    pub fn seeded(&self) -> String {
+        self.key("seeded")
+    }
+
+    /// Field `<YYYY-MM-DD>:<counter>` → that local day's count.
+    pub fn today(&self) -> String {
+        self.key("today")
+    }
+
+    /// Sketches changed since the store last got them.
+    pub fn dirty(&self) -> String {
+        self.key("dirty")
+    }
+
+    pub fn hour_sketch(&self, hour: i64) -> String {
+        format!("{}u:h:{hour}", self.prefix)
+    }
+
+    pub fn day_sketch(&self, day: i64) -> String {
+        format!("{}u:d:{day}", self.prefix)
+    }
+
+    /// A dedupe claim on an `event_id` (its keyed hash, in hex).
+    pub fn claim(&self, id: crate::dedupe::IdHash) -> String {
+        format!("{}id:{:016x}", self.prefix, id.0)
+    }
+
+    pub fn parse_claim(&self, key: &str) -> Option<crate::dedupe::IdHash> {
+        let hex = key.strip_prefix(&self.prefix)?.strip_prefix("id:")?;
+        u64::from_str_radix(hex, 16).ok().map(crate::dedupe::IdHash)
+    }
+
+    /// A replica's claims whose events are not yet in its journal.
+    pub fn pending(&self, replica: &str) -> String {
+        format!("{}pending:{replica}", self.prefix)
+    }
+
+    /// The keys every sync and read script takes, in their order: the five
+    /// per-bot keys, the 24 hourly sketches ending at `now`'s hour and the
+    /// 30 daily ones ending at its day (oldest first).
+    pub fn script_keys(&self, now: i64) -> Vec<String> {
+        let hour = now.div_euclid(3600);
+        let day = now.div_euclid(86_400);
+        let mut keys = vec![
+            self.series(),
+            self.applied(),
+            self.seeded(),
+            self.today(),
+            self.dirty(),
+        ];
+        keys.extend((hour - HOURS + 1..=hour).map(|h| self.hour_sketch(h)));
+        keys.extend((day - DAYS + 1..=day).map(|d| self.day_sketch(d)));
+        keys
+    }
+
+    /// The sketch a stored name stands for: `(hour?, bucket)`.
+    pub fn parse_sketch(&self, key: &str) -> Option<(bool, i64)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix("u:")?;
+        let (kind, n) = rest.split_once(':')?;
+        Some((kind == "h", n.parse().ok()?))
+    }
+}
+
+/// The seconds a sketch is kept in Redis: as long as a window can read it.
+pub fn sketch_ttl(hourly: bool) -> u64 {
+    if hourly {
+        (HOURS as u64 + 2) * 3600
+    } else {
+        (DAYS as u64 + 2) * 86_400
+    }
+}
+
+/// botmetrics' own view of the Redis tier, registered only in cluster mode.
+pub struct ClusterMetrics {
+    pub redis_up: IntGauge,
+    pub sync_duration: Histogram,
+    pub sync_failures: IntCounter,
+    pub last_sync: prometheus::Gauge,
+    pub dedupe_fallbacks: IntCounterVec,
+    pub writer: IntGauge,
+    pub pending_users: IntGauge,
+    pub users_dropped: IntCounter,
+    pub reseeds: IntCounter,
+}
+
+impl ClusterMetrics {
+    pub fn register(registry: &Registry, sync_interval: Duration) -> prometheus::Result<Self> {
+        fn reg<C: prometheus::core::Collector + Clone + 'static>(
+            r: &Registry,
+            c: C,
+        ) -> prometheus::Result<C> {
+            r.register(Box::new(c.clone()))?;
+            Ok(c)
+        }
+        let interval = reg(
+            registry,
+            prometheus::Gauge::new(
+                "botmetrics_sync_interval_seconds",
+                "How often this replica sends what it counted to Redis (--sync-interval).",
+            )?,
+        )?;
+        interval.set(sync_interval.as_secs_f64());
+        Ok(ClusterMetrics {
+            redis_up: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_redis_up",
+                    "1 when the last Redis operation succeeded, 0 when Redis is unreachable.",
+                )?,
+            )?,
+            sync_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "botmetrics_sync_duration_seconds",
+                        "Time to send one sync (every bot's deltas) to Redis.",
+                    )
+                    .buckets(vec![
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                    ]),
+                )?,
+            )?,
+            sync_failures: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_sync_failures_total",
+                    "Syncs to Redis that failed; their deltas are kept and sent again.",
+                )?,
+            )?,
+            last_sync: reg(
+                registry,
+                prometheus::Gauge::new(
+                    "botmetrics_last_sync_timestamp_seconds",
+                    "Unix time of the last sync Redis confirmed for every bot.",
+                )?,
+            )?,
+            dedupe_fallbacks: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_dedupe_fallbacks_total",
+                        "event_ids checked against this replica's memory only, because Redis did not answer: a retry sent to another replica meanwhile may count twice.",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            writer: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_cluster_writer",
+                    "1 while this replica holds the lease and writes the cluster totals to the store.",
+                )?,
+            )?,
+            pending_users: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_sync_pending_users",
+                    "Active users counted here and not yet confirmed by Redis.",
+                )?,
+            )?,
+            users_dropped: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_sync_users_dropped_total",
+                    "Active users left out of the cluster-wide count because too many were waiting for Redis.",
+                )?,
+            )?,
+            reseeds: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_redis_reseeds_total",
+                    "Bots whose cluster totals this replica seeded into Redis from the store (at first start, or after Redis lost its data).",
+                )?,
+            )?,
+        })
+    }
+}
+
+/// A replica name for a process without a journal: new at every start,
+/// since nothing it counted survives it anyway.
+pub fn fresh_replica_id() -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!(
+        "p-{:016x}",
+        RandomState::new().hash_one((nanos, std::process::id()))
+    )
+}
+
+/// What every part of cluster mode shares.
+pub struct Cluster {
+    pub redis: Redis,
+    /// This replica's name in Redis: its journal's id, or a fresh one per
+    /// process without a journal.
+    pub replica: String,
+    pub sync_interval: Duration,
+    pub dedupe_window: Duration,
+    pub metrics: ClusterMetrics,
+    pub budget: Arc<UserBudget>,
+}
+
+impl Cluster {
+    pub fn new(
+        redis: Redis,
+        replica: String,
+        config: &crate::config::Config,
+        metrics: ClusterMetrics,
+    ) -> Self {
+        let budget = Arc::new(UserBudget::new(
+            MAX_PENDING_USERS,
+            metrics.users_dropped.clone(),
+        ));
+        Cluster {
+            redis,
+            replica,
+            sync_interval: config.sync_interval,
+            dedupe_window: config.dedupe_window,
+            metrics,
+            budget,
+        }
+    }
+
+    /// Notes the outcome of a Redis operation: the up gauge, and one log
+    /// line per change of state.
+    pub fn observe<T>(&self, result: &Result<T>) {
+        self.redis
+            .observe(result.is_ok(), &self.metrics.redis_up, || {
+                result
+                    .as_ref()
+                    .err()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_bot_shares_its_hash_tag() {
+        let keys = BotKeys::new("shop.bot-1");
+        let all = keys.script_keys(1_700_000_000);
+        assert_eq!(all.len(), 5 + 24 + 30);
+        for key in all.iter().chain([&keys.claim(crate::dedupe::IdHash(7))]) {
+            assert!(key.starts_with("bm:{shop.bot-1}:"), "{key}");
+        }
+        let id = crate::dedupe::IdHash(0xdead_beef);
+        assert_eq!(keys.parse_claim(&keys.claim(id)), Some(id));
+        assert!(keys.pending("r1").starts_with("bm:{shop.bot-1}:"));
+        let hour = keys.hour_sketch(5);
+        assert_eq!(keys.parse_sketch(&hour), Some((true, 5)));
+        assert_eq!(keys.parse_sketch(&keys.day_sketch(9)), Some((false, 9)));
+        assert_eq!(keys.parse_sketch("bm:{other}:u:h:5"), None);
+    }
+}

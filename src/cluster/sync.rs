@@ -1,0 +1,637 @@
+//! Memory → Redis: every `--sync-interval`, what each bot counted since its
+//! last confirmed sync, added to the cluster totals at most once.
+//!
+//! Per bot, a sync is one batch: counter and histogram-line deltas, "today"
+//! deltas and the users seen, cut under the ingest gate at one journal LSN
+//! (the batch's *mark*). The script that adds it records the mark for this
+//! replica in the same atomic step and skips a batch whose mark it already
+//! holds. A batch whose answer never came is kept and sent again as it
+//! was — never merged with newer counts, or a lost reply would add them
+//! twice — and only a confirmed batch moves the bot's baseline.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, sketch_ttl, timed};
+use crate::ingest::Ingest;
+use crate::metrics::pending::PendingUser;
+use crate::metrics::today::Calendar;
+use crate::metrics::{BotMetrics, Metrics};
+use crate::persist::bot_rows;
+use crate::store::{Store, Stored};
+
+/// The field a series is kept under in the bot's `series` hash.
+pub fn field(metric: &str, labels: &str) -> String {
+    format!("{metric}{labels}")
+}
+
+/// `(metric, labels)` of a field: labels are the JSON object from `{`.
+pub fn parse_field(field: &str) -> (&str, &str) {
+    match field.find('{') {
+        Some(i) => field.split_at(i),
+        None => (field, "{}"),
+    }
+}
+
+/// One bot's sync, sent until Redis confirms it.
+#[derive(Debug, Clone)]
+struct Batch {
+    mark: u64,
+    /// (field, delta, value at the cut).
+    series: Vec<(String, f64, f64)>,
+    /// (counter, local day, delta, value at the cut).
+    today: Vec<(&'static str, u32, u64, u64)>,
+    users: Vec<PendingUser>,
+}
+
+impl Batch {
+    fn is_empty(&self) -> bool {
+        self.series.is_empty() && self.today.is_empty() && self.users.is_empty()
+    }
+}
+
+struct BotSync {
+    bot: Arc<BotMetrics>,
+    keys: BotKeys,
+    /// What Redis holds of this replica's counts: the values at the last
+    /// confirmed cut.
+    baseline: HashMap<String, f64>,
+    today: HashMap<&'static str, (u32, u64)>,
+    inflight: Option<Batch>,
+}
+
+impl BotSync {
+    /// The counts since the baseline. Runs under the ingest gate.
+    fn cut(&self, mark: u64) -> Batch {
+        let mut series = Vec::new();
+        for row in bot_rows(&self.bot) {
+            if row.metric == crate::metrics::bot::ACTIVE_USERS.name {
+                continue; // a gauge, from Redis' own sketches
+            }
+            let field = field(&row.metric, &row.labels);
+            let delta = row.value - self.baseline.get(&field).copied().unwrap_or(0.0);
+            if delta != 0.0 && delta.is_finite() {
+                series.push((field, delta, row.value));
+            }
+        }
+        let mut today = Vec::new();
+        for (name, counter) in self.bot.today.counters() {
+            let (day, value) = counter.load();
+            let delta = match self.today.get(name) {
+                Some(&(base_day, base)) if base_day == day => value.saturating_sub(base),
+                _ => value,
+            };
+            if delta > 0 {
+                today.push((name, day, delta, value));
+            }
+        }
+        Batch {
+            mark,
+            series,
+            today,
+            users: self.bot.pending_users.take(),
+        }
+    }
+
+    fn confirmed(&mut self, batch: Batch, cluster: &Cluster) {
+        for (field, _, value) in batch.series {
+            self.baseline.insert(field, value);
+        }
+        for (name, day, _, value) in batch.today {
+            self.today.insert(name, (day, value));
+        }
+        cluster.budget.release(batch.users.len());
+    }
+}
+
+/// What one sync did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Bots whose batch Redis added now.
+    pub applied: usize,
+    /// Bots whose batch Redis already held (an earlier reply was lost).
+    pub repeated: usize,
+    /// Bots seeded from the store first.
+    pub seeded: usize,
+    /// Bots with a batch still to send (this sync sent an older one).
+    pub waiting: usize,
+}
+
+struct State {
+    bots: Vec<BotSync>,
+    /// The mark of the next batch without a journal: a sequence.
+    seq: u64,
+    prepared: bool,
+}
+
+pub struct Syncer {
+    cluster: Arc<Cluster>,
+    metrics: Arc<Metrics>,
+    ingest: Arc<Ingest>,
+    store: Arc<Store>,
+    state: Mutex<State>,
+    prepared: AtomicBool,
+    sync_script: redis::Script,
+    seed_script: redis::Script,
+}
+
+impl Syncer {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        metrics: Arc<Metrics>,
+        ingest: Arc<Ingest>,
+        store: Arc<Store>,
+    ) -> Self {
+        let bots = metrics
+            .bots()
+            .iter()
+            .map(|bot| {
+                bot.pending_users.enable(cluster.budget.clone());
+                BotSync {
+                    bot: bot.clone(),
+                    keys: BotKeys::new(&bot.bot),
+                    baseline: HashMap::new(),
+                    today: HashMap::new(),
+                    inflight: None,
+                }
+            })
+            .collect();
+        Syncer {
+            cluster,
+            metrics,
+            ingest,
+            store,
+            state: Mutex::new(State {
+                bots,
+                seq: 0,
+                prepared: false,
+            }),
+            prepared: AtomicBool::new(false),
+            sync_script: redis::Script::new(include_str!("lua/sync.lua")),
+            seed_script: redis::Script::new(include_str!("lua/seed.lua")),
+        }
+    }
+
+    /// True once this replica's journal was replayed past what Redis
+    /// holds: from then on its counts reach the cluster.
+    pub fn is_prepared(&self) -> bool {
+        self.prepared.load(Ordering::Relaxed)
+    }
+
+    /// One sync: prepares first if it never did, sends each bot's batch,
+    /// and records the outcome in the self-metrics.
+    pub async fn sync_once(&self) -> Result<SyncReport> {
+        let started = Instant::now();
+        let result = self.sync_inner().await;
+        self.cluster.observe(&result);
+        let m = &self.cluster.metrics;
+        m.pending_users.set(self.cluster.budget.used() as i64);
+        match &result {
+            Ok(report) => {
+                m.sync_duration.observe(started.elapsed().as_secs_f64());
+                if report.waiting == 0 {
+                    m.last_sync
+                        .set(Utc::now().timestamp_millis() as f64 / 1000.0);
+                }
+            }
+            Err(_) => m.sync_failures.inc(),
+        }
+        result
+    }
+
+    async fn sync_inner(&self) -> Result<SyncReport> {
+        let mut state = self.state.lock().await;
+        if !state.prepared {
+            self.prepare(&mut state).await?;
+            state.prepared = true;
+            self.prepared.store(true, Ordering::Relaxed);
+        }
+        let State { bots, seq, .. } = &mut *state;
+        // One cut for every bot without a batch in flight: exactly the
+        // journal up to `mark`.
+        let mark = self.ingest.consistent(|lsn| {
+            let mark = if self.ingest.journal().is_some() {
+                lsn
+            } else {
+                *seq += 1;
+                *seq
+            };
+            for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
+                let batch = b.cut(mark);
+                if !batch.is_empty() {
+                    b.inflight = Some(batch);
+                }
+            }
+            mark
+        });
+        let now = Utc::now().timestamp();
+        let conn = timed(self.cluster.redis.conn()).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, b) in bots.iter().enumerate() {
+            let invocation = self.invocation(b, now);
+            let mut conn = conn.clone();
+            tasks.spawn(async move {
+                let answer: Result<Vec<i64>> = timed(invocation.run(&mut conn)).await;
+                (i, answer)
+            });
+        }
+        let mut answers: Vec<Option<Result<Vec<i64>>>> = (0..bots.len()).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, answer)) => answers[i] = Some(answer),
+                Err(e) => tracing::error!(error = %e, "a sync task failed"),
+            }
+        }
+        let mut report = SyncReport::default();
+        let mut first_error = None;
+        let mut stored: Option<Stored> = None;
+        for (i, answer) in answers.into_iter().enumerate() {
+            let mut answer =
+                answer.unwrap_or_else(|| Err(ClusterError::Protocol("no answer".into())));
+            if matches!(&answer, Ok(a) if a.first() == Some(&0)) {
+                // Redis does not hold this bot's totals (it lost its data,
+                // or this is the cluster's first start): seed them from the
+                // store before anything is added.
+                let result = self.seed(&bots[i], &mut stored).await;
+                match result {
+                    Ok(seeded) => {
+                        report.seeded += usize::from(seeded);
+                        let mut conn = conn.clone();
+                        answer = timed(self.invocation(&bots[i], now).run(&mut conn)).await;
+                    }
+                    Err(e) => answer = Err(e),
+                }
+            }
+            let b = &mut bots[i];
+            match answer {
+                Ok(a) if a.len() == 4 && a[0] != 0 => {
+                    if let Some(batch) = b.inflight.take() {
+                        if a[0] == 1 {
+                            report.applied += 1;
+                        } else {
+                            report.repeated += 1;
+                        }
+                        b.confirmed(batch, &self.cluster);
+                    }
+                    let [day, week, month] = [a[1], a[2], a[3]].map(|n| n.max(0) as u64);
+                    b.bot.active.set_cluster([day, week, month]);
+                }
+                Ok(a) => {
+                    first_error.get_or_insert(ClusterError::Protocol(format!(
+                        "sync script answered {a:?}"
+                    )));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        // Batches cut now for bots that had an older one in flight.
+        report.waiting = bots
+            .iter()
+            .filter(|b| b.inflight.as_ref().is_some_and(|batch| batch.mark != mark))
+            .count();
+        if report.waiting == 0
+            && let Some(journal) = self.ingest.journal()
+        {
+            // Redis holds everything up to `mark`: the journal keeps it only
+            // for the ids dedupe remembers across a restart.
+            if let Err(e) = journal.trim(mark, self.cluster.dedupe_window).await {
+                tracing::warn!(error = %e, "journal trim failed; retried after the next sync");
+            }
+        }
+        Ok(report)
+    }
+
+    /// The script call that sends `b`'s batch in flight (or nothing, to
+    /// read the cluster's estimates), for keys around `now`.
+    fn invocation(&self, b: &BotSync, now: i64) -> Invocation {
+        let mut keys = b.keys.script_keys(now);
+        let batch = b.inflight.as_ref();
+        let mut args: Vec<Vec<u8>> = vec![
+            self.cluster.replica.clone().into_bytes(),
+            batch.map_or(0, |b| b.mark).to_string().into_bytes(),
+        ];
+        let Some(batch) = batch else {
+            args.extend(["0", "0", "0", ""].map(|a| a.as_bytes().to_vec()));
+            return Invocation::new(&self.sync_script, keys, args);
+        };
+        // The users, grouped by the sketches they join: the hour's (only
+        // while the 1d window can read it) and the day's.
+        let hour_now = now.div_euclid(3600);
+        let day_now = now.div_euclid(86_400);
+        let mut groups: Vec<(String, bool, Vec<[u8; 8]>)> = Vec::new();
+        let mut index: HashMap<(bool, i64), usize> = HashMap::new();
+        for &(hour, user) in &batch.users {
+            let hour = i64::from(hour);
+            let day = (hour * 3600).div_euclid(86_400);
+            let wanted = [
+                (true, hour, hour > hour_now - HOURS),
+                (false, day, day > day_now - DAYS),
+            ];
+            for (hourly, bucket, in_reach) in wanted {
+                if !in_reach {
+                    continue;
+                }
+                let g = *index.entry((hourly, bucket)).or_insert_with(|| {
+                    let key = if hourly {
+                        b.keys.hour_sketch(bucket)
+                    } else {
+                        b.keys.day_sketch(bucket)
+                    };
+                    groups.push((key, hourly, Vec::new()));
+                    groups.len() - 1
+                });
+                groups[g].2.push(user.to_le_bytes());
+            }
+        }
+        let calendar = b.bot.today.calendar();
+        let oldest_kept = calendar_date(calendar, now - 86_400);
+        for count in [batch.series.len(), batch.today.len(), groups.len()] {
+            args.push(count.to_string().into_bytes());
+        }
+        args.push(oldest_kept.into_bytes());
+        for (field, delta, _) in &batch.series {
+            args.push(field.clone().into_bytes());
+            args.push(delta.to_string().into_bytes());
+        }
+        for (name, day, delta, _) in &batch.today {
+            args.push(format!("{}:{name}", Calendar::date(*day)).into_bytes());
+            args.push(delta.to_string().into_bytes());
+        }
+        for (key, hourly, users) in groups {
+            let position = match keys.iter().position(|k| *k == key) {
+                Some(p) => p,
+                None => {
+                    keys.push(key);
+                    keys.len() - 1
+                }
+            };
+            args.push((position + 1).to_string().into_bytes());
+            args.push(sketch_ttl(hourly).to_string().into_bytes());
+            args.push(users.len().to_string().into_bytes());
+            args.extend(users.into_iter().map(|u| u.to_vec()));
+        }
+        Invocation::new(&self.sync_script, keys, args)
+    }
+
+    /// Before the first sync: every bot's totals are in Redis (seeded from
+    /// the store if not), then this replica's journal, and any stopped
+    /// replica's in the same data directory, is counted past what Redis
+    /// holds of each, so a restart (or `kill -9`) neither loses nor repeats.
+    async fn prepare(&self, state: &mut State) -> Result<()> {
+        let conn = timed(self.cluster.redis.conn()).await?;
+        let mut stored = None;
+        let mut seeded = 0;
+        for b in &state.bots {
+            let mut c = conn.clone();
+            let exists: bool = timed(
+                redis::cmd("EXISTS")
+                    .arg(b.keys.seeded())
+                    .query_async(&mut c),
+            )
+            .await?;
+            if !exists && self.seed(b, &mut stored).await? {
+                seeded += 1;
+            }
+        }
+        if let Some(claims) = self.ingest.claims() {
+            let bots: Vec<&str> = state.bots.iter().map(|b| &*b.bot.bot).collect();
+            let (kept, dropped) = claims.resolve_own(&bots, &self.ingest.dedupe).await?;
+            if kept + dropped > 0 {
+                tracing::info!(
+                    confirmed = kept,
+                    given_back = dropped,
+                    "claims pending at the last stop settled against the journal"
+                );
+            }
+        }
+        let Some(journal) = self.ingest.journal() else {
+            return Ok(());
+        };
+        let orphans: Vec<String> = journal.orphans()?.into_iter().map(|o| o.id).collect();
+        let mut ids = vec![journal.id().to_owned()];
+        ids.extend(orphans);
+        // applied[(replica, bot)]
+        let mut applied: HashMap<(String, String), u64> = HashMap::new();
+        for b in &state.bots {
+            let mut c = conn.clone();
+            let marks: Vec<Option<u64>> = timed(
+                redis::cmd("HMGET")
+                    .arg(b.keys.applied())
+                    .arg(&ids)
+                    .query_async(&mut c),
+            )
+            .await?;
+            for (id, mark) in ids.iter().zip(marks) {
+                applied.insert((id.clone(), b.bot.bot.to_string()), mark.unwrap_or(0));
+            }
+        }
+        let mark = |replica: &str, bot: &str| {
+            applied
+                .get(&(replica.to_owned(), bot.to_owned()))
+                .copied()
+                .unwrap_or(0)
+        };
+        let own = journal.id().to_owned();
+        let replayed = self
+            .ingest
+            .replay_own(&self.metrics, |bot| mark(&own, bot))?;
+        let adopted = self.ingest.adopt_orphans(&self.metrics, mark).await?;
+        tracing::info!(
+            replica = %self.cluster.replica,
+            seeded,
+            ?replayed,
+            ?adopted,
+            "cluster mode: journal counted past what Redis holds"
+        );
+        Ok(())
+    }
+
+    /// Seeds `b`'s totals into Redis from the store, unless a replica did
+    /// already. `stored` caches the store's rows across bots of one sync.
+    async fn seed(&self, b: &BotSync, stored: &mut Option<Stored>) -> Result<bool> {
+        if stored.is_none() {
+            self.store.migrate().await?;
+            *stored = Some(self.store.load().await?);
+        }
+        let Some(stored) = stored.as_ref() else {
+            return Ok(false);
+        };
+        let bot = &*b.bot.bot;
+        let now = Utc::now();
+        let mut keys = vec![
+            b.keys.series(),
+            b.keys.applied(),
+            b.keys.seeded(),
+            b.keys.today(),
+            b.keys.dirty(),
+        ];
+        let series: Vec<(String, String)> = stored
+            .series
+            .iter()
+            .filter(|r| r.bot == bot && r.metric != crate::metrics::bot::ACTIVE_USERS.name)
+            .filter(|r| r.value.is_finite())
+            .map(|r| (field(&r.metric, &r.labels), r.value.to_string()))
+            .collect();
+        let applied: Vec<(String, String)> = stored
+            .cluster_progress
+            .iter()
+            .filter(|p| p.bot == bot)
+            .map(|p| (p.replica.clone(), p.applied.to_string()))
+            .collect();
+        let yesterday = (now - chrono::Duration::days(1)).date_naive();
+        let today: Vec<(String, String)> = stored
+            .daily
+            .iter()
+            .filter(|d| d.bot == bot && d.day >= yesterday)
+            .map(|d| (format!("{}:{}", d.day, d.name), d.value.to_string()))
+            .collect();
+        let mut sketches = Vec::new();
+        for s in stored.cluster_sketches.iter().filter(|s| s.bot == bot) {
+            let key = format!("bm:{{{bot}}}:{}", s.sketch);
+            let Some((hourly, bucket)) = b.keys.parse_sketch(&key) else {
+                continue;
+            };
+            let span = if hourly { 3600 } else { 86_400 };
+            let left = (bucket + 1) * span + sketch_ttl(hourly) as i64 - now.timestamp();
+            if left > 0 {
+                keys.push(key);
+                sketches.push((keys.len(), left, s.hll.clone()));
+            }
+        }
+        let mut args: Vec<Vec<u8>> = [series.len(), applied.len(), today.len(), sketches.len()]
+            .iter()
+            .map(|n| n.to_string().into_bytes())
+            .collect();
+        args.push(now.to_rfc3339().into_bytes());
+        for (f, v) in series.into_iter().chain(applied).chain(today) {
+            args.push(f.into_bytes());
+            args.push(v.into_bytes());
+        }
+        for (position, ttl, hll) in sketches {
+            args.push(position.to_string().into_bytes());
+            args.push(ttl.to_string().into_bytes());
+            args.push(hll);
+        }
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let seeded: i64 =
+            timed(Invocation::new(&self.seed_script, keys, args).run(&mut conn)).await?;
+        if seeded == 1 {
+            self.cluster.metrics.reseeds.inc();
+            tracing::info!(bot, "cluster totals seeded into Redis from the store");
+        }
+        Ok(seeded == 1)
+    }
+
+    /// The last syncs on the way out, until nothing is left to send (a
+    /// batch in flight goes first, then what was counted after it).
+    pub async fn final_sync(&self) {
+        for _ in 0..3 {
+            match self.sync_once().await {
+                Ok(report) if report.waiting == 0 => {
+                    tracing::info!(?report, "final sync done");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "final sync failed; the journal keeps what Redis lacks and the next start sends it"
+                    );
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// A script call that owns its keys and arguments, so it can run in a task.
+struct Invocation {
+    script: redis::Script,
+    keys: Vec<String>,
+    args: Vec<Vec<u8>>,
+}
+
+impl Invocation {
+    fn new(script: &redis::Script, keys: Vec<String>, args: Vec<Vec<u8>>) -> Self {
+        Invocation {
+            script: script.clone(),
+            keys,
+            args,
+        }
+    }
+
+    async fn run<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut super::connection::Conn,
+    ) -> redis::RedisResult<T> {
+        let mut invocation = self.script.prepare_invoke();
+        for key in &self.keys {
+            invocation.key(key);
+        }
+        for arg in &self.args {
+            invocation.arg(arg.as_slice());
+        }
+        invocation.invoke_async(conn).await
+    }
+}
+
+/// The local date of `ts` in the calendar's zone, as `YYYY-MM-DD`.
+fn calendar_date(calendar: &Calendar, ts: i64) -> String {
+    Calendar::date(calendar.day_of(ts)).to_string()
+}
+
+/// Syncs every `interval`, retrying a failure sooner (as the flush does),
+/// and once more on the way out.
+pub async fn sync_loop(syncer: Arc<Syncer>, interval: Duration, shutdown: CancellationToken) {
+    let mut failures: u32 = 0;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(crate::tasks::flush_wait(failures, interval)) => {}
+        }
+        match syncer.sync_once().await {
+            Ok(report) => {
+                if failures > 0 {
+                    tracing::info!(?report, failures, "sync to redis caught up");
+                } else if report.applied > 0 {
+                    tracing::debug!(?report, "synced");
+                }
+                failures = 0;
+            }
+            Err(e) => {
+                if failures == 0 {
+                    tracing::error!(error = %e, "sync to redis failed; counts are kept and the sync retries");
+                }
+                failures = failures.saturating_add(1);
+            }
+        }
+    }
+    syncer.final_sync().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fields_split_back_into_metric_and_labels() {
+        let f = field("bot_messages_total", r#"{"role":"user"}"#);
+        assert_eq!(f, r#"bot_messages_total{"role":"user"}"#);
+        assert_eq!(
+            parse_field(&f),
+            ("bot_messages_total", r#"{"role":"user"}"#)
+        );
+        assert_eq!(parse_field("bot_users_registered_total{}").1, "{}");
+    }
+}

@@ -1,0 +1,241 @@
+//! Reads the cluster totals back from Redis: for `/v1/summary` on any
+//! replica, and for the replica that writes them to the store.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use chrono::NaiveDate;
+use redis::Value;
+
+use super::sync::parse_field;
+use super::{BotKeys, Cluster, ClusterError, Result, timed};
+use crate::metrics::Metrics;
+use crate::store::{DailyRow, SeriesRow, Stored};
+
+/// One bot's cluster totals at one instant.
+#[derive(Debug, Clone, Default)]
+pub struct BotView {
+    pub bot: String,
+    pub series: Vec<SeriesRow>,
+    pub daily: Vec<DailyRow>,
+    /// Distinct users, 1d / 7d / 30d: the union of every replica's.
+    pub users: [u64; 3],
+    /// (replica, mark), when read for the store.
+    pub applied: Vec<(String, i64)>,
+    /// (sketch name within the bot's keys, raw HyperLogLog), changed since
+    /// the store last got them; when read for the store.
+    pub sketches: Vec<(String, Vec<u8>)>,
+}
+
+pub struct View {
+    cluster: Arc<Cluster>,
+    script: redis::Script,
+    /// The last good read of each bot: what the summary answers with while
+    /// Redis is away, rather than fail the bot's own command.
+    last: Mutex<HashMap<String, BotView>>,
+}
+
+impl View {
+    pub fn new(cluster: Arc<Cluster>) -> Self {
+        View {
+            cluster,
+            script: redis::Script::new(include_str!("lua/read.lua")),
+            last: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Reads `bots`' totals, one script call each, concurrently. `None` for
+    /// a bot Redis does not hold (not seeded yet).
+    pub async fn read(&self, bots: &[&str], for_store: bool) -> Result<Vec<Option<BotView>>> {
+        let now = chrono::Utc::now().timestamp();
+        let conn = timed(self.cluster.redis.conn()).await?;
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, bot) in bots.iter().enumerate() {
+            let keys = BotKeys::new(bot);
+            let script = self.script.clone();
+            let mut conn = conn.clone();
+            let bot = (*bot).to_owned();
+            tasks.spawn(async move {
+                let mut invocation = script.prepare_invoke();
+                for key in keys.script_keys(now) {
+                    invocation.key(key);
+                }
+                invocation.arg(if for_store { "1" } else { "0" });
+                let answer: Result<Value> = timed(invocation.invoke_async(&mut conn)).await;
+                (i, answer.and_then(|v| parse(&keys, &bot, v)))
+            });
+        }
+        let mut out: Vec<Option<BotView>> = vec![None; bots.len()];
+        let mut error = None;
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, Ok(view))) => out[i] = view,
+                Ok((_, Err(e))) => {
+                    error.get_or_insert(e);
+                }
+                Err(e) => {
+                    error.get_or_insert(ClusterError::Protocol(e.to_string()));
+                }
+            }
+        }
+        let result = match error {
+            Some(e) => Err(e),
+            None => Ok(out),
+        };
+        self.cluster.observe(&result);
+        result
+    }
+
+    /// The summary's figures: a fresh `Metrics` holding the cluster totals
+    /// of `bots` (or, for a bot Redis cannot give now, its last good read,
+    /// else this replica's own), so the summary is built as in one process.
+    pub async fn metrics(&self, local: &Metrics, bots: &[Arc<str>]) -> prometheus::Result<Metrics> {
+        let names: Vec<&str> = bots.iter().map(|b| &**b).collect();
+        let read = self.read(&names, false).await;
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if let Ok(views) = &read {
+            for view in views.iter().flatten() {
+                last.insert(view.bot.clone(), view.clone());
+            }
+        }
+        let views: Vec<Option<BotView>> =
+            names.iter().map(|name| last.get(*name).cloned()).collect();
+        drop(last);
+        let metrics = Metrics::new(bots, usize::MAX, local.calendar().tz(), 0.0)?;
+        let now = chrono::Utc::now().timestamp();
+        for (bot, view) in bots.iter().zip(views) {
+            let Some(cluster_bot) = metrics.bot(bot) else {
+                continue;
+            };
+            match view {
+                Some(view) => {
+                    let stored = Stored {
+                        series: view.series,
+                        daily: view.daily,
+                        ..Stored::default()
+                    };
+                    crate::persist::restore(&metrics, &stored, now);
+                    cluster_bot.active.set_cluster(view.users);
+                }
+                None => {
+                    // Redis never answered for it: this replica's own.
+                    if let Some(own) = local.bot(bot) {
+                        let stored = Stored {
+                            series: crate::persist::bot_rows(own),
+                            ..Stored::default()
+                        };
+                        crate::persist::restore(&metrics, &stored, now);
+                        let [(_, d), (_, w), (_, m)] = own.active.estimates_at(now);
+                        cluster_bot.active.set_cluster([d, w, m]);
+                        for (name, counter) in own.today.counters() {
+                            let (day, value) = counter.load();
+                            if let Some(c) = cluster_bot.today.counter(name) {
+                                c.restore(day, value);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(metrics)
+    }
+}
+
+fn bytes(v: &Value) -> Option<&[u8]> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.as_bytes()),
+        _ => None,
+    }
+}
+
+fn text(v: &Value) -> Option<String> {
+    bytes(v).map(|b| String::from_utf8_lossy(b).into_owned())
+}
+
+fn int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        other => text(other)?.parse().ok(),
+    }
+}
+
+/// A flat `[k1, v1, k2, v2, …]` array.
+fn pairs(v: &Value) -> Option<Vec<(&Value, &Value)>> {
+    match v {
+        Value::Array(items) => Some(items.chunks_exact(2).map(|c| (&c[0], &c[1])).collect()),
+        Value::Map(items) => Some(items.iter().map(|(k, v)| (k, v)).collect()),
+        _ => None,
+    }
+}
+
+fn parse(keys: &BotKeys, bot: &str, v: Value) -> Result<Option<BotView>> {
+    let bad = |what: &str| ClusterError::Protocol(format!("read script: {what}"));
+    let Value::Array(items) = v else {
+        return Err(bad("not an array"));
+    };
+    match items.first().and_then(int) {
+        Some(0) => return Ok(None),
+        Some(1) if items.len() >= 6 => {}
+        _ => return Err(bad("unexpected status")),
+    }
+    let mut view = BotView {
+        bot: bot.to_owned(),
+        ..BotView::default()
+    };
+    for (field, value) in pairs(&items[1]).ok_or_else(|| bad("series"))? {
+        let (Some(field), Some(value)) = (text(field), text(value)) else {
+            continue;
+        };
+        let Ok(value) = value.parse::<f64>() else {
+            continue;
+        };
+        let (metric, labels) = parse_field(&field);
+        view.series.push(SeriesRow {
+            metric: metric.to_owned(),
+            bot: bot.to_owned(),
+            labels: labels.to_owned(),
+            value,
+        });
+    }
+    for (field, value) in pairs(&items[2]).ok_or_else(|| bad("today"))? {
+        let (Some(field), Some(value)) = (text(field), int(value)) else {
+            continue;
+        };
+        let Some((day, name)) = field.split_once(':') else {
+            continue;
+        };
+        let Ok(day) = NaiveDate::parse_from_str(day, "%Y-%m-%d") else {
+            continue;
+        };
+        view.daily.push(DailyRow {
+            bot: bot.to_owned(),
+            name: name.to_owned(),
+            day,
+            value,
+        });
+    }
+    for (i, slot) in view.users.iter_mut().enumerate() {
+        *slot = int(&items[3 + i]).unwrap_or(0).max(0) as u64;
+    }
+    if let Some(applied) = items.get(6) {
+        for (replica, mark) in pairs(applied).ok_or_else(|| bad("applied"))? {
+            if let (Some(replica), Some(mark)) = (text(replica), int(mark)) {
+                view.applied.push((replica, mark));
+            }
+        }
+    }
+    if let Some(sketches) = items.get(7) {
+        for (key, hll) in pairs(sketches).ok_or_else(|| bad("sketches"))? {
+            let (Some(key), Some(hll)) = (text(key), bytes(hll)) else {
+                continue;
+            };
+            if hll.is_empty() || keys.parse_sketch(&key).is_none() {
+                continue; // expired since it was marked
+            }
+            let name = key.split_once("}:").map_or(key.as_str(), |(_, n)| n);
+            view.sketches.push((name.to_owned(), hll.to_vec()));
+        }
+    }
+    Ok(Some(view))
+}

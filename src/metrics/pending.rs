@@ -1,0 +1,138 @@
+//! Users seen since the last sync to Redis, per bot (cluster mode only).
+//!
+//! Redis's own HyperLogLogs hold the cluster-wide distinct counts, so each
+//! replica sends the (already keyed and hashed) users it saw since its last
+//! confirmed sync; a user already in a Redis sketch changes nothing there.
+//! The set is bounded across every bot by one budget: during a long Redis
+//! outage, users past it are left out of the cluster-wide count (and
+//! counted in `botmetrics_sync_users_dropped_total`) rather than let memory
+//! grow without end. The replica's own sketches still count them.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::event::UserHash;
+
+const SHARDS: usize = 8;
+
+/// (unix hour, user hash): the hour decides which Redis sketches it joins.
+pub type PendingUser = (i32, u64);
+
+/// The bound shared by every bot's pending users.
+pub struct UserBudget {
+    used: AtomicUsize,
+    max: usize,
+    pub dropped: prometheus::IntCounter,
+}
+
+impl UserBudget {
+    pub fn new(max: usize, dropped: prometheus::IntCounter) -> Self {
+        UserBudget {
+            used: AtomicUsize::new(0),
+            max,
+            dropped,
+        }
+    }
+
+    fn take_one(&self) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                (used < self.max).then_some(used + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives back the room of users Redis has confirmed.
+    pub fn release(&self, n: usize) {
+        let _ = self
+            .used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |used| {
+                Some(used.saturating_sub(n))
+            });
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Default)]
+pub struct PendingUsers {
+    /// Set once, when cluster mode starts; until then recording is one
+    /// atomic load.
+    budget: OnceLock<Arc<UserBudget>>,
+    shards: [Mutex<HashSet<PendingUser>>; SHARDS],
+}
+
+impl PendingUsers {
+    pub fn enable(&self, budget: Arc<UserBudget>) {
+        let _ = self.budget.set(budget);
+    }
+
+    pub fn budget(&self) -> Option<&Arc<UserBudget>> {
+        self.budget.get()
+    }
+
+    /// Notes a user active at `ts` (unix seconds), once per hour.
+    pub fn record(&self, user: UserHash, ts: i64) {
+        let Some(budget) = self.budget.get() else {
+            return;
+        };
+        let hour = i32::try_from(ts.div_euclid(3600)).unwrap_or(i32::MAX);
+        // The hash's top bits pick the shard: it is already uniform.
+        let shard = &self.shards[(user.0 >> 61) as usize % SHARDS];
+        let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
+        if set.contains(&(hour, user.0)) {
+            return;
+        }
+        if budget.take_one() {
+            set.insert((hour, user.0));
+        } else {
+            budget.dropped.inc();
+        }
+    }
+
+    /// Everything recorded so far, leaving the set empty. The budget stays
+    /// taken until [`UserBudget::release`]: the users are in flight.
+    pub fn take(&self) -> Vec<PendingUser> {
+        let mut out = Vec::new();
+        for shard in &self.shards {
+            let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(set.drain());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_each_user_once_per_hour_within_the_budget() {
+        let dropped = prometheus::IntCounter::new("d", "d").unwrap();
+        let budget = Arc::new(UserBudget::new(3, dropped.clone()));
+        let pending = PendingUsers::default();
+        pending.record(UserHash(1), 0);
+        assert!(pending.take().is_empty(), "disabled until enabled");
+        pending.enable(budget.clone());
+        pending.record(UserHash(1), 10);
+        pending.record(UserHash(1), 20);
+        pending.record(UserHash(1), 3600);
+        pending.record(UserHash(2), 10);
+        pending.record(UserHash(3), 10);
+        assert_eq!(budget.used(), 3);
+        assert_eq!(
+            dropped.get(),
+            1,
+            "the fourth distinct pair is past the budget"
+        );
+        let mut taken = pending.take();
+        taken.sort();
+        assert_eq!(taken, vec![(0, 1), (0, 2), (1, 1)]);
+        assert_eq!(budget.used(), 3, "in flight until Redis confirms");
+        budget.release(3);
+        assert_eq!(budget.used(), 0);
+    }
+}
