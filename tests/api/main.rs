@@ -6,6 +6,7 @@ mod helpers;
 
 mod access;
 mod active_users;
+mod cluster;
 mod connections;
 mod durability;
 mod events;
@@ -15,5 +16,6 @@ mod many_bots;
 mod persistence;
 mod process;
 mod readme;
+mod redis;
 mod stack;
 mod summary;

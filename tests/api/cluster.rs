@@ -1,0 +1,1239 @@
+//! Cluster mode (issue 10): several real `botmetrics` processes share one
+//! private Redis (or a 3-node Redis Cluster) and one PostgreSQL database
+//! and answer as one system. Each test breaks something real: traffic
+//! spread over replicas, retries that land elsewhere, SIGTERM and `kill -9`
+//! of a replica, FLUSHALL, Redis killed and started empty while events keep
+//! arriving, the PostgreSQL writer dying. Counts are exact; waits are for a
+//! condition with a deadline, never a sleep standing in for one.
+//!
+//! The contract is DESIGN.md, "Several replicas: the Redis tier (cluster
+//! mode)", issue 10, and the Redis key layout and self-metrics agreed for
+//! it. When a test fails, the log of every replica it started is printed.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::os::unix::process::ExitStatusExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Binary, PgDatabase, Raw, SqliteFile, pg_data_dir, sample};
+use crate::redis::{RedisCluster, RedisServer};
+
+const TOKENS: &str = "a=ta,b=tb";
+const SYNC: &str = "200ms";
+const FLUSH: &str = "500ms";
+
+/// For a condition a sync (every 200 ms) or a flush (every 500 ms) makes
+/// true: generous, the machine may be busy.
+const SETTLE: Duration = Duration::from_secs(20);
+
+/// The PostgreSQL lease is `3 x --flush-interval` (1.5 s): a new writer is
+/// due within a few flush intervals of the holder's death.
+const TAKEOVER: Duration = Duration::from_secs(6);
+
+// ---------------------------------------------------------------------------
+// Replicas
+// ---------------------------------------------------------------------------
+
+/// A replica: the real binary, whose log is printed when the test fails.
+struct Replica {
+    bin: Binary,
+    name: String,
+}
+
+impl Deref for Replica {
+    type Target = Binary;
+
+    fn deref(&self) -> &Binary {
+        &self.bin
+    }
+}
+
+impl DerefMut for Replica {
+    fn deref_mut(&mut self) -> &mut Binary {
+        &mut self.bin
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = self.bin.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+            eprintln!("--- {} (last 80 lines of its log) ---\n{tail}", self.name);
+        }
+    }
+}
+
+/// The binaries of `replicas`, as the helpers below take them.
+fn bins(replicas: &[Replica]) -> Vec<&Binary> {
+    replicas.iter().map(|r| &r.bin).collect()
+}
+
+/// Replica `n` of a cluster on `db` and `redis_url`: its own data directory
+/// (inside the database's, so it goes when the database does), syncing
+/// every `sync`, flushing every 500 ms. Starting it again with the same `n`
+/// is a restart with the same `--data-dir`.
+async fn replica(db: &PgDatabase, redis_url: &str, n: usize, sync: &str) -> Replica {
+    let dir = pg_data_dir(&db.url).join(format!("replica-{n}"));
+    std::fs::create_dir_all(&dir).expect("replica data dir");
+    let dir = dir.display().to_string();
+    let flags = [
+        "--redis-url",
+        redis_url,
+        "--sync-interval",
+        sync,
+        "--flush-interval",
+        FLUSH,
+        "--data-dir",
+        &dir,
+    ];
+    Replica {
+        bin: Binary::serve(&db.url, TOKENS, &flags).await,
+        name: format!("replica {n}"),
+    }
+}
+
+/// `n` replicas, each connected to Redis.
+async fn replicas(db: &PgDatabase, redis_url: &str, n: usize) -> Vec<Replica> {
+    let mut started = Vec::new();
+    for i in 0..n {
+        started.push(replica(db, redis_url, i, SYNC).await);
+    }
+    for r in &started {
+        connected(r).await;
+    }
+    started
+}
+
+/// Waits for `botmetrics_redis_up 1`.
+async fn connected(r: &Binary) {
+    until(
+        "botmetrics_redis_up 1",
+        || r.sample("botmetrics_redis_up"),
+        |up| *up == Some(1.0),
+    )
+    .await;
+}
+
+/// Polls `probe` until `done` holds for what it returns, up to [`SETTLE`];
+/// on timeout the panic shows the last value seen.
+async fn until<T, F, Fut>(what: &str, probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    T: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    until_within(SETTLE, what, probe, done).await
+}
+
+async fn until_within<T, F, Fut>(
+    timeout: Duration,
+    what: &str,
+    mut probe: F,
+    done: impl Fn(&T) -> bool,
+) -> T
+where
+    T: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let got = probe().await;
+        if done(&got) {
+            return got;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}; last seen: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The sum of every sample of a family (`name` and `name{…}`); 0 if none.
+fn family_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Whether an exposition has a sample of the family `name`.
+fn has_family(text: &str, name: &str) -> bool {
+    text.lines().any(|l| {
+        l.strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+    })
+}
+
+/// Waits until every replica has completed a sync that began after this
+/// call: from then on Redis holds everything each of them acknowledged
+/// before it, and `/v1/summary` (read from Redis, not cached here) must be
+/// exact. A sync is seen as `botmetrics_sync_duration_seconds_count` moving
+/// twice (the first may have begun before the call) or
+/// `botmetrics_last_sync_timestamp_seconds` passing a second after it.
+async fn all_synced(replicas: &[&Binary]) {
+    let start = unix_now();
+    let mut before = Vec::new();
+    for r in replicas {
+        let text = r.metrics_text().await;
+        before.push(family_sum(&text, "botmetrics_sync_duration_seconds_count"));
+    }
+    for (r, before) in replicas.iter().zip(before) {
+        until(
+            "a sync that began after the last acknowledged event (sync count, last sync time)",
+            || async {
+                let text = r.metrics_text().await;
+                (
+                    family_sum(&text, "botmetrics_sync_duration_seconds_count"),
+                    sample(&text, "botmetrics_last_sync_timestamp_seconds"),
+                )
+            },
+            |(count, last)| *count >= before + 2.0 || last.is_some_and(|t| t > start + 1.0),
+        )
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What the replicas answer
+// ---------------------------------------------------------------------------
+
+/// `/v1/summary?bot=…` when it answers 200.
+async fn summary(r: &Binary, bot: &str) -> Option<Value> {
+    let (status, body) = r.get_json(&format!("/v1/summary?bot={bot}")).await;
+    (status == 200).then_some(body)
+}
+
+fn num(v: &Value, path: &str) -> f64 {
+    let mut at = v;
+    for key in path.split('.') {
+        at = &at[key];
+    }
+    at.as_f64()
+        .unwrap_or_else(|| panic!("{path} is not a number in {v}"))
+}
+
+/// `messages.total` of a bot's summary, when it answers.
+async fn total(r: &Binary, bot: &str) -> Option<f64> {
+    summary(r, bot).await.map(|s| num(&s, "messages.total"))
+}
+
+/// `messages.total` of every replica's summary.
+async fn totals(replicas: &[&Binary], bot: &str) -> Vec<Option<f64>> {
+    let mut all = Vec::new();
+    for r in replicas {
+        all.push(total(r, bot).await);
+    }
+    all
+}
+
+/// Waits until every replica's summary says `want` messages for `bot`.
+async fn totals_reach(replicas: &[&Binary], bot: &str, want: f64) {
+    until(
+        &format!("messages.total of bot {bot} = {want} on every replica"),
+        || totals(replicas, bot),
+        |got| got.iter().all(|t| *t == Some(want)),
+    )
+    .await;
+}
+
+/// After [`all_synced`]: every replica's summary says exactly `want`.
+async fn assert_totals(replicas: &[&Binary], bot: &str, want: f64, context: &str) {
+    let got = totals(replicas, bot).await;
+    assert!(
+        got.iter().all(|t| *t == Some(want)),
+        "{context}: messages.total of bot {bot} should be exactly {want} on every replica, got {got:?}"
+    );
+}
+
+fn own_messages(bot: &str, role: &str) -> String {
+    format!(r#"bot_messages_total{{bot="{bot}",role="{role}"}}"#)
+}
+
+/// A replica's own count of `bot`'s user messages (0 before any).
+async fn own_user_messages(r: &Binary, bot: &str) -> f64 {
+    r.sample(&own_messages(bot, "user")).await.unwrap_or(0.0)
+}
+
+/// The cluster total PostgreSQL holds for `bot`'s user messages.
+async fn stored_user_messages(raw: &Raw, bot: &str) -> Option<f64> {
+    raw.stored("bot_messages_total", bot, &[("role", "user")])
+        .await
+}
+
+async fn stored_reach(raw: &Raw, bot: &str, want: f64) {
+    until(
+        &format!("real_time_metrics bot_messages_total{{bot={bot},role=user}} = {want}"),
+        || stored_user_messages(raw, bot),
+        |v| *v == Some(want),
+    )
+    .await;
+}
+
+/// `botmetrics_cluster_writer` of every replica.
+async fn writers(replicas: &[&Binary]) -> Vec<Option<f64>> {
+    let mut all = Vec::new();
+    for r in replicas {
+        all.push(r.sample("botmetrics_cluster_writer").await);
+    }
+    all
+}
+
+fn exactly_one_writer(w: &[Option<f64>]) -> bool {
+    w.iter().all(Option::is_some) && w.iter().flatten().filter(|v| **v == 1.0).count() == 1
+}
+
+/// `n` user messages, each with its own event id `{tag}-{i}`.
+fn with_ids(tag: &str, n: usize) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|i| json!({"type": "message", "role": "user", "event_id": format!("{tag}-{i}")}))
+            .collect(),
+    )
+}
+
+/// `n` user messages without ids.
+fn plain(n: usize) -> Value {
+    Value::Array(
+        (0..n)
+            .map(|_| json!({"type": "message", "role": "user"}))
+            .collect(),
+    )
+}
+
+/// Whether an answer is the 503 a replica gives while an id of the batch is
+/// claimed by another replica that has not confirmed it yet.
+fn is_retry_later(answer: &(u16, Value)) -> bool {
+    answer.0 == 503 && answer.1["error"] == "retry_later"
+}
+
+/// Posts as a bot does: again while the answer is `503 retry_later` (an id
+/// is pending on another replica, for at most a few tens of milliseconds
+/// after that replica answered 202), until another answer or [`SETTLE`].
+async fn post_as_a_bot(r: &Binary, token: &str, events: &Value) -> (u16, Value) {
+    let deadline = tokio::time::Instant::now() + SETTLE;
+    loop {
+        let answer = r.post_events(token, events).await;
+        if !is_retry_later(&answer) || tokio::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Three replicas, traffic spread over them: exact cluster totals everywhere
+// ---------------------------------------------------------------------------
+
+/// Response durations (ms) as in the summary tests: together p50 625 ms
+/// and p95 2500 ms, the last one failed. Replica 0 sends the first four,
+/// replica 1 the next four, replica 2 the last two: no replica alone has
+/// those percentiles, only the merged histogram does.
+const DURATIONS_MS: [f64; 10] = [
+    40.0, 80.0, 200.0, 300.0, 600.0, 700.0, 800.0, 900.0, 1500.0, 2200.0,
+];
+
+const GROUPS: usize = 30;
+
+/// What replica `r` gets in group `j`: ten user messages from users
+/// `20j + 5r .. 20j + 5r + 10` (neighbouring replicas share five users, so
+/// a group has 20 distinct users and each replica sees 300 of the 600),
+/// two assistant messages, its share of the responses, and on replica 0 a
+/// registration, on replica 1 a limit.
+fn group_batch(j: usize, r: usize) -> Value {
+    let mut events = Vec::new();
+    for k in 0..10 {
+        let user = format!("user-{}", 20 * j + 5 * r + k);
+        events.push(json!({"type": "message", "role": "user", "user_id": user}));
+    }
+    for _ in 0..2 {
+        events.push(json!({"type": "message", "role": "assistant"}));
+    }
+    let share = match r {
+        0 => 0..4,
+        1 => 4..8,
+        _ => 8..10,
+    };
+    for i in share {
+        let status = if i == 9 { "error" } else { "success" };
+        events.push(json!({"type": "response", "status": status, "duration_ms": DURATIONS_MS[i]}));
+    }
+    match r {
+        0 => events.push(json!({"type": "user_registered", "user_id": format!("user-{}", 20 * j)})),
+        1 => {
+            events.push(json!({"type": "limit_reached", "user_id": format!("user-{}", 20 * j + 5)}))
+        }
+        _ => {}
+    }
+    Value::Array(events)
+}
+
+#[tokio::test]
+async fn three_replicas_answer_exact_cluster_totals() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 3).await;
+    let all = bins(&reps);
+    // A load balancer sends traffic to every replica: each is ready.
+    for (i, r) in reps.iter().enumerate() {
+        until(
+            &format!("replica {i}: /readyz 200 (every replica serves in cluster mode)"),
+            || r.get_json("/readyz"),
+            |(status, _)| *status == 200,
+        )
+        .await;
+    }
+
+    for j in 0..GROUPS {
+        let batches = [group_batch(j, 0), group_batch(j, 1), group_batch(j, 2)];
+        tokio::join!(
+            reps[0].post_ok("ta", &batches[0]),
+            reps[1].post_ok("ta", &batches[1]),
+            reps[2].post_ok("ta", &batches[2]),
+        );
+    }
+    reps[2].post_ok("tb", &plain(5)).await;
+
+    // 30 groups x (3 x 10 user + 3 x 2 assistant) messages.
+    let messages = (GROUPS * 36) as f64;
+    totals_reach(&all, "a", messages).await;
+    all_synced(&all).await;
+    for (i, r) in reps.iter().enumerate() {
+        let s = summary(r, "a").await.expect("summary of bot a");
+        let exact = [
+            ("messages.total", messages),
+            ("messages.today", messages),
+            ("responses.total", (GROUPS * 10) as f64),
+            ("responses.success_rate", 0.9),
+            ("responses.p50_ms", 625.0),
+            ("responses.p95_ms", 2500.0),
+            ("users.registered_total", GROUPS as f64),
+            ("users.registered_today", GROUPS as f64),
+            ("limit_reached.today", GROUPS as f64),
+        ];
+        let wrong: Vec<String> = exact
+            .iter()
+            .filter(|(path, want)| (num(&s, path) - want).abs() > 1e-9 * want.abs())
+            .map(|(path, want)| format!("  {path}: want {want}, got {}", num(&s, path)))
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "replica {i}'s summary is not the cluster's:\n{}\n{s}",
+            wrong.join("\n")
+        );
+        // 600 distinct users, each replica saw 300 and 900 in all: the
+        // union, not one replica's count nor the sum.
+        let active = num(&s, "users.active_1d");
+        assert!(
+            (active - 600.0).abs() <= 12.0,
+            "replica {i}: users.active_1d {active}, want 600 within 2 %"
+        );
+        let b = summary(r, "b").await.expect("summary of bot b");
+        assert_eq!(num(&b, "messages.total"), 5.0, "replica {i}, bot b: {b}");
+    }
+
+    // /metrics: each replica's own counters; the active-user estimate is
+    // the cluster's, the same everywhere.
+    let mut own_user = 0.0;
+    for (i, r) in reps.iter().enumerate() {
+        let text = r.metrics_text().await;
+        let (user, assistant) = (own_messages("a", "user"), own_messages("a", "assistant"));
+        crate::helpers::assert_series(
+            &text,
+            &[
+                (user.as_str(), (GROUPS * 10) as f64),
+                (assistant.as_str(), (GROUPS * 2) as f64),
+                ("botmetrics_redis_up", 1.0),
+                ("botmetrics_sync_interval_seconds", 0.2),
+            ],
+        );
+        own_user += crate::helpers::value(&text, &user);
+        for family in [
+            "botmetrics_sync_duration_seconds_count",
+            "botmetrics_sync_failures_total",
+            "botmetrics_last_sync_timestamp_seconds",
+            "botmetrics_cluster_writer",
+            "botmetrics_redis_reseeds_total",
+            "botmetrics_sync_pending_users",
+            "botmetrics_sync_users_dropped_total",
+        ] {
+            assert!(has_family(&text, family), "replica {i} lacks {family}");
+        }
+    }
+    assert_eq!(
+        own_user,
+        (GROUPS * 30) as f64,
+        "the replicas' own counts add up"
+    );
+    let active = until(
+        "bot_active_users{bot=a,window=1d}: the same cluster estimate on every replica",
+        || async {
+            let mut seen = Vec::new();
+            for r in &all {
+                seen.push(r.sample(r#"bot_active_users{bot="a",window="1d"}"#).await);
+            }
+            seen
+        },
+        |seen| seen.iter().all(|v| v.is_some() && *v == seen[0]),
+    )
+    .await;
+    let active = active[0].unwrap();
+    assert!(
+        (active - 600.0).abs() <= 12.0,
+        "bot_active_users 1d {active}, want 600 within 2 %"
+    );
+    let w = until(
+        "exactly one PostgreSQL writer",
+        || writers(&all),
+        |w| exactly_one_writer(w),
+    )
+    .await;
+    assert_eq!(w.iter().flatten().sum::<f64>(), 1.0, "{w:?}");
+
+    // The key layout of the contract.
+    let series = redis.cmd(&[
+        "HGET",
+        "bm:{a}:series",
+        r#"bot_messages_total{"role":"user"}"#,
+    ]);
+    assert_eq!(
+        series.parse::<f64>().ok(),
+        Some((GROUPS * 30) as f64),
+        "HGET bm:{{a}}:series bot_messages_total{{\"role\":\"user\"}} = {series:?}"
+    );
+    assert_eq!(
+        redis.cmd(&["HLEN", "bm:{a}:applied"]),
+        "3",
+        "one field per replica"
+    );
+    let today = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let field = format!("{today}:messages");
+    assert_eq!(
+        redis
+            .cmd(&["HGET", "bm:{a}:today", &field])
+            .parse::<f64>()
+            .ok(),
+        Some(messages),
+        "HGET bm:{{a}}:today {field}"
+    );
+    assert_eq!(redis.cmd(&["EXISTS", "bm:{a}:seeded"]), "1");
+    assert_eq!(redis.cmd(&["EXISTS", "bm:writer"]), "1");
+    // Every key of a bot carries its hash tag; no user id in the clear.
+    let keys = redis.cmd(&["--scan"]);
+    for key in keys.lines() {
+        assert!(
+            key == "bm:writer" || key.starts_with("bm:{a}:") || key.starts_with("bm:{b}:"),
+            "a key outside the layout: {key}"
+        );
+        assert!(!key.contains("user-"), "a user id in a key: {key}");
+    }
+
+    // PostgreSQL holds the cluster totals.
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", (GROUPS * 30) as f64).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// A retry that lands on another replica is a duplicate
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_retry_on_another_replica_is_a_duplicate_counted_once() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let all = bins(&reps);
+    let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+
+    assert_eq!(
+        reps[0]
+            .post_events("ta", &json!([message("r-1"), message("r-2")]))
+            .await,
+        (202, json!({"accepted": 2, "duplicates": 0}))
+    );
+    // Straight after replica 0's 202 its claims may still be pending (it
+    // confirms them off the request path): then the answer is 503
+    // retry_later, never an event counted. Once confirmed: a duplicate.
+    let first = reps[1]
+        .post_events("ta", &json!([message("r-2"), message("r-3")]))
+        .await;
+    assert!(
+        first == (202, json!({"accepted": 1, "duplicates": 1})) || is_retry_later(&first),
+        "r-2 was counted by replica 0: {first:?}"
+    );
+    if is_retry_later(&first) {
+        assert_eq!(
+            post_as_a_bot(&reps[1], "ta", &json!([message("r-2"), message("r-3")])).await,
+            (202, json!({"accepted": 1, "duplicates": 1})),
+            "r-2 was counted by replica 0"
+        );
+    }
+    assert_eq!(
+        post_as_a_bot(&reps[1], "ta", &message("r-1")).await,
+        (202, json!({"accepted": 0, "duplicates": 1})),
+        "r-1 was counted by replica 0"
+    );
+    assert_eq!(
+        post_as_a_bot(&reps[0], "ta", &message("r-3")).await,
+        (202, json!({"accepted": 0, "duplicates": 1})),
+        "r-3 was counted by replica 1"
+    );
+    // The same id for another bot is another event.
+    assert_eq!(
+        reps[1].post_events("tb", &message("r-1")).await,
+        (202, json!({"accepted": 1, "duplicates": 0})),
+        "ids are per bot"
+    );
+
+    totals_reach(&all, "a", 3.0).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", 3.0, "after the retries").await;
+    assert_totals(&all, "b", 1.0, "after the retries").await;
+    assert_eq!(own_user_messages(&reps[0], "a").await, 2.0);
+    assert_eq!(own_user_messages(&reps[1], "a").await, 1.0);
+
+    // The claims are hashed: no event id in the clear in Redis.
+    let keys = redis.cmd(&["--scan", "--pattern", "bm:{a}:id:*"]);
+    assert_eq!(
+        keys.lines().count(),
+        3,
+        "one claim per id of bot a:\n{keys}"
+    );
+    for key in redis.cmd(&["--scan"]).lines() {
+        assert!(!key.contains("r-1"), "an event id in the clear: {key}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// SIGTERM: the final sync
+// ---------------------------------------------------------------------------
+
+/// The stopped replica syncs hourly: only the sync on its way out can bring
+/// its events to Redis.
+#[tokio::test]
+async fn sigterm_syncs_a_replicas_last_events_before_it_exits() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let r0 = replica(&db, &url, 0, SYNC).await;
+    let mut r1 = replica(&db, &url, 1, "1h").await;
+    connected(&r0).await;
+    connected(&r1).await;
+    for b in 0..20 {
+        r0.post_ok("ta", &with_ids(&format!("r0-{b}"), 10)).await;
+        r1.post_ok("ta", &with_ids(&format!("r1-{b}"), 10)).await;
+    }
+    r1.post_ok("tb", &plain(7)).await;
+    let status = r1.signal("TERM").await;
+    assert_eq!(status.code(), Some(0), "{}", r1.log());
+
+    totals_reach(&[&r0.bin], "a", 400.0).await;
+    totals_reach(&[&r0.bin], "b", 7.0).await;
+    all_synced(&[&r0.bin]).await;
+    assert_totals(&[&r0.bin], "a", 400.0, "after SIGTERM of replica 1").await;
+    // Its claims stay: a retry of its events on replica 0 is a duplicate.
+    assert_eq!(
+        post_as_a_bot(&r0, "ta", &with_ids("r1-19", 10)).await,
+        (202, json!({"accepted": 0, "duplicates": 10}))
+    );
+
+    // Started again on the same --data-dir, it adds nothing it had synced.
+    let r1 = replica(&db, &url, 1, SYNC).await;
+    connected(&r1).await;
+    all_synced(&[&r0.bin, &r1.bin]).await;
+    assert_totals(
+        &[&r0.bin, &r1.bin],
+        "a",
+        400.0,
+        "after the restart of replica 1",
+    )
+    .await;
+    assert_totals(
+        &[&r0.bin, &r1.bin],
+        "b",
+        7.0,
+        "after the restart of replica 1",
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------
+// kill -9 of a replica under concurrent load
+// ---------------------------------------------------------------------------
+
+/// Batch `b` of client `c`: ten user messages with ids `{tag}{c}-{b}-{i}`.
+fn load_batch(tag: &str, c: usize, b: usize) -> Value {
+    with_ids(&format!("{tag}{c}-{b}"), 10)
+}
+
+#[tokio::test]
+async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
+    const VICTIM_CLIENTS: usize = 6;
+    const SURVIVOR_CLIENTS: usize = 2;
+    const SURVIVOR_BATCHES: usize = 40;
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let mut reps = replicas(&db, &url, 2).await;
+
+    let acked = Arc::new(Mutex::new(BTreeSet::new()));
+    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let client = reqwest::Client::new();
+    let mut victim_load = tokio::task::JoinSet::new();
+    for c in 0..VICTIM_CLIENTS {
+        let (client, target) = (client.clone(), reps[0].url("/v1/events"));
+        let (acked, attempted) = (acked.clone(), attempted.clone());
+        victim_load.spawn(async move {
+            for b in 0.. {
+                attempted.lock().unwrap().insert((c, b));
+                let sent = client
+                    .post(&target)
+                    .bearer_auth("ta")
+                    .json(&load_batch("k", c, b))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(res) if res.status() == 202 => {
+                        acked.lock().unwrap().insert((c, b));
+                    }
+                    // The replica is gone: this batch is unknown.
+                    _ => return,
+                }
+            }
+        });
+    }
+    let mut survivor_load = tokio::task::JoinSet::new();
+    for c in 0..SURVIVOR_CLIENTS {
+        let (client, target) = (client.clone(), reps[1].url("/v1/events"));
+        survivor_load.spawn(async move {
+            for b in 0..SURVIVOR_BATCHES {
+                let res = client
+                    .post(&target)
+                    .bearer_auth("ta")
+                    .json(&load_batch("s", c, b))
+                    .send()
+                    .await
+                    .expect("the surviving replica answers");
+                assert_eq!(res.status(), 202);
+            }
+        });
+    }
+    // Acknowledged batches pile up across several syncs, then the kill.
+    until(
+        "150 acknowledged batches on replica 0",
+        || async { acked.lock().unwrap().len() },
+        |n| *n >= 150,
+    )
+    .await;
+    let status = reps[0].signal("KILL").await;
+    assert_eq!(status.signal(), Some(9));
+    victim_load.join_all().await;
+    survivor_load.join_all().await;
+    let acked = acked.lock().unwrap().clone();
+    let attempted = attempted.lock().unwrap().clone();
+    let survivor = (SURVIVOR_CLIENTS * SURVIVOR_BATCHES * 10) as f64;
+    let acked_events = (acked.len() * 10) as f64 + survivor;
+    let attempted_events = (attempted.len() * 10) as f64 + survivor;
+
+    // Restarted on its --data-dir, the replica replays its journal past what
+    // Redis confirmed: every acknowledged event, none twice. (Batches in
+    // flight at the kill may or may not have been counted.)
+    reps[0] = replica(&db, &url, 0, SYNC).await;
+    connected(&reps[0]).await;
+    let all = bins(&reps);
+    until(
+        "the cluster total reaches the acknowledged events",
+        || totals(&all, "a"),
+        |t| t.iter().all(|t| t.is_some_and(|t| t >= acked_events)),
+    )
+    .await;
+    all_synced(&all).await;
+    for (i, t) in totals(&all, "a").await.into_iter().enumerate() {
+        let t = t.expect("a summary");
+        assert!(
+            t >= acked_events && t <= attempted_events,
+            "replica {i} after kill -9 and restart: {t} counted, {acked_events} acknowledged, \
+             {attempted_events} attempted (more than attempted = synced events re-added)\n{}",
+            reps[0].log()
+        );
+    }
+
+    // The bot retries, on the restarted replica, what it got no answer for;
+    // and (cross-replica dedupe survived the crash) a sample of what it did,
+    // on the other replica.
+    for &(c, b) in attempted.difference(&acked) {
+        let (status, body) = post_as_a_bot(&reps[0], "ta", &load_batch("k", c, b)).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    for &(c, b) in acked.iter().take(20) {
+        assert_eq!(
+            post_as_a_bot(&reps[1], "ta", &load_batch("k", c, b)).await,
+            (202, json!({"accepted": 0, "duplicates": 10})),
+            "an acknowledged batch of the killed replica, retried on the other"
+        );
+    }
+    all_synced(&all).await;
+    assert_totals(
+        &all,
+        "a",
+        attempted_events,
+        "exactly the distinct events sent: nothing lost, nothing twice",
+    )
+    .await;
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", attempted_events).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// Redis loses its data: reseeded from PostgreSQL, never zeroed or doubled
+// ---------------------------------------------------------------------------
+
+/// Polls both bots' summaries on every replica until stopped; returns what
+/// broke the rule: bot a within [`floor_a`, sent so far], bot b exactly
+/// `b`, every answer 200.
+fn watch_summaries(
+    urls: Vec<String>,
+    floor_a: f64,
+    sent_a: Arc<AtomicU64>,
+    b: f64,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let since = std::time::Instant::now();
+        let mut broken = Vec::new();
+        let mut polls = 0;
+        while !stop.load(Ordering::SeqCst) {
+            for url in &urls {
+                for bot in ["a", "b"] {
+                    let res = client
+                        .get(format!("{url}/v1/summary?bot={bot}"))
+                        .send()
+                        .await;
+                    let sent = sent_a.load(Ordering::SeqCst) as f64;
+                    let answer = match res {
+                        Ok(res) if res.status() == 200 => res.json::<Value>().await.ok(),
+                        Ok(res) => {
+                            broken.push(format!(
+                                "{:>5} ms after FLUSHALL, {url} bot {bot}: status {}",
+                                since.elapsed().as_millis(),
+                                res.status()
+                            ));
+                            continue;
+                        }
+                        Err(e) => {
+                            broken.push(format!("{url} bot {bot}: {e}"));
+                            continue;
+                        }
+                    };
+                    let got = answer
+                        .as_ref()
+                        .and_then(|s| s["messages"]["total"].as_f64());
+                    let ok = match (bot, got) {
+                        ("a", Some(t)) => t >= floor_a && t <= sent,
+                        (_, Some(t)) => t == b,
+                        (_, None) => false,
+                    };
+                    if !ok {
+                        let want = if bot == "a" {
+                            format!("{floor_a} ..= {sent}")
+                        } else {
+                            format!("{b}")
+                        };
+                        broken.push(format!(
+                            "{:>5} ms after FLUSHALL, {url} bot {bot}: messages.total {got:?}, want {want}",
+                            since.elapsed().as_millis()
+                        ));
+                    }
+                }
+            }
+            polls += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(polls > 0);
+        broken
+    })
+}
+
+#[tokio::test]
+async fn flushall_reseeds_from_postgres_never_zeroing_or_doubling() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let all = bins(&reps);
+    for b in 0..20 {
+        reps[b % 2]
+            .post_ok("ta", &with_ids(&format!("p1-{b}"), 10))
+            .await;
+        reps[(b + 1) % 2].post_ok("tb", &plain(5)).await;
+    }
+    // Nothing in flight: PostgreSQL holds what Redis holds.
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", 200.0).await;
+    stored_reach(&raw, "b", 100.0).await;
+
+    let sent = Arc::new(AtomicU64::new(200));
+    let stop = Arc::new(AtomicBool::new(false));
+    redis.flushall();
+    let watcher = watch_summaries(
+        reps.iter().map(|r| r.url("")).collect(),
+        200.0,
+        sent.clone(),
+        100.0,
+        stop.clone(),
+    );
+    for b in 0..20 {
+        sent.fetch_add(10, Ordering::SeqCst);
+        reps[b % 2]
+            .post_ok("ta", &with_ids(&format!("p2-{b}"), 10))
+            .await;
+    }
+    totals_reach(&all, "a", 400.0).await;
+    all_synced(&all).await;
+    stop.store(true, Ordering::SeqCst);
+    let broken = watcher.await.expect("the watcher ends");
+    assert_totals(&all, "a", 400.0, "after FLUSHALL and more traffic").await;
+    assert_totals(&all, "b", 100.0, "after FLUSHALL, bot b without traffic").await;
+    assert_eq!(redis.cmd(&["EXISTS", "bm:{a}:seeded"]), "1");
+    assert_eq!(redis.cmd(&["EXISTS", "bm:{b}:seeded"]), "1");
+    let mut reseeds = 0.0;
+    for r in &reps {
+        reseeds += family_sum(&r.metrics_text().await, "botmetrics_redis_reseeds_total");
+    }
+    assert!(
+        reseeds >= 1.0,
+        "botmetrics_redis_reseeds_total counts the reseed"
+    );
+    stored_reach(&raw, "a", 400.0).await;
+    assert_eq!(stored_user_messages(&raw, "b").await, Some(100.0));
+    raw.close().await;
+    // Checked last, so that everything above is known when it fails.
+    assert!(
+        broken.is_empty(),
+        "after FLUSHALL a summary left [what PostgreSQL held, what was sent] \
+         ({} times; a lost Redis never zeroes, halves or doubles a total); first ones:\n{}",
+        broken.len(),
+        broken
+            .iter()
+            .take(20)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+#[tokio::test]
+async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(mut redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let all = bins(&reps);
+    for b in 0..20 {
+        reps[b % 2]
+            .post_ok("ta", &with_ids(&format!("p1-{b}"), 10))
+            .await;
+    }
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", 200.0).await;
+
+    redis.stop();
+    for (i, r) in reps.iter().enumerate() {
+        until(
+            &format!("replica {i}: botmetrics_redis_up 0"),
+            || r.sample("botmetrics_redis_up"),
+            |up| *up == Some(0.0),
+        )
+        .await;
+    }
+    let mut failures = Vec::new();
+    for r in &reps {
+        failures.push(family_sum(
+            &r.metrics_text().await,
+            "botmetrics_sync_failures_total",
+        ));
+    }
+    // Events keep coming, ids and all: accepted, deduplicated locally.
+    for b in 0..20 {
+        assert_eq!(
+            reps[b % 2]
+                .post_events("ta", &with_ids(&format!("p2-{b}"), 10))
+                .await,
+            (202, json!({"accepted": 10, "duplicates": 0})),
+            "batch {b} while Redis is down"
+        );
+    }
+    assert_eq!(
+        reps[0].post_events("ta", &with_ids("p2-0", 10)).await,
+        (202, json!({"accepted": 0, "duplicates": 10})),
+        "a retry on the same replica is a duplicate while Redis is down"
+    );
+    for (i, r) in reps.iter().enumerate() {
+        until(
+            &format!("replica {i}: botmetrics_sync_failures_total grows while Redis is down"),
+            || async { family_sum(&r.metrics_text().await, "botmetrics_sync_failures_total") },
+            |f| *f > failures[i],
+        )
+        .await;
+        let text = r.metrics_text().await;
+        let fallbacks = sample(&text, r#"botmetrics_dedupe_fallbacks_total{bot="a"}"#);
+        assert!(
+            fallbacks.is_some_and(|f| f > 0.0),
+            "replica {i}: botmetrics_dedupe_fallbacks_total{{bot=\"a\"}} {fallbacks:?}"
+        );
+        // Each replica's own counters go on, outage or not.
+        assert_eq!(own_user_messages(r, "a").await, 200.0, "replica {i}");
+    }
+
+    redis.restart_empty().await;
+    for r in &reps {
+        connected(r).await;
+    }
+    totals_reach(&all, "a", 400.0).await;
+    all_synced(&all).await;
+    assert_totals(
+        &all,
+        "a",
+        400.0,
+        "Redis restarted empty: reseeded from PostgreSQL plus the deltas kept",
+    )
+    .await;
+    stored_reach(&raw, "a", 400.0).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// The PostgreSQL writer lease moves when its holder dies
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut reps = replicas(&db, &redis.url(), 3).await;
+    let raw = Raw::connect(&db.url).await;
+    let holder = {
+        let all = bins(&reps);
+        let w = until(
+            "exactly one replica with botmetrics_cluster_writer 1",
+            || writers(&all),
+            |w| exactly_one_writer(w),
+        )
+        .await;
+        for b in 0..30 {
+            all[b % 3].post_ok("ta", &plain(10)).await;
+        }
+        stored_reach(&raw, "a", 300.0).await;
+        assert_eq!(
+            writers(&all).await,
+            w,
+            "the lease stays with its holder while it lives"
+        );
+        w.iter().position(|v| *v == Some(1.0)).unwrap()
+    };
+
+    let status = reps[holder].signal("KILL").await;
+    assert_eq!(status.signal(), Some(9));
+    let survivors: Vec<&Binary> = (0..3)
+        .filter(|&i| i != holder)
+        .map(|i| &reps[i].bin)
+        .collect();
+    until_within(
+        TAKEOVER,
+        "another replica takes the PostgreSQL writer lease within a few flush intervals",
+        || writers(&survivors),
+        |w| exactly_one_writer(w),
+    )
+    .await;
+    for b in 0..20 {
+        survivors[b % 2].post_ok("ta", &plain(10)).await;
+    }
+    // real_time_metrics keeps advancing under the new writer.
+    stored_reach(&raw, "a", 500.0).await;
+    totals_reach(&survivors, "a", 500.0).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// A 3-node Redis Cluster, two bots
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(cluster) = RedisCluster::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &cluster.urls(), 2).await;
+    let all = bins(&reps);
+    for j in 0..20 {
+        let user = |k: usize, bot: &str| {
+            json!({"type": "message", "role": "user", "user_id": format!("{bot}-{}", 5 * j + k),
+                   "event_id": format!("{bot}-{j}-{k}")})
+        };
+        let a: Vec<Value> = (0..10).map(|k| user(k, "a")).collect();
+        let b: Vec<Value> = (0..4).map(|k| user(k, "b")).collect();
+        reps[j % 2].post_ok("ta", &Value::Array(a.clone())).await;
+        reps[(j + 1) % 2]
+            .post_ok("tb", &Value::Array(b.clone()))
+            .await;
+        // Every batch retried on the other replica: all duplicates.
+        assert_eq!(
+            post_as_a_bot(&reps[(j + 1) % 2], "ta", &Value::Array(a)).await,
+            (202, json!({"accepted": 0, "duplicates": 10}))
+        );
+        assert_eq!(
+            post_as_a_bot(&reps[j % 2], "tb", &Value::Array(b)).await,
+            (202, json!({"accepted": 0, "duplicates": 4}))
+        );
+    }
+    totals_reach(&all, "a", 200.0).await;
+    totals_reach(&all, "b", 80.0).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", 200.0, "Redis Cluster").await;
+    assert_totals(&all, "b", 80.0, "Redis Cluster").await;
+    for (i, r) in reps.iter().enumerate() {
+        // Users 5j .. 5j+9 for bot a: 105 distinct; 5j .. 5j+3 for b: 80.
+        for (bot, users) in [("a", 105.0), ("b", 80.0)] {
+            let s = summary(r, bot).await.expect("a summary");
+            let active = num(&s, "users.active_1d");
+            assert!(
+                (active - users).abs() <= users * 0.02,
+                "replica {i}, bot {bot}: users.active_1d {active}, want {users} within 2 %"
+            );
+        }
+    }
+    // The two bots live on different nodes, each bot's keys on one.
+    let (a, b) = (
+        cluster.node_of("bm:{a}:series"),
+        cluster.node_of("bm:{b}:series"),
+    );
+    assert_ne!(a, b, "bots a and b hash to different nodes");
+    for key in ["bm:{a}:today", "bm:{a}:applied", "bm:{a}:seeded"] {
+        assert_eq!(cluster.node_of(key), a, "{key} shares bot a's slot");
+    }
+    let field = r#"bot_messages_total{"role":"user"}"#;
+    assert_eq!(
+        cluster
+            .cmd(&["HGET", "bm:{b}:series", field])
+            .parse::<f64>()
+            .ok(),
+        Some(80.0)
+    );
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", 200.0).await;
+    stored_reach(&raw, "b", 80.0).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
+// Configuration
+// ---------------------------------------------------------------------------
+
+/// Flags and environment of one bad configuration.
+type BadRedisUrl<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)]);
+
+#[tokio::test]
+async fn a_bad_redis_url_exits_non_zero_with_one_line_naming_the_flag() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let cases: [BadRedisUrl; 4] = [
+        (&["--redis-url", "http://x"], &[]),
+        (&["--redis-url", "not a url"], &[]),
+        (&["--redis-url", "redis://127.0.0.1:6379,ftp://y"], &[]),
+        (&[], &[("BOTMETRICS_REDIS_URL", "http://x")]),
+    ];
+    for (flags, env) in cases {
+        let mut args = vec!["--listen", "127.0.0.1:0", "--database-url", url.as_str()];
+        args.extend_from_slice(flags);
+        let (status, _, stderr) = Binary::run(&args, env).await;
+        assert!(!status.success(), "{flags:?} {env:?} was accepted");
+        assert!(status.code().is_some(), "{flags:?}: killed by a signal");
+        assert!(
+            !stderr.contains("panicked"),
+            "{flags:?} panicked:\n{stderr}"
+        );
+        let lines: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{flags:?} {env:?}: one line expected:\n{stderr}"
+        );
+        assert!(
+            lines[0].contains("--redis-url"),
+            "{flags:?} {env:?}: the line should name --redis-url: {}",
+            lines[0]
+        );
+    }
+    assert!(
+        !db.path().exists(),
+        "no run with a bad --redis-url went as far as opening the store"
+    );
+}
+
+/// Without `--redis-url` nothing changes: no Redis gauge.
+#[tokio::test]
+async fn a_single_process_exposes_no_redis_gauge() {
+    let db = SqliteFile::new();
+    let bin = Binary::serve(&db.url(), TOKENS, &[]).await;
+    let text = bin.metrics_text().await;
+    assert!(
+        !has_family(&text, "botmetrics_redis_up"),
+        "botmetrics_redis_up without --redis-url:\n{text}"
+    );
+}
