@@ -94,11 +94,7 @@ impl View {
     /// cannot answer: its last good read of a bot, else the cluster totals
     /// the store holds (at most a flush interval older), else this
     /// replica's own counts.
-    pub async fn metrics(
-        &self,
-        local: &Metrics,
-        bots: &[Arc<str>],
-    ) -> prometheus::Result<Metrics> {
+    pub async fn metrics(&self, local: &Metrics, bots: &[Arc<str>]) -> prometheus::Result<Metrics> {
         let names: Vec<&str> = bots.iter().map(|b| &**b).collect();
         let read = self.read(&names, false).await;
         let mut views: Vec<Option<BotView>> = {

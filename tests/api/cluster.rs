@@ -633,6 +633,137 @@ async fn a_retry_on_another_replica_is_a_duplicate_counted_once() {
 }
 
 // ---------------------------------------------------------------------------
+// Pending claims: never a duplicate until the claiming replica journaled it
+// ---------------------------------------------------------------------------
+
+/// The claim key of `id` for `bot`, as replicas write it.
+fn claim_key(bot: &str, id: &str) -> String {
+    let hash = botmetrics::dedupe::IdHash::of(bot, id);
+    format!("bm:{{{bot}}}:id:{:016x}", hash.0)
+}
+
+/// A claim held by a replica that died between its claim and its journal
+/// write (here a replica that never existed, "ghost"): a retry elsewhere
+/// is told to come back (503 retry_later, Retry-After), nothing of its
+/// batch counts, and its other ids stay claimable. Once the claim is
+/// confirmed it is a duplicate; once given back, the retry counts.
+#[tokio::test]
+async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 1).await;
+    let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+    let ghost_claim = |id: &str| {
+        let key = claim_key("a", id);
+        assert_eq!(redis.cmd(&["SET", &key, "ghost", "PX", "600000"]), "OK");
+        assert_eq!(redis.cmd(&["SADD", "bm:{a}:pending:ghost", &key]), "1");
+        key
+    };
+    let confirmed = ghost_claim("g-1");
+    let given_back = ghost_claim("g-2");
+
+    let client = reqwest::Client::new();
+    let answer = client
+        .post(reps[0].url("/v1/events"))
+        .bearer_auth("ta")
+        .json(&json!([message("g-1"), message("fresh-1")]))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(answer.status(), 503);
+    assert_eq!(
+        answer.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
+    );
+    let body: Value = answer.json().await.expect("json");
+    assert_eq!(body["error"], "retry_later", "{body}");
+    assert_eq!(
+        redis.cmd(&["EXISTS", &claim_key("a", "fresh-1")]),
+        "0",
+        "the refused batch's own claims are given back"
+    );
+
+    // The ghost confirms g-1 (its event is in its journal): a duplicate.
+    redis.cmd(&["SREM", "bm:{a}:pending:ghost", &confirmed]);
+    assert_eq!(
+        reps[0]
+            .post_events("ta", &json!([message("g-1"), message("fresh-1")]))
+            .await,
+        (202, json!({"accepted": 1, "duplicates": 1}))
+    );
+    // The ghost gives g-2 back (its journal never had it): it counts here.
+    redis.cmd(&["SREM", "bm:{a}:pending:ghost", &given_back]);
+    redis.cmd(&["DEL", &given_back]);
+    assert_eq!(
+        reps[0].post_events("ta", &message("g-2")).await,
+        (202, json!({"accepted": 1, "duplicates": 0}))
+    );
+    let all = bins(&reps);
+    totals_reach(&all, "a", 2.0).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", 2.0, "fresh-1 and g-2 only").await;
+}
+
+/// A replica's own claims still pending when it died are settled when it
+/// starts again: confirmed if its journal holds the event, given back if
+/// not (that request was never answered), so the retry counts exactly once
+/// wherever it lands.
+#[tokio::test]
+async fn a_restart_settles_its_pending_claims_against_its_journal() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut reps = replicas(&db, &redis.url(), 1).await;
+    let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+    assert_eq!(
+        reps[0].post_events("ta", &message("kept")).await,
+        (202, json!({"accepted": 1, "duplicates": 0}))
+    );
+    // The replica's name in Redis: its applied mark, once it has synced.
+    let me = until(
+        "the first sync",
+        || async { redis.cmd(&["HKEYS", "bm:{a}:applied"]) },
+        |keys| !keys.trim().is_empty(),
+    )
+    .await;
+    let me = me.trim().to_owned();
+    assert!(!me.is_empty() && !me.contains('\n'), "one replica: {me:?}");
+    let status = reps[0].signal("KILL").await;
+    assert_eq!(status.signal(), Some(9));
+    // As if killed between claims and journal writes: "kept" is journaled,
+    // "lost" never was.
+    let pending = format!("bm:{{a}}:pending:{me}");
+    let lost = claim_key("a", "lost");
+    redis.cmd(&["SET", &lost, &me, "PX", "600000"]);
+    redis.cmd(&["SADD", &pending, &claim_key("a", "kept"), &lost]);
+
+    let again = replica(&db, &redis.url(), 0, SYNC).await;
+    connected(&again).await;
+    until(
+        "the pending claims settled",
+        || async { redis.cmd(&["SCARD", &pending]) },
+        |n| n.trim() == "0",
+    )
+    .await;
+    assert_eq!(redis.cmd(&["EXISTS", &claim_key("a", "kept")]), "1");
+    assert_eq!(redis.cmd(&["EXISTS", &lost]), "0", "given back");
+    assert_eq!(
+        again
+            .post_events("ta", &json!([message("kept"), message("lost")]))
+            .await,
+        (202, json!({"accepted": 1, "duplicates": 1}))
+    );
+    totals_reach(&[&again.bin], "a", 2.0).await;
+}
+
+// ---------------------------------------------------------------------------
 // SIGTERM: the final sync
 // ---------------------------------------------------------------------------
 
