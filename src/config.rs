@@ -61,7 +61,8 @@ pub struct Config {
 
     /// How long a built /v1/summary answer is served before being rebuilt
     /// (the bot's /metrics command); `0s` builds it for every request, as
-    /// `--metrics-cache-ttl 0s` does.
+    /// `--metrics-cache-ttl 0s` does. With --redis-url the summary is read
+    /// from Redis for every request (Redis is the cache) and this is unused.
     #[arg(long, env = "BOTMETRICS_SUMMARY_CACHE_TTL", value_parser = parse_duration, default_value = "30s")]
     pub summary_cache_ttl: Duration,
 

@@ -190,10 +190,13 @@ impl Application {
             )),
             summaries: Arc::new(RenderCache::new(
                 CachedEndpoint::Summary,
-                // Cluster totals are at most one sync interval behind; a
-                // cached answer must not add another.
+                // Cluster mode: Redis is the cache (a read costs about a
+                // millisecond), and its totals are at most one sync interval
+                // behind; a cached answer would add up to another. So each
+                // request gets a read that started after it arrived, and
+                // requests that arrive together share it.
                 match &cluster {
-                    Some(_) => config.summary_cache_ttl.min(config.sync_interval),
+                    Some(_) => std::time::Duration::ZERO,
                     None => config.summary_cache_ttl,
                 },
             )),
