@@ -23,7 +23,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from durability import Server, build, free_port, lua_file, wrk  # noqa: E402
+from durability import TOKEN, Server, build, free_port, lua_file, wrk  # noqa: E402
 
 
 def redis_server(tmp):
@@ -39,6 +39,30 @@ def redis_server(tmp):
     raise SystemExit("redis-server did not start")
 
 
+def with_ids(tmp, name, events):
+    """A wrk script posting `events` messages per request, each with an
+    event_id no other request of any thread has: wrk's threads each have a
+    Lua state, told apart by the address of a table made at load."""
+    path = os.path.join(tmp, name + ".lua")
+    with open(path, "w") as f:
+        f.write("""
+wrk.method = "POST"
+wrk.headers["Authorization"] = "Bearer %s"
+wrk.headers["Content-Type"] = "application/json"
+local state = tostring({}):sub(8)
+local n = 0
+request = function()
+  n = n + 1
+  local parts = {}
+  for i = 1, %d do
+    parts[i] = '{"type":"message","role":"user","user_id":' .. i .. ',"event_id":"' .. state .. '-' .. n .. '-' .. i .. '"}'
+  end
+  return wrk.format(nil, nil, nil, '[' .. table.concat(parts, ',') .. ']')
+end
+""" % (TOKEN, events))
+    return path
+
+
 def main():
     seconds = int(sys.argv[1]) if len(sys.argv) > 1 else 5
     build()
@@ -48,14 +72,10 @@ def main():
         message = '{"type":"message","role":"user","user_id":%s%s}'
         single = lua_file(tmp, "single", "application/json",
                           "return wrk.format(nil, nil, nil, '%s')" % (message % ("' .. n .. '", "")))
-        single_id = lua_file(tmp, "single_id", "application/json",
-                             "return wrk.format(nil, nil, nil, '%s')"
-                             % (message % ("' .. n .. '", ",\"event_id\":\"' .. prefix .. '-' .. n .. '\"")))
+        single_id = with_ids(tmp, "single_id", 1)
         batch_body = "[" + ",".join(message % (i, "") for i in range(1000)) + "]"
         batch = lua_file(tmp, "batch", "application/json", "return wrk.format(nil, nil, nil, '%s')" % batch_body)
-        # Each batch's ids are new: the request number in every id.
-        ids = ",".join(message % (i, ",\"event_id\":\"' .. prefix .. '-' .. n .. '-%d\"" % i) for i in range(1000))
-        batch_id = lua_file(tmp, "batch_id", "application/json", "return wrk.format(nil, nil, nil, '[%s]')" % ids)
+        batch_id = with_ids(tmp, "batch_id", 1000)
         servers = {
             "alone": Server(tmp, "alone"),
             "cluster": Server(tmp, "cluster", "--redis-url", f"redis://127.0.0.1:{port}"),

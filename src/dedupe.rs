@@ -46,7 +46,7 @@ impl IdHash {
 
 /// The keys are already uniform hashes: hashing them again is wasted work.
 #[derive(Default)]
-struct PassThrough(u64);
+pub(crate) struct PassThrough(u64);
 
 impl Hasher for PassThrough {
     fn finish(&self) -> u64 {
@@ -62,7 +62,10 @@ impl Hasher for PassThrough {
     }
 }
 
-type IdSet = HashSet<u64, BuildHasherDefault<PassThrough>>;
+/// A set of keyed 64-bit hashes (event ids here, users in
+/// `metrics::pending`), hashed as they are.
+pub(crate) type UniformSet = HashSet<u64, BuildHasherDefault<PassThrough>>;
+type IdSet = UniformSet;
 
 struct Bucket {
     /// Arrival time (unix milliseconds) / bucket length.

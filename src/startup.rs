@@ -126,6 +126,11 @@ impl Application {
             parts
         });
         if let Some(parts) = &cluster {
+            if let Some(why) = &unreachable {
+                tracing::warn!(
+                    "{why}; cluster mode goes on with Redis, and the store writer (and seeding a bot Redis lacks) retries until it answers"
+                );
+            }
             // Counted past what Redis holds before serving, when Redis
             // answers now; else the sync task does it as soon as it does.
             if let Err(e) = parts.syncer.sync_once().await {

@@ -213,6 +213,9 @@ impl Syncer {
             self.prepared.store(true, Ordering::Relaxed);
         }
         let State { bots, seq, .. } = &mut *state;
+        // Bots whose older batch goes first: what they counted since waits
+        // for the next sync.
+        let behind: Vec<bool> = bots.iter().map(|b| b.inflight.is_some()).collect();
         // One cut for every bot without a batch in flight: exactly the
         // journal up to `mark`.
         let mark = self.ingest.consistent(|lsn| {
@@ -295,11 +298,7 @@ impl Syncer {
         if let Some(e) = first_error {
             return Err(e);
         }
-        // Batches cut now for bots that had an older one in flight.
-        report.waiting = bots
-            .iter()
-            .filter(|b| b.inflight.as_ref().is_some_and(|batch| batch.mark != mark))
-            .count();
+        report.waiting = behind.iter().filter(|b| **b).count();
         if report.waiting == 0
             && let Some(journal) = self.ingest.journal()
         {

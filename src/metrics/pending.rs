@@ -8,10 +8,10 @@
 //! counted in `botmetrics_sync_users_dropped_total`) rather than let memory
 //! grow without end. The replica's own sketches still count them.
 
-use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crate::dedupe::UniformSet;
 use crate::event::UserHash;
 
 const SHARDS: usize = 8;
@@ -62,7 +62,10 @@ pub struct PendingUsers {
     /// Set once, when cluster mode starts; until then recording is one
     /// atomic load.
     budget: OnceLock<Arc<UserBudget>>,
-    shards: [Mutex<HashSet<PendingUser>>; SHARDS],
+    /// Per shard, the users of each hour (nearly always one or two hours):
+    /// an already uniform hash needs no hashing, so recording one costs a
+    /// short lock and a probe.
+    shards: [Mutex<Vec<(i32, UniformSet)>>; SHARDS],
 }
 
 impl PendingUsers {
@@ -82,12 +85,20 @@ impl PendingUsers {
         let hour = i32::try_from(ts.div_euclid(3600)).unwrap_or(i32::MAX);
         // The hash's top bits pick the shard: it is already uniform.
         let shard = &self.shards[(user.0 >> 61) as usize % SHARDS];
-        let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
-        if set.contains(&(hour, user.0)) {
+        let mut hours = shard.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match hours.iter().position(|(h, _)| *h == hour) {
+            Some(i) => i,
+            None => {
+                hours.push((hour, UniformSet::default()));
+                hours.len() - 1
+            }
+        };
+        let users = &mut hours[i].1;
+        if users.contains(&user.0) {
             return;
         }
         if budget.take_one() {
-            set.insert((hour, user.0));
+            users.insert(user.0);
         } else {
             budget.dropped.inc();
         }
@@ -98,8 +109,10 @@ impl PendingUsers {
     pub fn take(&self) -> Vec<PendingUser> {
         let mut out = Vec::new();
         for shard in &self.shards {
-            let mut set = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(set.drain());
+            let hours = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
+            for (hour, users) in hours {
+                out.extend(users.into_iter().map(|u| (hour, u)));
+            }
         }
         out
     }

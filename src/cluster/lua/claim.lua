@@ -13,11 +13,12 @@
 -- Returns per claim: 0 claimed now, 1 this replica's already,
 -- 2 another replica's (a duplicate), 3 another replica's, pending.
 local out = {}
+local claimed = {}
 for i = 2, #KEYS do
-  local holder = redis.call('GET', KEYS[i])
+  -- One command claims a free id and names the holder of a taken one.
+  local holder = redis.call('SET', KEYS[i], ARGV[1], 'NX', 'GET', 'PX', ARGV[2])
   if not holder then
-    redis.call('SET', KEYS[i], ARGV[1], 'PX', ARGV[2])
-    redis.call('SADD', KEYS[1], KEYS[i])
+    claimed[#claimed + 1] = KEYS[i]
     out[#out + 1] = 0
   elseif holder == ARGV[1] then
     out[#out + 1] = 1
@@ -28,7 +29,11 @@ for i = 2, #KEYS do
     out[#out + 1] = 2
   end
 end
-if #out > 0 then
+-- unpack has a stack limit: add in slices.
+for first = 1, #claimed, 1000 do
+  redis.call('SADD', KEYS[1], unpack(claimed, first, math.min(first + 999, #claimed)))
+end
+if #claimed > 0 then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
 end
 return out
