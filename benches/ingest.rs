@@ -118,6 +118,27 @@ fn ingest(c: &mut Criterion) {
             )
         })
     });
+    // Cluster mode's one extra on a request without ids: each user is
+    // noted for the next sync to Redis (here users recur, as they do within
+    // an hour, so the note is a probe that finds them).
+    group.bench_function("botmetrics_cluster_replica", |b| {
+        let metrics = metrics(1000);
+        let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
+        let bot = metrics.bot("bench").expect("bot").clone();
+        let dropped = prometheus::IntCounter::new("dropped", "dropped").expect("counter");
+        bot.pending_users
+            .enable(Arc::new(botmetrics::metrics::pending::UserBudget::new(
+                1_000_000, dropped,
+            )));
+        b.iter(|| {
+            let events =
+                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            black_box(
+                rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                    .expect("applied"),
+            )
+        })
+    });
     group.bench_function("botmetrics_with_dedupe", |b| {
         let metrics = metrics(1000);
         let ingest = Ingest::new(Dedupe::new(Duration::from_secs(600), 2_000_000), None);

@@ -64,26 +64,40 @@ struct BotSync {
     baseline: HashMap<String, f64>,
     today: HashMap<&'static str, (u32, u64)>,
     inflight: Option<Batch>,
+    /// The mark Redis last confirmed for this replica and bot.
+    confirmed: u64,
 }
 
 impl BotSync {
     /// The counts since the baseline. Runs under the ingest gate.
     fn cut(&self, mark: u64) -> Batch {
+        cut(&self.bot, &self.baseline, &self.today, mark)
+    }
+}
+
+/// What `bot` counted beyond `baseline` and `today_base`, as a batch.
+fn cut(
+    bot: &BotMetrics,
+    baseline: &HashMap<String, f64>,
+    today_base: &HashMap<&'static str, (u32, u64)>,
+    mark: u64,
+) -> Batch {
+    {
         let mut series = Vec::new();
-        for row in bot_rows(&self.bot) {
+        for row in bot_rows(bot) {
             if row.metric == crate::metrics::bot::ACTIVE_USERS.name {
                 continue; // a gauge, from Redis' own sketches
             }
             let field = field(&row.metric, &row.labels);
-            let delta = row.value - self.baseline.get(&field).copied().unwrap_or(0.0);
+            let delta = row.value - baseline.get(&field).copied().unwrap_or(0.0);
             if delta != 0.0 && delta.is_finite() {
                 series.push((field, delta, row.value));
             }
         }
         let mut today = Vec::new();
-        for (name, counter) in self.bot.today.counters() {
+        for (name, counter) in bot.today.counters() {
             let (day, value) = counter.load();
-            let delta = match self.today.get(name) {
+            let delta = match today_base.get(name) {
                 Some(&(base_day, base)) if base_day == day => value.saturating_sub(base),
                 _ => value,
             };
@@ -95,11 +109,14 @@ impl BotSync {
             mark,
             series,
             today,
-            users: self.bot.pending_users.take(),
+            users: bot.pending_users.take(),
         }
     }
+}
 
-    fn confirmed(&mut self, batch: Batch, cluster: &Cluster) {
+impl BotSync {
+    fn confirm(&mut self, batch: Batch, cluster: &Cluster) {
+        self.confirmed = self.confirmed.max(batch.mark);
         for (field, _, value) in batch.series {
             self.baseline.insert(field, value);
         }
@@ -159,6 +176,7 @@ impl Syncer {
                     baseline: HashMap::new(),
                     today: HashMap::new(),
                     inflight: None,
+                    confirmed: 0,
                 }
             })
             .collect();
@@ -237,7 +255,7 @@ impl Syncer {
         let conn = timed(self.cluster.redis.conn()).await?;
         let mut tasks = tokio::task::JoinSet::new();
         for (i, b) in bots.iter().enumerate() {
-            let invocation = self.invocation(b, now);
+            let invocation = self.invocation(b, b.inflight.as_ref(), b.confirmed, now);
             let mut conn = conn.clone();
             tasks.spawn(async move {
                 let answer: Result<Vec<i64>> = timed(invocation.run(&mut conn)).await;
@@ -265,22 +283,49 @@ impl Syncer {
                 match result {
                     Ok(seeded) => {
                         report.seeded += usize::from(seeded);
+                        let b = &bots[i];
                         let mut conn = conn.clone();
-                        answer = timed(self.invocation(&bots[i], now).run(&mut conn)).await;
+                        answer = timed(
+                            self.invocation(b, b.inflight.as_ref(), b.confirmed, now)
+                                .run(&mut conn),
+                        )
+                        .await;
                     }
                     Err(e) => answer = Err(e),
                 }
             }
             let b = &mut bots[i];
+            if let Ok(a) = &answer
+                && a.len() == 5
+                && (a[0] == 3 || (a[0] != 0 && (a[4].max(0) as u64) < b.confirmed))
+            {
+                // Redis holds less of this replica than it confirmed: it
+                // lost data and was reseeded from the store, which had not
+                // yet received the rest. The journal still has it.
+                let before = a[4].max(0) as u64;
+                let resent = match self.recover(b, before, now, &conn).await {
+                    Ok(()) if a[0] == 3 => {
+                        let mut conn = conn.clone();
+                        timed(
+                            self.invocation(b, b.inflight.as_ref(), b.confirmed, now)
+                                .run(&mut conn),
+                        )
+                        .await
+                    }
+                    Ok(()) => answer,
+                    Err(e) => Err(e),
+                };
+                answer = resent;
+            }
             match answer {
-                Ok(a) if a.len() == 4 && a[0] != 0 => {
+                Ok(a) if a.len() == 5 && (a[0] == 1 || a[0] == 2) => {
                     if let Some(batch) = b.inflight.take() {
                         if a[0] == 1 {
                             report.applied += 1;
                         } else {
                             report.repeated += 1;
                         }
-                        b.confirmed(batch, &self.cluster);
+                        b.confirm(batch, &self.cluster);
                     }
                     let [day, week, month] = [a[1], a[2], a[3]].map(|n| n.max(0) as u64);
                     b.bot.active.set_cluster([day, week, month]);
@@ -311,17 +356,24 @@ impl Syncer {
         Ok(report)
     }
 
-    /// The script call that sends `b`'s batch in flight (or nothing, to
-    /// read the cluster's estimates), for keys around `now`.
-    fn invocation(&self, b: &BotSync, now: i64) -> Invocation {
+    /// The script call that sends `batch` for `b` (or nothing, to read the
+    /// cluster's estimates), for keys around `now`; `expected` is the mark
+    /// this replica believes Redis holds for it.
+    fn invocation(
+        &self,
+        b: &BotSync,
+        batch: Option<&Batch>,
+        expected: u64,
+        now: i64,
+    ) -> Invocation {
         let mut keys = b.keys.script_keys(now);
-        let batch = b.inflight.as_ref();
         let mut args: Vec<Vec<u8>> = vec![
             self.cluster.replica.clone().into_bytes(),
             batch.map_or(0, |b| b.mark).to_string().into_bytes(),
         ];
         let Some(batch) = batch else {
             args.extend(["0", "0", "0", ""].map(|a| a.as_bytes().to_vec()));
+            args.push(expected.to_string().into_bytes());
             return Invocation::new(&self.sync_script, keys, args);
         };
         // The users, grouped by the sketches they join: the hour's (only
@@ -359,6 +411,7 @@ impl Syncer {
             args.push(count.to_string().into_bytes());
         }
         args.push(oldest_kept.into_bytes());
+        args.push(expected.to_string().into_bytes());
         for (field, delta, _) in &batch.series {
             args.push(field.clone().into_bytes());
             args.push(delta.to_string().into_bytes());
@@ -381,6 +434,88 @@ impl Syncer {
             args.extend(users.into_iter().map(|u| u.to_vec()));
         }
         Invocation::new(&self.sync_script, keys, args)
+    }
+
+    /// Sends again what Redis lost of this replica's counts for `b`: the
+    /// journal's records past `before` (what the reseeded totals hold of
+    /// it) up to what Redis had confirmed, counted afresh into a scratch
+    /// copy of the bot. Marked with that confirmed mark, so it is added
+    /// once however often it is sent, and a replica that dies before it is
+    /// sent replays the same records at its next start.
+    async fn recover(
+        &self,
+        b: &mut BotSync,
+        before: u64,
+        now: i64,
+        conn: &super::connection::Conn,
+    ) -> Result<()> {
+        let lost = (before, b.confirmed);
+        let Some(journal) = self.ingest.journal() else {
+            tracing::warn!(
+                bot = %b.bot.bot,
+                "redis lost counts of this replica that the store had not received, and without a journal they cannot be sent again"
+            );
+            b.confirmed = before;
+            return Ok(());
+        };
+        let scratch = Metrics::new(
+            std::slice::from_ref(&b.bot.bot),
+            usize::MAX,
+            self.metrics.calendar().tz(),
+            0.0,
+        )
+        .map_err(|e| ClusterError::Protocol(e.to_string()))?;
+        let Some(copy) = scratch.bot(&b.bot.bot) else {
+            return Ok(());
+        };
+        let dropped = prometheus::IntCounter::new("recovery_users_dropped", "unused")
+            .map_err(|e| ClusterError::Protocol(e.to_string()))?;
+        copy.pending_users
+            .enable(Arc::new(crate::metrics::pending::UserBudget::new(
+                usize::MAX,
+                dropped,
+            )));
+        let (mut first, mut events) = (None, 0u64);
+        journal.replay(lost.0, lost.1, |r| {
+            first.get_or_insert(r.lsn);
+            if let Ok(decoded) = crate::record::decode(r.body)
+                && decoded.bot == &*b.bot.bot
+            {
+                for (event, _) in &decoded.events {
+                    copy.apply(event);
+                }
+                events += decoded.events.len() as u64;
+            }
+        })?;
+        if first.is_none_or(|f| f > lost.0 + 1) {
+            tracing::warn!(
+                bot = %b.bot.bot,
+                from = lost.0,
+                to = lost.1,
+                "redis lost counts of this replica and the journal no longer holds all of them: some are lost"
+            );
+        }
+        let batch = cut(copy, &HashMap::new(), &HashMap::new(), lost.1);
+        let users = batch.users.len();
+        let mut conn = conn.clone();
+        let answer: Vec<i64> =
+            timed(self.invocation(b, Some(&batch), before, now).run(&mut conn)).await?;
+        match answer.first() {
+            Some(1 | 2) => {
+                tracing::info!(
+                    bot = %b.bot.bot,
+                    events,
+                    users,
+                    from = lost.0,
+                    to = lost.1,
+                    "redis lost counts of this replica; sent again from the journal"
+                );
+                Ok(())
+            }
+            _ => Err(ClusterError::Protocol(format!(
+                "recovery answered {answer:?}"
+            ))),
+        }
     }
 
     /// Before the first sync: every bot's totals are in Redis (seeded from

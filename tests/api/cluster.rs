@@ -957,6 +957,81 @@ async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
 // Redis loses its data: reseeded from PostgreSQL, never zeroed or doubled
 // ---------------------------------------------------------------------------
 
+/// Redis loses everything before the store ever got a total (the writer
+/// flushes hourly here): reseeding alone would give zero. Each replica sees
+/// that Redis holds less of it than it confirmed and sends the difference
+/// again from its journal, users included: the totals come back exact.
+#[tokio::test]
+async fn flushall_before_any_store_write_comes_back_from_the_journals() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let mut reps = Vec::new();
+    for n in 0..2 {
+        let dir = pg_data_dir(&db.url).join(format!("replica-{n}"));
+        std::fs::create_dir_all(&dir).expect("replica data dir");
+        let dir = dir.display().to_string();
+        let url = redis.url();
+        let flags = [
+            "--redis-url",
+            url.as_str(),
+            "--sync-interval",
+            SYNC,
+            "--flush-interval",
+            "1h",
+            "--data-dir",
+            &dir,
+        ];
+        let bin = Binary::serve(&db.url, TOKENS, &flags).await;
+        connected(&bin).await;
+        reps.push(Replica {
+            bin,
+            name: format!("replica {n}"),
+        });
+    }
+    let all = bins(&reps);
+    let users = |r: usize| {
+        Value::Array(
+            (0..50)
+                .map(|u| json!({"type": "message", "role": "user", "user_id": format!("u{}", u + 25 * r)}))
+                .collect(),
+        )
+    };
+    reps[0].post_ok("ta", &users(0)).await;
+    reps[1].post_ok("ta", &users(1)).await;
+    totals_reach(&all, "a", 100.0).await;
+    all_synced(&all).await;
+
+    assert_eq!(redis.cmd(&["FLUSHALL"]).trim(), "OK");
+    reps[1].post_ok("ta", &plain(7)).await;
+    totals_reach(&all, "a", 107.0).await;
+    all_synced(&all).await;
+    assert_totals(
+        &all,
+        "a",
+        107.0,
+        "after FLUSHALL, with nothing in the store",
+    )
+    .await;
+    for (i, r) in reps.iter().enumerate() {
+        let s = summary(r, "a").await.expect("summary");
+        assert_eq!(num(&s, "messages.today"), 107.0, "replica {i}: {s}");
+        let active = num(&s, "users.active_1d");
+        assert!(
+            (active - 75.0).abs() <= 1.5,
+            "replica {i}: users.active_1d {active}, want the 75 distinct users back"
+        );
+        assert!(
+            r.log().contains("sent again from the journal"),
+            "replica {i} says what it did:\n{}",
+            r.log()
+        );
+    }
+}
+
 /// Polls both bots' summaries on every replica until stopped; returns what
 /// broke the rule: bot a within [`floor_a`, sent so far], bot b exactly
 /// `b`, every answer 200.

@@ -8,23 +8,31 @@
 --       then any sketch a user below is added to.
 -- ARGV: 1 replica id, 2 mark (journal LSN; 0 = nothing to apply),
 --       3 series count, 4 today count, 5 sketch group count,
---       6 oldest "today" date kept, then series (field, delta) pairs,
---       today (field, delta) pairs, and sketch groups
---       (key index, ttl seconds, n, n user hashes).
--- Returns {status, users 1d, users 7d, users 30d}; status 0: the bot's
--- totals are not seeded (Redis lost them): nothing was applied.
+--       6 oldest "today" date kept, 7 the mark this replica believes Redis
+--       holds for it, then series (field, delta) pairs, today (field,
+--       delta) pairs, and sketch groups (key index, ttl seconds, n, n user
+--       hashes).
+-- Returns {status, users 1d, users 7d, users 30d, the replica's mark in
+-- Redis before this call}. Status 1: applied; 2: already applied (the
+-- reply to an earlier attempt was lost); 3: not applied, Redis holds less
+-- of this replica than it believes (Redis lost data and was reseeded from
+-- the store): it sends the missing part first; 0: not applied, the bot is
+-- not seeded.
 if redis.call('EXISTS', KEYS[3]) == 0 then
-  return {0, 0, 0, 0}
+  return {0, 0, 0, 0, 0}
 end
+local before = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local mark = tonumber(ARGV[2])
 local status = 1
 if mark > 0 then
-  local done = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
-  -- Already applied: the reply to an earlier attempt was lost.
-  if done >= mark then status = 2 end
+  if before >= mark then
+    status = 2
+  elseif before < tonumber(ARGV[7]) then
+    status = 3
+  end
 end
 if status == 1 and mark > 0 then
-  local i = 7
+  local i = 8
   for _ = 1, tonumber(ARGV[3]) do
     redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
     i = i + 2
@@ -63,4 +71,4 @@ for j = 6, 29 do hours[#hours + 1] = KEYS[j] end
 for j = 30, 59 do month[#month + 1] = KEYS[j] end
 for j = 53, 59 do week[#week + 1] = KEYS[j] end
 return {status, redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
-  redis.call('PFCOUNT', unpack(month))}
+  redis.call('PFCOUNT', unpack(month)), before}
