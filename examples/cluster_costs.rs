@@ -101,19 +101,20 @@ fn commands(port: u16) -> BTreeMap<String, u64> {
         .collect()
 }
 
-fn memory_of(port: u16, pattern: &str) -> (usize, u64) {
-    let keys = cli(port, &["--scan", "--pattern", pattern]);
-    let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-    let bytes = keys
-        .iter()
+/// Bytes per key (`MEMORY USAGE`, every element sampled) of the keys
+/// matching `pattern`.
+fn memory_of(port: u16, pattern: &str) -> BTreeMap<String, u64> {
+    cli(port, &["--scan", "--pattern", pattern])
+        .lines()
+        .filter(|k| !k.is_empty())
         .map(|k| {
-            cli(port, &["MEMORY", "USAGE", k, "SAMPLES", "0"])
+            let bytes = cli(port, &["MEMORY", "USAGE", k, "SAMPLES", "0"])
                 .trim()
                 .parse::<u64>()
-                .unwrap_or(0)
+                .unwrap_or(0);
+            (k.to_owned(), bytes)
         })
-        .sum();
-    (keys.len(), bytes)
+        .collect()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -199,31 +200,35 @@ async fn main() {
     println!("| bytes sent by it | {:.0} |", median(idle_in));
     println!("| commands in it | {idle_commands:?} |");
 
-    let (keys, bytes) = memory_of(port, "bm:{busy}:*");
-    println!(
-        "| Redis memory, busy bot ({} series, {} users) | {bytes} bytes in {keys} keys |",
-        SERIES,
-        USERS * RUNS
-    );
-    let (keys, bytes) = memory_of(port, "bm:{idle}:*");
-    println!("| Redis memory, idle bot | {bytes} bytes in {keys} keys |");
-
-    let mut render_ms = Vec::new();
-    for _ in 0..RUNS {
-        let started = Instant::now();
-        let bots = [busy.bot.clone()];
-        let totals = parts
-            .view
-            .metrics(&state.metrics, &bots)
-            .await
-            .expect("cluster totals");
-        let bot = totals.bot("busy").expect("busy");
-        let summary = Summary::build(bot, chrono::Utc::now(), 0);
-        std::hint::black_box(summary.to_text());
-        render_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+    for (bot, what) in [
+        ("busy", format!("{SERIES} series, {} users", USERS * RUNS)),
+        ("idle", "no traffic".to_owned()),
+    ] {
+        let keys = memory_of(port, &format!("bm:{{{bot}}}:*"));
+        println!(
+            "| Redis memory, {bot} bot ({what}) | {} bytes: {keys:?} |",
+            keys.values().sum::<u64>()
+        );
     }
-    println!(
-        "| /v1/summary of the busy bot built from Redis, median | {:.2} ms |",
-        median(render_ms)
-    );
+
+    for name in ["busy", "idle"] {
+        let bots = [state.metrics.bot(name).expect("bot").bot.clone()];
+        let mut render_ms = Vec::new();
+        for _ in 0..RUNS {
+            let started = Instant::now();
+            let totals = parts
+                .view
+                .metrics(&state.metrics, &bots)
+                .await
+                .expect("cluster totals");
+            let bot = totals.bot(name).expect("bot");
+            let summary = Summary::build(bot, chrono::Utc::now(), 0);
+            std::hint::black_box(summary.to_text());
+            render_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+        println!(
+            "| /v1/summary of the {name} bot built from Redis, median | {:.2} ms |",
+            median(render_ms)
+        );
+    }
 }
