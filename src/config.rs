@@ -261,13 +261,13 @@ pub fn parse_tokens(raw: &str) -> Result<Tokens, String> {
     Ok(tokens)
 }
 
-/// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
 /// The Redis URLs of `--redis-url`: one server, or a Redis Cluster's seeds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisUrls(pub Vec<String>);
 
 impl RedisUrls {
-    /// Several URLs name the seed nodes of a Redis Cluster.
+    /// Several URLs name the seed nodes of a Redis Cluster (one URL may be
+    /// one too: the connection asks the server).
     pub fn is_cluster(&self) -> bool {
         self.0.len() > 1
     }
@@ -305,9 +305,22 @@ pub fn parse_redis_urls(raw: &str) -> Result<RedisUrls, String> {
         redis::IntoConnectionInfo::into_connection_info(url.as_str())
             .map_err(|e| format!("`{}`: {e}", crate::store::redacted(url)))?;
     }
+    if urls.len() > 1
+        && let Some(url) = urls.iter().find(|u| {
+            u.split_once("://")
+                .and_then(|(_, rest)| rest.split_once('/'))
+                .is_some_and(|(_, db)| !db.is_empty() && db != "0")
+        })
+    {
+        return Err(format!(
+            "`{}`: a Redis Cluster has only database 0; give no /db",
+            crate::store::redacted(url)
+        ));
+    }
     Ok(RedisUrls(urls))
 }
 
+/// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim())
         .map_err(|e| format!("`{raw}` is not a duration ({e}); use e.g. 500ms, 10s, 5m, 90d"))

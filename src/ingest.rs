@@ -13,7 +13,7 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::cluster::claims::{Claim, Claims};
+use crate::cluster::claims::{Claim, Claimed, Claims};
 use crate::dedupe::{Dedupe, IdHash, Seen};
 use crate::event::Event;
 use crate::journal::{Journal, JournalError};
@@ -105,32 +105,45 @@ impl Ingest {
         }
         let id_of = |e: &Event<'_>| e.event_id.as_deref().map(|id| IdHash::of(&bot.bot, id));
         // Cluster mode: one round trip claims every id of the request
-        // before anything is counted (`None`: decide locally).
+        // before anything is counted; what this request claimed is settled
+        // by the guard however the request ends.
+        let mut settle = None;
         let claims = match &self.claims {
-            Some(claims)
+            Some(registry)
                 if self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some()) =>
             {
                 let ids: Vec<IdHash> = events.iter().filter_map(id_of).collect();
-                claims.claim(&bot.bot, &ids, now_ms).await
+                let claimed = registry.claim(&bot.bot, &ids, now_ms).await;
+                let mine: Vec<IdHash> = match &claimed {
+                    Claimed::Decided(claims) => ids
+                        .iter()
+                        .zip(claims)
+                        .filter(|(_, c)| **c == Claim::Fresh)
+                        .map(|(id, _)| *id)
+                        .collect(),
+                    Claimed::Local {
+                        maybe_claimed: true,
+                    } => ids,
+                    Claimed::Local {
+                        maybe_claimed: false,
+                    } => Vec::new(),
+                };
+                settle = Some(SettleClaims {
+                    claims: registry,
+                    bot: &bot.bot,
+                    ids: mine,
+                    counted: false,
+                });
+                match claimed {
+                    Claimed::Decided(claims) if claims.contains(&Claim::Pending) => {
+                        return Err(IngestError::Pending);
+                    }
+                    Claimed::Decided(claims) => Some(claims),
+                    Claimed::Local { .. } => None,
+                }
             }
             _ => None,
         };
-        // Claims this request made, to confirm once journaled or give back.
-        let made = |claims: &[Claim]| -> Vec<IdHash> {
-            events
-                .iter()
-                .filter_map(id_of)
-                .zip(claims)
-                .filter(|(_, c)| **c == Claim::Fresh)
-                .map(|(id, _)| id)
-                .collect()
-        };
-        if let (Some(registry), Some(claimed)) = (&self.claims, &claims)
-            && claimed.contains(&Claim::Pending)
-        {
-            registry.release(&bot.bot, &made(claimed)).await;
-            return Err(IngestError::Pending);
-        }
         let mut claimed = claims.iter().flatten();
         // Per event: `None` for a duplicate, else its id hash if it has an id.
         let mut fresh: Vec<Option<Option<IdHash>>> = Vec::with_capacity(events.len());
@@ -150,6 +163,11 @@ impl Ingest {
                     fresh.push(None);
                 }
             }
+            // Counted: the next sync carries these events to Redis whatever
+            // becomes of this request, so its claims are kept.
+            if let Some(settle) = &mut settle {
+                settle.counted = true;
+            }
             match &self.journal {
                 Some(journal) if duplicates < events.len() => {
                     Some(ENCODED.with_borrow_mut(|buf| {
@@ -165,18 +183,9 @@ impl Ingest {
                 _ => None,
             }
         };
-        let committed = match (&self.journal, lsn) {
-            (Some(journal), Some(lsn)) => journal.commit(lsn).await,
-            _ => Ok(()),
-        };
-        if let (Some(registry), Some(claimed)) = (&self.claims, &claims) {
-            match &committed {
-                Ok(()) => registry.journaled(&bot.bot, made(claimed)),
-                // Not acknowledged: let the client's retry count anywhere.
-                Err(_) => registry.release(&bot.bot, &made(claimed)).await,
-            }
+        if let (Some(journal), Some(lsn)) = (&self.journal, lsn) {
+            journal.commit(lsn).await?;
         }
-        committed?;
         let accepted = events.len() - duplicates;
         bot.counters.accepted.inc_by(accepted as u64);
         bot.counters.duplicates.inc_by(duplicates as u64);
@@ -290,6 +299,30 @@ fn floor(metrics: &Metrics, applied: impl Fn(&str) -> u64) -> u64 {
         .map(|b| applied(&b.bot))
         .min()
         .unwrap_or(0)
+}
+
+/// Settles a request's claims when it ends, however it ends (answered,
+/// refused, or dropped by a timeout): kept once its events are counted,
+/// given back before that.
+struct SettleClaims<'a> {
+    claims: &'a Claims,
+    bot: &'a str,
+    ids: Vec<IdHash>,
+    counted: bool,
+}
+
+impl Drop for SettleClaims<'_> {
+    fn drop(&mut self) {
+        if self.ids.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.ids);
+        if self.counted {
+            self.claims.keep(self.bot, ids);
+        } else {
+            self.claims.give_back(self.bot, ids);
+        }
+    }
 }
 
 /// An iterator whose length is known without counting.

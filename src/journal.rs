@@ -280,6 +280,23 @@ impl Journal {
         Ok(())
     }
 
+    /// Makes every later record's LSN, and [`Journal::last_lsn`], greater
+    /// than `lsn`: what a downstream (Redis) already holds under numbers
+    /// this journal lost with a torn tail or a failed write must not be
+    /// mistaken for new records that reuse them. Returns whether it moved.
+    pub fn skip_past(&self, lsn: u64) -> bool {
+        let mut pending = self.lock_pending();
+        // Past it already, or at it with every record up to it found on
+        // disk at open (nothing reuses its numbers): nothing to do.
+        if pending.last > lsn || (pending.last == lsn && lsn <= self.recovered) {
+            return false;
+        }
+        // One number with no record: the next cut is past `lsn` even if
+        // nothing is appended before it.
+        pending.last = lsn + 1;
+        true
+    }
+
     /// Queues a record and returns its LSN. Cheap and synchronous: call
     /// [`Journal::commit`] with the LSN before answering.
     pub fn append(&self, at: i64, body: &[u8]) -> u64 {
@@ -761,6 +778,25 @@ mod tests {
         );
         // Writing resumes after the recovered records.
         assert_eq!(j.append(100, b"x"), 11);
+    }
+
+    #[tokio::test]
+    async fn numbers_a_downstream_holds_past_the_disk_are_never_reused() {
+        let dir = tempdir();
+        three_records(&dir, 10).await;
+        let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        assert!(!j.skip_past(2), "behind the records on disk: nothing to do");
+        assert!(!j.skip_past(3), "at them: nothing is reused");
+        assert_eq!(j.last_lsn(), 3);
+        // Redis holds up to 7: records 4..=7 were lost with a torn tail.
+        let reused = j.append(1, b"new");
+        assert_eq!(reused, 4, "appended before the downstream was asked");
+        assert!(j.skip_past(7));
+        assert_eq!(j.last_lsn(), 8, "a cut now is past what Redis holds");
+        assert_eq!(j.append(1, b"next"), 9);
+        assert!(!j.skip_past(8));
     }
 
     /// A journal with three records of `size` bytes, closed; the path of

@@ -104,6 +104,7 @@ impl Application {
                     metrics.clone(),
                     ingest.clone(),
                     persistence.store.clone(),
+                    usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
                 )),
                 writer: Arc::new(Writer::new(
                     cluster.clone(),
@@ -359,7 +360,9 @@ fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
     // The journal feeds what it was written for: the store, or (cluster
     // mode) the Redis tier, so one is never replayed into the other.
     let feeds = match &config.redis_url {
-        Some(urls) => format!("redis:{}", urls.redacted()),
+        // Not the URLs: a seed list reordered, or a host renamed, is the
+        // same cluster, and its journal must be continued, not stranded.
+        Some(_) => "redis".to_owned(),
         None => store.identity(),
     };
     let opened = Journal::open(

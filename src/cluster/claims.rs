@@ -4,8 +4,11 @@
 //! A request's ids are claimed in one round trip (a script: every key of a
 //! bot is on one slot, so a Redis Cluster answers it from one node). A
 //! claim stays *pending* in the replica's pending set until the event is in
-//! its journal; then it is *confirmed* (taken out of the set, in batches,
-//! off the request path), or, if the journal refused the batch, given back.
+//! memory (and so, at the next sync, in Redis' totals); then it is
+//! *confirmed* (taken out of the set, in batches, off the request path), or,
+//! if the request ended before counting it, given back. Both are queued by
+//! a guard the request holds (see `ingest`), so a request that times out or
+//! is dropped settles its claims too.
 //! What a request learns of each id:
 //!
 //! * claimed now: this request counts it;
@@ -24,7 +27,7 @@
 //! trip is not tried at all, so an outage costs no request a timeout.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -53,13 +56,31 @@ pub enum Claim {
     Pending,
 }
 
+/// What a request learned of its ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// Redis answered, per id in order.
+    Decided(Vec<Claim>),
+    /// Redis did not answer (or claims are not armed yet): this replica's
+    /// memory decides. `maybe_claimed`: the script may have run all the
+    /// same (the answer timed out), so the ids are settled like claims.
+    Local { maybe_claimed: bool },
+}
+
+/// Settled off the request path, per bot: (confirm, give back).
+type Queue = HashMap<String, (Vec<IdHash>, Vec<IdHash>)>;
+
 pub struct Claims {
     cluster: Arc<Cluster>,
     /// Unix ms before which no round trip is tried (after a failure).
     retry_at: AtomicI64,
     script: redis::Script,
-    /// Claims whose events are journaled, to be confirmed: bot → ids.
-    confirm: Mutex<HashMap<String, Vec<IdHash>>>,
+    settle_script: redis::Script,
+    queue: Mutex<Queue>,
+    /// Set once this replica's claims from before its start are settled
+    /// ([`Claims::resolve_own`]); until then no claim is made (memory
+    /// decides), so settling them can never race a live request's.
+    armed: AtomicBool,
 }
 
 impl Claims {
@@ -68,26 +89,28 @@ impl Claims {
             cluster,
             retry_at: AtomicI64::new(0),
             script: redis::Script::new(include_str!("lua/claim.lua")),
-            confirm: Mutex::new(HashMap::new()),
+            settle_script: redis::Script::new(include_str!("lua/settle.lua")),
+            queue: Mutex::new(HashMap::new()),
+            armed: AtomicBool::new(false),
         }
     }
 
-    /// Claims `ids` for `bot`, in order. `None`: Redis did not answer, and
-    /// the caller decides with its own memory (counted here).
-    pub async fn claim(&self, bot: &str, ids: &[IdHash], now_ms: i64) -> Option<Vec<Claim>> {
+    /// Claims `ids` for `bot`, in order; when Redis does not answer, the
+    /// caller decides with its own memory (counted here).
+    pub async fn claim(&self, bot: &str, ids: &[IdHash], now_ms: i64) -> Claimed {
         if ids.is_empty() {
-            return Some(Vec::new());
+            return Claimed::Decided(Vec::new());
         }
-        let fallback = || {
+        let fallback = |maybe_claimed| {
             self.cluster
                 .metrics
                 .dedupe_fallbacks
                 .with_label_values(&[bot])
                 .inc_by(ids.len() as u64);
-            None
+            Claimed::Local { maybe_claimed }
         };
-        if now_ms < self.retry_at.load(Ordering::Relaxed) {
-            return fallback();
+        if !self.armed.load(Ordering::Acquire) || now_ms < self.retry_at.load(Ordering::Relaxed) {
+            return fallback(false);
         }
         let keys = BotKeys::new(bot);
         let window_ms = self.cluster.dedupe_window.as_millis().max(1) as u64;
@@ -104,11 +127,15 @@ impl Claims {
             let mut conn = self.cluster.redis.conn().await?;
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
         };
+        let mut timed_out = false;
         let answer = match tokio::time::timeout(CLAIM_TIMEOUT, round_trip).await {
             Ok(Ok(answer)) if answer.len() == ids.len() => Ok(answer),
             Ok(Ok(answer)) => Err(format!("{} answers for {} ids", answer.len(), ids.len())),
             Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {CLAIM_TIMEOUT:?}")),
+            Err(_) => {
+                timed_out = true;
+                Err(format!("no answer within {CLAIM_TIMEOUT:?}"))
+            }
         };
         self.cluster
             .redis
@@ -116,7 +143,7 @@ impl Claims {
                 answer.as_ref().err().cloned().unwrap_or_default()
             });
         match answer {
-            Ok(codes) => Some(
+            Ok(codes) => Claimed::Decided(
                 codes
                     .into_iter()
                     .map(|code| match code {
@@ -129,65 +156,60 @@ impl Claims {
             ),
             Err(_) => {
                 self.retry_at.store(now_ms + BACKOFF_MS, Ordering::Relaxed);
-                fallback()
+                fallback(timed_out)
             }
         }
     }
 
-    /// The events of these claims are in the journal: they are confirmed
-    /// within [`CONFIRM_EVERY`], off the request path.
-    pub fn journaled(&self, bot: &str, ids: impl IntoIterator<Item = IdHash>) {
-        let mut confirm = self.confirm.lock().unwrap_or_else(|e| e.into_inner());
-        confirm.entry(bot.to_owned()).or_default().extend(ids);
+    /// The events of these claims are counted: they are confirmed within
+    /// [`CONFIRM_EVERY`], off the request path.
+    pub fn keep(&self, bot: &str, ids: impl IntoIterator<Item = IdHash>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.entry(bot.to_owned()).or_default().0.extend(ids);
     }
 
-    /// Gives back claims a request made but could not keep (the journal
-    /// refused the batch, or another id of it is pending elsewhere), so the
-    /// client's retry is counted. Best effort: a claim left behind stays
-    /// pending until this replica's next start gives it back, or the window
-    /// ends it.
-    pub async fn release(&self, bot: &str, ids: &[IdHash]) {
-        if ids.is_empty() {
-            return;
-        }
-        let failed = match tokio::time::timeout(CLAIM_TIMEOUT, self.settle(bot, &[], ids)).await {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => format!("no answer within {CLAIM_TIMEOUT:?}"),
-        };
-        tracing::warn!(error = %failed, bot, "claims of a refused batch not given back; they are at this replica's next start");
+    /// These claims' request ended before counting them (refused, or
+    /// dropped): they are given back within [`CONFIRM_EVERY`], so the
+    /// client's retry counts wherever it lands.
+    pub fn give_back(&self, bot: &str, ids: impl IntoIterator<Item = IdHash>) {
+        let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+        queue.entry(bot.to_owned()).or_default().1.extend(ids);
     }
 
-    /// Takes `keep` out of the pending set (confirmed) and deletes `drop`
-    /// (given back), in one round trip.
+    /// Takes `keep` out of the pending set (confirmed) and gives `drop`
+    /// back, in one script per bot and thousand claims.
     async fn settle(&self, bot: &str, keep: &[IdHash], drop: &[IdHash]) -> Result<()> {
-        if keep.is_empty() && drop.is_empty() {
-            return Ok(());
-        }
         let keys = BotKeys::new(bot);
         let pending = keys.pending(&self.cluster.replica);
-        let mut pipe = redis::pipe();
-        let settled: Vec<String> = keep.iter().chain(drop).map(|id| keys.claim(*id)).collect();
-        for chunk in settled.chunks(1000) {
-            pipe.cmd("SREM").arg(&pending).arg(chunk).ignore();
-        }
-        for chunk in drop.chunks(1000) {
-            let claims: Vec<String> = chunk.iter().map(|id| keys.claim(*id)).collect();
-            pipe.cmd("DEL").arg(claims).ignore();
-        }
         let mut conn = timed(self.cluster.redis.conn()).await?;
-        timed(pipe.query_async::<()>(&mut conn)).await
+        let (mut keep, mut drop) = (keep, drop);
+        while !keep.is_empty() || !drop.is_empty() {
+            let k = keep.len().min(1000);
+            let d = drop.len().min(1000 - k);
+            let mut invocation = self.settle_script.prepare_invoke();
+            invocation.key(&pending);
+            for id in keep[..k].iter().chain(&drop[..d]) {
+                invocation.key(keys.claim(*id));
+            }
+            invocation.arg(&self.cluster.replica).arg(k);
+            timed(invocation.invoke_async::<i64>(&mut conn)).await?;
+            keep = &keep[k..];
+            drop = &drop[d..];
+        }
+        Ok(())
     }
 
-    /// Sends the confirmations gathered since the last call.
-    pub async fn confirm_once(&self) -> Result<()> {
-        let batch = std::mem::take(&mut *self.confirm.lock().unwrap_or_else(|e| e.into_inner()));
+    /// Sends what was queued since the last call. A batch that fails is
+    /// queued again: a retry elsewhere meanwhile is told to come back, never
+    /// miscounted. While Redis is away no claim is made, so the queue holds
+    /// only the requests that were in flight.
+    pub async fn settle_once(&self) -> Result<()> {
+        let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed = None;
-        for (bot, ids) in batch {
-            if let Err(e) = self.settle(&bot, &ids, &[]).await {
-                // Kept for the next round: a retry elsewhere meanwhile is
-                // told to come back, never miscounted.
-                self.journaled(&bot, ids);
+        for (bot, (keep, drop)) in batch {
+            if let Err(e) = self.settle(&bot, &keep, &drop).await {
+                self.keep(&bot, keep);
+                self.give_back(&bot, drop);
                 failed.get_or_insert(e);
             }
         }
@@ -197,10 +219,11 @@ impl Claims {
         }
     }
 
-    /// At start, before serving claims: this replica's pending claims from
-    /// before a restart (or `kill -9`) are confirmed when the journal holds
-    /// their event (`dedupe` remembers every id the journal holds) and
-    /// given back when it does not, since that request was never answered.
+    /// Before this replica makes any claim: its pending claims from before
+    /// a restart (or `kill -9`) are confirmed when the journal holds their
+    /// event (`dedupe` remembers every id the journal holds) and given back
+    /// when it does not, since that request was never answered. Then claims
+    /// are armed.
     pub async fn resolve_own(&self, bots: &[&str], dedupe: &Dedupe) -> Result<(usize, usize)> {
         let (mut kept, mut dropped) = (0, 0);
         for bot in bots {
@@ -227,6 +250,7 @@ impl Claims {
             dropped += drop.len();
             self.settle(bot, &keep, &drop).await?;
         }
+        self.armed.store(true, Ordering::Release);
         Ok((kept, dropped))
     }
 }
@@ -242,7 +266,7 @@ pub async fn confirm_loop(claims: Arc<Claims>, shutdown: CancellationToken) {
             _ = ticker.tick() => {}
         }
         // A failure keeps the batch; Redis' state is logged by the sync.
-        let _ = claims.confirm_once().await;
+        let _ = claims.settle_once().await;
     }
-    let _ = claims.confirm_once().await;
+    let _ = claims.settle_once().await;
 }

@@ -49,7 +49,8 @@ impl ConnectionLike for Conn {
 
 pub struct Redis {
     urls: RedisUrls,
-    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Set by the first use that reaches Redis; until then each use tries.
+    conn: tokio::sync::OnceCell<Conn>,
     /// The last state logged: `None` before the first operation.
     logged: Mutex<Option<bool>>,
 }
@@ -58,7 +59,7 @@ impl Redis {
     pub fn new(urls: RedisUrls) -> Self {
         Redis {
             urls,
-            conn: tokio::sync::Mutex::new(None),
+            conn: tokio::sync::OnceCell::new(),
             logged: Mutex::new(None),
         }
     }
@@ -67,35 +68,46 @@ impl Redis {
         &self.urls
     }
 
-    /// The connection, made now if it never was.
+    /// The connection, made now if it never was. Once made it is shared
+    /// without a lock: the hot path's claims only clone it.
     pub async fn conn(&self) -> redis::RedisResult<Conn> {
-        let mut guard = self.conn.lock().await;
-        if let Some(conn) = &*guard {
-            return Ok(conn.clone());
-        }
-        let conn = self.connect().await?;
-        *guard = Some(conn.clone());
-        Ok(conn)
+        self.conn.get_or_try_init(|| self.connect()).await.cloned()
     }
 
     async fn connect(&self) -> redis::RedisResult<Conn> {
         if self.urls.is_cluster() {
-            let client = redis::cluster::ClusterClientBuilder::new(self.urls.0.clone())
-                .connection_timeout(COMMAND_TIMEOUT)
-                .response_timeout(COMMAND_TIMEOUT)
-                .retries(2)
-                .build()?;
-            Ok(Conn::Cluster(client.get_async_connection().await?))
-        } else {
-            let client = redis::Client::open(self.urls.0[0].as_str())?;
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(COMMAND_TIMEOUT))
-                .set_response_timeout(Some(COMMAND_TIMEOUT))
-                .set_number_of_retries(1);
-            Ok(Conn::Single(
-                ConnectionManager::new_with_config(client, config).await?,
-            ))
+            return self.cluster(self.urls.0.clone()).await;
         }
+        let client = redis::Client::open(self.urls.0[0].as_str())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1);
+        let mut single = ConnectionManager::new_with_config(client, config).await?;
+        // One URL may be a Redis Cluster's node or configuration endpoint
+        // (managed clusters give one): ask, rather than answer every bot
+        // on another node with MOVED.
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut single)
+            .await?;
+        if info.lines().any(|l| l.trim() == "cluster_enabled:1") {
+            tracing::info!(
+                "{} is a Redis Cluster node: using cluster mode",
+                self.urls.redacted()
+            );
+            return self.cluster(self.urls.0.clone()).await;
+        }
+        Ok(Conn::Single(single))
+    }
+
+    async fn cluster(&self, seeds: Vec<String>) -> redis::RedisResult<Conn> {
+        let client = redis::cluster::ClusterClientBuilder::new(seeds)
+            .connection_timeout(COMMAND_TIMEOUT)
+            .response_timeout(COMMAND_TIMEOUT)
+            .retries(2)
+            .build()?;
+        Ok(Conn::Cluster(client.get_async_connection().await?))
     }
 
     /// Sets `up` and logs a change of state once (not once per operation).

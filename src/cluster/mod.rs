@@ -42,8 +42,10 @@ pub use connection::Redis;
 
 use crate::metrics::pending::UserBudget;
 
-/// Users waiting to be sent to Redis, across every bot, at most. Each costs
-/// about 32 bytes, so the bound is about 32 MB however long Redis is away.
+/// Users waiting to be sent to Redis, across every bot, at most: about
+/// 16 bytes each in the set, and about 60 more while in a batch (the
+/// batch's copy and its script argument), so well under 100 MB however long
+/// Redis is away.
 pub const MAX_PENDING_USERS: usize = 1_000_000;
 
 /// How long a Redis command may take before the caller falls back or

@@ -39,6 +39,10 @@ pub fn parse_field(field: &str) -> (&str, &str) {
     }
 }
 
+/// Users one bot's batch carries at most: after a long outage the rest go
+/// in the next syncs, so no one script keeps Redis busy for long.
+const USERS_PER_BATCH: usize = 50_000;
+
 /// One bot's sync, sent until Redis confirms it.
 #[derive(Debug, Clone)]
 struct Batch {
@@ -109,7 +113,7 @@ fn cut(
             mark,
             series,
             today,
-            users: bot.pending_users.take(),
+            users: bot.pending_users.take(USERS_PER_BATCH),
         }
     }
 }
@@ -144,7 +148,11 @@ struct State {
     bots: Vec<BotSync>,
     /// The mark of the next batch without a journal: a sequence.
     seq: u64,
-    prepared: bool,
+    /// The steps of `prepare`, each done once even when a later one fails
+    /// and `prepare` runs again: counting the journal twice would double it.
+    claims_settled: bool,
+    replayed: bool,
+    adopted: bool,
 }
 
 pub struct Syncer {
@@ -154,6 +162,8 @@ pub struct Syncer {
     store: Arc<Store>,
     state: Mutex<State>,
     prepared: AtomicBool,
+    /// `--max-label-values`, so a recovery folds labels as counting did.
+    max_label_values: usize,
     sync_script: redis::Script,
     seed_script: redis::Script,
 }
@@ -164,6 +174,7 @@ impl Syncer {
         metrics: Arc<Metrics>,
         ingest: Arc<Ingest>,
         store: Arc<Store>,
+        max_label_values: usize,
     ) -> Self {
         let bots = metrics
             .bots()
@@ -188,9 +199,12 @@ impl Syncer {
             state: Mutex::new(State {
                 bots,
                 seq: 0,
-                prepared: false,
+                claims_settled: false,
+                replayed: false,
+                adopted: false,
             }),
             prepared: AtomicBool::new(false),
+            max_label_values,
             sync_script: redis::Script::new(include_str!("lua/sync.lua")),
             seed_script: redis::Script::new(include_str!("lua/seed.lua")),
         }
@@ -225,9 +239,8 @@ impl Syncer {
 
     async fn sync_inner(&self) -> Result<SyncReport> {
         let mut state = self.state.lock().await;
-        if !state.prepared {
+        if !self.is_prepared() {
             self.prepare(&mut state).await?;
-            state.prepared = true;
             self.prepared.store(true, Ordering::Relaxed);
         }
         let State { bots, seq, .. } = &mut *state;
@@ -340,20 +353,34 @@ impl Syncer {
                 }
             }
         }
-        if let Some(e) = first_error {
-            return Err(e);
-        }
         report.waiting = behind.iter().filter(|b| **b).count();
-        if report.waiting == 0
-            && let Some(journal) = self.ingest.journal()
-        {
-            // Redis holds everything up to `mark`: the journal keeps it only
-            // for the ids dedupe remembers across a restart.
-            if let Err(e) = journal.trim(mark, self.cluster.dedupe_window).await {
-                tracing::warn!(error = %e, "journal trim failed; retried after the next sync");
-            }
+        self.trim(bots, mark).await;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(report),
         }
-        Ok(report)
+    }
+
+    /// Trims the journal to what Redis holds of every bot: `mark` for a bot
+    /// with nothing in flight, else what Redis last confirmed of it. One bot
+    /// that cannot sync holds back only its own part, not every bot's.
+    async fn trim(&self, bots: &[BotSync], mark: u64) {
+        let Some(journal) = self.ingest.journal() else {
+            return;
+        };
+        let held = bots
+            .iter()
+            .map(|b| match &b.inflight {
+                Some(_) => b.confirmed,
+                None => mark,
+            })
+            .min()
+            .unwrap_or(mark);
+        // Redis holds everything up to `held`: the journal keeps it only for
+        // the ids dedupe remembers across a restart.
+        if let Err(e) = journal.trim(held, self.cluster.dedupe_window).await {
+            tracing::warn!(error = %e, "journal trim failed; retried after the next sync");
+        }
     }
 
     /// The script call that sends `batch` for `b` (or nothing, to read the
@@ -460,7 +487,7 @@ impl Syncer {
         };
         let scratch = Metrics::new(
             std::slice::from_ref(&b.bot.bot),
-            usize::MAX,
+            self.max_label_values,
             self.metrics.calendar().tz(),
             0.0,
         )
@@ -524,7 +551,23 @@ impl Syncer {
     /// holds of each, so a restart (or `kill -9`) neither loses nor repeats.
     async fn prepare(&self, state: &mut State) -> Result<()> {
         let conn = timed(self.cluster.redis.conn()).await?;
-        warn_about_eviction(conn.clone()).await;
+        if !state.claims_settled {
+            warn_about_eviction(conn.clone()).await;
+            // First, so that claims (armed by it) work as soon as Redis
+            // does, whatever the store is doing.
+            if let Some(claims) = self.ingest.claims() {
+                let bots: Vec<&str> = state.bots.iter().map(|b| &*b.bot.bot).collect();
+                let (kept, dropped) = claims.resolve_own(&bots, &self.ingest.dedupe).await?;
+                if kept + dropped > 0 {
+                    tracing::info!(
+                        confirmed = kept,
+                        given_back = dropped,
+                        "claims pending at the last stop settled against the journal"
+                    );
+                }
+            }
+            state.claims_settled = true;
+        }
         let mut stored = None;
         let mut seeded = 0;
         for b in &state.bots {
@@ -537,17 +580,6 @@ impl Syncer {
             .await?;
             if !exists && self.seed(b, &mut stored).await? {
                 seeded += 1;
-            }
-        }
-        if let Some(claims) = self.ingest.claims() {
-            let bots: Vec<&str> = state.bots.iter().map(|b| &*b.bot.bot).collect();
-            let (kept, dropped) = claims.resolve_own(&bots, &self.ingest.dedupe).await?;
-            if kept + dropped > 0 {
-                tracing::info!(
-                    confirmed = kept,
-                    given_back = dropped,
-                    "claims pending at the last stop settled against the journal"
-                );
             }
         }
         let Some(journal) = self.ingest.journal() else {
@@ -578,17 +610,34 @@ impl Syncer {
                 .unwrap_or(0)
         };
         let own = journal.id().to_owned();
-        let replayed = self
-            .ingest
-            .replay_own(&self.metrics, |bot| mark(&own, bot))?;
-        let adopted = self.ingest.adopt_orphans(&self.metrics, mark).await?;
-        tracing::info!(
-            replica = %self.cluster.replica,
-            seeded,
-            ?replayed,
-            ?adopted,
-            "cluster mode: journal counted past what Redis holds"
-        );
+        for b in &mut state.bots {
+            b.confirmed = mark(&own, &b.bot.bot);
+        }
+        let held = state.bots.iter().map(|b| b.confirmed).max().unwrap_or(0);
+        if journal.skip_past(held) {
+            tracing::warn!(
+                held,
+                on_disk = journal.recovered_lsn(),
+                "redis holds records of this replica that its journal lost (a torn tail, or a failed write): numbering continues past them"
+            );
+        }
+        if !state.replayed {
+            let replayed = self
+                .ingest
+                .replay_own(&self.metrics, |bot| mark(&own, bot))?;
+            state.replayed = true;
+            tracing::info!(replica = %self.cluster.replica, seeded, ?replayed, "cluster mode: journal counted past what Redis holds");
+        }
+        if !state.adopted {
+            let adopted = self.ingest.adopt_orphans(&self.metrics, mark).await?;
+            state.adopted = true;
+            if adopted.records > 0 {
+                tracing::info!(
+                    ?adopted,
+                    "stopped replicas' journals counted past what Redis holds"
+                );
+            }
+        }
         Ok(())
     }
 

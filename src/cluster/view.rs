@@ -107,11 +107,16 @@ impl View {
             names.iter().map(|name| last.get(*name).cloned()).collect()
         };
         if views.iter().any(Option::is_none)
-            && let Ok(stored) = self.store.load().await
+            && let Ok(Ok(stored)) =
+                tokio::time::timeout(super::COMMAND_TIMEOUT, self.store.load()).await
         {
+            let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             for (name, view) in names.iter().zip(views.iter_mut()) {
                 if view.is_none() {
-                    *view = Some(from_store(&stored, name));
+                    let from = from_store(&stored, name);
+                    // Read once: later answers use it until Redis answers.
+                    last.insert((*name).to_owned(), from.clone());
+                    *view = Some(from);
                 }
             }
         }

@@ -50,6 +50,7 @@ pub struct Writer {
     state: Mutex<State>,
     renew: redis::Script,
     release: redis::Script,
+    clean: redis::Script,
 }
 
 fn key(row: &SeriesRow) -> String {
@@ -95,6 +96,7 @@ impl Writer {
             state: Mutex::new(State::default()),
             renew: redis::Script::new(include_str!("lua/renew.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),
+            clean: redis::Script::new(include_str!("lua/clean.lua")),
         }
     }
 
@@ -301,21 +303,21 @@ impl Writer {
                 .daily
                 .insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
         }
-        // The store has these sketches now. Clearing the marks is
-        // housekeeping: one left behind is written again, harmlessly.
+        // The store has these sketches now: unmark those no sync changed
+        // since they were read. Housekeeping: a mark left behind only
+        // writes a sketch again.
         let mut conn = timed(self.cluster.redis.conn()).await?;
         for view in views.iter().filter(|v| !v.sketches.is_empty()) {
             let keys = BotKeys::new(&view.bot);
-            let names: Vec<String> = view
-                .sketches
-                .iter()
-                .map(|(name, _)| format!("bm:{{{}}}:{name}", view.bot))
-                .collect();
-            let _: redis::RedisResult<i64> = redis::cmd("SREM")
-                .arg(keys.dirty())
-                .arg(names)
-                .query_async(&mut conn)
-                .await;
+            let mut invocation = self.clean.prepare_invoke();
+            invocation.key(keys.dirty());
+            for (name, hll) in &view.sketches {
+                invocation.key(format!("bm:{{{}}}:{name}", view.bot));
+                invocation.arg(hll.as_slice());
+            }
+            if let Err(e) = timed(invocation.invoke_async::<i64>(&mut conn)).await {
+                tracing::debug!(error = %e, bot = %view.bot, "sketch marks not cleared; the next flush writes them again");
+            }
         }
         let selfm = &self.metrics.selfm;
         selfm.store_up.set(1);

@@ -47,18 +47,16 @@ async fn check(state: &AppState) -> std::result::Result<Json<Value>, (&'static s
     let persistence = &state.persistence;
     let backend = persistence.store.backend();
     if let Some(cluster) = &state.cluster {
-        // Every replica serves, the store up or not (Redis holds the
-        // totals meanwhile); it is ready once its journal was counted
-        // past what Redis holds (before that, its summary would lack it).
-        if !cluster.syncer.is_prepared() {
-            return Err((
-                "restoring",
-                Error::Unavailable("waiting for Redis to count this replica's journal".into()),
-            ));
-        }
-        return Ok(Json(
-            json!({ "status": "ready", "store": backend, "cluster": true }),
-        ));
+        // Every replica serves, Redis and the store up or not: it counts in
+        // memory and its journal, and its summary reads the cluster (or the
+        // store) whatever its own state. Taking replicas out of a balancer
+        // during a Redis outage would only refuse events they can keep.
+        return Ok(Json(json!({
+            "status": "ready",
+            "store": backend,
+            "cluster": true,
+            "journal_counted": cluster.syncer.is_prepared(),
+        })));
     }
 
     match tokio::time::timeout(Duration::from_secs(2), persistence.store.ping()).await {

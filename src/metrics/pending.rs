@@ -104,14 +104,24 @@ impl PendingUsers {
         }
     }
 
-    /// Everything recorded so far, leaving the set empty. The budget stays
-    /// taken until [`UserBudget::release`]: the users are in flight.
-    pub fn take(&self) -> Vec<PendingUser> {
+    /// Up to `limit` of the users recorded so far, taken out of the set.
+    /// The budget stays taken until [`UserBudget::release`]: the users are
+    /// in flight.
+    pub fn take(&self, limit: usize) -> Vec<PendingUser> {
         let mut out = Vec::new();
         for shard in &self.shards {
-            let hours = std::mem::take(&mut *shard.lock().unwrap_or_else(|e| e.into_inner()));
-            for (hour, users) in hours {
-                out.extend(users.into_iter().map(|u| (hour, u)));
+            let mut hours = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (hour, users) in hours.iter_mut() {
+                let n = (limit - out.len()).min(users.len());
+                let taken: Vec<u64> = users.iter().copied().take(n).collect();
+                for u in &taken {
+                    users.remove(u);
+                }
+                out.extend(taken.into_iter().map(|u| (*hour, u)));
+            }
+            hours.retain(|(_, users)| !users.is_empty());
+            if out.len() == limit {
+                break;
             }
         }
         out
@@ -128,7 +138,7 @@ mod tests {
         let budget = Arc::new(UserBudget::new(3, dropped.clone()));
         let pending = PendingUsers::default();
         pending.record(UserHash(1), 0);
-        assert!(pending.take().is_empty(), "disabled until enabled");
+        assert!(pending.take(10).is_empty(), "disabled until enabled");
         pending.enable(budget.clone());
         pending.record(UserHash(1), 10);
         pending.record(UserHash(1), 20);
@@ -141,9 +151,12 @@ mod tests {
             1,
             "the fourth distinct pair is past the budget"
         );
-        let mut taken = pending.take();
+        let mut taken = pending.take(2);
+        assert_eq!(taken.len(), 2, "at most the limit");
+        taken.extend(pending.take(10));
         taken.sort();
         assert_eq!(taken, vec![(0, 1), (0, 2), (1, 1)]);
+        assert!(pending.take(10).is_empty());
         assert_eq!(budget.used(), 3, "in flight until Redis confirms");
         budget.release(3);
         assert_eq!(budget.used(), 0);

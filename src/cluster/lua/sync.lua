@@ -32,21 +32,12 @@ if mark > 0 then
   end
 end
 if status == 1 and mark > 0 then
-  local i = 8
-  for _ = 1, tonumber(ARGV[3]) do
-    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  local today = tonumber(ARGV[4])
-  for _ = 1, today do
-    redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
-    i = i + 2
-  end
-  if today > 0 then
-    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
-      if string.sub(field, 1, 10) < ARGV[6] then redis.call('HDEL', KEYS[4], field) end
-    end
-  end
+  -- Redis does not undo a script's writes when a later command fails, so
+  -- what can fail on a damaged key (PFADD on a sketch that is not one) runs
+  -- first: a failure then leaves no counter added and the mark unset, and
+  -- adding users again is harmless.
+  local n_series, n_today = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local i = 8 + 2 * n_series + 2 * n_today
   for _ = 1, tonumber(ARGV[5]) do
     local key = KEYS[tonumber(ARGV[i])]
     local ttl = ARGV[i + 1]
@@ -63,6 +54,20 @@ if status == 1 and mark > 0 then
     i = i + n
     redis.call('EXPIRE', key, ttl)
     if changed > 0 then redis.call('SADD', KEYS[5], key) end
+  end
+  i = 8
+  for _ = 1, n_series do
+    redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  for _ = 1, n_today do
+    redis.call('HINCRBY', KEYS[4], ARGV[i], ARGV[i + 1])
+    i = i + 2
+  end
+  if n_today > 0 then
+    for _, field in ipairs(redis.call('HKEYS', KEYS[4])) do
+      if string.sub(field, 1, 10) < ARGV[6] then redis.call('HDEL', KEYS[4], field) end
+    end
   end
   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 end
