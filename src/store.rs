@@ -589,52 +589,74 @@ impl Store {
         let series_sql = "select metric, bot, labels, value from real_time_metrics";
         let sketches_sql = "select bot, granularity, bucket, registers from active_user_sketches";
         let daily_sql = "select bot, name, day::text as day, value from daily_counters";
-        let mut stored = Stored::default();
-        match &self.db {
-            Db::Postgres(pool) => decode(
-                &mut stored,
-                &sqlx::query(series_sql).fetch_all(pool).await?,
-                &sqlx::query(sketches_sql).fetch_all(pool).await?,
-                &sqlx::query(daily_sql).fetch_all(pool).await?,
-            )?,
-            // SQLite keeps labels and days as text already.
-            Db::Sqlite(pool) => decode(
-                &mut stored,
-                &sqlx::query(series_sql).fetch_all(pool).await?,
-                &sqlx::query(sketches_sql).fetch_all(pool).await?,
-                &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", "")))
-                    .fetch_all(pool)
-                    .await?,
-            )?,
-        }
         let progress_sql = "select journal, applied from journal_progress";
-        let progress: Vec<(String, i64)> = match &self.db {
-            Db::Postgres(pool) => sqlx::query_as(progress_sql).fetch_all(pool).await?,
-            Db::Sqlite(pool) => sqlx::query_as(progress_sql).fetch_all(pool).await?,
+        let cluster_sketches_sql = "select bot, sketch, hll from cluster_sketches";
+        let cluster_progress_sql = "select bot, replica, applied from cluster_progress";
+        type Marks = Vec<(String, i64)>;
+        type Sketches = Vec<(String, String, Vec<u8>)>;
+        type ReplicaMarks = Vec<(String, String, i64)>;
+        let mut stored = Stored::default();
+        // One snapshot for every table: totals and the marks that say what
+        // they hold are read as of one instant, even while a writer commits
+        // (a reseed from a torn read would lose or double a flush).
+        let (progress, sketches, marks): (Marks, Sketches, ReplicaMarks) = match &self.db {
+            Db::Postgres(pool) => {
+                let mut tx = pool.begin().await?;
+                sqlx::query("set transaction isolation level repeatable read read only")
+                    .execute(&mut *tx)
+                    .await?;
+                decode(
+                    &mut stored,
+                    &sqlx::query(series_sql).fetch_all(&mut *tx).await?,
+                    &sqlx::query(sketches_sql).fetch_all(&mut *tx).await?,
+                    &sqlx::query(daily_sql).fetch_all(&mut *tx).await?,
+                )?;
+                let read = (
+                    sqlx::query_as(progress_sql).fetch_all(&mut *tx).await?,
+                    sqlx::query_as(cluster_sketches_sql)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    sqlx::query_as(cluster_progress_sql)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                );
+                tx.commit().await?;
+                read
+            }
+            // SQLite keeps labels and days as text already; a transaction
+            // reads one snapshot of the file.
+            Db::Sqlite(pool) => {
+                let mut tx = pool.begin().await?;
+                decode(
+                    &mut stored,
+                    &sqlx::query(series_sql).fetch_all(&mut *tx).await?,
+                    &sqlx::query(sketches_sql).fetch_all(&mut *tx).await?,
+                    &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", "")))
+                        .fetch_all(&mut *tx)
+                        .await?,
+                )?;
+                let read = (
+                    sqlx::query_as(progress_sql).fetch_all(&mut *tx).await?,
+                    sqlx::query_as(cluster_sketches_sql)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                    sqlx::query_as(cluster_progress_sql)
+                        .fetch_all(&mut *tx)
+                        .await?,
+                );
+                tx.commit().await?;
+                read
+            }
         };
         stored.progress = progress
             .into_iter()
             .map(|(journal, applied)| (journal, applied.max(0) as u64))
             .collect();
-        let sketches_sql = "select bot, sketch, hll from cluster_sketches";
-        let progress_sql = "select bot, replica, applied from cluster_progress";
-        type Sketches = Vec<(String, String, Vec<u8>)>;
-        type Marks = Vec<(String, String, i64)>;
-        let (sketches, progress): (Sketches, Marks) = match &self.db {
-            Db::Postgres(pool) => (
-                sqlx::query_as(sketches_sql).fetch_all(pool).await?,
-                sqlx::query_as(progress_sql).fetch_all(pool).await?,
-            ),
-            Db::Sqlite(pool) => (
-                sqlx::query_as(sketches_sql).fetch_all(pool).await?,
-                sqlx::query_as(progress_sql).fetch_all(pool).await?,
-            ),
-        };
         stored.cluster_sketches = sketches
             .into_iter()
             .map(|(bot, sketch, hll)| ClusterSketch { bot, sketch, hll })
             .collect();
-        stored.cluster_progress = progress
+        stored.cluster_progress = marks
             .into_iter()
             .map(|(bot, replica, applied)| ClusterProgress {
                 bot,
