@@ -1325,7 +1325,22 @@ async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
     let Some(cluster) = RedisCluster::start().await else {
         return;
     };
-    let reps = replicas(&db, &cluster.urls(), 2).await;
+    // Replica 0 gets every seed; replica 1 one node's URL alone, as a
+    // managed cluster's single endpoint is given: it must find the cluster.
+    let urls = cluster.urls();
+    let one = urls.split(',').next().expect("a seed").to_owned();
+    let reps = vec![
+        replica(&db, &urls, 0, SYNC).await,
+        replica(&db, &one, 1, SYNC).await,
+    ];
+    for r in &reps {
+        connected(r).await;
+    }
+    assert!(
+        reps[1].log().contains("is a Redis Cluster node"),
+        "one URL of a cluster node is used as the cluster:\n{}",
+        reps[1].log()
+    );
     let all = bins(&reps);
     for j in 0..20 {
         let user = |k: usize, bot: &str| {
