@@ -251,16 +251,19 @@ impl Ingest {
     /// applied of each (`applied(journal, bot)`), moving them into this
     /// process's journal (so they are flushed, and trimmed, like its own),
     /// then deletes the orphans.
+    /// `orphans` is the listing the caller read `applied` for, so a journal
+    /// that stops in between is never adopted without its marks.
     pub async fn adopt_orphans(
         &self,
         metrics: &Metrics,
+        orphans: Vec<crate::journal::Orphan>,
         applied: impl Fn(&str, &str) -> u64,
     ) -> Result<Replayed, JournalError> {
         let mut report = Replayed::default();
         let Some(journal) = &self.journal else {
             return Ok(report);
         };
-        for orphan in journal.orphans()? {
+        for orphan in orphans {
             let mut last = None;
             {
                 let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());

@@ -431,11 +431,16 @@ impl Persistence {
     /// waiting for a restart.
     async fn adopt_orphans_locked(&self, state: &Flushed) -> store::Result<()> {
         let applied = |id: &str| state.progress.get(id).copied().unwrap_or(0);
+        let corrupt = |e: crate::journal::JournalError| store::StoreError::Corrupt(e.to_string());
+        let orphans = match self.ingest.journal() {
+            Some(journal) => journal.orphans().map_err(corrupt)?,
+            None => Vec::new(),
+        };
         let adopted = self
             .ingest
-            .adopt_orphans(&self.metrics, |journal, _bot| applied(journal))
+            .adopt_orphans(&self.metrics, orphans, |journal, _bot| applied(journal))
             .await
-            .map_err(|e| store::StoreError::Corrupt(e.to_string()))?;
+            .map_err(corrupt)?;
         if adopted.records > 0 {
             tracing::info!(?adopted, "stopped processes' journals counted");
         }

@@ -585,9 +585,15 @@ impl Syncer {
         let Some(journal) = self.ingest.journal() else {
             return Ok(());
         };
-        let orphans: Vec<String> = journal.orphans()?.into_iter().map(|o| o.id).collect();
+        // Listed once: the journals adopted below are those whose marks
+        // were read, held locked meanwhile.
+        let orphans = if state.adopted {
+            Vec::new()
+        } else {
+            journal.orphans()?
+        };
         let mut ids = vec![journal.id().to_owned()];
-        ids.extend(orphans);
+        ids.extend(orphans.iter().map(|o| o.id.clone()));
         // applied[(replica, bot)]
         let mut applied: HashMap<(String, String), u64> = HashMap::new();
         for b in &state.bots {
@@ -629,7 +635,10 @@ impl Syncer {
             tracing::info!(replica = %self.cluster.replica, seeded, ?replayed, "cluster mode: journal counted past what Redis holds");
         }
         if !state.adopted {
-            let adopted = self.ingest.adopt_orphans(&self.metrics, mark).await?;
+            let adopted = self
+                .ingest
+                .adopt_orphans(&self.metrics, orphans, mark)
+                .await?;
             state.adopted = true;
             if adopted.records > 0 {
                 tracing::info!(
