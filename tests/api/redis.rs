@@ -23,11 +23,20 @@ fn redis_tools() -> bool {
 }
 
 /// A loopback port nobody listens on right now.
+/// A free loopback port below the kernel's ephemeral range (32768 and up),
+/// with its Redis Cluster bus port (+10000) free too. Outside that range no
+/// process binding port 0 (every other test's server) can take it, so a
+/// server stopped and restarted on it (`restart_empty`) gets it back.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind a free loopback port")
-        .port()
+    use std::hash::{BuildHasher, RandomState};
+    for attempt in 0u32.. {
+        let port = 10_000 + (RandomState::new().hash_one(attempt) % 12_000) as u16;
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(port) && free(port + 10_000) {
+            return port;
+        }
+    }
+    unreachable!("some port in 10000..22000 is free")
 }
 
 fn temp_dir(what: &str) -> PathBuf {
