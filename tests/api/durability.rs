@@ -128,14 +128,11 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing(url: &str) {
         bin.log()
     );
 
-    // The load never paused, so the kill met events that only the journal
-    // held: the restart replayed them.
-    assert!(
-        bin.log()
-            .contains("journal replayed past what the store held"),
-        "{}",
-        bin.log()
-    );
+    // The kill nearly always meets events only the journal held (the load
+    // never paused), which the restart replays; on a starved machine a flush
+    // may land after the last append and hold everything. The counts above
+    // are the promise either way; the replay path itself is forced by
+    // `a_torn_journal_tail_is_dropped` and by the cluster kill -9 test.
 
     // The bot retries what it did not get an answer for, and (to prove
     // dedupe survived the crash) a sample of what it did.
@@ -218,8 +215,15 @@ async fn a_torn_journal_tail_is_dropped(url: &str) {
 
     let bin = Binary::serve(url, "x=tx", &flags).await;
     ready(&bin).await;
+    // Nothing was flushed (hourly): all 50 come back by replay.
     assert_eq!(user_messages(&bin).await, 50.0, "{}", bin.log());
     assert!(bin.log().contains("torn tail"), "{}", bin.log());
+    assert!(
+        bin.log()
+            .contains("journal replayed past what the store held"),
+        "{}",
+        bin.log()
+    );
     assert_eq!(
         std::fs::metadata(&last).expect("segment").len() as usize,
         whole,
