@@ -53,6 +53,8 @@ thread_local! {
     /// The encoding buffer, reused so that a request allocates nothing for
     /// its journal record.
     static ENCODED: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(4096));
+    /// A request's users to note for the next sync (cluster mode), reused.
+    static USERS: RefCell<Vec<(crate::event::UserHash, i64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What a replay at start found.
@@ -150,19 +152,28 @@ impl Ingest {
         let mut duplicates = 0;
         let lsn = {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            for event in events {
-                let id = id_of(event);
-                let claim = id.and_then(|_| claimed.next().copied());
-                let first = claim != Some(Claim::Taken)
-                    && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
-                if first {
-                    bot.apply(event);
-                    fresh.push(Some(id));
-                } else {
-                    duplicates += 1;
-                    fresh.push(None);
+            let note_users = bot.pending_users.is_enabled();
+            USERS.with_borrow_mut(|users| {
+                users.clear();
+                for event in events {
+                    let id = id_of(event);
+                    let claim = id.and_then(|_| claimed.next().copied());
+                    let first = claim != Some(Claim::Taken)
+                        && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
+                    if first {
+                        bot.count(event);
+                        if let (true, Some(user)) = (note_users, event.user) {
+                            users.push((user, event.ts));
+                        }
+                        fresh.push(Some(id));
+                    } else {
+                        duplicates += 1;
+                        fresh.push(None);
+                    }
                 }
-            }
+                // Cluster mode: the request's users, one lock per shard.
+                bot.pending_users.record_many(users);
+            });
             // Counted: the next sync carries these events to Redis whatever
             // becomes of this request, so its claims are kept.
             if let Some(settle) = &mut settle {

@@ -225,8 +225,16 @@ impl BotMetrics {
     /// free-form family; never touches the store.
     pub fn apply(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
-            self.active.insert_hashed(user, event.ts);
             self.pending_users.record(user, event.ts);
+        }
+        self.count(event);
+    }
+
+    /// [`Self::apply`] but for noting the user for the next sync to Redis,
+    /// which the caller does for a whole request at once.
+    pub fn count(&self, event: &Event<'_>) {
+        if let Some(user) = event.user {
+            self.active.insert_hashed(user, event.ts);
         }
         match &event.body {
             EventBody::Message { role, db_queries } => {

@@ -57,6 +57,35 @@ impl UserBudget {
     }
 }
 
+/// The hash's top bits pick the shard: it is already uniform.
+fn shard_of(user: UserHash) -> usize {
+    (user.0 >> 61) as usize % SHARDS
+}
+
+fn hour_of(ts: i64) -> i32 {
+    i32::try_from(ts.div_euclid(3600)).unwrap_or(i32::MAX)
+}
+
+/// Adds `user` to its hour's set in one shard, within the budget.
+fn note(hours: &mut Vec<(i32, UniformSet)>, budget: &UserBudget, hour: i32, user: UserHash) {
+    let i = match hours.iter().position(|(h, _)| *h == hour) {
+        Some(i) => i,
+        None => {
+            hours.push((hour, UniformSet::default()));
+            hours.len() - 1
+        }
+    };
+    let users = &mut hours[i].1;
+    if users.contains(&user.0) {
+        return;
+    }
+    if budget.take_one() {
+        users.insert(user.0);
+    } else {
+        budget.dropped.inc();
+    }
+}
+
 #[derive(Default)]
 pub struct PendingUsers {
     /// Set once, when cluster mode starts; until then recording is one
@@ -77,30 +106,39 @@ impl PendingUsers {
         self.budget.get()
     }
 
+    /// Whether users are noted at all (cluster mode).
+    pub fn is_enabled(&self) -> bool {
+        self.budget.get().is_some()
+    }
+
     /// Notes a user active at `ts` (unix seconds), once per hour.
     pub fn record(&self, user: UserHash, ts: i64) {
         let Some(budget) = self.budget.get() else {
             return;
         };
-        let hour = i32::try_from(ts.div_euclid(3600)).unwrap_or(i32::MAX);
-        // The hash's top bits pick the shard: it is already uniform.
-        let shard = &self.shards[(user.0 >> 61) as usize % SHARDS];
-        let mut hours = shard.lock().unwrap_or_else(|e| e.into_inner());
-        let i = match hours.iter().position(|(h, _)| *h == hour) {
-            Some(i) => i,
-            None => {
-                hours.push((hour, UniformSet::default()));
-                hours.len() - 1
-            }
+        let mut hours = self.shards[shard_of(user)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        note(&mut hours, budget, hour_of(ts), user);
+    }
+
+    /// Notes a request's users, `(user, ts)`, taking each shard's lock once
+    /// rather than once per user.
+    pub fn record_many(&self, users: &[(UserHash, i64)]) {
+        let Some(budget) = self.budget.get() else {
+            return;
         };
-        let users = &mut hours[i].1;
-        if users.contains(&user.0) {
+        if users.len() < 2 * SHARDS {
+            for &(user, ts) in users {
+                self.record(user, ts);
+            }
             return;
         }
-        if budget.take_one() {
-            users.insert(user.0);
-        } else {
-            budget.dropped.inc();
+        for (i, shard) in self.shards.iter().enumerate() {
+            let mut hours = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for &(user, ts) in users.iter().filter(|(u, _)| shard_of(*u) == i) {
+                note(&mut hours, budget, hour_of(ts), user);
+            }
         }
     }
 
@@ -150,6 +188,14 @@ mod tests {
             dropped.get(),
             1,
             "the fourth distinct pair is past the budget"
+        );
+        // Many at once: the same users, each once.
+        let many: Vec<(UserHash, i64)> = (0..40).map(|i| (UserHash(1 + i % 2), 10)).collect();
+        pending.record_many(&many);
+        assert_eq!(
+            budget.used(),
+            3,
+            "users 1 and 2 of hour 0 are noted already"
         );
         let mut taken = pending.take(2);
         assert_eq!(taken.len(), 2, "at most the limit");
