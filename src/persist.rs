@@ -35,6 +35,50 @@ fn key(row: &SeriesRow) -> SeriesKey {
     [row.metric.as_str(), row.bot.as_str(), row.labels.as_str()].join("\0")
 }
 
+/// What the store holds of each series, as this process last wrote or read
+/// it, so a flush sends only changes. Shared by the single process's flush
+/// and the cluster writer's.
+#[derive(Default)]
+pub struct Written(HashMap<SeriesKey, f64>);
+
+impl Written {
+    pub fn of(rows: &[SeriesRow]) -> Self {
+        Written(rows.iter().map(|r| (key(r), r.value)).collect())
+    }
+
+    fn get(&self, row: &SeriesRow) -> Option<f64> {
+        self.0.get(&key(row)).copied()
+    }
+
+    /// Puts each row that differs from the store into `batch`: an update
+    /// for a series the store has, an insert for a new one.
+    pub fn changes(&self, rows: Vec<SeriesRow>, batch: &mut FlushBatch) {
+        for row in rows {
+            match self.get(&row) {
+                Some(stored) if stored == row.value => {}
+                Some(_) => batch.changed.push(row),
+                None => batch.added.push(row),
+            }
+        }
+    }
+
+    /// After `batch` was written: the store holds its rows, or, when rows
+    /// had gone missing from it, nothing is assumed and the next flush
+    /// writes every series.
+    pub fn wrote(&mut self, batch: &FlushBatch, report: store::FlushReport) {
+        if report.missing {
+            tracing::warn!(
+                "rows of real_time_metrics disappeared; the next flush rewrites every series"
+            );
+            self.0.clear();
+        } else {
+            for row in batch.changed.iter().chain(&batch.added) {
+                self.0.insert(key(row), row.value);
+            }
+        }
+    }
+}
+
 /// Labels other than `bot` as a canonical JSON object (keys sorted).
 fn labels_json<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let map: BTreeMap<&str, &str> = pairs.into_iter().collect();
@@ -131,7 +175,7 @@ fn beyond(stored: &store::Stored, written: &Flushed) -> store::Stored {
         .iter()
         .filter(|r| r.value.is_finite())
         .map(|r| {
-            let mine = written.series.get(&key(r)).copied().unwrap_or(0.0);
+            let mine = written.series.get(r).unwrap_or(0.0);
             SeriesRow {
                 value: (r.value - mine).max(0.0),
                 ..r.clone()
@@ -284,7 +328,7 @@ pub enum FlushOutcome {
 /// Memory's view of what the store holds, so a flush sends only changes.
 #[derive(Default)]
 struct Flushed {
-    series: HashMap<SeriesKey, f64>,
+    series: Written,
     daily: HashMap<(String, String), (NaiveDate, i64)>,
     history: Option<Vec<SeriesRow>>,
     maintained_on: Option<NaiveDate>,
@@ -397,7 +441,7 @@ impl Persistence {
             &beyond(&stored, state),
             Utc::now().timestamp(),
         );
-        state.series = stored.series.iter().map(|r| (key(r), r.value)).collect();
+        state.series = Written::of(&stored.series);
         state.daily = stored
             .daily
             .iter()
@@ -526,13 +570,7 @@ impl Persistence {
             }
             (rows, sketches, daily, lsn)
         });
-        for row in rows {
-            match state.series.get(&key(&row)) {
-                Some(stored) if *stored == row.value => {}
-                Some(_) => batch.changed.push(row),
-                None => batch.added.push(row),
-            }
-        }
+        state.series.changes(rows, &mut batch);
         batch.sketches = sketches;
         for (bot, name, day, value) in daily {
             if value > 0
@@ -554,30 +592,23 @@ impl Persistence {
         if batch.is_empty() {
             return Ok(FlushOutcome::Idle);
         }
-        let written = self.store.flush(&batch, now).await;
-        if let Err(e) = written {
-            // A PostgreSQL writer whose connection dropped has lost the lease
-            // with it: let the next tick take it again (and restore).
-            self.store.lost_connection().await;
-            // The sketches' change marks were taken: hand them back so the
-            // retry writes them. Series and counters are diffed afresh.
-            for s in &batch.sketches {
-                if let Some(bot) = self.metrics.bot(&s.bot) {
-                    bot.active.mark_dirty(std::slice::from_ref(&s.sketch));
+        let report = match self.store.flush(&batch, now).await {
+            Ok(report) => report,
+            Err(e) => {
+                // A PostgreSQL writer whose connection dropped has lost the
+                // lease with it: let the next tick take it again (and restore).
+                self.store.lost_connection().await;
+                // The sketches' change marks were taken: hand them back so
+                // the retry writes them. Series and counters are diffed afresh.
+                for s in &batch.sketches {
+                    if let Some(bot) = self.metrics.bot(&s.bot) {
+                        bot.active.mark_dirty(std::slice::from_ref(&s.sketch));
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
-        if written.is_ok_and(|report| report.missing) {
-            tracing::warn!(
-                "rows of real_time_metrics disappeared; the next flush rewrites every series"
-            );
-            state.series.clear();
-        } else {
-            for row in batch.changed.iter().chain(&batch.added) {
-                state.series.insert(key(row), row.value);
-            }
-        }
+        };
+        state.series.wrote(&batch, report);
         for d in &batch.daily {
             state
                 .daily

@@ -332,27 +332,33 @@ mod single_flight {
         let cache = Arc::new(RenderCache::<u64>::new(endpoint, ttl));
         let gate = Arc::new(Gate::default());
         let renders = Arc::new(AtomicUsize::new(0));
-        let requests: Vec<_> = (0..N)
-            .map(|_| {
-                let (cache, metrics, gate, renders) = (
-                    cache.clone(),
-                    metrics.clone(),
-                    gate.clone(),
-                    renders.clone(),
-                );
-                tokio::spawn(async move {
-                    cache
-                        .get_or_render(7, &metrics.selfm, move || {
-                            let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
-                            gate.wait();
-                            Rendered::plain("text/plain", format!("render {n}").into_bytes())
-                        })
-                        .await
-                })
+        let request = |_| {
+            let (cache, metrics, gate, renders) = (
+                cache.clone(),
+                metrics.clone(),
+                gate.clone(),
+                renders.clone(),
+            );
+            tokio::spawn(async move {
+                cache
+                    .get_or_render(7, &metrics.selfm, move || {
+                        let n = renders.fetch_add(1, Ordering::SeqCst) + 1;
+                        gate.wait();
+                        Rendered::plain("text/plain", format!("render {n}").into_bytes())
+                    })
+                    .await
             })
-            .collect();
-        // Every request is inside and at least one render has started.
-        while cache.in_flight() < N || renders.load(Ordering::SeqCst) == 0 {
+        };
+        // The first request's render starts before the others arrive, so
+        // every other request arrived during it (one that arrived before it
+        // started could rightly share it).
+        let mut requests = vec![request(0)];
+        while renders.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        requests.extend((1..N).map(request));
+        // Every request is inside.
+        while cache.in_flight() < N {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         // Give any request that would start a render of its own the chance.

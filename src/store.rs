@@ -599,27 +599,34 @@ impl Store {
         // One snapshot for every table: totals and the marks that say what
         // they hold are read as of one instant, even while a writer commits
         // (a reseed from a torn read would lose or double a flush).
-        let (progress, sketches, marks): (Marks, Sketches, ReplicaMarks) = match &self.db {
+        // The same reads on either backend's transaction.
+        macro_rules! read_all {
+            ($tx:expr, $daily:expr) => {{
+                decode(
+                    &mut stored,
+                    &sqlx::query(series_sql).fetch_all(&mut *$tx).await?,
+                    &sqlx::query(sketches_sql).fetch_all(&mut *$tx).await?,
+                    &sqlx::query($daily).fetch_all(&mut *$tx).await?,
+                )?;
+                let read: (Marks, Sketches, ReplicaMarks) = (
+                    sqlx::query_as(progress_sql).fetch_all(&mut *$tx).await?,
+                    sqlx::query_as(cluster_sketches_sql)
+                        .fetch_all(&mut *$tx)
+                        .await?,
+                    sqlx::query_as(cluster_progress_sql)
+                        .fetch_all(&mut *$tx)
+                        .await?,
+                );
+                read
+            }};
+        }
+        let (progress, sketches, marks) = match &self.db {
             Db::Postgres(pool) => {
                 let mut tx = pool.begin().await?;
                 sqlx::query("set transaction isolation level repeatable read read only")
                     .execute(&mut *tx)
                     .await?;
-                decode(
-                    &mut stored,
-                    &sqlx::query(series_sql).fetch_all(&mut *tx).await?,
-                    &sqlx::query(sketches_sql).fetch_all(&mut *tx).await?,
-                    &sqlx::query(daily_sql).fetch_all(&mut *tx).await?,
-                )?;
-                let read = (
-                    sqlx::query_as(progress_sql).fetch_all(&mut *tx).await?,
-                    sqlx::query_as(cluster_sketches_sql)
-                        .fetch_all(&mut *tx)
-                        .await?,
-                    sqlx::query_as(cluster_progress_sql)
-                        .fetch_all(&mut *tx)
-                        .await?,
-                );
+                let read = read_all!(tx, daily_sql);
                 tx.commit().await?;
                 read
             }
@@ -627,23 +634,7 @@ impl Store {
             // reads one snapshot of the file.
             Db::Sqlite(pool) => {
                 let mut tx = pool.begin().await?;
-                decode(
-                    &mut stored,
-                    &sqlx::query(series_sql).fetch_all(&mut *tx).await?,
-                    &sqlx::query(sketches_sql).fetch_all(&mut *tx).await?,
-                    &sqlx::query(AssertSqlSafe(daily_sql.replace("::text", "")))
-                        .fetch_all(&mut *tx)
-                        .await?,
-                )?;
-                let read = (
-                    sqlx::query_as(progress_sql).fetch_all(&mut *tx).await?,
-                    sqlx::query_as(cluster_sketches_sql)
-                        .fetch_all(&mut *tx)
-                        .await?,
-                    sqlx::query_as(cluster_progress_sql)
-                        .fetch_all(&mut *tx)
-                        .await?,
-                );
+                let read = read_all!(tx, AssertSqlSafe(daily_sql.replace("::text", "")));
                 tx.commit().await?;
                 read
             }

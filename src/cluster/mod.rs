@@ -41,6 +41,7 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 pub use connection::Redis;
 
 use crate::metrics::pending::UserBudget;
+use crate::metrics::reg;
 
 /// Users waiting to be sent to Redis, across every bot, at most: about
 /// 16 bytes each in the set, and about 60 more while in a batch (the
@@ -200,13 +201,6 @@ impl ClusterMetrics {
         sync_interval: Duration,
         bots: &[Arc<str>],
     ) -> prometheus::Result<Self> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> prometheus::Result<C> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let interval = reg(
             registry,
             prometheus::Gauge::new(

@@ -23,7 +23,7 @@ use super::view::{BotView, View};
 use super::{BotKeys, Cluster, Result, timed};
 use crate::metrics::Metrics;
 use crate::metrics::bot::ACTIVE_USERS;
-use crate::persist::FlushOutcome;
+use crate::persist::{FlushOutcome, Written};
 use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesRow, Store};
 
 const LEASE_KEY: &str = "bm:writer";
@@ -31,9 +31,8 @@ const LEASE_KEY: &str = "bm:writer";
 #[derive(Default)]
 struct State {
     holding: bool,
-    /// What the store holds, keyed `metric\0bot\0labels`, so a flush sends
-    /// only changes.
-    written: HashMap<String, f64>,
+    /// What the store holds, so a flush sends only changes.
+    written: Written,
     daily: HashMap<(String, String), (NaiveDate, i64)>,
     history: Option<Vec<SeriesRow>>,
     maintained_on: Option<NaiveDate>,
@@ -51,10 +50,6 @@ pub struct Writer {
     renew: redis::Script,
     release: redis::Script,
     clean: redis::Script,
-}
-
-fn key(row: &SeriesRow) -> String {
-    [row.metric.as_str(), row.bot.as_str(), row.labels.as_str()].join("\0")
 }
 
 /// Every row the store keeps for the cluster: the totals, and the
@@ -128,7 +123,7 @@ impl Writer {
             self.store.acquire_writer().await?;
             self.store.migrate().await?;
             let stored = self.store.load().await?;
-            state.written = stored.series.iter().map(|r| (key(r), r.value)).collect();
+            state.written = Written::of(&stored.series);
             state.daily = stored
                 .daily
                 .iter()
@@ -230,13 +225,7 @@ impl Writer {
             .flatten()
             .collect();
         let mut batch = FlushBatch::default();
-        for row in rows(&views) {
-            match state.written.get(&key(&row)) {
-                Some(v) if *v == row.value => {}
-                Some(_) => batch.changed.push(row),
-                None => batch.added.push(row),
-            }
-        }
+        state.written.changes(rows(&views), &mut batch);
         for view in &views {
             // The latest day of each counter is the one the store keeps.
             let mut latest: HashMap<&str, &DailyRow> = HashMap::new();
@@ -288,16 +277,7 @@ impl Writer {
                 return Err(e.into());
             }
         };
-        if report.missing {
-            tracing::warn!(
-                "rows of real_time_metrics disappeared; the next flush rewrites every series"
-            );
-            state.written.clear();
-        } else {
-            for row in batch.changed.iter().chain(&batch.added) {
-                state.written.insert(key(row), row.value);
-            }
-        }
+        state.written.wrote(&batch, report);
         for d in &batch.daily {
             state
                 .daily

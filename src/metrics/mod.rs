@@ -76,19 +76,22 @@ const STORE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+/// Registers `c` on `r` and hands it back, so a struct of collectors is
+/// built and registered in one expression per field.
+pub(crate) fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: C,
+) -> prometheus::Result<C> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
 impl SelfMetrics {
     fn register(
         registry: &Registry,
         cache_ttl_seconds: f64,
         bots: &[Arc<str>],
     ) -> prometheus::Result<Self> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> prometheus::Result<C> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let m = SelfMetrics {
             events_accepted: reg(
                 registry,

@@ -81,6 +81,17 @@ fn bins(replicas: &[Replica]) -> Vec<&Binary> {
 /// every `sync`, flushing every 500 ms. Starting it again with the same `n`
 /// is a restart with the same `--data-dir`.
 async fn replica(db: &PgDatabase, redis_url: &str, n: usize, sync: &str) -> Replica {
+    replica_flushing(db, redis_url, n, sync, FLUSH).await
+}
+
+/// [`replica`] with its own `--flush-interval`.
+async fn replica_flushing(
+    db: &PgDatabase,
+    redis_url: &str,
+    n: usize,
+    sync: &str,
+    flush: &str,
+) -> Replica {
     let dir = pg_data_dir(&db.url).join(format!("replica-{n}"));
     std::fs::create_dir_all(&dir).expect("replica data dir");
     let dir = dir.display().to_string();
@@ -90,7 +101,7 @@ async fn replica(db: &PgDatabase, redis_url: &str, n: usize, sync: &str) -> Repl
         "--sync-interval",
         sync,
         "--flush-interval",
-        FLUSH,
+        flush,
         "--data-dir",
         &dir,
     ];
@@ -975,26 +986,9 @@ async fn flushall_before_any_store_write_comes_back_from_the_journals() {
     };
     let mut reps = Vec::new();
     for n in 0..2 {
-        let dir = pg_data_dir(&db.url).join(format!("replica-{n}"));
-        std::fs::create_dir_all(&dir).expect("replica data dir");
-        let dir = dir.display().to_string();
-        let url = redis.url();
-        let flags = [
-            "--redis-url",
-            url.as_str(),
-            "--sync-interval",
-            SYNC,
-            "--flush-interval",
-            "1h",
-            "--data-dir",
-            &dir,
-        ];
-        let bin = Binary::serve(&db.url, TOKENS, &flags).await;
-        connected(&bin).await;
-        reps.push(Replica {
-            bin,
-            name: format!("replica {n}"),
-        });
+        let r = replica_flushing(&db, &redis.url(), n, SYNC, "1h").await;
+        connected(&r).await;
+        reps.push(r);
     }
     let all = bins(&reps);
     let users = |r: usize| {
