@@ -23,6 +23,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
+use botmetrics::cluster::pending::{Pending, UserBudget};
 use botmetrics::dedupe::Dedupe;
 use botmetrics::event::{BodyFormat, UserId, parse_batch};
 use botmetrics::ingest::Ingest;
@@ -126,10 +127,11 @@ fn ingest(c: &mut Criterion) {
         let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         let dropped = prometheus::IntCounter::new("dropped", "dropped").expect("counter");
-        bot.pending_users
-            .enable(Arc::new(botmetrics::metrics::pending::UserBudget::new(
-                1_000_000, dropped,
-            )));
+        let budget = Arc::new(UserBudget::new(1_000_000, dropped));
+        let ingest = ingest.with_notes(Arc::new(Pending::new(
+            std::slice::from_ref(&bot.bot),
+            budget,
+        )));
         b.iter(|| {
             let events =
                 parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
@@ -340,7 +342,7 @@ fn store(c: &mut Criterion) {
     let bump = fill_to(&metrics, SERIES);
     bump();
     let _runtime = rt.enter();
-    let persistence = Persistence::new(
+    let persistence = Persistence::local(
         Store::open(&db_url).expect("open"),
         metrics.clone(),
         Arc::new(Ingest::new(Dedupe::new(Duration::ZERO, 16), None)),

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use botmetrics::config::{Config, parse_redis_urls};
 use botmetrics::event::{BodyFormat, parse_batch};
 use botmetrics::startup::Application;
-use botmetrics::summary::Summary;
 
 const SERIES: usize = 10_000;
 const USERS: usize = 10_000;
@@ -131,10 +130,10 @@ async fn main() {
     config.max_label_values = SERIES as u64 + 10;
     let app = Application::build(config).await.expect("builds");
     let state = app.state().clone();
-    let parts = state.cluster.clone().expect("cluster mode");
+    let syncer = app.syncer().expect("cluster mode");
     let busy = state.metrics.bot("busy").expect("busy").clone();
     let now = chrono::Utc::now().timestamp();
-    parts.syncer.sync_once().await.expect("first sync seeds");
+    syncer.sync_once().await.expect("first sync seeds");
 
     println!("| measure | value |\n| --- | --- |");
     let mut sync_ms = Vec::new();
@@ -163,7 +162,7 @@ async fn main() {
         cli(port, &["CONFIG", "RESETSTAT"]);
         let before = net_bytes(port);
         let started = Instant::now();
-        parts.syncer.sync_once().await.expect("sync");
+        syncer.sync_once().await.expect("sync");
         sync_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         let after = net_bytes(port);
         bytes_in.push((after.0 - before.0) as f64);
@@ -188,7 +187,7 @@ async fn main() {
         cli(port, &["CONFIG", "RESETSTAT"]);
         let before = net_bytes(port);
         let started = Instant::now();
-        parts.syncer.sync_once().await.expect("sync");
+        syncer.sync_once().await.expect("sync");
         idle_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         idle_in.push((net_bytes(port).0 - before.0) as f64);
         idle_commands = commands(port);
@@ -212,18 +211,12 @@ async fn main() {
     }
 
     for name in ["busy", "idle"] {
-        let bots = [state.metrics.bot(name).expect("bot").bot.clone()];
+        let bots = [state.metrics.bot(name).expect("bot").clone()];
         let mut render_ms = Vec::new();
         for _ in 0..RUNS {
             let started = Instant::now();
-            let totals = parts
-                .view
-                .metrics(&state.metrics, &bots)
-                .await
-                .expect("cluster totals");
-            let bot = totals.bot(name).expect("bot");
-            let summary = Summary::build(bot, chrono::Utc::now(), 0);
-            std::hint::black_box(summary.to_text());
+            let summaries = state.totals.summaries(&bots, chrono::Utc::now(), 0).await;
+            std::hint::black_box(summaries[0].to_text());
             render_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
         println!(

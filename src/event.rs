@@ -13,8 +13,6 @@ use std::fmt;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
-use crate::error::{Error, Result};
-
 /// Longest accepted string `user_id`.
 pub const MAX_USER_ID_LEN: usize = 256;
 /// Longest accepted `event_id`: room for a UUID or a composite key.
@@ -37,6 +35,53 @@ pub const MAX_DB_QUERIES: u32 = 1_000_000;
 pub const MAX_CUSTOM_VALUE: f64 = 1e12;
 
 /// True when `s` may be used as a free-form label value or a bot name:
+/// Why a request body is not a batch of valid events. The parser owns it;
+/// the HTTP layer maps it to a status and a JSON body (`error.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// The body is not well-formed JSON (or NDJSON).
+    #[error("{message}")]
+    Malformed {
+        message: String,
+        index: Option<usize>,
+    },
+    /// Well-formed JSON that is not a valid event.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        index: Option<usize>,
+    },
+    /// More events than `--max-batch`.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl ParseError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ParseError::Invalid {
+            message: message.into(),
+            index: None,
+        }
+    }
+
+    /// Attaches the position of the event at fault within a batch.
+    pub fn at(self, i: usize) -> Self {
+        match self {
+            ParseError::Malformed { message, .. } => ParseError::Malformed {
+                message,
+                index: Some(i),
+            },
+            ParseError::Invalid { message, .. } => ParseError::Invalid {
+                message,
+                index: Some(i),
+            },
+            other => other,
+        }
+    }
+}
+
+pub type Result<T, E = ParseError> = std::result::Result<T, E>;
+
 /// 1-64 characters of `[A-Za-z0-9_.:-]`.
 pub fn is_short_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
@@ -53,7 +98,7 @@ impl<'a> ShortName<'a> {
         if is_short_name(&value) {
             Ok(ShortName(value))
         } else {
-            Err(Error::invalid(format!(
+            Err(ParseError::invalid(format!(
                 "`{field}` must be 1-64 characters of [A-Za-z0-9_.:-], got {:?}",
                 truncate(&value, 80)
             )))
@@ -426,7 +471,7 @@ pub const DEFAULT_CACHE: &str = "default";
 pub const UNKNOWN_MODEL: &str = "unknown";
 
 fn required<T>(field: &str, kind: EventType, v: Option<T>) -> Result<T> {
-    v.ok_or_else(|| Error::invalid(format!("`{}` event needs field `{field}`", kind.as_str())))
+    v.ok_or_else(|| ParseError::invalid(format!("`{}` event needs field `{field}`", kind.as_str())))
 }
 
 impl<'a> RawEvent<'a> {
@@ -462,7 +507,7 @@ impl<'a> RawEvent<'a> {
             EventType::Custom => &["name", "value"],
         };
         if let Some(field) = self.present_fields().find(|f| !allowed.contains(f)) {
-            return Err(Error::invalid(format!(
+            return Err(ParseError::invalid(format!(
                 "field `{field}` does not belong to a `{}` event",
                 kind.as_str()
             )));
@@ -470,13 +515,13 @@ impl<'a> RawEvent<'a> {
         if let Some(id) = &self.event_id
             && (id.is_empty() || id.len() > MAX_EVENT_ID_LEN)
         {
-            return Err(Error::invalid(format!(
+            return Err(ParseError::invalid(format!(
                 "`event_id` must be 1-{MAX_EVENT_ID_LEN} bytes"
             )));
         }
         let ts = match self.ts {
             Some(UnixSeconds(ts)) if ts > now + MAX_FUTURE_SECS => {
-                return Err(Error::invalid(format!(
+                return Err(ParseError::invalid(format!(
                     "`ts` is {}s in the future; at most {MAX_FUTURE_SECS}s is allowed",
                     ts - now
                 )));
@@ -489,7 +534,7 @@ impl<'a> RawEvent<'a> {
         let body = match kind {
             EventType::Message => {
                 if self.db_queries.is_some_and(|q| q > MAX_DB_QUERIES) {
-                    return Err(Error::invalid(format!(
+                    return Err(ParseError::invalid(format!(
                         "`db_queries` must be an integer from 0 to {MAX_DB_QUERIES}"
                     )));
                 }
@@ -501,14 +546,14 @@ impl<'a> RawEvent<'a> {
             EventType::Response => {
                 let duration_ms = required("duration_ms", kind, self.duration_ms)?;
                 if !(0.0..=MAX_DURATION_MS).contains(&duration_ms) {
-                    return Err(Error::invalid(format!(
+                    return Err(ParseError::invalid(format!(
                         "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
                     )));
                 }
                 if let Some(Object(t)) = &self.tokens
                     && (t.prompt > MAX_TOKENS || t.completion > MAX_TOKENS)
                 {
-                    return Err(Error::invalid(format!(
+                    return Err(ParseError::invalid(format!(
                         "`tokens.prompt` and `tokens.completion` must be integers from 0 to {MAX_TOKENS}"
                     )));
                 }
@@ -544,7 +589,7 @@ impl<'a> RawEvent<'a> {
             EventType::Custom => {
                 let value = self.value.unwrap_or(1.0);
                 if !(0.0..=MAX_CUSTOM_VALUE).contains(&value) {
-                    return Err(Error::invalid(format!(
+                    return Err(ParseError::invalid(format!(
                         "`value` must be a number from 0 to {MAX_CUSTOM_VALUE:e}"
                     )));
                 }
@@ -584,7 +629,7 @@ pub fn parse_batch(
     match format {
         BodyFormat::Ndjson => parse_ndjson(body, max_batch, now),
         BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
-            None => Err(Error::Malformed {
+            None => Err(ParseError::Malformed {
                 message: "the request body is empty".into(),
                 index: None,
             }),
@@ -598,8 +643,8 @@ pub fn parse_batch(
     }
 }
 
-fn too_many(max_batch: usize) -> Error {
-    Error::TooLarge(format!(
+fn too_many(max_batch: usize) -> ParseError {
+    ParseError::TooLarge(format!(
         "a request may carry at most {max_batch} events (--max-batch)"
     ))
 }
@@ -618,7 +663,7 @@ fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>
         events.push(raw.check(now).map_err(|e| e.at(i))?);
     }
     if events.is_empty() {
-        return Err(Error::Malformed {
+        return Err(ParseError::Malformed {
             message: "the request body holds no events".into(),
             index: None,
         });
@@ -634,7 +679,7 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
         max_batch: usize,
         now: i64,
         index: &'s Cell<usize>,
-        failure: &'s RefCell<Option<Error>>,
+        failure: &'s RefCell<Option<ParseError>>,
     }
     impl<'de> DeserializeSeed<'de> for Batch<'_> {
         type Value = Vec<Event<'de>>;
@@ -656,7 +701,7 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
         ) -> std::result::Result<Self::Value, A::Error> {
             let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max_batch));
             while let Some(Object(raw)) = seq.next_element::<Object<RawEvent<'de>>>()? {
-                let fail = |e: Error| {
+                let fail = |e: ParseError| {
                     *self.failure.borrow_mut() = Some(e);
                     de::Error::custom("rejected")
                 };
@@ -682,13 +727,13 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
     .deserialize(&mut de)
     .and_then(|events| de.end().map(|()| events));
     match parsed {
-        Ok(events) if events.is_empty() => Err(Error::Invalid {
+        Ok(events) if events.is_empty() => Err(ParseError::Invalid {
             message: "the batch holds no events".into(),
             index: None,
         }),
         Ok(events) => Ok(events),
         Err(e) => Err(match failure.into_inner() {
-            Some(own @ Error::TooLarge(_)) => own,
+            Some(own @ ParseError::TooLarge(_)) => own,
             Some(own) => own.at(index.get()),
             None if e.is_syntax() || e.is_eof() || e.is_io() => from_serde(e),
             None => from_serde(e).at(index.get()),
@@ -696,11 +741,11 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
     }
 }
 
-fn from_serde(e: serde_json::Error) -> Error {
+fn from_serde(e: serde_json::Error) -> ParseError {
     if e.is_data() {
-        Error::invalid(e.to_string())
+        ParseError::invalid(e.to_string())
     } else {
-        Error::Malformed {
+        ParseError::Malformed {
             message: format!("invalid JSON: {e}"),
             index: None,
         }
@@ -863,7 +908,7 @@ mod tests {
             1_795_428_000
         );
         let future = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 301);
-        assert!(matches!(one(&future), Err(Error::Invalid { .. })));
+        assert!(matches!(one(&future), Err(ParseError::Invalid { .. })));
         // Up to five minutes ahead is clock skew: accepted, and counted as
         // now (so a fast clock cannot start "today" or an hour early).
         for ahead in [1, 299, 300] {
@@ -874,7 +919,7 @@ mod tests {
         assert_eq!(one(&past).unwrap().ts, NOW - 1);
         assert!(matches!(
             one(r#"{"type":"limit_reached","ts":"yesterday"}"#),
-            Err(Error::Invalid { .. })
+            Err(ParseError::Invalid { .. })
         ));
     }
 
@@ -902,7 +947,7 @@ mod tests {
             r#"42"#,
         ] {
             match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
-                Err(Error::Invalid { .. }) => {}
+                Err(ParseError::Invalid { .. }) => {}
                 other => panic!("{json}: expected invalid, got {other:?}"),
             }
         }
@@ -910,7 +955,7 @@ mod tests {
             r#"{{"type":"limit_reached","user_id":"{}"}}"#,
             "u".repeat(257)
         );
-        assert!(matches!(one(&long_id), Err(Error::Invalid { .. })));
+        assert!(matches!(one(&long_id), Err(ParseError::Invalid { .. })));
         let ok_id = format!(
             r#"{{"type":"limit_reached","user_id":"{}"}}"#,
             "u".repeat(256)
@@ -930,7 +975,7 @@ mod tests {
             r#"{"type":"limit_reached"} x"#,
         ] {
             match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
-                Err(Error::Malformed { .. }) => {}
+                Err(ParseError::Malformed { .. }) => {}
                 other => panic!("{json:?}: expected malformed, got {other:?}"),
             }
         }
@@ -941,22 +986,22 @@ mod tests {
         let body =
             r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"message","role":"x"}]"#;
         match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
-            Err(Error::Invalid { index: Some(2), .. }) => {}
+            Err(ParseError::Invalid { index: Some(2), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = r#"[{"type":"limit_reached"},{"type":"custom"}]"#;
         match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
-            Err(Error::Invalid { index: Some(1), .. }) => {}
+            Err(ParseError::Invalid { index: Some(1), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = "{\"type\":\"limit_reached\"}\n\n{\"type\":\"limit_reached\"}\n{\"type\":1}\n";
         match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
-            Err(Error::Invalid { index: Some(2), .. }) => {}
+            Err(ParseError::Invalid { index: Some(2), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = "{\"type\":\"limit_reached\"}\n{oops\n";
         match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
-            Err(Error::Malformed { index: Some(1), .. }) => {}
+            Err(ParseError::Malformed { index: Some(1), .. }) => {}
             other => panic!("{other:?}"),
         }
     }
@@ -972,12 +1017,12 @@ mod tests {
         );
         assert!(matches!(
             parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW),
-            Err(Error::TooLarge(_))
+            Err(ParseError::TooLarge(_))
         ));
         let nd = [r#"{"type":"limit_reached"}"#; 4].join("\n");
         assert!(matches!(
             parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW),
-            Err(Error::TooLarge(_))
+            Err(ParseError::TooLarge(_))
         ));
     }
 

@@ -13,9 +13,9 @@ use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
 
-use crate::cluster::claims::{Claim, Claimed, Claims};
+use crate::BoxFuture;
 use crate::dedupe::{Dedupe, IdHash, Seen};
-use crate::event::Event;
+use crate::event::{Event, UserHash};
 use crate::journal::{Journal, JournalError};
 use crate::metrics::{BotMetrics, Metrics};
 use crate::record;
@@ -25,7 +25,7 @@ use crate::record;
 pub enum IngestError {
     #[error(transparent)]
     Journal(#[from] JournalError),
-    /// Cluster mode: see `cluster::claims`.
+    /// An arbiter said another replica is counting an id of the batch.
     #[error(
         "an event_id of this batch is being counted by another replica that has not confirmed it yet; retry in a second"
     )]
@@ -39,11 +39,54 @@ pub struct Accepted {
     pub duplicates: usize,
 }
 
+/// What an arbiter said of one `event_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Claimed now, by this request.
+    Fresh,
+    /// Already held by this process: its own dedupe decides.
+    Mine,
+    /// Held and confirmed elsewhere: a duplicate.
+    Taken,
+    /// Held elsewhere and not confirmed yet: retry later.
+    Pending,
+}
+
+/// What a request learned of its ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claimed {
+    /// The arbiter answered, per id in order.
+    Decided(Vec<Claim>),
+    /// The arbiter could not answer: this process's memory decides.
+    /// `maybe_claimed`: the claim may have been made all the same (its
+    /// answer was lost), so the ids are settled like claims.
+    Local { maybe_claimed: bool },
+}
+
+/// The seam through which other processes take part in deciding whether an
+/// `event_id` is new: one process needs none (its dedupe decides alone);
+/// cluster mode claims ids across replicas (`cluster::claims`). A claim is
+/// settled once the request ends: kept when its events were counted, given
+/// back when they were not, so a retry counts wherever it lands.
+pub trait Arbiter: Send + Sync {
+    fn claim<'a>(&'a self, bot: &'a str, ids: &'a [IdHash], now_ms: i64) -> BoxFuture<'a, Claimed>;
+    fn keep(&self, bot: &str, ids: Vec<IdHash>);
+    fn give_back(&self, bot: &str, ids: Vec<IdHash>);
+}
+
+/// The seam that hears of every counted user, as `(user, unix seconds)`,
+/// a request (or a replayed record) at a time: cluster mode sends them to
+/// Redis' sketches at the next sync (`cluster::pending`). One process has
+/// none: its own sketches are all there is.
+pub trait UserNotes: Send + Sync {
+    fn note(&self, bot: &str, users: &[(UserHash, i64)]);
+}
+
 pub struct Ingest {
     pub dedupe: Dedupe,
     journal: Option<Journal>,
-    /// Cluster mode: ids are claimed across replicas in Redis first.
-    claims: Option<Arc<Claims>>,
+    arbiter: Option<Arc<dyn Arbiter>>,
+    notes: Option<Arc<dyn UserNotes>>,
     /// Shared by requests while they count and append; held exclusively by
     /// the flush while it takes its snapshot.
     gate: RwLock<()>,
@@ -54,7 +97,7 @@ thread_local! {
     /// its journal record.
     static ENCODED: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(4096));
     /// A request's users to note for the next sync (cluster mode), reused.
-    static USERS: RefCell<Vec<(crate::event::UserHash, i64)>> = const { RefCell::new(Vec::new()) };
+    static USERS: RefCell<Vec<(UserHash, i64)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// What a replay at start found.
@@ -71,19 +114,22 @@ impl Ingest {
         Ingest {
             dedupe,
             journal,
-            claims: None,
+            arbiter: None,
+            notes: None,
             gate: RwLock::new(()),
         }
     }
 
-    /// Cluster mode: an id any replica saw is a duplicate here too.
-    pub fn with_claims(mut self, claims: Arc<Claims>) -> Self {
-        self.claims = Some(claims);
+    /// Ids are decided with `arbiter` before anything is counted.
+    pub fn with_arbiter(mut self, arbiter: Arc<dyn Arbiter>) -> Self {
+        self.arbiter = Some(arbiter);
         self
     }
 
-    pub fn claims(&self) -> Option<&Arc<Claims>> {
-        self.claims.as_ref()
+    /// Every counted user is told to `notes`.
+    pub fn with_notes(mut self, notes: Arc<dyn UserNotes>) -> Self {
+        self.notes = Some(notes);
+        self
     }
 
     pub fn journal(&self) -> Option<&Journal> {
@@ -106,11 +152,11 @@ impl Ingest {
             journal.check_room()?;
         }
         let id_of = |e: &Event<'_>| e.event_id.as_deref().map(|id| IdHash::of(&bot.bot, id));
-        // Cluster mode: one round trip claims every id of the request
+        // With an arbiter, every id of the request is claimed at once
         // before anything is counted; what this request claimed is settled
         // by the guard however the request ends.
         let mut settle = None;
-        let claims = match &self.claims {
+        let claims = match &self.arbiter {
             Some(registry)
                 if self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some()) =>
             {
@@ -131,7 +177,7 @@ impl Ingest {
                     } => Vec::new(),
                 };
                 settle = Some(SettleClaims {
-                    claims: registry,
+                    arbiter: &**registry,
                     bot: &bot.bot,
                     ids: mine,
                     counted: false,
@@ -152,7 +198,7 @@ impl Ingest {
         let mut duplicates = 0;
         let lsn = {
             let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            let note_users = bot.pending_users.is_enabled();
+            let notes = self.notes.as_deref();
             USERS.with_borrow_mut(|users| {
                 users.clear();
                 for event in events {
@@ -161,8 +207,8 @@ impl Ingest {
                     let first = claim != Some(Claim::Taken)
                         && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
                     if first {
-                        bot.count(event);
-                        if let (true, Some(user)) = (note_users, event.user) {
+                        bot.apply(event);
+                        if let (Some(_), Some(user)) = (notes, event.user) {
                             users.push((user, event.ts));
                         }
                         fresh.push(Some(id));
@@ -171,8 +217,9 @@ impl Ingest {
                         fresh.push(None);
                     }
                 }
-                // Cluster mode: the request's users, one lock per shard.
-                bot.pending_users.record_many(users);
+                if let Some(notes) = notes {
+                    notes.note(&bot.bot, users);
+                }
             });
             // Counted: the next sync carries these events to Redis whatever
             // becomes of this request, so its claims are kept.
@@ -253,7 +300,7 @@ impl Ingest {
         let floor = floor(metrics, |bot| applied(bot));
         let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
         journal.replay(floor, journal.recovered_lsn(), |r| {
-            count_record(metrics, &r, &applied, &mut report);
+            count_record(metrics, self.notes.as_deref(), &r, &applied, &mut report);
         })?;
         Ok(report)
     }
@@ -281,7 +328,7 @@ impl Ingest {
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 let applied = |bot: &str| applied(&orphan.id, bot);
                 orphan.replay(floor(metrics, applied), |r| {
-                    if !count_record(metrics, &r, &applied, &mut report) {
+                    if !count_record(metrics, self.notes.as_deref(), &r, &applied, &mut report) {
                         return;
                     }
                     // Its retries are duplicates here too.
@@ -319,7 +366,7 @@ fn floor(metrics: &Metrics, applied: impl Fn(&str) -> u64) -> u64 {
 /// refused, or dropped by a timeout): kept once its events are counted,
 /// given back before that.
 struct SettleClaims<'a> {
-    claims: &'a Claims,
+    arbiter: &'a dyn Arbiter,
     bot: &'a str,
     ids: Vec<IdHash>,
     counted: bool,
@@ -332,9 +379,9 @@ impl Drop for SettleClaims<'_> {
         }
         let ids = std::mem::take(&mut self.ids);
         if self.counted {
-            self.claims.keep(self.bot, ids);
+            self.arbiter.keep(self.bot, ids);
         } else {
-            self.claims.give_back(self.bot, ids);
+            self.arbiter.give_back(self.bot, ids);
         }
     }
 }
@@ -358,6 +405,7 @@ impl<I: Iterator> ExactSizeIterator for ExactSize<I> {}
 /// Returns whether it is wanted (counted, or undecodable and so kept).
 fn count_record(
     metrics: &Metrics,
+    notes: Option<&dyn UserNotes>,
     r: &crate::journal::Record<'_>,
     applied: &impl Fn(&str) -> u64,
     report: &mut Replayed,
@@ -368,8 +416,13 @@ fn count_record(
             report.records += 1;
             match metrics.bot(decoded.bot) {
                 Some(bot) => {
+                    let mut users = Vec::new();
                     for (event, _) in &decoded.events {
                         bot.apply(event);
+                        users.extend(event.user.map(|u| (u, event.ts)));
+                    }
+                    if let Some(notes) = notes {
+                        notes.note(&bot.bot, &users);
                     }
                     report.events += decoded.events.len() as u64;
                 }

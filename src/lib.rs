@@ -33,7 +33,6 @@
 pub mod cluster;
 pub mod config;
 pub mod dedupe;
-pub mod error;
 pub mod event;
 pub mod http;
 pub mod ingest;
@@ -49,3 +48,9 @@ pub mod store;
 pub mod summary;
 pub mod tasks;
 pub mod telemetry;
+pub mod totals;
+
+/// A boxed future, the return type of the seams' methods (`ingest::Arbiter`,
+/// `persist::Source`, `totals::Totals`) so that each can be a trait object:
+/// single-node code holds `Arc<dyn …>` and never names cluster types.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;

@@ -10,21 +10,22 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::claims::Claims;
+use crate::cluster::lead::Lead;
 use crate::cluster::sync::Syncer;
-use crate::cluster::view::View;
-use crate::cluster::writer::Writer;
+use crate::cluster::view::{ClusterTotals, View};
 use crate::cluster::{Cluster, ClusterMetrics, Redis};
 use crate::config::Config;
 use crate::dedupe::Dedupe;
 use crate::ingest::Ingest;
 use crate::journal::Journal;
 use crate::metrics::{CachedEndpoint, Metrics};
-use crate::persist::Persistence;
+use crate::persist::local::Local;
+use crate::persist::{PersistError, Persistence, Source};
 use crate::render_cache::RenderCache;
 use crate::serve::{ConnectionMetrics, Limits};
-use crate::state::AppState;
-use crate::state::ClusterParts;
+use crate::state::{AppState, Shared};
 use crate::store::{Store, StoreError};
+use crate::totals::{Memory, Totals};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -49,6 +50,15 @@ pub struct Application {
     state: AppState,
     limits: Limits,
     connections: ConnectionMetrics,
+    /// Cluster mode's own tasks.
+    tier: Option<Tier>,
+}
+
+/// What cluster mode runs beside the single-node tasks: the sync to Redis
+/// and the claims' settling.
+struct Tier {
+    syncer: Arc<Syncer>,
+    claims: Arc<Claims>,
 }
 
 impl Application {
@@ -67,66 +77,79 @@ impl Application {
         // A fault no retry mends stops the start here, with the cause; a
         // store that is only not there yet is retried by the flush task.
         let unreachable = store.check(&config.database_url).await?;
-        let mut ingest = open_ingest(&config, &store)?;
-        let cluster = match &config.redis_url {
-            Some(urls) => {
-                let replica = ingest
-                    .journal()
-                    .map_or_else(crate::cluster::fresh_replica_id, |j| j.id().to_owned());
-                let cluster = Arc::new(Cluster::new(
-                    Redis::new(urls.clone()),
-                    replica,
-                    &config,
-                    ClusterMetrics::register(
-                        &metrics.registry,
-                        config.sync_interval,
-                        config.tokens.bots(),
-                    )?,
-                ));
-                ingest = ingest.with_claims(Arc::new(Claims::new(cluster.clone())));
-                Some(cluster)
-            }
-            None => None,
-        };
-        let ingest = Arc::new(ingest);
+        let store = Arc::new(store);
+        let ingest = open_ingest(&config, &store)?;
+        // The seams: what the store writer writes, where handlers read
+        // totals, and (cluster mode) how ingest decides ids and notes users.
+        let (ingest, source, totals, tier): (_, Arc<dyn Source>, Arc<dyn Totals>, _) =
+            match &config.redis_url {
+                None => {
+                    let ingest = Arc::new(ingest);
+                    let source = Arc::new(Local::new(
+                        metrics.clone(),
+                        ingest.clone(),
+                        config.dedupe_window,
+                    ));
+                    (ingest, source, Arc::new(Memory), None)
+                }
+                Some(urls) => {
+                    let replica = ingest
+                        .journal()
+                        .map_or_else(crate::cluster::fresh_replica_id, |j| j.id().to_owned());
+                    let cluster = Arc::new(Cluster::new(
+                        Redis::new(urls.clone()),
+                        replica,
+                        &config,
+                        ClusterMetrics::register(
+                            &metrics.registry,
+                            config.sync_interval,
+                            config.tokens.bots(),
+                        )?,
+                    ));
+                    let claims = Arc::new(Claims::new(cluster.clone()));
+                    let ingest = Arc::new(
+                        ingest
+                            .with_arbiter(claims.clone())
+                            .with_notes(cluster.pending.clone()),
+                    );
+                    let view = Arc::new(View::new(cluster.clone(), store.clone()));
+                    let syncer = Arc::new(Syncer::new(
+                        cluster.clone(),
+                        metrics.clone(),
+                        ingest.clone(),
+                        claims.clone(),
+                        store.clone(),
+                        usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
+                    ));
+                    let lead = Arc::new(Lead::new(
+                        cluster.clone(),
+                        view.clone(),
+                        config.tokens.bots().to_vec(),
+                        config.flush_interval,
+                    ));
+                    let totals = Arc::new(ClusterTotals {
+                        view,
+                        syncer: syncer.clone(),
+                        local: metrics.clone(),
+                    });
+                    tracing::info!(
+                        redis = %cluster.redis.urls().redacted(),
+                        replica = %cluster.replica,
+                        redis_cluster = cluster.redis.urls().is_cluster(),
+                        "cluster mode: counts sync to Redis every {:?}",
+                        config.sync_interval
+                    );
+                    (ingest, lead, totals, Some(Tier { syncer, claims }))
+                }
+            };
         let persistence = Arc::new(Persistence::new(
             store,
             metrics.clone(),
             ingest.clone(),
+            source,
             config.retention,
-            config.dedupe_window,
         ));
-        let cluster = cluster.map(|cluster| {
-            let view = Arc::new(View::new(cluster.clone(), persistence.store.clone()));
-            let parts = ClusterParts {
-                syncer: Arc::new(Syncer::new(
-                    cluster.clone(),
-                    metrics.clone(),
-                    ingest.clone(),
-                    persistence.store.clone(),
-                    usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
-                )),
-                writer: Arc::new(Writer::new(
-                    cluster.clone(),
-                    metrics.clone(),
-                    view.clone(),
-                    persistence.store.clone(),
-                    config.tokens.bots().to_vec(),
-                    config.flush_interval,
-                    config.retention,
-                )),
-                view,
-            };
-            tracing::info!(
-                redis = %cluster.redis.urls().redacted(),
-                replica = %cluster.replica,
-                redis_cluster = cluster.redis.urls().is_cluster(),
-                "cluster mode: counts sync to Redis every {:?}",
-                config.sync_interval
-            );
-            parts
-        });
-        if let Some(parts) = &cluster {
+        if let Some(tier) = &tier {
             if let Some(why) = &unreachable {
                 tracing::warn!(
                     "{why}; cluster mode goes on with Redis, and the store writer (and seeding a bot Redis lacks) retries until it answers"
@@ -134,7 +157,7 @@ impl Application {
             }
             // Counted past what Redis holds before serving, when Redis
             // answers now; else the sync task does it as soon as it does.
-            if let Err(e) = parts.syncer.sync_once().await {
+            if let Err(e) = tier.syncer.sync_once().await {
                 tracing::warn!(error = %e, "first sync to redis failed; serving, and retrying");
             }
         } else if let Some(why) = unreachable {
@@ -150,7 +173,7 @@ impl Application {
                 ),
                 Ok(None) => {}
                 // Logged by `prepare` itself, once: not an error, a role.
-                Err(StoreError::Standby(_)) => {}
+                Err(PersistError::Store(StoreError::Standby(_))) => {}
                 Err(e) => tracing::error!(
                     error = %e,
                     "store unreachable at start; serving from memory, will restore when it answers"
@@ -188,36 +211,34 @@ impl Application {
             header_read_timeout: config.header_read_timeout,
             shutdown_timeout: config.shutdown_timeout,
         };
-        let state = AppState {
+        let state = AppState::new(Shared {
             ingest,
-            metrics_page: Arc::new(RenderCache::new(
-                CachedEndpoint::Metrics,
-                config.metrics_cache_ttl,
-            )),
-            summaries: Arc::new(RenderCache::new(
+            metrics_page: RenderCache::new(CachedEndpoint::Metrics, config.metrics_cache_ttl),
+            summaries: RenderCache::new(
                 CachedEndpoint::Summary,
                 // Cluster mode: Redis is the cache (a read costs about a
                 // millisecond), and its totals are at most one sync interval
                 // behind; a cached answer would add up to another. So each
                 // request gets a read that started after it arrived, and
                 // requests that arrive together share it.
-                match &cluster {
+                match &tier {
                     Some(_) => std::time::Duration::ZERO,
                     None => config.summary_cache_ttl,
                 },
-            )),
-            cluster,
-            readiness: Arc::default(),
+            ),
+            totals,
+            readiness: Default::default(),
             metrics,
             persistence,
             config,
             started: Instant::now(),
-        };
+        });
         Ok(Application {
             listener,
             state,
             limits,
             connections,
+            tier,
         })
     }
 
@@ -232,6 +253,12 @@ impl Application {
         &self.state
     }
 
+    /// Cluster mode's sync to Redis, for callers that drive it by hand
+    /// (`examples/cluster_costs.rs`).
+    pub fn syncer(&self) -> Option<Arc<Syncer>> {
+        self.tier.as_ref().map(|t| t.syncer.clone())
+    }
+
     /// Serves until `shutdown` completes; then stops accepting, lets
     /// in-flight requests finish (for at most `--shutdown-timeout`), and
     /// waits for the background tasks' final flush and history write.
@@ -244,48 +271,39 @@ impl Application {
             state,
             limits,
             connections,
+            tier,
         } = self;
         let token = CancellationToken::new();
+        // The store writer stops after the sync (cluster mode), so its
+        // final flush stores the final sync's totals.
+        let writer_token = CancellationToken::new();
         let config = state.config.clone();
-        // Cluster mode: memory → Redis (sync) and Redis → the store (the
-        // lease holder); one process: memory → the store.
-        let (flush, history) = match &state.cluster {
-            Some(parts) => (
-                tokio::spawn(crate::cluster::sync::sync_loop(
-                    parts.syncer.clone(),
-                    config.sync_interval,
-                    token.clone(),
-                )),
-                tokio::spawn(crate::cluster::writer::writer_loop(
-                    parts.writer.clone(),
-                    config.flush_interval,
-                    config.history_interval,
-                    token.clone(),
-                )),
-            ),
-            None => (
-                tokio::spawn(crate::tasks::flush_loop(
-                    state.persistence.clone(),
-                    config.flush_interval,
-                    token.clone(),
-                )),
-                tokio::spawn(crate::tasks::history_loop(
-                    state.persistence.clone(),
-                    config.history_interval,
-                    token.clone(),
-                )),
-            ),
-        };
+        let flush = tokio::spawn(crate::tasks::flush_loop(
+            state.persistence.clone(),
+            config.flush_interval,
+            writer_token.clone(),
+        ));
+        let history = tokio::spawn(crate::tasks::history_loop(
+            state.persistence.clone(),
+            config.history_interval,
+            writer_token.clone(),
+        ));
         let journal_sync = tokio::spawn(crate::tasks::journal_sync_loop(
             state.ingest.clone(),
             token.clone(),
         ));
-        let writer = state.cluster.as_ref().map(|parts| parts.writer.clone());
-        let confirm = state.ingest.claims().map(|claims| {
-            tokio::spawn(crate::cluster::claims::confirm_loop(
-                claims.clone(),
-                token.clone(),
-            ))
+        let tier_tasks = tier.map(|tier| {
+            (
+                tokio::spawn(crate::cluster::sync::sync_loop(
+                    tier.syncer,
+                    config.sync_interval,
+                    token.clone(),
+                )),
+                tokio::spawn(crate::cluster::claims::confirm_loop(
+                    tier.claims,
+                    token.clone(),
+                )),
+            )
         });
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
@@ -304,14 +322,11 @@ impl Application {
         )
         .await;
         token.cancel();
+        if let Some((sync, confirm)) = tier_tasks {
+            let _ = tokio::join!(sync, confirm);
+        }
+        writer_token.cancel();
         let _ = tokio::join!(flush, history, journal_sync);
-        if let Some(confirm) = confirm {
-            let _ = confirm.await;
-        }
-        if let Some(writer) = writer {
-            // After the final sync: the store gets the last totals.
-            writer.finish().await;
-        }
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())

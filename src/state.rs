@@ -1,16 +1,16 @@
-//! The state every handler shares: cheap to clone, handles only.
+//! The state every handler shares. axum clones it per request, so it is one
+//! `Arc`: a clone is one reference-count increment, whatever it holds.
 
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::cluster::sync::Syncer;
-use crate::cluster::view::View;
-use crate::cluster::writer::Writer;
 use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::persist::Persistence;
 use crate::render_cache::RenderCache;
+use crate::totals::Totals;
 
 /// What varies a summary answer: one bot or all, JSON or text.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -21,27 +21,37 @@ pub struct SummaryKey {
     pub generation: u64,
 }
 
-/// Cluster mode's parts, shared by the handlers and the background tasks.
-#[derive(Clone)]
-pub struct ClusterParts {
-    pub syncer: Arc<Syncer>,
-    pub view: Arc<View>,
-    pub writer: Arc<Writer>,
-}
-
-#[derive(Clone)]
-pub struct AppState {
+pub struct Shared {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<Ingest>,
+    /// The store's one writer, in both modes.
     pub persistence: Arc<Persistence>,
-    /// Set in cluster mode (`--redis-url`).
-    pub cluster: Option<ClusterParts>,
+    /// Where summaries and readiness read totals (this process's memory,
+    /// or the cluster's).
+    pub totals: Arc<dyn Totals>,
     /// Keyed by the restore generation only: one page for everyone.
-    pub metrics_page: Arc<RenderCache<u64>>,
-    pub summaries: Arc<RenderCache<SummaryKey>>,
+    pub metrics_page: RenderCache<u64>,
+    pub summaries: RenderCache<SummaryKey>,
     /// The last state /readyz answered (`""` before the first probe), so a
     /// change is logged once instead of once per probe.
-    pub readiness: Arc<std::sync::Mutex<&'static str>>,
+    pub readiness: std::sync::Mutex<&'static str>,
     pub started: Instant,
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        AppState(Arc::new(shared))
+    }
+}
+
+impl Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }

@@ -1,9 +1,11 @@
-//! Background tasks: the flush loop (memory → `real_time_metrics`) and the
-//! history loop (memory → `metrics_history`). Each is a loop around a public
-//! one-step function of [`Persistence`], which tests call directly.
+//! Background tasks, every one driven by [`every`]: the flush (the source's
+//! totals → `real_time_metrics`), the history (→ `metrics_history`), the
+//! journal's fsync, and in cluster mode the sync to Redis and the claims'
+//! settling. Each loops around a public one-step function, which tests call
+//! directly.
 //!
-//! A failed tick is counted (in `persist.rs`) and logged once per change
-//! of state, not once per tick, so an outage is one line when it starts and
+//! A failed tick is counted (in `persist`) and logged once per change of
+//! state, not once per tick, so an outage is one line when it starts and
 //! one when it ends. The flush retries with backoff; on recovery it writes
 //! the current values, so nothing counted meanwhile is lost.
 
@@ -15,7 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Ingest;
 use crate::persist::{FlushOutcome, Persistence};
-use crate::store;
 
 /// The first retry after a failed flush; doubled up to the flush interval.
 const FIRST_RETRY: Duration = Duration::from_millis(500);
@@ -34,50 +35,82 @@ pub fn flush_wait(failures_in_a_row: u32, interval: Duration) -> Duration {
     FIRST_RETRY.saturating_mul(1u32 << doublings).min(interval)
 }
 
-pub async fn flush_loop(
-    persistence: Arc<Persistence>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    flush_loop_with(|| persistence.flush_once(), interval, shutdown).await;
+/// How a periodic task retries and what the log calls it.
+#[derive(Debug, Clone, Copy)]
+pub struct Every {
+    pub interval: Duration,
+    /// Retry a failed step sooner ([`flush_wait`]) rather than at the next
+    /// interval: for steps whose failure leaves counts waiting.
+    pub retry_sooner: bool,
+    /// The log's name for one step ("flush", "sync to redis"), and what the
+    /// first failure's line says happens meanwhile; `None`: the step logs
+    /// its own failures.
+    pub log: Option<(&'static str, &'static str)>,
 }
 
-/// The flush loop around any flush: the seam that lets a test (with tokio's
-/// paused clock) see exactly when each retry happens.
-pub async fn flush_loop_with<F, Fut>(mut flush: F, interval: Duration, shutdown: CancellationToken)
+/// The one loop around every periodic task: a step every `interval` (the
+/// first one interval after start), retried as `every` says, until
+/// `shutdown`. A failure is logged once when it starts and once when it
+/// ends, not once per tick. The caller runs its own last step after it.
+pub async fn every<F, Fut, T, E>(every: Every, mut step: F, shutdown: CancellationToken)
 where
     F: FnMut() -> Fut,
-    Fut: Future<Output = store::Result<FlushOutcome>>,
+    Fut: Future<Output = Result<T, E>>,
+    T: std::fmt::Debug,
+    E: std::fmt::Display,
 {
     let mut failures: u32 = 0;
     loop {
+        let wait = if every.retry_sooner {
+            flush_wait(failures, every.interval)
+        } else {
+            every.interval
+        };
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(flush_wait(failures, interval)) => {}
+            () = tokio::time::sleep(wait) => {}
         }
-        match flush().await {
+        match step().await {
             Ok(outcome) => {
-                if failures > 0 {
-                    tracing::info!(?outcome, failures, "store reachable again; flush caught up");
-                } else if let FlushOutcome::Wrote {
-                    series,
-                    sketches,
-                    daily,
-                } = outcome
-                {
-                    tracing::debug!(series, sketches, daily, "flushed");
+                if let (Some((what, _)), true) = (every.log, failures > 0) {
+                    tracing::info!(?outcome, failures, "{what} works again");
+                } else {
+                    tracing::trace!(?outcome, "periodic step done");
                 }
                 failures = 0;
             }
             Err(e) => {
-                if failures == 0 {
-                    tracing::error!(error = %e, "flush failed; counting continues in memory and the flush retries");
+                if let (Some((what, meanwhile)), 0) = (every.log, failures) {
+                    tracing::error!(error = %e, "{what} failed; {meanwhile}");
                 }
                 failures = failures.saturating_add(1);
             }
         }
     }
-    // The last flush on the way out: what was counted since the last tick.
+}
+
+/// The flush loop: [`every`] around the flush, then the last flush on the
+/// way out (what was counted since the last tick). Generic over the flush
+/// so a test (with tokio's paused clock) sees exactly when each retry
+/// happens.
+pub async fn flush_loop_with<F, Fut, E>(
+    mut flush: F,
+    interval: Duration,
+    shutdown: CancellationToken,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<FlushOutcome, E>>,
+    E: std::fmt::Display,
+{
+    let task = Every {
+        interval,
+        retry_sooner: true,
+        log: Some((
+            "flush",
+            "counting continues in memory and the flush retries",
+        )),
+    };
+    every(task, &mut flush, shutdown).await;
     match flush().await {
         Ok(outcome) => tracing::info!(?outcome, "final flush done"),
         Err(e) => tracing::warn!(
@@ -87,22 +120,35 @@ where
     }
 }
 
-/// Fsyncs the journal once a second (the `everysec` promise), and once
-/// more on the way out, after the final flush.
+pub async fn flush_loop(
+    persistence: Arc<Persistence>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    flush_loop_with(|| persistence.flush_once(), interval, shutdown).await;
+    // After the final flush: the lead goes back at once.
+    persistence.finish().await;
+}
+
+/// Fsyncs the journal once a second (the `everysec` promise); the last
+/// sync is [`final_journal_sync`], after the final flush.
 pub async fn journal_sync_loop(ingest: Arc<Ingest>, shutdown: CancellationToken) {
-    let Some(journal) = ingest.journal() else {
+    if ingest.journal().is_none() {
         return;
-    };
-    let mut ticker = tokio::time::interval(Duration::from_secs(1));
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        // A failure is logged where it happens and refuses new events.
-        let _ = journal.sync().await;
     }
+    let task = Every {
+        interval: Duration::from_secs(1),
+        retry_sooner: false,
+        // A failure is logged where it happens and refuses new events.
+        log: None,
+    };
+    let sync = || async {
+        match ingest.journal() {
+            Some(journal) => journal.sync().await,
+            None => Ok(()),
+        }
+    };
+    every(task, sync, shutdown).await;
 }
 
 /// The journal's last sync before exit: everything acknowledged is on disk.
@@ -115,34 +161,18 @@ pub async fn final_journal_sync(ingest: &Ingest) {
     }
 }
 
+/// A point per series every `interval`, and one last on the way out.
 pub async fn history_loop(
     persistence: Arc<Persistence>,
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    let mut failing = false;
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        match persistence.write_history_once().await {
-            Ok(points) => {
-                if failing {
-                    tracing::info!(points, "history writes work again");
-                    failing = false;
-                }
-            }
-            Err(e) => {
-                if !failing {
-                    tracing::error!(error = %e, "history write failed; the next tick tries again");
-                    failing = true;
-                }
-            }
-        }
-    }
+    let task = Every {
+        interval,
+        retry_sooner: false,
+        log: Some(("history write", "the next tick tries again")),
+    };
+    every(task, || persistence.write_history_once(), shutdown).await;
     if let Err(e) = persistence.write_history_once().await {
         tracing::error!(error = %e, "final history write failed");
     }
@@ -187,7 +217,7 @@ mod tests {
                     let mut seen = seen.lock().unwrap();
                     seen.push(started.elapsed());
                     if seen.len() <= 5 {
-                        Err(store::StoreError::Sql(sqlx::Error::PoolTimedOut))
+                        Err(crate::store::StoreError::Sql(sqlx::Error::PoolTimedOut))
                     } else {
                         Ok(FlushOutcome::Idle)
                     }

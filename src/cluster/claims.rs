@@ -34,7 +34,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{BotKeys, Cluster, Result, timed};
+use crate::BoxFuture;
 use crate::dedupe::{Dedupe, IdHash};
+use crate::ingest::{Arbiter, Claim, Claimed};
 
 /// The longest a request waits for its claims before deciding locally.
 const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
@@ -42,30 +44,6 @@ const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
 const BACKOFF_MS: i64 = 1000;
 /// How often confirmations are sent, batched.
 const CONFIRM_EVERY: Duration = Duration::from_millis(20);
-
-/// What Redis said of one id.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Claim {
-    /// Claimed now, by this request.
-    Fresh,
-    /// Already held by this replica: its own dedupe decides.
-    Mine,
-    /// Held and confirmed by another replica: a duplicate.
-    Taken,
-    /// Held by another replica that has not confirmed it: retry later.
-    Pending,
-}
-
-/// What a request learned of its ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Claimed {
-    /// Redis answered, per id in order.
-    Decided(Vec<Claim>),
-    /// Redis did not answer (or claims are not armed yet): this replica's
-    /// memory decides. `maybe_claimed`: the script may have run all the
-    /// same (the answer timed out), so the ids are settled like claims.
-    Local { maybe_claimed: bool },
-}
 
 /// Settled off the request path, per bot: (confirm, give back).
 type Queue = HashMap<String, (Vec<IdHash>, Vec<IdHash>)>;
@@ -255,18 +233,29 @@ impl Claims {
     }
 }
 
+impl Arbiter for Claims {
+    fn claim<'a>(&'a self, bot: &'a str, ids: &'a [IdHash], now_ms: i64) -> BoxFuture<'a, Claimed> {
+        Box::pin(Claims::claim(self, bot, ids, now_ms))
+    }
+
+    fn keep(&self, bot: &str, ids: Vec<IdHash>) {
+        Claims::keep(self, bot, ids);
+    }
+
+    fn give_back(&self, bot: &str, ids: Vec<IdHash>) {
+        Claims::give_back(self, bot, ids);
+    }
+}
+
 /// Confirms journaled claims every [`CONFIRM_EVERY`] until shutdown, then
 /// once more.
 pub async fn confirm_loop(claims: Arc<Claims>, shutdown: CancellationToken) {
-    let mut ticker = tokio::time::interval(CONFIRM_EVERY);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
+    let task = crate::tasks::Every {
+        interval: CONFIRM_EVERY,
+        retry_sooner: false,
         // A failure keeps the batch; Redis' state is logged by the sync.
-        let _ = claims.settle_once().await;
-    }
+        log: None,
+    };
+    crate::tasks::every(task, || claims.settle_once(), shutdown).await;
     let _ = claims.settle_once().await;
 }

@@ -29,9 +29,10 @@
 
 pub mod claims;
 mod connection;
+pub mod lead;
+pub mod pending;
 pub mod sync;
 pub mod view;
-pub mod writer;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,8 +41,8 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 
 pub use connection::Redis;
 
-use crate::metrics::pending::UserBudget;
 use crate::metrics::reg;
+use pending::{Pending, UserBudget};
 
 /// Users waiting to be sent to Redis, across every bot, at most: about
 /// 16 bytes each in the set, and about 60 more while in a batch (the
@@ -313,7 +314,8 @@ pub struct Cluster {
     pub sync_interval: Duration,
     pub dedupe_window: Duration,
     pub metrics: ClusterMetrics,
-    pub budget: Arc<UserBudget>,
+    /// The users counted here and not yet in Redis' sketches.
+    pub pending: Arc<Pending>,
 }
 
 impl Cluster {
@@ -333,7 +335,7 @@ impl Cluster {
             sync_interval: config.sync_interval,
             dedupe_window: config.dedupe_window,
             metrics,
-            budget,
+            pending: Arc::new(Pending::new(config.tokens.bots(), budget)),
         }
     }
 

@@ -18,9 +18,10 @@ use chrono::Utc;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
+use super::claims::Claims;
+use super::pending::{PendingUser, PendingUsers, UserBudget};
 use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, sketch_ttl, timed};
 use crate::ingest::Ingest;
-use crate::metrics::pending::PendingUser;
 use crate::metrics::today::Calendar;
 use crate::metrics::{BotMetrics, Metrics};
 use crate::persist::bot_rows;
@@ -74,14 +75,15 @@ struct BotSync {
 
 impl BotSync {
     /// The counts since the baseline. Runs under the ingest gate.
-    fn cut(&self, mark: u64) -> Batch {
-        cut(&self.bot, &self.baseline, &self.today, mark)
+    fn cut(&self, pending: Option<&PendingUsers>, mark: u64) -> Batch {
+        cut(&self.bot, pending, &self.baseline, &self.today, mark)
     }
 }
 
 /// What `bot` counted beyond `baseline` and `today_base`, as a batch.
 fn cut(
     bot: &BotMetrics,
+    pending: Option<&PendingUsers>,
     baseline: &HashMap<String, f64>,
     today_base: &HashMap<&'static str, (u32, u64)>,
     mark: u64,
@@ -113,7 +115,7 @@ fn cut(
             mark,
             series,
             today,
-            users: bot.pending_users.take(USERS_PER_BATCH),
+            users: pending.map_or_else(Vec::new, |p| p.take(USERS_PER_BATCH)),
         }
     }
 }
@@ -127,7 +129,7 @@ impl BotSync {
         for (name, day, _, value) in batch.today {
             self.today.insert(name, (day, value));
         }
-        cluster.budget.release(batch.users.len());
+        cluster.pending.budget.release(batch.users.len());
     }
 }
 
@@ -159,6 +161,7 @@ pub struct Syncer {
     cluster: Arc<Cluster>,
     metrics: Arc<Metrics>,
     ingest: Arc<Ingest>,
+    claims: Arc<Claims>,
     store: Arc<Store>,
     state: Mutex<State>,
     prepared: AtomicBool,
@@ -173,28 +176,27 @@ impl Syncer {
         cluster: Arc<Cluster>,
         metrics: Arc<Metrics>,
         ingest: Arc<Ingest>,
+        claims: Arc<Claims>,
         store: Arc<Store>,
         max_label_values: usize,
     ) -> Self {
         let bots = metrics
             .bots()
             .iter()
-            .map(|bot| {
-                bot.pending_users.enable(cluster.budget.clone());
-                BotSync {
-                    bot: bot.clone(),
-                    keys: BotKeys::new(&bot.bot),
-                    baseline: HashMap::new(),
-                    today: HashMap::new(),
-                    inflight: None,
-                    confirmed: 0,
-                }
+            .map(|bot| BotSync {
+                bot: bot.clone(),
+                keys: BotKeys::new(&bot.bot),
+                baseline: HashMap::new(),
+                today: HashMap::new(),
+                inflight: None,
+                confirmed: 0,
             })
             .collect();
         Syncer {
             cluster,
             metrics,
             ingest,
+            claims,
             store,
             state: Mutex::new(State {
                 bots,
@@ -223,7 +225,8 @@ impl Syncer {
         let result = self.sync_inner().await;
         self.cluster.observe(&result);
         let m = &self.cluster.metrics;
-        m.pending_users.set(self.cluster.budget.used() as i64);
+        m.pending_users
+            .set(self.cluster.pending.budget.used() as i64);
         match &result {
             Ok(report) => {
                 m.sync_duration.observe(started.elapsed().as_secs_f64());
@@ -257,7 +260,7 @@ impl Syncer {
                 *seq
             };
             for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
-                let batch = b.cut(mark);
+                let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
                 if !batch.is_empty() {
                     b.inflight = Some(batch);
                 }
@@ -497,11 +500,7 @@ impl Syncer {
         };
         let dropped = prometheus::IntCounter::new("recovery_users_dropped", "unused")
             .map_err(|e| ClusterError::Protocol(e.to_string()))?;
-        copy.pending_users
-            .enable(Arc::new(crate::metrics::pending::UserBudget::new(
-                usize::MAX,
-                dropped,
-            )));
+        let users = PendingUsers::new(Arc::new(UserBudget::new(usize::MAX, dropped)));
         let (mut first, mut events) = (None, 0u64);
         journal.replay(lost.0, lost.1, |r| {
             first.get_or_insert(r.lsn);
@@ -510,6 +509,9 @@ impl Syncer {
             {
                 for (event, _) in &decoded.events {
                     copy.apply(event);
+                    if let Some(user) = event.user {
+                        users.record(user, event.ts);
+                    }
                 }
                 events += decoded.events.len() as u64;
             }
@@ -522,7 +524,7 @@ impl Syncer {
                 "redis lost counts of this replica and the journal no longer holds all of them: some are lost"
             );
         }
-        let batch = cut(copy, &HashMap::new(), &HashMap::new(), lost.1);
+        let batch = cut(copy, Some(&users), &HashMap::new(), &HashMap::new(), lost.1);
         let users = batch.users.len();
         let mut conn = conn.clone();
         let answer: Vec<i64> =
@@ -555,7 +557,8 @@ impl Syncer {
             warn_about_eviction(conn.clone()).await;
             // First, so that claims (armed by it) work as soon as Redis
             // does, whatever the store is doing.
-            if let Some(claims) = self.ingest.claims() {
+            {
+                let claims = &self.claims;
                 let bots: Vec<&str> = state.bots.iter().map(|b| &*b.bot.bot).collect();
                 let (kept, dropped) = claims.resolve_own(&bots, &self.ingest.dedupe).await?;
                 if kept + dropped > 0 {
@@ -805,31 +808,14 @@ fn calendar_date(calendar: &Calendar, ts: i64) -> String {
 }
 
 /// Syncs every `interval`, retrying a failure sooner (as the flush does),
-/// and once more on the way out.
+/// and until nothing is left on the way out.
 pub async fn sync_loop(syncer: Arc<Syncer>, interval: Duration, shutdown: CancellationToken) {
-    let mut failures: u32 = 0;
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(crate::tasks::flush_wait(failures, interval)) => {}
-        }
-        match syncer.sync_once().await {
-            Ok(report) => {
-                if failures > 0 {
-                    tracing::info!(?report, failures, "sync to redis caught up");
-                } else if report.applied > 0 {
-                    tracing::debug!(?report, "synced");
-                }
-                failures = 0;
-            }
-            Err(e) => {
-                if failures == 0 {
-                    tracing::error!(error = %e, "sync to redis failed; counts are kept and the sync retries");
-                }
-                failures = failures.saturating_add(1);
-            }
-        }
-    }
+    let task = crate::tasks::Every {
+        interval,
+        retry_sooner: true,
+        log: Some(("sync to redis", "counts are kept and the sync retries")),
+    };
+    crate::tasks::every(task, || syncer.sync_once(), shutdown).await;
     syncer.final_sync().await;
 }
 

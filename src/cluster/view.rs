@@ -4,14 +4,18 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use chrono::NaiveDate;
+use chrono::{DateTime, NaiveDate, Utc};
 use redis::Value;
 
-use super::sync::parse_field;
+use super::sync::{Syncer, parse_field};
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
-use crate::metrics::Metrics;
+use crate::BoxFuture;
 use crate::metrics::bot::ACTIVE_USERS;
+use crate::metrics::{BotMetrics, Metrics};
+use crate::persist::restore_into;
 use crate::store::{DailyRow, SeriesRow, Store, Stored};
+use crate::summary::Summary;
+use crate::totals::Totals;
 
 /// One bot's cluster totals at one instant.
 #[derive(Debug, Clone, Default)]
@@ -89,14 +93,12 @@ impl View {
         result
     }
 
-    /// The summary's figures: a fresh `Metrics` holding the cluster totals
-    /// of `bots`, so the summary is built as in one process. While Redis
-    /// cannot answer: its last good read of a bot, else the cluster totals
-    /// the store holds (at most a flush interval older), else this
-    /// replica's own counts.
-    pub async fn metrics(&self, local: &Metrics, bots: &[Arc<str>]) -> prometheus::Result<Metrics> {
-        let names: Vec<&str> = bots.iter().map(|b| &**b).collect();
-        let read = self.read(&names, false).await;
+    /// Each bot's cluster totals for a summary: the read that started
+    /// now; while Redis cannot answer, its last good read of the bot, else
+    /// the cluster totals the store holds (at most a flush interval older).
+    /// `None` for a bot none of them has.
+    async fn for_summary(&self, names: &[&str]) -> Vec<Option<BotView>> {
+        let read = self.read(names, false).await;
         let mut views: Vec<Option<BotView>> = {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Ok(views) = &read {
@@ -120,42 +122,59 @@ impl View {
                 }
             }
         }
-        let metrics = Metrics::new(bots, usize::MAX, local.calendar().tz(), 0.0)?;
-        let now = chrono::Utc::now().timestamp();
-        for (bot, view) in bots.iter().zip(views) {
-            let Some(cluster_bot) = metrics.bot(bot) else {
-                continue;
-            };
-            match view {
-                Some(view) => {
+        views
+    }
+}
+
+/// Cluster mode's [`Totals`]: what every replica counted, from Redis.
+pub struct ClusterTotals {
+    pub view: Arc<View>,
+    pub syncer: Arc<Syncer>,
+    pub local: Arc<Metrics>,
+}
+
+impl Totals for ClusterTotals {
+    /// Each bot's cluster totals go into a scratch copy of its cells and are
+    /// summarised as one process's own are; a bot no read has answers with
+    /// this replica's own counts.
+    fn summaries<'a>(
+        &'a self,
+        bots: &'a [Arc<BotMetrics>],
+        now: DateTime<Utc>,
+        uptime_seconds: u64,
+    ) -> BoxFuture<'a, Vec<Summary>> {
+        Box::pin(async move {
+            let names: Vec<&str> = bots.iter().map(|b| &*b.bot).collect();
+            let views = self.view.for_summary(&names).await;
+            let ts = now.timestamp();
+            let calendar = self.local.calendar();
+            bots.iter()
+                .zip(views)
+                .map(|(own, view)| {
+                    let Some(view) = view else {
+                        return Summary::build(own, now, uptime_seconds);
+                    };
+                    let Some(scratch) = self.local.scratch(&own.bot) else {
+                        return Summary::build(own, now, uptime_seconds);
+                    };
                     let stored = Stored {
                         series: view.series,
                         daily: view.daily,
                         ..Stored::default()
                     };
-                    crate::persist::restore(&metrics, &stored, now);
-                    cluster_bot.active.set_cluster(view.users);
-                }
-                None => {
-                    if let Some(own) = local.bot(bot) {
-                        let stored = Stored {
-                            series: crate::persist::bot_rows(own),
-                            ..Stored::default()
-                        };
-                        crate::persist::restore(&metrics, &stored, now);
-                        let [(_, d), (_, w), (_, m)] = own.active.estimates_at(now);
-                        cluster_bot.active.set_cluster([d, w, m]);
-                        for (name, counter) in own.today.counters() {
-                            let (day, value) = counter.load();
-                            if let Some(c) = cluster_bot.today.counter(name) {
-                                c.restore(day, value);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        Ok(metrics)
+                    restore_into(|_| Some(&scratch), calendar, &stored, ts);
+                    scratch.active.set_cluster(view.users);
+                    Summary::build(&scratch, now, uptime_seconds)
+                })
+                .collect()
+        })
+    }
+
+    fn ready_without_store(&self) -> Option<Vec<(&'static str, serde_json::Value)>> {
+        Some(vec![
+            ("cluster", true.into()),
+            ("journal_counted", self.syncer.is_prepared().into()),
+        ])
     }
 }
 

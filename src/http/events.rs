@@ -7,8 +7,8 @@ use axum::response::IntoResponse;
 use axum::routing::post;
 use axum::{Json, Router};
 
-use crate::error::{Error, Result};
 use crate::event::{BodyFormat, parse_batch};
+use crate::http::error::{Error, Result};
 use crate::ingest::Accepted;
 use crate::state::AppState;
 

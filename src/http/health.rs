@@ -1,4 +1,6 @@
-//! `GET /healthz` (the process serves) and `GET /readyz` (the store answers).
+//! `GET /healthz` (the process serves) and `GET /readyz` (it can answer
+//! with the right totals: in one process, the store answers and its totals
+//! are loaded; in cluster mode, always — see `totals::Totals`).
 
 use std::time::Duration;
 
@@ -7,7 +9,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::error::{Error, Result};
+use crate::http::error::{Error, Result};
 use crate::state::AppState;
 
 pub fn router() -> Router<AppState> {
@@ -46,17 +48,12 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
 async fn check(state: &AppState) -> std::result::Result<Json<Value>, (&'static str, Error)> {
     let persistence = &state.persistence;
     let backend = persistence.store.backend();
-    if let Some(cluster) = &state.cluster {
-        // Every replica serves, Redis and the store up or not: it counts in
-        // memory and its journal, and its summary reads the cluster (or the
-        // store) whatever its own state. Taking replicas out of a balancer
-        // during a Redis outage would only refuse events they can keep.
-        return Ok(Json(json!({
-            "status": "ready",
-            "store": backend,
-            "cluster": true,
-            "journal_counted": cluster.syncer.is_prepared(),
-        })));
+    if let Some(fields) = state.totals.ready_without_store() {
+        let mut answer = serde_json::Map::new();
+        answer.insert("status".into(), "ready".into());
+        answer.insert("store".into(), backend.into());
+        answer.extend(fields.into_iter().map(|(k, v)| (k.to_owned(), v)));
+        return Ok(Json(Value::Object(answer)));
     }
 
     match tokio::time::timeout(Duration::from_secs(2), persistence.store.ping()).await {

@@ -9,7 +9,7 @@ use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::http::error::{Error, Result};
 use crate::metrics::bot::{FAMILIES, Kind};
 use crate::state::AppState;
 use crate::store::HistoryQuery;

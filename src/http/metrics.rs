@@ -6,7 +6,7 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
-use crate::error::Error;
+use crate::http::error::Error;
 use crate::render_cache::Rendered;
 use crate::state::AppState;
 

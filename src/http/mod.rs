@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, each with its own `router()`,
 //! merged here under the shared middleware.
 
+pub mod error;
 mod events;
 mod health;
 mod history;
@@ -18,7 +19,7 @@ use tower_http::compression::CompressionLayer;
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
-use crate::error::{Error, InternalDetail, Result};
+use crate::http::error::{Error, InternalDetail, Result};
 use crate::serve::RateLimited;
 use crate::state::AppState;
 

@@ -7,8 +7,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use crate::error::{Error, Result};
-use crate::metrics::Metrics;
+use crate::http::error::{Error, Result};
+use std::sync::Arc;
+
+use crate::metrics::BotMetrics;
 use crate::render_cache::Rendered;
 use crate::state::{AppState, SummaryKey};
 use crate::summary::Summary;
@@ -59,52 +61,29 @@ async fn get_summary(
         generation: state.persistence.generation(),
     };
     let render_state = state.clone();
-    let rendered = match state.cluster.clone() {
-        // Cluster mode: the cluster's totals, read from Redis.
-        Some(cluster) => {
-            state
-                .summaries
-                .get_or_render_async(key.clone(), &state.metrics.selfm, async move {
-                    let bots: Vec<std::sync::Arc<str>> = render_state
-                        .metrics
-                        .bots()
-                        .iter()
-                        .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))
-                        .map(|b| b.bot.clone())
-                        .collect();
-                    match cluster.view.metrics(&render_state.metrics, &bots).await {
-                        Ok(totals) => render(&render_state, &totals, &key),
-                        Err(e) => {
-                            tracing::error!(error = %e, "cluster summary failed");
-                            render(&render_state, &render_state.metrics, &key)
-                        }
-                    }
-                })
-                .await
-        }
-        None => {
-            state
-                .summaries
-                .get_or_render(key.clone(), &state.metrics.selfm, move || {
-                    render(&render_state, &render_state.metrics, &key)
-                })
-                .await
-        }
-    };
+    let rendered = state
+        .summaries
+        .get_or_render_async(key.clone(), &state.metrics.selfm, async move {
+            let bots: Vec<Arc<BotMetrics>> = render_state
+                .metrics
+                .bots()
+                .iter()
+                .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))
+                .cloned()
+                .collect();
+            let uptime = render_state.started.elapsed().as_secs();
+            let summaries = render_state
+                .totals
+                .summaries(&bots, chrono::Utc::now(), uptime)
+                .await;
+            render(&summaries, &key)
+        })
+        .await;
     Ok(super::serve_rendered(&rendered, &headers).into_response())
 }
 
-/// The summary of `metrics`' bots: this process's own, or (cluster mode)
-/// the cluster totals read from Redis into a `Metrics` of their own.
-fn render(state: &AppState, metrics: &Metrics, key: &SummaryKey) -> Rendered {
-    let now = chrono::Utc::now();
-    let uptime = state.started.elapsed().as_secs();
-    let summaries: Vec<Summary> = metrics
-        .bots()
-        .iter()
-        .filter(|b| key.bot.as_deref().is_none_or(|name| &*b.bot == name))
-        .map(|b| Summary::build(b, now, uptime))
-        .collect();
+/// The answer for `summaries`, as JSON or chat text.
+fn render(summaries: &[Summary], key: &SummaryKey) -> Rendered {
     if key.text {
         let text = if summaries.is_empty() {
             "No bots are configured yet.".to_owned()

@@ -9,7 +9,6 @@ use crate::event::{
 };
 use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot};
-use crate::metrics::pending::PendingUsers;
 use crate::metrics::today::Today;
 
 /// How a family is exposed.
@@ -161,6 +160,7 @@ pub trait Visitor {
 /// does not hash label values per request. Free-form label families are
 /// capped by `--max-label-values`; each has its own overflow counter so an
 /// operator sees which label overflowed.
+#[derive(Clone)]
 pub struct SelfCounters {
     pub accepted: prometheus::IntCounter,
     pub duplicates: prometheus::IntCounter,
@@ -184,8 +184,6 @@ pub struct BotMetrics {
     llm_tokens: Family<[Counter; 2]>,
     custom: Family<Counter>,
     pub active: ActiveUsers,
-    /// Users not yet sent to Redis (cluster mode; inert otherwise).
-    pub pending_users: PendingUsers,
     pub today: Today,
     pub counters: SelfCounters,
 }
@@ -211,7 +209,6 @@ impl BotMetrics {
             llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
             active: ActiveUsers::new(),
-            pending_users: PendingUsers::default(),
             today,
             counters,
         };
@@ -224,15 +221,6 @@ impl BotMetrics {
     /// Counts one checked event. Lock-free but for the shared read lock of a
     /// free-form family; never touches the store.
     pub fn apply(&self, event: &Event<'_>) {
-        if let Some(user) = event.user {
-            self.pending_users.record(user, event.ts);
-        }
-        self.count(event);
-    }
-
-    /// [`Self::apply`] but for noting the user for the next sync to Redis,
-    /// which the caller does for a whole request at once.
-    pub fn count(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
             self.active.insert_hashed(user, event.ts);
         }

@@ -5,7 +5,6 @@ pub mod active;
 pub mod bot;
 pub mod cells;
 mod collector;
-pub mod pending;
 pub mod today;
 
 use std::collections::HashMap;
@@ -356,6 +355,20 @@ impl Metrics {
             by_name,
             calendar,
         })
+    }
+
+    /// A fresh copy of `name`'s cells, registered nowhere (the same
+    /// self-counters and calendar, no label cap): for totals read from
+    /// elsewhere, such as the cluster's, then summarised as this process's
+    /// own are. Cheap: no registry, no collector.
+    pub fn scratch(&self, name: &str) -> Option<BotMetrics> {
+        let own = self.bot(name)?;
+        Some(BotMetrics::new(
+            own.bot.clone(),
+            usize::MAX,
+            own.counters.clone(),
+            Today::new(self.calendar.clone()),
+        ))
     }
 
     pub fn bot(&self, name: &str) -> Option<&Arc<BotMetrics>> {

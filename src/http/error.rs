@@ -76,6 +76,17 @@ pub enum Error {
     Journal(#[from] crate::journal::JournalError),
 }
 
+impl From<crate::event::ParseError> for Error {
+    fn from(e: crate::event::ParseError) -> Self {
+        use crate::event::ParseError;
+        match e {
+            ParseError::Malformed { message, index } => Error::Malformed { message, index },
+            ParseError::Invalid { message, index } => Error::Invalid { message, index },
+            ParseError::TooLarge(message) => Error::TooLarge(message),
+        }
+    }
+}
+
 impl From<crate::ingest::IngestError> for Error {
     fn from(e: crate::ingest::IngestError) -> Self {
         match e {
@@ -127,28 +138,6 @@ impl Error {
         match self {
             Error::Malformed { index, .. } | Error::Invalid { index, .. } => *index,
             _ => None,
-        }
-    }
-
-    /// Attaches the position of the event at fault within a batch.
-    pub fn at(self, i: usize) -> Self {
-        match self {
-            Error::Malformed { message, .. } => Error::Malformed {
-                message,
-                index: Some(i),
-            },
-            Error::Invalid { message, .. } => Error::Invalid {
-                message,
-                index: Some(i),
-            },
-            other => other,
-        }
-    }
-
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Error::Invalid {
-            message: message.into(),
-            index: None,
         }
     }
 }

@@ -1,4 +1,5 @@
-//! Users seen since the last sync to Redis, per bot (cluster mode only).
+//! Users seen since the last sync to Redis, per bot: cluster mode's
+//! [`UserNotes`].
 //!
 //! Redis's own HyperLogLogs hold the cluster-wide distinct counts, so each
 //! replica sends the (already keyed and hashed) users it saw since its last
@@ -8,11 +9,13 @@
 //! counted in `botmetrics_sync_users_dropped_total`) rather than let memory
 //! grow without end. The replica's own sketches still count them.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use crate::dedupe::UniformSet;
 use crate::event::UserHash;
+use crate::ingest::UserNotes;
 
 const SHARDS: usize = 8;
 
@@ -86,11 +89,39 @@ fn note(hours: &mut Vec<(i32, UniformSet)>, budget: &UserBudget, hour: i32, user
     }
 }
 
-#[derive(Default)]
+/// Every bot's pending users: what `ingest` notes through [`UserNotes`],
+/// and what the sync takes.
+pub struct Pending {
+    bots: HashMap<Arc<str>, PendingUsers>,
+    pub budget: Arc<UserBudget>,
+}
+
+impl Pending {
+    pub fn new(bots: &[Arc<str>], budget: Arc<UserBudget>) -> Self {
+        Pending {
+            bots: bots
+                .iter()
+                .map(|b| (b.clone(), PendingUsers::new(budget.clone())))
+                .collect(),
+            budget,
+        }
+    }
+
+    pub fn of(&self, bot: &str) -> Option<&PendingUsers> {
+        self.bots.get(bot)
+    }
+}
+
+impl UserNotes for Pending {
+    fn note(&self, bot: &str, users: &[(UserHash, i64)]) {
+        if let Some(pending) = self.bots.get(bot) {
+            pending.record_many(users);
+        }
+    }
+}
+
 pub struct PendingUsers {
-    /// Set once, when cluster mode starts; until then recording is one
-    /// atomic load.
-    budget: OnceLock<Arc<UserBudget>>,
+    budget: Arc<UserBudget>,
     /// Per shard, the users of each hour (nearly always one or two hours):
     /// an already uniform hash needs no hashing, so recording one costs a
     /// short lock and a probe.
@@ -98,24 +129,16 @@ pub struct PendingUsers {
 }
 
 impl PendingUsers {
-    pub fn enable(&self, budget: Arc<UserBudget>) {
-        let _ = self.budget.set(budget);
-    }
-
-    pub fn budget(&self) -> Option<&Arc<UserBudget>> {
-        self.budget.get()
-    }
-
-    /// Whether users are noted at all (cluster mode).
-    pub fn is_enabled(&self) -> bool {
-        self.budget.get().is_some()
+    pub fn new(budget: Arc<UserBudget>) -> Self {
+        PendingUsers {
+            budget,
+            shards: Default::default(),
+        }
     }
 
     /// Notes a user active at `ts` (unix seconds), once per hour.
     pub fn record(&self, user: UserHash, ts: i64) {
-        let Some(budget) = self.budget.get() else {
-            return;
-        };
+        let budget = &self.budget;
         let mut hours = self.shards[shard_of(user)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -125,9 +148,7 @@ impl PendingUsers {
     /// Notes a request's users, `(user, ts)`, taking each shard's lock once
     /// rather than once per user.
     pub fn record_many(&self, users: &[(UserHash, i64)]) {
-        let Some(budget) = self.budget.get() else {
-            return;
-        };
+        let budget = &self.budget;
         if users.len() < 2 * SHARDS {
             for &(user, ts) in users {
                 self.record(user, ts);
@@ -174,10 +195,7 @@ mod tests {
     fn records_each_user_once_per_hour_within_the_budget() {
         let dropped = prometheus::IntCounter::new("d", "d").unwrap();
         let budget = Arc::new(UserBudget::new(3, dropped.clone()));
-        let pending = PendingUsers::default();
-        pending.record(UserHash(1), 0);
-        assert!(pending.take(10).is_empty(), "disabled until enabled");
-        pending.enable(budget.clone());
+        let pending = PendingUsers::new(budget.clone());
         pending.record(UserHash(1), 10);
         pending.record(UserHash(1), 20);
         pending.record(UserHash(1), 3600);

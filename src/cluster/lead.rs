@@ -1,0 +1,255 @@
+//! Redis → the store: cluster mode's [`Source`] for the one store writer.
+//!
+//! The replica that holds the lease `bm:writer` (a Redis key with an
+//! expiry of three flush intervals, renewed at every flush) leads: the
+//! store writer (`persist`) writes what Redis holds to `real_time_metrics`
+//! every `--flush-interval`, with the sketches and each replica's applied
+//! marks in the same transaction, and a point per series to
+//! `metrics_history` every `--history-interval`. When it stops it gives the
+//! lease up; when it dies the lease expires and another replica takes it.
+//! The store's own one-writer lease (an advisory lock on PostgreSQL) is
+//! taken too, by the writer, and given up with the Redis lease: it fences a
+//! holder that stalled past its expiry, since only one process can hold it
+//! at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use super::view::{BotView, View};
+use super::{BotKeys, Cluster, ClusterError, Result, timed};
+use crate::BoxFuture;
+use crate::metrics::bot::ACTIVE_USERS;
+use crate::persist::{self, Cut, PersistError, RestoreReport, Source};
+use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesRow, Stored};
+
+const LEASE_KEY: &str = "bm:writer";
+
+/// The lead in Redis and the cluster totals it writes.
+pub struct Lead {
+    cluster: Arc<Cluster>,
+    view: Arc<View>,
+    bots: Vec<Arc<str>>,
+    lease_ttl: Duration,
+    holding: AtomicBool,
+    renew: redis::Script,
+    release: redis::Script,
+    clean: redis::Script,
+}
+
+fn source(e: ClusterError) -> PersistError {
+    match e {
+        ClusterError::Store(e) => PersistError::Store(e),
+        other => PersistError::Source(Box::new(other)),
+    }
+}
+
+/// Every row the store keeps for the cluster: the totals, and the
+/// cluster-wide distinct users as the gauge rows a single process writes.
+fn rows(views: &[BotView]) -> Vec<SeriesRow> {
+    let mut rows = Vec::new();
+    for view in views {
+        rows.extend(view.series.iter().filter(|r| r.value.is_finite()).cloned());
+        for (window, users) in ["1d", "7d", "30d"].into_iter().zip(view.users) {
+            rows.push(SeriesRow {
+                metric: ACTIVE_USERS.name.to_owned(),
+                bot: view.bot.clone(),
+                labels: format!(r#"{{"window":"{window}"}}"#),
+                value: users as f64,
+            });
+        }
+    }
+    rows
+}
+
+impl Lead {
+    pub fn new(
+        cluster: Arc<Cluster>,
+        view: Arc<View>,
+        bots: Vec<Arc<str>>,
+        flush_interval: Duration,
+    ) -> Self {
+        Lead {
+            cluster,
+            view,
+            bots,
+            lease_ttl: (flush_interval * 3).max(Duration::from_secs(1)),
+            holding: AtomicBool::new(false),
+            renew: redis::Script::new(include_str!("lua/renew.lua")),
+            release: redis::Script::new(include_str!("lua/release.lua")),
+            clean: redis::Script::new(include_str!("lua/clean.lua")),
+        }
+    }
+
+    /// Takes or renews the lease. False while another replica writes. A
+    /// Redis error steps down: a lease that cannot be renewed is not held.
+    async fn hold(&self) -> Result<bool> {
+        let held = self.renew_or_take().await;
+        let was = self.holding.load(Ordering::Relaxed);
+        match &held {
+            Ok(true) if !was => tracing::info!(
+                replica = %self.cluster.replica,
+                "this replica writes the cluster totals to the store"
+            ),
+            Ok(false) if was => {
+                tracing::warn!("the store-writer lease expired and another replica took it")
+            }
+            Err(e) if was => {
+                tracing::warn!(error = %e, "redis unreachable: this replica stops writing the cluster totals until it can renew its lease")
+            }
+            _ => {}
+        }
+        let holding = matches!(held, Ok(true));
+        self.holding.store(holding, Ordering::Relaxed);
+        self.cluster.metrics.writer.set(i64::from(holding));
+        held
+    }
+
+    /// Renews the lease if this replica holds it, else takes it if free.
+    async fn renew_or_take(&self) -> Result<bool> {
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let ttl_ms = self.lease_ttl.as_millis() as u64;
+        let renewed: i64 = timed(
+            self.renew
+                .key(LEASE_KEY)
+                .arg(&self.cluster.replica)
+                .arg(ttl_ms)
+                .invoke_async(&mut conn),
+        )
+        .await?;
+        if renewed == 1 {
+            return Ok(true);
+        }
+        let taken: Option<String> = timed(
+            redis::cmd("SET")
+                .arg(LEASE_KEY)
+                .arg(&self.cluster.replica)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl_ms)
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(taken.is_some())
+    }
+
+    async fn give_back(&self) {
+        if let Ok(mut conn) = self.cluster.redis.conn().await {
+            let _: Result<i64> = timed(
+                self.release
+                    .key(LEASE_KEY)
+                    .arg(&self.cluster.replica)
+                    .invoke_async(&mut conn),
+            )
+            .await;
+        }
+    }
+
+    async fn read(&self, for_store: bool) -> Result<Vec<BotView>> {
+        let names: Vec<&str> = self.bots.iter().map(|b| &**b).collect();
+        Ok(self
+            .view
+            .read(&names, for_store)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect())
+    }
+
+    /// The store has these sketches now: unmark those no sync changed
+    /// since they were read. Housekeeping: a mark left behind only writes
+    /// a sketch again.
+    async fn clean(&self, sketches: &[ClusterSketch]) {
+        let mut by_bot: HashMap<&str, Vec<&ClusterSketch>> = HashMap::new();
+        for s in sketches {
+            by_bot.entry(&s.bot).or_default().push(s);
+        }
+        let Ok(mut conn) = timed(self.cluster.redis.conn()).await else {
+            return;
+        };
+        for (bot, sketches) in by_bot {
+            let keys = BotKeys::new(bot);
+            let mut invocation = self.clean.prepare_invoke();
+            invocation.key(keys.dirty());
+            for s in sketches {
+                invocation.key(format!("bm:{{{bot}}}:{}", s.sketch));
+                invocation.arg(s.hll.as_slice());
+            }
+            if let Err(e) = timed(invocation.invoke_async::<i64>(&mut conn)).await {
+                tracing::debug!(error = %e, bot, "sketch marks not cleared; the next flush writes them again");
+            }
+        }
+    }
+}
+
+impl Source for Lead {
+    fn lead(&self) -> BoxFuture<'_, persist::Result<bool>> {
+        Box::pin(async { self.hold().await.map_err(source) })
+    }
+
+    fn resign(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            if self.holding.swap(false, Ordering::Relaxed) {
+                self.give_back().await;
+            }
+            self.cluster.metrics.writer.set(0);
+        })
+    }
+
+    /// Nothing in memory to restore: the replicas' counts reach Redis by
+    /// the sync, and a bot Redis lacks is seeded from the store there.
+    fn restore<'a>(
+        &'a self,
+        _beyond: &'a Stored,
+        _stored: &'a Stored,
+    ) -> BoxFuture<'a, persist::Result<RestoreReport>> {
+        Box::pin(async { Ok(RestoreReport::default()) })
+    }
+
+    fn cut(&self) -> BoxFuture<'_, persist::Result<Cut>> {
+        Box::pin(async move {
+            let views = self.read(true).await.map_err(source)?;
+            let mut cut = Cut {
+                rows: rows(&views),
+                ..Cut::default()
+            };
+            for view in &views {
+                // The latest day of each counter is the one the store keeps.
+                let mut latest: HashMap<&str, &DailyRow> = HashMap::new();
+                for d in &view.daily {
+                    let e = latest.entry(d.name.as_str()).or_insert(d);
+                    if d.day > e.day {
+                        *e = d;
+                    }
+                }
+                cut.daily.extend(latest.into_values().cloned());
+                for (sketch, hll) in &view.sketches {
+                    cut.rest.cluster_sketches.push(ClusterSketch {
+                        bot: view.bot.clone(),
+                        sketch: sketch.clone(),
+                        hll: hll.clone(),
+                    });
+                }
+                for (replica, applied) in &view.applied {
+                    cut.rest.cluster_progress.push(ClusterProgress {
+                        bot: view.bot.clone(),
+                        replica: replica.clone(),
+                        applied: *applied,
+                    });
+                }
+            }
+            Ok(cut)
+        })
+    }
+
+    fn stored<'a>(&'a self, batch: &'a FlushBatch) -> BoxFuture<'a, ()> {
+        Box::pin(self.clean(&batch.cluster_sketches))
+    }
+
+    fn not_stored(&self, _batch: &FlushBatch) {}
+
+    fn history(&self) -> BoxFuture<'_, persist::Result<Vec<SeriesRow>>> {
+        Box::pin(async move { Ok(rows(&self.read(false).await.map_err(source)?)) })
+    }
+}
