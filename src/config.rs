@@ -14,9 +14,10 @@ use std::time::Duration;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, ValueEnum};
 
-/// The port botmetrics listens on when `--listen` is not given. 9464 is the
-/// port registered for Prometheus exporters of this kind in the Prometheus
-/// wiki's default port allocations, so it collides with nothing common.
+/// The port botmetrics listens on when `--listen` is not given. 9464 is
+/// also the default of the OpenTelemetry Prometheus exporter, so a host that
+/// runs one beside botmetrics needs `--listen` on one of them; it was kept
+/// because it is the port existing configurations and dashboards use.
 pub const DEFAULT_PORT: u16 = 9464;
 
 /// botmetrics: turns a chat bot's events into Prometheus metrics, a summary
@@ -86,7 +87,8 @@ pub struct Config {
     pub history_interval: Duration,
 
     /// History older than this is dropped (whole partitions on PostgreSQL).
-    #[arg(long, env = "BOTMETRICS_RETENTION", value_parser = parse_positive_duration, default_value = "90d")]
+    /// At least 1d: history is kept and dropped in whole UTC days.
+    #[arg(long, env = "BOTMETRICS_RETENTION", value_parser = parse_retention, default_value = "90d")]
     pub retention: Duration,
 
     /// How long an `event_id` is remembered, so a retried event is counted once.
@@ -370,9 +372,28 @@ fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
     }
 }
 
+/// History is partitioned by UTC day on PostgreSQL and a partition goes
+/// only once all of it is past retention, so anything under a day would be
+/// silently kept for a day or two: refused instead of promised.
+fn parse_retention(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d < Duration::from_secs(86_400) => Err(format!(
+            "`{raw}` is shorter than a day; history is kept and dropped in whole days (PostgreSQL drops daily partitions), so use 1d or more"
+        )),
+        d => Ok(d),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retention_is_at_least_a_day() {
+        assert!(parse_retention("2m").is_err());
+        assert!(parse_retention("23h").is_err());
+        assert_eq!(parse_retention("1d"), Ok(Duration::from_secs(86_400)));
+    }
 
     #[test]
     fn tokens_map_to_bots() {

@@ -1,9 +1,11 @@
 //! The journal: a local write-ahead log of accepted batches, written before
 //! their 202 goes out, so an acknowledged event survives a crash.
 //!
-//! Four verbs: [`Journal::append`] + [`Journal::commit`] (group commit),
-//! [`Journal::sync`], [`Journal::replay`] and [`Journal::trim`]. Callers
-//! never see files or offsets, only log sequence numbers (LSNs).
+//! The verbs of the hot path and the flush are [`Journal::append`] +
+//! [`Journal::commit`] (group commit), [`Journal::sync`], [`Journal::replay`]
+//! and [`Journal::trim`]; the rest open, inspect (backlog, LSNs) and adopt
+//! stopped processes' journals. Callers never see files or offsets, only
+//! log sequence numbers (LSNs).
 //!
 //! # On disk
 //!

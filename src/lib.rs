@@ -3,32 +3,38 @@
 //!
 //! # Layout
 //!
-//! In the order an event travels:
+//! In the order an event travels, then a flush:
 //!
 //! * [`config`]: the one `Config` (flags with env fallbacks) and its parsers.
-//! * [`http`]: the API, one file per resource, merged under shared middleware.
+//! * [`serve`]: the accept loop: header-read timeout, a bound on
+//!   connections, and a deadline on shutdown.
+//! * [`http`]: the API, one file per resource, merged under shared
+//!   middleware, and its error type ([`http::error`]); handlers get
+//!   [`state`], one `Arc` per request.
 //! * [`event`]: raw JSON events become checked domain types; whole batches
-//!   are validated before anything is applied.
-//! * [`ingest`]: dedupes retries by `event_id`, applies a batch and journals
-//!   it before the answer; replays journals at start.
-//! * [`dedupe`]: remembered `event_id`s, bounded, a few bytes each.
-//! * [`journal`]: the write-ahead log (group commit, fsync policy, torn-tail
-//!   recovery, trim); [`record`]: a batch's compact encoding in it.
+//!   are validated before anything is applied (errors: `event::ParseError`).
+//! * [`ingest`]: dedupes retries by `event_id` ([`dedupe`]), counts a batch
+//!   into [`metrics`] and journals it ([`journal`], records encoded by
+//!   [`record`]) before the answer; replays journals at start. Its seams,
+//!   `Arbiter` and `UserNotes`, are where cluster mode joins.
 //! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
 //!   histograms, capped free-form families, active-user sketches, "today"
 //!   counters), self-metrics, and the `Registry` that exposes them.
 //! * [`render_cache`]: `/metrics` and summaries rendered once per TTL.
-//! * [`summary`]: the bot's `/metrics` answer, as JSON or chat text.
-//! * [`persist`]: snapshot, diff and restore between memory and the store.
-//! * [`store`]: the only module with SQL (PostgreSQL and SQLite).
-//! * [`cluster`]: cluster mode (`--redis-url`): syncs to Redis, dedupe
-//!   across replicas, the cluster totals for summaries and the store.
-//! * [`tasks`]: the flush and history loops around `persist`'s one-step
-//!   functions.
-//! * [`serve`]: the accept loop: header-read timeout, a bound on
-//!   connections, and a deadline on shutdown.
-//! * [`startup`]: builds the application and runs it until stopped.
-//! * [`error`]: the API's error type and its JSON shape.
+//! * [`totals`]: where handlers read totals (this process's memory, or the
+//!   cluster's); [`summary`]: the bot's `/metrics` answer from them.
+//! * [`tasks`]: the one loop helper every periodic task runs on.
+//! * [`persist`]: the store's one writer: a flush takes a cut from its
+//!   `Source` (memory at a journal LSN, or the cluster totals), diffs it
+//!   against what the store holds and writes it in one transaction; the
+//!   translation between memory and rows.
+//! * [`store`]: the only module with SQL (PostgreSQL and SQLite) and the
+//!   one-writer lease.
+//! * [`cluster`]: cluster mode (`--redis-url`), plugged into the seams
+//!   above: claims ids across replicas, syncs counts to Redis, reads the
+//!   cluster totals, and leads the store writer from Redis.
+//! * [`startup`]: builds the application (choosing each seam's side) and
+//!   runs it until stopped; [`telemetry`]: logging.
 
 pub mod cluster;
 pub mod config;

@@ -5,7 +5,7 @@
 //! arriving during a render share the next one.
 //!
 //! A miss renders once however many requests are waiting for it (moka's
-//! `get_with` coalesces concurrent initialisations), and the render runs on
+//! `entry().or_insert_with` coalesces concurrent initialisations), and the render runs on
 //! the blocking pool so a 10,000-series page never stalls request handling.
 //! Gzip is done once per render, not once per request: Prometheus always
 //! asks for it.

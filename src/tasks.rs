@@ -42,10 +42,17 @@ pub struct Every {
     /// Retry a failed step sooner ([`flush_wait`]) rather than at the next
     /// interval: for steps whose failure leaves counts waiting.
     pub retry_sooner: bool,
-    /// The log's name for one step ("flush", "sync to redis"), and what the
-    /// first failure's line says happens meanwhile; `None`: the step logs
-    /// its own failures.
-    pub log: Option<(&'static str, &'static str)>,
+    /// The lines an outage's start and end are logged with; `None`: the
+    /// step logs its own failures.
+    pub log: Option<Log>,
+}
+
+/// What a periodic task logs when it starts failing (with the error) and
+/// when it works again.
+#[derive(Debug, Clone, Copy)]
+pub struct Log {
+    pub failed: &'static str,
+    pub recovered: &'static str,
 }
 
 /// The one loop around every periodic task: a step every `interval` (the
@@ -72,16 +79,16 @@ where
         }
         match step().await {
             Ok(outcome) => {
-                if let (Some((what, _)), true) = (every.log, failures > 0) {
-                    tracing::info!(?outcome, failures, "{what} works again");
+                if let (Some(log), true) = (every.log, failures > 0) {
+                    tracing::info!(?outcome, failures, "{}", log.recovered);
                 } else {
                     tracing::trace!(?outcome, "periodic step done");
                 }
                 failures = 0;
             }
             Err(e) => {
-                if let (Some((what, meanwhile)), 0) = (every.log, failures) {
-                    tracing::error!(error = %e, "{what} failed; {meanwhile}");
+                if let (Some(log), 0) = (every.log, failures) {
+                    tracing::error!(error = %e, "{}", log.failed);
                 }
                 failures = failures.saturating_add(1);
             }
@@ -105,10 +112,10 @@ pub async fn flush_loop_with<F, Fut, E>(
     let task = Every {
         interval,
         retry_sooner: true,
-        log: Some((
-            "flush",
-            "counting continues in memory and the flush retries",
-        )),
+        log: Some(Log {
+            failed: "flush failed; counting continues in memory and the flush retries",
+            recovered: "store reachable again; flush caught up",
+        }),
     };
     every(task, &mut flush, shutdown).await;
     match flush().await {
@@ -170,7 +177,10 @@ pub async fn history_loop(
     let task = Every {
         interval,
         retry_sooner: false,
-        log: Some(("history write", "the next tick tries again")),
+        log: Some(Log {
+            failed: "history write failed; the next tick tries again",
+            recovered: "history writes work again",
+        }),
     };
     every(task, || persistence.write_history_once(), shutdown).await;
     if let Err(e) = persistence.write_history_once().await {

@@ -813,7 +813,10 @@ pub async fn sync_loop(syncer: Arc<Syncer>, interval: Duration, shutdown: Cancel
     let task = crate::tasks::Every {
         interval,
         retry_sooner: true,
-        log: Some(("sync to redis", "counts are kept and the sync retries")),
+        log: Some(crate::tasks::Log {
+            failed: "sync to redis failed; counts are kept and the sync retries",
+            recovered: "sync to redis caught up",
+        }),
     };
     crate::tasks::every(task, || syncer.sync_once(), shutdown).await;
     syncer.final_sync().await;

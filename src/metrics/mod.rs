@@ -27,6 +27,9 @@ pub const REJECT_REASONS: &[&str] = &[
     "too_large",
     "unsupported_media_type",
     "invalid",
+    "retry_later",
+    "journal_full",
+    "journal_failed",
 ];
 
 /// Endpoints whose rendered answers are cached.
