@@ -44,6 +44,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::event::{UserHash, UserId};
+pub use crate::store::{Granularity, SketchRow};
 
 /// 2^14 dense registers: 0.81 % standard error, 16 KiB per sketch.
 pub const PRECISION: u8 = 14;
@@ -62,29 +63,7 @@ const SPARSE_TAG: u8 = 0xFF;
 const HOUR: i64 = 3600;
 const DAY: i64 = 86_400;
 
-/// The bucket sizes of the sketches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Granularity {
-    Hour,
-    Day,
-}
-
 impl Granularity {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Granularity::Hour => "hour",
-            Granularity::Day => "day",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "hour" => Some(Granularity::Hour),
-            "day" => Some(Granularity::Day),
-            _ => None,
-        }
-    }
-
     fn seconds(self) -> i64 {
         match self {
             Granularity::Hour => HOUR,
@@ -626,19 +605,6 @@ impl Ring {
 // ---------------------------------------------------------------------------
 // Storage rows
 // ---------------------------------------------------------------------------
-
-/// One stored sketch: which bucket, and its registers in one of two forms:
-///
-/// * dense: exactly [`REGISTERS`] bytes, register `i` at byte `i` (the only
-///   form earlier versions wrote, and still read as such);
-/// * sparse: the byte `0xFF`, then each entry as a big-endian `u32` (top 25
-///   bits of the hash, then the rank in the low 7 bits), ascending.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SketchRow {
-    pub granularity: Granularity,
-    pub bucket: i64,
-    pub registers: Vec<u8>,
-}
 
 enum Decoded {
     Sparse(Vec<Entry>),
