@@ -10,18 +10,16 @@
 //! mode)", issue 10, and the Redis key layout and self-metrics agreed for
 //! it. When a test fails, the log of every replica it started is printed.
 
-use std::collections::BTreeSet;
 use std::fmt::Debug;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Binary, PgDatabase, Raw, SqliteFile, pg_data_dir, sample};
+use crate::helpers::{AckedLoad, Binary, PgDatabase, Raw, SqliteFile, pg_data_dir, sample};
 use crate::redis::{RedisCluster, RedisServer};
 
 const TOKENS: &str = "a=ta,b=tb";
@@ -121,6 +119,23 @@ async fn replicas(db: &PgDatabase, redis_url: &str, n: usize) -> Vec<Replica> {
         connected(r).await;
     }
     started
+}
+
+/// What every test on one Redis stands on: a fresh PostgreSQL database and
+/// a private `redis-server`. `None` when either cannot be had here: the test
+/// then returns, skipped loudly (or failing in CI) by the fixture.
+async fn db_and_redis() -> Option<(PgDatabase, RedisServer)> {
+    let db = PgDatabase::create().await?;
+    let redis = RedisServer::start().await?;
+    Some((db, redis))
+}
+
+/// [`db_and_redis`] with `n` [`replicas`] connected to that Redis: how most
+/// tests begin.
+async fn cluster_of(n: usize) -> Option<(PgDatabase, RedisServer, Vec<Replica>)> {
+    let (db, redis) = db_and_redis().await?;
+    let reps = replicas(&db, &redis.url(), n).await;
+    Some((db, redis, reps))
 }
 
 /// Waits for `botmetrics_redis_up 1`.
@@ -313,6 +328,23 @@ fn exactly_one_writer(w: &[Option<f64>]) -> bool {
     w.iter().all(Option::is_some) && w.iter().flatten().filter(|v| **v == 1.0).count() == 1
 }
 
+/// Waits up to `timeout` until every one of `replicas` answers
+/// `botmetrics_cluster_writer` and exactly one says 1: one PostgreSQL
+/// writer lease, held once. Their gauges then.
+async fn one_writer_within(
+    timeout: Duration,
+    what: &str,
+    replicas: &[&Binary],
+) -> Vec<Option<f64>> {
+    until_within(
+        timeout,
+        what,
+        || writers(replicas),
+        |w| exactly_one_writer(w),
+    )
+    .await
+}
+
 /// `n` user messages, each with its own event id `{tag}-{i}`.
 fn with_ids(tag: &str, n: usize) -> Value {
     Value::Array(
@@ -400,13 +432,9 @@ fn group_batch(j: usize, r: usize) -> Value {
 
 #[tokio::test]
 async fn three_replicas_answer_exact_cluster_totals() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((db, redis, reps)) = cluster_of(3).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let reps = replicas(&db, &redis.url(), 3).await;
     let all = bins(&reps);
     // A load balancer sends traffic to every replica: each is ready.
     for (i, r) in reps.iter().enumerate() {
@@ -516,12 +544,7 @@ async fn three_replicas_answer_exact_cluster_totals() {
         (active - 600.0).abs() <= 12.0,
         "bot_active_users 1d {active}, want 600 within 2 %"
     );
-    let w = until(
-        "exactly one PostgreSQL writer",
-        || writers(&all),
-        |w| exactly_one_writer(w),
-    )
-    .await;
+    let w = one_writer_within(SETTLE, "exactly one PostgreSQL writer", &all).await;
     assert_eq!(w.iter().flatten().sum::<f64>(), 1.0, "{w:?}");
 
     // The key layout of the contract.
@@ -574,13 +597,9 @@ async fn three_replicas_answer_exact_cluster_totals() {
 
 #[tokio::test]
 async fn a_retry_on_another_replica_is_a_duplicate_counted_once() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((_db, redis, reps)) = cluster_of(2).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let reps = replicas(&db, &redis.url(), 2).await;
     let all = bins(&reps);
     let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
 
@@ -660,13 +679,9 @@ fn claim_key(bot: &str, id: &str) -> String {
 /// confirmed it is a duplicate; once given back, the retry counts.
 #[tokio::test]
 async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((_db, redis, reps)) = cluster_of(1).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let reps = replicas(&db, &redis.url(), 1).await;
     let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
     let ghost_claim = |id: &str| {
         let key = claim_key("a", id);
@@ -729,13 +744,9 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
 /// wherever it lands.
 #[tokio::test]
 async fn a_restart_settles_its_pending_claims_against_its_journal() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((db, redis, mut reps)) = cluster_of(1).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let mut reps = replicas(&db, &redis.url(), 1).await;
     let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
     assert_eq!(
         reps[0].post_events("ta", &message("kept")).await,
@@ -750,8 +761,7 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
     .await;
     let me = me.trim().to_owned();
     assert!(!me.is_empty() && !me.contains('\n'), "one replica: {me:?}");
-    let status = reps[0].signal("KILL").await;
-    assert_eq!(status.signal(), Some(9));
+    reps[0].kill_9().await;
     // As if killed between claims and journal writes: "kept" is journaled,
     // "lost" never was.
     let pending = format!("bm:{{a}}:pending:{me}");
@@ -786,10 +796,7 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
 /// its events to Redis.
 #[tokio::test]
 async fn sigterm_syncs_a_replicas_last_events_before_it_exits() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    let Some(redis) = RedisServer::start().await else {
+    let Some((db, redis)) = db_and_redis().await else {
         return;
     };
     let url = redis.url();
@@ -849,42 +856,15 @@ async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
     const VICTIM_CLIENTS: usize = 6;
     const SURVIVOR_CLIENTS: usize = 2;
     const SURVIVOR_BATCHES: usize = 40;
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    let Some(redis) = RedisServer::start().await else {
+    let Some((db, redis)) = db_and_redis().await else {
         return;
     };
     let url = redis.url();
     let mut reps = replicas(&db, &url, 2).await;
 
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+    let victim_load =
+        AckedLoad::start(&reps[0], "ta", VICTIM_CLIENTS, |c, b| load_batch("k", c, b));
     let client = reqwest::Client::new();
-    let mut victim_load = tokio::task::JoinSet::new();
-    for c in 0..VICTIM_CLIENTS {
-        let (client, target) = (client.clone(), reps[0].url("/v1/events"));
-        let (acked, attempted) = (acked.clone(), attempted.clone());
-        victim_load.spawn(async move {
-            for b in 0.. {
-                attempted.lock().unwrap().insert((c, b));
-                let sent = client
-                    .post(&target)
-                    .bearer_auth("ta")
-                    .json(&load_batch("k", c, b))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(res) if res.status() == 202 => {
-                        acked.lock().unwrap().insert((c, b));
-                    }
-                    // The replica is gone: this batch is unknown.
-                    _ => return,
-                }
-            }
-        });
-    }
     let mut survivor_load = tokio::task::JoinSet::new();
     for c in 0..SURVIVOR_CLIENTS {
         let (client, target) = (client.clone(), reps[1].url("/v1/events"));
@@ -904,16 +884,13 @@ async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
     // Acknowledged batches pile up across several syncs, then the kill.
     until(
         "150 acknowledged batches on replica 0",
-        || async { acked.lock().unwrap().len() },
+        || async { victim_load.acknowledged() },
         |n| *n >= 150,
     )
     .await;
-    let status = reps[0].signal("KILL").await;
-    assert_eq!(status.signal(), Some(9));
-    victim_load.join_all().await;
+    reps[0].kill_9().await;
+    let (acked, attempted) = victim_load.stopped().await;
     survivor_load.join_all().await;
-    let acked = acked.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
     let survivor = (SURVIVOR_CLIENTS * SURVIVOR_BATCHES * 10) as f64;
     let acked_events = (acked.len() * 10) as f64 + survivor;
     let attempted_events = (attempted.len() * 10) as f64 + survivor;
@@ -978,10 +955,7 @@ async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
 /// again from its journal, users included: the totals come back exact.
 #[tokio::test]
 async fn flushall_before_any_store_write_comes_back_from_the_journals() {
-    let Some(db) = PgDatabase::create().await else {
-        return;
-    };
-    let Some(redis) = RedisServer::start().await else {
+    let Some((db, redis)) = db_and_redis().await else {
         return;
     };
     let mut reps = Vec::new();
@@ -1099,13 +1073,9 @@ fn watch_summaries(
 
 #[tokio::test]
 async fn flushall_reseeds_from_postgres_never_zeroing_or_doubling() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((db, redis, reps)) = cluster_of(2).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let reps = replicas(&db, &redis.url(), 2).await;
     let all = bins(&reps);
     for b in 0..20 {
         reps[b % 2]
@@ -1170,13 +1140,9 @@ async fn flushall_reseeds_from_postgres_never_zeroing_or_doubling() {
 
 #[tokio::test]
 async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((db, mut redis, reps)) = cluster_of(2).await else {
         return;
     };
-    let Some(mut redis) = RedisServer::start().await else {
-        return;
-    };
-    let reps = replicas(&db, &redis.url(), 2).await;
     let all = bins(&reps);
     for b in 0..20 {
         reps[b % 2]
@@ -1257,20 +1223,16 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
 
 #[tokio::test]
 async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
-    let Some(db) = PgDatabase::create().await else {
+    let Some((db, _redis, mut reps)) = cluster_of(3).await else {
         return;
     };
-    let Some(redis) = RedisServer::start().await else {
-        return;
-    };
-    let mut reps = replicas(&db, &redis.url(), 3).await;
     let raw = Raw::connect(&db.url).await;
     let holder = {
         let all = bins(&reps);
-        let w = until(
+        let w = one_writer_within(
+            SETTLE,
             "exactly one replica with botmetrics_cluster_writer 1",
-            || writers(&all),
-            |w| exactly_one_writer(w),
+            &all,
         )
         .await;
         for b in 0..30 {
@@ -1285,17 +1247,15 @@ async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
         w.iter().position(|v| *v == Some(1.0)).unwrap()
     };
 
-    let status = reps[holder].signal("KILL").await;
-    assert_eq!(status.signal(), Some(9));
+    reps[holder].kill_9().await;
     let survivors: Vec<&Binary> = (0..3)
         .filter(|&i| i != holder)
         .map(|i| &reps[i].bin)
         .collect();
-    until_within(
+    one_writer_within(
         TAKEOVER,
         "another replica takes the PostgreSQL writer lease within a few flush intervals",
-        || writers(&survivors),
-        |w| exactly_one_writer(w),
+        &survivors,
     )
     .await;
     for b in 0..20 {
@@ -1416,27 +1376,10 @@ async fn a_bad_redis_url_exits_non_zero_with_one_line_naming_the_flag() {
     for (flags, env) in cases {
         let mut args = vec!["--listen", "127.0.0.1:0", "--database-url", url.as_str()];
         args.extend_from_slice(flags);
-        let (status, _, stderr) = Binary::run(&args, env).await;
-        assert!(!status.success(), "{flags:?} {env:?} was accepted");
-        assert!(status.code().is_some(), "{flags:?}: killed by a signal");
+        let line = Binary::refused_in_one_line(&args, env, &[]).await;
         assert!(
-            !stderr.contains("panicked"),
-            "{flags:?} panicked:\n{stderr}"
-        );
-        let lines: Vec<&str> = stderr
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
-            .collect();
-        assert_eq!(
-            lines.len(),
-            1,
-            "{flags:?} {env:?}: one line expected:\n{stderr}"
-        );
-        assert!(
-            lines[0].contains("--redis-url"),
-            "{flags:?} {env:?}: the line should name --redis-url: {}",
-            lines[0]
+            line.contains("--redis-url"),
+            "{flags:?} {env:?}: the line should name --redis-url: {line}"
         );
     }
     assert!(

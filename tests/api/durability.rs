@@ -4,17 +4,14 @@
 //! journal tail, a second process on the same store, retries that straddle
 //! restarts, and the dedupe memory bound. Counts are exact.
 
-use std::collections::BTreeSet;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    Binary, PgDatabase, assert_error, config, eventually, on_both_backends, pg_data_dir, spawn_app,
-    start_with,
+    AckedLoad, Binary, PgDatabase, assert_error, config, eventually, on_both_backends, pg_data_dir,
+    spawn_app, start_with,
 };
 
 const USER_MESSAGES: &str = r#"bot_messages_total{bot="x",role="user"}"#;
@@ -76,44 +73,14 @@ async fn kill_9_under_load_loses_nothing_and_doubles_nothing(url: &str) {
     let flags = ["--flush-interval", "150ms"];
     let mut bin = Binary::serve(url, "x=tx", &flags).await;
     ready(&bin).await;
-    let acked = Arc::new(Mutex::new(BTreeSet::new()));
-    let attempted = Arc::new(Mutex::new(BTreeSet::new()));
-    let client = reqwest::Client::new();
-    let target = bin.url("/v1/events");
-    let mut load = tokio::task::JoinSet::new();
-    for c in 0..CLIENTS {
-        let (client, target) = (client.clone(), target.clone());
-        let (acked, attempted) = (acked.clone(), attempted.clone());
-        load.spawn(async move {
-            for b in 0.. {
-                attempted.lock().unwrap().insert((c, b));
-                let sent = client
-                    .post(&target)
-                    .bearer_auth("tx")
-                    .json(&batch(c, b))
-                    .timeout(Duration::from_secs(10))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(res) if res.status() == 202 => {
-                        acked.lock().unwrap().insert((c, b));
-                    }
-                    // The process is gone: this batch is unknown.
-                    _ => return,
-                }
-            }
-        });
-    }
+    let load = AckedLoad::start(&bin, "tx", CLIENTS, batch);
     // Let acknowledged batches pile up across several flushes, then kill.
     eventually(Duration::from_secs(30), || async {
-        acked.lock().unwrap().len() >= 300
+        load.acknowledged() >= 300
     })
     .await;
-    let status = bin.signal("KILL").await;
-    assert_eq!(status.signal(), Some(9));
-    load.join_all().await;
-    let acked = acked.lock().unwrap().clone();
-    let attempted = attempted.lock().unwrap().clone();
+    bin.kill_9().await;
+    let (acked, attempted) = load.stopped().await;
     assert!(acked.len() >= 300);
 
     // Restart: what was acknowledged is all there, before any retry.

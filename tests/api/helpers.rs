@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::ops::Deref;
+use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -19,7 +20,7 @@ use sqlx::{AssertSqlSafe, PgPool, SqlitePool};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 
 // ---------------------------------------------------------------------------
 // What a test needs from the machine
@@ -129,7 +130,9 @@ impl Drop for SqliteFile {
     }
 }
 
-fn unique_suffix() -> String {
+/// A random 16-hex-digit name part, so temporary directories and databases
+/// of tests running at once never meet.
+pub fn unique_suffix() -> String {
     use std::hash::{BuildHasher, RandomState};
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -738,6 +741,46 @@ impl Binary {
         )
     }
 
+    /// Runs the binary with a configuration it must refuse, and returns the
+    /// one line it complains in. Every test of a bad start holds it to the
+    /// same promise to the operator, so it is checked here once: it exits
+    /// non-zero by itself (not killed by a signal), without a panic, and says
+    /// what is wrong in exactly one line of stderr. Not counted as that line:
+    /// blank lines, clap's `For more information` hint, and lines starting
+    /// with one of `hints` (clap's `[possible values: …]` under a flag whose
+    /// values it lists).
+    pub async fn refused_in_one_line(
+        args: &[&str],
+        env: &[(&str, &str)],
+        hints: &[&str],
+    ) -> String {
+        let (status, _, stderr) = Binary::run(args, env).await;
+        assert!(
+            !status.success(),
+            "{args:?} {env:?} was accepted:\n{stderr}"
+        );
+        assert!(
+            status.code().is_some(),
+            "{args:?} {env:?}: killed by a signal:\n{stderr}"
+        );
+        assert!(
+            !stderr.contains("panicked"),
+            "{args:?} {env:?} panicked:\n{stderr}"
+        );
+        let lines: Vec<&str> = stderr
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty() && !l.starts_with("For more information"))
+            .filter(|l| !hints.iter().any(|hint| l.starts_with(hint)))
+            .collect();
+        assert_eq!(
+            lines.len(),
+            1,
+            "{args:?} {env:?}: one line expected:\n{stderr}"
+        );
+        lines[0].to_owned()
+    }
+
     /// The process id, while it runs.
     pub fn pid(&self) -> u32 {
         self.child.id().expect("botmetrics still runs")
@@ -765,6 +808,14 @@ impl Binary {
     pub async fn signal(&mut self, signal: &str) -> ExitStatus {
         self.send_signal(signal).await;
         self.exited(signal).await
+    }
+
+    /// `kill -9`: sends SIGKILL, waits for the exit, and checks the process
+    /// died of that signal; had it exited by itself first, a crash test
+    /// would not have tested a crash.
+    pub async fn kill_9(&mut self) {
+        let status = self.signal("KILL").await;
+        assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
     }
 
     /// Sends a signal and returns at once.
@@ -797,6 +848,87 @@ impl Deref for Binary {
 
     fn deref(&self) -> &Api {
         &self.api
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load to kill a server under
+// ---------------------------------------------------------------------------
+
+/// Batches of a load, each named `(client, batch)`.
+pub type Batches = BTreeSet<(usize, usize)>;
+
+/// Clients posting batches back to back until the server stops answering,
+/// keeping which batches they sent and which were acknowledged (202): the
+/// load a `kill -9` test kills a server under, then holds it to its promise
+/// (every acknowledged event counted, none twice; a batch in flight at the
+/// kill may or may not have counted). The single-process and the cluster
+/// kill -9 tests share it, so both keep the same books.
+pub struct AckedLoad {
+    acked: Arc<Mutex<Batches>>,
+    attempted: Arc<Mutex<Batches>>,
+    clients: JoinSet<()>,
+}
+
+impl AckedLoad {
+    /// `clients` concurrent clients, client `c` posting `batch(c, 0)`,
+    /// `batch(c, 1)`, … to the `/v1/events` of `api` with `token`, over a
+    /// client of their own (each request may take 10 s). A client stops at
+    /// its first failed request or answer other than 202: the server is
+    /// gone, and that batch's fate is unknown (attempted, not acknowledged).
+    pub fn start(
+        api: &Api,
+        token: &str,
+        clients: usize,
+        batch: fn(usize, usize) -> Value,
+    ) -> AckedLoad {
+        let acked = Arc::new(Mutex::new(BTreeSet::new()));
+        let attempted = Arc::new(Mutex::new(BTreeSet::new()));
+        let client = reqwest::Client::new();
+        let target = api.url("/v1/events");
+        let mut tasks = JoinSet::new();
+        for c in 0..clients {
+            let (client, target, token) = (client.clone(), target.clone(), token.to_owned());
+            let (acked, attempted) = (acked.clone(), attempted.clone());
+            tasks.spawn(async move {
+                for b in 0.. {
+                    attempted.lock().unwrap().insert((c, b));
+                    let sent = client
+                        .post(&target)
+                        .bearer_auth(&token)
+                        .json(&batch(c, b))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await;
+                    match sent {
+                        Ok(res) if res.status() == 202 => {
+                            acked.lock().unwrap().insert((c, b));
+                        }
+                        // The server is gone: this batch is unknown.
+                        _ => return,
+                    }
+                }
+            });
+        }
+        AckedLoad {
+            acked,
+            attempted,
+            clients: tasks,
+        }
+    }
+
+    /// How many batches have been acknowledged so far.
+    pub fn acknowledged(&self) -> usize {
+        self.acked.lock().unwrap().len()
+    }
+
+    /// Waits until every client has stopped (after the server went away)
+    /// and returns the batches acknowledged and those attempted.
+    pub async fn stopped(self) -> (Batches, Batches) {
+        self.clients.join_all().await;
+        let acked = self.acked.lock().unwrap().clone();
+        let attempted = self.attempted.lock().unwrap().clone();
+        (acked, attempted)
     }
 }
 

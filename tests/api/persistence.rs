@@ -6,7 +6,6 @@
 //! `on_both_backends!`.
 
 use std::collections::BTreeMap;
-use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
 use botmetrics::config::Config;
@@ -302,8 +301,7 @@ async fn kill_9_keeps_what_was_flushed(url: &str) {
         })
         .await;
     }
-    let status = bin.signal("KILL").await;
-    assert_eq!(status.signal(), Some(9), "killed by SIGKILL: {status:?}");
+    bin.kill_9().await;
     let log = bin.log();
     assert!(
         !log.contains("final flush"),

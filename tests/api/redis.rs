@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::helpers::have;
+use crate::helpers::{have, unique_suffix};
 
 /// Start-up of a fresh `redis-server` takes milliseconds; the machine may be
 /// busy compiling.
@@ -40,15 +40,7 @@ fn free_port() -> u16 {
 }
 
 fn temp_dir(what: &str) -> PathBuf {
-    use std::hash::{BuildHasher, RandomState};
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    let dir = std::env::temp_dir().join(format!(
-        "botmetrics-{what}-{:016x}",
-        RandomState::new().hash_one(nanos)
-    ));
+    let dir = std::env::temp_dir().join(format!("botmetrics-{what}-{}", unique_suffix()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     dir
 }
