@@ -1198,6 +1198,37 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
         );
         // Each replica's own counters go on, outage or not.
         assert_eq!(own_user_messages(r, "a").await, 200.0, "replica {i}");
+        // The gauges an operator needs during the outage are set in cluster
+        // mode too: the journal keeps what Redis lacks, dedupe its ids.
+        let backlog = until(
+            &format!("replica {i}: botmetrics_journal_backlog_bytes > 0 while Redis is down"),
+            || r.sample("botmetrics_journal_backlog_bytes"),
+            |b| b.is_some_and(|b| b > 0.0),
+        )
+        .await;
+        let text = r.metrics_text().await;
+        let ids = sample(&text, "botmetrics_dedupe_ids");
+        assert!(
+            ids.is_some_and(|n| n >= 100.0),
+            "replica {i}: botmetrics_dedupe_ids {ids:?} (it saw 100 ids or more)"
+        );
+        // Whole buckets of the default 10 min window: its 16ths, the
+        // newest partly filled, so 562.5 s to 600 s.
+        let window = sample(&text, "botmetrics_dedupe_window_seconds");
+        assert!(
+            window.is_some_and(|w| (562.5..=600.0).contains(&w)),
+            "replica {i}: botmetrics_dedupe_window_seconds {window:?} for the default --dedupe-window"
+        );
+        let max = sample(&text, "botmetrics_journal_max_bytes");
+        assert_eq!(
+            max,
+            Some((1u64 << 30) as f64),
+            "replica {i}: the default --journal-max-bytes"
+        );
+        assert!(
+            backlog < max,
+            "replica {i}: backlog {backlog:?} within {max:?}"
+        );
     }
 
     redis.restart_empty().await;
@@ -1214,6 +1245,25 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
     )
     .await;
     stored_reach(&raw, "a", 400.0).await;
+    // The store writer is one replica, and its gauge says so (it read 0 on
+    // every replica when cluster mode wrote through a second path).
+    let store_writers = until(
+        "exactly one replica with botmetrics_store_writer 1",
+        || async {
+            let mut w = Vec::new();
+            for r in &all {
+                w.push(r.sample("botmetrics_store_writer").await);
+            }
+            w
+        },
+        |w| exactly_one_writer(w),
+    )
+    .await;
+    assert_eq!(
+        store_writers,
+        writers(&all).await,
+        "the store writer is the cluster writer"
+    );
     raw.close().await;
 }
 

@@ -54,6 +54,7 @@ async fn a_bad_flag_value_exits_non_zero_with_one_line_naming_the_flag() {
         ("--metrics-cache-ttl", "soon"),
         ("--history-interval", "0s"),
         ("--retention", "forever"),
+        ("--retention", "2m"),
         ("--dedupe-window", "10 parsecs"),
         ("--max-body-bytes", "lots"),
         ("--max-batch", "0"),
