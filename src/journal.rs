@@ -1,6 +1,12 @@
 //! The journal: a local write-ahead log of accepted batches, written before
 //! their 202 goes out, so an acknowledged event survives a crash.
 //!
+//! One concern in one file on purpose (about 750 lines before its tests):
+//! the segment format, group commit, recovery of a torn tail, trimming and
+//! adopting a stopped process's journal all rest on the same invariants
+//! (LSN order, the lock file, what is on disk at open), and reading them
+//! side by side is how they are checked.
+//!
 //! The verbs of the hot path and the flush are [`Journal::append`] +
 //! [`Journal::commit`] (group commit), [`Journal::sync`], [`Journal::replay`]
 //! and [`Journal::trim`]; the rest open, inspect (backlog, LSNs) and adopt
