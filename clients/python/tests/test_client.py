@@ -153,7 +153,9 @@ class ClientAgainstServerTest(unittest.TestCase):
                 m.message(i, "user")
             return m, await m.close(timeout=10)
 
-        wrong, delivered = asyncio.run(go("not-the-token"))
+        with self.assertLogs("botmetrics", logging.ERROR) as logged:
+            wrong, delivered = asyncio.run(go("not-the-token"))
+        self.assertIn("(401)", logged.output[0])
         self.assertFalse(delivered)
         self.assertEqual((wrong.sent, wrong.rejected, wrong.pending), (0, 25, 0))
         self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 0)

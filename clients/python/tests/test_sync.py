@@ -103,9 +103,11 @@ class SyncClientTest(unittest.TestCase):
         close() says False (nothing is left unsent, but nothing was
         delivered either). The right token: True."""
         wrong = SyncBotMetrics(self.server.url, "not-the-token", batch_size=10, flush_interval=0.05)
-        for i in range(25):
-            wrong.message(i, "user")
-        self.assertFalse(wrong.close(timeout=10))
+        with self.assertLogs("botmetrics", logging.ERROR) as logged:
+            for i in range(25):
+                wrong.message(i, "user")
+            self.assertFalse(wrong.close(timeout=10))
+        self.assertIn("(401)", logged.output[0])
         self.assertEqual((wrong.sent, wrong.rejected, wrong.pending), (0, 25, 0))
         self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 0)
 
@@ -122,8 +124,9 @@ class SyncClientTest(unittest.TestCase):
         m = SyncBotMetrics(self.server.url, TOKEN, flush_interval=0.05)
         m.error("llm_timeout")
         m.error("not a valid kind!")  # 422: names are [A-Za-z0-9_.:-]
-        self.assertTrue(m.flush(timeout=10))  # nothing left to send
-        self.assertFalse(m.close(timeout=10))
+        with self.assertLogs("botmetrics", logging.WARNING):
+            self.assertTrue(m.flush(timeout=10))  # nothing left to send
+            self.assertFalse(m.close(timeout=10))
         self.assertEqual((m.sent, m.rejected), (1, 1))
 
 
