@@ -17,7 +17,9 @@ rules file (taken from /api/v1/rules, i.e. exactly what Prometheus loaded).
 Each must parse and return at least one non-NaN sample, and a dashboard
 target about the bot (one that uses `$bot`) a sample above 0: every closed
 series exists at 0 from start-up, so "returns data" alone would pass with
-nothing counted. The only exceptions are ZERO_ON_A_HEALTHY_RUN below, and
+nothing counted. A panel gated on a day of history (`X and on (bot) (Y
+offset 1d > 0)`: empty until the daily-user window is full) must parse
+whole, and X must return data. The only exceptions are ZERO_ON_A_HEALTHY_RUN below, and
 the cluster-mode self-metrics (CLUSTER_ONLY below), which botmetrics exposes
 only with --redis-url: without `--cluster` an expression over them that
 returns nothing is reported as skipped (it must still parse); with
@@ -321,7 +323,30 @@ def check_dashboards(rep: Report, prom: str, bot: str, files: list, psql_url: st
                     rep.fail(what, f"unknown variable left in `{one_line(expr)}`")
                     continue
                 about_bot = "$bot" in t["expr"] and not any(m in expr for m in ZERO_ON_A_HEALTHY_RUN)
+                ungated = without_history_gate(expr)
+                if ungated is not None:
+                    # Empty until a day of history exists, which a short
+                    # run cannot have: the whole must parse, and what it
+                    # shows once the gate opens must return data.
+                    parsed, err, _ = query(prom, expr)
+                    if not parsed:
+                        rep.fail(what, f"`{one_line(expr)}`: does not evaluate: {err}")
+                        continue
+                    what += " (without its day-of-history gate)"
+                    expr = ungated
                 rep.data(what, prom, expr, positive=about_bot, may_be_empty=cluster_only(expr, cluster))
+
+
+def without_history_gate(expr: str) -> str | None:
+    """`X and on (...) (Y offset 1d > 0)`, a panel that stays empty until
+    Prometheus holds a day of history: X. None for any other expression."""
+    ops = [(p, op) for p, op in _top_level_ops(expr) if op in _WORD_OPS]
+    if not ops or ops[-1][1] != "and":
+        return None
+    pos = ops[-1][0]
+    if not re.search(r"\boffset\b", expr[pos:]) or re.search(r"\boffset\b", expr[:pos]):
+        return None
+    return expr[:pos].strip()
 
 
 # Per-bot metrics that stay at 0 on a healthy run with a well-behaved

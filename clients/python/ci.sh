@@ -22,7 +22,7 @@ VENV=${BOTMETRICS_PY_VENV:-$REPO/target/python-venv}
 PYTHON=${PYTHON:-python3}
 PINS=(aiogram==3.31.0 mypy==2.4.1 prometheus-client==0.26.0)
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_INPUT=1
-export CI=${CI:-true}
+export CI=true  # never an inherited CI=false or 0: a skip here would pass in silence
 
 echo "--- python: pip install ./clients/python in a fresh virtualenv"
 # setuptools builds in the tree; a module removed since the last build

@@ -8,7 +8,8 @@
 #
 # Needs botmetrics on PATH (or BOTMETRICS_BIN=target/release/botmetrics), a
 # Redis at 127.0.0.1:6379 and a PostgreSQL at 127.0.0.1:5432 with a
-# database "test" (createdb -h 127.0.0.1 -U postgres test). Other servers:
+# database "botmetrics" (createdb -h 127.0.0.1 -U postgres botmetrics; not
+# "test", the test suite's own). Other servers:
 #
 #   REDIS_URL=redis://10.0.0.5:6379 DATABASE_URL=postgres://bm:secret@10.0.0.6/botmetrics examples/cluster/run-three-replicas.sh
 #
@@ -21,7 +22,7 @@ set -euo pipefail
 
 BIN=${BOTMETRICS_BIN:-botmetrics}
 REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379}
-DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/botmetrics}
 DATA_ROOT=${DATA_ROOT:-./botmetrics-cluster}   # replica N keeps its journal in $DATA_ROOT/replica-N
 # Ingest tokens, bot=token pairs (the README's quick-start bot). Every
 # replica needs the same ones. Beyond a demo, pass tokens and URLs with

@@ -144,6 +144,26 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(self.server.value("bot_errors_total", bot=BOT, kind="llm_timeout"), 1)
         self.assertEqual(self.server.value("bot_errors_total", bot=BOT, kind="db"), 1)
 
+    def test_close_is_true_only_when_every_event_was_delivered(self):
+        """A wrong token (401, nothing counted): close() is False; the right
+        token: True."""
+        async def go(token):
+            m = BotMetrics(self.server.url, token, batch_size=10, flush_interval=0.05)
+            for i in range(25):
+                m.message(i, "user")
+            return m, await m.close(timeout=10)
+
+        with self.assertLogs("botmetrics", logging.ERROR) as logged:
+            wrong, delivered = asyncio.run(go("not-the-token"))
+        self.assertIn("(401)", logged.output[0])
+        self.assertFalse(delivered)
+        self.assertEqual((wrong.sent, wrong.rejected, wrong.pending), (0, 25, 0))
+        self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 0)
+        right, delivered = asyncio.run(go(TOKEN))
+        self.assertTrue(delivered)
+        self.assertEqual((right.sent, right.rejected, right.dropped), (25, 0, 0))
+        self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 25)
+
     def test_every_helper_sends_a_valid_event(self):
         async def go():
             m = self.client(flush_interval=0.1)

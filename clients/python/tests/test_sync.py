@@ -98,6 +98,37 @@ class SyncClientTest(unittest.TestCase):
         m.message(1, "user")  # after close: dropped, counted, no error
         self.assertEqual((m.sent, m.dropped), (3, 1))
 
+    def test_close_is_true_only_when_every_event_was_delivered(self) -> None:
+        """A wrong token: the server answers 401 and counts nothing, so
+        close() says False (nothing is left unsent, but nothing was
+        delivered either). The right token: True."""
+        wrong = SyncBotMetrics(self.server.url, "not-the-token", batch_size=10, flush_interval=0.05)
+        with self.assertLogs("botmetrics", logging.ERROR) as logged:
+            for i in range(25):
+                wrong.message(i, "user")
+            self.assertFalse(wrong.close(timeout=10))
+        self.assertIn("(401)", logged.output[0])
+        self.assertEqual((wrong.sent, wrong.rejected, wrong.pending), (0, 25, 0))
+        self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 0)
+
+        right = SyncBotMetrics(self.server.url, TOKEN, batch_size=10, flush_interval=0.05)
+        for i in range(25):
+            right.message(i, "user")
+        self.assertTrue(right.close(timeout=10))
+        self.assertEqual((right.sent, right.rejected, right.dropped, right.pending), (25, 0, 0, 0))
+        self.assertEqual(self.server.value("bot_messages_total", bot=BOT, role="user"), 25)
+
+    def test_close_is_false_when_an_invalid_event_was_refused(self) -> None:
+        """A 422 drops only the bad event and the rest are delivered, but
+        not everything was: close() says False."""
+        m = SyncBotMetrics(self.server.url, TOKEN, flush_interval=0.05)
+        m.error("llm_timeout")
+        m.error("not a valid kind!")  # 422: names are [A-Za-z0-9_.:-]
+        with self.assertLogs("botmetrics", logging.WARNING):
+            self.assertTrue(m.flush(timeout=10))  # nothing left to send
+            self.assertFalse(m.close(timeout=10))
+        self.assertEqual((m.sent, m.rejected), (1, 1))
+
 
 class SyncWithoutServerTest(unittest.TestCase):
     def test_track_returns_while_the_server_holds_the_request(self) -> None:

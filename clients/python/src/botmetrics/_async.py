@@ -85,8 +85,10 @@ class BotMetrics(Core):
 
     async def flush(self, timeout: Optional[float] = None) -> bool:
         """Send everything tracked so far. True when all of it was
-        acknowledged, False when ``timeout`` seconds passed first (the
-        events stay queued and are retried)."""
+        acknowledged (taken by the server, or refused and counted in
+        ``rejected``; close() tells whether everything was delivered),
+        False when ``timeout`` seconds passed first (the events stay
+        queued and are retried)."""
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.pending:
@@ -102,18 +104,18 @@ class BotMetrics(Core):
 
     async def close(self, timeout: float = 5.0) -> bool:
         """Flush for at most ``timeout`` seconds, then stop the sender.
-        Returns True when nothing was left unsent."""
+        Returns True only when every event tracked was delivered: none left
+        unsent, none refused by the server (``rejected``: a wrong token, an
+        invalid event), none dropped from a full queue (``dropped``)."""
         self._closed = True
-        delivered = await self.flush(timeout) if self.pending else True
+        flushed = await self.flush(timeout) if self.pending else True
         task = self._task
         if task is not None:
             task.cancel()
             # asyncio.wait neither raises the task's CancelledError nor hides
             # a cancellation of close() itself.
             await asyncio.wait({task})
-        if not delivered:
-            log.warning("botmetrics: closing with %d events unsent", self.pending)
-        return delivered
+        return self._closing_verdict(flushed)
 
     async def __aenter__(self) -> "BotMetrics":
         self.start()

@@ -143,6 +143,18 @@ class Core:
         """Events tracked but not yet acknowledged (queued or in flight)."""
         return len(self._queue) + self._inflight
 
+    def _closing_verdict(self, flushed: bool) -> bool:
+        """What close() returns: True only when every event tracked was
+        delivered, i.e. nothing is left unsent (``flushed``), none was
+        refused by the server (``rejected``: a wrong token, an invalid
+        event) and none was pushed out of a full queue (``dropped``)."""
+        if not flushed:
+            log.warning("botmetrics: closing with %d events unsent", self.pending)
+        elif self.rejected or self.dropped:
+            log.warning("botmetrics: closing with %d events refused by the server and %d dropped",
+                        self.rejected, self.dropped)
+        return flushed and not self.pending and not self.rejected and not self.dropped
+
     # ------------------------------------------------------------- hot path
     #
     # Every helper builds its event as one dict literal and queues it with a

@@ -56,7 +56,9 @@ class SyncBotMetrics(Core):
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Block until everything tracked so far is acknowledged (True) or
-        ``timeout`` seconds have passed (False; the events stay queued)."""
+        ``timeout`` seconds have passed (False; the events stay queued).
+        Acknowledged: taken by the server, or refused and counted in
+        ``rejected``; close() tells whether everything was delivered."""
         self.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
@@ -74,20 +76,21 @@ class SyncBotMetrics(Core):
 
     def close(self, timeout: float = 5.0) -> bool:
         """Flush for at most ``timeout`` seconds, then stop the sender.
-        Returns True when nothing was left unsent. Events tracked after
-        close() are dropped (and counted in ``dropped``)."""
+        Returns True only when every event tracked was delivered: none left
+        unsent, none refused by the server (``rejected``: a wrong token, an
+        invalid event), none dropped from a full queue (``dropped``).
+        Events tracked after close() are dropped (and counted in
+        ``dropped``)."""
         self._closed = True
-        delivered = self.flush(timeout) if self.pending else True
+        flushed = self.flush(timeout) if self.pending else True
         self._stop = True
         self._wake.set()
         thread = self._thread
-        if thread is not None and delivered:
+        if thread is not None and flushed:
             # It is idle now; if delivery timed out it may be stuck in a
             # request, and a daemon thread must not hold up the caller.
             thread.join(timeout)
-        if not delivered:
-            log.warning("botmetrics: closing with %d events unsent", self.pending)
-        return delivered
+        return self._closing_verdict(flushed)
 
     def __enter__(self) -> "SyncBotMetrics":
         return self

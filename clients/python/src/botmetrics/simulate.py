@@ -86,6 +86,7 @@ class Simulation:
             user.registered = True
             self.stats["registered"] += 1
             m.user_registered(user.id)
+            self.stats["messages"] += 1  # /start is a user message too
             m.message(user.id, "user", db_queries=rng.randint(8, 14), chat_type=chat_type)
             user.consented = rng.random() < 0.85
             m.consent(user.id, user.consented)
@@ -206,8 +207,12 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.1)
         tracked = m.sent + m.pending
         await m.close(timeout=15.0)
-        print(f"done: {sim.stats['sessions']} sessions, {sim.stats['messages']} user messages, "
-              f"{sim.stats['registered']} new users, {sim.stats['limit_reached']} limit hits; "
+        # The figures of --counts (what was tracked, message:user included),
+        # so that this line and the file never disagree.
+        c = counted.counts
+        print(f"done: {sim.stats['sessions']} sessions, {c['message:user']} user messages "
+              f"(/start included), {c['message:assistant']} assistant messages, "
+              f"{c['user_registered']} new users, {c['limit_reached']} limit hits; "
               f"events sent={m.sent} duplicates={m.duplicates} rejected={m.rejected} "
               f"dropped={m.dropped} unsent={m.pending} (of {tracked})", flush=True)
         if args.counts:
