@@ -45,6 +45,7 @@ pub mod ingest;
 pub mod journal;
 pub mod metrics;
 pub mod persist;
+pub mod prices;
 pub mod record;
 pub mod render_cache;
 pub mod serve;
