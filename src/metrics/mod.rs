@@ -5,6 +5,8 @@ pub mod active;
 pub mod bot;
 pub mod cells;
 mod collector;
+mod ring;
+mod sketch;
 pub mod today;
 
 use std::collections::HashMap;

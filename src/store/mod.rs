@@ -107,7 +107,7 @@ impl Granularity {
 /// * sparse: the byte `0xFF`, then each entry as a big-endian `u32` (top 25
 ///   bits of the hash, then the rank in the low 7 bits), ascending.
 ///
-/// The store keeps the bytes as given; `metrics::active` writes and reads
+/// The store keeps the bytes as given; `metrics::sketch` writes and reads
 /// them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SketchRow {

@@ -1,0 +1,228 @@
+//! A request body as a batch: JSON (one object or an array) or NDJSON,
+//! each event checked as it is read, and serde's errors sorted into
+//! malformed (400) and invalid (422).
+//!
+//! Apart from `raw.rs` because framing is its own concern: a
+//! batch is refused whole, at the index of its first bad event, or as soon
+//! as it passes `--max-batch`, without reading the rest.
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+
+use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
+
+use super::raw::{Object, RawEvent};
+use super::{Event, ParseError, Result};
+
+/// How a request body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON object or a JSON array of objects.
+    Json,
+    /// One JSON object per line.
+    Ndjson,
+}
+
+/// Parses and checks a whole request body. Nothing is applied here: the
+/// caller applies the events only when every one of them is valid.
+pub fn parse_batch(
+    body: &[u8],
+    format: BodyFormat,
+    max_batch: usize,
+    now: i64,
+) -> Result<Vec<Event<'_>>> {
+    match format {
+        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now),
+        BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            None => Err(ParseError::Malformed {
+                message: "the request body is empty".into(),
+                index: None,
+            }),
+            Some(b'[') => parse_array(body, max_batch, now),
+            Some(_) => {
+                let Object(raw): Object<RawEvent> =
+                    serde_json::from_slice(body).map_err(from_serde)?;
+                Ok(vec![raw.check(now)?])
+            }
+        },
+    }
+}
+
+fn too_many(max_batch: usize) -> ParseError {
+    ParseError::TooLarge(format!(
+        "a request may carry at most {max_batch} events (--max-batch)"
+    ))
+}
+
+fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
+    let mut events = Vec::new();
+    let lines = body
+        .split(|&b| b == b'\n')
+        .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()));
+    for (i, line) in lines.enumerate() {
+        if i == max_batch {
+            return Err(too_many(max_batch));
+        }
+        let Object(raw): Object<RawEvent> =
+            serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;
+        events.push(raw.check(now).map_err(|e| e.at(i))?);
+    }
+    if events.is_empty() {
+        return Err(ParseError::Malformed {
+            message: "the request body holds no events".into(),
+            index: None,
+        });
+    }
+    Ok(events)
+}
+
+/// Reads a JSON array element by element, checking each event as it is
+/// read, so the error names the index at fault and a batch over the limit is
+/// refused without reading the rest.
+fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
+    struct Batch<'s> {
+        max_batch: usize,
+        now: i64,
+        index: &'s Cell<usize>,
+        failure: &'s RefCell<Option<ParseError>>,
+    }
+    impl<'de> DeserializeSeed<'de> for Batch<'_> {
+        type Value = Vec<Event<'de>>;
+        fn deserialize<D: Deserializer<'de>>(
+            self,
+            d: D,
+        ) -> std::result::Result<Self::Value, D::Error> {
+            d.deserialize_seq(self)
+        }
+    }
+    impl<'de> Visitor<'de> for Batch<'_> {
+        type Value = Vec<Event<'de>>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an array of events")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Self::Value, A::Error> {
+            let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max_batch));
+            while let Some(Object(raw)) = seq.next_element::<Object<RawEvent<'de>>>()? {
+                let fail = |e: ParseError| {
+                    *self.failure.borrow_mut() = Some(e);
+                    de::Error::custom("rejected")
+                };
+                if events.len() == self.max_batch {
+                    return Err(fail(too_many(self.max_batch)));
+                }
+                events.push(raw.check(self.now).map_err(fail)?);
+                self.index.set(events.len());
+            }
+            Ok(events)
+        }
+    }
+
+    let index = Cell::new(0);
+    let failure = RefCell::new(None);
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = Batch {
+        max_batch,
+        now,
+        index: &index,
+        failure: &failure,
+    }
+    .deserialize(&mut de)
+    .and_then(|events| de.end().map(|()| events));
+    match parsed {
+        Ok(events) if events.is_empty() => Err(ParseError::Invalid {
+            message: "the batch holds no events".into(),
+            index: None,
+        }),
+        Ok(events) => Ok(events),
+        Err(e) => Err(match failure.into_inner() {
+            Some(own @ ParseError::TooLarge(_)) => own,
+            Some(own) => own.at(index.get()),
+            None if e.is_syntax() || e.is_eof() || e.is_io() => from_serde(e),
+            None => from_serde(e).at(index.get()),
+        }),
+    }
+}
+
+fn from_serde(e: serde_json::Error) -> ParseError {
+    if e.is_data() {
+        ParseError::invalid(e.to_string())
+    } else {
+        ParseError::Malformed {
+            message: format!("invalid JSON: {e}"),
+            index: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    #[test]
+    fn malformed_bodies_are_400() {
+        for json in [
+            "",
+            "   ",
+            "{",
+            r#"{"type":"message""#,
+            r#"[{"type":"limit_reached"}"#,
+            "nul",
+            r#"{"type":"limit_reached"} x"#,
+        ] {
+            match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
+                Err(ParseError::Malformed { .. }) => {}
+                other => panic!("{json:?}: expected malformed, got {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn batch_errors_name_the_index() {
+        let body =
+            r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"message","role":"x"}]"#;
+        match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
+            Err(ParseError::Invalid { index: Some(2), .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let body = r#"[{"type":"limit_reached"},{"type":"custom"}]"#;
+        match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
+            Err(ParseError::Invalid { index: Some(1), .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let body = "{\"type\":\"limit_reached\"}\n\n{\"type\":\"limit_reached\"}\n{\"type\":1}\n";
+        match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
+            Err(ParseError::Invalid { index: Some(2), .. }) => {}
+            other => panic!("{other:?}"),
+        }
+        let body = "{\"type\":\"limit_reached\"}\n{oops\n";
+        match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
+            Err(ParseError::Malformed { index: Some(1), .. }) => {}
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn batch_size_is_capped() {
+        let body = format!("[{}]", [r#"{"type":"limit_reached"}"#; 4].join(","));
+        assert_eq!(
+            parse_batch(body.as_bytes(), BodyFormat::Json, 4, NOW)
+                .unwrap()
+                .len(),
+            4
+        );
+        assert!(matches!(
+            parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW),
+            Err(ParseError::TooLarge(_))
+        ));
+        let nd = [r#"{"type":"limit_reached"}"#; 4].join("\n");
+        assert!(matches!(
+            parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW),
+            Err(ParseError::TooLarge(_))
+        ));
+    }
+}

@@ -1,0 +1,382 @@
+//! Events as the bot sends them, and the checked domain types they become.
+//!
+//! Parse, don't validate: a `RawEvent` (`raw.rs`) is whatever serde read, an
+//! [`Event`] is what may reach the registry. Every label value of an `Event`
+//! is either a closed enum or a [`ShortName`], so nothing downstream checks
+//! again. Strings borrow from the request body where they can, so a
+//! well-formed event is parsed without allocating.
+//!
+//! This file holds the checked types and the limits they obey: what the rest
+//! of the crate names. How a raw event becomes an `Event` is `raw.rs`; how a
+//! request body becomes a batch of them is `batch.rs`.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+mod batch;
+mod raw;
+
+pub use batch::{BodyFormat, parse_batch};
+
+/// Longest accepted string `user_id`.
+pub const MAX_USER_ID_LEN: usize = 256;
+/// Longest accepted `event_id`: room for a UUID or a composite key.
+pub const MAX_EVENT_ID_LEN: usize = 128;
+/// How far in the future a `ts` may be (clock skew between bot and server).
+pub const MAX_FUTURE_SECS: i64 = 300;
+
+// Ranges of the numeric fields. Each is far beyond what a real bot sends,
+// and small enough that a counter fed the maximum at 100,000 events a second
+// for a thousand years stays finite (about 3e27 at most, against f64's 1.8e308),
+// so no input can make a series infinite or NaN (Principle 6).
+
+/// `duration_ms`: one day.
+pub const MAX_DURATION_MS: f64 = 86_400_000.0;
+/// `tokens.prompt` and `tokens.completion`, each: a billion tokens.
+pub const MAX_TOKENS: u64 = 1_000_000_000;
+/// `db_queries` for one message.
+pub const MAX_DB_QUERIES: u32 = 1_000_000;
+/// A `custom` event's `value`.
+pub const MAX_CUSTOM_VALUE: f64 = 1e12;
+
+/// Why a request body is not a batch of valid events. The parser owns it;
+/// the HTTP layer maps it to a status and a JSON body (`error.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// The body is not well-formed JSON (or NDJSON).
+    #[error("{message}")]
+    Malformed {
+        message: String,
+        index: Option<usize>,
+    },
+    /// Well-formed JSON that is not a valid event.
+    #[error("{message}")]
+    Invalid {
+        message: String,
+        index: Option<usize>,
+    },
+    /// More events than `--max-batch`.
+    #[error("{0}")]
+    TooLarge(String),
+}
+
+impl ParseError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ParseError::Invalid {
+            message: message.into(),
+            index: None,
+        }
+    }
+
+    /// Attaches the position of the event at fault within a batch.
+    pub fn at(self, i: usize) -> Self {
+        match self {
+            ParseError::Malformed { message, .. } => ParseError::Malformed {
+                message,
+                index: Some(i),
+            },
+            ParseError::Invalid { message, .. } => ParseError::Invalid {
+                message,
+                index: Some(i),
+            },
+            other => other,
+        }
+    }
+}
+
+pub type Result<T, E = ParseError> = std::result::Result<T, E>;
+
+/// True when `s` may be used as a free-form label value or a bot name:
+/// 1-64 characters of `[A-Za-z0-9_.:-]`.
+pub fn is_short_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-'))
+}
+
+/// A checked free-form label value (error kind, custom event, model, cache).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShortName<'a>(Cow<'a, str>);
+
+impl<'a> ShortName<'a> {
+    pub fn parse(field: &str, value: Cow<'a, str>) -> Result<Self> {
+        if is_short_name(&value) {
+            Ok(ShortName(value))
+        } else {
+            Err(ParseError::invalid(format!(
+                "`{field}` must be 1-64 characters of [A-Za-z0-9_.:-], got {:?}",
+                truncate(&value, 80)
+            )))
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+macro_rules! closed_enum {
+    ($(#[$m:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+
+        // By hand rather than derived: serde_json reports a derived enum
+        // given a number as a syntax error (400), but `"role": 1` is
+        // well-formed JSON with a mistyped field (422).
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+                struct V;
+                impl Visitor<'_> for V {
+                    type Value = $name;
+                    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                        write!(f, "one of {}", $name::NAMES.join(", "))
+                    }
+                    fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<$name, E> {
+                        match v {
+                            $($text => Ok($name::$variant),)+
+                            _ => Err(E::unknown_variant(v, $name::NAMES)),
+                        }
+                    }
+                }
+                d.deserialize_str(V)
+            }
+        }
+
+        impl $name {
+            /// Every value, in exposition order: the closed label set.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The label values of [`Self::ALL`], in the same order.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$variant => $text),+ }
+            }
+
+            /// Position in [`Self::ALL`], used to index fixed arrays of series.
+            pub fn index(self) -> usize {
+                self as usize
+            }
+        }
+    };
+}
+
+closed_enum!(
+    /// Who wrote a message.
+    Role { User => "user", Assistant => "assistant" }
+);
+closed_enum!(
+    /// How an LLM call ended.
+    Status { Success => "success", Error => "error", RateLimited => "rate_limited", Timeout => "timeout" }
+);
+closed_enum!(
+    /// A cache lookup's outcome.
+    CacheResult { Hit => "hit", Miss => "miss" }
+);
+closed_enum!(
+    /// A consent decision (the `granted` boolean of a `consent` event).
+    Decision { Granted => "granted", Denied => "denied" }
+);
+closed_enum!(
+    /// Which side of an LLM call tokens were spent on.
+    TokenKind { Prompt => "prompt", Completion => "completion" }
+);
+closed_enum!(
+    /// The chat an event happened in (Telegram's chat types). Accepted and
+    /// checked so bots can send it today; it is not yet a label.
+    ChatType { Private => "private", Group => "group", Supergroup => "supergroup", Channel => "channel" }
+);
+closed_enum!(
+    EventType {
+        Message => "message",
+        Response => "response",
+        Cache => "cache",
+        UserRegistered => "user_registered",
+        Consent => "consent",
+        LimitReached => "limit_reached",
+        Error => "error",
+        Custom => "custom",
+    }
+);
+
+/// A user id: Telegram's integer ids, or any string id up to 256 characters.
+/// The integer `42` and the string `"42"` are the same user.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UserId<'a> {
+    Int(i128),
+    Str(Cow<'a, str>),
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for UserId<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = UserId<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an integer or a string of 1-256 characters")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<Self::Value, E> {
+                Ok(UserId::Int(v.into()))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<Self::Value, E> {
+                Ok(UserId::Int(v.into()))
+            }
+            fn visit_borrowed_str<E: de::Error>(
+                self,
+                v: &'de str,
+            ) -> std::result::Result<Self::Value, E> {
+                check_user_id(v)?;
+                Ok(UserId::Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<Self::Value, E> {
+                check_user_id(v)?;
+                Ok(UserId::Str(Cow::Owned(v.to_owned())))
+            }
+        }
+        fn check_user_id<E: de::Error>(v: &str) -> std::result::Result<(), E> {
+            if v.is_empty() || v.chars().count() > MAX_USER_ID_LEN {
+                Err(E::custom(format_args!(
+                    "user_id must be an integer or a string of 1-{MAX_USER_ID_LEN} characters"
+                )))
+            } else {
+                Ok(())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl UserId<'_> {
+    /// Feeds the id to a hasher so that `42` and `"42"` hash alike, without
+    /// allocating: integers are written as their decimal digits.
+    pub fn hash_bytes<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            UserId::Str(s) => f(s.as_bytes()),
+            UserId::Int(n) => {
+                let mut buf = [0u8; 40];
+                let mut i = buf.len();
+                let negative = *n < 0;
+                let mut v = n.unsigned_abs();
+                loop {
+                    i -= 1;
+                    buf[i] = b'0' + (v % 10) as u8;
+                    v /= 10;
+                    if v == 0 {
+                        break;
+                    }
+                }
+                if negative {
+                    i -= 1;
+                    buf[i] = b'-';
+                }
+                f(&buf[i..])
+            }
+        }
+    }
+}
+
+/// A user id after hashing: what stands for a user everywhere past parsing
+/// (the sketches and the journal), so a raw id never outlives its request.
+/// The key is fixed, so every process and replica hashes a user alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct UserHash(pub u64);
+
+/// The SipHash key for user ids. Fixed (not random per process) so sketches
+/// and journals written by one run merge with the next run's; ids are never
+/// stored, and a sketch register keeps only a maximum rank.
+pub(crate) const USER_HASH_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
+
+static USER_HASHER: std::sync::LazyLock<hyperloglockless::DefaultHasher> =
+    std::sync::LazyLock::new(|| {
+        hyperloglockless::DefaultHasher::seeded(&USER_HASH_KEY.to_be_bytes())
+    });
+
+impl UserId<'_> {
+    /// The keyed hash of this id.
+    pub fn hash(&self) -> UserHash {
+        use std::hash::BuildHasher;
+        UserHash(self.hash_bytes(|bytes| USER_HASHER.hash_one(bytes)))
+    }
+}
+
+/// A checked event: what the registry applies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event<'a> {
+    /// Hashed as soon as the event is checked: the raw id goes no further.
+    pub user: Option<UserHash>,
+    pub event_id: Option<Cow<'a, str>>,
+    /// Unix seconds; arrival time when the bot sent none.
+    pub ts: i64,
+    /// Checked and kept for the future; not a label (yet).
+    pub chat_type: Option<ChatType>,
+    pub body: EventBody<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventBody<'a> {
+    Message {
+        role: Role,
+        db_queries: Option<u32>,
+    },
+    Response {
+        status: Status,
+        duration_seconds: f64,
+        model: Option<ShortName<'a>>,
+        tokens: Option<[u64; 2]>,
+    },
+    Cache {
+        result: CacheResult,
+        cache: ShortName<'a>,
+    },
+    UserRegistered,
+    Consent {
+        decision: Decision,
+    },
+    LimitReached,
+    Error {
+        kind: ShortName<'a>,
+    },
+    Custom {
+        name: ShortName<'a>,
+        value: f64,
+    },
+}
+
+/// The cache name used when a `cache` event names none.
+pub const DEFAULT_CACHE: &str = "default";
+/// The model label used when a `response` reports tokens but no model.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names() {
+        assert!(is_short_name("gpt-4o-mini"));
+        assert!(is_short_name("a.b:c_d-e"));
+        assert!(!is_short_name(""));
+        assert!(!is_short_name(&"x".repeat(65)));
+        assert!(!is_short_name("has space"));
+        assert!(!is_short_name("üml"));
+        assert!(!is_short_name("quote\""));
+    }
+
+    #[test]
+    fn user_ids_hash_alike_as_int_and_string() {
+        let a = UserId::Int(-1234567890123);
+        let b = UserId::Str("-1234567890123".into());
+        assert_eq!(a.hash_bytes(|x| x.to_vec()), b.hash_bytes(|x| x.to_vec()));
+        assert_eq!(UserId::Int(0).hash_bytes(|x| x.to_vec()), b"0");
+    }
+}

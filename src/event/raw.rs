@@ -1,0 +1,492 @@
+//! One event as serde reads it, and the checks that turn it into an
+//! [`Event`].
+//!
+//! Kept apart from the checked types in `mod.rs`: everything here is the
+//! wire format (which fields exist, which may be absent, how `ts` may be
+//! written) and is private to the parser, while the types it produces are
+//! what the rest of the crate uses.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, Deserializer, Visitor};
+
+use super::{
+    CacheResult, ChatType, DEFAULT_CACHE, Decision, Event, EventBody, EventType, MAX_CUSTOM_VALUE,
+    MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS, MAX_TOKENS, ParseError,
+    Result, Role, ShortName, Status, UserId,
+};
+
+/// `ts` as RFC 3339 text or unix seconds (integer or fractional).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct UnixSeconds(i64);
+
+impl<'de> Deserialize<'de> for UnixSeconds {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = UnixSeconds;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp or unix seconds")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> std::result::Result<UnixSeconds, E> {
+                if v < 0 {
+                    return Err(E::custom("ts must not be before 1970"));
+                }
+                Ok(UnixSeconds(v))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> std::result::Result<UnixSeconds, E> {
+                i64::try_from(v)
+                    .map(UnixSeconds)
+                    .map_err(|_| E::custom("ts is out of range"))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> std::result::Result<UnixSeconds, E> {
+                if v.is_finite() && (0.0..9.0e15).contains(&v) {
+                    Ok(UnixSeconds(v as i64))
+                } else {
+                    Err(E::custom("ts is out of range"))
+                }
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> std::result::Result<UnixSeconds, E> {
+                chrono::DateTime::parse_from_rfc3339(v)
+                    .map(|t| UnixSeconds(t.timestamp()))
+                    .map_err(|e| E::custom(format_args!("ts is not RFC 3339 ({e})")))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Reads `T` only from a JSON object. serde's derived structs also accept
+/// an array of their fields in order, which would let `["message", 42]`
+/// pass as an event; the contract says an event is an object.
+#[derive(Debug)]
+pub(super) struct Object<T>(pub(super) T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Object<T>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> std::result::Result<Self::Value, A::Error> {
+                T::deserialize(de::value::MapAccessDeserializer::new(map)).map(Object)
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTokens {
+    #[serde(default)]
+    prompt: u64,
+    #[serde(default)]
+    completion: u64,
+}
+
+/// An event exactly as sent. Every field of every type is optional here;
+/// [`RawEvent::check`] decides which belong to the event's type.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawEvent<'a> {
+    #[serde(rename = "type")]
+    event_type: EventType,
+    #[serde(borrow, default)]
+    user_id: Option<UserId<'a>>,
+    #[serde(borrow, default)]
+    event_id: Option<Cow<'a, str>>,
+    #[serde(default)]
+    ts: Option<UnixSeconds>,
+    #[serde(default)]
+    chat_type: Option<ChatType>,
+    // message
+    #[serde(default)]
+    role: Option<Role>,
+    #[serde(default)]
+    db_queries: Option<u32>,
+    // response
+    #[serde(default)]
+    status: Option<Status>,
+    #[serde(default)]
+    duration_ms: Option<f64>,
+    #[serde(borrow, default)]
+    model: Option<Cow<'a, str>>,
+    #[serde(default)]
+    tokens: Option<Object<RawTokens>>,
+    // cache
+    #[serde(default)]
+    result: Option<CacheResult>,
+    #[serde(borrow, default)]
+    cache: Option<Cow<'a, str>>,
+    // consent
+    #[serde(default)]
+    granted: Option<bool>,
+    // error
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    // custom
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(default)]
+    value: Option<f64>,
+}
+
+fn required<T>(field: &str, kind: EventType, v: Option<T>) -> Result<T> {
+    v.ok_or_else(|| ParseError::invalid(format!("`{}` event needs field `{field}`", kind.as_str())))
+}
+
+impl<'a> RawEvent<'a> {
+    /// Names of the type-specific fields that are present.
+    fn present_fields(&self) -> impl Iterator<Item = &'static str> {
+        [
+            ("role", self.role.is_some()),
+            ("db_queries", self.db_queries.is_some()),
+            ("status", self.status.is_some()),
+            ("duration_ms", self.duration_ms.is_some()),
+            ("model", self.model.is_some()),
+            ("tokens", self.tokens.is_some()),
+            ("result", self.result.is_some()),
+            ("cache", self.cache.is_some()),
+            ("granted", self.granted.is_some()),
+            ("kind", self.kind.is_some()),
+            ("name", self.name.is_some()),
+            ("value", self.value.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| present.then_some(name))
+    }
+
+    pub(super) fn check(self, now: i64) -> Result<Event<'a>> {
+        let kind = self.event_type;
+        let allowed: &[&str] = match kind {
+            EventType::Message => &["role", "db_queries"],
+            EventType::Response => &["status", "duration_ms", "model", "tokens"],
+            EventType::Cache => &["result", "cache"],
+            EventType::UserRegistered | EventType::LimitReached => &[],
+            EventType::Consent => &["granted"],
+            EventType::Error => &["kind"],
+            EventType::Custom => &["name", "value"],
+        };
+        if let Some(field) = self.present_fields().find(|f| !allowed.contains(f)) {
+            return Err(ParseError::invalid(format!(
+                "field `{field}` does not belong to a `{}` event",
+                kind.as_str()
+            )));
+        }
+        if let Some(id) = &self.event_id
+            && (id.is_empty() || id.len() > MAX_EVENT_ID_LEN)
+        {
+            return Err(ParseError::invalid(format!(
+                "`event_id` must be 1-{MAX_EVENT_ID_LEN} bytes"
+            )));
+        }
+        let ts = match self.ts {
+            Some(UnixSeconds(ts)) if ts > now + MAX_FUTURE_SECS => {
+                return Err(ParseError::invalid(format!(
+                    "`ts` is {}s in the future; at most {MAX_FUTURE_SECS}s is allowed",
+                    ts - now
+                )));
+            }
+            // Within the allowed skew a future `ts` counts as now, so a
+            // fast clock cannot start "today" or an hour's sketch early.
+            Some(UnixSeconds(ts)) => ts.min(now),
+            None => now,
+        };
+        let body = match kind {
+            EventType::Message => {
+                if self.db_queries.is_some_and(|q| q > MAX_DB_QUERIES) {
+                    return Err(ParseError::invalid(format!(
+                        "`db_queries` must be an integer from 0 to {MAX_DB_QUERIES}"
+                    )));
+                }
+                EventBody::Message {
+                    role: required("role", kind, self.role)?,
+                    db_queries: self.db_queries,
+                }
+            }
+            EventType::Response => {
+                let duration_ms = required("duration_ms", kind, self.duration_ms)?;
+                if !(0.0..=MAX_DURATION_MS).contains(&duration_ms) {
+                    return Err(ParseError::invalid(format!(
+                        "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
+                    )));
+                }
+                if let Some(Object(t)) = &self.tokens
+                    && (t.prompt > MAX_TOKENS || t.completion > MAX_TOKENS)
+                {
+                    return Err(ParseError::invalid(format!(
+                        "`tokens.prompt` and `tokens.completion` must be integers from 0 to {MAX_TOKENS}"
+                    )));
+                }
+                EventBody::Response {
+                    status: required("status", kind, self.status)?,
+                    duration_seconds: duration_ms / 1000.0,
+                    model: self
+                        .model
+                        .map(|m| ShortName::parse("model", m))
+                        .transpose()?,
+                    tokens: self.tokens.map(|Object(t)| [t.prompt, t.completion]),
+                }
+            }
+            EventType::Cache => EventBody::Cache {
+                result: required("result", kind, self.result)?,
+                cache: match self.cache {
+                    Some(c) => ShortName::parse("cache", c)?,
+                    None => ShortName(Cow::Borrowed(DEFAULT_CACHE)),
+                },
+            },
+            EventType::UserRegistered => EventBody::UserRegistered,
+            EventType::Consent => EventBody::Consent {
+                decision: if required("granted", kind, self.granted)? {
+                    Decision::Granted
+                } else {
+                    Decision::Denied
+                },
+            },
+            EventType::LimitReached => EventBody::LimitReached,
+            EventType::Error => EventBody::Error {
+                kind: ShortName::parse("kind", required("kind", kind, self.kind)?)?,
+            },
+            EventType::Custom => {
+                let value = self.value.unwrap_or(1.0);
+                if !(0.0..=MAX_CUSTOM_VALUE).contains(&value) {
+                    return Err(ParseError::invalid(format!(
+                        "`value` must be a number from 0 to {MAX_CUSTOM_VALUE:e}"
+                    )));
+                }
+                EventBody::Custom {
+                    name: ShortName::parse("name", required("name", kind, self.name)?)?,
+                    value,
+                }
+            }
+        };
+        Ok(Event {
+            user: self.user_id.as_ref().map(UserId::hash),
+            event_id: self.event_id,
+            ts,
+            chat_type: self.chat_type,
+            body,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BodyFormat, parse_batch};
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn one(json: &str) -> Result<Event<'_>> {
+        parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW).map(|mut v| v.remove(0))
+    }
+
+    /// The wire name of a parsed body's type, to check it independently of
+    /// how the parser maps names to variants.
+    fn type_of(body: &EventBody<'_>) -> &'static str {
+        match body {
+            EventBody::Message { .. } => "message",
+            EventBody::Response { .. } => "response",
+            EventBody::Cache { .. } => "cache",
+            EventBody::UserRegistered => "user_registered",
+            EventBody::Consent { .. } => "consent",
+            EventBody::LimitReached => "limit_reached",
+            EventBody::Error { .. } => "error",
+            EventBody::Custom { .. } => "custom",
+        }
+    }
+
+    #[test]
+    fn every_type_parses() {
+        let cases = [
+            (
+                r#"{"type":"message","user_id":1,"role":"user","db_queries":6}"#,
+                "message",
+            ),
+            (
+                r#"{"type":"response","status":"success","duration_ms":1200,"model":"gpt-4o","tokens":{"prompt":10,"completion":5}}"#,
+                "response",
+            ),
+            (r#"{"type":"cache","result":"hit"}"#, "cache"),
+            (
+                r#"{"type":"user_registered","user_id":"abc"}"#,
+                "user_registered",
+            ),
+            (r#"{"type":"consent","granted":false}"#, "consent"),
+            (r#"{"type":"limit_reached","user_id":5}"#, "limit_reached"),
+            (r#"{"type":"error","kind":"db_timeout"}"#, "error"),
+            (
+                r#"{"type":"custom","name":"voice_note","value":2.5}"#,
+                "custom",
+            ),
+        ];
+        for (json, expected) in cases {
+            let event = one(json).unwrap_or_else(|e| panic!("{json}: {e}"));
+            assert_eq!(type_of(&event.body), expected, "{json}");
+        }
+        // And the fields each type carries, exactly.
+        let bodies = [
+            (
+                cases[0].0,
+                EventBody::Message {
+                    role: Role::User,
+                    db_queries: Some(6),
+                },
+            ),
+            (
+                cases[1].0,
+                EventBody::Response {
+                    status: Status::Success,
+                    duration_seconds: 1.2,
+                    model: Some(ShortName("gpt-4o".into())),
+                    tokens: Some([10, 5]),
+                },
+            ),
+            (
+                cases[2].0,
+                EventBody::Cache {
+                    result: CacheResult::Hit,
+                    cache: ShortName(DEFAULT_CACHE.into()),
+                },
+            ),
+            (cases[3].0, EventBody::UserRegistered),
+            (
+                cases[4].0,
+                EventBody::Consent {
+                    decision: Decision::Denied,
+                },
+            ),
+            (cases[5].0, EventBody::LimitReached),
+            (
+                cases[6].0,
+                EventBody::Error {
+                    kind: ShortName("db_timeout".into()),
+                },
+            ),
+            (
+                cases[7].0,
+                EventBody::Custom {
+                    name: ShortName("voice_note".into()),
+                    value: 2.5,
+                },
+            ),
+        ];
+        for (json, body) in bodies {
+            assert_eq!(one(json).unwrap().body, body, "{json}");
+        }
+        let e = one(r#"{"type":"response","status":"timeout","duration_ms":1500}"#).unwrap();
+        assert_eq!(
+            e.body,
+            EventBody::Response {
+                status: Status::Timeout,
+                duration_seconds: 1.5,
+                model: None,
+                tokens: None
+            }
+        );
+        let e = one(r#"{"type":"cache","result":"miss"}"#).unwrap();
+        assert_eq!(
+            e.body,
+            EventBody::Cache {
+                result: CacheResult::Miss,
+                cache: ShortName(DEFAULT_CACHE.into())
+            }
+        );
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(one(r#"{"type":"limit_reached"}"#).unwrap().ts, NOW);
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":1700000000}"#)
+                .unwrap()
+                .ts,
+            1_700_000_000
+        );
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":1700000000.7}"#)
+                .unwrap()
+                .ts,
+            1_700_000_000
+        );
+        assert_eq!(
+            one(r#"{"type":"limit_reached","ts":"2026-11-23T10:00:00Z"}"#)
+                .unwrap()
+                .ts,
+            1_795_428_000
+        );
+        let future = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + 301);
+        assert!(matches!(one(&future), Err(ParseError::Invalid { .. })));
+        // Up to five minutes ahead is clock skew: accepted, and counted as
+        // now (so a fast clock cannot start "today" or an hour early).
+        for ahead in [1, 299, 300] {
+            let near = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW + ahead);
+            assert_eq!(one(&near).unwrap().ts, NOW, "{ahead}s ahead");
+        }
+        let past = format!(r#"{{"type":"limit_reached","ts":{}}}"#, NOW - 1);
+        assert_eq!(one(&past).unwrap().ts, NOW - 1);
+        assert!(matches!(
+            one(r#"{"type":"limit_reached","ts":"yesterday"}"#),
+            Err(ParseError::Invalid { .. })
+        ));
+    }
+
+    #[test]
+    fn invalid_events_are_422() {
+        for json in [
+            r#"{"type":"nope"}"#,
+            r#"{"type":1}"#,
+            r#"{"type":"message","role":true}"#,
+            r#"{"role":"user"}"#,
+            r#"{"type":"message"}"#,
+            r#"{"type":"message","role":"robot"}"#,
+            r#"{"type":"message","role":"user","status":"success"}"#,
+            r#"{"type":"message","role":"user","db_queries":-1}"#,
+            r#"{"type":"message","role":"user","surprise":1}"#,
+            r#"{"type":"response","status":"success","duration_ms":-5}"#,
+            r#"{"type":"response","status":"success","duration_ms":"5"}"#,
+            r#"{"type":"error","kind":"has space"}"#,
+            r#"{"type":"custom","name":"x","value":-1}"#,
+            r#"{"type":"consent","granted":"yes"}"#,
+            r#"{"type":"limit_reached","user_id":""}"#,
+            r#"{"type":"limit_reached","user_id":1.5}"#,
+            r#"{"type":"limit_reached","event_id":""}"#,
+            r#"[]"#,
+            r#"42"#,
+        ] {
+            match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
+                Err(ParseError::Invalid { .. }) => {}
+                other => panic!("{json}: expected invalid, got {other:?}"),
+            }
+        }
+        let long_id = format!(
+            r#"{{"type":"limit_reached","user_id":"{}"}}"#,
+            "u".repeat(257)
+        );
+        assert!(matches!(one(&long_id), Err(ParseError::Invalid { .. })));
+        let ok_id = format!(
+            r#"{{"type":"limit_reached","user_id":"{}"}}"#,
+            "u".repeat(256)
+        );
+        assert!(one(&ok_id).is_ok());
+    }
+
+    #[test]
+    fn escaped_strings_are_accepted() {
+        let e = one(r#"{"type":"error","kind":"db\u005ftimeout","user_id":"a\"b"}"#).unwrap();
+        assert_eq!(
+            e.body,
+            EventBody::Error {
+                kind: ShortName("db_timeout".into())
+            }
+        );
+    }
+}
