@@ -137,6 +137,16 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_MAX_LABEL_VALUES", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_label_values: u64,
 
+    /// Price table for LLM calls that report no `cost` (TOML; the built-in
+    /// table is the repository's prices.toml). Re-read on SIGHUP.
+    #[arg(long, env = "BOTMETRICS_PRICES")]
+    pub prices: Option<std::path::PathBuf>,
+
+    /// The currency of reported costs, of the price table and of
+    /// `bot_llm_cost_total` (an ISO 4217 code).
+    #[arg(long, env = "BOTMETRICS_CURRENCY", value_parser = parse_currency, default_value = "USD")]
+    pub currency: String,
+
     /// IANA time zone that decides when "today" starts, e.g. `Europe/Berlin`.
     #[arg(long, env = "BOTMETRICS_TIMEZONE", value_parser = parse_timezone, default_value = "UTC")]
     pub timezone: chrono_tz::Tz,
@@ -369,6 +379,17 @@ fn parse_positive_duration(raw: &str) -> Result<Duration, String> {
     match parse_duration(raw)? {
         d if d.is_zero() => Err(format!("`{raw}` must be longer than zero")),
         d => Ok(d),
+    }
+}
+
+/// Three capital letters, as ISO 4217 writes currencies.
+fn parse_currency(raw: &str) -> Result<String, String> {
+    if raw.len() == 3 && raw.bytes().all(|b| b.is_ascii_uppercase()) {
+        Ok(raw.to_owned())
+    } else {
+        Err(format!(
+            "`{raw}` is not a currency code; use three capital letters such as USD or EUR"
+        ))
     }
 }
 

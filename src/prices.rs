@@ -1,11 +1,14 @@
 //! The price table: what an LLM call costs when the provider did not say.
 //!
-//! Money is counted in integer *nano-units* of the currency (a billionth):
-//! a table price has at most 3 decimals per million tokens, so a token's
-//! price is a whole number of nano-units ($0.075 per million is 75 per
-//! token), every product is exact, and a sum over billions of events never
-//! drifts as a float would. A `u64` of nano-units holds 18 billion currency
-//! units; the exposition divides once, at the end.
+//! Money is counted in integer *micro-units* of the currency (a millionth),
+//! so a sum over billions of events never drifts as a float would, and a
+//! `u64` holds 18 trillion currency units. A call's cost is computed
+//! exactly first: a table price has at most 3 decimals per million tokens,
+//! so a token's price is a whole number of nano-units ($0.075 per million
+//! is 75 per token) and every product is exact; the call's total is then
+//! rounded once, to the nearest micro-unit, like a line of an invoice. A
+//! reported `cost` is rounded the same way. The exposition divides once,
+//! at the end.
 //!
 //! The default table (`prices.toml` in the repository) is compiled in, so
 //! an installed binary prices without a file; `--prices FILE` replaces it.
@@ -15,8 +18,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-/// Nano-units in one unit of the currency.
-pub const NANOS: u64 = 1_000_000_000;
+use crate::event::{Cost, CostSource, Event, EventBody, UNKNOWN_MODEL};
 
 /// The highest `cost` one `response` event may report, in currency units:
 /// far above any single LLM call, low enough that a sum cannot overflow.
@@ -171,7 +173,7 @@ impl Prices {
 
     /// The price of `model` (through `provider/model` first, when the
     /// event names its provider); `None`: unpriced, never free.
-    pub fn price(&self, provider: Option<&str>, model: &str) -> Option<&Price> {
+    pub fn price_of(&self, provider: Option<&str>, model: &str) -> Option<&Price> {
         provider
             .and_then(|p| self.models.get(&format!("{p}/{model}")))
             .or_else(|| self.models.get(model))
@@ -186,10 +188,50 @@ impl Prices {
     }
 }
 
-/// A reported cost in currency units → nano-units (the provider's decimal
-/// figure, to the nearest billionth).
-pub fn reported_nanos(cost: f64) -> u64 {
-    (cost * NANOS as f64).round() as u64
+/// A reported cost in currency units → micro-units (the provider's
+/// decimal figure, to the nearest millionth).
+pub fn reported_micros(cost: f64) -> u64 {
+    (cost * 1e6).round() as u64
+}
+
+/// Nano-units → micro-units, to the nearest (half up).
+pub fn micros_of(nanos: u64) -> u64 {
+    nanos.saturating_add(500) / 1000
+}
+
+impl Prices {
+    /// Prices every `response` that reports tokens and no cost, in place,
+    /// before ingest journals the batch. A model the table does not know
+    /// keeps no cost: counted as unpriced, never as free.
+    pub fn price(&self, events: &mut [Event<'_>]) {
+        for event in events {
+            if let EventBody::Response {
+                model,
+                provider,
+                tokens: Some(t),
+                cost: cost @ None,
+                ..
+            } = &mut event.body
+            {
+                let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
+                if let Some(price) =
+                    self.price_of(provider.as_ref().map(|p| p.as_str()), model)
+                {
+                    let usage = Usage {
+                        prompt: t.prompt,
+                        completion: t.completion,
+                        cached: t.cached,
+                        cache_write: t.cache_write,
+                        reasoning: t.reasoning,
+                    };
+                    *cost = Some(Cost {
+                        micros: micros_of(price.cost(&usage)),
+                        source: CostSource::Table,
+                    });
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -201,7 +243,7 @@ mod tests {
         let prices = Prices::parse(DEFAULT).expect("prices.toml parses");
         assert!(prices.len() >= 10, "the common models are in it");
         assert_eq!(prices.currency, "USD");
-        let mini = prices.price(None, "gpt-4o-mini").expect("gpt-4o-mini");
+        let mini = prices.price_of(None, "gpt-4o-mini").expect("gpt-4o-mini");
         assert_eq!(
             *mini,
             Price {
@@ -228,10 +270,10 @@ mod tests {
             "taken = \"2026-11-01\"\n[models.m]\ninput = 1\noutput = 2\n[models.\"p/m\"]\ninput = 3\noutput = 4\n",
         )
         .expect("parses");
-        assert_eq!(prices.price(None, "m").map(|p| p.input), Some(1000));
-        assert_eq!(prices.price(Some("p"), "m").map(|p| p.input), Some(3000));
-        assert_eq!(prices.price(Some("q"), "m").map(|p| p.input), Some(1000));
-        assert!(prices.price(None, "unknown").is_none());
+        assert_eq!(prices.price_of(None, "m").map(|p| p.input), Some(1000));
+        assert_eq!(prices.price_of(Some("p"), "m").map(|p| p.input), Some(3000));
+        assert_eq!(prices.price_of(Some("q"), "m").map(|p| p.input), Some(1000));
+        assert!(prices.price_of(None, "unknown").is_none());
     }
 
     #[test]
@@ -258,6 +300,8 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(p.cost(&u), u64::MAX);
-        assert_eq!(reported_nanos(0.0125), 12_500_000);
+        assert_eq!(reported_micros(0.0125), 12_500);
+        assert_eq!(micros_of(1_499), 1);
+        assert_eq!(micros_of(1_500), 2);
     }
 }

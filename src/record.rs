@@ -9,12 +9,20 @@
 //!
 //! Closed label values are written as their index in the enum's `ALL`, free
 //! names as `u8 len | bytes`. Everything is little-endian.
+//!
+//! A `response` with any of the fields that came after the first format
+//! (`tokens.cached`/`cache_write`/`reasoning`, `ttft_ms`, `provider`,
+//! `cost`) sets `HAS_EXT` and carries `u8 ext | fields` after the rest, so
+//! a record written before them decodes unchanged. The cost is stored as
+//! counted (micro-units and where it came from): a replay never prices
+//! again with a table that changed since.
 
 use std::borrow::Cow;
 
 use crate::dedupe::IdHash;
 use crate::event::{
-    CacheResult, ChatType, Decision, Event, EventBody, Role, ShortName, Status, UserHash,
+    CacheResult, ChatType, Cost, CostSource, Decision, Event, EventBody, Role, Score, ShortName,
+    Status, Tokens, UserHash,
 };
 
 const HAS_USER: u8 = 1;
@@ -22,6 +30,21 @@ const HAS_ID: u8 = 2;
 const HAS_CHAT: u8 = 4;
 const HAS_A: u8 = 8;
 const HAS_B: u8 = 16;
+const HAS_EXT: u8 = 32;
+
+const EXT_TOKENS: u8 = 1;
+const EXT_TTFT: u8 = 2;
+const EXT_PROVIDER: u8 = 4;
+const EXT_COST: u8 = 8;
+
+/// The extension bits a response needs.
+fn ext_of(tokens: &Option<Tokens>, ttft: &Option<f64>, provider: bool, cost: bool) -> u8 {
+    let more_tokens = tokens.is_some_and(|t| t.cached + t.cache_write + t.reasoning > 0);
+    (more_tokens as u8 * EXT_TOKENS)
+        | (ttft.is_some() as u8 * EXT_TTFT)
+        | (provider as u8 * EXT_PROVIDER)
+        | (cost as u8 * EXT_COST)
+}
 
 /// Appends the encoding of `bot`'s events (those to count, each with its id
 /// hash when it had an id) to `out`.
@@ -39,9 +62,21 @@ pub fn encode<'e, 'a: 'e>(
     let base = events.peek().map_or(0, |(e, _)| e.ts);
     out.extend_from_slice(&base.to_le_bytes());
     for (e, id) in events {
+        let mut ext = 0;
         let (tag, a, b) = match &e.body {
             EventBody::Message { db_queries, .. } => (0u8, db_queries.is_some(), false),
-            EventBody::Response { model, tokens, .. } => (1, model.is_some(), tokens.is_some()),
+            EventBody::Response {
+                model,
+                tokens,
+                ttft_seconds,
+                provider,
+                cost,
+                ..
+            } => {
+                ext = ext_of(tokens, ttft_seconds, provider.is_some(), cost.is_some());
+                (1, model.is_some(), tokens.is_some())
+            }
+            EventBody::Feedback { reason, .. } => (8, reason.is_some(), false),
             EventBody::Cache { .. } => (2, false, false),
             EventBody::UserRegistered => (3, false, false),
             EventBody::Consent { .. } => (4, false, false),
@@ -53,7 +88,8 @@ pub fn encode<'e, 'a: 'e>(
             | (id.is_some() as u8 * HAS_ID)
             | (e.chat_type.is_some() as u8 * HAS_CHAT)
             | (a as u8 * HAS_A)
-            | (b as u8 * HAS_B);
+            | (b as u8 * HAS_B)
+            | ((ext != 0) as u8 * HAS_EXT);
         out.push(tag);
         out.push(flags);
         varint(out, zigzag(e.ts.wrapping_sub(base)));
@@ -78,15 +114,42 @@ pub fn encode<'e, 'a: 'e>(
                 duration_seconds,
                 model,
                 tokens,
+                ttft_seconds,
+                provider,
+                cost,
             } => {
                 out.push(status.index() as u8);
                 out.extend_from_slice(&duration_seconds.to_le_bytes());
                 if let Some(m) = model {
                     name(out, m.as_str());
                 }
-                if let Some([p, c]) = tokens {
-                    out.extend_from_slice(&p.to_le_bytes());
-                    out.extend_from_slice(&c.to_le_bytes());
+                if let Some(t) = tokens {
+                    out.extend_from_slice(&t.prompt.to_le_bytes());
+                    out.extend_from_slice(&t.completion.to_le_bytes());
+                }
+                if ext != 0 {
+                    out.push(ext);
+                }
+                if let (true, Some(t)) = (ext & EXT_TOKENS != 0, tokens) {
+                    for n in [t.cached, t.cache_write, t.reasoning] {
+                        out.extend_from_slice(&n.to_le_bytes());
+                    }
+                }
+                if let Some(ttft) = ttft_seconds {
+                    out.extend_from_slice(&ttft.to_le_bytes());
+                }
+                if let Some(p) = provider {
+                    name(out, p.as_str());
+                }
+                if let Some(c) = cost {
+                    out.extend_from_slice(&c.micros.to_le_bytes());
+                    out.push(c.source.index() as u8);
+                }
+            }
+            EventBody::Feedback { score, reason } => {
+                out.push(score.index() as u8);
+                if let Some(r) = reason {
+                    name(out, r.as_str());
                 }
             }
             EventBody::Cache { result, cache } => {
@@ -217,13 +280,51 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
                     .then(|| r.array().map(u32::from_le_bytes))
                     .transpose()?,
             },
-            1 => EventBody::Response {
-                status: r.pick(Status::ALL)?,
-                duration_seconds: r.f64()?,
-                model: (flags & HAS_A != 0).then(|| r.name("model")).transpose()?,
-                tokens: (flags & HAS_B != 0)
-                    .then(|| Ok::<_, DecodeError>([r.u64()?, r.u64()?]))
-                    .transpose()?,
+            1 => {
+                let status = r.pick(Status::ALL)?;
+                let duration_seconds = r.f64()?;
+                let model = (flags & HAS_A != 0).then(|| r.name("model")).transpose()?;
+                let mut tokens = (flags & HAS_B != 0)
+                    .then(|| {
+                        Ok::<_, DecodeError>(Tokens {
+                            prompt: r.u64()?,
+                            completion: r.u64()?,
+                            ..Tokens::default()
+                        })
+                    })
+                    .transpose()?;
+                let ext = if flags & HAS_EXT != 0 { r.u8()? } else { 0 };
+                if ext & EXT_TOKENS != 0 {
+                    let t = tokens.as_mut().ok_or(DecodeError(r.at))?;
+                    t.cached = r.u64()?;
+                    t.cache_write = r.u64()?;
+                    t.reasoning = r.u64()?;
+                }
+                let ttft_seconds = (ext & EXT_TTFT != 0).then(|| r.f64()).transpose()?;
+                let provider = (ext & EXT_PROVIDER != 0)
+                    .then(|| r.name("provider"))
+                    .transpose()?;
+                let cost = (ext & EXT_COST != 0)
+                    .then(|| {
+                        Ok::<_, DecodeError>(Cost {
+                            micros: r.u64()?,
+                            source: r.pick(CostSource::ALL)?,
+                        })
+                    })
+                    .transpose()?;
+                EventBody::Response {
+                    status,
+                    duration_seconds,
+                    model,
+                    tokens,
+                    ttft_seconds,
+                    provider,
+                    cost,
+                }
+            }
+            8 => EventBody::Feedback {
+                score: r.pick(Score::ALL)?,
+                reason: (flags & HAS_A != 0).then(|| r.name("reason")).transpose()?,
             },
             2 => EventBody::Cache {
                 result: r.pick(CacheResult::ALL)?,

@@ -38,6 +38,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("--data-dir: {0}")]
     Journal(#[from] crate::journal::JournalError),
+    #[error("--prices: {0}")]
+    Prices(#[from] crate::prices::PricesError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
@@ -227,6 +229,7 @@ impl Application {
                 },
             ),
             totals,
+            prices: std::sync::RwLock::new(Arc::new(load_prices(&config)?)),
             readiness: Default::default(),
             metrics,
             persistence,
@@ -331,6 +334,29 @@ impl Application {
         persistence.store.close().await;
         Ok(())
     }
+}
+
+/// The price table `--prices` names, or the built-in one; in the currency
+/// `--currency` says, since reported costs are in it too.
+pub fn load_prices(config: &Config) -> Result<crate::prices::Prices, StartError> {
+    let prices = match &config.prices {
+        Some(path) => crate::prices::Prices::load(path)?,
+        None => crate::prices::Prices::builtin(),
+    };
+    if prices.currency != config.currency {
+        return Err(crate::prices::PricesError::Parse(format!(
+            "the price table is in {} but --currency is {}; give a table in {} (--prices FILE) or --currency {}",
+            prices.currency, config.currency, config.currency, prices.currency
+        ))
+        .into());
+    }
+    tracing::info!(
+        models = prices.len(),
+        taken = %prices.taken,
+        currency = %prices.currency,
+        "price table loaded"
+    );
+    Ok(prices)
 }
 
 /// Says at start what is open to whom, when it is more than a reader of

@@ -9,6 +9,7 @@ use crate::config::Config;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::persist::Persistence;
+use crate::prices::Prices;
 use crate::render_cache::RenderCache;
 use crate::totals::Totals;
 
@@ -30,6 +31,9 @@ pub struct Shared {
     /// Where summaries and readiness read totals (this process's memory,
     /// or the cluster's).
     pub totals: Arc<dyn Totals>,
+    /// The price table events without a reported cost are priced with;
+    /// replaced whole on SIGHUP (a request prices with one table).
+    pub prices: std::sync::RwLock<Arc<Prices>>,
     /// Keyed by the restore generation only: one page for everyone.
     pub metrics_page: RenderCache<u64>,
     pub summaries: RenderCache<SummaryKey>,
@@ -45,6 +49,16 @@ pub struct AppState(Arc<Shared>);
 impl AppState {
     pub fn new(shared: Shared) -> Self {
         AppState(Arc::new(shared))
+    }
+}
+
+impl Shared {
+    /// The table in force now.
+    pub fn prices(&self) -> Arc<Prices> {
+        self.prices
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 

@@ -22,6 +22,42 @@ pub struct Summary {
     pub cache: CacheSummary,
     pub limit_reached: LimitReached,
     pub errors: Errors,
+    pub spend: Spend,
+    pub feedback: Feedback,
+}
+
+/// What the LLM calls cost. Money is counted in integer micro-units and
+/// shown in currency units.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Spend {
+    /// `--currency`.
+    pub currency: String,
+    pub today: f64,
+    pub total: f64,
+    /// Today's spend over today's active users (24 h); 0 without users.
+    pub per_active_user_today: f64,
+    /// All-time spend per model, the three largest then `other`.
+    pub by_model: Vec<ModelSpend>,
+    /// False while tokens of a model the price table does not know were
+    /// reported without a cost: the figures above leave them out.
+    pub complete: bool,
+    pub unpriced_tokens: u64,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ModelSpend {
+    pub model: String,
+    pub total: f64,
+}
+
+/// How users rated the answers: positive is a thumbs-up or a 4-5 rating.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Feedback {
+    pub rated_today: u64,
+    /// Positive share of today's ratings; null before the first.
+    pub satisfaction_today: Option<f64>,
+    pub rated_total: u64,
+    pub satisfaction_total: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -75,7 +111,35 @@ pub struct LimitReached {
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Errors {
+    /// `error` events the bot reported; failed LLM answers are counted in
+    /// `responses` (its success rate), not here.
     pub total: u64,
+}
+
+/// The three largest of `spend` (micro-units), then the rest as `other`.
+fn top_three(mut spend: Vec<(String, u64)>) -> Vec<ModelSpend> {
+    spend.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    let rest: u64 = spend.iter().skip(3).map(|(_, m)| m).sum();
+    let mut out: Vec<ModelSpend> = spend
+        .into_iter()
+        .take(3)
+        .map(|(model, micros)| ModelSpend {
+            model,
+            total: money(micros),
+        })
+        .collect();
+    if rest > 0 {
+        out.push(ModelSpend {
+            model: "other".into(),
+            total: money(rest),
+        });
+    }
+    out
+}
+
+/// Micro-units → currency units.
+fn money(micros: u64) -> f64 {
+    micros as f64 / 1e6
 }
 
 impl Summary {
@@ -97,6 +161,14 @@ impl Summary {
                 requests: (hits + misses) as u64,
             })
             .collect();
+        let spend_today = bot.today.spend.get_at(ts);
+        let by_model = bot.spend_by_model();
+        let spend_total: u64 = by_model.iter().map(|(_, m)| m).sum();
+        let unpriced = bot.unpriced_tokens() as u64;
+        let rated_today = bot.today.feedback_rated.get_at(ts);
+        let liked_today = bot.today.feedback_positive.get_at(ts);
+        let (rated_total, liked_total) = bot.feedback_totals();
+        let share = |liked: f64, rated: f64| (rated > 0.0).then(|| liked / rated);
         Summary {
             bot: bot.bot.to_string(),
             generated_at: now.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
@@ -138,19 +210,57 @@ impl Summary {
             errors: Errors {
                 total: bot.errors_total() as u64,
             },
+            spend: Spend {
+                currency: "USD".into(),
+                today: money(spend_today),
+                total: money(spend_total),
+                per_active_user_today: if active_1d > 0 {
+                    money(spend_today) / active_1d as f64
+                } else {
+                    0.0
+                },
+                by_model: top_three(by_model),
+                complete: unpriced == 0,
+                unpriced_tokens: unpriced,
+            },
+            feedback: Feedback {
+                rated_today,
+                satisfaction_today: share(liked_today as f64, rated_today as f64),
+                rated_total: rated_total as u64,
+                satisfaction_total: share(liked_total, rated_total),
+            },
         }
+    }
+
+    /// The same summary with money in `currency` (`--currency`).
+    pub fn in_currency(mut self, currency: &str) -> Summary {
+        currency.clone_into(&mut self.spend.currency);
+        self
     }
 
     /// A few lines for a chat, numbers formatted for people: today's
     /// figures on one line, the all-time totals on others, each saying which
-    /// it is. Spaces inside a figure (thousands, units, percent) do not
-    /// break, so a narrow chat window never splits "1 234" over two lines.
+    /// it is and what it counts. Spaces inside a figure (thousands, units,
+    /// percent) do not break, so a narrow chat window never splits "1 234"
+    /// over two lines. Short enough for one Telegram message.
     pub fn to_text(&self) -> String {
         let mut t = String::new();
-        let _ = writeln!(t, "📊 {}", self.bot);
+        // The answer may be up to --summary-cache-ttl old: say when it was.
+        let as_of = chrono::DateTime::parse_from_rfc3339(&self.generated_at)
+            .ok()
+            .zip(self.timezone.parse::<chrono_tz::Tz>().ok())
+            .map(|(at, tz)| at.with_timezone(&tz).format("%H:%M").to_string());
+        match as_of {
+            Some(at) => {
+                let _ = writeln!(t, "📊 {} (as of {at})", self.bot);
+            }
+            None => {
+                let _ = writeln!(t, "📊 {}", self.bot);
+            }
+        }
         let _ = writeln!(
             t,
-            "Today (since midnight, {}): {}, {}, {}",
+            "Today (since midnight, {}): {} (users' and the bot's), {}, {}",
             self.timezone,
             count(self.messages.today, "message", "messages"),
             count(self.users.registered_today, "new user", "new users"),
@@ -171,15 +281,22 @@ impl Summary {
             t,
             "All time: {}, {}, {}",
             count(self.messages.total, "message", "messages"),
-            count(self.users.registered_total, "user", "users"),
-            count(self.errors.total, "error", "errors")
+            count(
+                self.users.registered_total,
+                "registered user",
+                "registered users"
+            ),
+            count(self.errors.total, "error reported", "errors reported")
         );
         if self.responses.total > 0 {
+            let not_ok = (self.responses.total as f64 * (1.0 - self.responses.success_rate))
+                .round() as u64;
             let _ = writeln!(
                 t,
-                "Responses, all time: {}, {} ok, median {}, p95 {}",
+                "Responses, all time: {}, {} ok ({} failed, limited or timed out), median {}, p95 {}",
                 group(self.responses.total),
                 percent(self.responses.success_rate),
+                group(not_ok),
                 duration(self.responses.p50_ms),
                 duration(self.responses.p95_ms)
             );
@@ -204,8 +321,63 @@ impl Summary {
                 let _ = writeln!(t, "Cache hits, all time: {}", each.join(", "));
             }
         }
+        let spend = &self.spend;
+        if spend.total > 0.0 || !spend.complete {
+            let models: Vec<String> = spend
+                .by_model
+                .iter()
+                .map(|m| format!("{} {}", m.model, amount(m.total)))
+                .collect();
+            let _ = write!(
+                t,
+                "Spend today: {}{NBSP}{} ({} per active user); all time {}",
+                amount(spend.today),
+                spend.currency,
+                amount(spend.per_active_user_today),
+                amount(spend.total)
+            );
+            if !models.is_empty() {
+                let _ = write!(t, " ({})", models.join(", "));
+            }
+            if !spend.complete {
+                let _ = write!(
+                    t,
+                    "; incomplete: {} tokens of unpriced models",
+                    group(spend.unpriced_tokens)
+                );
+            }
+            t.push('\n');
+        }
+        let f = &self.feedback;
+        if f.rated_total > 0 {
+            let today = match f.satisfaction_today {
+                Some(s) => format!("{} rated, {} liked", group(f.rated_today), percent(s)),
+                None => "none rated".to_owned(),
+            };
+            let _ = writeln!(
+                t,
+                "Answers today: {today}; all time {} rated, {} liked",
+                group(f.rated_total),
+                percent(f.satisfaction_total.unwrap_or(0.0))
+            );
+        }
         t.truncate(t.trim_end().len());
         t
+    }
+}
+
+/// Money for people: cents for amounts of a unit or more, four decimals
+/// below (a per-user cost is often a fraction of a cent).
+///
+/// ```
+/// assert_eq!(botmetrics::summary::amount(12.345), "12.35");
+/// assert_eq!(botmetrics::summary::amount(0.00123), "0.0012");
+/// ```
+pub fn amount(v: f64) -> String {
+    if v >= 1.0 || v == 0.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.4}")
     }
 }
 

@@ -37,6 +37,10 @@ pub const MAX_FUTURE_SECS: i64 = 300;
 pub const MAX_DURATION_MS: f64 = 86_400_000.0;
 /// `tokens.prompt` and `tokens.completion`, each: a billion tokens.
 pub const MAX_TOKENS: u64 = 1_000_000_000;
+/// `ttft_ms`: as `duration_ms`, one day.
+pub const MAX_TTFT_MS: f64 = MAX_DURATION_MS;
+/// `cost` of one call, in the configured currency (see `prices`).
+pub const MAX_COST: f64 = crate::prices::MAX_REPORTED_COST;
 /// `db_queries` for one message.
 pub const MAX_DB_QUERIES: u32 = 1_000_000;
 /// A `custom` event's `value`.
@@ -189,8 +193,40 @@ closed_enum!(
 );
 closed_enum!(
     /// Which side of an LLM call tokens were spent on.
-    TokenKind { Prompt => "prompt", Completion => "completion" }
+    TokenKind {
+        Prompt => "prompt",
+        Completion => "completion",
+        Cached => "cached",
+        CacheWrite => "cache_write",
+        Reasoning => "reasoning",
+    }
 );
+closed_enum!(
+    /// Where a call's cost came from: the provider's figure in the event,
+    /// or the price table.
+    CostSource { Reported => "reported", Table => "table" }
+);
+closed_enum!(
+    /// A `feedback` event's score: thumbs (−1 / +1) or a 1–5 rating, each
+    /// its own label value, so a thumbs-up is never read as a rating of 1.
+    Score {
+        Down => "-1",
+        Up => "+1",
+        One => "1",
+        Two => "2",
+        Three => "3",
+        Four => "4",
+        Five => "5",
+    }
+);
+
+impl Score {
+    /// Whether the user liked the answer: a thumbs-up, or a rating of 4
+    /// or 5 (the usual "top two boxes" of a five-point scale).
+    pub fn is_positive(self) -> bool {
+        matches!(self, Score::Up | Score::Four | Score::Five)
+    }
+}
 closed_enum!(
     /// The chat an event happened in (Telegram's chat types). Accepted and
     /// checked so bots can send it today; it is not yet a label.
@@ -206,6 +242,7 @@ closed_enum!(
         LimitReached => "limit_reached",
         Error => "error",
         Custom => "custom",
+        Feedback => "feedback",
     }
 );
 
@@ -332,7 +369,15 @@ pub enum EventBody<'a> {
         status: Status,
         duration_seconds: f64,
         model: Option<ShortName<'a>>,
-        tokens: Option<[u64; 2]>,
+        tokens: Option<Tokens>,
+        /// Time to the first token of a streamed answer.
+        ttft_seconds: Option<f64>,
+        provider: Option<ShortName<'a>>,
+        /// What the call cost: as reported, or priced from the table by
+        /// `prices::Prices::price` before ingest journals it, so a replay
+        /// counts what was acknowledged whatever the table says by then.
+        /// `None` with tokens: unpriced.
+        cost: Option<Cost>,
     },
     Cache {
         result: CacheResult,
@@ -350,6 +395,47 @@ pub enum EventBody<'a> {
         name: ShortName<'a>,
         value: f64,
     },
+    Feedback {
+        score: Score,
+        reason: Option<ShortName<'a>>,
+    },
+}
+
+/// A call's tokens. `prompt` includes `cached` and `cache_write`, as the
+/// providers report them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tokens {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub cache_write: u64,
+    pub reasoning: u64,
+}
+
+impl Tokens {
+    /// Indexed like [`TokenKind::ALL`].
+    pub fn by_kind(&self) -> [u64; 5] {
+        [
+            self.prompt,
+            self.completion,
+            self.cached,
+            self.cache_write,
+            self.reasoning,
+        ]
+    }
+
+    pub fn total(&self) -> u64 {
+        self.prompt
+            .saturating_add(self.completion)
+            .saturating_add(self.reasoning)
+    }
+}
+
+/// A call's cost in integer micro-units of the currency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cost {
+    pub micros: u64,
+    pub source: CostSource,
 }
 
 /// The cache name used when a `cache` event names none.

@@ -13,9 +13,10 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::{
-    CacheResult, ChatType, DEFAULT_CACHE, Decision, Event, EventBody, EventType, MAX_CUSTOM_VALUE,
-    MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS, MAX_TOKENS, ParseError,
-    Result, Role, ShortName, Status, UserId,
+    CacheResult, ChatType, Cost, CostSource, DEFAULT_CACHE, Decision, Event, EventBody, EventType,
+    MAX_COST, MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN,
+    MAX_FUTURE_SECS, MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens,
+    UserId,
 };
 
 /// `ts` as RFC 3339 text or unix seconds (integer or fractional).
@@ -90,6 +91,12 @@ struct RawTokens {
     prompt: u64,
     #[serde(default)]
     completion: u64,
+    #[serde(default)]
+    cached: u64,
+    #[serde(default)]
+    cache_write: u64,
+    #[serde(default)]
+    reasoning: u64,
 }
 
 /// An event exactly as sent. Every field of every type is optional here;
@@ -121,6 +128,19 @@ pub(super) struct RawEvent<'a> {
     model: Option<Cow<'a, str>>,
     #[serde(default)]
     tokens: Option<Object<RawTokens>>,
+    #[serde(default)]
+    ttft_ms: Option<f64>,
+    #[serde(borrow, default)]
+    provider: Option<Cow<'a, str>>,
+    #[serde(default)]
+    cost: Option<f64>,
+    // feedback
+    #[serde(default)]
+    score: Option<i64>,
+    #[serde(default)]
+    scale: Option<i64>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
     // cache
     #[serde(default)]
     result: Option<CacheResult>,
@@ -139,6 +159,29 @@ pub(super) struct RawEvent<'a> {
     value: Option<f64>,
 }
 
+/// Every count within its range, and the cached and cache-written tokens
+/// within the prompt they are part of.
+fn check_tokens(t: RawTokens) -> Result<Tokens> {
+    let all = [t.prompt, t.completion, t.cached, t.cache_write, t.reasoning];
+    if all.iter().any(|n| *n > MAX_TOKENS) {
+        return Err(ParseError::invalid(format!(
+            "every count of `tokens` must be an integer from 0 to {MAX_TOKENS}"
+        )));
+    }
+    if t.cached + t.cache_write > t.prompt {
+        return Err(ParseError::invalid(
+            "`tokens.cached` and `tokens.cache_write` are part of `tokens.prompt`, so together at most it",
+        ));
+    }
+    Ok(Tokens {
+        prompt: t.prompt,
+        completion: t.completion,
+        cached: t.cached,
+        cache_write: t.cache_write,
+        reasoning: t.reasoning,
+    })
+}
+
 fn required<T>(field: &str, kind: EventType, v: Option<T>) -> Result<T> {
     v.ok_or_else(|| ParseError::invalid(format!("`{}` event needs field `{field}`", kind.as_str())))
 }
@@ -153,6 +196,12 @@ impl<'a> RawEvent<'a> {
             ("duration_ms", self.duration_ms.is_some()),
             ("model", self.model.is_some()),
             ("tokens", self.tokens.is_some()),
+            ("ttft_ms", self.ttft_ms.is_some()),
+            ("provider", self.provider.is_some()),
+            ("cost", self.cost.is_some()),
+            ("score", self.score.is_some()),
+            ("scale", self.scale.is_some()),
+            ("reason", self.reason.is_some()),
             ("result", self.result.is_some()),
             ("cache", self.cache.is_some()),
             ("granted", self.granted.is_some()),
@@ -168,7 +217,16 @@ impl<'a> RawEvent<'a> {
         let kind = self.event_type;
         let allowed: &[&str] = match kind {
             EventType::Message => &["role", "db_queries"],
-            EventType::Response => &["status", "duration_ms", "model", "tokens"],
+            EventType::Response => &[
+                "status",
+                "duration_ms",
+                "model",
+                "tokens",
+                "ttft_ms",
+                "provider",
+                "cost",
+            ],
+            EventType::Feedback => &["score", "scale", "reason"],
             EventType::Cache => &["result", "cache"],
             EventType::UserRegistered | EventType::LimitReached => &[],
             EventType::Consent => &["granted"],
@@ -219,13 +277,31 @@ impl<'a> RawEvent<'a> {
                         "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
                     )));
                 }
-                if let Some(Object(t)) = &self.tokens
-                    && (t.prompt > MAX_TOKENS || t.completion > MAX_TOKENS)
-                {
-                    return Err(ParseError::invalid(format!(
-                        "`tokens.prompt` and `tokens.completion` must be integers from 0 to {MAX_TOKENS}"
-                    )));
-                }
+                let tokens = match self.tokens {
+                    Some(Object(t)) => Some(check_tokens(t)?),
+                    None => None,
+                };
+                let ttft_seconds = match self.ttft_ms {
+                    Some(ms) if !(0.0..=duration_ms).contains(&ms) => {
+                        return Err(ParseError::invalid(format!(
+                            "`ttft_ms` must be a number from 0 to `duration_ms` ({duration_ms}): the first token comes before the answer ends"
+                        )));
+                    }
+                    Some(ms) => Some(ms / 1000.0),
+                    None => None,
+                };
+                let cost = match self.cost {
+                    Some(c) if !(0.0..=MAX_COST).contains(&c) => {
+                        return Err(ParseError::invalid(format!(
+                            "`cost` must be a number from 0 to {MAX_COST} (what one call cost, in the configured currency)"
+                        )));
+                    }
+                    Some(c) => Some(Cost {
+                        micros: crate::prices::reported_micros(c),
+                        source: CostSource::Reported,
+                    }),
+                    None => None,
+                };
                 EventBody::Response {
                     status: required("status", kind, self.status)?,
                     duration_seconds: duration_ms / 1000.0,
@@ -233,7 +309,43 @@ impl<'a> RawEvent<'a> {
                         .model
                         .map(|m| ShortName::parse("model", m))
                         .transpose()?,
-                    tokens: self.tokens.map(|Object(t)| [t.prompt, t.completion]),
+                    tokens,
+                    ttft_seconds,
+                    provider: self
+                        .provider
+                        .map(|p| ShortName::parse("provider", p))
+                        .transpose()?,
+                    cost,
+                }
+            }
+            EventType::Feedback => {
+                let score = required("score", kind, self.score)?;
+                let score = match (self.scale, score) {
+                    (None, -1) => Score::Down,
+                    (None, 1) => Score::Up,
+                    (None, _) => {
+                        return Err(ParseError::invalid(
+                            "`score` is -1 or 1 (thumbs); for a rating from 1 to 5 send `scale: 5`",
+                        ));
+                    }
+                    (Some(5), 1..=5) => Score::ALL[(score + 1) as usize],
+                    (Some(5), _) => {
+                        return Err(ParseError::invalid(
+                            "`score` must be an integer from 1 to 5 with `scale: 5`",
+                        ));
+                    }
+                    (Some(_), _) => {
+                        return Err(ParseError::invalid(
+                            "`scale` must be 5 (a 1-5 rating); leave it out for thumbs (-1 or 1)",
+                        ));
+                    }
+                };
+                EventBody::Feedback {
+                    score,
+                    reason: self
+                        .reason
+                        .map(|r| ShortName::parse("reason", r))
+                        .transpose()?,
                 }
             }
             EventType::Cache => EventBody::Cache {
@@ -301,6 +413,7 @@ mod tests {
             EventBody::LimitReached => "limit_reached",
             EventBody::Error { .. } => "error",
             EventBody::Custom { .. } => "custom",
+            EventBody::Feedback { .. } => "feedback",
         }
     }
 
@@ -347,7 +460,14 @@ mod tests {
                     status: Status::Success,
                     duration_seconds: 1.2,
                     model: Some(ShortName("gpt-4o".into())),
-                    tokens: Some([10, 5]),
+                    tokens: Some(Tokens {
+                        prompt: 10,
+                        completion: 5,
+                        ..Tokens::default()
+                    }),
+                    ttft_seconds: None,
+                    provider: None,
+                    cost: None,
                 },
             ),
             (
@@ -389,7 +509,10 @@ mod tests {
                 status: Status::Timeout,
                 duration_seconds: 1.5,
                 model: None,
-                tokens: None
+                tokens: None,
+                ttft_seconds: None,
+                provider: None,
+                cost: None,
             }
         );
         let e = one(r#"{"type":"cache","result":"miss"}"#).unwrap();

@@ -85,7 +85,8 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Acc
     let now_ms = chrono::Utc::now().timestamp_millis();
     let now = now_ms.div_euclid(1000);
     let max_batch = usize::try_from(config.max_batch).unwrap_or(usize::MAX);
-    let events = parse_batch(&bytes, format, max_batch, now)?;
+    let mut events = parse_batch(&bytes, format, max_batch, now)?;
+    state.prices().price(&mut events);
     Ok(state.ingest.apply(bot, &events, now_ms).await?)
 }
 

@@ -72,10 +72,13 @@ async fn get_summary(
                 .cloned()
                 .collect();
             let uptime = render_state.started.elapsed().as_secs();
-            let summaries = render_state
+            let summaries: Vec<Summary> = render_state
                 .totals
                 .summaries(&bots, chrono::Utc::now(), uptime)
-                .await;
+                .await
+                .into_iter()
+                .map(|s| s.in_currency(&render_state.config.currency))
+                .collect();
             render(&summaries, &key)
         })
         .await;

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use crate::event::{
-    CacheResult, DEFAULT_CACHE, Decision, Event, EventBody, Role, Status, TokenKind, UNKNOWN_MODEL,
+    CacheResult, CostSource, DEFAULT_CACHE, Decision, Event, EventBody, Role, Score, Status,
+    TokenKind, UNKNOWN_MODEL,
 };
 use crate::metrics::active::ActiveUsers;
-use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot};
+use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot, Micros};
 use crate::metrics::today::Today;
 
 /// How a family is exposed.
@@ -103,7 +104,35 @@ family!(
     "bot_llm_tokens_total",
     Counter,
     ["model", "kind"],
-    "LLM tokens spent, by model and prompt/completion."
+    "LLM tokens spent, by model and kind (prompt includes cached and cache_write)."
+);
+family!(
+    LLM_COST,
+    "bot_llm_cost_total",
+    Counter,
+    ["model", "source"],
+    "What LLM calls cost, in the currency named by --currency: reported by the bot, or from the price table."
+);
+family!(
+    LLM_UNPRICED,
+    "bot_llm_unpriced_tokens_total",
+    Counter,
+    ["model"],
+    "Tokens of calls with no reported cost and a model the price table does not know: spend is incomplete while this grows."
+);
+family!(
+    LLM_TTFT,
+    "bot_llm_ttft_seconds",
+    Histogram,
+    [],
+    "Time to the first token of a streamed LLM answer."
+);
+family!(
+    FEEDBACK,
+    "bot_feedback_total",
+    Counter,
+    ["score"],
+    "Answers rated by users: thumbs (-1, +1) or a 1-5 rating."
 );
 family!(
     CUSTOM,
@@ -132,6 +161,10 @@ pub static FAMILIES: &[&FamilyDesc] = &[
     &LIMIT_REACHED,
     &ERRORS,
     &LLM_TOKENS,
+    &LLM_COST,
+    &LLM_UNPRICED,
+    &LLM_TTFT,
+    &FEEDBACK,
     &CUSTOM,
     &ACTIVE_USERS,
 ];
@@ -139,6 +172,10 @@ pub static FAMILIES: &[&FamilyDesc] = &[
 /// Response-time buckets for LLM calls: 50 ms to a minute.
 pub const RESPONSE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0,
+];
+/// Time to first token of a streamed answer: 50 ms to 30 s.
+pub const TTFT_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
 ];
 /// Database queries per message: 1 to 50.
 pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 50.0];
@@ -181,7 +218,11 @@ pub struct BotMetrics {
     consent: [Counter; 2],
     limit_reached: Counter,
     errors: Family<Counter>,
-    llm_tokens: Family<[Counter; 2]>,
+    llm_tokens: Family<[Counter; 5]>,
+    llm_cost: Family<[Micros; 2]>,
+    llm_unpriced: Family<Counter>,
+    ttft: Histogram,
+    feedback: [Counter; 7],
     custom: Family<Counter>,
     pub active: ActiveUsers,
     pub today: Today,
@@ -207,6 +248,10 @@ impl BotMetrics {
             limit_reached: Counter::default(),
             errors: Family::new(max_label_values, counters.overflow_kind.clone()),
             llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
+            llm_cost: Family::new(max_label_values, counters.overflow_model.clone()),
+            llm_unpriced: Family::new(max_label_values, counters.overflow_model.clone()),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            feedback: Default::default(),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
             active: ActiveUsers::new(),
             today,
@@ -237,15 +282,43 @@ impl BotMetrics {
                 duration_seconds,
                 model,
                 tokens,
+                ttft_seconds,
+                cost,
+                ..
             } => {
                 self.responses[status.index()].add(1.0);
                 self.response_duration.observe(*duration_seconds);
-                if let Some([prompt, completion]) = tokens {
-                    let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
+                if let Some(ttft) = ttft_seconds {
+                    self.ttft.observe(*ttft);
+                }
+                let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
+                if let Some(t) = tokens {
                     self.llm_tokens.with(model, |c| {
-                        c[TokenKind::Prompt.index()].add(*prompt as f64);
-                        c[TokenKind::Completion.index()].add(*completion as f64);
+                        for (cell, n) in c.iter().zip(t.by_kind()) {
+                            if n > 0 {
+                                cell.add(n as f64);
+                            }
+                        }
                     });
+                }
+                match (cost, tokens) {
+                    (Some(cost), _) => {
+                        self.llm_cost
+                            .with(model, |c| c[cost.source.index()].add(cost.micros));
+                        self.today.spend.add(event.ts, cost.micros);
+                    }
+                    // Tokens and no price: never counted as free.
+                    (None, Some(t)) => self
+                        .llm_unpriced
+                        .with(model, |c| c.add(t.total() as f64)),
+                    (None, None) => {}
+                }
+            }
+            EventBody::Feedback { score, .. } => {
+                self.feedback[score.index()].add(1.0);
+                self.today.feedback_rated.add(event.ts, 1);
+                if score.is_positive() {
+                    self.today.feedback_positive.add(event.ts, 1);
                 }
             }
             EventBody::Cache { result, cache } => self
@@ -317,6 +390,25 @@ impl BotMetrics {
                 );
             }
         });
+        self.llm_cost.for_each(|model, cells| {
+            for source in CostSource::ALL {
+                v.scalar(
+                    &LLM_COST,
+                    &[bot, model, source.as_str()],
+                    cells[source.index()].get(),
+                );
+            }
+        });
+        self.llm_unpriced
+            .for_each(|model, c| v.scalar(&LLM_UNPRICED, &[bot, model], c.get()));
+        v.histogram(&LLM_TTFT, &[bot], &self.ttft.snapshot());
+        for score in Score::ALL {
+            v.scalar(
+                &FEEDBACK,
+                &[bot, score.as_str()],
+                self.feedback[score.index()].get(),
+            );
+        }
         self.custom
             .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
         for (window, estimate) in self.active.estimates() {
@@ -340,6 +432,25 @@ impl BotMetrics {
             "bot_users_registered_total" => Some(&self.registered),
             "bot_consent_total" => closed("decision", Decision::NAMES).map(|i| &self.consent[i]),
             "bot_limit_reached_total" => Some(&self.limit_reached),
+            "bot_feedback_total" => closed("score", Score::NAMES).map(|i| &self.feedback[i]),
+            "bot_llm_cost_total" => {
+                return match (label("model"), closed("source", CostSource::NAMES)) {
+                    (Some(model), Some(i)) => {
+                        self.llm_cost.with_restored(model, |c| c[i].restore(value));
+                        true
+                    }
+                    _ => false,
+                };
+            }
+            "bot_llm_unpriced_tokens_total" => {
+                return match label("model") {
+                    Some(model) => {
+                        self.llm_unpriced.with_restored(model, |c| c.add(value));
+                        true
+                    }
+                    None => false,
+                };
+            }
             "bot_cache_requests_total" => {
                 return match (label("cache"), closed("result", CacheResult::NAMES)) {
                     (Some(cache), Some(i)) => {
@@ -382,6 +493,7 @@ impl BotMetrics {
         match family {
             "bot_response_duration_seconds" => self.response_duration.restore(buckets, sum),
             "bot_db_queries_per_message" => self.db_queries.restore(buckets, sum),
+            "bot_llm_ttft_seconds" => self.ttft.restore(buckets, sum),
             _ => false,
         }
     }
@@ -420,6 +532,45 @@ impl BotMetrics {
             ));
         });
         out
+    }
+
+    /// Spend per model, all time, in micro-units (both sources).
+    pub fn spend_by_model(&self) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        self.llm_cost.for_each(|model, c| {
+            out.push((model.to_owned(), c.iter().map(Micros::micros).sum()));
+        });
+        out
+    }
+
+    /// Tokens that could not be priced, all time.
+    pub fn unpriced_tokens(&self) -> f64 {
+        let mut total = 0.0;
+        self.llm_unpriced.for_each(|_, c| total += c.get());
+        total
+    }
+
+    /// Tokens of every kind that is billed (prompt, completion, reasoning),
+    /// all time.
+    pub fn tokens_total(&self) -> f64 {
+        let mut total = 0.0;
+        self.llm_tokens.for_each(|_, c| {
+            total += c[TokenKind::Prompt.index()].get()
+                + c[TokenKind::Completion.index()].get()
+                + c[TokenKind::Reasoning.index()].get();
+        });
+        total
+    }
+
+    /// Ratings, all time: (rated, positive).
+    pub fn feedback_totals(&self) -> (f64, f64) {
+        let rated = self.feedback.iter().map(Counter::get).sum();
+        let positive = Score::ALL
+            .iter()
+            .filter(|s| s.is_positive())
+            .map(|s| self.feedback[s.index()].get())
+            .sum();
+        (rated, positive)
     }
 
     /// Cache lookups over all caches: (hits, misses).

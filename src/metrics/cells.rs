@@ -38,6 +38,35 @@ impl AtomicF64 {
 /// values; every integer up to 2^53 is still exact.
 pub type Counter = AtomicF64;
 
+/// Money: integer micro-units of the currency, so a sum never drifts
+/// (see `prices`). Exposed and stored in currency units.
+#[derive(Debug, Default)]
+pub struct Micros(AtomicU64);
+
+impl Micros {
+    pub fn add(&self, micros: u64) {
+        let _ = self
+            .0
+            .fetch_update(Relaxed, Relaxed, |m| Some(m.saturating_add(micros)));
+    }
+
+    pub fn micros(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+
+    /// In currency units: exact below 2^53 micro-units (9 billion units).
+    pub fn get(&self) -> f64 {
+        self.micros() as f64 / 1e6
+    }
+
+    /// Adds a stored value, given in currency units.
+    pub fn restore(&self, value: f64) {
+        if value.is_finite() && value > 0.0 {
+            self.add((value * 1e6).round() as u64);
+        }
+    }
+}
+
 /// A histogram with fixed bounds. Buckets hold non-cumulative counts so an
 /// observation touches exactly one bucket; they are summed on read.
 #[derive(Debug)]

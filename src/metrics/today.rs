@@ -147,7 +147,14 @@ impl DailyCounter {
 }
 
 /// The names under which today's counters are stored.
-pub const TODAY_NAMES: [&str; 3] = ["messages", "users_registered", "limit_reached"];
+pub const TODAY_NAMES: [&str; 6] = [
+    "messages",
+    "users_registered",
+    "limit_reached",
+    "spend_micros",
+    "feedback_rated",
+    "feedback_positive",
+];
 
 /// One bot's "today" counters, sharing the process's calendar.
 #[derive(Debug)]
@@ -156,6 +163,12 @@ pub struct Today {
     pub messages: TodayCounter,
     pub registered: TodayCounter,
     pub limit_reached: TodayCounter,
+    /// Today's spend in micro-units (40 bits: up to 1.1 million currency
+    /// units a day per bot).
+    pub spend: TodayCounter,
+    /// Answers rated today, and of them those the user liked.
+    pub feedback_rated: TodayCounter,
+    pub feedback_positive: TodayCounter,
 }
 
 /// A [`DailyCounter`] that knows its calendar.
@@ -194,6 +207,9 @@ impl Today {
             messages: counter(),
             registered: counter(),
             limit_reached: counter(),
+            spend: counter(),
+            feedback_rated: counter(),
+            feedback_positive: counter(),
             calendar,
         }
     }
@@ -203,11 +219,14 @@ impl Today {
     }
 
     /// The counters with their storage names.
-    pub fn counters(&self) -> [(&'static str, &TodayCounter); 3] {
+    pub fn counters(&self) -> [(&'static str, &TodayCounter); 6] {
         [
             (TODAY_NAMES[0], &self.messages),
             (TODAY_NAMES[1], &self.registered),
             (TODAY_NAMES[2], &self.limit_reached),
+            (TODAY_NAMES[3], &self.spend),
+            (TODAY_NAMES[4], &self.feedback_rated),
+            (TODAY_NAMES[5], &self.feedback_positive),
         ]
     }
 
