@@ -61,7 +61,9 @@ pub struct Usage {
 impl Price {
     /// The cost of `usage` in nano-units, saturating (never wrapping).
     pub fn cost(&self, u: &Usage) -> u64 {
-        let plain = u.prompt.saturating_sub(u.cached.saturating_add(u.cache_write));
+        let plain = u
+            .prompt
+            .saturating_sub(u.cached.saturating_add(u.cache_write));
         let parts = [
             (plain, self.input),
             (u.cached, self.cached_input),
@@ -105,9 +107,7 @@ struct RawPrice {
 /// exact: negative, non-finite, absurd, or finer than 3 decimals.
 fn per_token(model: &str, field: &str, per_million: f64) -> Result<u64, PricesError> {
     let bad = |why: &str| {
-        PricesError::Parse(format!(
-            "models.\"{model}\".{field} = {per_million}: {why}"
-        ))
+        PricesError::Parse(format!("models.\"{model}\".{field} = {per_million}: {why}"))
     };
     if !per_million.is_finite() || per_million < 0.0 {
         return Err(bad("must be a number ≥ 0"));
@@ -141,8 +141,7 @@ impl Prices {
             path: path.display().to_string(),
             source,
         })?;
-        Prices::parse(&text)
-            .map_err(|e| PricesError::Parse(format!("{}: {e}", path.display())))
+        Prices::parse(&text).map_err(|e| PricesError::Parse(format!("{}: {e}", path.display())))
     }
 
     pub fn parse(text: &str) -> Result<Prices, PricesError> {
@@ -214,9 +213,7 @@ impl Prices {
             } = &mut event.body
             {
                 let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
-                if let Some(price) =
-                    self.price_of(provider.as_ref().map(|p| p.as_str()), model)
-                {
+                if let Some(price) = self.price_of(provider.as_ref().map(|p| p.as_str()), model) {
                     let usage = Usage {
                         prompt: t.prompt,
                         completion: t.completion,

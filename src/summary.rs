@@ -289,8 +289,8 @@ impl Summary {
             count(self.errors.total, "error reported", "errors reported")
         );
         if self.responses.total > 0 {
-            let not_ok = (self.responses.total as f64 * (1.0 - self.responses.success_rate))
-                .round() as u64;
+            let not_ok =
+                (self.responses.total as f64 * (1.0 - self.responses.success_rate)).round() as u64;
             let _ = writeln!(
                 t,
                 "Responses, all time: {}, {} ok ({} failed, limited or timed out), median {}, p95 {}",

@@ -14,9 +14,8 @@ use serde::de::{self, Deserializer, Visitor};
 
 use super::{
     CacheResult, ChatType, Cost, CostSource, DEFAULT_CACHE, Decision, Event, EventBody, EventType,
-    MAX_COST, MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN,
-    MAX_FUTURE_SECS, MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens,
-    UserId,
+    MAX_COST, MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS,
+    MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens, UserId,
 };
 
 /// `ts` as RFC 3339 text or unix seconds (integer or fractional).

@@ -174,9 +174,7 @@ pub const RESPONSE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0,
 ];
 /// Time to first token of a streamed answer: 50 ms to 30 s.
-pub const TTFT_BUCKETS: &[f64] = &[
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0,
-];
+pub const TTFT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0];
 /// Database queries per message: 1 to 50.
 pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 50.0];
 
@@ -229,6 +227,12 @@ pub struct BotMetrics {
     pub counters: SelfCounters,
 }
 
+/// An overflow counter registered nowhere: see `BotMetrics::new`.
+fn unexposed() -> prometheus::IntCounter {
+    prometheus::IntCounter::new("unexposed_overflow", "not exposed")
+        .unwrap_or_else(|_| unreachable!("a valid metric name"))
+}
+
 impl BotMetrics {
     pub fn new(
         bot: Arc<str>,
@@ -248,8 +252,10 @@ impl BotMetrics {
             limit_reached: Counter::default(),
             errors: Family::new(max_label_values, counters.overflow_kind.clone()),
             llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
-            llm_cost: Family::new(max_label_values, counters.overflow_model.clone()),
-            llm_unpriced: Family::new(max_label_values, counters.overflow_model.clone()),
+            // A folded model is counted once, by the token family every
+            // priced or unpriced call also goes to; these fold alike.
+            llm_cost: Family::new(max_label_values, unexposed()),
+            llm_unpriced: Family::new(max_label_values, unexposed()),
             ttft: Histogram::new(TTFT_BUCKETS),
             feedback: Default::default(),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
@@ -308,9 +314,7 @@ impl BotMetrics {
                         self.today.spend.add(event.ts, cost.micros);
                     }
                     // Tokens and no price: never counted as free.
-                    (None, Some(t)) => self
-                        .llm_unpriced
-                        .with(model, |c| c.add(t.total() as f64)),
+                    (None, Some(t)) => self.llm_unpriced.with(model, |c| c.add(t.total() as f64)),
                     (None, None) => {}
                 }
             }

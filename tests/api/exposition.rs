@@ -47,6 +47,11 @@ fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h
 // ---------------------------------------------------------------------------
 
 /// Every series of every closed label set, for one bot.
+/// `bot_llm_ttft_seconds`' buckets: streamed first tokens, 50 ms to 30 s.
+const TTFT_LE: &[&str] = &[
+    "0.05", "0.1", "0.25", "0.5", "1", "2", "3", "5", "10", "20", "30", "+Inf",
+];
+
 fn closed_series(bot: &str) -> Vec<String> {
     let mut s = Vec::new();
     for role in ["user", "assistant"] {
@@ -62,6 +67,7 @@ fn closed_series(bot: &str) -> Vec<String> {
     for (name, les) in [
         ("bot_response_duration_seconds", RESPONSE_LE),
         ("bot_db_queries_per_message", DB_QUERIES_LE),
+        ("bot_llm_ttft_seconds", TTFT_LE),
     ] {
         for le in les {
             s.push(format!(r#"{name}_bucket{{bot="{bot}",le="{le}"}}"#));
@@ -81,6 +87,11 @@ fn closed_series(bot: &str) -> Vec<String> {
         ));
     }
     s.push(format!(r#"bot_limit_reached_total{{bot="{bot}"}}"#));
+    for score in ["-1", "+1", "1", "2", "3", "4", "5"] {
+        s.push(format!(
+            r#"bot_feedback_total{{bot="{bot}",score="{score}"}}"#
+        ));
+    }
     for window in ["1d", "7d", "30d"] {
         s.push(format!(
             r#"bot_active_users{{bot="{bot}",window="{window}"}}"#
@@ -125,6 +136,9 @@ async fn every_closed_series_exists_at_zero_from_start_for_each_bot() {
         "too_large",
         "unsupported_media_type",
         "invalid",
+        "retry_later",
+        "journal_full",
+        "journal_failed",
     ] {
         own.push(format!(
             r#"botmetrics_events_rejected_total{{reason="{reason}"}}"#

@@ -18,7 +18,56 @@ async fn summary_text(app: &TestApp, path: &str) -> String {
     let (status, content_type, text) = app.get_text(path).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(content_type, "text/plain; charset=utf-8");
-    text
+    as_of_masked(&text)
+}
+
+/// `text` with each bot's "(as of HH:MM)" checked for its shape and
+/// replaced by "(as of HH:MM)", so an exact comparison does not depend on
+/// the minute the test ran in. [`the_text_says_when_it_was_made`] checks
+/// the time itself.
+fn as_of_masked(text: &str) -> String {
+    text.lines()
+        .map(|line| match line.find(" (as of ") {
+            Some(i) if line.starts_with("📊") => {
+                let time = &line[i + 8..];
+                assert!(
+                    time.len() == 6
+                        && time.ends_with(')')
+                        && time.as_bytes()[2] == b':'
+                        && time[..2]
+                            .bytes()
+                            .chain(time[3..5].bytes())
+                            .all(|b| b.is_ascii_digit()),
+                    "{line:?}"
+                );
+                format!("{} (as of HH:MM)", &line[..i])
+            }
+            _ => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test]
+async fn the_text_says_when_it_was_made() {
+    let (app, _db) = start_with("x=tx", |c| {
+        c.timezone = "Asia/Kolkata".parse().expect("zone");
+    })
+    .await;
+    let before = Utc::now();
+    let (_, _, text) = app.get_text("/v1/summary?format=text").await;
+    let after = Utc::now();
+    let tz: chrono_tz::Tz = "Asia/Kolkata".parse().expect("zone");
+    let minutes: Vec<String> = [before, after]
+        .iter()
+        .map(|t| format!("📊 x (as of {})", t.with_timezone(&tz).format("%H:%M")))
+        .collect();
+    let first = text.lines().next().unwrap_or_default();
+    assert!(
+        minutes.iter().any(|m| m == first),
+        "{first:?} is one of {minutes:?} (local time, not UTC)"
+    );
+    app.stop().await;
 }
 
 /// Checks that `text` holds every one of `parts`.
@@ -180,11 +229,11 @@ async fn summary_json_has_every_field_with_exact_values() {
     let text = summary_text(&app, "/v1/summary?format=text").await;
     assert_eq!(
         text,
-        "📊 demo\n\
-         Today (since midnight, UTC): 10 messages, 3 new users, 2 daily-limit hits\n\
+        "📊 demo (as of HH:MM)\n\
+         Today (since midnight, UTC): 10 messages (users' and the bot's), 3 new users, 2 daily-limit hits\n\
          Active users: 5 (24\u{A0}h), 5 (7\u{A0}d), 5 (30\u{A0}d)\n\
-         All time: 10 messages, 3 users, 3 errors\n\
-         Responses, all time: 10, 90.0\u{202F}% ok, median 625\u{A0}ms, p95 2.5\u{A0}s\n\
+         All time: 10 messages, 3 registered users, 3 errors reported\n\
+         Responses, all time: 10, 90.0\u{202F}% ok (1 failed, limited or timed out), median 625\u{A0}ms, p95 2.5\u{A0}s\n\
          Cache hits, all time: default 66.7\u{202F}%, embeddings 100.0\u{202F}%"
     );
     // Explicit JSON is the default.
@@ -304,11 +353,11 @@ async fn text_answer_formats_numbers_for_people() {
     // client never wraps; one cache: its rate, with its name.
     assert_eq!(
         summary_text(&app, "/v1/summary?format=text").await,
-        "📊 x\n\
-         Today (since midnight, UTC): 12\u{202F}345 messages, 0 new users, 0 daily-limit hits\n\
+        "📊 x (as of HH:MM)\n\
+         Today (since midnight, UTC): 12\u{202F}345 messages (users' and the bot's), 0 new users, 0 daily-limit hits\n\
          Active users: 7 (24\u{A0}h), 7 (7\u{A0}d), 7 (30\u{A0}d)\n\
-         All time: 12\u{202F}345 messages, 0 users, 0 errors\n\
-         Responses, all time: 1\u{202F}000, 98.7\u{202F}% ok, median 1.5\u{A0}s, p95 2.0\u{A0}s\n\
+         All time: 12\u{202F}345 messages, 0 registered users, 0 errors reported\n\
+         Responses, all time: 1\u{202F}000, 98.7\u{202F}% ok (13 failed, limited or timed out), median 1.5\u{A0}s, p95 2.0\u{A0}s\n\
          Cache hits, all time: 100.0\u{202F}% (llm)"
     );
     let (_, s) = app.get_json("/v1/summary").await;
@@ -423,8 +472,8 @@ async fn today_counts_the_local_day(url: &str) {
     assert_contains(
         &summary_text(&app, "/v1/summary?format=text").await,
         &[
-            "Today (since midnight, Asia/Tokyo): 4 messages, 2 new users, 4 daily-limit hits",
-            "All time: 8 messages, 4 users, 0 errors",
+            "Today (since midnight, Asia/Tokyo): 4 messages (users' and the bot's), 2 new users, 4 daily-limit hits",
+            "All time: 8 messages, 4 registered users, 0 errors reported",
         ],
     );
 
