@@ -252,21 +252,24 @@ impl Syncer {
         let behind: Vec<bool> = bots.iter().map(|b| b.inflight.is_some()).collect();
         // One cut for every bot without a batch in flight: exactly the
         // journal up to `mark`.
-        let mark = self.ingest.consistent(|lsn| {
-            let mark = if self.ingest.journal().is_some() {
-                lsn
-            } else {
-                *seq += 1;
-                *seq
-            };
-            for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
-                let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
-                if !batch.is_empty() {
-                    b.inflight = Some(batch);
+        let mark = self
+            .ingest
+            .consistent(|lsn| {
+                let mark = if self.ingest.journal().is_some() {
+                    lsn
+                } else {
+                    *seq += 1;
+                    *seq
+                };
+                for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
+                    let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
+                    if !batch.is_empty() {
+                        b.inflight = Some(batch);
+                    }
                 }
-            }
-            mark
-        });
+                mark
+            })
+            .await;
         let now = Utc::now().timestamp();
         let conn = timed(self.cluster.redis.conn()).await?;
         let mut tasks = tokio::task::JoinSet::new();
@@ -633,7 +636,8 @@ impl Syncer {
         if !state.replayed {
             let replayed = self
                 .ingest
-                .replay_own(&self.metrics, |bot| mark(&own, bot))?;
+                .replay_own(&self.metrics, |bot| mark(&own, bot))
+                .await?;
             state.replayed = true;
             tracing::info!(replica = %self.cluster.replica, seeded, ?replayed, "cluster mode: journal counted past what Redis holds");
         }
