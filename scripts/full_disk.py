@@ -114,7 +114,7 @@ def main():
             for b in range(per_client):
                 status, body = server.post(batch(c, b))
                 with lock:
-                    key = f"{status} {body.get('error', {}).get('code', '') if status != 202 else ''}".strip()
+                    key = f"{status} {body.get('error', '') if status != 202 else ''}".strip()
                     answers[key] = answers.get(key, 0) + 1
                     (acked if status == 202 else refused).append((c, b))
 

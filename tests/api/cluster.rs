@@ -1616,9 +1616,9 @@ async fn a_replica_whose_journal_disk_fills_is_not_ready_and_counts_no_refused_b
     }
     let refused = refused.expect("the disk filled up");
     assert_eq!(refused.0, 503, "{refused:?}");
-    assert_eq!(refused.1["error"]["code"], "journal_failed", "{refused:?}");
+    assert_eq!(refused.1["error"], "journal_failed", "{refused:?}");
     let again = full.post_events("ta", &with_ids("disk-again", 100)).await;
-    assert_eq!(again.1["error"]["code"], "journal_failed", "{again:?}");
+    assert_eq!(again.1["error"], "journal_failed", "{again:?}");
 
     let (status, body) = full.get_json("/readyz").await;
     assert_eq!(status, 503, "not ready with a broken journal: {body}");
