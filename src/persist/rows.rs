@@ -143,7 +143,8 @@ impl Visitor for Flatten {
 /// restore refuses it, and says so.
 pub fn whole_histograms(series: &mut Vec<SeriesRow>) {
     // (family, bot, labels other than `le`) → the lines present.
-    let mut groups: BTreeMap<(&'static str, String, String), Vec<(f64, u64)>> = BTreeMap::new();
+    type Group = (&'static str, String, String);
+    let mut groups: BTreeMap<Group, Vec<(f64, u64)>> = BTreeMap::new();
     for row in series.iter() {
         let Some(family) = FAMILIES.iter().find_map(|f| {
             let bucket = f.kind == Kind::Histogram && row.metric.strip_prefix(f.name)? == "_bucket";
