@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fault drill for BENCHMARKS.md ("Faults"): the journal's disk fills up.
 
-    sudo scripts/full_disk.py [REQUESTS_PER_CLIENT]     (default 1,500)
+    sudo scripts/full_disk.py [REQUESTS_PER_CLIENT]     (default 3,000)
 
 One real binary (BOTMETRICS_BIN, default target/release/botmetrics) with
 `--data-dir` on a 3 MiB tmpfs and its SQLite store elsewhere. Four clients
@@ -97,7 +97,7 @@ def batch(c, b):
 def main():
     if os.geteuid() != 0:
         raise SystemExit("needs root: it mounts a 3 MiB tmpfs")
-    per_client = int(sys.argv[1]) if len(sys.argv) > 1 else 1500
+    per_client = int(sys.argv[1]) if len(sys.argv) > 1 else 3000
     tmp = tempfile.mkdtemp(prefix="botmetrics-full-disk-")
     data_dir = os.path.join(tmp, "data")
     db_dir = os.path.join(tmp, "db")

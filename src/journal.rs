@@ -30,6 +30,19 @@
 //! being killed) and a background task fsyncs once a second (power loss
 //! costs at most that second, as Redis' `appendfsync everysec`); with
 //! `always` it waits for the fsync too; with `no` the kernel decides.
+//!
+//! # Failure
+//!
+//! A failed group write (a full disk) is cut off the segment, so none of
+//! the records it carried stays on disk, and breaks the journal until
+//! restart: the failed group's requests and every later one are refused,
+//! while a record durable before the failure stays acknowledged. The
+//! records that exist are then exactly the LSNs up to the last durable one,
+//! where a snapshot is cut ([`Journal::cut_lsn`]); `ingest` counts a record
+//! only once it is durable, so a refused request changes nothing. Not
+//! covered: an fsync that fails under `always` leaves its records in the
+//! file (the kernel may or may not have written them), refused all the
+//! same.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};

@@ -125,9 +125,10 @@ impl Histogram {
     /// The stored lines may be any subset of this build's bounds (`+Inf`
     /// included), in any order: Redis, and so the cluster's store rows,
     /// hold only the lines a sync ever moved, because a sync sends only
-    /// non-zero deltas. A missing line is exactly the nearest present line
-    /// below it (0 if none): cumulative lines never decrease, and a line
-    /// that never moved gained nothing since the line below it. Returns
+    /// non-zero deltas. A line is missing only when no sync ever moved it:
+    /// no value at or below its bound was ever counted, so it is 0, and so
+    /// is every line below it. Taking the nearest present line below (0 if
+    /// none) is then exact, and keeps any stored set monotone. Returns
     /// false, changing nothing, when a stored bound is not one of this
     /// build's, because the buckets would not mean the same thing.
     pub fn restore(&self, cumulative_by_bound: &[(f64, u64)], sum: f64) -> bool {

@@ -137,8 +137,9 @@ impl Visitor for Flatten {
 /// so that it reads back whole in `real_time_metrics`, in history, and in
 /// whatever restores it. Redis holds only the lines a sync ever moved (a
 /// sync sends only non-zero deltas), so an LLM bot that never answered
-/// under 50 ms has no `le="0.05"` line there. A missing line is exactly the
-/// nearest present line below it, 0 if none (see `Histogram::restore`). A
+/// under 50 ms has no `le="0.05"` line there. A missing line is the
+/// nearest present line below it, 0 if none, which is exact (see
+/// `Histogram::restore`). A
 /// histogram with a line this build does not know is left as it is: its
 /// restore refuses it, and says so.
 pub fn whole_histograms(series: &mut Vec<SeriesRow>) {
