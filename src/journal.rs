@@ -439,7 +439,8 @@ impl Journal {
                 .map_err(io::Error::other)
                 .and_then(|r| r);
             if let Err(e) = synced {
-                // Before any other fsync can cover these records.
+                // Broken at once, before any other request finds the file
+                // free and writes after records that may not be on disk.
                 self.broken.store(true, Ordering::Relaxed);
                 return Err(e);
             }
