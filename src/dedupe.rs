@@ -132,6 +132,22 @@ impl Dedupe {
         Seen::First
     }
 
+    /// Forgets `id`, remembered by a request that was then refused, so that
+    /// its retry counts.
+    pub fn forget(&self, id: IdHash, now_ms: i64) {
+        let Some(bucket_ms) = self.bucket_ms else {
+            return;
+        };
+        let mut shard = self.shard(id).lock().unwrap_or_else(|e| e.into_inner());
+        self.expire(&mut shard, now_ms.div_euclid(bucket_ms));
+        for bucket in &mut shard.buckets {
+            if bucket.ids.remove(&id.0) {
+                self.len.fetch_sub(1, Relaxed);
+                break;
+            }
+        }
+    }
+
     /// Whether `id` is remembered (without remembering it).
     pub fn contains(&self, id: IdHash) -> bool {
         let shard = self.shard(id).lock().unwrap_or_else(|e| e.into_inner());

@@ -1,15 +1,48 @@
-//! Applies a checked batch: drops retries already seen, counts the rest, and
-//! journals what it counted before the answer goes out.
+//! Applies a checked batch: drops retries already seen, journals the rest,
+//! and counts them once the journal holds them, before the answer goes out.
 //!
 //! Only whole, valid batches reach this point (see `event::parse_batch`).
-//! The invariant the flush relies on lives here: a record's LSN is handed
-//! out under the same (shared) gate as its events are counted, so when the
-//! flush holds the gate exclusively, memory holds exactly the records up to
-//! the journal's last LSN, no more and no less. Storing that LSN with the
-//! snapshot, in one transaction, is what makes a restart exact.
+//!
+//! # Exactly once
+//!
+//! The invariant the flush (and the cluster sync) relies on lives here:
+//! when the flush holds the gate exclusively, memory holds exactly the
+//! records up to the journal's last LSN that the journal holds, no more and
+//! no less. Storing that LSN with the snapshot, in one transaction, is what
+//! makes a restart exact. A request keeps that true by holding the gate
+//! (shared) from the moment it decides its ids until its events are counted
+//! or refused, and by counting only after its record is as durable as the
+//! fsync policy promises:
+//!
+//! 1. Its ids are decided and its record appended (its LSN handed out)
+//!    under one short lock, so a later request that finds one of its ids
+//!    remembered sees an LSN at least as high as the record that has it.
+//! 2. It waits for its record's commit. A request that found duplicates
+//!    waits for the commit of every record up to the LSN it saw, because
+//!    one of those holds the original: "duplicate" is answered only once
+//!    the original is durable, never for one that is then refused.
+//! 3. Committed: its events are counted, its claims kept, 202. Refused
+//!    (the write failed): nothing was counted, its ids are forgotten, its
+//!    claims given back, 503, and the journal has cut the failed write off
+//!    the disk (`Journal::commit`), so the record exists nowhere.
+//!
+//! A failed write breaks the journal until restart, so every record past
+//! the last durable one is refused too, and a record that was durable
+//! before the failure is acknowledged: the records that exist, in memory
+//! and on disk alike, are exactly the LSNs up to the last durable one.
+//! Once broken, the flush cuts there (`Journal::cut_lsn`), not at the last
+//! number handed out, so the store's applied mark never covers a refused
+//! number that the journal reuses after a restart. A restart replays the
+//! disk past the stored cut, and a bot's retry of a refused request counts
+//! once, because no trace of it was kept.
+//!
+//! The steps run to the end once begun: the HTTP handler runs each batch on
+//! a task of its own, so neither a client that hangs up nor the request
+//! timeout can stop a request between its append and its count (its record
+//! would then be on disk, covered by the next cut, and never counted).
 
 use std::cell::RefCell;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -87,9 +120,13 @@ pub struct Ingest {
     journal: Option<Journal>,
     arbiter: Option<Arc<dyn Arbiter>>,
     notes: Option<Arc<dyn UserNotes>>,
-    /// Shared by requests while they count and append; held exclusively by
-    /// the flush while it takes its snapshot.
-    gate: RwLock<()>,
+    /// Shared by requests from their decision to their count (across the
+    /// journal commit, hence an async lock); held exclusively by the flush
+    /// while it takes its snapshot.
+    gate: tokio::sync::RwLock<()>,
+    /// Held while a request with ids decides them and appends its record,
+    /// so that the LSN a duplicate waits for covers its original.
+    deciding: Mutex<()>,
 }
 
 thread_local! {
@@ -116,7 +153,8 @@ impl Ingest {
             journal,
             arbiter: None,
             notes: None,
-            gate: RwLock::new(()),
+            gate: tokio::sync::RwLock::new(()),
+            deciding: Mutex::new(()),
         }
     }
 
@@ -136,9 +174,12 @@ impl Ingest {
         self.journal.as_ref()
     }
 
-    /// Counts every event not seen before and returns once the journal holds
-    /// them as durably as its fsync policy promises. Hot path: memory and one
-    /// shared append, never the store.
+    /// Journals every event not seen before and counts them once the journal
+    /// holds them as durably as its fsync policy promises; refused, it
+    /// changes nothing. Hot path: memory and one shared append, never the
+    /// store. Run it to completion (on a task of its own when the caller
+    /// may be cancelled): dropped between its append and its count, its
+    /// record would reach the disk uncounted.
     /// `now_ms` is the arrival time in unix milliseconds.
     pub async fn apply(
         &self,
@@ -196,53 +237,80 @@ impl Ingest {
         // Per event: `None` for a duplicate, else its id hash if it has an id.
         let mut fresh: Vec<Option<Option<IdHash>>> = Vec::with_capacity(events.len());
         let mut duplicates = 0;
-        let lsn = {
-            let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
-            let notes = self.notes.as_deref();
-            USERS.with_borrow_mut(|users| {
-                users.clear();
-                for event in events {
-                    let id = id_of(event);
-                    let claim = id.and_then(|_| claimed.next().copied());
-                    let first = claim != Some(Claim::Taken)
-                        && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
-                    if first {
-                        bot.apply(event);
-                        if let (Some(_), Some(user)) = (notes, event.user) {
-                            users.push((user, event.ts));
-                        }
-                        fresh.push(Some(id));
-                    } else {
-                        duplicates += 1;
-                        fresh.push(None);
-                    }
+        // Held until the events are counted or refused: see the module doc.
+        let _shared = self.gate.read().await;
+        let (lsn, seen_upto) = {
+            let with_ids = self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some());
+            let _deciding = (with_ids && self.journal.is_some())
+                .then(|| self.deciding.lock().unwrap_or_else(|e| e.into_inner()));
+            for event in events {
+                let id = id_of(event);
+                let claim = id.and_then(|_| claimed.next().copied());
+                let first = claim != Some(Claim::Taken)
+                    && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
+                if first {
+                    fresh.push(Some(id));
+                } else {
+                    duplicates += 1;
+                    fresh.push(None);
                 }
-                if let Some(notes) = notes {
-                    notes.note(&bot.bot, users);
-                }
-            });
-            // Counted: the next sync carries these events to Redis whatever
-            // becomes of this request, so its claims are kept.
-            if let Some(settle) = &mut settle {
-                settle.counted = true;
             }
             match &self.journal {
-                Some(journal) if duplicates < events.len() => {
-                    Some(ENCODED.with_borrow_mut(|buf| {
-                        buf.clear();
-                        let kept = events
-                            .iter()
-                            .zip(&fresh)
-                            .filter_map(|(e, id)| Some((e, (*id)?)));
-                        record::encode(buf, &bot.bot, ExactSize(kept, events.len() - duplicates));
-                        journal.append(now_ms.div_euclid(1000), buf)
-                    }))
+                Some(journal) => {
+                    // A duplicate's original is in a record at or below the
+                    // last LSN handed out (it was appended under the lock).
+                    let seen_upto = (duplicates > 0).then(|| journal.last_lsn());
+                    let lsn = (duplicates < events.len()).then(|| {
+                        ENCODED.with_borrow_mut(|buf| {
+                            buf.clear();
+                            let kept = events
+                                .iter()
+                                .zip(&fresh)
+                                .filter_map(|(e, id)| Some((e, (*id)?)));
+                            record::encode(
+                                buf,
+                                &bot.bot,
+                                ExactSize(kept, events.len() - duplicates),
+                            );
+                            journal.append(now_ms.div_euclid(1000), buf)
+                        })
+                    });
+                    (lsn, seen_upto)
                 }
-                _ => None,
+                None => (None, None),
             }
         };
-        if let (Some(journal), Some(lsn)) = (&self.journal, lsn) {
-            journal.commit(lsn).await?;
+        if let Some(journal) = &self.journal
+            && let Some(upto) = lsn.max(seen_upto)
+            && let Err(e) = journal.commit(upto).await
+        {
+            // Refused: nothing was counted, and the ids it remembered are
+            // forgotten, so the bot's retry counts (after a restart: a
+            // failed write breaks the journal until then).
+            for id in fresh.iter().flatten().flatten() {
+                self.dedupe.forget(*id, now_ms);
+            }
+            return Err(e.into());
+        }
+        let notes = self.notes.as_deref();
+        USERS.with_borrow_mut(|users| {
+            users.clear();
+            for (event, id) in events.iter().zip(&fresh) {
+                if id.is_some() {
+                    bot.apply(event);
+                    if let (Some(_), Some(user)) = (notes, event.user) {
+                        users.push((user, event.ts));
+                    }
+                }
+            }
+            if let Some(notes) = notes {
+                notes.note(&bot.bot, users);
+            }
+        });
+        // Counted: the next sync carries these events to Redis whatever
+        // becomes of this request, so its claims are kept.
+        if let Some(settle) = &mut settle {
+            settle.counted = true;
         }
         let accepted = events.len() - duplicates;
         bot.counters.accepted.inc_by(accepted as u64);
@@ -253,11 +321,12 @@ impl Ingest {
         })
     }
 
-    /// Runs `f` while no request is counting, with the journal's last LSN:
-    /// what `f` reads of memory is exactly the records up to that LSN.
-    pub fn consistent<R>(&self, f: impl FnOnce(u64) -> R) -> R {
-        let _exclusive = self.gate.write().unwrap_or_else(|e| e.into_inner());
-        f(self.journal.as_ref().map_or(0, Journal::last_lsn))
+    /// Runs `f` while no request is between its decision and its count,
+    /// with the journal's cut (`Journal::cut_lsn`): what `f` reads of
+    /// memory is exactly the records up to that LSN (see the module doc).
+    pub async fn consistent<R>(&self, f: impl FnOnce(u64) -> R) -> R {
+        let _exclusive = self.gate.write().await;
+        f(self.journal.as_ref().map_or(0, Journal::cut_lsn))
     }
 
     /// Reads every `event_id` the journals on disk remember (this process's
@@ -288,7 +357,7 @@ impl Ingest {
     /// cluster mode, Redis) holds of each bot (`applied(bot)`), up to what
     /// was on disk at open: events counted before a crash but never
     /// flushed. Records appended since open are in memory already.
-    pub fn replay_own(
+    pub async fn replay_own(
         &self,
         metrics: &Metrics,
         applied: impl Fn(&str) -> u64,
@@ -298,7 +367,7 @@ impl Ingest {
             return Ok(report);
         };
         let floor = floor(metrics, |bot| applied(bot));
-        let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
+        let _shared = self.gate.read().await;
         journal.replay(floor, journal.recovered_lsn(), |r| {
             count_record(metrics, self.notes.as_deref(), &r, &applied, &mut report);
         })?;
@@ -323,8 +392,15 @@ impl Ingest {
         };
         for orphan in orphans {
             let mut last = None;
+            // A failed commit broke the journal: what an earlier attempt
+            // counted of this orphan is in memory, so it must not be counted
+            // again (the orphan stays, for the next start to adopt).
+            if journal.is_broken() {
+                return Err(JournalError::Broken);
+            }
+            // Held across the commit too, as a request holds it.
+            let _shared = self.gate.read().await;
             {
-                let _shared = self.gate.read().unwrap_or_else(|e| e.into_inner());
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 let applied = |bot: &str| applied(&orphan.id, bot);
                 orphan.replay(floor(metrics, applied), |r| {

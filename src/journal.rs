@@ -38,9 +38,22 @@
 //! being killed) and a background task fsyncs once a second (power loss
 //! costs at most that second, as Redis' `appendfsync everysec`); with
 //! `always` it waits for the fsync too; with `no` the kernel decides.
+//!
+//! # Failure
+//!
+//! A failed group write (a full disk) is cut off the segment, so none of
+//! the records it carried stays on disk, and breaks the journal until
+//! restart: the failed group's requests and every later one are refused,
+//! while a record durable before the failure stays acknowledged. The
+//! records that exist are then exactly the LSNs up to the last durable one,
+//! where a snapshot is cut ([`Journal::cut_lsn`]); `ingest` counts a record
+//! only once it is durable, so a refused request changes nothing. Not
+//! covered: an fsync that fails under `always` leaves its records in the
+//! file (the kernel may or may not have written them), refused all the
+//! same.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -141,6 +154,9 @@ pub struct Journal {
     /// The last LSN found on disk at open: records up to it are replayed.
     recovered: u64,
     broken: AtomicBool,
+    /// The fault seam: while set, every group write fails as a full disk
+    /// does, after writing half of what it was given.
+    fail_writes: AtomicBool,
 }
 
 /// A record handed to [`Journal::replay`].
@@ -228,6 +244,7 @@ impl Journal {
             applied: AtomicU64::new(0),
             recovered: last,
             broken: AtomicBool::new(false),
+            fail_writes: AtomicBool::new(false),
         };
         Ok(Opened {
             journal,
@@ -249,6 +266,23 @@ impl Journal {
     /// The last LSN handed out: every record up to it is in memory.
     pub fn last_lsn(&self) -> u64 {
         self.lock_pending().last
+    }
+
+    /// Where a snapshot taken while no request is in flight is cut: the
+    /// last LSN handed out, or, once a write failed, the last one durable
+    /// (every later record was refused and exists nowhere). Cutting there
+    /// keeps the refused numbers out of the store's applied mark, so the
+    /// records a restart appends under them are never taken as applied.
+    pub fn cut_lsn(&self) -> u64 {
+        let last = self.last_lsn();
+        if !self.is_broken() {
+            return last;
+        }
+        let durable = match self.policy {
+            FsyncPolicy::Always => self.synced.load(Ordering::Acquire),
+            FsyncPolicy::Everysec | FsyncPolicy::No => self.written.load(Ordering::Acquire),
+        };
+        durable.min(last)
     }
 
     /// The last LSN that was on disk when the journal was opened.
@@ -274,6 +308,19 @@ impl Journal {
             0
         };
         (sealed + current + pending, self.max_bytes)
+    }
+
+    /// Whether a write failed: nothing more is accepted until restart.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// The fault seam, for tests and fault drills: while `fail` is set, each
+    /// group write writes half of what is queued and then fails with
+    /// ENOSPC, as a disk that fills mid-write does.
+    #[doc(hidden)]
+    pub fn fail_writes(&self, fail: bool) {
+        self.fail_writes.store(fail, Ordering::Relaxed);
     }
 
     /// Refuses new records while the backlog is over the bound.
@@ -337,11 +384,13 @@ impl Journal {
     /// record and those of everyone waiting behind it.
     pub async fn commit(&self, lsn: u64) -> Result<()> {
         loop {
-            if self.broken.load(Ordering::Relaxed) {
-                return Err(JournalError::Broken);
-            }
+            // Durable first: a record written before a later write failed is
+            // on disk, so it is acknowledged (and counted), never refused.
             if self.durable(lsn) {
                 return Ok(());
+            }
+            if self.broken.load(Ordering::Relaxed) {
+                return Err(JournalError::Broken);
             }
             // Registered before the file is tried, so a group write that
             // ends in between still wakes this request.
@@ -393,9 +442,16 @@ impl Journal {
             self.sync_sealed(sealed, fsync).await?;
         }
         if let Some(file) = current {
-            tokio::task::spawn_blocking(move || file.sync_data())
+            let synced = tokio::task::spawn_blocking(move || file.sync_data())
                 .await
-                .map_err(io::Error::other)??;
+                .map_err(io::Error::other)
+                .and_then(|r| r);
+            if let Err(e) = synced {
+                // Broken at once, before any other request finds the file
+                // free and writes after records that may not be on disk.
+                self.broken.store(true, Ordering::Relaxed);
+                return Err(e);
+            }
             self.synced.fetch_max(upto, Ordering::AcqRel);
             self.progress.notify_waiters();
         }
@@ -405,6 +461,12 @@ impl Journal {
     /// Writes what is queued; returns the segment it closed, if it reached
     /// its size or age, for the caller to fsync.
     fn write_pending(&self, segment: &mut Segment) -> io::Result<Option<File>> {
+        // Checked under the file's lock, where it is set: no write after a
+        // failed one may land past the cut and make its records look
+        // written (`written` would then cover the refused ones).
+        if self.is_broken() {
+            return Ok(None);
+        }
         let (buf, last) = {
             let mut pending = self.lock_pending();
             let cap = pending.buf.capacity();
@@ -416,14 +478,51 @@ impl Journal {
         if buf.is_empty() {
             return Ok(None);
         }
-        segment.file.write_all(&buf)?;
+        if let Err(e) = self.write_all(&mut segment.file, &buf) {
+            self.broken.store(true, Ordering::Relaxed);
+            // Every request of this group is refused, so none of it may stay
+            // on disk, whole records included: a restart would count them.
+            // The file is cut back to where the group began.
+            let undone = segment
+                .file
+                .set_len(segment.bytes)
+                .and_then(|()| segment.file.seek(SeekFrom::Start(segment.bytes)));
+            if let Err(cut) = undone {
+                tracing::error!(
+                    error = %cut,
+                    segment = %segment.path.display(),
+                    "journal: a failed write could not be cut off the segment; records refused with 503 may be counted after a restart"
+                );
+            }
+            return Err(e);
+        }
         segment.bytes += buf.len() as u64;
         self.current_bytes.store(segment.bytes, Ordering::Relaxed);
         self.written.store(last, Ordering::Release);
         if segment.bytes >= SEGMENT_BYTES || segment.opened.elapsed() >= SEGMENT_AGE {
-            return self.rotate(segment, last).map(Some);
+            // The records are written, and their requests will be answered
+            // 202: a segment that cannot be opened (a full disk) must not
+            // refuse them. Writing goes on in this one; the next write
+            // tries again.
+            match self.rotate(segment, last) {
+                Ok(sealed) => return Ok(Some(sealed)),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    dir = %self.dir.display(),
+                    "journal: could not open the next segment; the current one grows"
+                ),
+            }
         }
         Ok(None)
+    }
+
+    /// `file.write_all(buf)`, or the fault seam's half write and ENOSPC.
+    fn write_all(&self, file: &mut File, buf: &[u8]) -> io::Result<()> {
+        if self.fail_writes.load(Ordering::Relaxed) {
+            file.write_all(&buf[..buf.len() / 2])?;
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
+        file.write_all(buf)
     }
 
     /// Fsyncs a closed segment on the blocking pool: inline it would stall
@@ -547,11 +646,18 @@ impl Segment {
         let mut header = [0u8; HEADER_LEN as usize];
         header[..4].copy_from_slice(MAGIC);
         header[4..].copy_from_slice(&first.to_le_bytes());
-        file.write_all(&header)?;
         // The new name must survive power loss too, or a later fsync of
         // the file would save data nobody can find.
-        file.sync_all()?;
-        sync_dir(dir)?;
+        let written = file
+            .write_all(&header)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| sync_dir(dir));
+        if let Err(e) = written {
+            // Not left behind: a segment named past records that the
+            // current one goes on holding would mislead a replay.
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Segment {
             file,
             path,
@@ -818,6 +924,46 @@ mod tests {
             j.commit(lsn).await.unwrap();
         }
         j.current.lock().await.path.clone()
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_leaves_nothing_on_disk_and_refuses_what_follows() {
+        let dir = tempdir();
+        let (kept, failed) = {
+            let j = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+                .unwrap()
+                .journal;
+            let kept = j.append(1, b"kept");
+            j.commit(kept).await.unwrap();
+            // Half the group reaches the file, then ENOSPC.
+            j.fail_writes(true);
+            let failed = j.append(1, &[7; 100]);
+            assert!(matches!(j.commit(failed).await, Err(JournalError::Io(_))));
+            assert!(j.is_broken());
+            assert_eq!(j.last_lsn(), failed);
+            assert_eq!(
+                j.cut_lsn(),
+                kept,
+                "a snapshot is cut at the last durable record"
+            );
+            // Broken until restart, even with space again...
+            j.fail_writes(false);
+            let after = j.append(1, b"after");
+            assert!(matches!(j.commit(after).await, Err(JournalError::Broken)));
+            assert!(matches!(j.check_room(), Err(JournalError::Broken)));
+            assert!(j.sync().await.is_err());
+            // ...but what was durable before the failure stays acknowledged.
+            j.commit(kept).await.unwrap();
+            (kept, failed)
+        };
+        let opened = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30).unwrap();
+        assert_eq!(
+            opened.torn_bytes, 0,
+            "the half write was cut off, not left torn"
+        );
+        assert_eq!(collect(&opened.journal, 0), vec![(kept, b"kept".to_vec())]);
+        assert_eq!(opened.journal.recovered_lsn(), kept);
+        assert!(failed > kept);
     }
 
     #[tokio::test]

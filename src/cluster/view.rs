@@ -12,7 +12,7 @@ use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
 use crate::metrics::bot::ACTIVE_USERS;
 use crate::metrics::{BotMetrics, Metrics};
-use crate::persist::restore_into;
+use crate::persist::{restore_into, whole_histograms};
 use crate::store::{DailyRow, SeriesRow, Store, Stored};
 use crate::summary::Summary;
 use crate::totals::Totals;
@@ -262,6 +262,10 @@ fn parse(keys: &BotKeys, bot: &str, v: Value) -> Result<Option<BotView>> {
             value,
         });
     }
+    // Redis holds only the histogram lines a sync ever moved: completed
+    // here, so the summary, the store's rows and history all read whole
+    // histograms.
+    whole_histograms(&mut view.series);
     for (field, value) in pairs(&items[2]).ok_or_else(|| bad("today"))? {
         let (Some(field), Some(value)) = (text(field), int(value)) else {
             continue;

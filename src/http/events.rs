@@ -85,9 +85,19 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Acc
     let now_ms = chrono::Utc::now().timestamp_millis();
     let now = now_ms.div_euclid(1000);
     let max_batch = usize::try_from(config.max_batch).unwrap_or(usize::MAX);
-    let mut events = parse_batch(&bytes, format, max_batch, now)?;
-    state.prices().price(&mut events);
-    Ok(state.ingest.apply(bot, &events, now_ms).await?)
+    // On a task of its own: once its record is queued in the journal, a
+    // batch must run to its count or refusal whatever the client does
+    // (hangs up, or `--request-timeout` fires), or its record would reach
+    // the disk uncounted (see `ingest`'s module doc).
+    let state = state.clone();
+    let bot = bot.clone();
+    tokio::spawn(async move {
+        let mut events = parse_batch(&bytes, format, max_batch, now)?;
+        state.prices().price(&mut events);
+        Ok(state.ingest.apply(&bot, &events, now_ms).await?)
+    })
+    .await
+    .map_err(|e| Error::Unavailable(format!("the batch was not applied: {e}")))?
 }
 
 fn body_format(headers: &HeaderMap) -> Result<BodyFormat> {

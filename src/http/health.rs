@@ -1,6 +1,7 @@
-//! `GET /healthz` (the process serves) and `GET /readyz` (it can answer
-//! with the right totals: in one process, the store answers and its totals
-//! are loaded; in cluster mode, always — see `totals::Totals`).
+//! `GET /healthz` (the process serves) and `GET /readyz` (it can take
+//! events, because its journal can write, and answer with the right totals:
+//! in one process, the store answers and its totals are loaded; in cluster
+//! mode, always — see `totals::Totals`).
 
 use std::time::Duration;
 
@@ -48,6 +49,17 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Value>> {
 async fn check(state: &AppState) -> std::result::Result<Json<Value>, (&'static str, Error)> {
     let persistence = &state.persistence;
     let backend = persistence.store.backend();
+    // In both modes: a replica whose journal broke refuses every event
+    // until restart, so a balancer must take it out.
+    if state.ingest.journal().is_some_and(|j| j.is_broken()) {
+        return Err((
+            "journal",
+            Error::Unavailable(
+                "a journal write failed (a full or failing disk); events are refused until restart"
+                    .into(),
+            ),
+        ));
+    }
     if let Some(fields) = state.totals.ready_without_store() {
         let mut answer = serde_json::Map::new();
         answer.insert("status".into(), "ready".into());

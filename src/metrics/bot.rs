@@ -178,6 +178,15 @@ pub const TTFT_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.
 /// Database queries per message: 1 to 50.
 pub const DB_QUERY_BUCKETS: &[f64] = &[1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 50.0];
 
+/// The bounds of a histogram family of this build, by name.
+pub fn histogram_bounds(family: &str) -> Option<&'static [f64]> {
+    match family {
+        "bot_response_duration_seconds" => Some(RESPONSE_BUCKETS),
+        "bot_db_queries_per_message" => Some(DB_QUERY_BUCKETS),
+        _ => None,
+    }
+}
+
 /// Receives every series of a bot, one call per series. One walk serves the
 /// exposition, the store's snapshot and the series count, so they cannot
 /// disagree about what exists.
@@ -492,7 +501,8 @@ impl BotMetrics {
         cell.map(|c| c.add(value)).is_some()
     }
 
-    /// Restores a histogram from its stored cumulative buckets and sum.
+    /// Restores a histogram from its stored cumulative buckets and sum;
+    /// the lines may be any subset of its bounds (see `Histogram::restore`).
     pub fn restore_histogram(&self, family: &str, buckets: &[(f64, u64)], sum: f64) -> bool {
         match family {
             "bot_response_duration_seconds" => self.response_duration.restore(buckets, sum),

@@ -151,26 +151,60 @@ impl Histogram {
     }
 
     /// Adds a stored snapshot (cumulative counts, as exposed) back in.
-    /// Returns false, changing nothing, when the stored bounds differ from
-    /// this build's, because the buckets would not mean the same thing.
+    /// The stored lines may be any subset of this build's bounds (`+Inf`
+    /// included), in any order: Redis, and so the cluster's store rows,
+    /// hold only the lines a sync ever moved, because a sync sends only
+    /// non-zero deltas. A line is missing only when no sync ever moved it:
+    /// no value at or below its bound was ever counted, so it is 0, and so
+    /// is every line below it. Taking the nearest present line below (0 if
+    /// none) is then exact, and keeps any stored set monotone. Returns
+    /// false, changing nothing, when a stored bound is not one of this
+    /// build's, because the buckets would not mean the same thing.
     pub fn restore(&self, cumulative_by_bound: &[(f64, u64)], sum: f64) -> bool {
-        let expected = self.bounds.len() + 1;
-        let same_bounds = cumulative_by_bound.len() == expected
-            && cumulative_by_bound
-                .iter()
-                .zip(self.bounds.iter().chain([&f64::INFINITY]))
-                .all(|((b, _), own)| b == own);
-        if !same_bounds {
+        let Some(whole) = whole_lines(self.bounds, cumulative_by_bound) else {
             return false;
-        }
+        };
         let mut below = 0;
-        for (bucket, &(_, cumulative)) in self.buckets.iter().zip(cumulative_by_bound) {
+        for (bucket, cumulative) in self.buckets.iter().zip(whole) {
             bucket.fetch_add(cumulative.saturating_sub(below), Relaxed);
             below = below.max(cumulative);
         }
         self.sum.add(sum);
         true
     }
+}
+
+/// Every cumulative line of `bounds` and then `+Inf`, from the `lines`
+/// stored (any subset, any order): a missing line is the nearest present
+/// line below it, 0 if none (see [`Histogram::restore`]). `None` when a
+/// stored bound is not one of `bounds`, or one is stored twice with two
+/// values.
+pub fn whole_lines(bounds: &[f64], lines: &[(f64, u64)]) -> Option<Vec<u64>> {
+    let mut present: Vec<Option<u64>> = vec![None; bounds.len() + 1];
+    for &(le, cumulative) in lines {
+        let i = if le == f64::INFINITY {
+            bounds.len()
+        } else {
+            bounds.iter().position(|&b| b == le)?
+        };
+        match present[i] {
+            Some(seen) if seen != cumulative => return None,
+            _ => present[i] = Some(cumulative),
+        }
+    }
+    let mut below = 0;
+    Some(
+        present
+            .into_iter()
+            .map(|line| {
+                // The running maximum: a line below that is higher than a
+                // present line cannot be (lines never decrease), so the
+                // buckets restored stay non-negative whatever was stored.
+                below = below.max(line.unwrap_or(below));
+                below
+            })
+            .collect(),
+    )
 }
 
 /// The value a free-form label takes once its family is full.
@@ -272,10 +306,31 @@ mod tests {
         assert!(restored.restore(&pairs, s.sum));
         assert_eq!(restored.snapshot(), s);
         assert!(
-            !restored.restore(&pairs[..2], 1.0),
+            !restored.restore(&[(1.5, 1), (f64::INFINITY, 1)], 1.0),
             "other bounds are refused"
         );
         assert_eq!(restored.snapshot(), s);
+    }
+
+    #[test]
+    fn a_histogram_missing_the_lines_no_value_moved_restores_whole() {
+        // What Redis holds after two slow values: only the lines a sync
+        // moved (le=5 and +Inf), in any order.
+        let h = Histogram::new(BOUNDS);
+        assert!(h.restore(&[(f64::INFINITY, 2), (5.0, 2)], 8.0));
+        let s = h.snapshot();
+        assert_eq!(s.cumulative, vec![0, 0, 2, 2]);
+        assert_eq!(s.quantile(0.5), Some(3.5), "halfway through (2, 5]");
+        // A missing line between present ones is the present line below it.
+        let h = Histogram::new(BOUNDS);
+        assert!(h.restore(&[(1.0, 3), (5.0, 4), (f64::INFINITY, 4)], 6.0));
+        assert_eq!(h.snapshot().cumulative, vec![3, 3, 4, 4]);
+        // A bound this build does not know, or one line with two values,
+        // is refused, changing nothing.
+        assert!(!h.restore(&[(3.0, 1), (f64::INFINITY, 1)], 1.0));
+        assert!(!h.restore(&[(5.0, 1), (5.0, 2)], 1.0));
+        assert_eq!(h.snapshot().cumulative, vec![3, 3, 4, 4]);
+        assert_eq!(h.snapshot().sum, 6.0);
     }
 
     #[test]

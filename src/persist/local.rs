@@ -102,6 +102,16 @@ impl Source for Local {
             let report = restore(&self.metrics, beyond, Utc::now().timestamp());
             if let Some(journal) = self.ingest.journal() {
                 let applied = stored.progress.get(journal.id()).copied().unwrap_or(0);
+                // The store may hold numbers this journal's disk lost (a
+                // torn tail after power loss): they are never reused, or the
+                // records written under them would be taken as applied.
+                if journal.skip_past(applied) {
+                    tracing::warn!(
+                        applied,
+                        on_disk = journal.recovered_lsn(),
+                        "the store holds records of this journal that its disk lost: numbering continues past them"
+                    );
+                }
                 let replay = {
                     let mut marks = self.marks();
                     marks.lsn = marks.lsn.max(applied);
@@ -111,6 +121,7 @@ impl Source for Local {
                     let replayed = self
                         .ingest
                         .replay_own(&self.metrics, |_bot| applied)
+                        .await
                         .map_err(corrupt)?;
                     if replayed.records > 0 {
                         tracing::info!(?replayed, "journal replayed past what the store held");
@@ -128,29 +139,32 @@ impl Source for Local {
             self.adopt_orphans().await?;
             // One consistent cut: no request counts while it is taken, so
             // the rows hold exactly the journal up to `lsn`.
-            let (rows, sketches, daily, lsn) = self.ingest.consistent(|lsn| {
-                let rows = snapshot(&self.metrics);
-                let mut sketches = Vec::new();
-                let mut daily = Vec::new();
-                for bot in self.metrics.bots() {
-                    for sketch in bot.active.take_dirty() {
-                        sketches.push(StoredSketch {
-                            bot: bot.bot.to_string(),
-                            sketch,
-                        });
+            let (rows, sketches, daily, lsn) = self
+                .ingest
+                .consistent(|lsn| {
+                    let rows = snapshot(&self.metrics);
+                    let mut sketches = Vec::new();
+                    let mut daily = Vec::new();
+                    for bot in self.metrics.bots() {
+                        for sketch in bot.active.take_dirty() {
+                            sketches.push(StoredSketch {
+                                bot: bot.bot.to_string(),
+                                sketch,
+                            });
+                        }
+                        for (name, counter) in bot.today.counters() {
+                            let (day, value) = counter.load();
+                            daily.push(DailyRow {
+                                bot: bot.bot.to_string(),
+                                name: name.to_owned(),
+                                day: Calendar::date(day),
+                                value: value as i64,
+                            });
+                        }
                     }
-                    for (name, counter) in bot.today.counters() {
-                        let (day, value) = counter.load();
-                        daily.push(DailyRow {
-                            bot: bot.bot.to_string(),
-                            name: name.to_owned(),
-                            day: Calendar::date(day),
-                            value: value as i64,
-                        });
-                    }
-                }
-                (rows, sketches, daily, lsn)
-            });
+                    (rows, sketches, daily, lsn)
+                })
+                .await;
             let mut rest = FlushBatch {
                 sketches,
                 ..FlushBatch::default()

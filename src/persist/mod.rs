@@ -27,7 +27,10 @@ use std::time::Instant;
 use chrono::{NaiveDate, Utc};
 use tokio::sync::Mutex;
 
-pub use rows::{Daily, RestoreReport, Written, beyond, bot_rows, restore, restore_into, snapshot};
+pub use rows::{
+    Daily, RestoreReport, Written, beyond, bot_rows, restore, restore_into, snapshot,
+    whole_histograms,
+};
 
 use crate::BoxFuture;
 use crate::ingest::Ingest;

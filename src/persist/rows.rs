@@ -13,7 +13,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::NaiveDate;
 
-use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Kind, Visitor};
+use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Kind, Visitor, histogram_bounds};
+use crate::metrics::cells::whole_lines;
 use crate::metrics::today::Calendar;
 use crate::metrics::{BotMetrics, HistogramSnapshot, Metrics};
 use crate::store::{self, DailyRow, FlushBatch, SeriesRow};
@@ -132,6 +133,70 @@ impl Visitor for Flatten {
     }
 }
 
+/// Completes each histogram among `series` with the bucket lines it lacks,
+/// so that it reads back whole in `real_time_metrics`, in history, and in
+/// whatever restores it. Redis holds only the lines a sync ever moved (a
+/// sync sends only non-zero deltas), so an LLM bot that never answered
+/// under 50 ms has no `le="0.05"` line there. A missing line is the
+/// nearest present line below it, 0 if none, which is exact (see
+/// `Histogram::restore`). A
+/// histogram with a line this build does not know is left as it is: its
+/// restore refuses it, and says so.
+pub fn whole_histograms(series: &mut Vec<SeriesRow>) {
+    // (family, bot, labels other than `le`) → the lines present.
+    type Group = (&'static str, String, String);
+    let mut groups: BTreeMap<Group, Vec<(f64, u64)>> = BTreeMap::new();
+    for row in series.iter() {
+        let Some(family) = FAMILIES.iter().find_map(|f| {
+            let bucket = f.kind == Kind::Histogram && row.metric.strip_prefix(f.name)? == "_bucket";
+            bucket.then_some(f.name)
+        }) else {
+            continue;
+        };
+        let mut labels: BTreeMap<String, String> =
+            serde_json::from_str(&row.labels).unwrap_or_default();
+        let le = labels.remove("le").and_then(|le| match le.as_str() {
+            "+Inf" => Some(f64::INFINITY),
+            le => le.parse::<f64>().ok(),
+        });
+        let others = labels_json(labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let lines = groups.entry((family, row.bot.clone(), others)).or_default();
+        match le {
+            Some(le) => lines.push((le, row.value as u64)),
+            // Unreadable: never guessed at, the group is left alone.
+            None => lines.push((f64::NAN, 0)),
+        }
+    }
+    for ((family, bot, others), lines) in groups {
+        let Some(bounds) = histogram_bounds(family) else {
+            continue;
+        };
+        let Some(whole) = whole_lines(bounds, &lines) else {
+            continue;
+        };
+        let others: BTreeMap<String, String> = serde_json::from_str(&others).unwrap_or_default();
+        let les = bounds
+            .iter()
+            .map(|b| (*b, b.to_string()))
+            .chain([(f64::INFINITY, "+Inf".to_owned())]);
+        for ((bound, le), value) in les.zip(whole) {
+            if lines.iter().any(|(l, _)| *l == bound) {
+                continue;
+            }
+            let pairs = others
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .chain([("le", le.as_str())]);
+            series.push(SeriesRow {
+                metric: format!("{family}_bucket"),
+                bot: bot.clone(),
+                labels: labels_json(pairs),
+                value: value as f64,
+            });
+        }
+    }
+}
+
 /// Every series as stored rows. A non-finite value cannot arise from
 /// checked input (every number has a range); should one ever appear it is
 /// left out, so that one bad series never blocks every other bot's writes.
@@ -234,6 +299,7 @@ pub fn restore_into<'m>(
     struct Hist {
         buckets: Vec<(f64, u64)>,
         sum: f64,
+        count: Option<u64>,
         rows: usize,
     }
     let mut histograms: HashMap<(&str, &str), Hist> = HashMap::new();
@@ -268,8 +334,8 @@ pub fn restore_into<'m>(
                     }
                 }
                 "_sum" => hist.sum = row.value,
-                // The count is the +Inf bucket; nothing more to restore.
-                _ => {}
+                // The count is the +Inf line: used when that line is missing.
+                _ => hist.count = Some(row.value as u64),
             }
             continue;
         }
@@ -284,6 +350,11 @@ pub fn restore_into<'m>(
         }
     }
     for ((family, bot), mut hist) in histograms {
+        if let Some(count) = hist.count
+            && !hist.buckets.iter().any(|(le, _)| *le == f64::INFINITY)
+        {
+            hist.buckets.push((f64::INFINITY, count));
+        }
         hist.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
         match bot_of(bot) {
             Some(b) if b.restore_histogram(family, &hist.buckets, hist.sum) => {
@@ -293,7 +364,7 @@ pub fn restore_into<'m>(
                 tracing::warn!(
                     family,
                     bot,
-                    "stored histogram does not match this build's buckets; not restored"
+                    "stored histogram has a bucket this build does not know; not restored"
                 );
                 report.skipped += hist.rows;
             }
@@ -319,4 +390,96 @@ pub fn restore_into<'m>(
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::bot::RESPONSE_BUCKETS;
+
+    fn row(metric: &str, labels: &str, value: f64) -> SeriesRow {
+        SeriesRow {
+            metric: metric.to_owned(),
+            bot: "a".to_owned(),
+            labels: labels.to_owned(),
+            value,
+        }
+    }
+
+    /// What Redis holds after one response of 1,840 ms: the lines from
+    /// le=2 up, the sum and the count; no line below 2 s ever moved.
+    fn slow_response_in_redis() -> Vec<SeriesRow> {
+        let family = "bot_response_duration_seconds";
+        let mut rows: Vec<SeriesRow> = RESPONSE_BUCKETS
+            .iter()
+            .filter(|b| **b >= 2.0)
+            .map(|b| b.to_string())
+            .chain(["+Inf".to_owned()])
+            .map(|le| {
+                row(
+                    &format!("{family}_bucket"),
+                    &format!(r#"{{"le":"{le}"}}"#),
+                    1.0,
+                )
+            })
+            .collect();
+        rows.push(row(&format!("{family}_sum"), "{}", 1.84));
+        rows.push(row(&format!("{family}_count"), "{}", 1.0));
+        rows
+    }
+
+    #[test]
+    fn rows_missing_histogram_lines_are_completed_and_restore_whole() {
+        let metrics = Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0).unwrap();
+        let calendar = metrics.calendar();
+        // The rows restore as they are...
+        let stored = store::Stored {
+            series: slow_response_in_redis(),
+            ..store::Stored::default()
+        };
+        let bot = metrics.bot("a").unwrap();
+        let report = restore_into(|_| Some(bot), calendar, &stored, 0);
+        assert_eq!(report.skipped, 0);
+        let h = bot.response_duration();
+        assert_eq!(h.count(), 1);
+        let p50 = h.quantile(0.5).unwrap();
+        assert!((1.0..=2.0).contains(&p50), "in (1, 2]: {p50}");
+        // ...and completed, they are every line a flush of the same
+        // histogram writes, with the same values.
+        let mut rows = slow_response_in_redis();
+        whole_histograms(&mut rows);
+        let mut written: Vec<(String, String, u64)> = snapshot(&metrics)
+            .into_iter()
+            .filter(|r| r.metric == "bot_response_duration_seconds_bucket")
+            .map(|r| (r.metric, r.labels, r.value as u64))
+            .collect();
+        let mut completed: Vec<(String, String, u64)> = rows
+            .into_iter()
+            .filter(|r| r.metric == "bot_response_duration_seconds_bucket")
+            .map(|r| (r.metric, r.labels, r.value as u64))
+            .collect();
+        written.sort();
+        completed.sort();
+        assert_eq!(completed, written);
+    }
+
+    #[test]
+    fn a_histogram_with_an_unknown_bound_is_left_alone_and_refused() {
+        let family = "bot_response_duration_seconds";
+        let mut rows = vec![
+            row(&format!("{family}_bucket"), r#"{"le":"7"}"#, 1.0),
+            row(&format!("{family}_bucket"), r#"{"le":"+Inf"}"#, 1.0),
+        ];
+        whole_histograms(&mut rows);
+        assert_eq!(rows.len(), 2, "nothing guessed for another build's buckets");
+        let metrics = Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0).unwrap();
+        let stored = store::Stored {
+            series: rows,
+            ..store::Stored::default()
+        };
+        let bot = metrics.bot("a").unwrap();
+        let report = restore_into(|_| Some(bot), metrics.calendar(), &stored, 0);
+        assert_eq!(report.skipped, 2);
+        assert_eq!(bot.response_duration().count(), 0);
+    }
 }

@@ -1449,3 +1449,181 @@ async fn a_single_process_exposes_no_redis_gauge() {
         "botmetrics_redis_up without --redis-url:\n{text}"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Histograms: whole whichever buckets were hit (issue 17, item 0)
+// ---------------------------------------------------------------------------
+
+/// `responses.p50_ms` and `responses.p95_ms` of bot a's summary on `r`,
+/// once it counts `n` responses.
+async fn response_quantiles(r: &Binary, n: f64) -> (f64, f64) {
+    let s = until(
+        &format!("bot a's summary counts {n} responses"),
+        || summary(r, "a"),
+        |s| s.as_ref().is_some_and(|s| num(s, "responses.total") == n),
+    )
+    .await
+    .expect("a summary");
+    (num(&s, "responses.p50_ms"), num(&s, "responses.p95_ms"))
+}
+
+/// Redis holds only the histogram lines a sync ever moved: slow responses
+/// alone move no line below 2 s. Another replica's summary, the store's
+/// rows and a summary after Redis is flushed and reseeded must all read
+/// the histogram whole: every one of 1,840 ms is in (1 s, 2 s], so the
+/// median is 1,500 ms and p95 1,950 ms (linear inside the bucket, as
+/// PromQL's `histogram_quantile`), never 0.
+#[tokio::test]
+async fn slow_responses_alone_give_the_right_percentiles_on_every_replica_and_after_a_reseed() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let slow = json!({"type": "response", "status": "success", "duration_ms": 1840});
+    reps[0]
+        .post_ok("ta", &Value::Array(vec![slow.clone(); 4]))
+        .await;
+
+    assert_eq!(
+        response_quantiles(&reps[1], 4.0).await,
+        (1500.0, 1950.0),
+        "read on the replica that did not count them"
+    );
+    assert!(
+        !reps[1].log().contains("not restored"),
+        "a histogram was refused:\n{}",
+        reps[1].log()
+    );
+
+    // The store's rows are whole too: the lines below 2 s are there, at 0.
+    let raw = Raw::connect(&db.url).await;
+    let bucket = "bot_response_duration_seconds_bucket";
+    until(
+        "real_time_metrics holds the histogram's le=2 line",
+        || raw.stored(bucket, "a", &[("le", "2")]),
+        |v| *v == Some(4.0),
+    )
+    .await;
+    assert_eq!(raw.stored(bucket, "a", &[("le", "0.05")]).await, Some(0.0));
+    assert_eq!(raw.stored(bucket, "a", &[("le", "1")]).await, Some(0.0));
+    assert_eq!(raw.stored(bucket, "a", &[("le", "+Inf")]).await, Some(4.0));
+    raw.close().await;
+
+    // Redis loses everything and is reseeded from the store.
+    redis.flushall();
+    reps[1].post_ok("ta", &slow).await;
+    assert_eq!(
+        response_quantiles(&reps[0], 5.0).await,
+        (1500.0, 1950.0),
+        "after FLUSHALL and a reseed from PostgreSQL"
+    );
+    assert_eq!(response_quantiles(&reps[1], 5.0).await, (1500.0, 1950.0));
+}
+
+// ---------------------------------------------------------------------------
+// A full journal disk: refused, not counted, and not ready (issue 17, item 1)
+// ---------------------------------------------------------------------------
+
+/// Unmounts a tmpfs when dropped (lazily: a process that still has a file
+/// open there must not keep it).
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    /// A `size` tmpfs on `dir`, or `None` (said) when this user cannot mount.
+    fn mount(dir: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).expect("mount point");
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            crate::helpers::cannot_run("mounting a small tmpfs (a disk that fills) needs root");
+            return None;
+        }
+        Some(Tmpfs(dir.to_owned()))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A replica whose `--data-dir` fills up: the batch whose journal write
+/// fails is answered 503 `journal_failed` and counted nowhere (not in the
+/// cluster totals), every later one likewise, and `/readyz` answers 503 so
+/// that a balancer takes the replica out; the other replica stays ready.
+#[tokio::test]
+async fn a_replica_whose_journal_disk_fills_is_not_ready_and_counts_no_refused_batch() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let dir = pg_data_dir(&db.url).join("replica-full-disk");
+    let Some(_tmpfs) = Tmpfs::mount(&dir, "1m") else {
+        return;
+    };
+    let dir_flag = dir.display().to_string();
+    let redis_url = redis.url();
+    let flags = [
+        "--redis-url",
+        &redis_url,
+        "--sync-interval",
+        SYNC,
+        "--flush-interval",
+        FLUSH,
+        "--data-dir",
+        &dir_flag,
+    ];
+    let full = Replica {
+        bin: Binary::serve(&db.url, TOKENS, &flags).await,
+        name: "the replica on a 1 MiB disk".into(),
+    };
+    let other = replica(&db, &redis_url, 1, SYNC).await;
+    connected(&full).await;
+    connected(&other).await;
+    assert_eq!(full.get_json("/readyz").await.0, 200);
+
+    let mut acked = 0.0;
+    let mut refused = None;
+    for b in 0..5000 {
+        let answer = full
+            .post_events("ta", &with_ids(&format!("disk-{b}"), 100))
+            .await;
+        if answer.0 == 202 {
+            acked += num(&answer.1, "accepted");
+        } else {
+            refused = Some(answer);
+            break;
+        }
+    }
+    let refused = refused.expect("the disk filled up");
+    assert_eq!(refused.0, 503, "{refused:?}");
+    assert_eq!(refused.1["error"], "journal_failed", "{refused:?}");
+    let again = full.post_events("ta", &with_ids("disk-again", 100)).await;
+    assert_eq!(again.1["error"], "journal_failed", "{again:?}");
+
+    let (status, body) = full.get_json("/readyz").await;
+    assert_eq!(status, 503, "not ready with a broken journal: {body}");
+    assert!(body.to_string().contains("journal"), "{body}");
+    assert_eq!(other.get_json("/readyz").await.0, 200);
+
+    let all = [&full.bin, &other.bin];
+    all_synced(&all).await;
+    assert_eq!(
+        own_user_messages(&full, "a").await,
+        acked,
+        "the refused batches are not counted here"
+    );
+    assert_totals(&all, "a", acked, "after the disk filled").await;
+}

@@ -5,6 +5,7 @@
 //! restarts, and the dedupe memory bound. Counts are exact.
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -577,3 +578,114 @@ async fn sigterm_lets_a_request_in_flight_finish(url: &str) {
 }
 
 on_both_backends!(sigterm_lets_a_request_in_flight_finish);
+
+// ---------------------------------------------------------------------------
+// A failed journal write (a full disk) changes nothing (issue 17, item 1)
+// ---------------------------------------------------------------------------
+
+/// Batches of client `c`, posted one after another until `batches`: which
+/// were acknowledged and which refused with 503 `journal_failed`. Once
+/// `fail_after` batches of all clients are acknowledged, `fail` runs (the
+/// journal's writes start failing).
+async fn client(
+    app: &crate::helpers::TestApp,
+    c: usize,
+    batches: usize,
+    acked: &Mutex<Vec<(usize, usize)>>,
+    refused: &Mutex<Vec<(usize, usize)>>,
+    fail_after: usize,
+    fail: &(dyn Fn() + Sync),
+) {
+    for b in 0..batches {
+        let answer = app.post_events("tx", &batch(c, b)).await;
+        if answer.0 == 202 {
+            assert_eq!(answer.1, json!({"accepted": 10, "duplicates": 0}));
+            let mut acked = acked.lock().unwrap();
+            acked.push((c, b));
+            if acked.len() == fail_after {
+                fail();
+            }
+        } else {
+            assert_error(&answer, 503, "journal_failed", None);
+            refused.lock().unwrap().push((c, b));
+        }
+    }
+}
+
+/// Four clients post batches with ids while the journal's writes start to
+/// fail mid-load (half a group written, then ENOSPC: the seam a full disk
+/// would be). Every refused batch changes nothing: not the counts, not
+/// the store, not the ids remembered, not the disk. `/readyz` answers 503
+/// while the journal is broken. After a restart with a working disk the
+/// bot retries every refused batch: each counts once, and the total is
+/// exactly the events sent.
+async fn a_failed_journal_write_changes_nothing(url: &str) {
+    let mut cfg = config("x=tx", url);
+    cfg.flush_interval = Duration::from_millis(100);
+    let app = spawn_app(cfg.clone()).await;
+    app.state.persistence.prepare().await.expect("restored");
+    assert_eq!(app.get_json("/readyz").await.0, 200);
+
+    let (clients, batches) = (4, 30);
+    let acked = Mutex::new(Vec::new());
+    let refused = Mutex::new(Vec::new());
+    let journal = app.state.ingest.journal().expect("a journal");
+    let fail = || journal.fail_writes(true);
+    tokio::join!(
+        client(&app, 0, batches, &acked, &refused, 40, &fail),
+        client(&app, 1, batches, &acked, &refused, 40, &fail),
+        client(&app, 2, batches, &acked, &refused, 40, &fail),
+        client(&app, 3, batches, &acked, &refused, 40, &fail),
+    );
+    let acked = acked.into_inner().unwrap();
+    let refused = refused.into_inner().unwrap();
+    assert_eq!(acked.len() + refused.len(), clients * batches);
+    assert!(acked.len() >= 40 && !refused.is_empty(), "{acked:?}");
+    assert!(journal.is_broken());
+    assert_eq!(
+        app.sample(USER_MESSAGES).await,
+        Some(10.0 * acked.len() as f64),
+        "a refused batch is not counted"
+    );
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "not ready while the journal is broken: {body}");
+    assert!(body.to_string().contains("journal"), "{body}");
+    // Stopped as SIGTERM does: the last flush stores what was acknowledged.
+    app.stop().await;
+
+    let app = spawn_app(cfg.clone()).await;
+    app.state.persistence.prepare().await.expect("restored");
+    assert_eq!(
+        app.get_json("/readyz").await.0,
+        200,
+        "ready with a working disk"
+    );
+    assert_eq!(
+        app.sample(USER_MESSAGES).await,
+        Some(10.0 * acked.len() as f64),
+        "after the restart: exactly what was acknowledged"
+    );
+    for &(c, b) in &refused {
+        assert_eq!(
+            app.post_events("tx", &batch(c, b)).await,
+            (202, json!({"accepted": 10, "duplicates": 0})),
+            "the retry of refused batch c{c}-b{b} counts, once"
+        );
+    }
+    for &(c, b) in acked.iter().take(5) {
+        assert_eq!(
+            app.post_events("tx", &batch(c, b)).await,
+            (202, json!({"accepted": 0, "duplicates": 10})),
+            "an acknowledged batch again is a duplicate"
+        );
+    }
+    let sent = 10.0 * (clients * batches) as f64;
+    assert_eq!(app.sample(USER_MESSAGES).await, Some(sent));
+    app.stop().await;
+    // And once more, nothing replayed twice.
+    let app = spawn_app(cfg).await;
+    assert_eq!(app.sample(USER_MESSAGES).await, Some(sent));
+    app.stop().await;
+}
+
+on_both_backends!(a_failed_journal_write_changes_nothing);

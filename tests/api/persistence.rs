@@ -918,3 +918,72 @@ async fn an_idle_flush_commits_nothing_by_postgres_own_count() {
     app.stop().await;
     admin.close().await;
 }
+
+// ---------------------------------------------------------------------------
+// Histograms survive whole whichever buckets were hit (issue 17, item 0)
+// ---------------------------------------------------------------------------
+
+/// `responses.p50_ms` and `responses.p95_ms` of bot x's summary.
+async fn response_quantiles(app: &crate::helpers::TestApp) -> (f64, f64) {
+    let (status, s) = app.get_json("/v1/summary?bot=x").await;
+    assert_eq!(status, 200, "{s}");
+    let ms = |q: &str| s["responses"][q].as_f64().expect("a number");
+    (ms("p50_ms"), ms("p95_ms"))
+}
+
+/// Only slow responses (1,840 ms, all in (1 s, 2 s]): flushed, restarted on
+/// the same store, the median and p95 are what they were, 1,500 ms and
+/// 1,950 ms. Then the store loses the lines below 2 s, as a cluster writer
+/// before this fix wrote them (only the lines Redis held): the restore
+/// still reads the histogram whole.
+async fn slow_responses_keep_their_percentiles_across_a_restart(url: &str) {
+    let cfg = config("x=tx", url);
+    let app = spawn_app(cfg.clone()).await;
+    let slow = json!({"type": "response", "status": "success", "duration_ms": 1840});
+    app.post_ok("tx", &Value::Array(vec![slow; 4])).await;
+    assert_eq!(response_quantiles(&app).await, (1500.0, 1950.0));
+    app.stop().await;
+
+    let app = spawn_app(cfg.clone()).await;
+    assert_eq!(
+        response_quantiles(&app).await,
+        (1500.0, 1950.0),
+        "after a restart"
+    );
+    app.stop().await;
+
+    let raw = Raw::connect(url).await;
+    raw.execute(
+        "delete from real_time_metrics where metric = 'bot_response_duration_seconds_bucket' \
+         and value = 0",
+    )
+    .await;
+    raw.close().await;
+    let app = spawn_app(cfg).await;
+    assert_eq!(
+        response_quantiles(&app).await,
+        (1500.0, 1950.0),
+        "restored from a store holding only the lines that moved"
+    );
+    let text = app.metrics_text().await;
+    assert_series(
+        &text,
+        &[
+            (
+                r#"bot_response_duration_seconds_bucket{bot="x",le="0.05"}"#,
+                0.0,
+            ),
+            (
+                r#"bot_response_duration_seconds_bucket{bot="x",le="2"}"#,
+                4.0,
+            ),
+            (
+                r#"bot_response_duration_seconds_bucket{bot="x",le="+Inf"}"#,
+                4.0,
+            ),
+        ],
+    );
+    app.stop().await;
+}
+
+on_both_backends!(slow_responses_keep_their_percentiles_across_a_restart);

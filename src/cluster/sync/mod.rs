@@ -258,21 +258,24 @@ impl Syncer {
         let behind: Vec<bool> = bots.iter().map(|b| b.inflight.is_some()).collect();
         // One cut for every bot without a batch in flight: exactly the
         // journal up to `mark`.
-        let mark = self.ingest.consistent(|lsn| {
-            let mark = if self.ingest.journal().is_some() {
-                lsn
-            } else {
-                *seq += 1;
-                *seq
-            };
-            for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
-                let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
-                if !batch.is_empty() {
-                    b.inflight = Some(batch);
+        let mark = self
+            .ingest
+            .consistent(|lsn| {
+                let mark = if self.ingest.journal().is_some() {
+                    lsn
+                } else {
+                    *seq += 1;
+                    *seq
+                };
+                for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
+                    let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
+                    if !batch.is_empty() {
+                        b.inflight = Some(batch);
+                    }
                 }
-            }
-            mark
-        });
+                mark
+            })
+            .await;
         let now = Utc::now().timestamp();
         let conn = timed(self.cluster.redis.conn()).await?;
         let mut tasks = tokio::task::JoinSet::new();

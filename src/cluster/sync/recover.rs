@@ -186,7 +186,8 @@ impl Syncer {
         if !state.replayed {
             let replayed = self
                 .ingest
-                .replay_own(&self.metrics, |bot| mark(&own, bot))?;
+                .replay_own(&self.metrics, |bot| mark(&own, bot))
+                .await?;
             state.replayed = true;
             tracing::info!(replica = %self.cluster.replica, seeded, ?replayed, "cluster mode: journal counted past what Redis holds");
         }
