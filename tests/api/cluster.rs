@@ -1252,6 +1252,164 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
 }
 
 // ---------------------------------------------------------------------------
+// A hung Redis (SIGSTOP): no request waits on it, the summary neither
+// ---------------------------------------------------------------------------
+
+/// One request of the load: when it started, how long it took, its status.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    start: tokio::time::Instant,
+    took: Duration,
+    status: u16,
+}
+
+/// `(p50, p99, max)` of some durations, in milliseconds.
+fn spread(took: &mut [Duration]) -> (f64, f64, f64) {
+    took.sort();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 - 1.0) * q).round() as usize;
+        took.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Redis SIGSTOPped under load with ids on two replicas (issue 17, item
+/// 2): it holds every socket open and answers nothing. Before the fix every
+/// request with ids waited its 500 ms claim timeout and the summary its 2 s
+/// command timeout; now one request per replica per outage (the sentinel)
+/// waits the claim timeout, every other one decides locally at once, and
+/// the summary answers from its last good read. After SIGCONT the totals
+/// are exact (every id was sent once, so local decisions lose nothing).
+#[tokio::test]
+async fn a_hung_redis_costs_no_request_a_timeout_and_totals_stay_exact() {
+    const CLIENTS: usize = 8;
+    const HANG: Duration = Duration::from_secs(6);
+    // Twice the longest any request may wait but the sentinel (150 ms).
+    const WAITED: Duration = Duration::from_millis(400);
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let all = bins(&reps);
+    // A summary read of each replica before the hang: its last good read.
+    for r in &all {
+        assert!(summary(r, "a").await.is_some());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::<Timed>::new()));
+    let client = reqwest::Client::new();
+    let mut load = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let targets = [reps[0].url("/v1/events"), reps[1].url("/v1/events")];
+        let (client, stop, log) = (client.clone(), stop.clone(), log.clone());
+        load.spawn(async move {
+            let mut b = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let start = tokio::time::Instant::now();
+                let res = client
+                    .post(&targets[(c + b) % 2])
+                    .bearer_auth("ta")
+                    .json(&load_batch("h", c, b))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .expect("a replica answers while Redis hangs");
+                let status = res.status().as_u16();
+                log.lock().unwrap().push(Timed {
+                    start,
+                    took: start.elapsed(),
+                    status,
+                });
+                b += 1;
+            }
+            b
+        });
+    }
+    until(
+        "100 requests with ids before the hang",
+        || async { log.lock().unwrap().len() },
+        |n| *n >= 100,
+    )
+    .await;
+
+    redis.pause();
+    let paused = tokio::time::Instant::now();
+    let mut summaries = Vec::new();
+    while paused.elapsed() < HANG {
+        for r in &all {
+            let start = tokio::time::Instant::now();
+            let got = summary(r, "a").await;
+            summaries.push(start.elapsed());
+            assert!(got.is_some(), "the summary answers while Redis hangs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.resume();
+    let resumed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let batches: usize = load.join_all().await.into_iter().sum();
+
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), batches);
+    assert!(
+        log.iter().all(|t| t.status == 202),
+        "every request is accepted: {:?}",
+        log.iter().find(|t| t.status != 202)
+    );
+    // Every request that was waiting at some point of the hang, including
+    // those in flight when it began.
+    let mut during: Vec<Duration> = log
+        .iter()
+        .filter(|t| t.start < resumed && t.start + t.took > paused)
+        .map(|t| t.took)
+        .collect();
+    let waited = during.iter().filter(|d| **d > WAITED).count();
+    let n = during.len();
+    let (p50, p99, max) = spread(&mut during);
+    let (s50, s99, smax) = spread(&mut summaries);
+    eprintln!(
+        "hung Redis, {HANG:?}: {n} requests with ids, p50 {p50:.1} ms, p99 {p99:.1} ms, \
+         max {max:.1} ms, {waited} over {WAITED:?}; {} summaries, p50 {s50:.1} ms, \
+         p99 {s99:.1} ms, max {smax:.1} ms",
+        summaries.len()
+    );
+    assert!(
+        n >= 100,
+        "requests kept coming during the hang ({n} in {HANG:?})"
+    );
+    // One sentinel per replica, and a little room for a busy machine.
+    assert!(
+        waited <= 4,
+        "{waited} of {n} requests with ids waited over {WAITED:?} while Redis hung"
+    );
+    assert!(
+        smax < 300.0,
+        "the summary answered within its bound while Redis hung (max {smax:.1} ms, p50 {s50:.1} ms)"
+    );
+    for (i, r) in all.iter().enumerate() {
+        let text = r.metrics_text().await;
+        let fallbacks = sample(&text, r#"botmetrics_dedupe_fallbacks_total{bot="a"}"#);
+        assert!(
+            fallbacks.is_some_and(|f| f > 0.0),
+            "replica {i} decided locally while Redis hung: {fallbacks:?}"
+        );
+    }
+
+    let want = (batches * 10) as f64;
+    totals_reach(&all, "a", want).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", want, "after SIGCONT: every event once").await;
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", want).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
 // The PostgreSQL writer lease moves when its holder dies
 // ---------------------------------------------------------------------------
 
