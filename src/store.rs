@@ -9,7 +9,7 @@
 
 use std::path::PathBuf;
 use std::str::FromStr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
@@ -182,6 +182,15 @@ enum Lease {
     Postgres {
         options: Box<PgConnectOptions>,
         writer: tokio::sync::Mutex<Option<sqlx::PgConnection>>,
+        /// The longest the writer's session may sit idle (or idle in a
+        /// transaction) before PostgreSQL ends it and so frees the lock:
+        /// a writer stalled by SIGSTOP, a VM pause or a debugger does not
+        /// answer, and without this its session would hold the lease for
+        /// as long as it is stalled. `None`: no limit.
+        idle_limit: Option<Duration>,
+        /// When the writer connection was last used, so a live writer that
+        /// has nothing to write touches it before PostgreSQL would end it.
+        used: std::sync::Mutex<Instant>,
     },
     /// SQLite: an OS file lock on `<database>.lock`, released when the
     /// process exits or dies.
@@ -192,6 +201,28 @@ enum Lease {
     },
     /// An in-memory SQLite database: nobody else can open it.
     Exclusive,
+}
+
+/// Asks PostgreSQL to end the writer's session once it has been idle, in
+/// a transaction or not, for `limit`: the advisory lock goes with it, so a
+/// stalled writer holds the lease at most that long. A server without
+/// `idle_session_timeout` (before PostgreSQL 14) keeps the old behaviour,
+/// said once per connection.
+async fn bound_idle_session(conn: &mut sqlx::PgConnection, limit: Duration) {
+    let ms = format!("{}ms", limit.as_millis().max(1));
+    for setting in [
+        "idle_in_transaction_session_timeout",
+        "idle_session_timeout",
+    ] {
+        let set = sqlx::query("select set_config($1, $2, false)")
+            .bind(setting)
+            .bind(&ms)
+            .execute(&mut *conn)
+            .await;
+        if let Err(e) = set {
+            tracing::warn!(setting, error = %cause(&e), "the store's writer session cannot be bounded: a stalled writer keeps the lease until it resumes");
+        }
+    }
 }
 
 /// The advisory lock key: "botmetrics" in ASCII, folded into 64 bits.
@@ -251,6 +282,8 @@ impl Store {
                 lease: Lease::Postgres {
                     options: Box::new(options),
                     writer: tokio::sync::Mutex::new(None),
+                    idle_limit: None,
+                    used: std::sync::Mutex::new(Instant::now()),
                 },
             })
         } else if url.starts_with("sqlite:") {
@@ -407,6 +440,50 @@ impl Store {
         }
     }
 
+    /// Bounds how long the writer's PostgreSQL session (and so the lease)
+    /// outlives a writer that stopped answering; see [`Lease::Postgres`].
+    /// No effect on SQLite, whose file lock a stalled process keeps, but
+    /// where no other process can write the file anyway.
+    pub fn with_writer_idle_limit(mut self, limit: Duration) -> Self {
+        if let Lease::Postgres { idle_limit, .. } = &mut self.lease {
+            *idle_limit = Some(limit);
+        }
+        self
+    }
+
+    /// [`Store::is_writer`] for a writer that has nothing to write this
+    /// tick: a session idle for half its limit is touched, so PostgreSQL
+    /// ends only a stalled writer's session; one that PostgreSQL ended
+    /// meanwhile (this process was stalled) is given up, so the caller
+    /// takes the lease anew, or learns who holds it now, before writing.
+    pub async fn writer_alive(&self) -> bool {
+        let Lease::Postgres {
+            writer,
+            idle_limit: Some(limit),
+            used,
+            ..
+        } = &self.lease
+        else {
+            return self.is_writer().await;
+        };
+        let mut writer = writer.lock().await;
+        let Some(conn) = writer.as_mut() else {
+            return false;
+        };
+        if lock_ignoring_poison(used).elapsed() < *limit / 2 {
+            return true;
+        }
+        if conn.ping().await.is_err() {
+            tracing::warn!(
+                "the store's writer session ended (idle past its limit, or dropped): the lease is taken again before any write"
+            );
+            *writer = None;
+            return false;
+        }
+        *lock_ignoring_poison(used) = Instant::now();
+        true
+    }
+
     /// Takes the lease if nobody holds it. `Err(Standby)` names the holder
     /// when another process has it.
     pub async fn acquire_writer(&self) -> Result<()> {
@@ -454,7 +531,12 @@ impl Store {
                     }
                 }
             }
-            Lease::Postgres { options, writer } => {
+            Lease::Postgres {
+                options,
+                writer,
+                idle_limit,
+                used,
+            } => {
                 let mut writer = writer.lock().await;
                 if let Some(conn) = writer.as_mut() {
                     // A dropped connection has lost the lock with it.
@@ -467,6 +549,10 @@ impl Store {
                 let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, options.connect())
                     .await
                     .map_err(|_| StoreError::Sql(sqlx::Error::PoolTimedOut))??;
+                if let Some(limit) = idle_limit {
+                    bound_idle_session(&mut conn, *limit).await;
+                }
+                *lock_ignoring_poison(used) = Instant::now();
                 let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
                     .bind(LEASE_KEY)
                     .fetch_one(&mut conn)
@@ -498,13 +584,14 @@ impl Store {
     /// The writer connection, checked alive. Every PostgreSQL write goes
     /// through it, so no write can happen without the lease.
     async fn pg_writer(&self) -> Result<tokio::sync::MutexGuard<'_, Option<sqlx::PgConnection>>> {
-        let Lease::Postgres { writer, .. } = &self.lease else {
+        let Lease::Postgres { writer, used, .. } = &self.lease else {
             return Err(StoreError::Standby("no PostgreSQL lease".to_owned()));
         };
         let guard = writer.lock().await;
         if guard.is_none() {
             return Err(StoreError::Standby("the lease is not held".to_owned()));
         }
+        *lock_ignoring_poison(used) = Instant::now();
         Ok(guard)
     }
 

@@ -1465,6 +1465,145 @@ async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
     raw.close().await;
 }
 
+/// The writer SIGSTOPped for 12 s under load (issue 17, item 4): its Redis
+/// lease expires after 1.5 s, and PostgreSQL ends its idle session (and so
+/// its advisory lock) within the bound the writer set on it, so the other
+/// replica writes within about 10 s instead of waiting for the stalled one
+/// to resume. A trigger records every value written to the user-message
+/// total: it never decreases, so the resumed writer wrote nothing stale;
+/// at the end the store is exact.
+#[tokio::test]
+async fn a_stalled_writer_loses_the_store_lease_and_never_writes_stale_totals() {
+    const STALL: Duration = Duration::from_secs(12);
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let raw = Raw::connect(&db.url).await;
+    let holder = {
+        let all = bins(&reps);
+        let w = until(
+            "exactly one replica with botmetrics_cluster_writer 1",
+            || writers(&all),
+            |w| exactly_one_writer(w),
+        )
+        .await;
+        w.iter().position(|v| *v == Some(1.0)).unwrap()
+    };
+    let other = 1 - holder;
+    raw.execute(
+        "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
+    )
+    .await;
+    raw.execute(
+        r#"create function note_written() returns trigger language plpgsql as $$
+           begin
+             if new.metric = 'bot_messages_total' and new.bot = 'a'
+                and new.labels::jsonb = '{"role":"user"}'::jsonb then
+               insert into written (value) values (new.value);
+             end if;
+             return new;
+           end $$"#,
+    )
+    .await;
+    raw.execute(
+        "create trigger note_written after insert or update on real_time_metrics
+         for each row execute function note_written()",
+    )
+    .await;
+    for b in 0..20 {
+        reps[b % 2].post_ok("ta", &plain(10)).await;
+    }
+    stored_reach(&raw, "a", 200.0).await;
+
+    // Load on the replica that keeps running, across the stall.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(200));
+    let load = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let target = reps[other].url("/v1/events");
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let res = client
+                    .post(&target)
+                    .bearer_auth("ta")
+                    .json(&plain(10))
+                    .send()
+                    .await
+                    .expect("the running replica answers");
+                assert_eq!(res.status(), 202);
+                acked.fetch_add(10, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    reps[holder].send_signal("STOP").await;
+    let stalled = tokio::time::Instant::now();
+    let before = stored_user_messages(&raw, "a").await.unwrap_or(0.0);
+    let took_over = until_within(
+        Duration::from_secs(10),
+        "the running replica writes to real_time_metrics while the writer is stalled",
+        || async {
+            let writer = reps[other].sample("botmetrics_cluster_writer").await;
+            let stored = stored_user_messages(&raw, "a").await.unwrap_or(0.0);
+            (writer, stored)
+        },
+        |(writer, stored)| *writer == Some(1.0) && *stored > before,
+    )
+    .await;
+    let takeover = stalled.elapsed();
+    eprintln!(
+        "stalled writer: another replica wrote {takeover:?} after the stall began ({took_over:?})"
+    );
+    tokio::time::sleep(STALL.saturating_sub(stalled.elapsed())).await;
+    reps[holder].send_signal("CONT").await;
+    // The resumed replica sees it lost both leases, and writes nothing. A
+    // new connection for each look: the test's kept-alive ones timed out
+    // on the server's side during the stall.
+    let resumed = reps[holder].url("/metrics");
+    until(
+        "the resumed replica is not the writer",
+        || async {
+            let text = reqwest::Client::new()
+                .get(&resumed)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            sample(&text, "botmetrics_cluster_writer")
+        },
+        |w| *w == Some(0.0),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("the load ran to its end");
+
+    let want = acked.load(Ordering::Relaxed) as f64;
+    let all = bins(&reps);
+    totals_reach(&all, "a", want).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", want, "after the stall: every event once").await;
+    stored_reach(&raw, "a", want).await;
+    let written: Vec<String> = raw
+        .texts("select value::text from written order by at")
+        .await;
+    let written: Vec<f64> = written.iter().map(|v| v.parse().unwrap()).collect();
+    assert!(
+        written.windows(2).all(|w| w[0] <= w[1]),
+        "a stored total decreased (a stale write): {written:?}"
+    );
+    assert_eq!(written.last(), Some(&want));
+    raw.close().await;
+}
+
 // ---------------------------------------------------------------------------
 // A 3-node Redis Cluster, two bots
 // ---------------------------------------------------------------------------
