@@ -1387,9 +1387,12 @@ async fn a_hung_redis_costs_no_request_a_timeout_and_totals_stay_exact() {
         waited <= 4,
         "{waited} of {n} requests with ids waited over {WAITED:?} while Redis hung"
     );
+    // The bound is 90 ms of waiting on Redis; the HTTP round trip on a busy
+    // machine adds its own, so the test holds the answer to well under the
+    // 2 s command timeout it took before, and the typical one to the bound.
     assert!(
-        smax < 300.0,
-        "the summary answered within its bound while Redis hung (max {smax:.1} ms, p50 {s50:.1} ms)"
+        smax < 1000.0 && s50 < 100.0,
+        "the summary answered within its bound while Redis hung (p50 {s50:.1} ms, max {smax:.1} ms)"
     );
     for (i, r) in all.iter().enumerate() {
         let text = r.metrics_text().await;
