@@ -4,7 +4,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,10 @@ use crate::serve::{ConnectionMetrics, Limits};
 use crate::state::{AppState, Shared};
 use crate::store::{Store, StoreError};
 use crate::totals::{Memory, Totals};
+
+/// The shortest idle limit of the store writer's session (see
+/// `Store::with_writer_idle_limit`).
+const WRITER_IDLE_MIN: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -75,7 +79,13 @@ impl Application {
             config.timezone,
             config.metrics_cache_ttl.as_secs_f64(),
         )?);
-        let store = Store::open(&config.database_url)?;
+        // The store's lease must not outlive the Redis lease by more than a
+        // bound (one process with a standby gets the same): twice it, and
+        // never so short that a take-over's load leaves the new session
+        // idle past it.
+        let lease = crate::cluster::lead::lease_ttl(config.flush_interval);
+        let store = Store::open(&config.database_url)?
+            .with_writer_idle_limit((lease * 2).max(WRITER_IDLE_MIN));
         // A fault no retry mends stops the start here, with the cause; a
         // store that is only not there yet is retried by the flush task.
         let unreachable = store.check(&config.database_url).await?;

@@ -23,25 +23,28 @@
 //!
 //! Redis unreachable or slow: the ids are checked against this replica's
 //! memory only, counted in `botmetrics_dedupe_fallbacks_total`, and the
-//! request is answered as before. For a second after a failure the round
-//! trip is not tried at all, so an outage costs no request a timeout.
+//! request is answered as before. Whether to ask Redis at all is decided
+//! by the replica's one opinion of it (`health`): while it does not answer,
+//! no request waits more than `health::SLOW` for it and one per outage
+//! (the sentinel) waits the claim timeout; a second after each failure a
+//! background probe, not a request, asks again.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+use super::health::{Admit, SLOW};
 use super::{BotKeys, Cluster, Result, timed};
 use crate::BoxFuture;
 use crate::dedupe::{Dedupe, IdHash};
 use crate::ingest::{Arbiter, Claim, Claimed};
 
-/// The longest a request waits for its claims before deciding locally.
-const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
-/// How long after a failed round trip requests decide locally at once.
-const BACKOFF_MS: i64 = 1000;
+/// The longest the sentinel (see `health`) waits for its claims before
+/// deciding locally; every other request waits at most [`SLOW`].
+pub const CLAIM_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often confirmations are sent, batched.
 const CONFIRM_EVERY: Duration = Duration::from_millis(20);
 
@@ -50,8 +53,6 @@ type Queue = HashMap<String, (Vec<IdHash>, Vec<IdHash>)>;
 
 pub struct Claims {
     cluster: Arc<Cluster>,
-    /// Unix ms before which no round trip is tried (after a failure).
-    retry_at: AtomicI64,
     script: redis::Script,
     settle_script: redis::Script,
     queue: Mutex<Queue>,
@@ -65,7 +66,6 @@ impl Claims {
     pub fn new(cluster: Arc<Cluster>) -> Self {
         Claims {
             cluster,
-            retry_at: AtomicI64::new(0),
             script: redis::Script::new(include_str!("lua/claim.lua")),
             settle_script: redis::Script::new(include_str!("lua/settle.lua")),
             queue: Mutex::new(HashMap::new()),
@@ -75,7 +75,7 @@ impl Claims {
 
     /// Claims `ids` for `bot`, in order; when Redis does not answer, the
     /// caller decides with its own memory (counted here).
-    pub async fn claim(&self, bot: &str, ids: &[IdHash], now_ms: i64) -> Claimed {
+    pub async fn claim(&self, bot: &str, ids: &[IdHash]) -> Claimed {
         if ids.is_empty() {
             return Claimed::Decided(Vec::new());
         }
@@ -87,8 +87,16 @@ impl Claims {
                 .inc_by(ids.len() as u64);
             Claimed::Local { maybe_claimed }
         };
-        if !self.armed.load(Ordering::Acquire) || now_ms < self.retry_at.load(Ordering::Relaxed) {
+        if !self.armed.load(Ordering::Acquire) {
             return fallback(false);
+        }
+        match self.cluster.health.admit() {
+            Admit::Ask => {}
+            Admit::Local => return fallback(false),
+            Admit::Probe(watch) => {
+                self.cluster.probe(watch);
+                return fallback(false);
+            }
         }
         let keys = BotKeys::new(bot);
         let window_ms = self.cluster.dedupe_window.as_millis().max(1) as u64;
@@ -105,12 +113,30 @@ impl Claims {
             let mut conn = self.cluster.redis.conn().await?;
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
         };
+        tokio::pin!(round_trip);
+        // Only the sentinel waits past SLOW (see `health`); it holds its
+        // watch until its verdict is recorded.
+        let (answered, _watch) = match tokio::time::timeout(SLOW, &mut round_trip).await {
+            Ok(answer) => (Some(answer), None),
+            Err(_) => match self.cluster.health.slow() {
+                // The script may still run when Redis wakes: settled like
+                // a claim.
+                None => return fallback(true),
+                Some(watch) => {
+                    let rest = CLAIM_TIMEOUT.saturating_sub(SLOW);
+                    (
+                        tokio::time::timeout(rest, round_trip).await.ok(),
+                        Some(watch),
+                    )
+                }
+            },
+        };
         let mut timed_out = false;
-        let answer = match tokio::time::timeout(CLAIM_TIMEOUT, round_trip).await {
-            Ok(Ok(answer)) if answer.len() == ids.len() => Ok(answer),
-            Ok(Ok(answer)) => Err(format!("{} answers for {} ids", answer.len(), ids.len())),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => {
+        let answer = match answered {
+            Some(Ok(answer)) if answer.len() == ids.len() => Ok(answer),
+            Some(Ok(answer)) => Err(format!("{} answers for {} ids", answer.len(), ids.len())),
+            Some(Err(e)) => Err(e.to_string()),
+            None => {
                 timed_out = true;
                 Err(format!("no answer within {CLAIM_TIMEOUT:?}"))
             }
@@ -121,19 +147,23 @@ impl Claims {
                 answer.as_ref().err().cloned().unwrap_or_default()
             });
         match answer {
-            Ok(codes) => Claimed::Decided(
-                codes
-                    .into_iter()
-                    .map(|code| match code {
-                        0 => Claim::Fresh,
-                        1 => Claim::Mine,
-                        3 => Claim::Pending,
-                        _ => Claim::Taken,
-                    })
-                    .collect(),
-            ),
+            Ok(codes) => {
+                self.cluster.health.answered();
+                Claimed::Decided(
+                    codes
+                        .into_iter()
+                        .map(|code| match code {
+                            0 => Claim::Fresh,
+                            1 => Claim::Mine,
+                            3 => Claim::Pending,
+                            _ => Claim::Taken,
+                        })
+                        .collect(),
+                )
+            }
             Err(_) => {
-                self.retry_at.store(now_ms + BACKOFF_MS, Ordering::Relaxed);
+                // The back-off counts from now, when the failure is seen.
+                self.cluster.health.failed();
                 fallback(timed_out)
             }
         }
@@ -234,8 +264,15 @@ impl Claims {
 }
 
 impl Arbiter for Claims {
-    fn claim<'a>(&'a self, bot: &'a str, ids: &'a [IdHash], now_ms: i64) -> BoxFuture<'a, Claimed> {
-        Box::pin(Claims::claim(self, bot, ids, now_ms))
+    // The arrival time is unused: the back-off runs on `health`'s own clock,
+    // from when a failure is seen.
+    fn claim<'a>(
+        &'a self,
+        bot: &'a str,
+        ids: &'a [IdHash],
+        _now_ms: i64,
+    ) -> BoxFuture<'a, Claimed> {
+        Box::pin(Claims::claim(self, bot, ids))
     }
 
     fn keep(&self, bot: &str, ids: Vec<IdHash>) {

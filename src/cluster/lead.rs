@@ -26,6 +26,12 @@ use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesR
 
 const LEASE_KEY: &str = "bm:writer";
 
+/// The Redis lease's expiry: three flush intervals, so one slow flush does
+/// not lose it. The store's own lease is bounded from it (`startup`).
+pub fn lease_ttl(flush_interval: Duration) -> Duration {
+    (flush_interval * 3).max(Duration::from_secs(1))
+}
+
 /// The lead in Redis and the cluster totals it writes.
 pub struct Lead {
     cluster: Arc<Cluster>,
@@ -74,7 +80,7 @@ impl Lead {
             cluster,
             view,
             bots,
-            lease_ttl: (flush_interval * 3).max(Duration::from_secs(1)),
+            lease_ttl: lease_ttl(flush_interval),
             holding: AtomicBool::new(false),
             renew: redis::Script::new(include_str!("lua/renew.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),

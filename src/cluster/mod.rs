@@ -29,6 +29,7 @@
 
 pub mod claims;
 mod connection;
+pub mod health;
 pub mod lead;
 pub mod pending;
 pub mod sync;
@@ -316,6 +317,8 @@ pub struct Cluster {
     pub metrics: ClusterMetrics,
     /// The users counted here and not yet in Redis' sketches.
     pub pending: Arc<Pending>,
+    /// Whether the hot path and the summary wait on Redis at all.
+    pub health: Arc<health::Health>,
 }
 
 impl Cluster {
@@ -336,7 +339,32 @@ impl Cluster {
             dedupe_window: config.dedupe_window,
             metrics,
             pending: Arc::new(Pending::new(config.tokens.bots(), budget)),
+            health: Arc::new(health::Health::new()),
         }
+    }
+
+    /// Asks Redis, in the background, whether it answers again while it is
+    /// in doubt: nobody waits on the probe, and `watch` keeps a second one
+    /// from starting until it has its answer.
+    pub fn probe(self: &Arc<Self>, watch: health::Watch) {
+        let cluster = self.clone();
+        tokio::spawn(async move {
+            let ping = async {
+                let mut conn = cluster.redis.conn().await?;
+                redis::cmd("PING").query_async::<String>(&mut conn).await
+            };
+            let answer = match tokio::time::timeout(claims::CLAIM_TIMEOUT, ping).await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(ClusterError::Redis(e)),
+                Err(_) => Err(ClusterError::Timeout(claims::CLAIM_TIMEOUT)),
+            };
+            match &answer {
+                Ok(()) => cluster.health.answered(),
+                Err(_) => cluster.health.failed(),
+            }
+            cluster.observe(&answer);
+            drop(watch);
+        });
     }
 
     /// Notes the outcome of a Redis operation: the up gauge, and one log

@@ -3,10 +3,12 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::{DateTime, NaiveDate, Utc};
 use redis::Value;
 
+use super::health::Admit;
 use super::sync::{Syncer, parse_field};
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
@@ -31,6 +33,10 @@ pub struct BotView {
     /// the store last got them; when read for the store.
     pub sketches: Vec<(String, Vec<u8>)>,
 }
+
+/// The longest a summary waits for Redis before answering from the last
+/// good read: a hung Redis must not hold a dashboard's refresh.
+pub const SUMMARY_WAIT: Duration = Duration::from_millis(90);
 
 pub struct View {
     cluster: Arc<Cluster>,
@@ -93,12 +99,23 @@ impl View {
         result
     }
 
-    /// Each bot's cluster totals for a summary: the read that started
-    /// now; while Redis cannot answer, its last good read of the bot, else
-    /// the cluster totals the store holds (at most a flush interval older).
-    /// `None` for a bot none of them has.
+    /// Each bot's cluster totals for a summary: a read of Redis that
+    /// answers within [`SUMMARY_WAIT`]; while Redis is in doubt (see
+    /// `health`) or does not answer in time, its last good read of the bot,
+    /// else the cluster totals the store holds (at most a flush interval
+    /// older). `None` for a bot none of them has.
     async fn for_summary(&self, names: &[&str]) -> Vec<Option<BotView>> {
-        let read = self.read(names, false).await;
+        let read = match self.cluster.health.admit() {
+            Admit::Ask => tokio::time::timeout(SUMMARY_WAIT, self.read(names, false))
+                .await
+                .map_err(|_| ClusterError::Timeout(SUMMARY_WAIT))
+                .and_then(|read| read),
+            Admit::Local => Err(ClusterError::Timeout(Duration::ZERO)),
+            Admit::Probe(watch) => {
+                self.cluster.probe(watch);
+                Err(ClusterError::Timeout(Duration::ZERO))
+            }
+        };
         let mut views: Vec<Option<BotView>> = {
             let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Ok(views) = &read {

@@ -202,7 +202,9 @@ impl Persistence {
             }
             return Ok(None);
         }
-        if held.leading && self.store.is_writer().await {
+        // A session PostgreSQL ended while this process was stalled has
+        // lost the lease: taken again (or not) before anything is written.
+        if held.leading && self.store.writer_alive().await {
             return Ok(None);
         }
         let report = match self.take_over(held).await {

@@ -7,6 +7,7 @@
 //! checked and given up on each backend.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
@@ -26,6 +27,15 @@ pub(super) enum Lease {
     Postgres {
         options: Box<PgConnectOptions>,
         writer: Mutex<Option<sqlx::PgConnection>>,
+        /// The longest the writer's session may sit idle (or idle in a
+        /// transaction) before PostgreSQL ends it and so frees the lock:
+        /// a writer stalled by SIGSTOP, a VM pause or a debugger does not
+        /// answer, and without this its session would hold the lease for
+        /// as long as it is stalled. `None`: no limit.
+        idle_limit: Option<Duration>,
+        /// When the writer connection was last used, so a live writer that
+        /// has nothing to write touches it before PostgreSQL would end it.
+        used: std::sync::Mutex<Instant>,
     },
     /// SQLite: an OS file lock on `<database>.lock`, released when the
     /// process exits or dies.
@@ -45,7 +55,45 @@ impl Lease {
         Lease::Postgres {
             options: Box::new(options),
             writer: Mutex::new(None),
+            idle_limit: None,
+            used: std::sync::Mutex::new(Instant::now()),
         }
+    }
+
+    /// See [`super::Store::with_writer_idle_limit`].
+    pub(super) fn bound_idle(&mut self, limit: Duration) {
+        if let Lease::Postgres { idle_limit, .. } = self {
+            *idle_limit = Some(limit);
+        }
+    }
+
+    /// See [`super::Store::writer_alive`].
+    pub(super) async fn alive(&self) -> bool {
+        let Lease::Postgres {
+            writer,
+            idle_limit: Some(limit),
+            used,
+            ..
+        } = self
+        else {
+            return self.is_held().await;
+        };
+        let mut writer = writer.lock().await;
+        let Some(conn) = writer.as_mut() else {
+            return false;
+        };
+        if lock_ignoring_poison(used).elapsed() < *limit / 2 {
+            return true;
+        }
+        if conn.ping().await.is_err() {
+            tracing::warn!(
+                "the store's writer session ended (idle past its limit, or dropped): the lease is taken again before any write"
+            );
+            *writer = None;
+            return false;
+        }
+        *lock_ignoring_poison(used) = Instant::now();
+        true
     }
 
     /// The lease on the SQLite database `file` (opened from `url`); not yet
@@ -147,7 +195,12 @@ impl Lease {
                     }
                 }
             }
-            Lease::Postgres { options, writer } => {
+            Lease::Postgres {
+                options,
+                writer,
+                idle_limit,
+                used,
+            } => {
                 let mut writer = writer.lock().await;
                 if let Some(conn) = writer.as_mut() {
                     // A dropped connection has lost the lock with it.
@@ -160,6 +213,10 @@ impl Lease {
                 let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, options.connect())
                     .await
                     .map_err(|_| StoreError::Sql(sqlx::Error::PoolTimedOut))??;
+                if let Some(limit) = idle_limit {
+                    bound_idle_session(&mut conn, *limit).await;
+                }
+                *lock_ignoring_poison(used) = Instant::now();
                 let got: bool = sqlx::query_scalar("select pg_try_advisory_lock($1)")
                     .bind(LEASE_KEY)
                     .fetch_one(&mut conn)
@@ -194,9 +251,10 @@ impl Lease {
     /// taken; a write on a dead one fails, and the caller then calls
     /// [`Lease::lost_connection`].)
     pub(super) async fn writer(&self) -> Result<MappedMutexGuard<'_, sqlx::PgConnection>> {
-        let Lease::Postgres { writer, .. } = self else {
+        let Lease::Postgres { writer, used, .. } = self else {
             return Err(StoreError::Standby("no PostgreSQL lease".to_owned()));
         };
+        *lock_ignoring_poison(used) = Instant::now();
         MutexGuard::try_map(writer.lock().await, Option::as_mut)
             .map_err(|_| StoreError::Standby("the lease is not held".to_owned()))
     }
@@ -227,6 +285,28 @@ impl Lease {
                 lock_ignoring_poison(held).take();
             }
             Lease::Exclusive => {}
+        }
+    }
+}
+
+/// Asks PostgreSQL to end the writer's session once it has been idle, in
+/// a transaction or not, for `limit`: the advisory lock goes with it, so a
+/// stalled writer holds the lease at most that long. A server without
+/// `idle_session_timeout` (before PostgreSQL 14) keeps the old behaviour,
+/// said once per connection.
+async fn bound_idle_session(conn: &mut sqlx::PgConnection, limit: Duration) {
+    let ms = format!("{}ms", limit.as_millis().max(1));
+    for setting in [
+        "idle_in_transaction_session_timeout",
+        "idle_session_timeout",
+    ] {
+        let set = sqlx::query("select set_config($1, $2, false)")
+            .bind(setting)
+            .bind(&ms)
+            .execute(&mut *conn)
+            .await;
+        if let Err(e) = set {
+            tracing::warn!(setting, error = %super::cause(&e), "the store's writer session cannot be bounded: a stalled writer keeps the lease until it resumes");
         }
     }
 }

@@ -321,6 +321,24 @@ impl Store {
         self.lease.is_held().await
     }
 
+    /// Bounds how long the writer's PostgreSQL session (and so the lease)
+    /// outlives a writer that stopped answering (see `lease.rs`). No
+    /// effect on SQLite, whose file lock a stalled process keeps, but where
+    /// no other process can write the file anyway.
+    pub fn with_writer_idle_limit(mut self, limit: Duration) -> Self {
+        self.lease.bound_idle(limit);
+        self
+    }
+
+    /// [`Store::is_writer`] for a writer that has nothing to write this
+    /// tick: a session idle for half its limit is touched, so PostgreSQL
+    /// ends only a stalled writer's session; one that PostgreSQL ended
+    /// meanwhile (this process was stalled) is given up, so the caller
+    /// takes the lease anew, or learns who holds it now, before writing.
+    pub async fn writer_alive(&self) -> bool {
+        self.lease.alive().await
+    }
+
     /// Takes the lease if nobody holds it. `Err(Standby)` names the holder
     /// when another process has it.
     pub async fn acquire_writer(&self) -> Result<()> {

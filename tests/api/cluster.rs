@@ -13,8 +13,8 @@
 use std::fmt::Debug;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -1268,6 +1268,167 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
 }
 
 // ---------------------------------------------------------------------------
+// A hung Redis (SIGSTOP): no request waits on it, the summary neither
+// ---------------------------------------------------------------------------
+
+/// One request of the load: when it started, how long it took, its status.
+#[derive(Debug, Clone, Copy)]
+struct Timed {
+    start: tokio::time::Instant,
+    took: Duration,
+    status: u16,
+}
+
+/// `(p50, p99, max)` of some durations, in milliseconds.
+fn spread(took: &mut [Duration]) -> (f64, f64, f64) {
+    took.sort();
+    let at = |q: f64| {
+        let i = ((took.len() as f64 - 1.0) * q).round() as usize;
+        took.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    (at(0.5), at(0.99), at(1.0))
+}
+
+/// Redis SIGSTOPped under load with ids on two replicas (issue 17, item
+/// 2): it holds every socket open and answers nothing. Before the fix every
+/// request with ids waited its 500 ms claim timeout and the summary its 2 s
+/// command timeout; now one request per replica per outage (the sentinel)
+/// waits the claim timeout, every other one decides locally at once, and
+/// the summary answers from its last good read. After SIGCONT the totals
+/// are exact (every id was sent once, so local decisions lose nothing).
+#[tokio::test]
+async fn a_hung_redis_costs_no_request_a_timeout_and_totals_stay_exact() {
+    const CLIENTS: usize = 8;
+    const HANG: Duration = Duration::from_secs(6);
+    // Twice the longest any request may wait but the sentinel (150 ms).
+    const WAITED: Duration = Duration::from_millis(400);
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let all = bins(&reps);
+    // A summary read of each replica before the hang: its last good read.
+    for r in &all {
+        assert!(summary(r, "a").await.is_some());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let log = Arc::new(Mutex::new(Vec::<Timed>::new()));
+    let client = reqwest::Client::new();
+    let mut load = tokio::task::JoinSet::new();
+    for c in 0..CLIENTS {
+        let targets = [reps[0].url("/v1/events"), reps[1].url("/v1/events")];
+        let (client, stop, log) = (client.clone(), stop.clone(), log.clone());
+        load.spawn(async move {
+            let mut b = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let start = tokio::time::Instant::now();
+                let res = client
+                    .post(&targets[(c + b) % 2])
+                    .bearer_auth("ta")
+                    .json(&load_batch("h", c, b))
+                    .timeout(Duration::from_secs(10))
+                    .send()
+                    .await
+                    .expect("a replica answers while Redis hangs");
+                let status = res.status().as_u16();
+                log.lock().unwrap().push(Timed {
+                    start,
+                    took: start.elapsed(),
+                    status,
+                });
+                b += 1;
+            }
+            b
+        });
+    }
+    until(
+        "100 requests with ids before the hang",
+        || async { log.lock().unwrap().len() },
+        |n| *n >= 100,
+    )
+    .await;
+
+    redis.pause();
+    let paused = tokio::time::Instant::now();
+    let mut summaries = Vec::new();
+    while paused.elapsed() < HANG {
+        for r in &all {
+            let start = tokio::time::Instant::now();
+            let got = summary(r, "a").await;
+            summaries.push(start.elapsed());
+            assert!(got.is_some(), "the summary answers while Redis hangs");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    redis.resume();
+    let resumed = tokio::time::Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let batches: usize = load.join_all().await.into_iter().sum();
+
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), batches);
+    assert!(
+        log.iter().all(|t| t.status == 202),
+        "every request is accepted: {:?}",
+        log.iter().find(|t| t.status != 202)
+    );
+    // Every request that was waiting at some point of the hang, including
+    // those in flight when it began.
+    let mut during: Vec<Duration> = log
+        .iter()
+        .filter(|t| t.start < resumed && t.start + t.took > paused)
+        .map(|t| t.took)
+        .collect();
+    let waited = during.iter().filter(|d| **d > WAITED).count();
+    let n = during.len();
+    let (p50, p99, max) = spread(&mut during);
+    let (s50, s99, smax) = spread(&mut summaries);
+    eprintln!(
+        "hung Redis, {HANG:?}: {n} requests with ids, p50 {p50:.1} ms, p99 {p99:.1} ms, \
+         max {max:.1} ms, {waited} over {WAITED:?}; {} summaries, p50 {s50:.1} ms, \
+         p99 {s99:.1} ms, max {smax:.1} ms",
+        summaries.len()
+    );
+    assert!(
+        n >= 100,
+        "requests kept coming during the hang ({n} in {HANG:?})"
+    );
+    // One sentinel per replica, and a little room for a busy machine.
+    assert!(
+        waited <= 4,
+        "{waited} of {n} requests with ids waited over {WAITED:?} while Redis hung"
+    );
+    // The bound is 90 ms of waiting on Redis; the HTTP round trip on a busy
+    // machine adds its own, so the test holds the answer to well under the
+    // 2 s command timeout it took before, and the typical one to the bound.
+    assert!(
+        smax < 1000.0 && s50 < 100.0,
+        "the summary answered within its bound while Redis hung (p50 {s50:.1} ms, max {smax:.1} ms)"
+    );
+    for (i, r) in all.iter().enumerate() {
+        let text = r.metrics_text().await;
+        let fallbacks = sample(&text, r#"botmetrics_dedupe_fallbacks_total{bot="a"}"#);
+        assert!(
+            fallbacks.is_some_and(|f| f > 0.0),
+            "replica {i} decided locally while Redis hung: {fallbacks:?}"
+        );
+    }
+
+    let want = (batches * 10) as f64;
+    totals_reach(&all, "a", want).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", want, "after SIGCONT: every event once").await;
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", want).await;
+    raw.close().await;
+}
+
+// ---------------------------------------------------------------------------
 // The PostgreSQL writer lease moves when its holder dies
 // ---------------------------------------------------------------------------
 
@@ -1314,6 +1475,145 @@ async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
     // real_time_metrics keeps advancing under the new writer.
     stored_reach(&raw, "a", 500.0).await;
     totals_reach(&survivors, "a", 500.0).await;
+    raw.close().await;
+}
+
+/// The writer SIGSTOPped for 12 s under load (issue 17, item 4): its Redis
+/// lease expires after 1.5 s, and PostgreSQL ends its idle session (and so
+/// its advisory lock) within the bound the writer set on it, so the other
+/// replica writes within about 10 s instead of waiting for the stalled one
+/// to resume. A trigger records every value written to the user-message
+/// total: it never decreases, so the resumed writer wrote nothing stale;
+/// at the end the store is exact.
+#[tokio::test]
+async fn a_stalled_writer_loses_the_store_lease_and_never_writes_stale_totals() {
+    const STALL: Duration = Duration::from_secs(12);
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = RedisServer::start().await else {
+        return;
+    };
+    let reps = replicas(&db, &redis.url(), 2).await;
+    let raw = Raw::connect(&db.url).await;
+    let holder = {
+        let all = bins(&reps);
+        let w = until(
+            "exactly one replica with botmetrics_cluster_writer 1",
+            || writers(&all),
+            |w| exactly_one_writer(w),
+        )
+        .await;
+        w.iter().position(|v| *v == Some(1.0)).unwrap()
+    };
+    let other = 1 - holder;
+    raw.execute(
+        "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
+    )
+    .await;
+    raw.execute(
+        r#"create function note_written() returns trigger language plpgsql as $$
+           begin
+             if new.metric = 'bot_messages_total' and new.bot = 'a'
+                and new.labels::jsonb = '{"role":"user"}'::jsonb then
+               insert into written (value) values (new.value);
+             end if;
+             return new;
+           end $$"#,
+    )
+    .await;
+    raw.execute(
+        "create trigger note_written after insert or update on real_time_metrics
+         for each row execute function note_written()",
+    )
+    .await;
+    for b in 0..20 {
+        reps[b % 2].post_ok("ta", &plain(10)).await;
+    }
+    stored_reach(&raw, "a", 200.0).await;
+
+    // Load on the replica that keeps running, across the stall.
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(200));
+    let load = {
+        let (stop, acked) = (stop.clone(), acked.clone());
+        let target = reps[other].url("/v1/events");
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stop.load(Ordering::Relaxed) {
+                let res = client
+                    .post(&target)
+                    .bearer_auth("ta")
+                    .json(&plain(10))
+                    .send()
+                    .await
+                    .expect("the running replica answers");
+                assert_eq!(res.status(), 202);
+                acked.fetch_add(10, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    reps[holder].send_signal("STOP").await;
+    let stalled = tokio::time::Instant::now();
+    let before = stored_user_messages(&raw, "a").await.unwrap_or(0.0);
+    let took_over = until_within(
+        Duration::from_secs(10),
+        "the running replica writes to real_time_metrics while the writer is stalled",
+        || async {
+            let writer = reps[other].sample("botmetrics_cluster_writer").await;
+            let stored = stored_user_messages(&raw, "a").await.unwrap_or(0.0);
+            (writer, stored)
+        },
+        |(writer, stored)| *writer == Some(1.0) && *stored > before,
+    )
+    .await;
+    let takeover = stalled.elapsed();
+    eprintln!(
+        "stalled writer: another replica wrote {takeover:?} after the stall began ({took_over:?})"
+    );
+    tokio::time::sleep(STALL.saturating_sub(stalled.elapsed())).await;
+    reps[holder].send_signal("CONT").await;
+    // The resumed replica sees it lost both leases, and writes nothing. A
+    // new connection for each look: the test's kept-alive ones timed out
+    // on the server's side during the stall.
+    let resumed = reps[holder].url("/metrics");
+    until(
+        "the resumed replica is not the writer",
+        || async {
+            let text = reqwest::Client::new()
+                .get(&resumed)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            sample(&text, "botmetrics_cluster_writer")
+        },
+        |w| *w == Some(0.0),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.expect("the load ran to its end");
+
+    let want = acked.load(Ordering::Relaxed) as f64;
+    let all = bins(&reps);
+    totals_reach(&all, "a", want).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", want, "after the stall: every event once").await;
+    stored_reach(&raw, "a", want).await;
+    let written: Vec<String> = raw
+        .texts("select value::text from written order by at")
+        .await;
+    let written: Vec<f64> = written.iter().map(|v| v.parse().unwrap()).collect();
+    assert!(
+        written.windows(2).all(|w| w[0] <= w[1]),
+        "a stored total decreased (a stale write): {written:?}"
+    );
+    assert_eq!(written.last(), Some(&want));
     raw.close().await;
 }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    AckedLoad, Binary, PgDatabase, assert_error, config, eventually, on_both_backends, pg_data_dir,
-    spawn_app, start_with,
+    AckedLoad, Binary, PgDatabase, Raw, assert_error, config, eventually, on_both_backends,
+    pg_data_dir, spawn_app, start_with,
 };
 
 const USER_MESSAGES: &str = r#"bot_messages_total{bot="x",role="user"}"#;
@@ -308,6 +308,107 @@ async fn a_standby_adopts_a_killed_holders_journal(url: &str) {
 }
 
 on_both_backends!(a_standby_adopts_a_killed_holders_journal);
+
+/// The holder stalls (SIGSTOP) instead of dying (issue 17, item 4, in one
+/// process): PostgreSQL ends its idle writer session within the bound the
+/// holder set on it (5 s here), so the standby takes over while the holder
+/// is still stopped. Resumed, the holder finds its session gone and becomes
+/// the standby without writing; a trigger records every stored total, which
+/// never decreases, and when the new holder stops the old one takes over
+/// again: exact.
+#[tokio::test]
+async fn a_stalled_holder_loses_the_store_to_its_standby_postgres() {
+    let Some(db) = PgDatabase::create().await else {
+        return;
+    };
+    let url = db.url.as_str();
+    let flags = ["--flush-interval", "500ms"];
+    let holder = Binary::serve(url, "x=tx", &flags).await;
+    ready(&holder).await;
+    let mut standby = Binary::serve(url, "x=tx", &flags).await;
+    let raw = Raw::connect(url).await;
+    raw.execute(
+        "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
+    )
+    .await;
+    raw.execute(
+        r#"create function note_written() returns trigger language plpgsql as $$
+           begin
+             if new.metric = 'bot_messages_total' and new.bot = 'x'
+                and new.labels::jsonb = '{"role":"user"}'::jsonb then
+               insert into written (value) values (new.value);
+             end if;
+             return new;
+           end $$"#,
+    )
+    .await;
+    raw.execute(
+        "create trigger note_written after insert or update on real_time_metrics
+         for each row execute function note_written()",
+    )
+    .await;
+    let stored = || async {
+        raw.stored("bot_messages_total", "x", &[("role", "user")])
+            .await
+            .unwrap_or(0.0)
+    };
+    for b in 0..20 {
+        holder.post_ok("tx", &batch(0, b)).await;
+    }
+    eventually(Duration::from_secs(10), || async {
+        stored().await == 200.0
+    })
+    .await;
+
+    holder.send_signal("STOP").await;
+    let stalled = std::time::Instant::now();
+    for b in 0..10 {
+        standby.post_ok("tx", &batch(1, b)).await;
+    }
+    // The standby restores the holder's 200 and writes them with its 100.
+    eventually(Duration::from_secs(10), || async {
+        stored().await == 300.0
+    })
+    .await;
+    eprintln!(
+        "the standby wrote {:?} after the holder stalled",
+        stalled.elapsed()
+    );
+    holder.send_signal("CONT").await;
+    // The resumed holder is a standby now. A new connection for the first
+    // look: the test's kept-alive one timed out on the server's side.
+    let readyz = holder.url("/readyz");
+    eventually(Duration::from_secs(10), || async {
+        let Ok(res) = reqwest::Client::new().get(&readyz).send().await else {
+            return false;
+        };
+        let status = res.status();
+        let body = res.text().await.unwrap_or_default();
+        status == 503 && body.contains("standby")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for b in 20..25 {
+        holder.post_ok("tx", &batch(0, b)).await;
+    }
+    assert_eq!(stored().await, 300.0, "the resumed holder wrote nothing");
+    standby.signal("TERM").await;
+    // The old holder takes over again: what the other stored, plus its own.
+    eventually(Duration::from_secs(15), || async {
+        stored().await == 350.0
+    })
+    .await;
+    let written: Vec<String> = raw
+        .texts("select value::text from written order by at")
+        .await;
+    let written: Vec<f64> = written.iter().map(|v| v.parse().unwrap()).collect();
+    assert!(
+        written.windows(2).all(|w| w[0] <= w[1]),
+        "a stored total decreased (a stale write): {written:?}"
+    );
+    assert_eq!(written.last(), Some(&350.0));
+    raw.close().await;
+}
 
 // ---------------------------------------------------------------------------
 // Finite numbers: every numeric field has a range; out of range is a 422

@@ -202,6 +202,27 @@ impl RedisServer {
         }
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the server: `STOP` hangs it as a
+    /// paused VM does, its sockets open and nothing answered.
+    fn send(&self, signal: &str) {
+        let child = self.child.as_ref().expect("redis-server runs");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(sent.success(), "kill -{signal} redis-server failed");
+    }
+
+    /// Hangs the server (SIGSTOP) until [`RedisServer::resume`]; a server
+    /// dropped while hung is killed all the same (SIGKILL needs no CONT).
+    pub fn pause(&self) {
+        self.send("STOP");
+    }
+
+    pub fn resume(&self) {
+        self.send("CONT");
+    }
+
     /// Starts a fresh, empty server on the same port (stopping the running
     /// one first, if any): what clients see when Redis restarts without
     /// persistence.
