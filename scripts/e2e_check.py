@@ -19,12 +19,15 @@ target about the bot (one that uses `$bot`) a sample above 0: every closed
 series exists at 0 from start-up, so "returns data" alone would pass with
 nothing counted. A panel gated on a day of history (`X and on (bot) (Y
 offset 1d > 0)`: empty until the daily-user window is full) must parse
-whole, and X must return data. The only exceptions are ZERO_ON_A_HEALTHY_RUN below, and
-the cluster-mode self-metrics (CLUSTER_ONLY below), which botmetrics exposes
-only with --redis-url: without `--cluster` an expression over them that
-returns nothing is reported as skipped (it must still parse); with
-`--cluster` (botmetrics run with --redis-url) it must return data like
-any other. Rules:
+whole, and X must return data. The only exceptions are ZERO_ON_A_HEALTHY_RUN below,
+the unpriced tokens of a model the price table does not know
+(ABSENT_ON_A_HEALTHY_RUN below: no such series on a run that uses only
+priced models, so an expression over them that returns nothing is reported
+as skipped), and the cluster-mode self-metrics (CLUSTER_ONLY below), which
+botmetrics exposes only with --redis-url: without `--cluster` an
+expression over them that returns nothing is reported as skipped (it must
+still parse); with `--cluster` (botmetrics run with --redis-url) it must
+return data like any other. Rules:
 
 * A recording rule: its expression and the series it records.
 * An alert rule: its full expression must parse, but may be empty (the
@@ -113,17 +116,20 @@ class Report:
         print(f"FAIL  {what}\n      {detail}", flush=True)
 
     def data(self, what: str, prom: str, expr: str, positive: bool = False,
-             may_be_empty: bool = False) -> None:
+             may_be_empty: bool | str = False) -> None:
         """Pass when expr parses and has at least one non-NaN sample (with
-        `positive`, one above 0). With `may_be_empty`, no sample at all is
-        reported as skipped instead of failed."""
+        `positive`, one above 0). With `may_be_empty` (True, or the reason
+        why as a string), no sample at all is reported as skipped instead
+        of failed."""
         parsed, err, samples = query(prom, expr)
         shown = f"`{one_line(expr)}`"
         if not parsed:
             self.fail(what, f"{shown}: does not evaluate: {err}")
         elif not samples and may_be_empty:
-            print(f"SKIP  {what}\n      {shown}: parsed OK, no data: cluster-mode series, "
-                  "and this botmetrics runs without --redis-url (check --cluster requires them)", flush=True)
+            why = may_be_empty if isinstance(may_be_empty, str) else (
+                "cluster-mode series, and this botmetrics runs without --redis-url "
+                "(check --cluster requires them)")
+            print(f"SKIP  {what}\n      {shown}: parsed OK, no data: {why}", flush=True)
         elif not samples:
             self.fail(what, f"{shown}: parsed, but returned no data")
         elif all(math.isnan(v) for _, v in samples):
@@ -282,8 +288,12 @@ def check_sql(rep: Report, what: str, psql_url: str, sql: str, bot: str) -> None
         rep.ok(what, f"{shown}: {len(rows)} rows, e.g. {rows[-1]!r}")
 
 
-def cluster_only(expr: str, cluster: bool) -> bool:
-    """True when expr reads a cluster-mode series and the run has none."""
+def cluster_only(expr: str, cluster: bool) -> bool | str:
+    """True when expr reads a cluster-mode series and the run has none; the
+    reason, when it reads a series a healthy run may not have at all."""
+    if re.search(ABSENT_ON_A_HEALTHY_RUN, expr):
+        return ("a series botmetrics creates only for a model the price table does not know, "
+                "which the simulator may not use")
     return not cluster and re.search(CLUSTER_ONLY, expr) is not None
 
 
@@ -352,7 +362,12 @@ def without_history_gate(expr: str) -> str | None:
 # Per-bot metrics that stay at 0 on a healthy run with a well-behaved
 # client: their panels must return data, but may read 0.
 ZERO_ON_A_HEALTHY_RUN = ("botmetrics_events_duplicate_total", "botmetrics_label_overflow_total",
-                         "botmetrics_dedupe_fallbacks_total")
+                         "botmetrics_dedupe_fallbacks_total", "bot_llm_unpriced_tokens_total")
+
+# Per-bot series that exist only once something unusual happened, labelled
+# by what it was (a model the price table does not know): on a healthy run
+# an expression over them may return nothing (it must still parse).
+ABSENT_ON_A_HEALTHY_RUN = r"\bbot_llm_unpriced_tokens_total\b"
 
 # Self-metrics botmetrics registers only with --redis-url (cluster mode).
 CLUSTER_ONLY = (r"\bbotmetrics_(redis_up|sync_\w+|last_sync_timestamp_seconds|dedupe_fallbacks_total"

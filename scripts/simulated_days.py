@@ -13,12 +13,25 @@ and LLM outcomes; seeded, so the file is the same on every run). Two tests:
 * Three ordinary days: no alert is ever pending or firing, from the first
   minute of a new deployment on (the ALERTS series promtool records at every
   evaluation stays empty).
-* The same days with five faults on the third: the 500-user bot stops at
-  noon (BotSilent), and the 5,000-user bot gets an hour of failing LLM
-  calls (BotHighErrorRate), an hour of slow ones (BotSlowResponses), two
-  hours of a cache that misses (BotLowCacheHitRatio) and 90 minutes of a
-  client hammering its daily limit (BotDailyLimitSurge). Each alert fires
-  during its fault, and no other alert fires at any time.
+* The same days with eight faults on the third: the 500-user bot stops at
+  noon (BotSilent), the 80-user bot tries a model the price table does not
+  know for an hour (BotUnpricedTokens), and the 5,000-user bot gets an hour
+  of a runaway loop calling its dearer model at night (BotSpendSpike), an
+  hour of failing LLM calls (BotHighErrorRate), an hour of slow ones
+  (BotSlowResponses), two hours of a cache that misses
+  (BotLowCacheHitRatio), 90 minutes of a client hammering its daily limit
+  (BotDailyLimitSurge) and a release whose answers users dislike from 6 am
+  on (BotSatisfactionFalling). Each alert fires during its fault, and no
+  other alert fires at any time.
+
+Spend and ratings are derived here from each LLM call the simulator makes
+(its models and tokens), because the simulator does not send them itself:
+the cost of its tokens at PRICES (source="table"), some prompt tokens served
+from the provider's cache, and a rating of some answers (thumbs for three
+bots, 1-5 for the largest). When the simulator passes `cost` (reported by a
+provider) it is used as it is (source="reported"). Only what the rules read
+is written: the cost, feedback and unpriced-token counters, not the token
+counts or time-to-first-token buckets that only dashboards draw.
 
 `cargo test --test api stack` generates and runs it. Standard library only.
 """
@@ -55,13 +68,28 @@ ERRORS = ("b5000", D3 + 9 * HOUR, D3 + 10 * HOUR)             # 30 % of calls fa
 SLOW = ("b5000", D3 + 11 * HOUR, D3 + 12 * HOUR)              # every call 6x slower
 CACHE_DROP = ("b5000", D3 + 14 * HOUR, D3 + 16 * HOUR)        # user_context 80 % -> ~45 %
 LIMIT_SURGE = ("b5000", D3 + 17 * HOUR, D3 + 18.5 * HOUR)     # +10 limit hits a minute
+SPEND_LOOP = ("b5000", D3 + 3 * HOUR, D3 + 4 * HOUR)          # +20 gpt-4o calls a minute
+UNPRICED = ("b80", D3 + 8 * HOUR, D3 + 9 * HOUR)              # half its calls on an unknown model
+BAD_ANSWERS = ("b5000", D3 + 6 * HOUR, D3 + DAY)              # 35 % of ratings positive, not 80 %
+
+# Prices per million tokens (input, cached input, output), in USD: the
+# providers' list prices of the simulator's models (as in a default price
+# table). UNKNOWN_MODEL has none.
+PRICES = {"gpt-4o-mini": (0.15, 0.075, 0.60), "gpt-4o": (2.50, 1.25, 10.00)}
+UNKNOWN_MODEL = "mistral-small-2503"
+FEEDBACK_SCORES = ["-1", "+1", "1", "2", "3", "4", "5"]
+RATED = 0.08            # share of answers a user rates
+RATING_BOTS = {"b5000"}  # rates 1-5 (scale 5); the others thumbs up/down
 
 
 class Recorder:
     """Stands in for the client: counts what botmetrics would expose, per minute."""
 
-    def __init__(self, bot: str, faults: bool, rng: random.Random):
+    def __init__(self, bot: str, faults: bool, rng: random.Random, spend_rng: random.Random | None = None):
         self.bot, self.faults, self.rng = bot, faults, rng
+        # Spend and ratings draw from a generator of their own, so that the
+        # simulator's traffic and the other faults are what they were.
+        self.spend_rng = spend_rng or random.Random(0)
         self.t = 0.0
         self.minutes = int(DAYS * DAY // MINUTE)
         self.series: dict[tuple, list] = {}
@@ -86,7 +114,7 @@ class Recorder:
             hit = False
         self.add(("bot_cache_requests_total", (("cache", cache), ("result", "hit" if hit else "miss"))))
 
-    def response(self, user_id, status, duration_ms, **_):
+    def response(self, user_id, status, duration_ms, model=None, tokens=None, cost=None, rated=True, **_):
         if status == "success" and self.during(ERRORS) and self.rng.random() < 0.3:
             status, duration_ms = "error", duration_ms / 4
         if self.during(SLOW):
@@ -96,6 +124,43 @@ class Recorder:
         for le in BUCKETS[bisect.bisect_left(BUCKETS, seconds):]:
             self.add(("bot_response_duration_seconds_bucket", (("le", repr(le)),)))
         self.add(("bot_response_duration_seconds_bucket", (("le", "+Inf"),)))
+        if model:
+            self.spend(model, tokens, cost)
+        if rated:
+            self.rate(status)
+
+    def spend(self, model, tokens, cost) -> None:
+        """What botmetrics counts for a call's cost: reported, or its tokens
+        at the table's prices, or its tokens as unpriced."""
+        rng = self.spend_rng
+        prompt, completion = (tokens or (0, 0))[:2] if not isinstance(tokens, dict) else (
+            tokens.get("prompt", 0), tokens.get("completion", 0))
+        if self.during(UNPRICED) and rng.random() < 0.5:
+            model = UNKNOWN_MODEL
+        if cost is not None:
+            self.add(("bot_llm_cost_total", (("model", model), ("source", "reported"))), cost)
+            return
+        if model not in PRICES:
+            self.add(("bot_llm_unpriced_tokens_total", (("model", model),)), prompt + completion)
+            return
+        # Half the calls find part of their prompt (the system prompt and
+        # the conversation so far) in the provider's cache.
+        cached = int(prompt * rng.uniform(0.3, 0.9)) if rng.random() < 0.5 else 0
+        p_in, p_cached, p_out = PRICES[model]
+        usd = ((prompt - cached) * p_in + cached * p_cached + completion * p_out) / 1e6
+        self.add(("bot_llm_cost_total", (("model", model), ("source", "table"))), usd)
+
+    def rate(self, status) -> None:
+        """A user rating the answer, now and then: thumbs, or 1-5."""
+        rng = self.spend_rng
+        if rng.random() >= RATED:
+            return
+        liked = status == "success" and rng.random() < (0.35 if self.during(BAD_ANSWERS) else 0.8)
+        if self.bot in RATING_BOTS:
+            score = rng.choice(["4", "5", "5"]) if liked else rng.choice(["1", "2", "3", "3"])
+        else:
+            score = "+1" if liked else "-1"
+        self.add(("bot_feedback_total", (("score", score),)))
 
     def __getattr__(self, name):  # registrations, consent, custom events, errors
         return lambda *a, **k: None
@@ -104,7 +169,7 @@ class Recorder:
 def play(bot: str, users: int, seed: int, faults: bool) -> Recorder:
     rng = random.Random(seed)
     sim = Simulation(rng, users, 20, 3.0, 0.06)
-    rec = Recorder(bot, faults, random.Random(seed + 1000))
+    rec = Recorder(bot, faults, random.Random(seed + 1000), random.Random(seed + 2000))
     # Every series of the closed label sets exists at 0 from start-up, as
     # botmetrics exposes them.
     for role in ("user", "assistant"):
@@ -114,6 +179,8 @@ def play(bot: str, users: int, seed: int, faults: bool) -> Recorder:
     for le in [repr(b) for b in BUCKETS] + ["+Inf"]:
         rec.series[("bot_response_duration_seconds_bucket", (("le", le),))] = [0.0] * rec.minutes
     rec.series[("bot_limit_reached_total", ())] = [0.0] * rec.minutes
+    for score in FEEDBACK_SCORES:
+        rec.series[("bot_feedback_total", (("score", score),))] = [0.0] * rec.minutes
     t = 0.0
     while t < DAYS * DAY:
         for _ in range(sim.sessions_between(t, t + MINUTE)):
@@ -122,6 +189,10 @@ def play(bot: str, users: int, seed: int, faults: bool) -> Recorder:
         rec.t = t
         if faults and bot == LIMIT_SURGE[0] and LIMIT_SURGE[1] <= t < LIMIT_SURGE[2]:
             rec.add(("bot_limit_reached_total", ()), 10)
+        if faults and bot == SPEND_LOOP[0] and SPEND_LOOP[1] <= t < SPEND_LOOP[2]:
+            # A loop re-asking the dearer model, with no user to rate it.
+            for _ in range(20):
+                rec.response(0, "success", 2000.0, model="gpt-4o", tokens=(3000, 500), rated=False)
         t += MINUTE
     return rec
 
@@ -180,7 +251,7 @@ def test_group(faults: bool) -> str:
       - expr: count by (alertname, bot, alertstate) (count_over_time(ALERTS[2d]))
         eval_time: {hm(D3)}
         exp_samples: []
-      # Over the third day, exactly the five faults' alerts fired.
+      # Over the third day, exactly the eight faults' alerts fired.
       - expr: count by (alertname, bot) (max_over_time(ALERTS{{alertstate="firing"}}[1d]))
         eval_time: {end}
         exp_samples:
@@ -194,12 +265,20 @@ def test_group(faults: bool) -> str:
             value: 1
           - labels: '{{alertname="BotDailyLimitSurge", bot="{LIMIT_SURGE[0]}"}}'
             value: 1
+          - labels: '{{alertname="BotSpendSpike", bot="{SPEND_LOOP[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotUnpricedTokens", bot="{UNPRICED[0]}"}}'
+            value: 1
+          - labels: '{{alertname="BotSatisfactionFalling", bot="{BAD_ANSWERS[0]}"}}'
+            value: 1
 """)
     # Each one fires during its own fault (the last minutes of it) and not in
     # the hour before.
     checks = [("BotSilent", SILENT[0], SILENT[1], SILENT[1] + 3 * HOUR),
               ("BotHighErrorRate", *ERRORS), ("BotSlowResponses", *SLOW),
-              ("BotLowCacheHitRatio", *CACHE_DROP), ("BotDailyLimitSurge", *LIMIT_SURGE)]
+              ("BotLowCacheHitRatio", *CACHE_DROP), ("BotDailyLimitSurge", *LIMIT_SURGE),
+              ("BotSpendSpike", *SPEND_LOOP), ("BotUnpricedTokens", *UNPRICED),
+              ("BotSatisfactionFalling", *BAD_ANSWERS)]
     for alert, bot, start, stop in checks:
         extra = ', cache="user_context"' if alert == "BotLowCacheHitRatio" else ""
         out.append(f"""      - expr: count_over_time(ALERTS{{alertname="{alert}", alertstate="firing"}}[1h])
