@@ -378,9 +378,23 @@ mod tests {
             {"type":"consent","granted":false},
             {"type":"limit_reached","event_id":"x1"},
             {"type":"error","kind":"db_timeout"},
-            {"type":"custom","name":"tip","value":2.5}
+            {"type":"custom","name":"tip","value":2.5},
+            {"type":"response","status":"success","duration_ms":900,"model":"gpt-4o-mini","provider":"openai",
+             "tokens":{"prompt":100,"completion":20,"cached":40,"cache_write":10,"reasoning":5},"ttft_ms":120},
+            {"type":"response","status":"success","duration_ms":900,"model":"x","cost":0.0125},
+            {"type":"response","status":"error","duration_ms":900,"model":"unknown-model","tokens":{"prompt":1}},
+            {"type":"feedback","user_id":7,"score":-1,"reason":"too_long"},
+            {"type":"feedback","score":4,"scale":5}
         ]"#;
-        let events = parse_batch(body.as_bytes(), BodyFormat::Json, 100, 1_800_000_000).unwrap();
+        let mut events =
+            parse_batch(body.as_bytes(), BodyFormat::Json, 100, 1_800_000_000).unwrap();
+        // Priced as ingest journals them: the cost goes into the record.
+        crate::prices::Prices::builtin().price(&mut events);
+        assert!(
+            matches!(&events[10].body, EventBody::Response { cost: Some(c), .. } if c.source == CostSource::Table),
+            "{:?}",
+            events[10]
+        );
         let ids: Vec<Option<IdHash>> = events
             .iter()
             .map(|e| e.event_id.as_deref().map(|id| IdHash::of("bot", id)))

@@ -372,10 +372,14 @@ impl Summary {
 /// ```
 /// assert_eq!(botmetrics::summary::amount(12.345), "12.35");
 /// assert_eq!(botmetrics::summary::amount(0.00123), "0.0012");
+/// assert_eq!(botmetrics::summary::amount(0.000002), "<0.0001");
 /// ```
 pub fn amount(v: f64) -> String {
     if v >= 1.0 || v == 0.0 {
         format!("{v:.2}")
+    } else if v < 0.0001 {
+        // Not "0.0000": a model that cost something is never shown as free.
+        "<0.0001".to_owned()
     } else {
         format!("{v:.4}")
     }

@@ -17,5 +17,6 @@ mod persistence;
 mod process;
 mod readme;
 mod redis;
+mod spend;
 mod stack;
 mod summary;
