@@ -29,7 +29,7 @@
 //! (the sentinel) waits the claim timeout; a second after each failure a
 //! background probe, not a request, asks again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -56,6 +56,13 @@ pub struct Claims {
     script: redis::Script,
     settle_script: redis::Script,
     queue: Mutex<Queue>,
+    /// Claims of this replica being given back, from the moment a request
+    /// queues them until Redis has deleted them. A retry that meets one
+    /// (Redis says "this replica's") must not count it: the give-back
+    /// would then delete a counted claim and another replica would count
+    /// the event again. It is told to retry instead, and by then the claim
+    /// is gone and free.
+    returning: Mutex<HashSet<(String, IdHash)>>,
     /// Set once this replica's claims from before its start are settled
     /// ([`Claims::resolve_own`]); until then no claim is made (memory
     /// decides), so settling them can never race a live request's.
@@ -69,6 +76,7 @@ impl Claims {
             script: redis::Script::new(include_str!("lua/claim.lua")),
             settle_script: redis::Script::new(include_str!("lua/settle.lua")),
             queue: Mutex::new(HashMap::new()),
+            returning: Mutex::new(HashSet::new()),
             armed: AtomicBool::new(false),
         }
     }
@@ -149,11 +157,18 @@ impl Claims {
         match answer {
             Ok(codes) => {
                 self.cluster.health.answered();
+                let returning = self.returning.lock().unwrap_or_else(|e| e.into_inner());
+                let returning_here = |id: &IdHash| {
+                    !returning.is_empty() && returning.contains(&(bot.to_owned(), *id))
+                };
                 Claimed::Decided(
                     codes
                         .into_iter()
-                        .map(|code| match code {
+                        .zip(ids)
+                        .map(|(code, id)| match code {
                             0 => Claim::Fresh,
+                            // Being given back: not ours to count any more.
+                            1 if returning_here(id) => Claim::Pending,
                             1 => Claim::Mine,
                             3 => Claim::Pending,
                             _ => Claim::Taken,
@@ -180,6 +195,11 @@ impl Claims {
     /// dropped): they are given back within [`CONFIRM_EVERY`], so the
     /// client's retry counts wherever it lands.
     pub fn give_back(&self, bot: &str, ids: impl IntoIterator<Item = IdHash>) {
+        let ids: Vec<IdHash> = ids.into_iter().collect();
+        self.returning
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(ids.iter().map(|id| (bot.to_owned(), *id)));
         let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
         queue.entry(bot.to_owned()).or_default().1.extend(ids);
     }
@@ -215,10 +235,18 @@ impl Claims {
         let batch = std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
         let mut failed = None;
         for (bot, (keep, drop)) in batch {
-            if let Err(e) = self.settle(&bot, &keep, &drop).await {
-                self.keep(&bot, keep);
-                self.give_back(&bot, drop);
-                failed.get_or_insert(e);
+            match self.settle(&bot, &keep, &drop).await {
+                Ok(()) => {
+                    let mut returning = self.returning.lock().unwrap_or_else(|e| e.into_inner());
+                    for id in &drop {
+                        returning.remove(&(bot.clone(), *id));
+                    }
+                }
+                Err(e) => {
+                    self.keep(&bot, keep);
+                    self.give_back(&bot, drop);
+                    failed.get_or_insert(e);
+                }
             }
         }
         match failed {
