@@ -213,6 +213,7 @@ impl Application {
         let limits = Limits {
             max_connections,
             header_read_timeout: config.header_read_timeout,
+            write_timeout: config.write_timeout,
             shutdown_timeout: config.shutdown_timeout,
         };
         let state = AppState::new(Shared {

@@ -136,6 +136,7 @@ async fn help_lists_every_flag_of_the_design_with_its_environment_variable() {
         "log-format",
         "summary-cache-ttl",
         "header-read-timeout",
+        "write-timeout",
         "max-connections",
         "shutdown-timeout",
     ] {
