@@ -166,9 +166,18 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_HEADER_READ_TIMEOUT", value_parser = parse_positive_duration, default_value = "10s")]
     pub header_read_timeout: Duration,
 
-    /// Open HTTP connections at most; past it a new connection gets a JSON
-    /// 503 at once. The open-files limit is raised to its hard limit at
-    /// start, and this is lowered (with a warning) if that is still short.
+    /// Time an answer may wait for the client to take any of it (its
+    /// socket full because it does not read) before the connection is
+    /// closed, so a client that never reads cannot hold a connection.
+    #[arg(long, env = "BOTMETRICS_WRITE_TIMEOUT", value_parser = parse_positive_duration, default_value = "5s")]
+    pub write_timeout: Duration,
+
+    /// Open HTTP connections at most. At the bound the oldest idle one (no
+    /// request in progress) is closed to admit a new one; only when every
+    /// one is busy (and none finishes within 100 ms) does a new connection
+    /// get a JSON 503. The open-files
+    /// limit is raised to its hard limit at start, and this is lowered
+    /// (with a warning) if that is still short.
     #[arg(long, env = "BOTMETRICS_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_connections: u64,
 

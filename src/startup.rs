@@ -58,6 +58,7 @@ pub struct Application {
     connections: ConnectionMetrics,
     /// Cluster mode's own tasks.
     tier: Option<Tier>,
+    reload: ReloadSignal,
 }
 
 /// What cluster mode runs beside the single-node tasks: the sync to Redis
@@ -72,6 +73,9 @@ impl Application {
     /// store that is down does not stop the start: the flush task restores
     /// as soon as it answers, and /readyz says 503 until then.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        // First, so a SIGHUP during start-up waits for the reload task
+        // instead of killing the process (its default action).
+        let reload = ReloadSignal::listen();
         let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new(
             config.tokens.bots(),
@@ -221,6 +225,7 @@ impl Application {
         let limits = Limits {
             max_connections,
             header_read_timeout: config.header_read_timeout,
+            write_timeout: config.write_timeout,
             shutdown_timeout: config.shutdown_timeout,
         };
         let state = AppState::new(Shared {
@@ -252,6 +257,7 @@ impl Application {
             limits,
             connections,
             tier,
+            reload,
         })
     }
 
@@ -285,6 +291,7 @@ impl Application {
             limits,
             connections,
             tier,
+            reload,
         } = self;
         let token = CancellationToken::new();
         // The store writer stops after the sync (cluster mode), so its
@@ -318,6 +325,7 @@ impl Application {
                 )),
             )
         });
+        let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         tracing::info!(
@@ -339,7 +347,7 @@ impl Application {
             let _ = tokio::join!(sync, confirm);
         }
         writer_token.cancel();
-        let _ = tokio::join!(flush, history, journal_sync);
+        let _ = tokio::join!(flush, history, journal_sync, reloads);
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())
@@ -441,6 +449,80 @@ fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
         tracing::info!(ids, "event_ids remembered from the journal");
     }
     Ok(ingest)
+}
+
+/// SIGHUP, the signal `systemctl reload`, supervisors and log rotation
+/// send, listened for from the start: its default action ends the process
+/// at once, with no final flush. Here it asks to re-read what can be
+/// re-read while serving, and never stops the server.
+struct ReloadSignal {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReloadSignal {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let hangup = signal(SignalKind::hangup())
+                .inspect_err(|e| {
+                    tracing::warn!(error = %e, "cannot listen for SIGHUP: a SIGHUP will stop the server");
+                })
+                .ok();
+            ReloadSignal { hangup }
+        }
+        #[cfg(not(unix))]
+        ReloadSignal {}
+    }
+
+    /// Completes on the next SIGHUP; never, where there is none to hear.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(hangup) = &mut self.hangup
+            && hangup.recv().await.is_some()
+        {
+            return;
+        }
+        std::future::pending::<()>().await;
+    }
+}
+
+/// One re-read: what it re-read (for the log), and what changed or why the
+/// old value stays.
+type Reloaded = (&'static str, Result<String, String>);
+
+/// What a SIGHUP re-reads. Nothing yet: each reload that comes (the price
+/// table, tokens at runtime, TLS certificates) is one line here, e.g.
+/// `done.push(("prices", state.prices.reload().await))`. A reload that
+/// fails keeps what it had, so a bad file never stops the serving.
+async fn reload(state: &AppState) -> Vec<Reloaded> {
+    let _ = state;
+    Vec::new()
+}
+
+/// Runs [`reload`] on every SIGHUP until shutdown, and logs what it did.
+async fn reload_loop(state: AppState, mut signal: ReloadSignal, token: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = signal.recv() => {}
+        }
+        let done = reload(&state).await;
+        if done.is_empty() {
+            tracing::info!("reload requested (SIGHUP): nothing to re-read yet");
+        }
+        for (what, outcome) in done {
+            match outcome {
+                Ok(changed) => tracing::info!(what, "reload requested (SIGHUP): {changed}"),
+                Err(e) => tracing::warn!(
+                    what,
+                    error = %e,
+                    "reload requested (SIGHUP): failed, keeping what was loaded"
+                ),
+            }
+        }
+    }
 }
 
 /// Completes on SIGINT (Ctrl-C) or SIGTERM.

@@ -1,6 +1,7 @@
 //! The real `botmetrics` binary as an operator starts it: flags and their
 //! environment fallbacks, `--help`, and start-up failures. What survives
-//! its end (SIGTERM, SIGINT, kill -9) is in `persistence.rs`.
+//! its end (SIGTERM, SIGINT, kill -9) is in `persistence.rs`; SIGHUP, which
+//! must never end it, is here.
 
 use serde_json::json;
 
@@ -119,6 +120,7 @@ async fn help_lists_every_flag_of_the_design_with_its_environment_variable() {
         "log-format",
         "summary-cache-ttl",
         "header-read-timeout",
+        "write-timeout",
         "max-connections",
         "shutdown-timeout",
     ] {
@@ -347,5 +349,50 @@ async fn refused_requests_are_logged_at_debug_with_bot_and_reason_and_rate_limit
             .iter()
             .any(|l| l.contains("DEBUG") && l.contains("401") && !l.contains("alpha")),
         "{log}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// SIGHUP (issue 17, item 6)
+// ---------------------------------------------------------------------------
+
+#[tokio::test]
+async fn sighup_reloads_and_logs_it_and_never_stops_the_server() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    // Flushing hourly: only the final flush on SIGTERM can store the totals,
+    // so a SIGHUP that ended the process early would lose them.
+    let flags = ["--flush-interval", "1h"];
+    let mut bin = Binary::serve(&url, "a=t", &flags).await;
+    let reloads = |log: &str| {
+        log.lines()
+            .filter(|l| l.contains("reload requested (SIGHUP): nothing to re-read yet"))
+            .count()
+    };
+    for round in 1..=2 {
+        bin.send_signal("HUP").await;
+        crate::helpers::eventually(std::time::Duration::from_secs(30), || {
+            let log = bin.log();
+            async move { reloads(&log) == round }
+        })
+        .await;
+        // Still serving: the event after the reload is counted.
+        bin.post_ok("t", &json!({"type": "limit_reached"})).await;
+    }
+    assert_series(
+        &bin.metrics_text().await,
+        &[(r#"bot_limit_reached_total{bot="a"}"#, 2.0)],
+    );
+    let status = bin.signal("TERM").await;
+    let log = bin.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(reloads(&log), 2, "one line per SIGHUP:\n{log}");
+    assert!(log.contains("final flush done"), "{log}");
+
+    // The final flush stored the exact totals.
+    let bin = Binary::serve(&url, "a=t", &flags).await;
+    assert_series(
+        &bin.metrics_text().await,
+        &[(r#"bot_limit_reached_total{bot="a"}"#, 2.0)],
     );
 }
