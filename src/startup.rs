@@ -492,13 +492,23 @@ impl ReloadSignal {
 /// old value stays.
 type Reloaded = (&'static str, Result<String, String>);
 
-/// What a SIGHUP re-reads. Nothing yet: each reload that comes (the price
-/// table, tokens at runtime, TLS certificates) is one line here, e.g.
-/// `done.push(("prices", state.prices.reload().await))`. A reload that
-/// fails keeps what it had, so a bad file never stops the serving.
+/// What a SIGHUP re-reads, one line each (tokens at runtime and TLS
+/// certificates will join the price table here). A reload that fails keeps
+/// what it had, so a bad file never stops the serving.
 async fn reload(state: &AppState) -> Vec<Reloaded> {
-    let _ = state;
-    Vec::new()
+    vec![("prices", reload_prices(state))]
+}
+
+/// The price table again, from `--prices`: events priced from now on use
+/// it; what was counted keeps its price (the journal holds it).
+fn reload_prices(state: &AppState) -> Result<String, String> {
+    let Some(path) = &state.config.prices else {
+        return Ok("the built-in price table, unchanged".to_owned());
+    };
+    let prices = load_prices(&state.config).map_err(|e| e.to_string())?;
+    let models = prices.len();
+    *state.prices.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(prices);
+    Ok(format!("{models} models from {}", path.display()))
 }
 
 /// Runs [`reload`] on every SIGHUP until shutdown, and logs what it did.

@@ -4,7 +4,7 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{SqliteFile, assert_error, config, spawn_app, start};
+use crate::helpers::{Binary, SqliteFile, assert_error, config, spawn_app, start};
 
 /// A mixed batch whose cost is computed by hand below, in micro-units:
 ///
@@ -226,4 +226,73 @@ async fn the_summary_text_shows_spend_and_ratings() {
         "one Telegram message holds 4,096 characters"
     );
     app.stop().await;
+}
+
+/// A price table with one model at `input` and `output` per million.
+fn table(input: &str, output: &str) -> String {
+    format!(
+        "currency = \"USD\"\ntaken = \"2026-12-01\"\n[models.m]\ninput = {input}\noutput = {output}\n"
+    )
+}
+
+#[tokio::test]
+async fn sighup_with_a_changed_table_changes_future_costs_only_even_across_kill_9() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let dir = tempfile_dir(&url);
+    let prices = dir.join("prices.toml");
+    std::fs::write(&prices, table("1", "1")).expect("write prices");
+    let prices_arg = prices.display().to_string();
+    // Hourly flushes: after kill -9 only the journal has the events.
+    let flags = ["--prices", &prices_arg, "--flush-interval", "1h"];
+    let mut bin = Binary::serve(&url, "x=tx", &flags).await;
+    // 1,000 prompt tokens at 1.00 per million: 1,000 µ.
+    let call = json!({"type": "response", "status": "success", "duration_ms": 500,
+                      "model": "m", "tokens": {"prompt": 1000}});
+    bin.post_ok("tx", &call).await;
+
+    std::fs::write(&prices, table("2", "1")).expect("rewrite prices");
+    bin.send_signal("HUP").await;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || {
+        let log = bin.log();
+        async move { log.contains("reload requested (SIGHUP): 1 models from") }
+    })
+    .await;
+    // The same call now costs 2,000 µ; the first keeps its 1,000.
+    bin.post_ok("tx", &call).await;
+    let cost = r#"bot_llm_cost_total{bot="x",model="m",source="table"}"#;
+    assert_eq!(bin.sample(cost).await, Some(0.003));
+
+    // A broken table is refused and the one in force stays.
+    std::fs::write(&prices, "models = 3").expect("break prices");
+    bin.send_signal("HUP").await;
+    crate::helpers::eventually(std::time::Duration::from_secs(30), || {
+        let log = bin.log();
+        async move { log.contains("failed, keeping what was loaded") }
+    })
+    .await;
+    bin.post_ok("tx", &call).await;
+    assert_eq!(bin.sample(cost).await, Some(0.005));
+
+    // kill -9, then a start with yet another table: the journal replays
+    // each call at the price it was counted with.
+    bin.kill_9().await;
+    std::fs::write(&prices, table("7", "7")).expect("rewrite prices");
+    let bin = Binary::serve(&url, "x=tx", &flags).await;
+    assert_eq!(
+        bin.sample(cost).await,
+        Some(0.005),
+        "replayed at their own prices:\n{}",
+        bin.log()
+    );
+    let (_, s) = bin.get_json("/v1/summary?bot=x").await;
+    assert_eq!(s["spend"]["today"], 0.005, "{s}");
+}
+
+/// A directory beside the SQLite file of `url`, removed with it.
+fn tempfile_dir(url: &str) -> std::path::PathBuf {
+    let file = url.trim_start_matches("sqlite://");
+    let dir = std::path::PathBuf::from(format!("{file}-prices"));
+    std::fs::create_dir_all(&dir).expect("prices dir");
+    dir
 }
