@@ -42,6 +42,18 @@ fn metrics(max_label_values: usize) -> Arc<Metrics> {
 /// responses, some cache lookups, a few errors, registrations and limits.
 /// Every event carries a user; a third carry an idempotency key.
 fn realistic_batch(n: usize, now: i64) -> Vec<u8> {
+    batch_of(n, now, false)
+}
+
+/// [`realistic_batch`] with every field of spend and answer quality set:
+/// responses carry cached and reasoning tokens, a provider and a time to
+/// first token (and every other one a reported cost), and the custom
+/// events become ratings.
+fn spend_batch(n: usize, now: i64) -> Vec<u8> {
+    batch_of(n, now, true)
+}
+
+fn batch_of(n: usize, now: i64, spend: bool) -> Vec<u8> {
     let mut out = String::from("[");
     for i in 0..n {
         if i > 0 {
@@ -59,6 +71,17 @@ fn realistic_batch(n: usize, now: i64) -> Vec<u8> {
                 ["user", "assistant"][i % 2],
                 i % 9
             ),
+            8..=13 if spend => format!(
+                r#""type":"response","status":"success","duration_ms":{},"model":"gpt-4o-mini","provider":"openai","ttft_ms":{},"tokens":{{"prompt":{},"completion":{},"cached":{},"reasoning":{}}}{}"#,
+                200 + (i * 37) % 9000,
+                100 + i % 100,
+                300 + i % 500,
+                50 + i % 200,
+                i % 300,
+                i % 20,
+                if i % 2 == 0 { r#","cost":0.00125"# } else { "" }
+            ),
+            19 if spend => format!(r#""type":"feedback","score":{},"scale":5"#, 1 + i % 5),
             8..=13 => format!(
                 r#""type":"response","status":"{}","duration_ms":{},"model":"gpt-4o-mini","tokens":{{"prompt":{},"completion":{}}}"#,
                 [
@@ -113,6 +136,24 @@ fn ingest(c: &mut Criterion) {
         b.iter(|| {
             let events =
                 parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            black_box(
+                rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                    .expect("applied"),
+            )
+        })
+    });
+    // The same batch with every new field of spend and quality, priced as
+    // the HTTP handler prices it: what those fields cost per event.
+    let spend_body = spend_batch(N, NOW);
+    let prices = botmetrics::prices::Prices::builtin();
+    group.bench_function("botmetrics_parse_validate_apply_with_spend_fields", |b| {
+        let metrics = metrics(1000);
+        let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
+        let bot = metrics.bot("bench").expect("bot").clone();
+        b.iter(|| {
+            let mut events =
+                parse_batch(black_box(&spend_body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            prices.price(&mut events);
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
                     .expect("applied"),
