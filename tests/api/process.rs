@@ -100,6 +100,32 @@ async fn a_bad_flag_value_exits_non_zero_with_one_line_naming_the_flag() {
 }
 
 #[tokio::test]
+async fn help_never_shows_secrets_given_through_the_environment() {
+    // Secrets set the way a deployment sets them: clap prints an env
+    // variable's value beside its flag unless told not to.
+    let secrets = [
+        ("BOTMETRICS_TOKENS", "shop=tok-s3cr3t-aaaa"),
+        ("BOTMETRICS_METRICS_TOKEN", "read-s3cr3t-bbbb"),
+        (
+            "BOTMETRICS_DATABASE_URL",
+            "postgres://bm:pw-s3cr3t-cccc@db/bm",
+        ),
+        ("BOTMETRICS_REDIS_URL", "redis://:pw-s3cr3t-dddd@cache:6379"),
+    ];
+    let (status, stdout, stderr) = Binary::run(&["--help"], &secrets).await;
+    assert!(status.success(), "{stderr}");
+    for (var, _) in secrets {
+        assert!(stdout.contains(var), "{var} is still named:\n{stdout}");
+    }
+    for needle in ["s3cr3t", "tok-", "pw-"] {
+        assert!(
+            !stdout.contains(needle) && !stderr.contains(needle),
+            "{needle} leaked:\n{stdout}{stderr}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn help_lists_every_flag_of_the_design_with_its_environment_variable() {
     let (status, stdout, _) = Binary::run(&["--help"], &[]).await;
     assert!(status.success());
@@ -123,6 +149,8 @@ async fn help_lists_every_flag_of_the_design_with_its_environment_variable() {
         "write-timeout",
         "max-connections",
         "shutdown-timeout",
+        "prices",
+        "currency",
     ] {
         assert!(
             stdout.contains(&format!("--{flag} <")),
