@@ -55,8 +55,8 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use clap::ValueEnum;
@@ -145,6 +145,9 @@ pub struct Journal {
     sealed: Mutex<Vec<Sealed>>,
     written: AtomicU64,
     synced: AtomicU64,
+    /// fsyncs done, of the current segment and of closed ones: what
+    /// `--journal-fsync` promises is observable (`botmetrics_journal_fsyncs_total`).
+    fsyncs: Arc<AtomicU64>,
     /// Woken whenever `written` or `synced` advance (or the journal breaks).
     progress: tokio::sync::Notify,
     /// The current segment's size, readable without its lock.
@@ -239,6 +242,7 @@ impl Journal {
             sealed: Mutex::new(sealed),
             written: AtomicU64::new(last),
             synced: AtomicU64::new(last),
+            fsyncs: Arc::default(),
             progress: tokio::sync::Notify::new(),
             current_bytes: AtomicU64::new(HEADER_LEN),
             applied: AtomicU64::new(0),
@@ -288,6 +292,15 @@ impl Journal {
     /// The last LSN that was on disk when the journal was opened.
     pub fn recovered_lsn(&self) -> u64 {
         self.recovered
+    }
+
+    pub fn policy(&self) -> FsyncPolicy {
+        self.policy
+    }
+
+    /// fsyncs done since open.
+    pub fn fsyncs(&self) -> u64 {
+        self.fsyncs.load(Ordering::Relaxed)
     }
 
     /// Bytes of records the store has not applied yet, and the bound.
@@ -452,6 +465,7 @@ impl Journal {
                 self.broken.store(true, Ordering::Relaxed);
                 return Err(e);
             }
+            self.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.synced.fetch_max(upto, Ordering::AcqRel);
             self.progress.notify_waiters();
         }
@@ -530,7 +544,16 @@ impl Journal {
     /// 16 MiB. With `always` the caller waits (its records are in it);
     /// otherwise it runs in the background, well within the second.
     async fn sync_sealed(&self, file: File, wait: bool) -> io::Result<()> {
-        let task = tokio::task::spawn_blocking(move || file.sync_data());
+        if self.policy == FsyncPolicy::No {
+            // Never explicitly: the kernel writes the closed file back.
+            return Ok(());
+        }
+        let fsyncs = self.fsyncs.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            file.sync_data().inspect(|()| {
+                fsyncs.fetch_add(1, Ordering::Relaxed);
+            })
+        });
         if wait {
             return task.await.map_err(io::Error::other)?;
         }

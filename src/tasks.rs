@@ -140,7 +140,13 @@ pub async fn flush_loop(
 /// Fsyncs the journal once a second (the `everysec` promise); the last
 /// sync is [`final_journal_sync`], after the final flush.
 pub async fn journal_sync_loop(ingest: Arc<Ingest>, shutdown: CancellationToken) {
-    if ingest.journal().is_none() {
+    // Only `everysec` promises this tick: `always` fsyncs every commit, and
+    // `no` leaves it to the kernel (it fsynced once a second too, until
+    // `botmetrics_journal_fsyncs_total` showed it).
+    if ingest
+        .journal()
+        .is_none_or(|j| j.policy() != crate::journal::FsyncPolicy::Everysec)
+    {
         return;
     }
     let task = Every {

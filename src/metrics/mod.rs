@@ -68,6 +68,7 @@ pub struct SelfMetrics {
     pub dedupe_ids: IntGauge,
     pub dedupe_window: Gauge,
     pub journal_backlog: IntGauge,
+    pub journal_fsyncs: IntCounter,
     pub journal_max: IntGauge,
     pub store_writer: IntGauge,
     /// Set by every `/metrics` render to the `bot_*` lines it wrote.
@@ -225,6 +226,13 @@ impl SelfMetrics {
                 IntGauge::new(
                     "botmetrics_journal_backlog_bytes",
                     "Journal bytes not yet applied to the store; new events get 503 past botmetrics_journal_max_bytes.",
+                )?,
+            )?,
+            journal_fsyncs: reg(
+                registry,
+                IntCounter::new(
+                    "botmetrics_journal_fsyncs_total",
+                    "fsyncs of the journal: one per group commit with --journal-fsync always, about one a second with everysec, none with no.",
                 )?,
             )?,
             journal_max: reg(

@@ -330,6 +330,12 @@ impl Persistence {
             let (backlog, max) = journal.backlog();
             selfm.journal_backlog.set(backlog as i64);
             selfm.journal_max.set(max as i64);
+            // A counter that follows the journal's own count.
+            let fsyncs = journal.fsyncs();
+            let shown = selfm.journal_fsyncs.get();
+            if fsyncs > shown {
+                selfm.journal_fsyncs.inc_by(fsyncs - shown);
+            }
         }
     }
 

@@ -11,8 +11,8 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    AckedLoad, Binary, PgDatabase, Raw, assert_error, config, eventually, on_both_backends,
-    pg_data_dir, spawn_app, start_with,
+    AckedLoad, Binary, PgDatabase, Raw, SqliteFile, assert_error, config, eventually,
+    on_both_backends, pg_data_dir, spawn_app, start_with,
 };
 
 const USER_MESSAGES: &str = r#"bot_messages_total{bot="x",role="user"}"#;
@@ -790,3 +790,41 @@ async fn a_failed_journal_write_changes_nothing(url: &str) {
 }
 
 on_both_backends!(a_failed_journal_write_changes_nothing);
+
+// ---------------------------------------------------------------------------
+// --journal-fsync, observed
+// ---------------------------------------------------------------------------
+
+/// What each `--journal-fsync` policy promises, seen in
+/// `botmetrics_journal_fsyncs_total`: `always` fsyncs every acknowledged
+/// request that posts alone (no group to share it), `everysec` about once a
+/// second while there is something new, `no` never.
+#[tokio::test]
+async fn journal_fsync_policies_fsync_as_they_promise() {
+    for policy in ["always", "everysec", "no"] {
+        let db = SqliteFile::new();
+        let flags = ["--journal-fsync", policy, "--flush-interval", "200ms"];
+        let bin = Binary::serve(&db.url(), "a=t", &flags).await;
+        for i in 0..20 {
+            bin.post_ok("t", &json!({"type": "custom", "name": format!("n{i}")}))
+                .await;
+        }
+        // Past the everysec tick and a flush that sets the counter.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        let fsyncs = bin
+            .sample("botmetrics_journal_fsyncs_total")
+            .await
+            .unwrap_or_else(|| panic!("{policy}: no botmetrics_journal_fsyncs_total"));
+        match policy {
+            "always" => assert!(
+                fsyncs >= 20.0,
+                "{policy}: {fsyncs} fsyncs for 20 lone requests"
+            ),
+            "everysec" => assert!(
+                (1.0..=5.0).contains(&fsyncs),
+                "{policy}: {fsyncs} fsyncs in about 2.5 s"
+            ),
+            _ => assert_eq!(fsyncs, 0.0, "{policy}: the kernel decides"),
+        }
+    }
+}
