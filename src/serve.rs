@@ -424,6 +424,10 @@ impl Slot {
     /// Marks a request in progress until the returned guard drops (with
     /// the answer's body, so the connection is busy until hyper has taken
     /// all of it); `None` once the connection was chosen to make room.
+    /// The last bytes of an answer may still wait in hyper's buffer when
+    /// the body is dropped; were the connection evicted right then they
+    /// would be lost, but eviction takes the longest-idle first, so only a
+    /// client that stopped reading long ago can be the one.
     fn begin(&self) -> Option<Busy> {
         let mut state = self.slots.lock();
         let state = &mut *state;
