@@ -69,7 +69,41 @@ async fn the_metrics_token_guards_every_count_and_a_bot_token_reads_its_own_bot_
     assert_eq!(status, 200);
     let text = text.as_str().expect("chat text");
     assert!(text.contains("beta") && !text.contains("alpha"), "{text}");
-    assert_eq!(read(&app, HISTORY, Some("ta")).await.0, 200);
+    // History rows of both bots exist: a bot's token reads only its own.
+    app.post_ok("tb", &json!({"type": "message", "role": "assistant"}))
+        .await;
+    assert!(
+        app.state
+            .persistence
+            .write_history_once()
+            .await
+            .expect("history")
+            > 0
+    );
+    let bots_in = |answer: &Value| -> std::collections::BTreeSet<String> {
+        answer["series"]
+            .as_array()
+            .expect("series")
+            .iter()
+            .map(|s| s["bot"].as_str().expect("bot").to_owned())
+            .collect()
+    };
+    let (status, all) = read(&app, HISTORY, Some("reader")).await;
+    assert_eq!(status, 200, "{all}");
+    assert_eq!(
+        bots_in(&all),
+        ["alpha", "beta"].map(String::from).into(),
+        "the reader sees both bots' rows: {all}"
+    );
+    for (token, bot) in [("ta", "alpha"), ("tb", "beta")] {
+        let (status, own) = read(&app, HISTORY, Some(token)).await;
+        assert_eq!(status, 200, "{own}");
+        assert_eq!(
+            bots_in(&own),
+            [bot.to_owned()].into(),
+            "{token} reads {bot}'s series only: {own}"
+        );
+    }
 
     // Nothing of another bot, and not /metrics (which shows every bot).
     let got = read(&app, "/v1/summary?bot=beta", Some("ta")).await;
