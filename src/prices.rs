@@ -83,6 +83,9 @@ pub struct Prices {
     /// When the prices were taken, as the file says.
     pub taken: String,
     models: HashMap<String, Price>,
+    /// `provider/model` keys, by provider: looked up without building the
+    /// joined key per event.
+    by_provider: HashMap<String, HashMap<String, Price>>,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +136,7 @@ impl Prices {
             currency: "USD".into(),
             taken: String::new(),
             models: HashMap::new(),
+            by_provider: HashMap::new(),
         })
     }
 
@@ -147,6 +151,7 @@ impl Prices {
     pub fn parse(text: &str) -> Result<Prices, PricesError> {
         let file: File = toml::from_str(text).map_err(|e| PricesError::Parse(e.to_string()))?;
         let mut models = HashMap::with_capacity(file.models.len());
+        let mut by_provider: HashMap<String, HashMap<String, Price>> = HashMap::new();
         for (name, raw) in file.models {
             let input = per_token(&name, "input", raw.input)?;
             let price = Price {
@@ -161,12 +166,23 @@ impl Prices {
                 },
                 output: per_token(&name, "output", raw.output)?,
             };
-            models.insert(name, price);
+            match name.split_once('/') {
+                Some((provider, model)) => {
+                    by_provider
+                        .entry(provider.to_owned())
+                        .or_default()
+                        .insert(model.to_owned(), price);
+                }
+                None => {
+                    models.insert(name, price);
+                }
+            }
         }
         Ok(Prices {
             currency: file.currency.unwrap_or_else(|| "USD".into()),
             taken: file.taken,
             models,
+            by_provider,
         })
     }
 
@@ -174,16 +190,16 @@ impl Prices {
     /// event names its provider); `None`: unpriced, never free.
     pub fn price_of(&self, provider: Option<&str>, model: &str) -> Option<&Price> {
         provider
-            .and_then(|p| self.models.get(&format!("{p}/{model}")))
+            .and_then(|p| self.by_provider.get(p)?.get(model))
             .or_else(|| self.models.get(model))
     }
 
     pub fn len(&self) -> usize {
-        self.models.len()
+        self.models.len() + self.by_provider.values().map(HashMap::len).sum::<usize>()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.models.is_empty()
+        self.len() == 0
     }
 }
 
