@@ -20,10 +20,6 @@ use serde::Deserialize;
 
 use crate::event::{Cost, CostSource, Event, EventBody, UNKNOWN_MODEL};
 
-/// The highest `cost` one `response` event may report, in currency units:
-/// far above any single LLM call, low enough that a sum cannot overflow.
-pub const MAX_REPORTED_COST: f64 = 1_000.0;
-
 const DEFAULT: &str = include_str!("../prices.toml");
 
 #[derive(Debug, thiserror::Error)]
@@ -203,12 +199,6 @@ impl Prices {
     }
 }
 
-/// A reported cost in currency units → micro-units (the provider's
-/// decimal figure, to the nearest millionth).
-pub fn reported_micros(cost: f64) -> u64 {
-    (cost * 1e6).round() as u64
-}
-
 /// Nano-units → micro-units, to the nearest (half up).
 pub fn micros_of(nanos: u64) -> u64 {
     nanos.saturating_add(500) / 1000
@@ -313,7 +303,7 @@ mod tests {
             ..Usage::default()
         };
         assert_eq!(p.cost(&u), u64::MAX);
-        assert_eq!(reported_micros(0.0125), 12_500);
+        assert_eq!(Cost::reported(0.0125).micros, 12_500);
         assert_eq!(micros_of(1_499), 1);
         assert_eq!(micros_of(1_500), 2);
     }

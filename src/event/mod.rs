@@ -39,8 +39,9 @@ pub const MAX_DURATION_MS: f64 = 86_400_000.0;
 pub const MAX_TOKENS: u64 = 1_000_000_000;
 /// `ttft_ms`: as `duration_ms`, one day.
 pub const MAX_TTFT_MS: f64 = MAX_DURATION_MS;
-/// `cost` of one call, in the configured currency (see `prices`).
-pub const MAX_COST: f64 = crate::prices::MAX_REPORTED_COST;
+/// `cost` of one call, in the configured currency: far above any single
+/// LLM call, low enough that a sum of micro-units cannot overflow.
+pub const MAX_COST: f64 = 1_000.0;
 /// `db_queries` for one message.
 pub const MAX_DB_QUERIES: u32 = 1_000_000;
 /// A `custom` event's `value`.
@@ -431,11 +432,22 @@ impl Tokens {
     }
 }
 
-/// A call's cost in integer micro-units of the currency.
+/// A call's cost in integer micro-units of the currency (see `prices`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cost {
     pub micros: u64,
     pub source: CostSource,
+}
+
+impl Cost {
+    /// A reported cost in currency units: the provider's decimal figure,
+    /// to the nearest micro-unit.
+    pub fn reported(cost: f64) -> Cost {
+        Cost {
+            micros: (cost * 1e6).round() as u64,
+            source: CostSource::Reported,
+        }
+    }
 }
 
 /// The cache name used when a `cache` event names none.

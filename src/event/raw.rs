@@ -13,8 +13,8 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, Visitor};
 
 use super::{
-    CacheResult, ChatType, Cost, CostSource, DEFAULT_CACHE, Decision, Event, EventBody, EventType,
-    MAX_COST, MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS,
+    CacheResult, ChatType, Cost, DEFAULT_CACHE, Decision, Event, EventBody, EventType, MAX_COST,
+    MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS,
     MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens, UserId,
 };
 
@@ -295,10 +295,7 @@ impl<'a> RawEvent<'a> {
                             "`cost` must be a number from 0 to {MAX_COST} (what one call cost, in the configured currency)"
                         )));
                     }
-                    Some(c) => Some(Cost {
-                        micros: crate::prices::reported_micros(c),
-                        source: CostSource::Reported,
-                    }),
+                    Some(c) => Some(Cost::reported(c)),
                     None => None,
                 };
                 EventBody::Response {
