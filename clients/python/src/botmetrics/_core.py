@@ -237,8 +237,8 @@ class Core:
         is dropped alone and counted in ``rejected``."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "response", "event_id": _prefix + str(next(_ids)), "ts": _now(),
-                 "status": status, "duration_ms": duration_ms}
+        event: Event = {"type": "response", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+                        "status": status, "duration_ms": duration_ms}
         if user_id is not None:
             event["user_id"] = user_id
         if model is not None:
@@ -252,7 +252,9 @@ class Core:
                 prompt, completion = tokens
                 event["tokens"] = {"prompt": prompt, "completion": completion}
         if cached_tokens is not None or cache_write_tokens is not None or reasoning_tokens is not None:
-            counts = dict(event.get("tokens") or {})  # never the caller's mapping
+            counts: Dict[str, Any] = {}
+            if tokens is not None:
+                counts.update(event["tokens"])  # a copy, never the caller's mapping
             if cached_tokens is not None:
                 counts["cached"] = cached_tokens
             if cache_write_tokens is not None:
