@@ -129,9 +129,11 @@ class AiogramTest(unittest.TestCase):
         lines = reply.splitlines()
         # 9 messages: 5 in, 4 out. Figures never break: U+202F before "%",
         # U+00A0 before a unit.
-        self.assertIn("Today (since midnight, UTC): 9 messages, 2 new users, 0 daily-limit hits", lines)
+        self.assertIn("Today (since midnight, UTC): 9 messages (users' and the bot's), 2 new users, "
+                      "0 daily-limit hits", lines)
         self.assertIn("Active users: 2 (24\u00a0h), 2 (7\u00a0d), 2 (30\u00a0d)", lines)
-        self.assertIn("All time: 9 messages, 2 users, 1 error", lines)
+        self.assertIn("All time: 9 messages, 2 registered users, 1 error reported", lines)
+        self.assertTrue(lines[0].startswith("\N{BAR CHART} testbot (as of "), lines[0])
         self.assertIn("Cache hits, all time: 0.0\u202f% (llm_answer)", lines)
         self.assertEqual(summary["messages"], {"total": 9, "today": 9})
         self.assertEqual(summary["responses"]["total"], 3)
@@ -326,8 +328,9 @@ class AiogramTest(unittest.TestCase):
 
         session = asyncio.run(go())
         self.assertEqual(len(session.replies), 4)
-        self.assertTrue(all(r.startswith("Today") or "messages" in r for r in session.replies[:3]),
-                        session.replies)
+        # Three summaries, each of a bot with nothing counted yet.
+        self.assertTrue(all(r.startswith("\N{BAR CHART} testbot (as of ") and "\nToday (since midnight, UTC): 0 messages"
+                            in r for r in session.replies[:3]), session.replies)
         v = self.server.value
         self.assertEqual(v("bot_messages_total", bot=BOT, role="user"), 1)
         self.assertEqual(v("bot_messages_total", bot=BOT, role="assistant"), 1)
