@@ -50,7 +50,11 @@ MODELS = [("gpt-4o-mini", "openai", 0.55), ("gpt-4.1-mini", "openai", 0.15), ("g
 PRICES = {"gpt-4o-mini": (0.15, 0.075, 0.15, 0.60), "gpt-4.1-mini": (0.40, 0.10, 0.40, 1.60),
           "gpt-4o": (2.50, 1.25, 2.50, 10.00), "claude-3-5-haiku": (0.80, 0.08, 1.00, 4.00),
           "o4-mini": (1.10, 0.275, 1.10, 4.40), "gemini-2.5-flash": (0.30, 0.075, 0.30, 2.50)}
-CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), ("subscription_purchased", 0.002)]
+# None: the custom events "feedback_like" / "feedback_dislike" this
+# simulator sent before `feedback` events existed. Their draws are kept, so
+# that a seed plays the same traffic as before.
+CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), (None, 0.04), (None, 0.01),
+          ("subscription_purchased", 0.002)]
 RATED = 0.08               # share of successful answers their user rates
 SATISFIED = 0.82           # share of thumbs up among the ratings
 REASONS = [("wrong", 0.4), ("too_long", 0.2), ("not_helpful", 0.3), ("slow", 0.1)]
@@ -79,6 +83,10 @@ class Simulation:
         self.daily_limit = daily_limit
         self.sessions_per_day = users * sessions_per_user
         self.failure_rate = failure_rate
+        # Spend and ratings draw from a generator of their own, seeded from
+        # this one without advancing it: a seed plays the same traffic
+        # (sessions, messages, limit hits) as before they were simulated.
+        self.extra = random.Random(repr(rng.getstate()))
         self.stats = {"sessions": 0, "messages": 0, "limit_reached": 0, "registered": 0}
 
     def sessions_between(self, t0: float, t1: float) -> int:
@@ -127,7 +135,7 @@ class Simulation:
             else:
                 m.message(user.id, "assistant", db_queries=1, chat_type=chat_type)
             for name, p in CUSTOM:
-                if rng.random() < p:
+                if rng.random() < p and name is not None:
                     m.custom(name, user_id=user.id)
             if rng.random() < 0.005:
                 m.error("telegram_api", user_id=user.id)
@@ -153,19 +161,20 @@ class Simulation:
             m.response(user.id, "rate_limited", rng.uniform(50, 300), model=model)
         else:
             completion = rng.randint(40, 700)
+            x = self.extra
             # Half the calls repeat a system prompt and history the provider
             # has cached; Anthropic's callers write it to the cache first.
-            cached = int(prompt * rng.uniform(0.3, 0.9)) if rng.random() < 0.5 else 0
-            cache_write = (int((prompt - cached) * rng.uniform(0.2, 0.6))
-                           if provider == "anthropic" and rng.random() < 0.3 else 0)
-            reasoning = rng.randint(100, 2000) if model == "o4-mini" else 0
+            cached = int(prompt * x.uniform(0.3, 0.9)) if x.random() < 0.5 else 0
+            cache_write = (int((prompt - cached) * x.uniform(0.2, 0.6))
+                           if provider == "anthropic" and x.random() < 0.3 else 0)
+            reasoning = x.randint(100, 2000) if model == "o4-mini" else 0
             # Most answers are streamed: the first token after a log-normal
             # wait around 450 ms, the rest of the answer after it.
-            ttft = min(duration, rng.lognormvariate(math.log(450), 0.6)) if rng.random() < 0.7 else None
+            ttft = min(duration, x.lognormvariate(math.log(450), 0.6)) if x.random() < 0.7 else None
             # A tenth of the calls go through a gateway that reports their
             # cost (at list price); the server prices the others.
             cost = None
-            if rng.random() < 0.1:
+            if x.random() < 0.1:
                 p_in, p_cached, p_write, p_out = PRICES[model]
                 cost = round(((prompt - cached - cache_write) * p_in + cached * p_cached
                               + cache_write * p_write + (completion + reasoning) * p_out) / 1e6, 9)
@@ -174,12 +183,12 @@ class Simulation:
                        cache_write_tokens=cache_write or None, reasoning_tokens=reasoning or None,
                        ttft_ms=ttft, provider=provider, cost=cost)
             m.message(user.id, "assistant", db_queries=rng.randint(1, 3), chat_type=chat_type)
-            if rng.random() < RATED:
-                if rng.random() < SATISFIED:
+            if x.random() < RATED:
+                if x.random() < SATISFIED:
                     m.feedback(user.id, 1)
                 else:
-                    reason = rng.choices([r for r, _ in REASONS], [w for _, w in REASONS])[0]
-                    m.feedback(user.id, -1, reason=reason if rng.random() < 0.5 else None)
+                    reason = x.choices([r for r, _ in REASONS], [w for _, w in REASONS])[0]
+                    m.feedback(user.id, -1, reason=reason if x.random() < 0.5 else None)
 
 
 class Counted:
