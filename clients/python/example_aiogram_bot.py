@@ -1,15 +1,19 @@
 """Example: an aiogram 3 bot that reports to botmetrics.
 
-The wiring is two lines in build_dispatcher():
+The wiring is three lines in build_dispatcher():
 
     dp.update.outer_middleware(BotMetricsMiddleware(metrics, db_queries=...))
     dp.include_router(metrics_router(metrics, admin_ids=ADMIN_IDS))
+    dp.include_router(feedback_router(metrics))
+
+and one under each LLM answer: reply_markup=feedback_keyboard().
 
 BotMetricsMiddleware counts every incoming message (with its user and the
 database queries it cost), every message the bot sends, and every exception
 a handler raises. The handlers add the events only the bot knows:
 
     response         ask_llm(), timed by metrics.measure_response()
+    feedback         the thumbs buttons under each LLM answer (feedback_router)
     cache            the answer cache in ask_llm()
     user_registered  ensure_user(), the first time a user is seen
     consent          the consent buttons
@@ -41,7 +45,7 @@ from aiogram.types import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMa
                            TelegramObject)
 
 from botmetrics import BotMetrics
-from botmetrics.aiogram import BotMetricsMiddleware, metrics_router
+from botmetrics.aiogram import BotMetricsMiddleware, feedback_keyboard, feedback_router, metrics_router
 
 DAILY_LIMIT = 20
 # An LLM call: prompt in, (text, prompt_tokens, completion_tokens) out.
@@ -151,7 +155,8 @@ async def on_text(message: Message, metrics: BotMetrics, db: Session, llm: Optio
     # An exception from the LLM goes on to aiogram: BotMetricsMiddleware
     # counts it as an error of its class name.
     reply = await ask_llm(message.text, uid, metrics, db, llm or fake_llm)
-    await message.answer(reply)
+    # 👍 / 👎 under the answer; feedback_router records the press.
+    await message.answer(reply, reply_markup=feedback_keyboard())
 
 
 async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session, llm: LLM) -> str:
@@ -161,7 +166,9 @@ async def ask_llm(prompt: str, uid: int, metrics: BotMetrics, db: Session, llm: 
         return cached
     # measure_response sends a `response` event when the block ends:
     # success, timeout on TimeoutError, error on any other exception.
-    with metrics.measure_response(uid, model="gpt-4o-mini") as call:
+    # The server prices the tokens from its table (gpt-4o-mini is in it);
+    # set call.cost to what the provider reported to count that instead.
+    with metrics.measure_response(uid, model="gpt-4o-mini", provider="openai") as call:
         text, prompt_tokens, completion_tokens = await asyncio.wait_for(llm(prompt), timeout=60)
         call.tokens = (prompt_tokens, completion_tokens)
     db.save_answer(prompt, text)
@@ -198,7 +205,11 @@ def build_dispatcher(metrics: BotMetrics, store: Store, admin_ids: Iterable[int]
     # /metrics for the admins, answered from botmetrics' summary: one HTTP
     # call, no database query. Before the example's router, whose F.text
     # handler would take the command otherwise.
+    # An admin's /metrics and its answer are not counted.
     dp.include_router(metrics_router(metrics, admin_ids=set(admin_ids)))
+    # The presses of feedback_keyboard()'s buttons: a `feedback` event,
+    # the callback answered, the buttons removed.
+    dp.include_router(feedback_router(metrics))
     dp.include_router(build_router())
     return dp
 

@@ -187,6 +187,10 @@ class ClientAgainstServerTest(unittest.TestCase):
             m.error("llm_api", user_id=1)
             m.custom("voice_message")
             m.custom("payment", value=2.5, user_id=1)
+            m.response(1, "success", 900.0, model="gpt-4o-mini", tokens=(100, 20), cached_tokens=60,
+                       cache_write_tokens=10, reasoning_tokens=5, ttft_ms=300.0, provider="openai", cost=0.002)
+            m.feedback(1, 1)
+            m.feedback(2, 4, scale=5, reason="helpful")
             self.assertTrue(await m.flush(timeout=10))
             text = await m.summary_text()
             summary = await m.summary(bot=BOT)
@@ -194,23 +198,30 @@ class ClientAgainstServerTest(unittest.TestCase):
             return m, text, summary
 
         m, text, summary = asyncio.run(go())
-        self.assertEqual((m.sent, m.rejected), (15, 0))
+        self.assertEqual((m.sent, m.rejected), (18, 0))
         # The text is the server's rendering, relayed byte for byte; the
         # lines for the counts sent above are exact.
         self.assertEqual(text, self.server.get(f"/v1/summary?format=text"))
         lines = text.splitlines()
-        self.assertIn("Today (since midnight, UTC): 2 messages, 1 new user, 1 daily-limit hit", lines)
-        self.assertIn("All time: 2 messages, 1 user, 1 error", lines)
+        self.assertIn("Today (since midnight, UTC): 2 messages (users' and the bot's), 1 new user, "
+                      "1 daily-limit hit", lines)
+        self.assertIn("All time: 2 messages, 1 registered user, 1 error reported", lines)
         self.assertIn("Cache hits, all time: default 0.0\u202f%, llm_answer 100.0\u202f%", lines)
         self.assertEqual(summary["bot"], BOT)
         self.assertEqual(summary["messages"], {"total": 2, "today": 2})
-        self.assertEqual(summary["responses"]["total"], 4)
+        self.assertEqual(summary["responses"]["total"], 5)
+        self.assertEqual(summary["feedback"]["rated_total"], 2)
         self.assertEqual(summary["users"]["registered_total"], 1)
         self.assertEqual(summary["errors"], {"total": 1})
         v = self.server.value
-        self.assertEqual(v("bot_responses_total", bot=BOT, status="success"), 2)
+        self.assertEqual(v("bot_responses_total", bot=BOT, status="success"), 3)
+        self.assertEqual(v("bot_llm_cost_total", bot=BOT, model="gpt-4o-mini", source="reported"), 0.002)
+        self.assertEqual(v("bot_llm_tokens_total", bot=BOT, model="gpt-4o-mini", kind="cache_write"), 10)
+        self.assertEqual(v("bot_llm_ttft_seconds_count", bot=BOT), 1)
+        self.assertEqual(v("bot_feedback_total", bot=BOT, score="+1"), 1)
+        self.assertEqual(v("bot_feedback_total", bot=BOT, score="4"), 1)
         self.assertEqual(v("bot_responses_total", bot=BOT, status="timeout"), 2)
-        self.assertEqual(v("bot_llm_tokens_total", bot=BOT, model="gpt-4o-mini", kind="prompt"), 100)
+        self.assertEqual(v("bot_llm_tokens_total", bot=BOT, model="gpt-4o-mini", kind="prompt"), 200)
         self.assertEqual(v("bot_llm_tokens_total", bot=BOT, model="gpt-4o", kind="completion"), 5)
         self.assertEqual(v("bot_cache_requests_total", bot=BOT, cache="llm_answer", result="hit"), 1)
         self.assertEqual(v("bot_consent_total", bot=BOT, decision="denied"), 1)

@@ -216,13 +216,29 @@ class Core:
 
     def response(self, user_id: Optional[UserId], status: str = "success", duration_ms: float = 0.0, *,
                  model: Optional[str] = None, tokens: Tokens = None,
-                 chat_type: Optional[str] = None) -> None:
+                 chat_type: Optional[str] = None, cached_tokens: Optional[int] = None,
+                 cache_write_tokens: Optional[int] = None, reasoning_tokens: Optional[int] = None,
+                 ttft_ms: Optional[float] = None, provider: Optional[str] = None,
+                 cost: Optional[float] = None) -> None:
         """An LLM call's outcome: ``status`` is success, error, rate_limited
-        or timeout. ``tokens``: {"prompt": n, "completion": m} or (n, m)."""
+        or timeout. ``tokens``: {"prompt": n, "completion": m} or (n, m).
+
+        For spend: ``cached_tokens`` (prompt tokens served from the
+        provider's cache) and ``cache_write_tokens`` (written to it) are part
+        of the prompt (together at most it); ``reasoning_tokens`` are billed
+        as output beside the completion (a mapping ``tokens`` may carry them
+        as "cached", "cache_write", "reasoning" instead). ``ttft_ms``: the
+        first token of a streamed answer, 0 to ``duration_ms``.
+        ``provider``: a short name (``[A-Za-z0-9_.:-]``, at most 64).
+        ``cost``: what the provider reported for the call, 0 to 1000 in the
+        server's ``--currency``; without it the server prices the tokens
+        from its table (a model it does not know is counted as unpriced,
+        never as free). The server checks every field: an event it refuses
+        is dropped alone and counted in ``rejected``."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "response", "event_id": _prefix + str(next(_ids)), "ts": _now(),
-                 "status": status, "duration_ms": duration_ms}
+        event: Event = {"type": "response", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+                        "status": status, "duration_ms": duration_ms}
         if user_id is not None:
             event["user_id"] = user_id
         if model is not None:
@@ -235,16 +251,53 @@ class Core:
             else:
                 prompt, completion = tokens
                 event["tokens"] = {"prompt": prompt, "completion": completion}
+        if cached_tokens is not None or cache_write_tokens is not None or reasoning_tokens is not None:
+            counts: Dict[str, Any] = {}
+            if tokens is not None:
+                counts.update(event["tokens"])  # a copy, never the caller's mapping
+            if cached_tokens is not None:
+                counts["cached"] = cached_tokens
+            if cache_write_tokens is not None:
+                counts["cache_write"] = cache_write_tokens
+            if reasoning_tokens is not None:
+                counts["reasoning"] = reasoning_tokens
+            event["tokens"] = counts
+        if ttft_ms is not None:
+            event["ttft_ms"] = ttft_ms
+        if provider is not None:
+            event["provider"] = provider
+        if cost is not None:
+            event["cost"] = cost
         if chat_type is not None:
             event["chat_type"] = chat_type
         self._push(event)
 
-    def measure_response(self, user_id: Optional[UserId], *, model: Optional[str] = None) -> "ResponseTimer":
+    def feedback(self, user_id: Optional[UserId], score: int, *, scale: Optional[int] = None,
+                 reason: Optional[str] = None) -> None:
+        """A user's rating of an answer: ``score`` -1 or 1 (thumbs down or
+        up), or 1 to 5 with ``scale=5``. ``reason``: an optional short name
+        (``[A-Za-z0-9_.:-]``, at most 64), e.g. "wrong" or "too_long"."""
+        if self._closed:
+            return self._dropped_after_close()
+        event = {"type": "feedback", "event_id": _prefix + str(next(_ids)), "ts": _now(), "score": score}
+        if user_id is not None:
+            event["user_id"] = user_id
+        if scale is not None:
+            event["scale"] = scale
+        if reason is not None:
+            event["reason"] = reason
+        self._push(event)
+
+    def measure_response(self, user_id: Optional[UserId], *, model: Optional[str] = None,
+                         provider: Optional[str] = None) -> "ResponseTimer":
         """Context manager (``with`` or ``async with``) timing an LLM call
         and sending a ``response`` event when it ends: success, timeout (on
         TimeoutError) or error (on any other exception, which is re-raised).
-        Set ``.tokens`` or ``.status`` on it inside the block to report more."""
-        return ResponseTimer(self, user_id, model)
+        Set ``.tokens`` (a mapping may carry "cached", "cache_write",
+        "reasoning"), ``.cost`` or ``.status`` on it inside the block to
+        report more; call ``.first_token()`` when a streamed answer's first
+        token arrives to report its time to first token."""
+        return ResponseTimer(self, user_id, model, provider)
 
     def cache(self, hit: Union[bool, str], *, cache: Optional[str] = None,
               user_id: Optional[UserId] = None) -> None:
@@ -406,13 +459,23 @@ class ResponseTimer:
     """Times a block and reports it as a ``response`` event; see
     ``measure_response``."""
 
-    def __init__(self, metrics: Core, user_id: Optional[UserId], model: Optional[str]):
+    def __init__(self, metrics: Core, user_id: Optional[UserId], model: Optional[str],
+                 provider: Optional[str] = None):
         self._metrics = metrics
         self.user_id = user_id
         self.model = model
+        self.provider = provider
         self.tokens: Tokens = None
         self.status: Optional[str] = None
+        self.cost: Optional[float] = None
+        self.ttft_ms: Optional[float] = None
         self._start = 0.0
+
+    def first_token(self) -> None:
+        """The first token of a streamed answer arrived: its time since the
+        block began is sent as ``ttft_ms`` (only the first call counts)."""
+        if self.ttft_ms is None:
+            self.ttft_ms = (time.perf_counter() - self._start) * 1000
 
     def __enter__(self) -> "ResponseTimer":
         self._start = time.perf_counter()
@@ -429,7 +492,9 @@ class ResponseTimer:
                 import asyncio  # 3.10: asyncio.TimeoutError is its own class
 
                 self.status = "timeout" if issubclass(exc_type, asyncio.TimeoutError) else "error"
-        self._metrics.response(self.user_id, self.status, duration_ms, model=self.model, tokens=self.tokens)
+        ttft = None if self.ttft_ms is None else min(self.ttft_ms, duration_ms)
+        self._metrics.response(self.user_id, self.status, duration_ms, model=self.model, tokens=self.tokens,
+                               ttft_ms=ttft, provider=self.provider, cost=self.cost)
         return False  # never swallow the bot's exception
 
     async def __aenter__(self) -> "ResponseTimer":

@@ -6,6 +6,9 @@
     metrics = BotMetrics("http://127.0.0.1:9464", token="change-me")
     dp.update.outer_middleware(BotMetricsMiddleware(metrics))
     dp.include_router(metrics_router(metrics, admin_ids={123456789}))   # optional: /metrics
+    dp.include_router(feedback_router(metrics))                         # optional: 👍/👎 buttons
+
+    await message.answer(text, reply_markup=feedback_keyboard())        # under an answer
 
 The middleware counts every incoming message with its user (``message``,
 role ``user``: active users and "today" come from these), every exception a
@@ -19,25 +22,35 @@ before the first update (a start-up notice) are counted too after
 It also hands ``metrics`` to handlers that ask for it, for the events only
 the bot knows: LLM responses, cache lookups, registrations, consent, limits.
 
+``feedback_keyboard()`` is the thumbs up / down (or 1-5) buttons to put
+under an answer; ``feedback_router(metrics)`` records a press as a
+``feedback`` event, answers the callback query (Telegram stops the button's
+spinner and shows a short "thanks") and removes the buttons, so an answer is
+rated once. An admin's ``/metrics`` (``metrics_router``) and its reply are
+not counted: looking at the figures does not change them.
+
 Needs aiogram 3 (``pip install aiogram``); the rest of botmetrics does not.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
-from typing import Any, Awaitable, Callable, Collection, Dict, Optional, Union
+from typing import Any, Awaitable, Callable, Collection, Dict, Optional, Tuple, Union
 
 from aiogram import BaseMiddleware, Bot, F, Router
 from aiogram.client.session.middlewares.base import BaseRequestMiddleware, NextRequestMiddlewareType
 from aiogram.filters import Command
 from aiogram.methods import Response, TelegramMethod
 from aiogram.methods.base import TelegramType
-from aiogram.types import Message, TelegramObject, Update
+from aiogram.types import (CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message,
+                           TelegramObject, Update)
 
 from ._async import BotMetrics
 from ._core import BotMetricsError
 
-__all__ = ["BotMetricsMiddleware", "OutgoingMessages", "metrics_router", "SENDING_METHODS"]
+__all__ = ["BotMetricsMiddleware", "OutgoingMessages", "metrics_router", "feedback_keyboard",
+           "feedback_router", "FEEDBACK_PREFIX", "SENDING_METHODS"]
 
 log = logging.getLogger("botmetrics")
 
@@ -53,6 +66,28 @@ SENDING_METHODS = frozenset({
 _CHAT_TYPES = frozenset({"private", "group", "supergroup", "channel"})
 
 DbQueries = Callable[[Dict[str, Any]], Optional[int]]
+
+
+class _UpdateMark:
+    """What the handlers of the update being handled said about counting it."""
+
+    __slots__ = ("uncounted",)
+
+    def __init__(self) -> None:
+        self.uncounted = False
+
+
+# The update BotMetricsMiddleware is handling, for metrics_router to mark
+# an admin's /metrics as not counted (neither it nor the reply). A mutable
+# mark rather than a flag, so a handler run in a copied context marks it too.
+_current_update: "contextvars.ContextVar[Optional[_UpdateMark]]" = contextvars.ContextVar(
+    "botmetrics_update", default=None)
+
+
+def _leave_uncounted() -> None:
+    mark = _current_update.get()
+    if mark is not None:
+        mark.uncounted = True
 
 
 class OutgoingMessages(BaseRequestMiddleware):
@@ -71,6 +106,9 @@ class OutgoingMessages(BaseRequestMiddleware):
         method: TelegramMethod[TelegramType],
     ) -> Response[TelegramType]:
         result = await make_request(bot, method)
+        mark = _current_update.get()
+        if mark is not None and mark.uncounted:
+            return result  # the reply to an admin's /metrics
         if type(method).__name__ in SENDING_METHODS:
             chat_id = getattr(method, "chat_id", None)
             if isinstance(chat_id, int) and chat_id > 0:
@@ -119,6 +157,8 @@ class BotMetricsMiddleware(BaseMiddleware):
         user = data.get("event_from_user")
         user_id = user.id if user is not None else None
         message = _incoming_message(event)
+        mark = _UpdateMark()
+        reset = _current_update.set(mark)
         try:
             return await handler(event, data)
         except Exception as e:
@@ -127,7 +167,8 @@ class BotMetricsMiddleware(BaseMiddleware):
             self.metrics.error(type(e).__name__, user_id=user_id)
             raise
         finally:
-            if message is not None:
+            _current_update.reset(reset)
+            if message is not None and not mark.uncounted:
                 queries = self._db_queries(data)
                 chat_type = message.chat.type if message.chat.type in _CHAT_TYPES else None
                 self.metrics.message(user_id, "user", db_queries=queries, chat_type=chat_type)
@@ -157,12 +198,15 @@ def metrics_router(metrics: BotMetrics, admin_ids: Collection[int], *, command: 
     ``admin_ids`` with the server's chat summary
     (``GET /v1/summary?format=text``). Anyone else's command falls through
     to the bot's other handlers. ``bot_name`` picks the bot on a server
-    that serves several."""
+    that serves several. An admin's command and its answer are not counted
+    (neither as messages nor the admin as an active user): reading the
+    figures does not change them."""
     admins = frozenset(admin_ids)
     router = Router(name="botmetrics")
 
     @router.message(Command(command), F.from_user.id.in_(admins))
     async def answer_metrics(message: Message) -> None:
+        _leave_uncounted()
         try:
             text = await metrics.summary_text(bot_name)
         except (BotMetricsError, OSError) as e:
@@ -170,5 +214,64 @@ def metrics_router(metrics: BotMetrics, admin_ids: Collection[int], *, command: 
             text = "Metrics are not available right now."
         # The summary is plain text: no HTML or Markdown parsing.
         await message.answer(text, parse_mode=None)
+
+    return router
+
+
+FEEDBACK_PREFIX = "botmetrics:fb"
+THUMBS = (("\N{THUMBS UP SIGN}", 1), ("\N{THUMBS DOWN SIGN}", -1))
+
+
+def feedback_keyboard(*, scale: Optional[int] = None, prefix: str = FEEDBACK_PREFIX,
+                      more: Optional[InlineKeyboardMarkup] = None) -> InlineKeyboardMarkup:
+    """The buttons to put under an answer (``reply_markup=``): thumbs up and
+    down, or with ``scale=5`` the ratings 1 to 5. A press is recorded by
+    ``feedback_router`` (with the same ``prefix``). ``more``: the bot's own
+    keyboard, whose rows come first."""
+    if scale is None:
+        row = [InlineKeyboardButton(text=label, callback_data=f"{prefix}:{score:+d}") for label, score in THUMBS]
+    elif scale == 5:
+        row = [InlineKeyboardButton(text=str(n), callback_data=f"{prefix}:5:{n}") for n in range(1, 6)]
+    else:
+        raise ValueError("scale must be None (thumbs) or 5 (a 1-5 rating)")
+    rows = list(more.inline_keyboard) if more is not None else []
+    return InlineKeyboardMarkup(inline_keyboard=[*rows, row])
+
+
+def _parse_feedback(data: str, prefix: str) -> Optional[Tuple[int, Optional[int]]]:
+    """(score, scale) from a button's callback data; None if it is not one."""
+    parts = data[len(prefix) + 1:].split(":")
+    if len(parts) == 1 and parts[0] in ("+1", "-1"):
+        return int(parts[0]), None
+    if len(parts) == 2 and parts[0] == "5" and parts[1] in ("1", "2", "3", "4", "5"):
+        return int(parts[1]), 5
+    return None
+
+
+def feedback_router(metrics: BotMetrics, *, prefix: str = FEEDBACK_PREFIX,
+                    thanks: Optional[str] = "Thanks for the feedback!",
+                    remove_buttons: bool = True) -> Router:
+    """A router recording presses of ``feedback_keyboard()``'s buttons as
+    ``feedback`` events (the user who pressed, the score) and acknowledging
+    each press (answering the callback query, with ``thanks`` as a short
+    notice; None shows none). ``remove_buttons``: take the buttons off the
+    answer once rated, so that each answer is rated once. Callback data
+    with another prefix falls through to the bot's other handlers."""
+    router = Router(name="botmetrics-feedback")
+
+    @router.callback_query(F.data.startswith(prefix + ":"))
+    async def record_feedback(query: CallbackQuery) -> None:
+        rating = _parse_feedback(query.data or "", prefix)
+        if rating is None:
+            await query.answer()  # a stale or forged button: acknowledge, count nothing
+            return
+        score, scale = rating
+        metrics.feedback(query.from_user.id, score, scale=scale)
+        await query.answer(thanks)
+        if remove_buttons and isinstance(query.message, Message):
+            try:
+                await query.message.edit_reply_markup(reply_markup=None)
+            except Exception as e:  # too old to edit, already edited: the rating is counted
+                log.debug("botmetrics: could not remove the feedback buttons: %s", e)
 
     return router

@@ -8,7 +8,13 @@
 the rhythm of a day (quiet at night, busy at lunch and in the evening), some
 heavy users run into the daily limit, new users register and answer the
 consent question, the LLM is sometimes slow, times out, is rate limited or
-fails, two caches hit and miss, and a few custom events happen. Everything
+fails, two caches hit and miss, and a few custom events happen. Spend and
+answer quality too: a few models the server's default price table knows
+(prices.toml), half the calls with part of their prompt served from the
+provider's cache, reasoning tokens on the reasoning model, a cost the
+provider reported on some calls (the rest priced by the server), most
+answers streamed (time to first token), and about 8 % of the answers rated
+by their user (thumbs, mostly up; a "why" on some thumbs down). Everything
 goes through the Python client, as a real bot would send it.
 
 Event times are real time (the client stamps them): only the rhythm of the
@@ -35,9 +41,23 @@ DAY = 86400.0
 # Relative activity per hour of the day: a night trough, a lunch bump and an
 # evening peak, as in a consumer chat bot's traffic.
 HOURLY = [2, 1, 1, 1, 1, 2, 4, 7, 9, 10, 10, 11, 13, 12, 10, 10, 11, 12, 14, 16, 17, 15, 10, 5]
-MODELS = [("gpt-4o-mini", 0.8), ("gpt-4o", 0.2)]
-CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), ("feedback_like", 0.04),
-          ("feedback_dislike", 0.01), ("subscription_purchased", 0.002)]
+# (model, provider, share of calls): models of the default price table.
+MODELS = [("gpt-4o-mini", "openai", 0.55), ("gpt-4.1-mini", "openai", 0.15), ("gpt-4o", "openai", 0.12),
+          ("claude-3-5-haiku", "anthropic", 0.10), ("o4-mini", "openai", 0.05),
+          ("gemini-2.5-flash", "google", 0.03)]
+# USD per million tokens (input, cached input, cache write, output), as in
+# prices.toml: what a provider reports as the cost of a call that says it.
+PRICES = {"gpt-4o-mini": (0.15, 0.075, 0.15, 0.60), "gpt-4.1-mini": (0.40, 0.10, 0.40, 1.60),
+          "gpt-4o": (2.50, 1.25, 2.50, 10.00), "claude-3-5-haiku": (0.80, 0.08, 1.00, 4.00),
+          "o4-mini": (1.10, 0.275, 1.10, 4.40), "gemini-2.5-flash": (0.30, 0.075, 0.30, 2.50)}
+# None: the custom events "feedback_like" / "feedback_dislike" this
+# simulator sent before `feedback` events existed. Their draws are kept, so
+# that a seed plays the same traffic as before.
+CUSTOM = [("voice_message", 0.05), ("image_generated", 0.03), (None, 0.04), (None, 0.01),
+          ("subscription_purchased", 0.002)]
+RATED = 0.08               # share of successful answers their user rates
+SATISFIED = 0.82           # share of thumbs up among the ratings
+REASONS = [("wrong", 0.4), ("too_long", 0.2), ("not_helpful", 0.3), ("slow", 0.1)]
 
 
 class User:
@@ -63,6 +83,10 @@ class Simulation:
         self.daily_limit = daily_limit
         self.sessions_per_day = users * sessions_per_user
         self.failure_rate = failure_rate
+        # Spend and ratings draw from a generator of their own, seeded from
+        # this one without advancing it: a seed plays the same traffic
+        # (sessions, messages, limit hits) as before they were simulated.
+        self.extra = random.Random(repr(rng.getstate()))
         self.stats = {"sessions": 0, "messages": 0, "limit_reached": 0, "registered": 0}
 
     def sessions_between(self, t0: float, t1: float) -> int:
@@ -111,14 +135,14 @@ class Simulation:
             else:
                 m.message(user.id, "assistant", db_queries=1, chat_type=chat_type)
             for name, p in CUSTOM:
-                if rng.random() < p:
+                if rng.random() < p and name is not None:
                     m.custom(name, user_id=user.id)
             if rng.random() < 0.005:
                 m.error("telegram_api", user_id=user.id)
 
     def llm_call(self, m: BotMetrics, user: User, chat_type: str) -> None:
         rng = self.rng
-        model = rng.choices([n for n, _ in MODELS], [w for _, w in MODELS])[0]
+        model, provider, _ = rng.choices(MODELS, [w for _, _, w in MODELS])[0]
         prompt = rng.randint(300, 2500)
         # Latency is log-normal around 1.8 s (p95 about 4 s), with a slow
         # tail of 2 % at 5-15 s: visible on the p99, not enough for an alert.
@@ -136,9 +160,35 @@ class Simulation:
         elif r < f:
             m.response(user.id, "rate_limited", rng.uniform(50, 300), model=model)
         else:
-            m.response(user.id, "success", duration, model=model,
-                       tokens=(prompt, rng.randint(40, 700)), chat_type=chat_type)
+            completion = rng.randint(40, 700)
+            x = self.extra
+            # Half the calls repeat a system prompt and history the provider
+            # has cached; Anthropic's callers write it to the cache first.
+            cached = int(prompt * x.uniform(0.3, 0.9)) if x.random() < 0.5 else 0
+            cache_write = (int((prompt - cached) * x.uniform(0.2, 0.6))
+                           if provider == "anthropic" and x.random() < 0.3 else 0)
+            reasoning = x.randint(100, 2000) if model == "o4-mini" else 0
+            # Most answers are streamed: the first token after a log-normal
+            # wait around 450 ms, the rest of the answer after it.
+            ttft = min(duration, x.lognormvariate(math.log(450), 0.6)) if x.random() < 0.7 else None
+            # A tenth of the calls go through a gateway that reports their
+            # cost (at list price); the server prices the others.
+            cost = None
+            if x.random() < 0.1:
+                p_in, p_cached, p_write, p_out = PRICES[model]
+                cost = round(((prompt - cached - cache_write) * p_in + cached * p_cached
+                              + cache_write * p_write + (completion + reasoning) * p_out) / 1e6, 9)
+            m.response(user.id, "success", duration, model=model, tokens=(prompt, completion),
+                       chat_type=chat_type, cached_tokens=cached or None,
+                       cache_write_tokens=cache_write or None, reasoning_tokens=reasoning or None,
+                       ttft_ms=ttft, provider=provider, cost=cost)
             m.message(user.id, "assistant", db_queries=rng.randint(1, 3), chat_type=chat_type)
+            if x.random() < RATED:
+                if x.random() < SATISFIED:
+                    m.feedback(user.id, 1)
+                else:
+                    reason = x.choices([r for r, _ in REASONS], [w for _, w in REASONS])[0]
+                    m.feedback(user.id, -1, reason=reason if x.random() < 0.5 else None)
 
 
 class Counted:
