@@ -598,7 +598,7 @@ async fn no_user_id_in_logs_or_answers(format: &str) {
     }
     let allowed = [
         "bot", "cache", "decision", "endpoint", "kind", "label", "le", "model", "name", "quantile",
-        "reason", "result", "role", "status", "version", "window",
+        "reason", "result", "role", "score", "source", "status", "version", "window",
     ];
     let unexpected: Vec<_> = names
         .iter()
