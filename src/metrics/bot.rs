@@ -414,13 +414,23 @@ impl BotMetrics {
         });
         self.llm_unpriced
             .for_each(|model, c| v.scalar(&LLM_UNPRICED, &[bot, model], c.get()));
-        v.histogram(&LLM_TTFT, &[bot], &self.ttft.snapshot());
-        for score in Score::ALL {
-            v.scalar(
-                &FEEDBACK,
-                &[bot, score.as_str()],
-                self.feedback[score.index()].get(),
-            );
+        // Optional families appear with their first event rather than at
+        // 0 from start-up: a bot that never streams or never asks for
+        // ratings carries none of their 21 series (1,000 such bots would
+        // otherwise add 21,000 rows to every flush). Then all their label
+        // values appear at once.
+        let ttft = self.ttft.snapshot();
+        if ttft.count() > 0 {
+            v.histogram(&LLM_TTFT, &[bot], &ttft);
+        }
+        if self.feedback.iter().any(|c| c.get() > 0.0) {
+            for score in Score::ALL {
+                v.scalar(
+                    &FEEDBACK,
+                    &[bot, score.as_str()],
+                    self.feedback[score.index()].get(),
+                );
+            }
         }
         self.custom
             .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));

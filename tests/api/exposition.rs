@@ -52,6 +52,59 @@ const TTFT_LE: &[&str] = &[
     "0.05", "0.1", "0.25", "0.5", "1", "2", "3", "5", "10", "20", "30", "+Inf",
 ];
 
+/// The optional families' series, which appear whole with their first
+/// event: the time-to-first-token histogram and the seven scores.
+fn optional_series(bot: &str) -> Vec<String> {
+    let mut s: Vec<String> = TTFT_LE
+        .iter()
+        .map(|le| format!(r#"bot_llm_ttft_seconds_bucket{{bot="{bot}",le="{le}"}}"#))
+        .collect();
+    s.push(format!(r#"bot_llm_ttft_seconds_sum{{bot="{bot}"}}"#));
+    s.push(format!(r#"bot_llm_ttft_seconds_count{{bot="{bot}"}}"#));
+    for score in ["-1", "+1", "1", "2", "3", "4", "5"] {
+        s.push(format!(
+            r#"bot_feedback_total{{bot="{bot}",score="{score}"}}"#
+        ));
+    }
+    s
+}
+
+#[tokio::test]
+async fn optional_families_appear_whole_with_their_first_event() {
+    let (app, _db) = start("alpha=t1,beta=t2").await;
+    let text = app.metrics_text().await;
+    for series in optional_series("alpha") {
+        assert_eq!(sample(&text, &series), None, "{series} before any event");
+    }
+    app.post_ok(
+        "t1",
+        &serde_json::json!([
+            {"type": "response", "status": "success", "duration_ms": 900, "ttft_ms": 120},
+            {"type": "feedback", "score": 1}
+        ]),
+    )
+    .await;
+    let text = app.metrics_text().await;
+    for series in optional_series("alpha") {
+        let want = match series.as_str() {
+            s if s.contains("score=\"+1\"") || s.ends_with("_count{bot=\"alpha\"}") => 1.0,
+            s if s.contains("_bucket")
+                && !s.contains("le=\"0.05\"")
+                && !s.contains("le=\"0.1\"") =>
+            {
+                1.0
+            }
+            s if s.contains("_sum") => 0.12,
+            _ => 0.0,
+        };
+        assert_eq!(sample(&text, &series), Some(want), "{series}");
+    }
+    for series in optional_series("beta") {
+        assert_eq!(sample(&text, &series), None, "{series}: beta has none");
+    }
+    app.stop().await;
+}
+
 fn closed_series(bot: &str) -> Vec<String> {
     let mut s = Vec::new();
     for role in ["user", "assistant"] {
@@ -67,7 +120,6 @@ fn closed_series(bot: &str) -> Vec<String> {
     for (name, les) in [
         ("bot_response_duration_seconds", RESPONSE_LE),
         ("bot_db_queries_per_message", DB_QUERIES_LE),
-        ("bot_llm_ttft_seconds", TTFT_LE),
     ] {
         for le in les {
             s.push(format!(r#"{name}_bucket{{bot="{bot}",le="{le}"}}"#));
@@ -87,11 +139,6 @@ fn closed_series(bot: &str) -> Vec<String> {
         ));
     }
     s.push(format!(r#"bot_limit_reached_total{{bot="{bot}"}}"#));
-    for score in ["-1", "+1", "1", "2", "3", "4", "5"] {
-        s.push(format!(
-            r#"bot_feedback_total{{bot="{bot}",score="{score}"}}"#
-        ));
-    }
     for window in ["1d", "7d", "30d"] {
         s.push(format!(
             r#"bot_active_users{{bot="{bot}",window="{window}"}}"#
