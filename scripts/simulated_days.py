@@ -73,9 +73,20 @@ UNPRICED = ("b80", D3 + 8 * HOUR, D3 + 9 * HOUR)              # half its calls o
 BAD_ANSWERS = ("b5000", D3 + 6 * HOUR, D3 + DAY)              # 35 % of ratings positive, not 80 %
 
 # Prices per million tokens (input, cached input, output), in USD: the
-# providers' list prices of the simulator's models (as in a default price
-# table). UNKNOWN_MODEL has none.
-PRICES = {"gpt-4o-mini": (0.15, 0.075, 0.60), "gpt-4o": (2.50, 1.25, 10.00)}
+# server's own default table (prices.toml), so every model the simulator
+# uses is priced as botmetrics prices it. UNKNOWN_MODEL has none.
+def _prices():
+    import tomllib
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "prices.toml")
+    with open(path, "rb") as f:
+        table = tomllib.load(f)["models"]
+    return {
+        model: (p["input"], p.get("cached_input", p["input"]), p["output"])
+        for model, p in table.items()
+    }
+
+
+PRICES = _prices()
 UNKNOWN_MODEL = "mistral-small-2503"
 FEEDBACK_SCORES = ["-1", "+1", "1", "2", "3", "4", "5"]
 RATED = 0.08            # share of answers a user rates
