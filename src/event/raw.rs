@@ -161,10 +161,16 @@ pub(super) struct RawEvent<'a> {
 /// Every count within its range, and the cached and cache-written tokens
 /// within the prompt they are part of.
 fn check_tokens(t: RawTokens) -> Result<Tokens> {
-    let all = [t.prompt, t.completion, t.cached, t.cache_write, t.reasoning];
-    if all.iter().any(|n| *n > MAX_TOKENS) {
+    let all = [
+        ("prompt", t.prompt),
+        ("completion", t.completion),
+        ("cached", t.cached),
+        ("cache_write", t.cache_write),
+        ("reasoning", t.reasoning),
+    ];
+    if let Some((field, _)) = all.iter().find(|(_, n)| *n > MAX_TOKENS) {
         return Err(ParseError::invalid(format!(
-            "every count of `tokens` must be an integer from 0 to {MAX_TOKENS}"
+            "`tokens.{field}` must be an integer from 0 to {MAX_TOKENS}"
         )));
     }
     if t.cached + t.cache_write > t.prompt {
