@@ -851,6 +851,82 @@ fn load_batch(tag: &str, c: usize, b: usize) -> Value {
     with_ids(&format!("{tag}{c}-{b}"), 10)
 }
 
+/// Concurrent load kept running across an outage: `clients` tasks, each
+/// posting `load_batch(tag, c, b)` (ten events, ids of their own) to
+/// `targets` in turn until stopped. Every answer must be a 202 accepting
+/// all ten: anything else panics the task, so `stopped` fails the test.
+struct Posters {
+    stop: Arc<AtomicBool>,
+    accepted: Arc<AtomicU64>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl Posters {
+    fn start(targets: &[&Binary], token: &str, tag: &str, clients: usize) -> Posters {
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let client = reqwest::Client::new();
+        let targets: Vec<String> = targets.iter().map(|r| r.url("/v1/events")).collect();
+        let mut tasks = tokio::task::JoinSet::new();
+        for c in 0..clients {
+            let (client, targets) = (client.clone(), targets.clone());
+            let (stop, accepted) = (stop.clone(), accepted.clone());
+            let (token, tag) = (token.to_owned(), tag.to_owned());
+            tasks.spawn(async move {
+                let mut b = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let target = &targets[(c + b) % targets.len()];
+                    let res = client
+                        .post(target)
+                        .bearer_auth(&token)
+                        .json(&load_batch(&tag, c, b))
+                        .timeout(Duration::from_secs(10))
+                        .send()
+                        .await
+                        .unwrap_or_else(|e| panic!("client {c} batch {b} to {target}: {e}"));
+                    let status = res.status().as_u16();
+                    let body: Value = res.json().await.unwrap_or(Value::Null);
+                    assert_eq!(
+                        (status, &body),
+                        (202, &json!({"accepted": 10, "duplicates": 0})),
+                        "client {c} batch {b} to {target}"
+                    );
+                    accepted.fetch_add(10, Ordering::Relaxed);
+                    b += 1;
+                }
+            });
+        }
+        Posters {
+            stop,
+            accepted,
+            tasks,
+        }
+    }
+
+    /// Events acknowledged (202) so far.
+    fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` events more than now have been acknowledged.
+    async fn more(&self, what: &str, more: u64) {
+        let want = self.accepted() + more;
+        until(what, || async { self.accepted() }, |n| *n >= want).await;
+    }
+
+    /// Stops every client, fails the test if one failed, and returns the
+    /// events acknowledged in all.
+    async fn stopped(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        while let Some(done) = self.tasks.join_next().await {
+            if let Err(e) = done {
+                std::panic::resume_unwind(e.into_panic());
+            }
+        }
+        self.accepted()
+    }
+}
+
 #[tokio::test]
 async fn kill_9_of_a_replica_under_load_loses_nothing_and_doubles_nothing() {
     const VICTIM_CLIENTS: usize = 6;
@@ -1152,6 +1228,12 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
     let raw = Raw::connect(&db.url).await;
     stored_reach(&raw, "a", 200.0).await;
 
+    // Bot b's load, ids and all, runs on both replicas from before the
+    // stop until after Redis is back: requests are in flight when Redis
+    // dies, during the outage, and when it returns. Every one is a 202.
+    let load = Posters::start(&all, "tb", "m", 4);
+    load.more("bot b: 200 events acknowledged before the stop", 200)
+        .await;
     redis.stop();
     for (i, r) in reps.iter().enumerate() {
         until(
@@ -1231,10 +1313,22 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
         );
     }
 
+    load.more(
+        "bot b: 200 more events acknowledged while Redis is down",
+        200,
+    )
+    .await;
     redis.restart_empty().await;
     for r in &reps {
         connected(r).await;
     }
+    load.more(
+        "bot b: 200 more events acknowledged after Redis returned",
+        200,
+    )
+    .await;
+    let b_events = load.stopped().await as f64;
+    totals_reach(&all, "b", b_events).await;
     totals_reach(&all, "a", 400.0).await;
     all_synced(&all).await;
     assert_totals(
@@ -1245,6 +1339,15 @@ async fn redis_stopped_then_started_empty_while_events_arrive_keeps_exact_totals
     )
     .await;
     stored_reach(&raw, "a", 400.0).await;
+    // Every 202 of bot b's load across the outage, once: no more, no less.
+    assert_totals(
+        &all,
+        "b",
+        b_events,
+        "bot b's concurrent load across the stop: every 202 counted once",
+    )
+    .await;
+    stored_reach(&raw, "b", b_events).await;
     // The store writer is one replica, and its gauge says so (it read 0 on
     // every replica when cluster mode wrote through a second path).
     let store_writers = until(
@@ -1458,23 +1561,50 @@ async fn the_postgres_writer_lease_moves_when_its_holder_is_killed() {
         w.iter().position(|v| *v == Some(1.0)).unwrap()
     };
 
+    // Bot b's load on the two other replicas runs from before the kill
+    // until after the takeover: events arrive while no one holds the
+    // lease, and while the new writer takes it.
+    let others: Vec<usize> = (0..3).filter(|&i| i != holder).collect();
+    let load = Posters::start(&[&reps[others[0]].bin, &reps[others[1]].bin], "tb", "l", 4);
+    load.more("bot b: 100 events acknowledged before the kill", 100)
+        .await;
     reps[holder].kill_9().await;
-    let survivors: Vec<&Binary> = (0..3)
-        .filter(|&i| i != holder)
-        .map(|i| &reps[i].bin)
-        .collect();
+    let survivors: Vec<&Binary> = others.iter().map(|&i| &reps[i].bin).collect();
+    load.more("bot b: 100 more events acknowledged after the kill", 100)
+        .await;
     one_writer_within(
         TAKEOVER,
         "another replica takes the PostgreSQL writer lease within a few flush intervals",
         &survivors,
     )
     .await;
+    load.more(
+        "bot b: 100 more events acknowledged after the takeover",
+        100,
+    )
+    .await;
+    let b_events = load.stopped().await as f64;
     for b in 0..20 {
         survivors[b % 2].post_ok("ta", &plain(10)).await;
     }
     // real_time_metrics keeps advancing under the new writer.
     stored_reach(&raw, "a", 500.0).await;
     totals_reach(&survivors, "a", 500.0).await;
+    // Every 202 of the load across the takeover is in PostgreSQL, once.
+    stored_reach(&raw, "b", b_events).await;
+    totals_reach(&survivors, "b", b_events).await;
+    assert_totals(
+        &survivors,
+        "b",
+        b_events,
+        "bot b's load across the takeover: every 202 counted once",
+    )
+    .await;
+    assert_eq!(
+        stored_user_messages(&raw, "b").await,
+        Some(b_events),
+        "PostgreSQL holds bot b's load exactly"
+    );
     raw.close().await;
 }
 

@@ -454,6 +454,19 @@ async fn huge_values_are_422_and_change_nothing() {
         let message = assert_error(&got, 422, "invalid", Some(1));
         assert!(message.contains(field), "{message} names {field}");
     }
+    // Nothing of any refused batch reached the exposition.
+    let bot_lines = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.starts_with("bot_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let after_422s = app.metrics_text().await;
+    assert_eq!(
+        bot_lines(&before),
+        bot_lines(&after_422s),
+        "the 422s changed the exposition"
+    );
     // The largest allowed values are accepted and stay finite.
     app.post_ok(
         "tx",
@@ -487,27 +500,35 @@ async fn huge_values_are_422_and_change_nothing() {
 
 #[tokio::test]
 async fn the_dedupe_memory_bound_holds() {
-    // A 1.6 s window in 16 buckets of 100 ms; ids arrive over 1.5 s, so
-    // they spread over the buckets and the bound can forget the oldest.
+    // A 1.6 s window in 16 buckets of 100 ms. A batch of 100 ids every
+    // 100 ms or more: the bucket being filled (which the bound never
+    // forgets, `src/dedupe.rs`) holds at most one batch, and up to 1,600
+    // ids fall within the window, well past the bound of 500.
+    const MAX_IDS: usize = 500;
+    const BATCH: usize = 100;
     let (app, _db) = start_with("x=tx", |c| {
-        c.dedupe_max_ids = 1_000;
+        c.dedupe_max_ids = MAX_IDS as u64;
         c.dedupe_window = Duration::from_millis(1600);
     })
     .await;
-    for b in 0..50 {
-        let events: Vec<Value> = (0..100)
+    let ingest = &app.state.ingest;
+    let mut most = 0;
+    for b in 0..30 {
+        let events: Vec<Value> = (0..BATCH)
             .map(|i| json!({"type": "message", "role": "user", "event_id": format!("{b}-{i}")}))
             .collect();
         app.post_ok("tx", &Value::Array(events)).await;
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        // The bound itself: `--dedupe-max-ids`, plus only the ids of the
+        // bucket being filled (at most this one batch).
+        let len = ingest.dedupe.len();
+        most = most.max(len);
+        assert!(
+            len <= MAX_IDS + BATCH,
+            "{len} ids remembered after batch {b}, bound {MAX_IDS} + {BATCH}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let ingest = &app.state.ingest;
-    // The bound, plus at most one bucket per shard still filling.
-    assert!(
-        ingest.dedupe.len() <= 1_000 + 16 * 100,
-        "{} ids remembered",
-        ingest.dedupe.len()
-    );
+    assert!(most > MAX_IDS / 2, "the bound was reached: at most {most}");
     app.state.persistence.flush_once().await.expect("flush");
     let text = app.metrics_text().await;
     let window = crate::helpers::value(&text, "botmetrics_dedupe_window_seconds");
@@ -518,7 +539,7 @@ async fn the_dedupe_memory_bound_holds() {
     let (status, body) = app
         .post_events(
             "tx",
-            &json!({"type": "message", "role": "user", "event_id": "49-99"}),
+            &json!({"type": "message", "role": "user", "event_id": "29-99"}),
         )
         .await;
     assert_eq!((status, body["duplicates"].clone()), (202, json!(1)));
@@ -659,10 +680,22 @@ async fn sigterm_lets_a_request_in_flight_finish(url: &str) {
     conn.write_all(head.as_bytes()).await.expect("head");
     let (first, rest) = body.as_bytes().split_at(body.len() / 2);
     conn.write_all(first).await.expect("first half");
-    // The signal arrives while half the body is still to come.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The server has accepted this connection (it and the scrape's are
+    // open) before the signal, so the request is in flight.
+    eventually(Duration::from_secs(10), || async {
+        bin.sample("botmetrics_connections_open")
+            .await
+            .is_some_and(|open| open >= 2.0)
+    })
+    .await;
+    // The signal arrives while half the body is still to come; the rest
+    // is sent only once the server says it is shutting down.
     bin.send_signal("TERM").await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    eventually(Duration::from_secs(10), || async {
+        bin.log()
+            .contains("shutting down: listener closed, finishing in-flight requests")
+    })
+    .await;
     conn.write_all(rest).await.expect("second half");
     let mut answer = String::new();
     conn.read_to_string(&mut answer).await.expect("answer");
