@@ -1,6 +1,11 @@
 //! Serving HTTP/1.1 on a TCP listener, with the limits that keep one slow,
 //! idle or hostile client from costing anyone else anything.
 //!
+//! One concern in one file (about 800 lines before its tests): admission
+//! at the bound, eviction of idle connections, the header-read and write
+//! timeouts and the shutdown deadline all act on the same table of
+//! connections and their states, and they are checked against each other.
+//!
 //! `axum::serve` has no header-read timeout, no bound on connections and
 //! no end to a graceful shutdown, so a half-sent request could hold a
 //! connection (and SIGTERM) forever. This accept loop drives each connection

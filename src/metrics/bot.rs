@@ -1,6 +1,10 @@
 //! One bot's series: every `bot_*` family of the design, with its closed
 //! label sets allocated up front (so each exists at 0 from start-up) and its
 //! free-form labels capped.
+//!
+//! About 600 lines, one concern: each family appears in four places here
+//! (its cells, `apply`, `visit`, `restore_*`), side by side so that a new
+//! family cannot be counted without being exposed, stored and restored.
 
 use std::sync::Arc;
 
