@@ -2057,3 +2057,84 @@ async fn a_replica_whose_journal_disk_fills_is_not_ready_and_counts_no_refused_b
     );
     assert_totals(&all, "a", acked, "after the disk filled").await;
 }
+
+// ---------------------------------------------------------------------------
+// Spend and ratings across replicas (issue 18)
+// ---------------------------------------------------------------------------
+
+/// Two replicas price and count their own calls; every replica's summary
+/// and the store hold the exact cluster sum, in micro-units, however the
+/// calls were spread.
+#[tokio::test]
+async fn spend_and_ratings_are_exact_across_replicas_and_in_the_store() {
+    let Some((db, _redis, reps)) = cluster_of(2).await else {
+        return;
+    };
+    let all = bins(&reps);
+    // gpt-4o-mini, 1,000 prompt (400 cached) and 200 completion tokens:
+    // 240 µ from the table; a reported 0.0125: 12,500 µ; a thumbs-up and a
+    // rating of 2.
+    let priced = json!({"type": "response", "status": "success", "duration_ms": 900,
+        "model": "gpt-4o-mini", "tokens": {"prompt": 1000, "completion": 200, "cached": 400}});
+    let reported = json!({"type": "response", "status": "success", "duration_ms": 900,
+        "model": "gpt-4o", "cost": 0.0125});
+    for i in 0..10 {
+        let r = &reps[i % 2];
+        r.post_ok("ta", &json!([priced, reported])).await;
+        let score = if i % 2 == 0 {
+            json!({"type": "feedback", "user_id": i, "score": 1})
+        } else {
+            json!({"type": "feedback", "user_id": i, "score": 2, "scale": 5})
+        };
+        r.post_ok("ta", &score).await;
+    }
+    // 10 × (240 + 12,500) µ = 127,400 µ.
+    for r in &all {
+        until(
+            "the cluster's spend on every replica",
+            || async { summary(r, "a").await.map(|s| s["spend"].clone()) },
+            |s| s.as_ref().is_some_and(|s| s["today"] == 0.1274),
+        )
+        .await;
+    }
+    all_synced(&all).await;
+    for (i, r) in all.iter().enumerate() {
+        let s = summary(r, "a").await.expect("summary");
+        assert_eq!(s["spend"]["total"], 0.1274, "replica {i}: {s}");
+        assert_eq!(
+            s["spend"]["by_model"],
+            json!([{"model": "gpt-4o", "total": 0.125}, {"model": "gpt-4o-mini", "total": 0.0024}]),
+            "replica {i}"
+        );
+        assert_eq!(s["spend"]["complete"], true, "replica {i}");
+        assert_eq!(
+            s["feedback"],
+            json!({"rated_today": 10, "satisfaction_today": 0.5,
+                   "rated_total": 10, "satisfaction_total": 0.5}),
+            "replica {i}"
+        );
+    }
+    let raw = Raw::connect(&db.url).await;
+    until(
+        "the store holds the cluster's spend",
+        || async {
+            (
+                raw.stored(
+                    "bot_llm_cost_total",
+                    "a",
+                    &[("model", "gpt-4o"), ("source", "reported")],
+                )
+                .await,
+                raw.stored(
+                    "bot_llm_cost_total",
+                    "a",
+                    &[("model", "gpt-4o-mini"), ("source", "table")],
+                )
+                .await,
+            )
+        },
+        |(reported, table)| *reported == Some(0.125) && *table == Some(0.0024),
+    )
+    .await;
+    raw.close().await;
+}
