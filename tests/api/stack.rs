@@ -138,3 +138,27 @@ fn end_to_end_with_a_real_prometheus() {
     }
     run("bash", &["scripts/e2e.sh"], &envs);
 }
+
+/// The same end-to-end run in cluster mode, on a private Redis: every
+/// cluster panel and rule operand of the dashboards is evaluated against
+/// real series (without this they print SKIP and pass).
+#[tokio::test]
+async fn end_to_end_in_cluster_mode_with_a_real_prometheus() {
+    if !have("prometheus", "prometheus") || !have("python3", "python3") {
+        return;
+    }
+    let Some(redis) = crate::redis::RedisServer::start().await else {
+        return;
+    };
+    let url = redis.url();
+    let status = tokio::task::spawn_blocking(move || {
+        let envs = [
+            ("BOTMETRICS_BIN", env!("CARGO_BIN_EXE_botmetrics")),
+            ("E2E_REDIS_URL", url.as_str()),
+        ];
+        run("bash", &["scripts/e2e.sh"], &envs)
+    })
+    .await;
+    drop(redis);
+    status.expect("the end-to-end run");
+}
