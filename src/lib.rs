@@ -13,6 +13,8 @@
 //!   [`state`], one `Arc` per request.
 //! * [`event`]: raw JSON events become checked domain types; whole batches
 //!   are validated before anything is applied (errors: `event::ParseError`).
+//! * [`prices`]: the price table; a batch's unreported LLM costs are priced
+//!   once, before ingest journals them.
 //! * [`ingest`]: dedupes retries by `event_id` ([`dedupe`]), counts a batch
 //!   into [`metrics`] and journals it ([`journal`], records encoded by
 //!   [`record`]) before the answer; replays journals at start. Its seams,
