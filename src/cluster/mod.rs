@@ -6,8 +6,12 @@
 //! Redis, but for one pipelined round trip when a request carries
 //! `event_id`s); every `--sync-interval` it adds what it counted since its
 //! last confirmed sync to the cluster totals in Redis ([`sync`]); one
-//! replica at a time, holding a lease in Redis, writes those totals to the
-//! store ([`writer`]); `/v1/summary` reads them on any replica ([`view`]).
+//! replica at a time, holding a lease in Redis, leads the one store writer
+//! (`persist`) with those totals as its source ([`lead`]); `/v1/summary`
+//! reads them on any replica ([`view`]). Each part plugs into a seam the
+//! single-node code defines: [`claims`] is ingest's `Arbiter`, [`pending`]
+//! its `UserNotes`, [`view`] the handlers' `Totals`, [`lead`] the writer's
+//! `Source`.
 //!
 //! # Exactly once, one level up
 //!
