@@ -514,3 +514,58 @@ fn count_record(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::event::{BodyFormat, parse_batch};
+    use crate::journal::FsyncPolicy;
+
+    /// A kill -9 test cannot tell a 202 sent before the journal write from
+    /// one sent after it; this one holds the write and looks: no answer and
+    /// no count until the journal has the record, then both.
+    #[tokio::test]
+    async fn nothing_is_answered_or_counted_before_the_journal_holds_it() {
+        let dir = std::env::temp_dir().join(format!(
+            "botmetrics-ingest-test-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let journal = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        let ingest = Arc::new(Ingest::new(
+            Dedupe::new(Duration::from_secs(600), 1000),
+            Some(journal),
+        ));
+        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+        let bot = metrics.bot("b").unwrap().clone();
+        ingest.journal().unwrap().hold_writes(true);
+        let task = {
+            let (ingest, bot) = (ingest.clone(), bot.clone());
+            tokio::spawn(async move {
+                let body: &[u8] = br#"[{"type":"message","role":"user","event_id":"e1"},{"type":"limit_reached"}]"#;
+                let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
+                ingest
+                    .apply(&bot, &events, 1_800_000_000_000)
+                    .await
+                    .map(|a| (a.accepted, a.duplicates))
+                    .map_err(|e| e.to_string())
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !task.is_finished(),
+            "answered before the journal wrote its record"
+        );
+        assert_eq!(bot.messages_total(), 0.0, "counted before the write");
+        assert_eq!(bot.counters.accepted.get(), 0);
+        ingest.journal().unwrap().hold_writes(false);
+        assert_eq!(task.await.unwrap(), Ok((2, 0)));
+        assert_eq!(bot.messages_total(), 1.0);
+        assert_eq!(bot.counters.accepted.get(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -160,6 +160,11 @@ pub struct Journal {
     /// The fault seam: while set, every group write fails as a full disk
     /// does, after writing half of what it was given.
     fail_writes: AtomicBool,
+    /// The hold seam: while set, group writes wait (a slow disk), so a test
+    /// can see that nothing is answered or counted before its record is
+    /// written.
+    hold_writes: AtomicBool,
+    released: tokio::sync::Notify,
 }
 
 /// A record handed to [`Journal::replay`].
@@ -249,6 +254,8 @@ impl Journal {
             recovered: last,
             broken: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            hold_writes: AtomicBool::new(false),
+            released: tokio::sync::Notify::new(),
         };
         Ok(Opened {
             journal,
@@ -332,6 +339,15 @@ impl Journal {
     /// group write writes half of what is queued and then fails with
     /// ENOSPC, as a disk that fills mid-write does.
     #[doc(hidden)]
+    /// Holds every group write until called with `false`: see
+    /// `hold_writes`. For tests, like [`Journal::fail_writes`].
+    pub fn hold_writes(&self, hold: bool) {
+        self.hold_writes.store(hold, Ordering::Release);
+        if !hold {
+            self.released.notify_waiters();
+        }
+    }
+
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::Relaxed);
     }
@@ -444,6 +460,14 @@ impl Journal {
         mut segment: tokio::sync::MutexGuard<'_, Segment>,
         fsync: bool,
     ) -> io::Result<()> {
+        while self.hold_writes.load(Ordering::Acquire) {
+            // Registered before the check, so a release in between wakes it.
+            let released = self.released.notified();
+            if !self.hold_writes.load(Ordering::Acquire) {
+                break;
+            }
+            released.await;
+        }
         let sealed = self.write_pending(&mut segment)?;
         let upto = self.written.load(Ordering::Acquire);
         let current = (fsync && self.synced.load(Ordering::Acquire) < upto)
