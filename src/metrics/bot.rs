@@ -398,22 +398,24 @@ impl BotMetrics {
         v.scalar(&LIMIT_REACHED, &[bot], self.limit_reached.get());
         self.errors
             .for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
+        // Prompt and completion exist for every model named; the kinds and
+        // sources most calls never have (cached, cache_write, reasoning; a
+        // cost source a model was never counted under) appear with their
+        // first count, so 1,000 bots do not carry thousands of series at 0.
         self.llm_tokens.for_each(|model, cells| {
             for kind in TokenKind::ALL {
-                v.scalar(
-                    &LLM_TOKENS,
-                    &[bot, model, kind.as_str()],
-                    cells[kind.index()].get(),
-                );
+                let value = cells[kind.index()].get();
+                if value > 0.0 || matches!(kind, TokenKind::Prompt | TokenKind::Completion) {
+                    v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], value);
+                }
             }
         });
         self.llm_cost.for_each(|model, cells| {
             for source in CostSource::ALL {
-                v.scalar(
-                    &LLM_COST,
-                    &[bot, model, source.as_str()],
-                    cells[source.index()].get(),
-                );
+                let value = cells[source.index()].get();
+                if value > 0.0 {
+                    v.scalar(&LLM_COST, &[bot, model, source.as_str()], value);
+                }
             }
         });
         self.llm_unpriced
