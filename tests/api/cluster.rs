@@ -1637,26 +1637,7 @@ async fn a_stalled_writer_loses_the_store_lease_and_never_writes_stale_totals() 
         w.iter().position(|v| *v == Some(1.0)).unwrap()
     };
     let other = 1 - holder;
-    raw.execute(
-        "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
-    )
-    .await;
-    raw.execute(
-        r#"create function note_written() returns trigger language plpgsql as $$
-           begin
-             if new.metric = 'bot_messages_total' and new.bot = 'a'
-                and new.labels::jsonb = '{"role":"user"}'::jsonb then
-               insert into written (value) values (new.value);
-             end if;
-             return new;
-           end $$"#,
-    )
-    .await;
-    raw.execute(
-        "create trigger note_written after insert or update on real_time_metrics
-         for each row execute function note_written()",
-    )
-    .await;
+    raw.note_user_message_writes("a").await;
     for b in 0..20 {
         reps[b % 2].post_ok("ta", &plain(10)).await;
     }

@@ -327,26 +327,7 @@ async fn a_stalled_holder_loses_the_store_to_its_standby_postgres() {
     ready(&holder).await;
     let mut standby = Binary::serve(url, "x=tx", &flags).await;
     let raw = Raw::connect(url).await;
-    raw.execute(
-        "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
-    )
-    .await;
-    raw.execute(
-        r#"create function note_written() returns trigger language plpgsql as $$
-           begin
-             if new.metric = 'bot_messages_total' and new.bot = 'x'
-                and new.labels::jsonb = '{"role":"user"}'::jsonb then
-               insert into written (value) values (new.value);
-             end if;
-             return new;
-           end $$"#,
-    )
-    .await;
-    raw.execute(
-        "create trigger note_written after insert or update on real_time_metrics
-         for each row execute function note_written()",
-    )
-    .await;
+    raw.note_user_message_writes("x").await;
     let stored = || async {
         raw.stored("bot_messages_total", "x", &[("role", "user")])
             .await

@@ -315,6 +315,32 @@ impl Raw {
         .unwrap_or_else(|e| panic!("query failed: {e}"))
     }
 
+    /// Records every value written to `bot`'s `bot_messages_total{role="user"}`
+    /// row, with the time, in a table `written (at, value)`: a trigger, so a
+    /// test sees every write (a stale one included), not only the last.
+    pub async fn note_user_message_writes(&self, bot: &str) {
+        self.execute(
+            "create table written (at timestamptz not null default clock_timestamp(), value double precision not null)",
+        )
+        .await;
+        self.execute(&format!(
+            r#"create function note_written() returns trigger language plpgsql as $$
+               begin
+                 if new.metric = 'bot_messages_total' and new.bot = '{bot}'
+                    and new.labels::jsonb = '{{"role":"user"}}'::jsonb then
+                   insert into written (value) values (new.value);
+                 end if;
+                 return new;
+               end $$"#
+        ))
+        .await;
+        self.execute(
+            "create trigger note_written after insert or update on real_time_metrics
+             for each row execute function note_written()",
+        )
+        .await;
+    }
+
     pub async fn execute(&self, sql: &str) {
         let sql = sql.to_owned();
         match self {
