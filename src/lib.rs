@@ -45,6 +45,7 @@ pub mod event;
 pub mod http;
 pub mod ingest;
 pub mod journal;
+pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod prices;

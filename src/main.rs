@@ -5,6 +5,7 @@ use botmetrics::startup::{Application, shutdown_signal};
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    botmetrics::memory::init();
     let config = Config::from_env_and_args();
     botmetrics::telemetry::init(config.log_format);
     let app = match Application::build(config).await {

@@ -132,7 +132,14 @@ pub async fn flush_loop(
     interval: Duration,
     shutdown: CancellationToken,
 ) {
-    flush_loop_with(|| persistence.flush_once(), interval, shutdown).await;
+    let flush = || async {
+        let outcome = persistence.flush_once().await;
+        if let Ok(FlushOutcome::Wrote { .. }) = outcome {
+            crate::memory::give_back();
+        }
+        outcome
+    };
+    flush_loop_with(flush, interval, shutdown).await;
     // After the final flush: the lead goes back at once.
     persistence.finish().await;
 }
@@ -188,7 +195,14 @@ pub async fn history_loop(
             recovered: "history writes work again",
         }),
     };
-    every(task, || persistence.write_history_once(), shutdown).await;
+    let write = || async {
+        let written = persistence.write_history_once().await;
+        if matches!(written, Ok(n) if n > 0) {
+            crate::memory::give_back();
+        }
+        written
+    };
+    every(task, write, shutdown).await;
     if let Err(e) = persistence.write_history_once().await {
         tracing::error!(error = %e, "final history write failed");
     }

@@ -21,7 +21,7 @@ use super::view::{BotView, View};
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
 use crate::metrics::bot::ACTIVE_USERS;
-use crate::persist::{self, Cut, PersistError, RestoreReport, Source};
+use crate::persist::{self, Cut, PersistError, RestoreReport, Source, Written};
 use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesRow, Stored};
 
 const LEASE_KEY: &str = "bm:writer";
@@ -213,7 +213,7 @@ impl Source for Lead {
         Box::pin(async { Ok(RestoreReport::default()) })
     }
 
-    fn cut(&self) -> BoxFuture<'_, persist::Result<Cut>> {
+    fn cut<'a>(&'a self, _written: &'a Written) -> BoxFuture<'a, persist::Result<Cut>> {
         Box::pin(async move {
             let views = self.read(true).await.map_err(source)?;
             let mut cut = Cut {

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 
 use chrono::Utc;
 
-use super::{Cut, PersistError, RestoreReport, Result, Source, restore, snapshot};
+use super::{
+    Cut, PersistError, RestoreReport, Result, Source, Written, changed, restore, snapshot,
+};
 use crate::BoxFuture;
 use crate::ingest::Ingest;
 use crate::journal::JournalError;
@@ -134,7 +136,7 @@ impl Source for Local {
         })
     }
 
-    fn cut(&self) -> BoxFuture<'_, Result<Cut>> {
+    fn cut<'a>(&'a self, written: &'a Written) -> BoxFuture<'a, Result<Cut>> {
         Box::pin(async move {
             self.adopt_orphans().await?;
             // One consistent cut: no request counts while it is taken, so
@@ -142,7 +144,7 @@ impl Source for Local {
             let (rows, sketches, daily, lsn) = self
                 .ingest
                 .consistent(|lsn| {
-                    let rows = snapshot(&self.metrics);
+                    let rows = changed(&self.metrics, written);
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
                     for bot in self.metrics.bots() {
