@@ -33,6 +33,8 @@ pub struct Spend {
     /// `--currency`.
     pub currency: String,
     pub today: f64,
+    /// Since the first of this local month.
+    pub month: f64,
     pub total: f64,
     /// Today's spend over today's active users (24 h); 0 without users.
     pub per_active_user_today: f64,
@@ -56,6 +58,9 @@ pub struct Feedback {
     pub rated_today: u64,
     /// Positive share of today's ratings; null before the first.
     pub satisfaction_today: Option<f64>,
+    /// The seven local days ending today.
+    pub rated_7d: u64,
+    pub satisfaction_7d: Option<f64>,
     pub rated_total: u64,
     pub satisfaction_total: Option<f64>,
 }
@@ -167,6 +172,7 @@ impl Summary {
         let unpriced = bot.unpriced_tokens() as u64;
         let rated_today = bot.today.feedback_rated.get_at(ts);
         let liked_today = bot.today.feedback_positive.get_at(ts);
+        let (rated_7d, liked_7d) = bot.today.feedback_week_at(ts);
         let (rated_total, liked_total) = bot.feedback_totals();
         let share = |liked: f64, rated: f64| (rated > 0.0).then(|| liked / rated);
         Summary {
@@ -213,6 +219,7 @@ impl Summary {
             spend: Spend {
                 currency: "USD".into(),
                 today: money(spend_today),
+                month: money(bot.today.spend_month_at(ts)),
                 total: money(spend_total),
                 per_active_user_today: if active_1d > 0 {
                     money(spend_today) / active_1d as f64
@@ -226,6 +233,8 @@ impl Summary {
             feedback: Feedback {
                 rated_today,
                 satisfaction_today: share(liked_today as f64, rated_today as f64),
+                rated_7d,
+                satisfaction_7d: share(liked_7d as f64, rated_7d as f64),
                 rated_total: rated_total as u64,
                 satisfaction_total: share(liked_total, rated_total),
             },
@@ -330,10 +339,11 @@ impl Summary {
                 .collect();
             let _ = write!(
                 t,
-                "Spend today: {}{NBSP}{} ({} per active user); all time {}",
+                "Spend today: {}{NBSP}{} ({} per active user); this month {}; all time {}",
                 amount(spend.today),
                 spend.currency,
                 amount(spend.per_active_user_today),
+                amount(spend.month),
                 amount(spend.total)
             );
             if !models.is_empty() {
@@ -354,9 +364,18 @@ impl Summary {
                 Some(s) => format!("{} rated, {} liked", group(f.rated_today), percent(s)),
                 None => "none rated".to_owned(),
             };
+            let _ = write!(t, "Answers today: {today}");
+            if let Some(week) = f.satisfaction_7d {
+                let _ = write!(
+                    t,
+                    "; 7 days {} rated, {} liked",
+                    group(f.rated_7d),
+                    percent(week)
+                );
+            }
             let _ = writeln!(
                 t,
-                "Answers today: {today}; all time {} rated, {} liked",
+                "; all time {} rated, {} liked",
                 group(f.rated_total),
                 percent(f.satisfaction_total.unwrap_or(0.0))
             );

@@ -324,7 +324,7 @@ impl BotMetrics {
                     (Some(cost), _) => {
                         self.llm_cost
                             .with(model, |c| c[cost.source.index()].add(cost.micros));
-                        self.today.spend.add(event.ts, cost.micros);
+                        self.today.add_spend(event.ts, cost.micros);
                     }
                     // Tokens and no price: never counted as free.
                     (None, Some(t)) => self.llm_unpriced.with(model, |c| c.add(t.total() as f64)),
@@ -333,10 +333,7 @@ impl BotMetrics {
             }
             EventBody::Feedback { score, .. } => {
                 self.feedback[score.index()].add(1.0);
-                self.today.feedback_rated.add(event.ts, 1);
-                if score.is_positive() {
-                    self.today.feedback_positive.add(event.ts, 1);
-                }
+                self.today.add_feedback(event.ts, score.is_positive());
             }
             EventBody::Cache { result, cache } => self
                 .cache

@@ -146,17 +146,91 @@ impl DailyCounter {
     }
 }
 
-/// The names under which today's counters are stored.
-pub const TODAY_NAMES: [&str; 6] = [
-    "messages",
-    "users_registered",
-    "limit_reached",
-    "spend_micros",
-    "feedback_rated",
-    "feedback_positive",
+/// How long a stored count stays current: what a restore takes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keep {
+    /// Today only.
+    Day,
+    /// The local month: the count's day is the month's first.
+    Month,
+    /// Seven days, today included: one of seven slots, by day number.
+    Week,
+}
+
+impl Keep {
+    /// Whether a count stored for `day` still counts on `today`.
+    fn current(self, day: u32, today: u32) -> bool {
+        match self {
+            Keep::Day => day == today,
+            Keep::Month => day == month_start(today),
+            Keep::Week => day <= today && today - day < 7,
+        }
+    }
+}
+
+/// The day number of the first day of `day`'s month.
+fn month_start(day: u32) -> u32 {
+    use chrono::Datelike;
+    let date = Calendar::date(day);
+    Calendar::day_number(date.with_day(1).unwrap_or(date))
+}
+
+/// A count per day for the last seven days: slot `day % 7` holds its day,
+/// so a day's slot is taken over a week later and nothing else is kept.
+#[derive(Debug, Default)]
+pub struct WeekCounter([DailyCounter; 7]);
+
+impl WeekCounter {
+    fn add_on(&self, day: u32, n: u64) {
+        self.0[day as usize % 7].add_on(day, n);
+    }
+
+    /// The seven days ending on `today`.
+    fn sum_to(&self, today: u32) -> u64 {
+        self.0
+            .iter()
+            .map(|slot| slot.load())
+            .filter(|(day, _)| Keep::Week.current(*day, today))
+            .map(|(_, count)| count)
+            .sum()
+    }
+}
+
+/// The names under which the counters are stored, in [`Today::counters`]'
+/// order, with how long each stays current.
+const STORED: [(&str, Keep); 21] = [
+    ("messages", Keep::Day),
+    ("users_registered", Keep::Day),
+    ("limit_reached", Keep::Day),
+    ("spend_micros", Keep::Day),
+    ("feedback_rated", Keep::Day),
+    ("feedback_positive", Keep::Day),
+    ("spend_month_micros", Keep::Month),
+    ("feedback_rated_7d.0", Keep::Week),
+    ("feedback_rated_7d.1", Keep::Week),
+    ("feedback_rated_7d.2", Keep::Week),
+    ("feedback_rated_7d.3", Keep::Week),
+    ("feedback_rated_7d.4", Keep::Week),
+    ("feedback_rated_7d.5", Keep::Week),
+    ("feedback_rated_7d.6", Keep::Week),
+    ("feedback_positive_7d.0", Keep::Week),
+    ("feedback_positive_7d.1", Keep::Week),
+    ("feedback_positive_7d.2", Keep::Week),
+    ("feedback_positive_7d.3", Keep::Week),
+    ("feedback_positive_7d.4", Keep::Week),
+    ("feedback_positive_7d.5", Keep::Week),
+    ("feedback_positive_7d.6", Keep::Week),
 ];
 
-/// One bot's "today" counters, sharing the process's calendar.
+/// The oldest day a stored count of any kind can still be current on
+/// `today`: the month's first day or six days ago, whichever is earlier.
+pub fn oldest_current(today: u32) -> u32 {
+    month_start(today).min(today.saturating_sub(6))
+}
+
+/// One bot's "today" counters, sharing the process's calendar, and the
+/// few longer ones the summary reads (this month's spend, the last seven
+/// days' ratings), kept the same way.
 #[derive(Debug)]
 pub struct Today {
     calendar: Arc<Calendar>,
@@ -169,6 +243,10 @@ pub struct Today {
     /// Answers rated today, and of them those the user liked.
     pub feedback_rated: TodayCounter,
     pub feedback_positive: TodayCounter,
+    /// This month's spend in micro-units (40 bits: 1.1 million units).
+    spend_month: DailyCounter,
+    rated_week: WeekCounter,
+    positive_week: WeekCounter,
 }
 
 /// A [`DailyCounter`] that knows its calendar.
@@ -191,10 +269,6 @@ impl TodayCounter {
     pub fn load(&self) -> (u32, u64) {
         self.counter.load()
     }
-
-    pub fn restore(&self, day: u32, count: u64) {
-        self.counter.add_on(day, count);
-    }
 }
 
 impl Today {
@@ -210,6 +284,9 @@ impl Today {
             spend: counter(),
             feedback_rated: counter(),
             feedback_positive: counter(),
+            spend_month: DailyCounter::default(),
+            rated_week: WeekCounter::default(),
+            positive_week: WeekCounter::default(),
             calendar,
         }
     }
@@ -218,23 +295,69 @@ impl Today {
         &self.calendar
     }
 
-    /// The counters with their storage names.
-    pub fn counters(&self) -> [(&'static str, &TodayCounter); 6] {
-        [
-            (TODAY_NAMES[0], &self.messages),
-            (TODAY_NAMES[1], &self.registered),
-            (TODAY_NAMES[2], &self.limit_reached),
-            (TODAY_NAMES[3], &self.spend),
-            (TODAY_NAMES[4], &self.feedback_rated),
-            (TODAY_NAMES[5], &self.feedback_positive),
-        ]
+    /// Counts spend of an event at `ts`: today's and this month's.
+    pub fn add_spend(&self, ts: i64, micros: u64) {
+        let day = self.calendar.day_of(ts);
+        self.spend.counter.add_on(day, micros);
+        self.spend_month.add_on(month_start(day), micros);
     }
 
-    pub fn counter(&self, name: &str) -> Option<&TodayCounter> {
-        self.counters()
-            .into_iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, c)| c)
+    /// Counts a rating at `ts`: today's and the week's.
+    pub fn add_feedback(&self, ts: i64, positive: bool) {
+        let day = self.calendar.day_of(ts);
+        self.feedback_rated.counter.add_on(day, 1);
+        self.rated_week.add_on(day, 1);
+        if positive {
+            self.feedback_positive.counter.add_on(day, 1);
+            self.positive_week.add_on(day, 1);
+        }
+    }
+
+    /// This month's spend at `now`, in micro-units.
+    pub fn spend_month_at(&self, now: i64) -> u64 {
+        self.spend_month
+            .get_on(month_start(self.calendar.day_of(now)))
+    }
+
+    /// Answers rated, and liked, in the seven local days ending at `now`.
+    pub fn feedback_week_at(&self, now: i64) -> (u64, u64) {
+        let today = self.calendar.day_of(now);
+        (
+            self.rated_week.sum_to(today),
+            self.positive_week.sum_to(today),
+        )
+    }
+
+    /// Every stored counter with its storage name: its day (the month's
+    /// first for the month's count) and value are what is stored.
+    pub fn counters(&self) -> [(&'static str, &DailyCounter); 21] {
+        let mut cells: [&DailyCounter; 21] = [&self.spend_month; 21];
+        cells[0] = &self.messages.counter;
+        cells[1] = &self.registered.counter;
+        cells[2] = &self.limit_reached.counter;
+        cells[3] = &self.spend.counter;
+        cells[4] = &self.feedback_rated.counter;
+        cells[5] = &self.feedback_positive.counter;
+        // cells[6] is the month's spend.
+        for slot in 0..7 {
+            cells[7 + slot] = &self.rated_week.0[slot];
+            cells[14 + slot] = &self.positive_week.0[slot];
+        }
+        std::array::from_fn(|i| (STORED[i].0, cells[i]))
+    }
+
+    /// Adds a stored count back in, if it is still current on `today`
+    /// (yesterday's count is not today's; it stays stored until replaced).
+    /// `None` for a name this build does not store.
+    pub fn restore(&self, name: &str, day: u32, value: u64, today: u32) -> Option<bool> {
+        let i = STORED.iter().position(|(n, _)| *n == name)?;
+        // A week's slot holds only days of its own number.
+        let slot_fits = STORED[i].1 != Keep::Week || day as usize % 7 == (i - 7) % 7;
+        let current = slot_fits && STORED[i].1.current(day, today);
+        if current {
+            self.counters()[i].1.add_on(day, value);
+        }
+        Some(current)
     }
 }
 
@@ -282,5 +405,78 @@ mod tests {
         );
         assert_eq!(r.end - r.start, 25 * 3600);
         assert_eq!(Calendar::date(r.day).to_string(), "2026-10-25");
+    }
+
+    fn noon(y: i32, m: u32, d: u32) -> i64 {
+        chrono::Utc
+            .with_ymd_and_hms(y, m, d, 12, 0, 0)
+            .unwrap()
+            .timestamp()
+    }
+
+    #[test]
+    fn the_month_starts_over_on_the_first_and_ignores_earlier_months() {
+        let today = Today::new(Arc::new(Calendar::new(chrono_tz::UTC)));
+        today.add_spend(noon(2026, 11, 30), 7);
+        today.add_spend(noon(2026, 12, 1), 5);
+        today.add_spend(noon(2026, 11, 29), 100);
+        today.add_spend(noon(2026, 12, 31), 2);
+        assert_eq!(today.spend_month_at(noon(2026, 12, 31)), 7);
+        assert_eq!(today.spend_month_at(noon(2027, 1, 1)), 0);
+        assert_eq!(today.spend.get_at(noon(2026, 12, 31)), 2);
+    }
+
+    #[test]
+    fn the_week_is_today_and_the_six_days_before() {
+        let today = Today::new(Arc::new(Calendar::new(chrono_tz::UTC)));
+        for (day, positive) in [(1, true), (2, false), (7, true), (8, true), (8, false)] {
+            today.add_feedback(noon(2026, 12, day), positive);
+        }
+        // On the 8th: the 2nd to the 8th (the 1st is a week old).
+        assert_eq!(today.feedback_week_at(noon(2026, 12, 8)), (4, 2));
+        // On the 14th only the 8th is left; on the 15th nothing.
+        assert_eq!(today.feedback_week_at(noon(2026, 12, 14)), (2, 1));
+        assert_eq!(today.feedback_week_at(noon(2026, 12, 15)), (0, 0));
+        // The 15th takes over the 8th's slot.
+        today.add_feedback(noon(2026, 12, 15), true);
+        assert_eq!(today.feedback_week_at(noon(2026, 12, 15)), (1, 1));
+    }
+
+    #[test]
+    fn a_restore_takes_back_only_what_is_still_current() {
+        let source = Today::new(Arc::new(Calendar::new(chrono_tz::UTC)));
+        source.add_spend(noon(2026, 12, 2), 9);
+        source.add_feedback(noon(2026, 12, 3), true);
+        source.add_feedback(noon(2026, 12, 9), false);
+        source.messages.add(noon(2026, 12, 9), 4);
+        let on = |y, m, d| Calendar::day_number(NaiveDate::from_ymd_opt(y, m, d).unwrap());
+        let restore_on = |today: u32| {
+            let target = Today::new(Arc::new(Calendar::new(chrono_tz::UTC)));
+            for (name, counter) in source.counters() {
+                let (day, value) = counter.load();
+                if value > 0 {
+                    assert!(target.restore(name, day, value, today).is_some(), "{name}");
+                }
+            }
+            target
+        };
+        let t = restore_on(on(2026, 12, 9));
+        assert_eq!(t.spend_month_at(noon(2026, 12, 9)), 9);
+        assert_eq!(t.feedback_week_at(noon(2026, 12, 9)), (2, 1));
+        assert_eq!(t.messages.get_at(noon(2026, 12, 9)), 4);
+        // A day later the 3rd is past the week and the messages are
+        // yesterday's; a month later the spend is last month's.
+        let t = restore_on(on(2026, 12, 10));
+        assert_eq!(t.feedback_week_at(noon(2026, 12, 10)), (1, 0));
+        assert_eq!(t.messages.get_at(noon(2026, 12, 10)), 0);
+        let t = restore_on(on(2027, 1, 1));
+        assert_eq!(t.spend_month_at(noon(2027, 1, 1)), 0);
+        // A slot stored with a day not its own is refused, and a name this
+        // build does not store is unknown.
+        let t = Today::new(Arc::new(Calendar::new(chrono_tz::UTC)));
+        let day = on(2026, 12, 9);
+        let wrong = format!("feedback_rated_7d.{}", (day as usize + 1) % 7);
+        assert_eq!(t.restore(&wrong, day, 3, day), Some(false));
+        assert_eq!(t.restore("nonsense", day, 3, day), None);
     }
 }

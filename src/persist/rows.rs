@@ -522,14 +522,13 @@ pub fn restore_into<'m>(
     }
     let today = calendar.day_of(now);
     for d in &stored.daily {
-        let counter = bot_of(&d.bot).and_then(|b| b.today.counter(&d.name));
-        match counter {
-            // Yesterday's count is not today's: it stays stored until replaced.
-            Some(c) if Calendar::day_number(d.day) == today => {
-                c.restore(today, d.value.max(0) as u64);
-                report.daily += 1;
-            }
-            Some(_) => {}
+        let day = Calendar::day_number(d.day);
+        let value = d.value.max(0) as u64;
+        match bot_of(&d.bot).and_then(|b| b.today.restore(&d.name, day, value, today)) {
+            Some(true) => report.daily += 1,
+            // No longer current (yesterday's count is not today's): it
+            // stays stored until replaced.
+            Some(false) => {}
             None => report.skipped += 1,
         }
     }

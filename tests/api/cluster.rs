@@ -2082,6 +2082,7 @@ async fn spend_and_ratings_are_exact_across_replicas_and_in_the_store() {
     for (i, r) in all.iter().enumerate() {
         let s = summary(r, "a").await.expect("summary");
         assert_eq!(s["spend"]["total"], 0.1274, "replica {i}: {s}");
+        assert_eq!(s["spend"]["month"], 0.1274, "replica {i}: {s}");
         assert_eq!(
             s["spend"]["by_model"],
             json!([{"model": "gpt-4o", "total": 0.125}, {"model": "gpt-4o-mini", "total": 0.0024}]),
@@ -2091,6 +2092,7 @@ async fn spend_and_ratings_are_exact_across_replicas_and_in_the_store() {
         assert_eq!(
             s["feedback"],
             json!({"rated_today": 10, "satisfaction_today": 0.5,
+                   "rated_7d": 10, "satisfaction_7d": 0.5,
                    "rated_total": 10, "satisfaction_total": 0.5}),
             "replica {i}"
         );

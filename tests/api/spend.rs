@@ -107,6 +107,7 @@ async fn assert_mixed_batch(api: &crate::helpers::Api, context: &str) {
     // 240 + 10,000 + 8,550 + 2 + 12,500 = 31,292 µ.
     assert_eq!(s["spend"]["currency"], "USD", "{context}: {s}");
     assert_eq!(s["spend"]["today"], 0.031292, "{context}: {s}");
+    assert_eq!(s["spend"]["month"], 0.031292, "{context}: {s}");
     assert_eq!(s["spend"]["total"], 0.031292, "{context}: {s}");
     assert_eq!(s["spend"]["complete"], false, "{context}: {s}");
     assert_eq!(s["spend"]["unpriced_tokens"], 150, "{context}: {s}");
@@ -128,6 +129,7 @@ async fn assert_mixed_batch(api: &crate::helpers::Api, context: &str) {
     assert_eq!(
         s["feedback"],
         json!({"rated_today": 4, "satisfaction_today": 0.5,
+               "rated_7d": 4, "satisfaction_7d": 0.5,
                "rated_total": 4, "satisfaction_total": 0.5}),
         "{context}: +1 and 5 liked, -1 and 2 not"
     );
@@ -146,6 +148,76 @@ async fn spend_is_exact_over_a_mixed_batch_and_survives_a_restart() {
     app.stop().await;
     let app = spawn_app(config("x=tx", &db.url())).await;
     assert_mixed_batch(&app, "restored from the store").await;
+    app.stop().await;
+}
+
+/// Unix seconds of noon (UTC, the default time zone) `days` before today,
+/// or now for 0.
+fn days_ago(days: i64) -> i64 {
+    let now = chrono::Utc::now();
+    if days == 0 {
+        return now.timestamp();
+    }
+    let noon = now.date_naive().and_hms_opt(12, 0, 0).expect("noon exists");
+    (noon - chrono::Duration::days(days)).and_utc().timestamp()
+}
+
+#[tokio::test]
+async fn this_months_spend_and_seven_days_of_ratings_count_their_own_days_across_a_restart() {
+    use chrono::Datelike;
+    let db = SqliteFile::new();
+    let spent = |days: i64, cost: f64| {
+        json!({"type": "response", "status": "success", "duration_ms": 900, "model": "gpt-4o",
+               "tokens": {"prompt": 10, "completion": 5}, "cost": cost, "ts": days_ago(days)})
+    };
+    let rated =
+        |days: i64, score: i64| json!({"type": "feedback", "score": score, "ts": days_ago(days)});
+    // Costs in whole micro-units, so the sums below are exact.
+    let batch = json!([
+        spent(0, 0.25),
+        spent(2, 0.125),
+        spent(40, 1.5),
+        rated(0, 1),
+        rated(6, -1),
+        rated(6, 1),
+        rated(7, 1),
+        rated(30, -1),
+    ]);
+    // This month: today's cost, and two days ago's if it fell in this
+    // month (not on the 1st or 2nd); 40 days ago never does.
+    let today = chrono::Utc::now().date_naive();
+    let two_days_ago = today - chrono::Duration::days(2);
+    let month = if two_days_ago.month() == today.month() {
+        0.375
+    } else {
+        0.25
+    };
+    let check = |s: &Value, context: &str| {
+        assert_eq!(s["spend"]["today"], 0.25, "{context}: {s}");
+        assert_eq!(s["spend"]["month"], month, "{context}: {s}");
+        assert_eq!(s["spend"]["total"], 1.875, "{context}: {s}");
+        assert_eq!(s["feedback"]["rated_today"], 1, "{context}: {s}");
+        assert_eq!(s["feedback"]["satisfaction_today"], 1.0, "{context}: {s}");
+        // Today and six days ago: three ratings, two liked; 7 and 30 days
+        // ago are out of the window.
+        assert_eq!(s["feedback"]["rated_7d"], 3, "{context}: {s}");
+        assert_eq!(
+            s["feedback"]["satisfaction_7d"],
+            2.0 / 3.0,
+            "{context}: {s}"
+        );
+        assert_eq!(s["feedback"]["rated_total"], 5, "{context}: {s}");
+    };
+    let app = spawn_app(config("x=tx", &db.url())).await;
+    app.post_ok("tx", &batch).await;
+    let (status, s) = app.get_json("/v1/summary?bot=x").await;
+    assert_eq!(status, 200);
+    check(&s, "as counted");
+    app.stop().await;
+    // Restored from the store: each count comes back only while current.
+    let app = spawn_app(config("x=tx", &db.url())).await;
+    let (_, s) = app.get_json("/v1/summary?bot=x").await;
+    check(&s, "restored from the store");
     app.stop().await;
 }
 
@@ -217,8 +289,8 @@ async fn the_summary_text_shows_spend_and_ratings() {
             "Active users: 4 (24\u{A0}h), 4 (7\u{A0}d), 4 (30\u{A0}d)",
             "All time: 0 messages, 0 registered users, 0 errors reported",
             "Responses, all time: 7, 71.4\u{202F}% ok (2 failed, limited or timed out), median 1.5\u{A0}s, p95 26.5\u{A0}s",
-            "Spend today: 0.0313\u{A0}USD (0.0078 per active user); all time 0.0313 (gpt-4o 0.0225, claude-sonnet-4 0.0086, gpt-4o-mini 0.0002, other <0.0001); incomplete: 150 tokens of unpriced models",
-            "Answers today: 4 rated, 50.0\u{202F}% liked; all time 4 rated, 50.0\u{202F}% liked",
+            "Spend today: 0.0313\u{A0}USD (0.0078 per active user); this month 0.0313; all time 0.0313 (gpt-4o 0.0225, claude-sonnet-4 0.0086, gpt-4o-mini 0.0002, other <0.0001); incomplete: 150 tokens of unpriced models",
+            "Answers today: 4 rated, 50.0\u{202F}% liked; 7 days 4 rated, 50.0\u{202F}% liked; all time 4 rated, 50.0\u{202F}% liked",
         ],
         "{text}"
     );

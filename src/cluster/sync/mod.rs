@@ -445,7 +445,12 @@ impl Syncer {
             }
         }
         let calendar = b.bot.today.calendar();
-        let oldest_kept = calendar_date(calendar, now - 86_400);
+        // Yesterday's counts (a sync just past midnight), this month's
+        // spend and the week's ratings: whichever reaches back furthest.
+        let oldest_kept = Calendar::date(crate::metrics::today::oldest_current(
+            calendar.day_of(now - 86_400),
+        ))
+        .to_string();
         for count in [batch.series.len(), batch.today.len(), groups.len()] {
             args.push(count.to_string().into_bytes());
         }
@@ -529,10 +534,6 @@ impl Invocation {
 }
 
 /// The local date of `ts` in the calendar's zone, as `YYYY-MM-DD`.
-fn calendar_date(calendar: &Calendar, ts: i64) -> String {
-    Calendar::date(calendar.day_of(ts)).to_string()
-}
-
 /// Syncs every `interval`, retrying a failure sooner (as the flush does),
 /// and until nothing is left on the way out.
 pub async fn sync_loop(syncer: Arc<Syncer>, interval: Duration, shutdown: CancellationToken) {
