@@ -105,6 +105,10 @@ pub trait Arbiter: Send + Sync {
     fn claim<'a>(&'a self, bot: &'a str, ids: &'a [IdHash], now_ms: i64) -> BoxFuture<'a, Claimed>;
     fn keep(&self, bot: &str, ids: Vec<IdHash>);
     fn give_back(&self, bot: &str, ids: Vec<IdHash>);
+    /// How long after its claim a request may still count: past it,
+    /// another replica may have taken its claims over, so it gives them
+    /// back and is answered `retry_later` instead.
+    fn hold(&self) -> std::time::Duration;
 }
 
 /// The seam that hears of every counted user, as `(user, unix seconds)`,
@@ -144,6 +148,9 @@ pub struct Replayed {
     pub events: u64,
     /// Events of bots no longer configured, or records that do not decode.
     pub skipped: u64,
+    /// Records left out because another replica took their claims over
+    /// and counted them (cluster mode: see `cluster::claims`).
+    pub released: u64,
 }
 
 impl Ingest {
@@ -197,12 +204,14 @@ impl Ingest {
         // before anything is counted; what this request claimed is settled
         // by the guard however the request ends.
         let mut settle = None;
+        let mut claimed_at = None;
         let claims = match &self.arbiter {
             Some(registry)
                 if self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some()) =>
             {
                 let ids: Vec<IdHash> = events.iter().filter_map(id_of).collect();
                 let claimed = registry.claim(&bot.bot, &ids, now_ms).await;
+                claimed_at = Some((std::time::Instant::now(), registry.hold()));
                 let mine: Vec<IdHash> = match &claimed {
                     Claimed::Decided(claims) => ids
                         .iter()
@@ -239,6 +248,12 @@ impl Ingest {
         let mut duplicates = 0;
         // Held until the events are counted or refused: see the module doc.
         let _shared = self.gate.read().await;
+        // Waited so long (a flush holding the gate, a paused process) that
+        // another replica may have taken the claims over: given back
+        // (the guard does it), the retry is decided wherever it lands.
+        if claimed_at.is_some_and(|(at, hold)| at.elapsed() > hold) {
+            return Err(IngestError::Pending);
+        }
         let (lsn, seen_upto) = {
             let with_ids = self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some());
             let _deciding = (with_ids && self.journal.is_some())
@@ -357,10 +372,13 @@ impl Ingest {
     /// cluster mode, Redis) holds of each bot (`applied(bot)`), up to what
     /// was on disk at open: events counted before a crash but never
     /// flushed. Records appended since open are in memory already.
+    /// A record with an id in `released(bot, id)` is left out: another
+    /// replica took its claim over and counted it.
     pub async fn replay_own(
         &self,
         metrics: &Metrics,
         applied: impl Fn(&str) -> u64,
+        released: impl Fn(&str, IdHash) -> bool,
     ) -> Result<Replayed, JournalError> {
         let mut report = Replayed::default();
         let Some(journal) = &self.journal else {
@@ -368,8 +386,12 @@ impl Ingest {
         };
         let floor = floor(metrics, |bot| applied(bot));
         let _shared = self.gate.read().await;
+        let held = Held {
+            applied: &applied,
+            released: &released,
+        };
         journal.replay(floor, journal.recovered_lsn(), |r| {
-            count_record(metrics, self.notes.as_deref(), &r, &applied, &mut report);
+            count_record(metrics, self.notes.as_deref(), &r, &held, &mut report);
         })?;
         Ok(report)
     }
@@ -385,6 +407,7 @@ impl Ingest {
         metrics: &Metrics,
         orphans: Vec<crate::journal::Orphan>,
         applied: impl Fn(&str, &str) -> u64,
+        released: impl Fn(&str, &str, IdHash) -> bool,
     ) -> Result<Replayed, JournalError> {
         let mut report = Replayed::default();
         let Some(journal) = &self.journal else {
@@ -403,8 +426,13 @@ impl Ingest {
             {
                 let now_ms = chrono::Utc::now().timestamp_millis();
                 let applied = |bot: &str| applied(&orphan.id, bot);
+                let released = |bot: &str, id| released(&orphan.id, bot, id);
+                let held = Held {
+                    applied: &applied,
+                    released: &released,
+                };
                 orphan.replay(floor(metrics, applied), |r| {
-                    if !count_record(metrics, self.notes.as_deref(), &r, &applied, &mut report) {
+                    if !count_record(metrics, self.notes.as_deref(), &r, &held, &mut report) {
                         return;
                     }
                     // Its retries are duplicates here too.
@@ -477,17 +505,35 @@ impl<I: Iterator> Iterator for ExactSize<I> {
 
 impl<I: Iterator> ExactSizeIterator for ExactSize<I> {}
 
-/// Counts one replayed record unless its bot's applied mark covers it.
+/// What the store (or Redis) holds of one journal: each bot's applied
+/// mark, and the ids whose claims another replica took over.
+struct Held<'a> {
+    applied: &'a dyn Fn(&str) -> u64,
+    released: &'a dyn Fn(&str, IdHash) -> bool,
+}
+
+/// Counts one replayed record unless its bot's applied mark covers it or
+/// another replica counted it (one of its ids was taken over: the client
+/// retried the whole request there).
 /// Returns whether it is wanted (counted, or undecodable and so kept).
 fn count_record(
     metrics: &Metrics,
     notes: Option<&dyn UserNotes>,
     r: &crate::journal::Record<'_>,
-    applied: &impl Fn(&str) -> u64,
+    held: &Held<'_>,
     report: &mut Replayed,
 ) -> bool {
     match record::decode(r.body) {
-        Ok(decoded) if r.lsn <= applied(decoded.bot) => false,
+        Ok(decoded) if r.lsn <= (held.applied)(decoded.bot) => false,
+        Ok(decoded)
+            if decoded
+                .events
+                .iter()
+                .any(|(_, id)| id.is_some_and(|id| (held.released)(decoded.bot, id))) =>
+        {
+            report.released += 1;
+            false
+        }
         Ok(decoded) => {
             report.records += 1;
             match metrics.bot(decoded.bot) {
@@ -567,5 +613,61 @@ mod tests {
         assert_eq!(bot.messages_total(), 1.0);
         assert_eq!(bot.counters.accepted.get(), 2);
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// An arbiter that grants every claim, records how each was settled,
+    /// and holds claims for `hold`.
+    struct Granting {
+        hold: Duration,
+        kept: Mutex<Vec<IdHash>>,
+        given_back: Mutex<Vec<IdHash>>,
+    }
+
+    impl Arbiter for Granting {
+        fn claim<'a>(&'a self, _: &'a str, ids: &'a [IdHash], _: i64) -> BoxFuture<'a, Claimed> {
+            Box::pin(async move { Claimed::Decided(vec![Claim::Fresh; ids.len()]) })
+        }
+        fn keep(&self, _: &str, ids: Vec<IdHash>) {
+            self.kept.lock().unwrap().extend(ids);
+        }
+        fn give_back(&self, _: &str, ids: Vec<IdHash>) {
+            self.given_back.lock().unwrap().extend(ids);
+        }
+        fn hold(&self) -> Duration {
+            self.hold
+        }
+    }
+
+    /// A request that waited past the hold since its claim (the flush held
+    /// the gate; the process was paused) may have had its claims taken
+    /// over: it gives them back and counts nothing, instead of counting
+    /// what another replica counts too.
+    #[tokio::test]
+    async fn a_request_past_its_claims_hold_gives_them_back_and_counts_nothing() {
+        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+        let bot = metrics.bot("b").unwrap().clone();
+        let body: &[u8] = br#"[{"type":"message","role":"user","event_id":"e1"}]"#;
+        let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
+        let id = IdHash::of("b", "e1");
+        for (hold, counted) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+            let arbiter = Arc::new(Granting {
+                hold,
+                kept: Mutex::new(Vec::new()),
+                given_back: Mutex::new(Vec::new()),
+            });
+            let ingest = Ingest::new(Dedupe::new(Duration::from_secs(600), 1000), None)
+                .with_arbiter(arbiter.clone());
+            let before = bot.messages_total();
+            let answer = ingest.apply(&bot, &events, 1_800_000_000_000).await;
+            assert_eq!(answer.is_ok(), counted, "hold {hold:?}");
+            if !counted {
+                assert!(matches!(answer, Err(IngestError::Pending)));
+            }
+            assert_eq!(bot.messages_total() - before, f64::from(u8::from(counted)));
+            let settled = |m: &Mutex<Vec<IdHash>>| m.lock().unwrap().clone();
+            let (kept, back) = if counted { (vec![id], vec![]) } else { (vec![], vec![id]) };
+            assert_eq!(settled(&arbiter.kept), kept, "hold {hold:?}");
+            assert_eq!(settled(&arbiter.given_back), back, "hold {hold:?}");
+        }
     }
 }

@@ -19,7 +19,15 @@
 //!   may have been killed before its journal write), so the request is
 //!   answered 503 `retry_later` and nothing of it counts. When that replica
 //!   restarts it confirms what its journal holds and gives back the rest,
-//!   so the retry is then decided for good.
+//!   so the retry is then decided for good. If it does not renew its
+//!   liveness ([`Cluster::liveness`], at most 30 s) the claim is taken over
+//!   instead and counted here; the replica, should it come back with its
+//!   journal, leaves those records out of its replay ([`Claims::released`]).
+//!
+//! A replica renews its liveness with each claim and, while any claim of
+//! a bot is unsettled, from a heartbeat; a request that waited past half
+//! the liveness period since its claim gives its claims back rather than
+//! count them (`Arbiter::hold`), since another replica may have taken them.
 //!
 //! Redis unreachable or slow: the ids are checked against this replica's
 //! memory only, counted in `botmetrics_dedupe_fallbacks_total`, and the
@@ -63,6 +71,9 @@ pub struct Claims {
     /// the event again. It is told to retry instead, and by then the claim
     /// is gone and free.
     returning: Mutex<HashSet<(String, IdHash)>>,
+    /// This replica's claims per bot that Redis may hold pending: made and
+    /// not yet settled. The heartbeat keeps those bots' liveness.
+    live: Mutex<HashMap<String, usize>>,
     /// Set once this replica's claims from before its start are settled
     /// ([`Claims::resolve_own`]); until then no claim is made (memory
     /// decides), so settling them can never race a live request's.
@@ -77,6 +88,7 @@ impl Claims {
             settle_script: redis::Script::new(include_str!("lua/settle.lua")),
             queue: Mutex::new(HashMap::new()),
             returning: Mutex::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
             armed: AtomicBool::new(false),
         }
     }
@@ -93,6 +105,9 @@ impl Claims {
                 .dedupe_fallbacks
                 .with_label_values(&[bot])
                 .inc_by(ids.len() as u64);
+            if maybe_claimed {
+                self.made(bot, ids.len());
+            }
             Claimed::Local { maybe_claimed }
         };
         if !self.armed.load(Ordering::Acquire) {
@@ -116,7 +131,11 @@ impl Claims {
         invocation
             .arg(&self.cluster.replica)
             .arg(window_ms)
-            .arg(keys.pending(""));
+            .arg(keys.pending(""))
+            .arg(self.cluster.liveness.as_millis().max(1) as u64)
+            .arg(keys.alive(""))
+            .arg(keys.released(""))
+            .arg(super::RELEASED_KEPT.as_millis() as u64);
         let round_trip = async {
             let mut conn = self.cluster.redis.conn().await?;
             invocation.invoke_async::<Vec<i64>>(&mut conn).await
@@ -157,6 +176,7 @@ impl Claims {
         match answer {
             Ok(codes) => {
                 self.cluster.health.answered();
+                self.made(bot, codes.iter().filter(|c| **c == 0).count());
                 let returning = self.returning.lock().unwrap_or_else(|e| e.into_inner());
                 let returning_here = |id: &IdHash| {
                     !returning.is_empty() && returning.contains(&(bot.to_owned(), *id))
@@ -182,6 +202,72 @@ impl Claims {
                 fallback(timed_out)
             }
         }
+    }
+
+    fn made(&self, bot: &str, n: usize) {
+        if n > 0 {
+            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+            *live.entry(bot.to_owned()).or_default() += n;
+        }
+    }
+
+    /// `n` claims of `bot` are settled in Redis.
+    fn settled(&self, bot: &str, n: usize) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = live.get_mut(bot) {
+            *count = count.saturating_sub(n);
+            if *count == 0 {
+                live.remove(bot);
+            }
+        }
+    }
+
+    /// Renews this replica's liveness for every bot with claims unsettled,
+    /// so that a request still in progress keeps them (a slow journal
+    /// write, a flush holding the ingest gate).
+    pub async fn heartbeat_once(&self) -> Result<()> {
+        let bots: Vec<String> = self
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .keys()
+            .cloned()
+            .collect();
+        if bots.is_empty() {
+            return Ok(());
+        }
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let ttl = self.cluster.liveness.as_millis().max(1) as u64;
+        for bot in bots {
+            let key = BotKeys::new(&bot).alive(&self.cluster.replica);
+            timed(
+                redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("PX")
+                    .arg(ttl)
+                    .query_async::<()>(&mut conn),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// The claims of `replica` (this one, or a stopped one whose journal
+    /// is adopted) that others took over while it was gone: what its
+    /// journal replay must leave out. Kept for [`super::RELEASED_KEPT`],
+    /// not deleted after a replay: a crash before the next sync replays
+    /// the same records again.
+    pub async fn released(&self, bot: &str, replica: &str) -> Result<HashSet<IdHash>> {
+        let keys = BotKeys::new(bot);
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let members: Vec<String> = timed(
+            redis::cmd("SMEMBERS")
+                .arg(keys.released(replica))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(members.iter().filter_map(|m| keys.parse_claim(m)).collect())
     }
 
     /// The events of these claims are counted: they are confirmed within
@@ -237,6 +323,7 @@ impl Claims {
         for (bot, (keep, drop)) in batch {
             match self.settle(&bot, &keep, &drop).await {
                 Ok(()) => {
+                    self.settled(&bot, keep.len() + drop.len());
                     let mut returning = self.returning.lock().unwrap_or_else(|e| e.into_inner());
                     for id in &drop {
                         returning.remove(&(bot.clone(), *id));
@@ -310,17 +397,30 @@ impl Arbiter for Claims {
     fn give_back(&self, bot: &str, ids: Vec<IdHash>) {
         Claims::give_back(self, bot, ids);
     }
+
+    fn hold(&self) -> Duration {
+        self.cluster.liveness / 2
+    }
 }
 
 /// Confirms journaled claims every [`CONFIRM_EVERY`] until shutdown, then
-/// once more.
+/// once more; beside it, renews the liveness of bots with unsettled claims
+/// three times per liveness period.
 pub async fn confirm_loop(claims: Arc<Claims>, shutdown: CancellationToken) {
-    let task = crate::tasks::Every {
+    // A failure keeps the batch (or the next beat renews); Redis' state is
+    // logged by the sync.
+    let confirm = crate::tasks::Every {
         interval: CONFIRM_EVERY,
         retry_sooner: false,
-        // A failure keeps the batch; Redis' state is logged by the sync.
         log: None,
     };
-    crate::tasks::every(task, || claims.settle_once(), shutdown).await;
+    let heartbeat = crate::tasks::Every {
+        interval: claims.cluster.liveness / 3,
+        ..confirm
+    };
+    tokio::join!(
+        crate::tasks::every(confirm, || claims.settle_once(), shutdown.clone()),
+        crate::tasks::every(heartbeat, || claims.heartbeat_once(), shutdown),
+    );
     let _ = claims.settle_once().await;
 }

@@ -75,6 +75,16 @@ pub enum ClusterError {
 
 pub type Result<T, E = ClusterError> = std::result::Result<T, E>;
 
+/// The bounds of [`Cluster::liveness`]: a replica that stops renewing its
+/// claims (killed, partitioned, paused) has its in-flight requests' retries
+/// decided elsewhere within this long, never later than 30 s.
+pub const LIVENESS_MIN: Duration = Duration::from_secs(3);
+pub const LIVENESS_MAX: Duration = Duration::from_secs(30);
+
+/// How long a replica's released claims are remembered for its journal
+/// replay: a replica back with its disk after longer would count them again.
+pub const RELEASED_KEPT: Duration = Duration::from_secs(30 * 86_400);
+
 /// Runs a Redis call with [`COMMAND_TIMEOUT`].
 pub async fn timed<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
     match tokio::time::timeout(COMMAND_TIMEOUT, f).await {
@@ -151,6 +161,18 @@ impl BotKeys {
     /// A replica's claims whose events are not yet in its journal.
     pub fn pending(&self, replica: &str) -> String {
         format!("{}pending:{replica}", self.prefix)
+    }
+
+    /// Present while `replica` renews it: it may still count its pending
+    /// claims. Expired, they are taken over (see `lua/claim.lua`).
+    pub fn alive(&self, replica: &str) -> String {
+        format!("{}alive:{replica}", self.prefix)
+    }
+
+    /// Claims of `replica` that another replica took over and counted:
+    /// its journal replay leaves their records out.
+    pub fn released(&self, replica: &str) -> String {
+        format!("{}released:{replica}", self.prefix)
     }
 
     /// The keys every sync and read script takes, in their order: the five
@@ -318,6 +340,9 @@ pub struct Cluster {
     pub replica: String,
     pub sync_interval: Duration,
     pub dedupe_window: Duration,
+    /// How long a replica's pending claims stay its own without a renewal
+    /// (see `claims`): three sync intervals, 3 s to 30 s.
+    pub liveness: Duration,
     pub metrics: ClusterMetrics,
     /// The users counted here and not yet in Redis' sketches.
     pub pending: Arc<Pending>,
@@ -341,6 +366,7 @@ impl Cluster {
             replica,
             sync_interval: config.sync_interval,
             dedupe_window: config.dedupe_window,
+            liveness: (config.sync_interval * 3).clamp(LIVENESS_MIN, LIVENESS_MAX),
             metrics,
             pending: Arc::new(Pending::new(config.tokens.bots(), budget)),
             health: Arc::new(health::Health::new()),

@@ -76,7 +76,12 @@ impl Local {
         };
         let adopted = self
             .ingest
-            .adopt_orphans(&self.metrics, orphans, |journal, _bot| applied(journal))
+            .adopt_orphans(
+                &self.metrics,
+                orphans,
+                |journal, _bot| applied(journal),
+                |_, _, _| false,
+            )
             .await
             .map_err(corrupt)?;
         if adopted.records > 0 {
@@ -122,7 +127,7 @@ impl Source for Local {
                 if replay {
                     let replayed = self
                         .ingest
-                        .replay_own(&self.metrics, |_bot| applied)
+                        .replay_own(&self.metrics, |_bot| applied, |_, _| false)
                         .await
                         .map_err(corrupt)?;
                     if replayed.records > 0 {

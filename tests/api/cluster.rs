@@ -683,6 +683,11 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
         return;
     };
     let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+    // The ghost is alive (it renews its liveness) but has not journaled.
+    assert_eq!(
+        redis.cmd(&["SET", "bm:{a}:alive:ghost", "1", "PX", "600000"]),
+        "OK"
+    );
     let ghost_claim = |id: &str| {
         let key = claim_key("a", id);
         assert_eq!(redis.cmd(&["SET", &key, "ghost", "PX", "600000"]), "OK");
@@ -786,6 +791,117 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
         (202, json!({"accepted": 1, "duplicates": 1}))
     );
     totals_reach(&[&again.bin], "a", 2.0).await;
+}
+
+/// The longest a replica's pending claims stay its own once it stops
+/// renewing them (`--sync-interval` 1h: three sync intervals, capped).
+const LIVENESS: Duration = Duration::from_secs(30);
+
+/// A replica killed with a claim pending (killed in the moment between
+/// counting a request and confirming its claim, before any sync sent the
+/// count to Redis) and never started again, as when its VM and disk are
+/// gone: the bot's retry on another replica is answered `retry_later`
+/// until the dead replica's liveness lapses, within 30 s, then counts,
+/// exactly once. Then the dead replica does come back with its journal,
+/// which holds the event: its replay leaves the record out, since the
+/// claim was taken over and counted elsewhere. Totals stay exact on both
+/// replicas and in PostgreSQL.
+#[tokio::test]
+async fn a_replica_that_never_returns_has_its_claims_taken_over_within_30_s() {
+    let Some((db, redis)) = db_and_redis().await else {
+        return;
+    };
+    // Replica 0 syncs hourly: what it counts reaches Redis only through
+    // its journal, or a final sync it never gets to make.
+    let mut gone = replica(&db, &redis.url(), 0, "1h").await;
+    let stays = replica(&db, &redis.url(), 1, SYNC).await;
+    connected(&gone).await;
+    connected(&stays).await;
+    let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+    assert_eq!(
+        gone.post_events("ta", &message("in-flight")).await,
+        (202, json!({"accepted": 1, "duplicates": 0}))
+    );
+    let claimed_at = tokio::time::Instant::now();
+    let holder = redis.cmd(&["GET", &claim_key("a", "in-flight")]);
+    let holder = holder.trim().to_owned();
+    assert!(!holder.is_empty(), "the claim names replica 0");
+    assert_eq!(
+        redis
+            .cmd(&["EXISTS", &format!("bm:{{a}}:alive:{holder}")])
+            .trim(),
+        "1",
+        "its claim renewed its liveness"
+    );
+    gone.kill_9().await;
+    // Killed before its confirmation reached Redis: the claim is pending,
+    // as the 20 ms between a count and its confirmation leave it.
+    let pending = format!("bm:{{a}}:pending:{holder}");
+    assert_eq!(
+        redis.cmd(&["SADD", &pending, &claim_key("a", "in-flight")]),
+        "1"
+    );
+
+    // The bot's retry, on the replica that stays, every 200 ms.
+    let mut refused = 0;
+    let decided = loop {
+        let answer = stays.post_events("ta", &message("in-flight")).await;
+        if answer.0 == 202 {
+            break answer;
+        }
+        assert!(is_retry_later(&answer), "pending means retry: {answer:?}");
+        refused += 1;
+        assert!(
+            claimed_at.elapsed() < LIVENESS + Duration::from_secs(5),
+            "still refused {:?} after replica 0's last claim",
+            claimed_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(decided.1, json!({"accepted": 1, "duplicates": 0}));
+    assert!(refused > 0, "retried while replica 0 might still count it");
+    assert_eq!(redis.cmd(&["SCARD", &pending]).trim(), "0");
+    assert_eq!(
+        redis
+            .cmd(&[
+                "SISMEMBER",
+                &format!("bm:{{a}}:released:{holder}"),
+                &claim_key("a", "in-flight")
+            ])
+            .trim(),
+        "1",
+        "remembered as released for replica 0's replay"
+    );
+    // A second retry is a duplicate now.
+    assert_eq!(
+        stays.post_events("ta", &message("in-flight")).await,
+        (202, json!({"accepted": 0, "duplicates": 1}))
+    );
+    totals_reach(&[&stays.bin], "a", 1.0).await;
+
+    // Replica 0 comes back with its journal after all.
+    let mut back = replica(&db, &redis.url(), 0, "1h").await;
+    connected(&back).await;
+    until(
+        "replica 0's replay leaves the released record out",
+        || async { back.log() },
+        |log| log.contains("journal counted past what Redis holds") && log.contains("released: 1"),
+    )
+    .await;
+    // Its final sync sends everything it counted: nothing of the retried
+    // request.
+    back.signal("TERM").await;
+    all_synced(&[&stays.bin]).await;
+    assert_totals(
+        &[&stays.bin],
+        "a",
+        1.0,
+        "counted once, by the replica that stayed",
+    )
+    .await;
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", 1.0).await;
+    raw.close().await;
 }
 
 // ---------------------------------------------------------------------------

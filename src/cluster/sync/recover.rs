@@ -6,7 +6,7 @@
 //! to hold less of this replica than it confirmed (it lost data), the
 //! difference is sent again from the journal.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -15,6 +15,7 @@ use super::super::connection::Conn;
 use super::super::pending::{PendingUsers, UserBudget};
 use super::super::{ClusterError, Result, sketch_ttl, timed};
 use super::{BotSync, Invocation, State, Syncer, cut, field};
+use crate::dedupe::IdHash;
 use crate::metrics::Metrics;
 use crate::store::Stored;
 
@@ -183,10 +184,29 @@ impl Syncer {
                 "redis holds records of this replica that its journal lost (a torn tail, or a failed write): numbering continues past them"
             );
         }
+        // What other replicas took over from these journals' replicas
+        // while they were gone (and counted): left out of the replay.
+        let mut released: HashSet<(String, String, IdHash)> = HashSet::new();
+        if !state.replayed || !state.adopted {
+            for b in &state.bots {
+                for id in &ids {
+                    for h in self.claims.released(&b.bot.bot, id).await? {
+                        released.insert((id.clone(), b.bot.bot.to_string(), h));
+                    }
+                }
+            }
+        }
+        let was_released = |journal: &str, bot: &str, id: IdHash| {
+            !released.is_empty() && released.contains(&(journal.to_owned(), bot.to_owned(), id))
+        };
         if !state.replayed {
             let replayed = self
                 .ingest
-                .replay_own(&self.metrics, |bot| mark(&own, bot))
+                .replay_own(
+                    &self.metrics,
+                    |bot| mark(&own, bot),
+                    |bot, id| was_released(&own, bot, id),
+                )
                 .await?;
             state.replayed = true;
             tracing::info!(replica = %self.cluster.replica, seeded, ?replayed, "cluster mode: journal counted past what Redis holds");
@@ -194,7 +214,7 @@ impl Syncer {
         if !state.adopted {
             let adopted = self
                 .ingest
-                .adopt_orphans(&self.metrics, orphans, mark)
+                .adopt_orphans(&self.metrics, orphans, mark, was_released)
                 .await?;
             state.adopted = true;
             if adopted.records > 0 {
