@@ -665,7 +665,11 @@ mod tests {
             }
             assert_eq!(bot.messages_total() - before, f64::from(u8::from(counted)));
             let settled = |m: &Mutex<Vec<IdHash>>| m.lock().unwrap().clone();
-            let (kept, back) = if counted { (vec![id], vec![]) } else { (vec![], vec![id]) };
+            let (kept, back) = if counted {
+                (vec![id], vec![])
+            } else {
+                (vec![], vec![id])
+            };
             assert_eq!(settled(&arbiter.kept), kept, "hold {hold:?}");
             assert_eq!(settled(&arbiter.given_back), back, "hold {hold:?}");
         }

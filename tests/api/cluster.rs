@@ -860,6 +860,10 @@ async fn a_replica_that_never_returns_has_its_claims_taken_over_within_30_s() {
     };
     assert_eq!(decided.1, json!({"accepted": 1, "duplicates": 0}));
     assert!(refused > 0, "retried while replica 0 might still count it");
+    eprintln!(
+        "decided {:?} after replica 0's last claim, {refused} retries refused before",
+        claimed_at.elapsed()
+    );
     assert_eq!(redis.cmd(&["SCARD", &pending]).trim(), "0");
     assert_eq!(
         redis
@@ -1041,6 +1045,102 @@ impl Posters {
         }
         self.accepted()
     }
+}
+
+/// Lost Redis replies: `CLIENT PAUSE` past the command timeout (2 s),
+/// three times under concurrent load on both replicas. Each pause holds a
+/// sync's script, which the replica gives up on and sends again; the held
+/// one runs when the pause ends. The script's mark makes the second
+/// "already applied", so no sync adds twice: every total is exactly what
+/// was acknowledged.
+#[tokio::test]
+async fn syncs_resent_after_lost_replies_never_add_twice() {
+    let Some((_db, redis, reps)) = cluster_of(2).await else {
+        return;
+    };
+    let all = bins(&reps);
+    let failures = || async {
+        let mut sum = 0.0;
+        for r in &all {
+            sum += family_sum(&r.metrics_text().await, "botmetrics_sync_failures_total");
+        }
+        sum
+    };
+    let load = Posters::start(&all, "ta", "p", 4);
+    for round in 0..3 {
+        load.more("traffic before the pause", 100).await;
+        let before = failures().await;
+        assert_eq!(redis.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]).trim(), "OK");
+        until(
+            &format!("pause {round}: a sync's reply lost (a sync failure counted)"),
+            failures,
+            |n| *n > before,
+        )
+        .await;
+        // Answered again once the pause is over.
+        until(
+            "Redis answers again",
+            || async { redis.cmd(&["PING"]) },
+            |pong| pong.trim() == "PONG",
+        )
+        .await;
+    }
+    load.more("traffic after the pauses", 100).await;
+    let acked = load.stopped().await as f64;
+    totals_reach(&all, "a", acked).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", acked, "after three lost replies").await;
+}
+
+/// PostgreSQL down for several flush intervals in cluster mode, under
+/// load on both replicas: every request is still answered 202, `/readyz`
+/// stays 200 on every replica (each keeps counting into memory, its
+/// journal and Redis), the summaries keep growing from Redis, the writer
+/// says the store is down; once the database is back, it holds every
+/// acknowledged event, exactly.
+#[tokio::test]
+async fn postgres_down_in_cluster_mode_keeps_every_replica_serving_and_loses_nothing() {
+    let Some((db, _redis, reps)) = cluster_of(2).await else {
+        return;
+    };
+    let all = bins(&reps);
+    let load = Posters::start(&all, "ta", "d", 4);
+    load.more("traffic before the outage", 100).await;
+    db.set_outage(true).await;
+    until(
+        "a replica sees the store down (botmetrics_store_up 0)",
+        || async {
+            let mut down = false;
+            for r in &all {
+                down |= r.sample("botmetrics_store_up").await == Some(0.0);
+            }
+            down
+        },
+        |down| *down,
+    )
+    .await;
+    let during = load.accepted();
+    load.more("traffic during the outage", 200).await;
+    for (i, r) in all.iter().enumerate() {
+        let (status, body) = r.get_json("/readyz").await;
+        assert_eq!(status, 200, "replica {i} during the outage: {body}");
+    }
+    // Summaries come from Redis: they move on without the database.
+    until(
+        "the summaries count past the outage's start",
+        || totals(&all, "a"),
+        |t| t.iter().all(|t| t.is_some_and(|t| t >= during as f64)),
+    )
+    .await;
+    db.set_outage(false).await;
+    load.more("traffic after the outage", 100).await;
+    let acked = load.stopped().await as f64;
+    totals_reach(&all, "a", acked).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", acked, "after the database outage").await;
+    let raw = Raw::connect(&db.url).await;
+    stored_reach(&raw, "a", acked).await;
+    raw.close().await;
 }
 
 #[tokio::test]
