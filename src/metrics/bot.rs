@@ -229,9 +229,8 @@ pub struct BotMetrics {
     consent: [Counter; 2],
     limit_reached: Counter,
     errors: Family<Counter>,
-    llm_tokens: Family<[Counter; 5]>,
-    llm_cost: Family<[Micros; 2]>,
-    llm_unpriced: Family<Counter>,
+    /// Tokens, cost and unpriced tokens per model: one lookup per response.
+    llm: Family<ModelCells>,
     ttft: Histogram,
     feedback: [Counter; 7],
     custom: Family<Counter>,
@@ -240,10 +239,35 @@ pub struct BotMetrics {
     pub counters: SelfCounters,
 }
 
-/// An overflow counter registered nowhere: see `BotMetrics::new`.
-fn unexposed() -> prometheus::IntCounter {
-    prometheus::IntCounter::new("unexposed_overflow", "not exposed")
-        .unwrap_or_else(|_| unreachable!("a valid metric name"))
+/// What is counted per model: the three `bot_llm_*` families labelled by
+/// model share one capped family, so a response costs one lookup and a
+/// folded model is counted in `botmetrics_label_overflow_total` once.
+#[derive(Debug, Default)]
+struct ModelCells {
+    tokens: [Counter; 5],
+    cost: [Micros; 2],
+    unpriced: Counter,
+    /// Which families the model has appeared in (a model may report a
+    /// cost and no tokens): [`TOKENS_SEEN`], [`UNPRICED_SEEN`], [`COST_SEEN`].
+    seen: std::sync::atomic::AtomicU8,
+}
+
+const TOKENS_SEEN: u8 = 1;
+const UNPRICED_SEEN: u8 = 2;
+const COST_SEEN: u8 = 4;
+
+impl ModelCells {
+    fn see(&self, family: u8) {
+        // A load first: the common case (seen already) writes nothing.
+        if self.seen.load(std::sync::atomic::Ordering::Relaxed) & family == 0 {
+            self.seen
+                .fetch_or(family, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn has(&self, family: u8) -> bool {
+        self.seen.load(std::sync::atomic::Ordering::Relaxed) & family != 0
+    }
 }
 
 impl BotMetrics {
@@ -264,11 +288,7 @@ impl BotMetrics {
             consent: Default::default(),
             limit_reached: Counter::default(),
             errors: Family::new(max_label_values, counters.overflow_kind.clone()),
-            llm_tokens: Family::new(max_label_values, counters.overflow_model.clone()),
-            // A folded model is counted once, by the token family every
-            // priced or unpriced call also goes to; these fold alike.
-            llm_cost: Family::new(max_label_values, unexposed()),
-            llm_unpriced: Family::new(max_label_values, unexposed()),
+            llm: Family::new(max_label_values, counters.overflow_model.clone()),
             ttft: Histogram::new(TTFT_BUCKETS),
             feedback: Default::default(),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
@@ -311,24 +331,33 @@ impl BotMetrics {
                     self.ttft.observe(*ttft);
                 }
                 let model = model.as_ref().map_or(UNKNOWN_MODEL, |m| m.as_str());
-                if let Some(t) = tokens {
-                    self.llm_tokens.with(model, |c| {
-                        for (cell, n) in c.iter().zip(t.by_kind()) {
-                            if n > 0 {
-                                cell.add(n as f64);
+                // A response with neither names no model series.
+                if tokens.is_some() || cost.is_some() {
+                    self.llm.with(model, |c| {
+                        if let Some(t) = tokens {
+                            c.see(TOKENS_SEEN);
+                            for (cell, n) in c.tokens.iter().zip(t.by_kind()) {
+                                if n > 0 {
+                                    cell.add(n as f64);
+                                }
                             }
+                        }
+                        match (cost, tokens) {
+                            (Some(cost), _) => {
+                                c.see(COST_SEEN);
+                                c.cost[cost.source.index()].add(cost.micros);
+                            }
+                            // Tokens and no price: never counted as free.
+                            (None, Some(t)) => {
+                                c.see(UNPRICED_SEEN);
+                                c.unpriced.add(t.total() as f64);
+                            }
+                            (None, None) => {}
                         }
                     });
                 }
-                match (cost, tokens) {
-                    (Some(cost), _) => {
-                        self.llm_cost
-                            .with(model, |c| c[cost.source.index()].add(cost.micros));
-                        self.today.add_spend(event.ts, cost.micros);
-                    }
-                    // Tokens and no price: never counted as free.
-                    (None, Some(t)) => self.llm_unpriced.with(model, |c| c.add(t.total() as f64)),
-                    (None, None) => {}
+                if let Some(cost) = cost {
+                    self.today.add_spend(event.ts, cost.micros);
                 }
             }
             EventBody::Feedback { score, .. } => {
@@ -399,24 +428,25 @@ impl BotMetrics {
         // sources most calls never have (cached, cache_write, reasoning; a
         // cost source a model was never counted under) appear with their
         // first count, so 1,000 bots do not carry thousands of series at 0.
-        self.llm_tokens.for_each(|model, cells| {
-            for kind in TokenKind::ALL {
-                let value = cells[kind.index()].get();
-                if value > 0.0 || matches!(kind, TokenKind::Prompt | TokenKind::Completion) {
-                    v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], value);
+        self.llm.for_each(|model, cells| {
+            if cells.has(TOKENS_SEEN) {
+                for kind in TokenKind::ALL {
+                    let value = cells.tokens[kind.index()].get();
+                    if value > 0.0 || matches!(kind, TokenKind::Prompt | TokenKind::Completion) {
+                        v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], value);
+                    }
                 }
             }
-        });
-        self.llm_cost.for_each(|model, cells| {
             for source in CostSource::ALL {
-                let value = cells[source.index()].get();
+                let value = cells.cost[source.index()].get();
                 if value > 0.0 {
                     v.scalar(&LLM_COST, &[bot, model, source.as_str()], value);
                 }
             }
+            if cells.has(UNPRICED_SEEN) {
+                v.scalar(&LLM_UNPRICED, &[bot, model], cells.unpriced.get());
+            }
         });
-        self.llm_unpriced
-            .for_each(|model, c| v.scalar(&LLM_UNPRICED, &[bot, model], c.get()));
         // Optional families appear with their first event rather than at
         // 0 from start-up: a bot that never streams or never asks for
         // ratings carries none of their 21 series (1,000 such bots would
@@ -462,7 +492,10 @@ impl BotMetrics {
             "bot_llm_cost_total" => {
                 return match (label("model"), closed("source", CostSource::NAMES)) {
                     (Some(model), Some(i)) => {
-                        self.llm_cost.with_restored(model, |c| c[i].restore(value));
+                        self.llm.with_restored(model, |c| {
+                            c.see(COST_SEEN);
+                            c.cost[i].restore(value);
+                        });
                         true
                     }
                     _ => false,
@@ -471,7 +504,10 @@ impl BotMetrics {
             "bot_llm_unpriced_tokens_total" => {
                 return match label("model") {
                     Some(model) => {
-                        self.llm_unpriced.with_restored(model, |c| c.add(value));
+                        self.llm.with_restored(model, |c| {
+                            c.see(UNPRICED_SEEN);
+                            c.unpriced.add(value);
+                        });
                         true
                     }
                     None => false,
@@ -489,7 +525,10 @@ impl BotMetrics {
             "bot_llm_tokens_total" => {
                 return match (label("model"), closed("kind", TokenKind::NAMES)) {
                     (Some(model), Some(i)) => {
-                        self.llm_tokens.with_restored(model, |c| c[i].add(value));
+                        self.llm.with_restored(model, |c| {
+                            c.see(TOKENS_SEEN);
+                            c.tokens[i].add(value);
+                        });
                         true
                     }
                     _ => false,
@@ -564,8 +603,10 @@ impl BotMetrics {
     /// Spend per model, all time, in micro-units (both sources).
     pub fn spend_by_model(&self) -> Vec<(String, u64)> {
         let mut out = Vec::new();
-        self.llm_cost.for_each(|model, c| {
-            out.push((model.to_owned(), c.iter().map(Micros::micros).sum()));
+        self.llm.for_each(|model, c| {
+            if c.has(COST_SEEN) {
+                out.push((model.to_owned(), c.cost.iter().map(Micros::micros).sum()));
+            }
         });
         out
     }
@@ -573,7 +614,7 @@ impl BotMetrics {
     /// Tokens that could not be priced, all time.
     pub fn unpriced_tokens(&self) -> f64 {
         let mut total = 0.0;
-        self.llm_unpriced.for_each(|_, c| total += c.get());
+        self.llm.for_each(|_, c| total += c.unpriced.get());
         total
     }
 
@@ -581,10 +622,10 @@ impl BotMetrics {
     /// all time.
     pub fn tokens_total(&self) -> f64 {
         let mut total = 0.0;
-        self.llm_tokens.for_each(|_, c| {
-            total += c[TokenKind::Prompt.index()].get()
-                + c[TokenKind::Completion.index()].get()
-                + c[TokenKind::Reasoning.index()].get();
+        self.llm.for_each(|_, c| {
+            total += c.tokens[TokenKind::Prompt.index()].get()
+                + c.tokens[TokenKind::Completion.index()].get()
+                + c.tokens[TokenKind::Reasoning.index()].get();
         });
         total
     }
