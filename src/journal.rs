@@ -47,10 +47,11 @@
 //! while a record durable before the failure stays acknowledged. The
 //! records that exist are then exactly the LSNs up to the last durable one,
 //! where a snapshot is cut ([`Journal::cut_lsn`]); `ingest` counts a record
-//! only once it is durable, so a refused request changes nothing. Not
-//! covered: an fsync that fails under `always` leaves its records in the
-//! file (the kernel may or may not have written them), refused all the
-//! same.
+//! only once it is durable, so a refused request changes nothing. Under
+//! `always` a failed fsync does the same: every record written since the
+//! last fsync that succeeded belongs to a request still waiting, so all of
+//! them are cut off the segment (the kernel may have written some of them;
+//! a restart must not count what was refused).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -160,6 +161,12 @@ pub struct Journal {
     /// The fault seam: while set, every group write fails as a full disk
     /// does, after writing half of what it was given.
     fail_writes: AtomicBool,
+    /// The fsync fault seam: while set, fsyncs of the current segment fail
+    /// as a failing disk's do.
+    fail_fsyncs: AtomicBool,
+    /// The current segment's length at the start of its last fsync that
+    /// succeeded: under `always`, what a failed fsync cuts it back to.
+    durable: Mutex<(PathBuf, u64)>,
     /// The hold seam: while set, group writes wait (a slow disk), so a test
     /// can see that nothing is answered or counted before its record is
     /// written.
@@ -254,6 +261,8 @@ impl Journal {
             recovered: last,
             broken: AtomicBool::new(false),
             fail_writes: AtomicBool::new(false),
+            fail_fsyncs: AtomicBool::new(false),
+            durable: Mutex::new((PathBuf::new(), 0)),
             hold_writes: AtomicBool::new(false),
             released: tokio::sync::Notify::new(),
         };
@@ -350,6 +359,13 @@ impl Journal {
 
     pub fn fail_writes(&self, fail: bool) {
         self.fail_writes.store(fail, Ordering::Relaxed);
+    }
+
+    /// Makes fsyncs of the current segment fail (EIO) until called with
+    /// `false`. For tests, like [`Journal::fail_writes`].
+    #[doc(hidden)]
+    pub fn fail_fsyncs(&self, fail: bool) {
+        self.fail_fsyncs.store(fail, Ordering::Relaxed);
     }
 
     /// Refuses new records while the backlog is over the bound.
@@ -473,27 +489,78 @@ impl Journal {
         let current = (fsync && self.synced.load(Ordering::Acquire) < upto)
             .then(|| segment.file.try_clone())
             .transpose()?;
+        // What this fsync covers: the segment as it is now.
+        let covers = (segment.path.clone(), segment.bytes);
         drop(segment);
         self.progress.notify_waiters();
         if let Some(sealed) = sealed {
             self.sync_sealed(sealed, fsync).await?;
         }
         if let Some(file) = current {
-            let synced = tokio::task::spawn_blocking(move || file.sync_data())
-                .await
-                .map_err(io::Error::other)
-                .and_then(|r| r);
+            let fail = self.fail_fsyncs.load(Ordering::Relaxed);
+            let synced = tokio::task::spawn_blocking(move || {
+                if fail {
+                    return Err(io::Error::from_raw_os_error(libc::EIO));
+                }
+                file.sync_data()
+            })
+            .await
+            .map_err(io::Error::other)
+            .and_then(|r| r);
             if let Err(e) = synced {
                 // Broken at once, before any other request finds the file
                 // free and writes after records that may not be on disk.
                 self.broken.store(true, Ordering::Relaxed);
+                if self.policy == FsyncPolicy::Always {
+                    self.cut_to_durable().await;
+                }
                 return Err(e);
+            }
+            {
+                let mut durable = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+                if durable.0 != covers.0 {
+                    *durable = covers;
+                } else {
+                    durable.1 = durable.1.max(covers.1);
+                }
             }
             self.fsyncs.fetch_add(1, Ordering::Relaxed);
             self.synced.fetch_max(upto, Ordering::AcqRel);
             self.progress.notify_waiters();
         }
         Ok(())
+    }
+
+    /// Under `always`, after a failed fsync: cuts the current segment back
+    /// to where its last good fsync began. Every record past it belongs to
+    /// a request still waiting for that fsync, refused now, so none of them
+    /// may be counted after a restart. A segment not fsynced since it was
+    /// created holds nothing durable past its header (synced at creation).
+    async fn cut_to_durable(&self) {
+        let mut segment = self.current.lock().await;
+        let durable = {
+            let durable = self.durable.lock().unwrap_or_else(|p| p.into_inner());
+            if durable.0 == segment.path {
+                durable.1
+            } else {
+                HEADER_LEN
+            }
+        };
+        let cut = segment
+            .file
+            .set_len(durable)
+            .and_then(|()| segment.file.seek(SeekFrom::Start(durable)).map(|_| ()));
+        match cut {
+            Ok(()) => {
+                segment.bytes = durable;
+                self.current_bytes.store(durable, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                segment = %segment.path.display(),
+                "journal: records of a failed fsync could not be cut off the segment; records refused with 503 may be counted after a restart"
+            ),
+        }
     }
 
     /// Writes what is queued; returns the segment it closed, if it reached
@@ -1010,6 +1077,37 @@ mod tests {
         );
         assert_eq!(collect(&opened.journal, 0), vec![(kept, b"kept".to_vec())]);
         assert_eq!(opened.journal.recovered_lsn(), kept);
+        assert!(failed > kept);
+    }
+
+    #[tokio::test]
+    async fn a_failed_fsync_under_always_leaves_nothing_it_refused_on_disk() {
+        let dir = tempdir();
+        let (kept, failed) = {
+            let j = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30)
+                .unwrap()
+                .journal;
+            let kept = j.append(1, b"kept");
+            j.commit(kept).await.unwrap();
+            // The write reaches the file; its fsync fails (EIO).
+            j.fail_fsyncs(true);
+            let failed = j.append(1, &[7; 100]);
+            assert!(matches!(j.commit(failed).await, Err(JournalError::Io(_))));
+            assert!(j.is_broken());
+            j.fail_fsyncs(false);
+            let after = j.append(1, b"after");
+            assert!(matches!(j.commit(after).await, Err(JournalError::Broken)));
+            // What was durable before stays acknowledged.
+            j.commit(kept).await.unwrap();
+            (kept, failed)
+        };
+        let opened = Journal::open(&dir, "s", FsyncPolicy::Always, 1 << 30).unwrap();
+        assert_eq!(opened.torn_bytes, 0, "cut at a record boundary");
+        assert_eq!(
+            collect(&opened.journal, 0),
+            vec![(kept, b"kept".to_vec())],
+            "the record whose fsync failed was refused, so it is not on disk"
+        );
         assert!(failed > kept);
     }
 
