@@ -205,9 +205,16 @@ impl Claims {
     }
 
     fn made(&self, bot: &str, n: usize) {
-        if n > 0 {
-            let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
-            *live.entry(bot.to_owned()).or_default() += n;
+        if n == 0 {
+            return;
+        }
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        // The bot's name is copied only when it has no claim unsettled.
+        match live.get_mut(bot) {
+            Some(count) => *count += n,
+            None => {
+                live.insert(bot.to_owned(), n);
+            }
         }
     }
 
