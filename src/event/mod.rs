@@ -470,6 +470,48 @@ mod tests {
         assert!(!is_short_name("quote\""));
     }
 
+    /// Found by `cargo mutants` (BENCHMARKS.md): an error message quotes a
+    /// bad value cut to 80 characters, whole when shorter, never split in
+    /// a character.
+    #[test]
+    fn a_bad_name_is_quoted_cut_to_80_characters() {
+        let message = |value: &str| match ShortName::parse("kind", value.to_owned().into()) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("{value:?} is not a short name"),
+        };
+        assert!(
+            message("has space").ends_with(r#"got "has space""#),
+            "{}",
+            message("has space")
+        );
+        let long = "ü".repeat(100);
+        let quoted = format!("got {:?}", "ü".repeat(80));
+        assert!(message(&long).ends_with(&quoted), "{}", message(&long));
+    }
+
+    /// Also found by `cargo mutants`: positive is a thumbs-up or a 4-5
+    /// rating, and nothing else.
+    #[test]
+    fn positive_ratings_are_a_thumbs_up_and_the_top_two() {
+        let positive: Vec<&str> = Score::ALL
+            .iter()
+            .filter(|s| s.is_positive())
+            .map(|s| s.as_str())
+            .collect();
+        assert_eq!(positive, ["+1", "4", "5"]);
+    }
+
+    /// And: a `user_id` of the wrong type says what it must be.
+    #[test]
+    fn a_user_id_of_the_wrong_type_says_what_it_must_be() {
+        let err = serde_json::from_str::<UserId<'_>>("true").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("an integer or a string of 1-256 characters"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn user_ids_hash_alike_as_int_and_string() {
         let a = UserId::Int(-1234567890123);
