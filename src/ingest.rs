@@ -615,6 +615,55 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// Found by `cargo mutants`: a retry that arrives while its original's
+    /// record is still being written is a duplicate, but its 202 must wait
+    /// until the original is durable; answered earlier, a crash could lose
+    /// the event although both requests were acknowledged.
+    #[tokio::test]
+    async fn a_duplicate_is_answered_only_once_its_original_is_written() {
+        let dir = std::env::temp_dir().join(format!(
+            "botmetrics-ingest-dup-{}-{}",
+            std::process::id(),
+            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        ));
+        let journal = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+            .unwrap()
+            .journal;
+        let ingest = Arc::new(Ingest::new(
+            Dedupe::new(Duration::from_secs(600), 1000),
+            Some(journal),
+        ));
+        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+        let bot = metrics.bot("b").unwrap().clone();
+        ingest.journal().unwrap().hold_writes(true);
+        let post = || {
+            let (ingest, bot) = (ingest.clone(), bot.clone());
+            tokio::spawn(async move {
+                let body: &[u8] = br#"{"type":"message","role":"user","event_id":"e1"}"#;
+                let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
+                ingest
+                    .apply(&bot, &events, 1_800_000_000_000)
+                    .await
+                    .map(|a| (a.accepted, a.duplicates))
+                    .map_err(|e| e.to_string())
+            })
+        };
+        let original = post();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let retry = post();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!original.is_finished(), "the original waits for its write");
+        assert!(
+            !retry.is_finished(),
+            "the duplicate was answered before its original was written"
+        );
+        ingest.journal().unwrap().hold_writes(false);
+        assert_eq!(original.await.unwrap(), Ok((1, 0)));
+        assert_eq!(retry.await.unwrap(), Ok((0, 1)));
+        assert_eq!(bot.messages_total(), 1.0);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// An arbiter that grants every claim, records how each was settled,
     /// and holds claims for `hold`.
     struct Granting {
