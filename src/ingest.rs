@@ -569,30 +569,41 @@ mod tests {
     use crate::event::{BodyFormat, parse_batch};
     use crate::journal::FsyncPolicy;
 
-    /// A kill -9 test cannot tell a 202 sent before the journal write from
-    /// one sent after it; this one holds the write and looks: no answer and
-    /// no count until the journal has the record, then both.
-    #[tokio::test]
-    async fn nothing_is_answered_or_counted_before_the_journal_holds_it() {
-        let dir = std::env::temp_dir().join(format!(
-            "botmetrics-ingest-test-{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
-        ));
-        let journal = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
-            .unwrap()
-            .journal;
-        let ingest = Arc::new(Ingest::new(
-            Dedupe::new(Duration::from_secs(600), 1000),
-            Some(journal),
-        ));
-        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
-        let bot = metrics.bot("b").unwrap().clone();
-        ingest.journal().unwrap().hold_writes(true);
-        let task = {
-            let (ingest, bot) = (ingest.clone(), bot.clone());
+    /// Ingest over a real journal whose writes are held (the hold seam), and
+    /// one bot: what the tests below post to. The directory goes with it.
+    struct HeldJournal {
+        dir: std::path::PathBuf,
+        ingest: Arc<Ingest>,
+        bot: Arc<BotMetrics>,
+    }
+
+    impl HeldJournal {
+        fn new() -> Self {
+            let dir = std::env::temp_dir().join(format!(
+                "botmetrics-ingest-test-{}-{}",
+                std::process::id(),
+                chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
+            ));
+            let journal = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
+                .unwrap()
+                .journal;
+            let ingest = Arc::new(Ingest::new(
+                Dedupe::new(Duration::from_secs(600), 1000),
+                Some(journal),
+            ));
+            let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+            let bot = metrics.bot("b").unwrap().clone();
+            ingest.journal().unwrap().hold_writes(true);
+            HeldJournal { dir, ingest, bot }
+        }
+
+        /// Posts `body` on a task of its own: (accepted, duplicates).
+        fn post(
+            &self,
+            body: &'static [u8],
+        ) -> tokio::task::JoinHandle<Result<(usize, usize), String>> {
+            let (ingest, bot) = (self.ingest.clone(), self.bot.clone());
             tokio::spawn(async move {
-                let body: &[u8] = br#"[{"type":"message","role":"user","event_id":"e1"},{"type":"limit_reached"}]"#;
                 let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
                 ingest
                     .apply(&bot, &events, 1_800_000_000_000)
@@ -600,19 +611,41 @@ mod tests {
                     .map(|a| (a.accepted, a.duplicates))
                     .map_err(|e| e.to_string())
             })
-        };
+        }
+
+        fn release(&self) {
+            self.ingest.journal().unwrap().hold_writes(false);
+        }
+    }
+
+    impl Drop for HeldJournal {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// A kill -9 test cannot tell a 202 sent before the journal write from
+    /// one sent after it; this one holds the write and looks: no answer and
+    /// no count until the journal has the record, then both.
+    #[tokio::test]
+    async fn nothing_is_answered_or_counted_before_the_journal_holds_it() {
+        let held = HeldJournal::new();
+        let task = held.post(
+            br#"[{"type":"message","role":"user","event_id":"e1"},{"type":"limit_reached"}]"#,
+        );
+        // Nothing to wait on that says "not yet": the absence of an answer
+        // is looked at after a while.
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
             !task.is_finished(),
             "answered before the journal wrote its record"
         );
-        assert_eq!(bot.messages_total(), 0.0, "counted before the write");
-        assert_eq!(bot.counters.accepted.get(), 0);
-        ingest.journal().unwrap().hold_writes(false);
+        assert_eq!(held.bot.messages_total(), 0.0, "counted before the write");
+        assert_eq!(held.bot.counters.accepted.get(), 0);
+        held.release();
         assert_eq!(task.await.unwrap(), Ok((2, 0)));
-        assert_eq!(bot.messages_total(), 1.0);
-        assert_eq!(bot.counters.accepted.get(), 2);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(held.bot.messages_total(), 1.0);
+        assert_eq!(held.bot.counters.accepted.get(), 2);
     }
 
     /// Found by `cargo mutants`: a retry that arrives while its original's
@@ -621,47 +654,25 @@ mod tests {
     /// the event although both requests were acknowledged.
     #[tokio::test]
     async fn a_duplicate_is_answered_only_once_its_original_is_written() {
-        let dir = std::env::temp_dir().join(format!(
-            "botmetrics-ingest-dup-{}-{}",
-            std::process::id(),
-            chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default()
-        ));
-        let journal = Journal::open(&dir, "s", FsyncPolicy::Everysec, 1 << 30)
-            .unwrap()
-            .journal;
-        let ingest = Arc::new(Ingest::new(
-            Dedupe::new(Duration::from_secs(600), 1000),
-            Some(journal),
-        ));
-        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
-        let bot = metrics.bot("b").unwrap().clone();
-        ingest.journal().unwrap().hold_writes(true);
-        let post = || {
-            let (ingest, bot) = (ingest.clone(), bot.clone());
-            tokio::spawn(async move {
-                let body: &[u8] = br#"{"type":"message","role":"user","event_id":"e1"}"#;
-                let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
-                ingest
-                    .apply(&bot, &events, 1_800_000_000_000)
-                    .await
-                    .map(|a| (a.accepted, a.duplicates))
-                    .map_err(|e| e.to_string())
-            })
-        };
-        let original = post();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let retry = post();
+        let held = HeldJournal::new();
+        let body: &[u8] = br#"{"type":"message","role":"user","event_id":"e1"}"#;
+        let original = held.post(body);
+        // The retry comes once the original has its record appended (and
+        // its id remembered): the write is what is held.
+        while held.ingest.journal().unwrap().last_lsn() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let retry = held.post(body);
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(!original.is_finished(), "the original waits for its write");
         assert!(
             !retry.is_finished(),
             "the duplicate was answered before its original was written"
         );
-        ingest.journal().unwrap().hold_writes(false);
+        held.release();
         assert_eq!(original.await.unwrap(), Ok((1, 0)));
         assert_eq!(retry.await.unwrap(), Ok((0, 1)));
-        assert_eq!(bot.messages_total(), 1.0);
-        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(held.bot.messages_total(), 1.0);
     }
 
     /// An arbiter that grants every claim, records how each was settled,
