@@ -35,7 +35,16 @@ const NOW: i64 = 1_800_000_000;
 
 fn metrics(max_label_values: usize) -> Arc<Metrics> {
     let bots: Vec<Arc<str>> = vec![Arc::from("bench")];
-    Arc::new(Metrics::new(&bots, max_label_values, chrono_tz::UTC, 30.0).expect("registry"))
+    Arc::new(
+        Metrics::new(
+            &bots,
+            max_label_values,
+            chrono_tz::UTC,
+            30.0,
+            Default::default(),
+        )
+        .expect("registry"),
+    )
 }
 
 /// A bot's traffic as the design describes it: mostly messages and LLM
@@ -134,8 +143,14 @@ fn ingest(c: &mut Criterion) {
         let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         b.iter(|| {
-            let events =
-                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            let events = parse_batch(
+                black_box(&body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid");
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
                     .expect("applied"),
@@ -151,8 +166,14 @@ fn ingest(c: &mut Criterion) {
         let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         b.iter(|| {
-            let mut events =
-                parse_batch(black_box(&spend_body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            let mut events = parse_batch(
+                black_box(&spend_body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid");
             prices.price(&mut events);
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
@@ -174,8 +195,14 @@ fn ingest(c: &mut Criterion) {
             budget,
         )));
         b.iter(|| {
-            let events =
-                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            let events = parse_batch(
+                black_box(&body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid");
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
                     .expect("applied"),
@@ -187,8 +214,14 @@ fn ingest(c: &mut Criterion) {
         let ingest = Ingest::new(Dedupe::new(Duration::from_secs(600), 2_000_000), None);
         let bot = metrics.bot("bench").expect("bot").clone();
         b.iter(|| {
-            let events =
-                parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW).expect("valid");
+            let events = parse_batch(
+                black_box(&body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid");
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
                     .expect("applied"),
@@ -221,8 +254,14 @@ fn ingest(c: &mut Criterion) {
             let bot = metrics.bot("bench").expect("bot").clone();
             group.bench_function(&label, |b| {
                 b.iter(|| {
-                    let events = parse_batch(black_box(events_body), BodyFormat::Json, 10_000, NOW)
-                        .expect("valid");
+                    let events = parse_batch(
+                        black_box(events_body),
+                        BodyFormat::Json,
+                        10_000,
+                        NOW,
+                        &botmetrics::event::UserKey::legacy(),
+                    )
+                    .expect("valid");
                     black_box(
                         rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
                             .expect("applied"),
@@ -238,7 +277,14 @@ fn ingest(c: &mut Criterion) {
 
 fn apply(c: &mut Criterion) {
     let body = br#"{"type":"error","kind":"db_timeout"}"#;
-    let events = parse_batch(body, BodyFormat::Json, 1, NOW).expect("valid");
+    let events = parse_batch(
+        body,
+        BodyFormat::Json,
+        1,
+        NOW,
+        &botmetrics::event::UserKey::legacy(),
+    )
+    .expect("valid");
     let metrics = metrics(1000);
     let bot = metrics.bot("bench").expect("bot").clone();
     let peer = prometheus::IntCounterVec::new(
@@ -273,7 +319,14 @@ fn fill_to(metrics: &Metrics, series: usize) -> impl Fn() + use<> {
         .collect();
     move || {
         for body in &bodies {
-            let events = parse_batch(body.as_bytes(), BodyFormat::Json, 1, NOW).expect("valid");
+            let events = parse_batch(
+                body.as_bytes(),
+                BodyFormat::Json,
+                1,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid");
             bot.apply(&events[0]);
         }
     }
@@ -326,11 +379,12 @@ fn sketch(c: &mut Criterion) {
     // What earlier versions did per user: two always-dense atomic sketches.
     let hourly = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
     let daily = hyperloglockless::AtomicHyperLogLog::seeded(14, 1);
+    let key = botmetrics::event::UserKey::legacy();
     let mut n: i128 = 0;
     group.bench_function("baseline_dense_hll_two_sketches", |b| {
         b.iter(|| {
             n += 1;
-            let hash = UserId::Int(black_box(n)).hash().0;
+            let hash = key.hash(&UserId::Int(black_box(n))).0;
             hourly.insert_hash(hash);
             daily.insert_hash(hash);
         })
@@ -433,12 +487,21 @@ fn store(c: &mut Criterion) {
 fn many_bots_metrics() -> Arc<Metrics> {
     const BOTS: usize = 1000;
     let bots: Vec<Arc<str>> = (0..BOTS).map(|i| Arc::from(format!("bot{i}"))).collect();
-    let metrics = Arc::new(Metrics::new(&bots, 1000, chrono_tz::UTC, 30.0).expect("registry"));
+    let metrics = Arc::new(
+        Metrics::new(&bots, 1000, chrono_tz::UTC, 30.0, Default::default()).expect("registry"),
+    );
     // Real time: `/metrics` estimates the windows that end now.
     let now = chrono::Utc::now().timestamp();
     let body = realistic_batch(20, now);
     for (i, bot) in metrics.bots().iter().enumerate() {
-        let events = parse_batch(&body, BodyFormat::Json, 100, now).expect("valid");
+        let events = parse_batch(
+            &body,
+            BodyFormat::Json,
+            100,
+            now,
+            &botmetrics::event::UserKey::legacy(),
+        )
+        .expect("valid");
         for event in events.iter() {
             bot.apply(event);
         }

@@ -151,8 +151,14 @@ async fn main() {
             })
             .collect();
         let body = format!("[{}]", body.join(","));
-        let events =
-            parse_batch(body.as_bytes(), BodyFormat::Json, SERIES + 1, now).expect("valid batch");
+        let events = parse_batch(
+            body.as_bytes(),
+            BodyFormat::Json,
+            SERIES + 1,
+            now,
+            &botmetrics::event::UserKey::legacy(),
+        )
+        .expect("valid batch");
         state
             .ingest
             .apply(&busy, &events, now * 1000)

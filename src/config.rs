@@ -101,6 +101,27 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_DEDUPE_MAX_IDS", default_value_t = 2_000_000, value_parser = clap::value_parser!(u64).range(16..))]
     pub dedupe_max_ids: u64,
 
+    /// How long the user book remembers a user not seen since (whole days;
+    /// `0` turns the book off: no new/returning users, retention or
+    /// sessions). A user forgotten and back counts as new.
+    #[arg(long, env = "BOTMETRICS_USER_MEMORY", value_parser = parse_user_memory, default_value = "400d")]
+    pub user_memory: Duration,
+
+    /// Most users the user book remembers per bot (about 33 bytes each);
+    /// past it the least recently seen 1 % are forgotten, and
+    /// `botmetrics_user_book_fill_ratio` shows how close each bot is.
+    #[arg(long, env = "BOTMETRICS_MAX_USERS_PER_BOT", default_value_t = 1_000_000, value_parser = clap::value_parser!(u64).range(100..=100_000_000))]
+    pub max_users_per_bot: u64,
+
+    /// A gap between a user's events longer than this ends their session.
+    #[arg(long, env = "BOTMETRICS_SESSION_GAP", value_parser = parse_positive_duration, default_value = "30m")]
+    pub session_gap: Duration,
+
+    /// How often the user book is scanned: sessions whose gap has passed
+    /// end, users past --user-memory go, cohorts are counted again.
+    #[arg(long, env = "BOTMETRICS_USER_SCAN_INTERVAL", value_parser = parse_positive_duration, default_value = "1m")]
+    pub user_scan_interval: Duration,
+
     /// Where the journal lives (`<data-dir>/journal/`). Default: beside the
     /// SQLite file, or `./botmetrics-data` with PostgreSQL.
     #[arg(long, env = "BOTMETRICS_DATA_DIR")]
@@ -399,6 +420,27 @@ fn parse_currency(raw: &str) -> Result<String, String> {
         Err(format!(
             "`{raw}` is not a currency code; use three capital letters such as USD or EUR"
         ))
+    }
+}
+
+/// The user book forgets in whole local days: `0` (off) or at least a day.
+fn parse_user_memory(raw: &str) -> Result<Duration, String> {
+    match parse_duration(raw)? {
+        d if d.is_zero() || d >= Duration::from_secs(86_400) => Ok(d),
+        _ => Err(format!(
+            "`{raw}` is shorter than a day; users are remembered in whole days, so use 0 (off) or 1d or more"
+        )),
+    }
+}
+
+impl Config {
+    /// The user book's limits from the flags.
+    pub fn book_limits(&self) -> crate::metrics::users::BookLimits {
+        crate::metrics::users::BookLimits {
+            session_gap: u32::try_from(self.session_gap.as_secs()).unwrap_or(u32::MAX),
+            memory_days: u32::try_from(self.user_memory.as_secs() / 86_400).unwrap_or(u32::MAX),
+            max_users: usize::try_from(self.max_users_per_bot).unwrap_or(usize::MAX),
+        }
     }
 }
 

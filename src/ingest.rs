@@ -48,7 +48,7 @@ use serde::Serialize;
 
 use crate::BoxFuture;
 use crate::dedupe::{Dedupe, IdHash, Seen};
-use crate::event::{Event, UserHash};
+use crate::event::{Event, EventBody, UserHash};
 use crate::journal::{Journal, JournalError};
 use crate::metrics::{BotMetrics, Metrics};
 use crate::record;
@@ -313,7 +313,9 @@ impl Ingest {
             for (event, id) in events.iter().zip(&fresh) {
                 if id.is_some() {
                     bot.apply(event);
-                    if let (Some(_), Some(user)) = (notes, event.user) {
+                    if let (Some(_), Some(user), false) =
+                        (notes, event.user, event.body == EventBody::Forget)
+                    {
                         users.push((user, event.ts));
                     }
                 }
@@ -342,6 +344,13 @@ impl Ingest {
     pub async fn consistent<R>(&self, f: impl FnOnce(u64) -> R) -> R {
         let _exclusive = self.gate.write().await;
         f(self.journal.as_ref().map_or(0, Journal::cut_lsn))
+    }
+
+    /// Runs `f` as a request's count runs: never while a flush takes its
+    /// cut, so a cut sees all of what `f` changes or none of it.
+    pub async fn alongside<R>(&self, f: impl FnOnce() -> R) -> R {
+        let _shared = self.gate.read().await;
+        f()
     }
 
     /// Reads every `event_id` the journals on disk remember (this process's
@@ -541,7 +550,9 @@ fn count_record(
                     let mut users = Vec::new();
                     for (event, _) in &decoded.events {
                         bot.apply(event);
-                        users.extend(event.user.map(|u| (u, event.ts)));
+                        if event.body != EventBody::Forget {
+                            users.extend(event.user.map(|u| (u, event.ts)));
+                        }
                     }
                     if let Some(notes) = notes {
                         notes.note(&bot.bot, &users);
@@ -591,7 +602,14 @@ mod tests {
                 Dedupe::new(Duration::from_secs(600), 1000),
                 Some(journal),
             ));
-            let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+            let metrics = Metrics::new(
+                &[Arc::from("b")],
+                100,
+                chrono_tz::UTC,
+                0.0,
+                Default::default(),
+            )
+            .unwrap();
             let bot = metrics.bot("b").unwrap().clone();
             ingest.journal().unwrap().hold_writes(true);
             HeldJournal { dir, ingest, bot }
@@ -604,7 +622,14 @@ mod tests {
         ) -> tokio::task::JoinHandle<Result<(usize, usize), String>> {
             let (ingest, bot) = (self.ingest.clone(), self.bot.clone());
             tokio::spawn(async move {
-                let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
+                let events = parse_batch(
+                    body,
+                    BodyFormat::Json,
+                    10,
+                    1_800_000_000,
+                    &crate::event::UserKey::legacy(),
+                )
+                .unwrap();
                 ingest
                     .apply(&bot, &events, 1_800_000_000_000)
                     .await
@@ -704,10 +729,24 @@ mod tests {
     /// what another replica counts too.
     #[tokio::test]
     async fn a_request_past_its_claims_hold_gives_them_back_and_counts_nothing() {
-        let metrics = Metrics::new(&[Arc::from("b")], 100, chrono_tz::UTC, 0.0).unwrap();
+        let metrics = Metrics::new(
+            &[Arc::from("b")],
+            100,
+            chrono_tz::UTC,
+            0.0,
+            Default::default(),
+        )
+        .unwrap();
         let bot = metrics.bot("b").unwrap().clone();
         let body: &[u8] = br#"[{"type":"message","role":"user","event_id":"e1"}]"#;
-        let events = parse_batch(body, BodyFormat::Json, 10, 1_800_000_000).unwrap();
+        let events = parse_batch(
+            body,
+            BodyFormat::Json,
+            10,
+            1_800_000_000,
+            &crate::event::UserKey::legacy(),
+        )
+        .unwrap();
         let id = IdHash::of("b", "e1");
         for (hold, counted) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
             let arbiter = Arc::new(Granting {

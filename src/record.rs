@@ -83,6 +83,7 @@ pub fn encode<'e, 'a: 'e>(
             EventBody::LimitReached => (5, false, false),
             EventBody::Error { .. } => (6, false, false),
             EventBody::Custom { .. } => (7, false, false),
+            EventBody::Forget => (9, false, false),
         };
         let flags = (e.user.is_some() as u8 * HAS_USER)
             | (id.is_some() as u8 * HAS_ID)
@@ -156,7 +157,7 @@ pub fn encode<'e, 'a: 'e>(
                 out.push(result.index() as u8);
                 name(out, cache.as_str());
             }
-            EventBody::UserRegistered | EventBody::LimitReached => {}
+            EventBody::UserRegistered | EventBody::LimitReached | EventBody::Forget => {}
             EventBody::Consent { decision } => out.push(decision.index() as u8),
             EventBody::Error { kind } => name(out, kind.as_str()),
             EventBody::Custom { name: n, value } => {
@@ -335,6 +336,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
                 decision: r.pick(Decision::ALL)?,
             },
             5 => EventBody::LimitReached,
+            9 => EventBody::Forget,
             6 => EventBody::Error {
                 kind: r.name("kind")?,
             },
@@ -386,8 +388,14 @@ mod tests {
             {"type":"feedback","user_id":7,"score":-1,"reason":"too_long"},
             {"type":"feedback","score":4,"scale":5}
         ]"#;
-        let mut events =
-            parse_batch(body.as_bytes(), BodyFormat::Json, 100, 1_800_000_000).unwrap();
+        let mut events = parse_batch(
+            body.as_bytes(),
+            BodyFormat::Json,
+            100,
+            1_800_000_000,
+            &crate::event::UserKey::legacy(),
+        )
+        .unwrap();
         // Priced as ingest journals them: the cost goes into the record.
         crate::prices::Prices::builtin().price(&mut events);
         assert!(
@@ -430,7 +438,14 @@ mod tests {
                 r#"[{{"type":"limit_reached","ts":1700000000}},{{"type":"limit_reached","ts":{}}}]"#,
                 1_700_000_000 + spread
             );
-            let events = parse_batch(body.as_bytes(), BodyFormat::Json, 2, i64::MAX / 2).unwrap();
+            let events = parse_batch(
+                body.as_bytes(),
+                BodyFormat::Json,
+                2,
+                i64::MAX / 2,
+                &crate::event::UserKey::legacy(),
+            )
+            .unwrap();
             let mut out = Vec::new();
             encode(&mut out, "b", events.iter().map(|e| (e, None)));
             let got: Vec<i64> = decode(&out)
@@ -445,8 +460,14 @@ mod tests {
 
     #[test]
     fn damage_is_an_error_not_a_panic() {
-        let events =
-            parse_batch(br#"{"type":"error","kind":"x"}"#, BodyFormat::Json, 1, 0).unwrap();
+        let events = parse_batch(
+            br#"{"type":"error","kind":"x"}"#,
+            BodyFormat::Json,
+            1,
+            0,
+            &crate::event::UserKey::legacy(),
+        )
+        .unwrap();
         let mut out = Vec::new();
         encode(&mut out, "b", events.iter().map(|e| (e, None)));
         for cut in 0..out.len() {

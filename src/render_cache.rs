@@ -211,7 +211,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn without_a_ttl_every_answer_is_newer_than_its_request_and_bursts_share() {
-        let metrics = Metrics::new(&[], 10, chrono_tz::UTC, 0.0).unwrap();
+        let metrics = Metrics::new(&[], 10, chrono_tz::UTC, 0.0, Default::default()).unwrap();
         let selfm = &metrics.selfm;
         let cache = Arc::new(RenderCache::<u8>::new(
             CachedEndpoint::Metrics,
@@ -328,7 +328,9 @@ mod single_flight {
     /// then lets it finish; checks the count of renders against the self
     /// metrics and returns each request's answer, in order.
     async fn held_render(endpoint: CachedEndpoint, ttl: Duration) -> Vec<String> {
-        let metrics = Arc::new(Metrics::new(&["b".into()], 10, chrono_tz::UTC, 60.0).unwrap());
+        let metrics = Arc::new(
+            Metrics::new(&["b".into()], 10, chrono_tz::UTC, 60.0, Default::default()).unwrap(),
+        );
         let cache = Arc::new(RenderCache::<u64>::new(endpoint, ttl));
         let gate = Arc::new(Gate::default());
         let renders = Arc::new(AtomicUsize::new(0));

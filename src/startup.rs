@@ -48,6 +48,8 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("the OS's random source failed, so no installation secret can be made: {0}")]
+    Random(String),
 }
 
 /// A bound, ready-to-run botmetrics.
@@ -82,6 +84,7 @@ impl Application {
             usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
             config.timezone,
             config.metrics_cache_ttl.as_secs_f64(),
+            config.book_limits(),
         )?);
         // The store's lease must not outlive the Redis lease by more than a
         // bound (one process with a standby gets the same): twice it, and
@@ -94,6 +97,7 @@ impl Application {
         // store that is only not there yet is retried by the flush task.
         let unreachable = store.check(&config.database_url).await?;
         let store = Arc::new(store);
+        let user_key = user_key(&store, data_dir(&config, &store).as_deref()).await?;
         let ingest = open_ingest(&config, &store)?;
         // The seams: what the store writer writes, where handlers read
         // totals, and (cluster mode) how ingest decides ids and notes users.
@@ -250,6 +254,7 @@ impl Application {
             persistence,
             config,
             started: Instant::now(),
+            user_key,
         });
         Ok(Application {
             listener,
@@ -325,6 +330,12 @@ impl Application {
                 )),
             )
         });
+        let user_scan = tokio::spawn(crate::tasks::user_scan_loop(
+            state.metrics.clone(),
+            state.ingest.clone(),
+            config.user_scan_interval,
+            token.clone(),
+        ));
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
@@ -347,6 +358,9 @@ impl Application {
             let _ = tokio::join!(sync, confirm);
         }
         writer_token.cancel();
+        // The scan stops before the final flush, so the flush holds its
+        // last effects.
+        let _ = user_scan.await;
         let _ = tokio::join!(flush, history, journal_sync, reloads);
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
@@ -393,14 +407,11 @@ fn warn_about_access(config: &Config, listen: SocketAddr) {
     }
 }
 
-/// The journal and dedupe, with what the journal on disk remembers.
-fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
-    let dedupe = Dedupe::new(
-        config.dedupe_window,
-        usize::try_from(config.dedupe_max_ids).unwrap_or(usize::MAX),
-    );
-    let data_dir = match (&config.data_dir, store.sqlite_file()) {
-        _ if config.no_journal => None,
+/// Where this process keeps its files: `--data-dir`, or beside the SQLite
+/// file, or `./botmetrics-data` with PostgreSQL; none for an in-memory
+/// SQLite database.
+fn data_dir(config: &Config, store: &Store) -> Option<PathBuf> {
+    match (&config.data_dir, store.sqlite_file()) {
         (Some(dir), _) => Some(dir.clone()),
         // Beside the database file, named after it.
         (None, Some(file)) => {
@@ -409,8 +420,92 @@ fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
             Some(PathBuf::from(dir))
         }
         (None, None) if store.backend() == "postgres" => Some(PathBuf::from("botmetrics-data")),
-        // An in-memory SQLite database has nothing to journal for.
         (None, None) => None,
+    }
+}
+
+/// The file in the data directory that keeps a copy of the installation
+/// secret, so a restart while the store is down hashes users as before.
+const SECRET_FILE: &str = "installation.secret";
+
+/// The installation's key for user ids: the store's secret (created from
+/// the OS's random source at the first start), with a copy kept in the data
+/// directory (mode 0600) for a start while the store is down. With neither,
+/// a new secret is made, kept locally and offered to the store at the next
+/// start; a store that meanwhile got another one keeps its own, and this
+/// process says so.
+async fn user_key(
+    store: &Store,
+    data_dir: Option<&std::path::Path>,
+) -> Result<crate::event::UserKey, StartError> {
+    let file = data_dir.map(|d| d.join(SECRET_FILE));
+    let local: Option<[u8; 16]> = file
+        .as_ref()
+        .and_then(|f| std::fs::read(f).ok())
+        .and_then(|bytes| bytes.try_into().ok());
+    let proposed = match local {
+        Some(secret) => secret,
+        None => {
+            let mut fresh = [0u8; 16];
+            getrandom::fill(&mut fresh).map_err(|e| StartError::Random(e.to_string()))?;
+            fresh
+        }
+    };
+    let secret = match store.secret(proposed).await {
+        Ok(stored) => {
+            if local.is_some_and(|l| l != stored) {
+                tracing::warn!(
+                    "the installation secret in the data directory differs from the store's: the store's is used (users hashed meanwhile with the other count as new)"
+                );
+            }
+            stored
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "store unreachable: user ids are hashed with the installation secret kept in the data directory{}",
+                if local.is_some() { "" } else { " (none was there: a new one, offered to the store at the next start)" }
+            );
+            proposed
+        }
+    };
+    if local != Some(secret)
+        && let Some(file) = &file
+        && let Err(e) = write_secret(file, &secret)
+    {
+        tracing::warn!(error = %e, path = %file.display(), "cannot keep a copy of the installation secret");
+    }
+    Ok(crate::event::UserKey::new(secret))
+}
+
+fn write_secret(file: &std::path::Path, secret: &[u8; 16]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let tmp = file.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    f.write_all(secret)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, file)
+}
+
+/// The journal and dedupe, with what the journal on disk remembers.
+fn open_ingest(config: &Config, store: &Store) -> Result<Ingest, StartError> {
+    let dedupe = Dedupe::new(
+        config.dedupe_window,
+        usize::try_from(config.dedupe_max_ids).unwrap_or(usize::MAX),
+    );
+    let data_dir = if config.no_journal {
+        None
+    } else {
+        data_dir(config, store)
     };
     let Some(data_dir) = data_dir else {
         tracing::warn!("no journal: a 202 is durable only after the next flush");

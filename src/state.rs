@@ -41,6 +41,8 @@ pub struct Shared {
     /// change is logged once instead of once per probe.
     pub readiness: std::sync::Mutex<&'static str>,
     pub started: Instant,
+    /// The installation's key for user ids (see `event::UserKey`).
+    pub user_key: crate::event::UserKey,
 }
 
 #[derive(Clone)]

@@ -24,6 +24,31 @@ pub struct Summary {
     pub errors: Errors,
     pub spend: Spend,
     pub feedback: Feedback,
+    pub retention: Retention,
+    pub sessions: Sessions,
+}
+
+/// Of the latest complete cohort for each day (users whose first day was
+/// 2, 8 or 31 days ago), the share active again on day +1, +7, +30 (the
+/// classic definition; `/v1/retention` has both). Null without a cohort.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Retention {
+    pub d1: Option<f64>,
+    pub d7: Option<f64>,
+    pub d30: Option<f64>,
+}
+
+/// Sessions that ended today (a gap over `--session-gap` since their last
+/// event), from the user book.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Sessions {
+    pub today: u64,
+    /// Interpolated within its `bot_session_duration_seconds` bucket; null
+    /// before the first session of the day.
+    pub median_seconds_today: Option<f64>,
+    /// Messages the users wrote per session; null before the first.
+    pub messages_per_session_today: Option<f64>,
+    pub total: u64,
 }
 
 /// What the LLM calls cost. Money is counted in integer micro-units and
@@ -78,6 +103,11 @@ pub struct Users {
     pub active_30d: u64,
     pub registered_total: u64,
     pub registered_today: u64,
+    /// First seen today (within `--user-memory`), from the user book.
+    pub new_today: u64,
+    /// Active today, first seen on an earlier day.
+    pub returning_today: u64,
+    pub new_total: u64,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -142,6 +172,23 @@ fn top_three(mut spend: Vec<(String, u64)>) -> Vec<ModelSpend> {
     out
 }
 
+/// The latest complete cohorts' classic retention, as of the book's last
+/// scan.
+fn retention(bot: &BotMetrics, now: i64) -> Retention {
+    let today = bot.today.calendar().day_of(now);
+    let cohorts = bot.cohorts();
+    let ratio = |i: usize| {
+        let day = today.checked_sub(crate::metrics::users::RETENTION_DAYS[i] + 1)?;
+        let c = cohorts.iter().find(|c| c.day == day && c.size > 0)?;
+        Some(f64::from(c.classic[i]) / f64::from(c.size))
+    };
+    Retention {
+        d1: ratio(0),
+        d7: ratio(1),
+        d30: ratio(2),
+    }
+}
+
 /// Micro-units → currency units.
 fn money(micros: u64) -> f64 {
     micros as f64 / 1e6
@@ -190,6 +237,9 @@ impl Summary {
                 active_30d,
                 registered_total: bot.registered_total() as u64,
                 registered_today: bot.today.registered.get_at(ts),
+                new_today: bot.today.users_new.get_at(ts),
+                returning_today: bot.today.users_returning.get_at(ts),
+                new_total: bot.users_new_total() as u64,
             },
             responses: Responses {
                 total: responses as u64,
@@ -238,6 +288,17 @@ impl Summary {
                 rated_total: rated_total as u64,
                 satisfaction_total: share(liked_total, rated_total),
             },
+            retention: retention(bot, ts),
+            sessions: {
+                let today = bot.today.sessions.get_at(ts);
+                Sessions {
+                    today,
+                    median_seconds_today: bot.today.session_median_at(ts).map(f64::round),
+                    messages_per_session_today: (today > 0)
+                        .then(|| bot.today.session_messages.get_at(ts) as f64 / today as f64),
+                    total: bot.sessions_total() as u64,
+                }
+            },
         }
     }
 
@@ -272,7 +333,7 @@ impl Summary {
             "Today (since midnight, {}): {} (users' and the bot's), {}, {}",
             self.timezone,
             count(self.messages.today, "message", "messages"),
-            count(self.users.registered_today, "new user", "new users"),
+            count(self.users.registered_today, "registration", "registrations"),
             count(
                 self.limit_reached.today,
                 "daily-limit hit",
@@ -286,6 +347,27 @@ impl Summary {
             group(self.users.active_7d),
             group(self.users.active_30d)
         );
+        let share = |r: Option<f64>| r.map_or_else(|| "–".to_owned(), percent);
+        let _ = writeln!(
+            t,
+            "Users today: {} new, {} returning; retention D1 {}, D7 {}, D30 {}",
+            group(self.users.new_today),
+            group(self.users.returning_today),
+            share(self.retention.d1),
+            share(self.retention.d7),
+            share(self.retention.d30)
+        );
+        if let (Some(median), Some(messages)) = (
+            self.sessions.median_seconds_today,
+            self.sessions.messages_per_session_today,
+        ) {
+            let _ = writeln!(
+                t,
+                "Sessions today: {}, median {}, {messages:.1} messages each",
+                group(self.sessions.today),
+                duration(median * 1000.0),
+            );
+        }
         let _ = writeln!(
             t,
             "All time: {}, {}, {}",

@@ -12,7 +12,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
 use super::raw::{Object, RawEvent};
-use super::{Event, ParseError, Result};
+use super::{Event, ParseError, Result, UserKey};
 
 /// How a request body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,24 +25,25 @@ pub enum BodyFormat {
 
 /// Parses and checks a whole request body. Nothing is applied here: the
 /// caller applies the events only when every one of them is valid.
-pub fn parse_batch(
-    body: &[u8],
+pub fn parse_batch<'b>(
+    body: &'b [u8],
     format: BodyFormat,
     max_batch: usize,
     now: i64,
-) -> Result<Vec<Event<'_>>> {
+    key: &UserKey,
+) -> Result<Vec<Event<'b>>> {
     match format {
-        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now),
+        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now, key),
         BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => Err(ParseError::Malformed {
                 message: "the request body is empty".into(),
                 index: None,
             }),
-            Some(b'[') => parse_array(body, max_batch, now),
+            Some(b'[') => parse_array(body, max_batch, now, key),
             Some(_) => {
                 let Object(raw): Object<RawEvent> =
                     serde_json::from_slice(body).map_err(from_serde)?;
-                Ok(vec![raw.check(now)?])
+                Ok(vec![raw.check(now, key)?])
             }
         },
     }
@@ -54,7 +55,12 @@ fn too_many(max_batch: usize) -> ParseError {
     ))
 }
 
-fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
+fn parse_ndjson<'b>(
+    body: &'b [u8],
+    max_batch: usize,
+    now: i64,
+    key: &UserKey,
+) -> Result<Vec<Event<'b>>> {
     let mut events = Vec::new();
     let lines = body
         .split(|&b| b == b'\n')
@@ -65,7 +71,7 @@ fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>
         }
         let Object(raw): Object<RawEvent> =
             serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;
-        events.push(raw.check(now).map_err(|e| e.at(i))?);
+        events.push(raw.check(now, key).map_err(|e| e.at(i))?);
     }
     if events.is_empty() {
         return Err(ParseError::Malformed {
@@ -79,10 +85,16 @@ fn parse_ndjson(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>
 /// Reads a JSON array element by element, checking each event as it is
 /// read, so the error names the index at fault and a batch over the limit is
 /// refused without reading the rest.
-fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>> {
+fn parse_array<'b>(
+    body: &'b [u8],
+    max_batch: usize,
+    now: i64,
+    key: &UserKey,
+) -> Result<Vec<Event<'b>>> {
     struct Batch<'s> {
         max_batch: usize,
         now: i64,
+        key: &'s UserKey,
         index: &'s Cell<usize>,
         failure: &'s RefCell<Option<ParseError>>,
     }
@@ -113,7 +125,7 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
                 if events.len() == self.max_batch {
                     return Err(fail(too_many(self.max_batch)));
                 }
-                events.push(raw.check(self.now).map_err(fail)?);
+                events.push(raw.check(self.now, self.key).map_err(fail)?);
                 self.index.set(events.len());
             }
             Ok(events)
@@ -126,6 +138,7 @@ fn parse_array(body: &[u8], max_batch: usize, now: i64) -> Result<Vec<Event<'_>>
     let parsed = Batch {
         max_batch,
         now,
+        key,
         index: &index,
         failure: &failure,
     }
@@ -174,7 +187,13 @@ mod tests {
             "nul",
             r#"{"type":"limit_reached"} x"#,
         ] {
-            match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
+            match parse_batch(
+                json.as_bytes(),
+                BodyFormat::Json,
+                100,
+                NOW,
+                &crate::event::UserKey::legacy(),
+            ) {
                 Err(ParseError::Malformed { .. }) => {}
                 other => panic!("{json:?}: expected malformed, got {other:?}"),
             }
@@ -185,22 +204,46 @@ mod tests {
     fn batch_errors_name_the_index() {
         let body =
             r#"[{"type":"limit_reached"},{"type":"limit_reached"},{"type":"message","role":"x"}]"#;
-        match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
+        match parse_batch(
+            body.as_bytes(),
+            BodyFormat::Json,
+            100,
+            NOW,
+            &crate::event::UserKey::legacy(),
+        ) {
             Err(ParseError::Invalid { index: Some(2), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = r#"[{"type":"limit_reached"},{"type":"custom"}]"#;
-        match parse_batch(body.as_bytes(), BodyFormat::Json, 100, NOW) {
+        match parse_batch(
+            body.as_bytes(),
+            BodyFormat::Json,
+            100,
+            NOW,
+            &crate::event::UserKey::legacy(),
+        ) {
             Err(ParseError::Invalid { index: Some(1), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = "{\"type\":\"limit_reached\"}\n\n{\"type\":\"limit_reached\"}\n{\"type\":1}\n";
-        match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
+        match parse_batch(
+            body.as_bytes(),
+            BodyFormat::Ndjson,
+            100,
+            NOW,
+            &crate::event::UserKey::legacy(),
+        ) {
             Err(ParseError::Invalid { index: Some(2), .. }) => {}
             other => panic!("{other:?}"),
         }
         let body = "{\"type\":\"limit_reached\"}\n{oops\n";
-        match parse_batch(body.as_bytes(), BodyFormat::Ndjson, 100, NOW) {
+        match parse_batch(
+            body.as_bytes(),
+            BodyFormat::Ndjson,
+            100,
+            NOW,
+            &crate::event::UserKey::legacy(),
+        ) {
             Err(ParseError::Malformed { index: Some(1), .. }) => {}
             other => panic!("{other:?}"),
         }
@@ -210,18 +253,36 @@ mod tests {
     fn batch_size_is_capped() {
         let body = format!("[{}]", [r#"{"type":"limit_reached"}"#; 4].join(","));
         assert_eq!(
-            parse_batch(body.as_bytes(), BodyFormat::Json, 4, NOW)
-                .unwrap()
-                .len(),
+            parse_batch(
+                body.as_bytes(),
+                BodyFormat::Json,
+                4,
+                NOW,
+                &crate::event::UserKey::legacy()
+            )
+            .unwrap()
+            .len(),
             4
         );
         assert!(matches!(
-            parse_batch(body.as_bytes(), BodyFormat::Json, 3, NOW),
+            parse_batch(
+                body.as_bytes(),
+                BodyFormat::Json,
+                3,
+                NOW,
+                &crate::event::UserKey::legacy()
+            ),
             Err(ParseError::TooLarge(_))
         ));
         let nd = [r#"{"type":"limit_reached"}"#; 4].join("\n");
         assert!(matches!(
-            parse_batch(nd.as_bytes(), BodyFormat::Ndjson, 3, NOW),
+            parse_batch(
+                nd.as_bytes(),
+                BodyFormat::Ndjson,
+                3,
+                NOW,
+                &crate::event::UserKey::legacy()
+            ),
             Err(ParseError::TooLarge(_))
         ));
     }

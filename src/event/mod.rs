@@ -324,26 +324,43 @@ impl UserId<'_> {
 }
 
 /// A user id after hashing: what stands for a user everywhere past parsing
-/// (the sketches and the journal), so a raw id never outlives its request.
-/// The key is fixed, so every process and replica hashes a user alike.
+/// (the user book, the sketches and the journal), so a raw id never
+/// outlives its request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct UserHash(pub u64);
 
-/// The SipHash key for user ids. Fixed (not random per process) so sketches
-/// and journals written by one run merge with the next run's; ids are never
-/// stored, and a sketch register keeps only a maximum rank.
-pub(crate) const USER_HASH_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
+/// The key user ids are hashed with: the installation's secret (see
+/// `store::Store::secret`), shared by every replica through the store, so
+/// every process hashes a user alike and nobody without the secret can
+/// test a guessed id against a stored hash. SipHash-1-3 keyed with it.
+#[derive(Clone)]
+pub struct UserKey(hyperloglockless::DefaultHasher);
 
-static USER_HASHER: std::sync::LazyLock<hyperloglockless::DefaultHasher> =
-    std::sync::LazyLock::new(|| {
-        hyperloglockless::DefaultHasher::seeded(&USER_HASH_KEY.to_be_bytes())
-    });
+impl std::fmt::Debug for UserKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the secret, not even in a debug print.
+        f.write_str("UserKey(..)")
+    }
+}
 
-impl UserId<'_> {
-    /// The keyed hash of this id.
-    pub fn hash(&self) -> UserHash {
+/// The key compiled into versions before the installation secret: kept
+/// only so tests can show that nothing stored is computable with it.
+pub const LEGACY_USER_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
+
+impl UserKey {
+    pub fn new(secret: [u8; 16]) -> Self {
+        UserKey(hyperloglockless::DefaultHasher::seeded(&secret))
+    }
+
+    /// The fixed key of earlier versions (see [`LEGACY_USER_KEY`]).
+    pub fn legacy() -> Self {
+        Self::new(LEGACY_USER_KEY.to_be_bytes())
+    }
+
+    /// The keyed hash of `id`.
+    pub fn hash(&self, id: &UserId<'_>) -> UserHash {
         use std::hash::BuildHasher;
-        UserHash(self.hash_bytes(|bytes| USER_HASHER.hash_one(bytes)))
+        UserHash(id.hash_bytes(|bytes| self.0.hash_one(bytes)))
     }
 }
 
@@ -400,6 +417,9 @@ pub enum EventBody<'a> {
         score: Score,
         reason: Option<ShortName<'a>>,
     },
+    /// Not an event a bot posts: `DELETE /v1/users/{id}`, journaled like
+    /// one so that the erasure survives a crash and replays in order.
+    Forget,
 }
 
 /// A call's tokens. `prompt` includes `cached` and `cache_write`, as the

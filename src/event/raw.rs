@@ -15,7 +15,7 @@ use serde::de::{self, Deserializer, Visitor};
 use super::{
     CacheResult, ChatType, Cost, DEFAULT_CACHE, Decision, Event, EventBody, EventType, MAX_COST,
     MAX_CUSTOM_VALUE, MAX_DB_QUERIES, MAX_DURATION_MS, MAX_EVENT_ID_LEN, MAX_FUTURE_SECS,
-    MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens, UserId,
+    MAX_TOKENS, ParseError, Result, Role, Score, ShortName, Status, Tokens, UserId, UserKey,
 };
 
 /// `ts` as RFC 3339 text or unix seconds (integer or fractional).
@@ -218,7 +218,7 @@ impl<'a> RawEvent<'a> {
         .filter_map(|(name, present)| present.then_some(name))
     }
 
-    pub(super) fn check(self, now: i64) -> Result<Event<'a>> {
+    pub(super) fn check(self, now: i64, key: &UserKey) -> Result<Event<'a>> {
         let kind = self.event_type;
         let allowed: &[&str] = match kind {
             EventType::Message => &["role", "db_queries"],
@@ -383,7 +383,7 @@ impl<'a> RawEvent<'a> {
             }
         };
         Ok(Event {
-            user: self.user_id.as_ref().map(UserId::hash),
+            user: self.user_id.as_ref().map(|id| key.hash(id)),
             event_id: self.event_id,
             ts,
             chat_type: self.chat_type,
@@ -400,7 +400,14 @@ mod tests {
     const NOW: i64 = 1_800_000_000;
 
     fn one(json: &str) -> Result<Event<'_>> {
-        parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW).map(|mut v| v.remove(0))
+        parse_batch(
+            json.as_bytes(),
+            BodyFormat::Json,
+            100,
+            NOW,
+            &crate::event::UserKey::legacy(),
+        )
+        .map(|mut v| v.remove(0))
     }
 
     /// The wire name of a parsed body's type, to check it independently of
@@ -416,6 +423,7 @@ mod tests {
             EventBody::Error { .. } => "error",
             EventBody::Custom { .. } => "custom",
             EventBody::Feedback { .. } => "feedback",
+            EventBody::Forget => "forget",
         }
     }
 
@@ -587,7 +595,13 @@ mod tests {
             r#"[]"#,
             r#"42"#,
         ] {
-            match parse_batch(json.as_bytes(), BodyFormat::Json, 100, NOW) {
+            match parse_batch(
+                json.as_bytes(),
+                BodyFormat::Json,
+                100,
+                NOW,
+                &crate::event::UserKey::legacy(),
+            ) {
                 Err(ParseError::Invalid { .. }) => {}
                 other => panic!("{json}: expected invalid, got {other:?}"),
             }

@@ -92,7 +92,7 @@ async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Acc
     let state = state.clone();
     let bot = bot.clone();
     tokio::spawn(async move {
-        let mut events = parse_batch(&bytes, format, max_batch, now)?;
+        let mut events = parse_batch(&bytes, format, max_batch, now, &state.user_key)?;
         state.prices().price(&mut events);
         Ok(state.ingest.apply(&bot, &events, now_ms).await?)
     })

@@ -7,6 +7,7 @@ mod health;
 mod history;
 mod metrics;
 mod summary;
+mod users;
 
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ pub fn router(state: AppState) -> Router {
         .merge(metrics::router())
         // Compresses the JSON answers that can be large; /metrics arrives
         // already compressed (once per render), and event answers are tiny.
-        .merge(summary::router().merge(history::router()).layer(CompressionLayer::new().gzip(true)))
+        .merge(summary::router().merge(history::router()).merge(users::router()).layer(CompressionLayer::new().gzip(true)))
         .merge(health::router())
         .fallback(|| async { Error::NotFound("no such endpoint; see README for the API".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

@@ -18,7 +18,9 @@ use std::sync::Mutex;
 
 use super::ring::Ring;
 pub use super::sketch::{PRECISION, REGISTERS, SPARSE_MAX, SPARSE_PRECISION};
-use crate::event::{UserHash, UserId};
+use crate::event::UserHash;
+#[cfg(test)]
+use crate::event::UserId;
 pub use crate::store::{Granularity, SketchRow};
 
 pub struct ActiveUsers {
@@ -58,8 +60,9 @@ impl ActiveUsers {
 
     /// Counts a user as active at `ts` (unix seconds). The id is hashed
     /// once and dropped.
+    #[cfg(test)]
     pub fn insert(&self, user: &UserId<'_>, ts: i64) {
-        self.insert_hashed(user.hash(), ts);
+        self.insert_hashed(crate::event::UserKey::legacy().hash(user), ts);
     }
 
     /// Counts an already hashed user as active at `ts` (unix seconds).
@@ -324,7 +327,7 @@ mod tests {
     #[test]
     fn old_dense_rows_read_and_malformed_rows_refused() {
         // A dense row as earlier versions stored it: one user's register.
-        let hash = user(7).hash().0;
+        let hash = crate::event::UserKey::legacy().hash(&user(7)).0;
         let mut registers = vec![0u8; REGISTERS];
         registers[(hash >> 50) as usize] = rank_of(hash);
         let row = |registers: Vec<u8>| SketchRow {

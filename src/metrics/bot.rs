@@ -15,6 +15,10 @@ use crate::event::{
 use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot, Micros};
 use crate::metrics::today::Today;
+use crate::metrics::users::{
+    BookLimits, Cohort, RETENTION_DAYS, SESSION_DURATION_BUCKETS, SESSION_MESSAGE_BUCKETS, Session,
+    UserBook,
+};
 
 /// How a family is exposed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +150,41 @@ family!(
     "Custom events, summed by their value."
 );
 family!(
+    USERS_NEW,
+    "bot_users_new_total",
+    Counter,
+    [],
+    "Users seen for the first time (within --user-memory): their first event."
+);
+family!(
+    SESSIONS,
+    "bot_sessions_total",
+    Counter,
+    [],
+    "Sessions that ended: runs of a user's events with no gap over --session-gap."
+);
+family!(
+    SESSION_DURATION,
+    "bot_session_duration_seconds",
+    Histogram,
+    [],
+    "Duration of ended sessions, first event to last."
+);
+family!(
+    SESSION_MESSAGES,
+    "bot_session_messages",
+    Histogram,
+    [],
+    "Messages users wrote in ended sessions."
+);
+family!(
+    RETENTION,
+    "bot_retention_ratio",
+    Gauge,
+    ["day"],
+    "Of the latest complete cohort (users whose first day it was), the share active again on day +1, +7 or +30; 0 for an empty cohort."
+);
+family!(
     ACTIVE_USERS,
     "bot_active_users",
     Gauge,
@@ -170,8 +209,20 @@ pub static FAMILIES: &[&FamilyDesc] = &[
     &LLM_TTFT,
     &FEEDBACK,
     &CUSTOM,
+    &USERS_NEW,
+    &SESSIONS,
+    &SESSION_DURATION,
+    &SESSION_MESSAGES,
+    &RETENTION,
     &ACTIVE_USERS,
 ];
+
+/// Whether a family is derived from other state (sketches, the user book)
+/// rather than counted: such gauges are never restored, synced as deltas or
+/// summed, only computed again.
+pub fn derived(metric: &str) -> bool {
+    metric == ACTIVE_USERS.name || metric == RETENTION.name
+}
 
 /// Response-time buckets for LLM calls: 50 ms to a minute.
 pub const RESPONSE_BUCKETS: &[f64] = &[
@@ -187,6 +238,8 @@ pub fn histogram_bounds(family: &str) -> Option<&'static [f64]> {
     match family {
         "bot_response_duration_seconds" => Some(RESPONSE_BUCKETS),
         "bot_db_queries_per_message" => Some(DB_QUERY_BUCKETS),
+        "bot_session_duration_seconds" => Some(SESSION_DURATION_BUCKETS),
+        "bot_session_messages" => Some(SESSION_MESSAGE_BUCKETS),
         _ => None,
     }
 }
@@ -234,7 +287,16 @@ pub struct BotMetrics {
     ttft: Histogram,
     feedback: [Counter; 7],
     custom: Family<Counter>,
+    users_new: Counter,
+    sessions: Counter,
+    session_duration: Histogram,
+    session_messages: Histogram,
+    /// Set by each scan of the book: the latest complete cohort's ratios,
+    /// and every cohort (for `/v1/retention` and the summary).
+    retention: [Counter; 3],
+    cohorts: std::sync::RwLock<Arc<Vec<Cohort>>>,
     pub active: ActiveUsers,
+    pub book: UserBook,
     pub today: Today,
     pub counters: SelfCounters,
 }
@@ -276,6 +338,7 @@ impl BotMetrics {
         max_label_values: usize,
         counters: SelfCounters,
         today: Today,
+        book: BookLimits,
     ) -> Self {
         let metrics = BotMetrics {
             bot,
@@ -292,7 +355,14 @@ impl BotMetrics {
             ttft: Histogram::new(TTFT_BUCKETS),
             feedback: Default::default(),
             custom: Family::new(max_label_values, counters.overflow_name.clone()),
+            users_new: Counter::default(),
+            sessions: Counter::default(),
+            session_duration: Histogram::new(SESSION_DURATION_BUCKETS),
+            session_messages: Histogram::new(SESSION_MESSAGE_BUCKETS),
+            retention: Default::default(),
+            cohorts: Default::default(),
             active: ActiveUsers::new(),
+            book: UserBook::new(book),
             today,
             counters,
         };
@@ -306,7 +376,12 @@ impl BotMetrics {
     /// free-form family; never touches the store.
     pub fn apply(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
+            if event.body == EventBody::Forget {
+                self.book.forget(user.0);
+                return;
+            }
             self.active.insert_hashed(user, event.ts);
+            self.note_user(user.0, event);
         }
         match &event.body {
             EventBody::Message { role, db_queries } => {
@@ -378,7 +453,72 @@ impl BotMetrics {
             }
             EventBody::Error { kind } => self.errors.with(kind.as_str(), |c| c.add(1.0)),
             EventBody::Custom { name, value } => self.custom.with(name.as_str(), |c| c.add(*value)),
+            // Without a user there is nothing to forget.
+            EventBody::Forget => {}
         }
+    }
+
+    /// The user book's part of an event: new, returning, a session ended.
+    fn note_user(&self, user: u64, event: &Event<'_>) {
+        let message = matches!(
+            event.body,
+            EventBody::Message {
+                role: Role::User,
+                ..
+            }
+        );
+        let day = self.today.calendar().day_of(event.ts);
+        let touched = self.book.touch(user, event.ts, day, message);
+        if touched.new {
+            self.users_new.add(1.0);
+            self.today.users_new.add(event.ts, 1);
+        }
+        if touched.returning {
+            self.today.users_returning.add(event.ts, 1);
+        }
+        if let Some(session) = touched.ended {
+            self.end_session(session);
+        }
+    }
+
+    fn end_session(&self, s: Session) {
+        self.sessions.add(1.0);
+        self.session_duration.observe(f64::from(s.seconds));
+        self.session_messages.observe(f64::from(s.messages));
+        self.today
+            .add_session(i64::from(s.last_ts), s.seconds, s.messages);
+    }
+
+    /// The periodic pass over the user book at unix seconds `now`: ends the
+    /// sessions whose gap has passed, forgets users past memory, and counts
+    /// the cohorts. Run with ingest's gate held shared, like a request, so
+    /// a flush's cut never sees half of it.
+    pub fn scan_users(&self, now: i64) -> crate::metrics::users::Scanned {
+        let today = self.today.calendar().day_of(now);
+        let scanned = self.book.scan(now, today);
+        for s in &scanned.ended {
+            self.end_session(*s);
+        }
+        // The latest complete cohort for day +N: its day +N has ended.
+        for (i, n) in RETENTION_DAYS.iter().enumerate() {
+            let ratio = today
+                .checked_sub(n + 1)
+                .and_then(|day| scanned.cohorts.iter().find(|c| c.day == day))
+                .filter(|c| c.size > 0)
+                .map_or(0.0, |c| f64::from(c.classic[i]) / f64::from(c.size));
+            self.retention[i].set(ratio);
+        }
+        *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) =
+            Arc::new(scanned.cohorts.clone());
+        scanned
+    }
+
+    /// Every cohort as of the last scan, oldest first.
+    pub fn cohorts(&self) -> Arc<Vec<Cohort>> {
+        self.cohorts
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Walks every series of this bot in exposition order.
@@ -467,6 +607,17 @@ impl BotMetrics {
         }
         self.custom
             .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
+        // The book's series exist from start-up, as the closed sets do,
+        // unless the book is off (`--user-memory 0`).
+        if self.book.enabled() {
+            v.scalar(&USERS_NEW, &[bot], self.users_new.get());
+            v.scalar(&SESSIONS, &[bot], self.sessions.get());
+            v.histogram(&SESSION_DURATION, &[bot], &self.session_duration.snapshot());
+            v.histogram(&SESSION_MESSAGES, &[bot], &self.session_messages.snapshot());
+            for (i, day) in ["1", "7", "30"].iter().enumerate() {
+                v.scalar(&RETENTION, &[bot, day], self.retention[i].get());
+            }
+        }
         for (window, estimate) in self.active.estimates() {
             v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
         }
@@ -488,6 +639,8 @@ impl BotMetrics {
             "bot_users_registered_total" => Some(&self.registered),
             "bot_consent_total" => closed("decision", Decision::NAMES).map(|i| &self.consent[i]),
             "bot_limit_reached_total" => Some(&self.limit_reached),
+            "bot_users_new_total" => Some(&self.users_new),
+            "bot_sessions_total" => Some(&self.sessions),
             "bot_feedback_total" => closed("score", Score::NAMES).map(|i| &self.feedback[i]),
             "bot_llm_cost_total" => {
                 return match (label("model"), closed("source", CostSource::NAMES)) {
@@ -560,6 +713,8 @@ impl BotMetrics {
             "bot_response_duration_seconds" => self.response_duration.restore(buckets, sum),
             "bot_db_queries_per_message" => self.db_queries.restore(buckets, sum),
             "bot_llm_ttft_seconds" => self.ttft.restore(buckets, sum),
+            "bot_session_duration_seconds" => self.session_duration.restore(buckets, sum),
+            "bot_session_messages" => self.session_messages.restore(buckets, sum),
             _ => false,
         }
     }
@@ -575,6 +730,14 @@ impl BotMetrics {
 
     pub fn response_duration(&self) -> HistogramSnapshot {
         self.response_duration.snapshot()
+    }
+
+    pub fn users_new_total(&self) -> f64 {
+        self.users_new.get()
+    }
+
+    pub fn sessions_total(&self) -> f64 {
+        self.sessions.get()
     }
 
     pub fn registered_total(&self) -> f64 {

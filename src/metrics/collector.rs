@@ -367,7 +367,7 @@ mod tests {
             .into_iter()
             .map(Arc::from)
             .collect();
-        let metrics = Metrics::new(&names, 3, chrono_tz::UTC, 30.0).unwrap();
+        let metrics = Metrics::new(&names, 3, chrono_tz::UTC, 30.0, Default::default()).unwrap();
         let body = br#"[
             {"type":"message","role":"assistant","user_id":1,"db_queries":3},
             {"type":"message","role":"user","user_id":"u2"},
@@ -384,7 +384,14 @@ mod tests {
             {"type":"limit_reached"}
         ]"#;
         let now = chrono::Utc::now().timestamp();
-        let events = parse_batch(body, BodyFormat::Json, 100, now).unwrap();
+        let events = parse_batch(
+            body,
+            BodyFormat::Json,
+            100,
+            now,
+            &crate::event::UserKey::legacy(),
+        )
+        .unwrap();
         for (i, bot) in metrics.bots().iter().enumerate() {
             // Each bot a different share of the batch; one bot nothing.
             for event in events.iter().take(i * 3) {

@@ -8,6 +8,7 @@ mod collector;
 mod ring;
 mod sketch;
 pub mod today;
+pub mod users;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -75,6 +76,12 @@ pub struct SelfMetrics {
     pub series: IntGauge,
     /// Set by every `/metrics` render: heap bytes of every bot's sketches.
     pub sketch_bytes: IntGauge,
+    /// Set by every scan of the user books.
+    pub book_users: prometheus::IntGaugeVec,
+    pub book_fill: prometheus::GaugeVec,
+    pub book_evicted: IntCounterVec,
+    pub book_bytes: IntGauge,
+    pub book_scan_duration: Histogram,
 }
 
 const STORE_BUCKETS: &[f64] = &[
@@ -273,6 +280,53 @@ impl SelfMetrics {
                     "Heap bytes held by every bot's active-user sketches; at most 884736 (54 dense sketches) per bot.",
                 )?,
             )?,
+            book_users: reg(
+                registry,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "botmetrics_user_book_users",
+                        "Users the bot's user book remembers (as of its last scan).",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            book_fill: reg(
+                registry,
+                prometheus::GaugeVec::new(
+                    Opts::new(
+                        "botmetrics_user_book_fill_ratio",
+                        "Remembered users over --max-users-per-bot: at 1 the least recently seen are evicted.",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            book_evicted: reg(
+                registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "botmetrics_user_book_evicted_total",
+                        "Users forgotten early because the book was full; back, they count as new.",
+                    ),
+                    &["bot"],
+                )?,
+            )?,
+            book_bytes: reg(
+                registry,
+                IntGauge::new(
+                    "botmetrics_user_book_bytes",
+                    "Bytes held by every bot's user book tables.",
+                )?,
+            )?,
+            book_scan_duration: reg(
+                registry,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "botmetrics_user_book_scan_duration_seconds",
+                        "Time of one scan of every user book (sessions ended, users expired, cohorts counted).",
+                    )
+                    .buckets(STORE_BUCKETS.to_vec()),
+                )?,
+            )?,
         };
         let ttl = reg(
             registry,
@@ -298,6 +352,9 @@ impl SelfMetrics {
         for bot in bots {
             m.events_accepted.with_label_values(&[&**bot]);
             m.events_duplicate.with_label_values(&[&**bot]);
+            m.book_users.with_label_values(&[&**bot]);
+            m.book_fill.with_label_values(&[&**bot]);
+            m.book_evicted.with_label_values(&[&**bot]);
             for label in ["kind", "name", "model", "cache"] {
                 m.label_overflow.with_label_values(&[&**bot, label]);
             }
@@ -332,6 +389,7 @@ impl Metrics {
         max_label_values: usize,
         tz: chrono_tz::Tz,
         cache_ttl_seconds: f64,
+        book: users::BookLimits,
     ) -> prometheus::Result<Self> {
         let registry = Registry::new();
         let selfm = SelfMetrics::register(&registry, cache_ttl_seconds, bots)?;
@@ -354,6 +412,7 @@ impl Metrics {
                     max_label_values,
                     counters,
                     Today::new(calendar.clone()),
+                    book,
                 ))
             })
             .collect();
@@ -381,6 +440,7 @@ impl Metrics {
             usize::MAX,
             own.counters.clone(),
             Today::new(self.calendar.clone()),
+            users::BookLimits::OFF,
         ))
     }
 

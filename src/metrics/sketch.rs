@@ -477,14 +477,14 @@ mod tests {
     fn dense_estimator_matches_the_crate() {
         use hyperloglockless::AtomicHyperLogLog;
         for n in [0u64, 1, 100, 3000, 50_000] {
-            let reference = AtomicHyperLogLog::seeded(PRECISION, crate::event::USER_HASH_KEY);
+            let reference = AtomicHyperLogLog::seeded(PRECISION, crate::event::LEGACY_USER_KEY);
             let ours = Sketch::default();
             {
                 let mut list = ours.lock();
                 ours.densify(&mut list);
             }
             for i in 0..n {
-                let hash = user(i).hash().0;
+                let hash = crate::event::UserKey::legacy().hash(&user(i)).0;
                 reference.insert_hash(hash);
                 ours.insert(hash, &AtomicUsize::new(0));
             }

@@ -198,7 +198,7 @@ impl WeekCounter {
 
 /// The names under which the counters are stored, in [`Today::counters`]'
 /// order, with how long each stays current.
-const STORED: [(&str, Keep); 21] = [
+const STORED: [(&str, Keep); STORED_LEN] = [
     ("messages", Keep::Day),
     ("users_registered", Keep::Day),
     ("limit_reached", Keep::Day),
@@ -220,7 +220,28 @@ const STORED: [(&str, Keep); 21] = [
     ("feedback_positive_7d.4", Keep::Week),
     ("feedback_positive_7d.5", Keep::Week),
     ("feedback_positive_7d.6", Keep::Week),
+    ("users_new", Keep::Day),
+    ("users_returning", Keep::Day),
+    ("sessions", Keep::Day),
+    ("session_messages", Keep::Day),
+    ("session_seconds.0", Keep::Day),
+    ("session_seconds.1", Keep::Day),
+    ("session_seconds.2", Keep::Day),
+    ("session_seconds.3", Keep::Day),
+    ("session_seconds.4", Keep::Day),
+    ("session_seconds.5", Keep::Day),
+    ("session_seconds.6", Keep::Day),
+    ("session_seconds.7", Keep::Day),
+    ("session_seconds.8", Keep::Day),
+    ("session_seconds.9", Keep::Day),
+    ("session_seconds.10", Keep::Day),
+    ("session_seconds.11", Keep::Day),
 ];
+
+/// How many counters [`Today::counters`] lists.
+pub const STORED_LEN: usize = 37;
+/// Where the session counters start in [`STORED`].
+const SESSIONS_AT: usize = 21;
 
 /// The oldest day a stored count of any kind can still be current on
 /// `today`: the month's first day or six days ago, whichever is earlier.
@@ -247,6 +268,16 @@ pub struct Today {
     spend_month: DailyCounter,
     rated_week: WeekCounter,
     positive_week: WeekCounter,
+    /// Users whose first event (within the user book's memory) was today,
+    /// and users of an earlier first day back today.
+    pub users_new: TodayCounter,
+    pub users_returning: TodayCounter,
+    /// Sessions that ended today (their last event was today), their
+    /// messages, and their durations by `users::SESSION_DURATION_BUCKETS`
+    /// (one more for longer ones), for today's median.
+    pub sessions: TodayCounter,
+    pub session_messages: TodayCounter,
+    session_seconds: [DailyCounter; 12],
 }
 
 /// A [`DailyCounter`] that knows its calendar.
@@ -287,6 +318,11 @@ impl Today {
             spend_month: DailyCounter::default(),
             rated_week: WeekCounter::default(),
             positive_week: WeekCounter::default(),
+            users_new: counter(),
+            users_returning: counter(),
+            sessions: counter(),
+            session_messages: counter(),
+            session_seconds: Default::default(),
             calendar,
         }
     }
@@ -313,6 +349,47 @@ impl Today {
         }
     }
 
+    /// Counts a session that ended, on the day of its last event.
+    pub fn add_session(&self, last_ts: i64, seconds: u32, messages: u16) {
+        let day = self.calendar.day_of(last_ts);
+        self.sessions.counter.add_on(day, 1);
+        self.session_messages
+            .counter
+            .add_on(day, u64::from(messages));
+        let bucket = crate::metrics::users::SESSION_DURATION_BUCKETS
+            .iter()
+            .position(|b| f64::from(seconds) <= *b)
+            .unwrap_or(self.session_seconds.len() - 1);
+        self.session_seconds[bucket].add_on(day, 1);
+    }
+
+    /// The median duration of today's ended sessions at `now`, seconds,
+    /// interpolated within its bucket; `None` without a session.
+    pub fn session_median_at(&self, now: i64) -> Option<f64> {
+        let day = self.calendar.day_of(now);
+        let counts: Vec<u64> = self.session_seconds.iter().map(|c| c.get_on(day)).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let bounds = crate::metrics::users::SESSION_DURATION_BUCKETS;
+        let half = total as f64 / 2.0;
+        let mut below = 0.0;
+        for (i, n) in counts.iter().enumerate() {
+            let n = *n as f64;
+            if below + n >= half && n > 0.0 {
+                let low = if i == 0 { 0.0 } else { bounds[i - 1] };
+                // Past the last bound there is no upper edge: its low edge.
+                let Some(high) = bounds.get(i) else {
+                    return Some(low);
+                };
+                return Some(low + (high - low) * (half - below) / n);
+            }
+            below += n;
+        }
+        None
+    }
+
     /// This month's spend at `now`, in micro-units.
     pub fn spend_month_at(&self, now: i64) -> u64 {
         self.spend_month
@@ -330,8 +407,8 @@ impl Today {
 
     /// Every stored counter with its storage name: its day (the month's
     /// first for the month's count) and value are what is stored.
-    pub fn counters(&self) -> [(&'static str, &DailyCounter); 21] {
-        let mut cells: [&DailyCounter; 21] = [&self.spend_month; 21];
+    pub fn counters(&self) -> [(&'static str, &DailyCounter); STORED_LEN] {
+        let mut cells: [&DailyCounter; STORED_LEN] = [&self.spend_month; STORED_LEN];
         cells[0] = &self.messages.counter;
         cells[1] = &self.registered.counter;
         cells[2] = &self.limit_reached.counter;
@@ -342,6 +419,13 @@ impl Today {
         for slot in 0..7 {
             cells[7 + slot] = &self.rated_week.0[slot];
             cells[14 + slot] = &self.positive_week.0[slot];
+        }
+        cells[SESSIONS_AT] = &self.users_new.counter;
+        cells[SESSIONS_AT + 1] = &self.users_returning.counter;
+        cells[SESSIONS_AT + 2] = &self.sessions.counter;
+        cells[SESSIONS_AT + 3] = &self.session_messages.counter;
+        for (i, c) in self.session_seconds.iter().enumerate() {
+            cells[SESSIONS_AT + 4 + i] = c;
         }
         std::array::from_fn(|i| (STORED[i].0, cells[i]))
     }

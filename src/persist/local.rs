@@ -10,14 +10,15 @@ use std::sync::{Arc, Mutex};
 use chrono::Utc;
 
 use super::{
-    Cut, PersistError, RestoreReport, Result, Source, Written, changed, restore, snapshot,
+    Cut, PersistError, RestoreReport, Result, Source, Written, changed, restore, restore_users,
+    snapshot,
 };
 use crate::BoxFuture;
 use crate::ingest::Ingest;
 use crate::journal::JournalError;
 use crate::metrics::Metrics;
 use crate::metrics::today::Calendar;
-use crate::store::{DailyRow, FlushBatch, SeriesRow, StoreError, Stored, StoredSketch};
+use crate::store::{BotUsers, DailyRow, FlushBatch, SeriesRow, StoreError, Stored, StoredSketch};
 
 /// How far the store holds the journals, as this process knows it.
 #[derive(Default)]
@@ -107,6 +108,9 @@ impl Source for Local {
     ) -> BoxFuture<'a, Result<RestoreReport>> {
         Box::pin(async move {
             let report = restore(&self.metrics, beyond, Utc::now().timestamp());
+            // The book is state, not a sum: the store's rows merge into
+            // what memory holds (see `UserBook::restore`).
+            restore_users(&self.metrics, stored);
             if let Some(journal) = self.ingest.journal() {
                 let applied = stored.progress.get(journal.id()).copied().unwrap_or(0);
                 // The store may hold numbers this journal's disk lost (a
@@ -146,13 +150,22 @@ impl Source for Local {
             self.adopt_orphans().await?;
             // One consistent cut: no request counts while it is taken, so
             // the rows hold exactly the journal up to `lsn`.
-            let (rows, sketches, daily, lsn) = self
+            let (rows, sketches, daily, users, lsn) = self
                 .ingest
                 .consistent(|lsn| {
                     let rows = changed(&self.metrics, written);
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
+                    let mut users = Vec::new();
                     for bot in self.metrics.bots() {
+                        let cut = bot.book.cut();
+                        if !cut.changed.is_empty() || !cut.gone.is_empty() {
+                            users.push(BotUsers {
+                                bot: bot.bot.to_string(),
+                                changed: cut.changed,
+                                gone: cut.gone,
+                            });
+                        }
                         for sketch in bot.active.take_dirty() {
                             sketches.push(StoredSketch {
                                 bot: bot.bot.to_string(),
@@ -169,11 +182,12 @@ impl Source for Local {
                             });
                         }
                     }
-                    (rows, sketches, daily, lsn)
+                    (rows, sketches, daily, users, lsn)
                 })
                 .await;
             let mut rest = FlushBatch {
                 sketches,
+                users,
                 ..FlushBatch::default()
             };
             if let Some(journal) = self.ingest.journal()
@@ -211,6 +225,14 @@ impl Source for Local {
         for s in &batch.sketches {
             if let Some(bot) = self.metrics.bot(&s.bot) {
                 bot.active.mark_dirty(std::slice::from_ref(&s.sketch));
+            }
+        }
+        for u in &batch.users {
+            if let Some(bot) = self.metrics.bot(&u.bot) {
+                bot.book.not_stored(&crate::metrics::users::BookCut {
+                    changed: u.changed.clone(),
+                    gone: u.gone.clone(),
+                });
             }
         }
     }

@@ -28,8 +28,8 @@ use chrono::{NaiveDate, Utc};
 use tokio::sync::Mutex;
 
 pub use rows::{
-    Daily, RestoreReport, Written, beyond, bot_rows, changed, restore, restore_into, snapshot,
-    whole_histograms,
+    Daily, RestoreReport, Written, beyond, bot_rows, changed, restore, restore_into, restore_users,
+    snapshot, whole_histograms,
 };
 
 use crate::BoxFuture;

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use chrono::NaiveDate;
 
-use crate::metrics::bot::{ACTIVE_USERS, FAMILIES, FamilyDesc, Kind, Visitor, histogram_bounds};
+use crate::metrics::bot::{FAMILIES, FamilyDesc, Kind, Visitor, histogram_bounds};
 use crate::metrics::cells::whole_lines;
 use crate::metrics::today::Calendar;
 use crate::metrics::{BotMetrics, HistogramSnapshot, Metrics};
@@ -408,6 +408,19 @@ pub fn beyond(stored: &store::Stored, written: &Written, daily: &Daily) -> store
     }
 }
 
+/// Puts each bot's stored users back into its book (rows of bots no longer
+/// configured are left in the store).
+pub fn restore_users(metrics: &Metrics, stored: &store::Stored) -> usize {
+    let mut users = 0;
+    for (bot, rows) in &stored.users {
+        if let Some(b) = metrics.bot(bot) {
+            users += rows.len();
+            b.book.restore(rows.iter().copied());
+        }
+    }
+    users
+}
+
 /// What a restore did, for the start-up log.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RestoreReport {
@@ -452,8 +465,8 @@ pub fn restore_into<'m>(
             report.skipped += 1;
             continue;
         };
-        // Active-user gauges are derived from sketches, not restored.
-        if row.metric == ACTIVE_USERS.name {
+        // Gauges derived from sketches or the user book are not restored.
+        if crate::metrics::bot::derived(&row.metric) {
             continue;
         }
         let labels: BTreeMap<String, String> =
@@ -573,7 +586,8 @@ mod tests {
 
     #[test]
     fn rows_missing_histogram_lines_are_completed_and_restore_whole() {
-        let metrics = Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0).unwrap();
+        let metrics =
+            Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0, Default::default()).unwrap();
         let calendar = metrics.calendar();
         // The rows restore as they are...
         let stored = store::Stored {
@@ -615,7 +629,8 @@ mod tests {
         ];
         whole_histograms(&mut rows);
         assert_eq!(rows.len(), 2, "nothing guessed for another build's buckets");
-        let metrics = Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0).unwrap();
+        let metrics =
+            Metrics::new(&["a".into()], 10, chrono_tz::UTC, 30.0, Default::default()).unwrap();
         let stored = store::Stored {
             series: rows,
             ..store::Stored::default()
@@ -654,10 +669,25 @@ mod tests {
     #[test]
     fn changed_rows_are_the_snapshot_rows_the_store_does_not_hold() {
         use crate::event::{BodyFormat, parse_batch};
-        let metrics = Metrics::new(&["a".into(), "b".into()], 10, chrono_tz::UTC, 30.0).unwrap();
+        let metrics = Metrics::new(
+            &["a".into(), "b".into()],
+            10,
+            chrono_tz::UTC,
+            30.0,
+            Default::default(),
+        )
+        .unwrap();
         let now = chrono::Utc::now().timestamp();
         let apply = |bot: &str, body: &[u8]| {
-            for event in &parse_batch(body, BodyFormat::Json, 100, now).unwrap() {
+            for event in &parse_batch(
+                body,
+                BodyFormat::Json,
+                100,
+                now,
+                &crate::event::UserKey::legacy(),
+            )
+            .unwrap()
+            {
                 metrics.bot(bot).unwrap().apply(event);
             }
         };

@@ -18,6 +18,7 @@ pub(super) const SKETCHES_SQL: &str =
     "select bot, granularity, bucket, registers from active_user_sketches";
 pub(super) const PROGRESS_SQL: &str = "select journal, applied from journal_progress";
 pub(super) const CLUSTER_SKETCHES_SQL: &str = "select bot, sketch, hll from cluster_sketches";
+pub(super) const USERS_SQL: &str = "select bot, user_key, first_day, last_day, days, last_ts, session_start, session_messages, session_ended from user_book";
 pub(super) const CLUSTER_PROGRESS_SQL: &str = "select bot, replica, applied from cluster_progress";
 
 /// Reads every table a restart restores on one open transaction (`$tx`, of
@@ -49,8 +50,39 @@ macro_rules! read_all {
                 .fetch_all(&mut *$tx)
                 .await?,
         );
+        $crate::store::load::decode_users(
+            &mut stored,
+            sqlx::query_as($crate::store::load::USERS_SQL)
+                .fetch_all(&mut *$tx)
+                .await?,
+        );
         stored
     }};
+}
+
+/// A user-book row as read: bot, then the numbers in [`USERS_SQL`]' order.
+pub(super) type UserTuple = (String, i64, i64, i64, i64, i64, i64, i64, i64);
+
+/// The user book of a load, grouped by bot. Numbers out of their range
+/// (a hand-edited row) are clamped, never a failed start.
+pub(super) fn decode_users(stored: &mut Stored, rows: Vec<UserTuple>) {
+    use crate::metrics::users::{Entry, UserRow};
+    let u16_of = |v: i64| u16::try_from(v.max(0)).unwrap_or(u16::MAX);
+    let u32_of = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
+    for (bot, key, first, last, days, last_ts, start, messages, ended) in rows {
+        stored.users.entry(bot).or_default().push(UserRow {
+            key: key as u64,
+            entry: Entry::stored(
+                u16_of(first),
+                u16_of(last),
+                u32_of(days),
+                u32_of(last_ts),
+                u32_of(start),
+                u16_of(messages),
+                ended != 0,
+            ),
+        });
+    }
 }
 
 /// The series, sketches and "today" counters of a load, as read by

@@ -140,6 +140,17 @@ pub struct FlushBatch {
     /// each replica's journal per bot, as of the same read as the totals.
     pub cluster_sketches: Vec<ClusterSketch>,
     pub cluster_progress: Vec<ClusterProgress>,
+    /// Each bot's user book: users that changed (upserted) and users gone
+    /// (their rows deleted).
+    pub users: Vec<BotUsers>,
+}
+
+/// One bot's part of the user book in a flush.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BotUsers {
+    pub bot: String,
+    pub changed: Vec<crate::metrics::users::UserRow>,
+    pub gone: Vec<u64>,
 }
 
 /// A Redis HyperLogLog as the store keeps it (cluster mode): its name
@@ -183,6 +194,8 @@ pub struct FlushReport {
 /// What a start-up restore reads.
 #[derive(Debug, Default)]
 pub struct Stored {
+    /// Each bot's remembered users.
+    pub users: std::collections::HashMap<String, Vec<crate::metrics::users::UserRow>>,
     pub series: Vec<SeriesRow>,
     pub sketches: Vec<StoredSketch>,
     pub daily: Vec<DailyRow>,
@@ -452,6 +465,19 @@ impl Store {
             }
             Db::Sqlite(pool) => sqlite::maintain(pool, cutoff, &prune).await,
         }
+    }
+
+    /// The installation's secret for user ids: the one the store holds, or
+    /// `proposed` if it holds none yet (then stored). Concurrent first
+    /// starts agree: the first insert wins and every process reads it.
+    pub async fn secret(&self, proposed: [u8; 16]) -> Result<[u8; 16]> {
+        let value = match &self.db {
+            Db::Postgres(pool) => postgres::secret(pool, &proposed).await?,
+            Db::Sqlite(pool) => sqlite::secret(pool, &proposed).await?,
+        };
+        value.try_into().map_err(|v: Vec<u8>| {
+            StoreError::Corrupt(format!("installation secret of {} bytes, not 16", v.len()))
+        })
     }
 
     /// History points, downsampled server-side to the last value per step.

@@ -158,12 +158,38 @@ pub(super) async fn flush(
             on conflict (bot, replica)
             do update set applied = excluded.applied, last_updated = excluded.last_updated
             returning 1
+        ), users as (
+            insert into user_book (bot, user_key, first_day, last_day, days, last_ts, session_start, session_messages, session_ended)
+            select * from unnest($26::text[], $27::int8[], $28::int8[], $29::int8[], $30::int8[], $31::int8[], $32::int8[], $33::int8[], $34::int8[])
+            on conflict (bot, user_key)
+            do update set first_day = excluded.first_day, last_day = excluded.last_day, days = excluded.days,
+                last_ts = excluded.last_ts, session_start = excluded.session_start,
+                session_messages = excluded.session_messages, session_ended = excluded.session_ended
+            returning 1
+        ), users_gone as (
+            -- never a key of `users` above: a cut leaves out of `gone`
+            -- every user the book holds again
+            delete from user_book b
+            using unnest($35::text[], $36::int8[]) as g(bot, user_key)
+            where b.bot = g.bot and b.user_key = g.user_key
+            returning 1
         )
         select (select count(*) from updated) as updated,
                (select count(*) from added) + (select count(*) from sketches) + (select count(*) from daily) + (select count(*) from progress)
-               + (select count(*) from cluster_sketches) + (select count(*) from cluster_progress) as others";
+               + (select count(*) from cluster_sketches) + (select count(*) from cluster_progress)
+               + (select count(*) from users) + (select count(*) from users_gone) as others";
     let cs = &batch.cluster_sketches;
     let cp = &batch.cluster_progress;
+    let changed_users: Vec<(&str, &crate::metrics::users::UserRow)> = batch
+        .users
+        .iter()
+        .flat_map(|b| b.changed.iter().map(move |u| (b.bot.as_str(), u)))
+        .collect();
+    let gone_users: Vec<(&str, u64)> = batch
+        .users
+        .iter()
+        .flat_map(|b| b.gone.iter().map(move |k| (b.bot.as_str(), *k)))
+        .collect();
     let s = &batch.changed;
     let n = &batch.added;
     let k = &batch.sketches;
@@ -208,6 +234,67 @@ pub(super) async fn flush(
         .bind(cp.iter().map(|r| r.bot.as_str()).collect::<Vec<_>>())
         .bind(cp.iter().map(|r| r.replica.as_str()).collect::<Vec<_>>())
         .bind(cp.iter().map(|r| r.applied).collect::<Vec<_>>())
+        .bind(
+            changed_users
+                .iter()
+                .map(|(bot, _)| *bot)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| u.key as i64)
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.first_day))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.last_day))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.days))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.last_ts))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.session_start))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.session_messages))
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            changed_users
+                .iter()
+                .map(|(_, u)| i64::from(u.entry.ended()))
+                .collect::<Vec<_>>(),
+        )
+        .bind(gone_users.iter().map(|(bot, _)| *bot).collect::<Vec<_>>())
+        .bind(
+            gone_users
+                .iter()
+                .map(|(_, k)| *k as i64)
+                .collect::<Vec<_>>(),
+        )
         .fetch_one(&mut *conn)
         .await?;
     let updated: i64 = row.try_get("updated")?;
@@ -333,4 +420,27 @@ pub(super) async fn history(pool: &PgPool, q: &HistoryQuery) -> Result<Vec<Histo
 /// The day of a partition named by [`partition_name`].
 fn partition_day(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.strip_prefix("metrics_history_")?, "%Y%m%d").ok()
+}
+
+/// Reads the installation secret, storing `proposed` first if there is
+/// none. Its table is created here, not by a migration: every process reads
+/// it at start, standbys and replicas too, before any of them may migrate.
+pub(super) async fn secret(pool: &PgPool, proposed: &[u8]) -> Result<Vec<u8>> {
+    sqlx::query(
+        "create table if not exists installation (name text primary key, value bytea not null)",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "insert into installation (name, value) values ($1, $2) on conflict (name) do nothing",
+    )
+    .bind("user_key")
+    .bind(proposed)
+    .execute(pool)
+    .await?;
+    let (value,): (Vec<u8>,) = sqlx::query_as("select value from installation where name = $1")
+        .bind("user_key")
+        .fetch_one(pool)
+        .await?;
+    Ok(value)
 }

@@ -175,6 +175,37 @@ pub(super) async fn flush(
         .execute(&mut *tx)
         .await?;
     }
+    for b in &batch.users {
+        for u in &b.changed {
+            let e = &u.entry;
+            sqlx::query(
+                "insert into user_book (bot, user_key, first_day, last_day, days, last_ts, session_start, session_messages, session_ended)
+                 values (?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 on conflict (bot, user_key)
+                 do update set first_day = excluded.first_day, last_day = excluded.last_day, days = excluded.days,
+                     last_ts = excluded.last_ts, session_start = excluded.session_start,
+                     session_messages = excluded.session_messages, session_ended = excluded.session_ended",
+            )
+            .bind(&b.bot)
+            .bind(u.key as i64)
+            .bind(i64::from(e.first_day))
+            .bind(i64::from(e.last_day))
+            .bind(i64::from(e.days))
+            .bind(i64::from(e.last_ts))
+            .bind(i64::from(e.session_start))
+            .bind(i64::from(e.session_messages))
+            .bind(i64::from(e.ended()))
+            .execute(&mut *tx)
+            .await?;
+        }
+        for key in &b.gone {
+            sqlx::query("delete from user_book where bot = ? and user_key = ?")
+                .bind(&b.bot)
+                .bind(*key as i64)
+                .execute(&mut *tx)
+                .await?;
+        }
+    }
     tx.commit().await?;
     Ok(FlushReport { missing: false })
 }
@@ -275,4 +306,27 @@ pub(super) async fn history(pool: &SqlitePool, q: &HistoryQuery) -> Result<Vec<H
     })
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
     Ok(points)
+}
+
+/// Reads the installation secret, storing `proposed` first if there is
+/// none. Its table is created here, not by a migration: every process reads
+/// it at start, standbys and replicas too, before any of them may migrate.
+pub(super) async fn secret(pool: &SqlitePool, proposed: &[u8]) -> Result<Vec<u8>> {
+    sqlx::query(
+        "create table if not exists installation (name text primary key, value blob not null)",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query(
+        "insert into installation (name, value) values (?, ?) on conflict (name) do nothing",
+    )
+    .bind("user_key")
+    .bind(proposed)
+    .execute(pool)
+    .await?;
+    let (value,): (Vec<u8>,) = sqlx::query_as("select value from installation where name = ?")
+        .bind("user_key")
+        .fetch_one(pool)
+        .await?;
+    Ok(value)
 }

@@ -97,7 +97,7 @@ fn cut(
     {
         let mut series = Vec::new();
         for row in bot_rows(bot) {
-            if row.metric == crate::metrics::bot::ACTIVE_USERS.name {
+            if crate::metrics::bot::derived(&row.metric) {
                 continue; // a gauge, from Redis' own sketches
             }
             let field = field(&row.metric, &row.labels);

@@ -47,6 +47,7 @@ impl Syncer {
             self.max_label_values,
             self.metrics.calendar().tz(),
             0.0,
+            crate::metrics::users::BookLimits::OFF,
         )
         .map_err(|e| ClusterError::Protocol(e.to_string()))?;
         let Some(copy) = scratch.bot(&b.bot.bot) else {
@@ -249,7 +250,7 @@ impl Syncer {
         let series: Vec<(String, String)> = stored
             .series
             .iter()
-            .filter(|r| r.bot == bot && r.metric != crate::metrics::bot::ACTIVE_USERS.name)
+            .filter(|r| r.bot == bot && !crate::metrics::bot::derived(&r.metric))
             .filter(|r| r.value.is_finite())
             .map(|r| (field(&r.metric, &r.labels), r.value.to_string()))
             .collect();
