@@ -395,14 +395,15 @@ fn sketch(c: &mut Criterion) {
     group.bench_function("insert_user_sparse_sketch", |b| {
         b.iter(|| {
             m += 1;
-            small.insert(&UserId::Int(black_box(m % 500)), NOW)
+            small.insert_hashed(key.hash(&UserId::Int(black_box(m % 500))), NOW)
         })
     });
     let mut n: i128 = 0;
     group.bench_function("insert_distinct_user", |b| {
         b.iter(|| {
             n += 1;
-            bot.active.insert(&UserId::Int(black_box(n)), NOW)
+            bot.active
+                .insert_hashed(key.hash(&UserId::Int(black_box(n))), NOW)
         })
     });
     group.bench_function("estimate_three_windows", |b| {
@@ -507,8 +508,10 @@ fn many_bots_metrics() -> Arc<Metrics> {
         }
         // Yesterday's users too, so two hourly and two daily buckets hold some.
         for u in 0..20 {
-            bot.active
-                .insert(&UserId::Int((i * 1000 + u) as i128), now - 86_400 + 3600);
+            bot.active.insert_hashed(
+                botmetrics::event::UserKey::legacy().hash(&UserId::Int((i * 1000 + u) as i128)),
+                now - 86_400 + 3600,
+            );
         }
     }
     metrics

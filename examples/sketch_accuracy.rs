@@ -41,7 +41,10 @@ fn main() {
             let active = ActiveUsers::new();
             let base = (n * 100 + sample) * 10_000_000;
             for i in 0..n {
-                active.insert(&UserId::Int(i128::from(base + i)), NOW);
+                active.insert_hashed(
+                    botmetrics::event::UserKey::legacy().hash(&UserId::Int(i128::from(base + i))),
+                    NOW,
+                );
             }
             let [(_, estimate), _, _] = active.estimates_at(NOW);
             let error = error_percent(estimate, n);
@@ -69,7 +72,10 @@ fn main() {
         while inserted < target {
             // String ids, as many bots use them: the costlier hash input.
             let id = format!("user-{inserted}");
-            active.insert(&UserId::Str(id.as_str().into()), NOW);
+            active.insert_hashed(
+                botmetrics::event::UserKey::legacy().hash(&UserId::Str(id.as_str().into())),
+                NOW,
+            );
             inserted += 1;
         }
         let per = started.elapsed().as_nanos() as f64 / (inserted - before) as f64;

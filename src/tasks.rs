@@ -208,6 +208,60 @@ pub async fn history_loop(
     }
 }
 
+/// One scan of every bot's user book at `now` (unix seconds): sessions
+/// whose gap has passed end, users past memory go, cohorts and retention
+/// gauges are counted again. Each bot's scan runs beside requests, never
+/// inside a flush's cut.
+pub async fn scan_users_once(metrics: &crate::metrics::Metrics, ingest: &Ingest, now: i64) {
+    let started = std::time::Instant::now();
+    let mut bytes = 0;
+    for bot in metrics.bots() {
+        if !bot.book.enabled() {
+            continue;
+        }
+        let scanned = ingest.alongside(|| bot.scan_users(now)).await;
+        let name = [&*bot.bot];
+        let s = &metrics.selfm;
+        s.book_users
+            .with_label_values(&name)
+            .set(scanned.users as i64);
+        s.book_fill
+            .with_label_values(&name)
+            .set(scanned.users as f64 / bot.book.limits().max_users as f64);
+        s.book_evicted
+            .with_label_values(&name)
+            .inc_by(scanned.evicted);
+        bytes += bot.book.bytes();
+        if scanned.expired > 0 {
+            tracing::info!(bot = %bot.bot, expired = scanned.expired, "users not seen within --user-memory forgotten");
+        }
+    }
+    metrics.selfm.book_bytes.set(bytes as i64);
+    metrics
+        .selfm
+        .book_scan_duration
+        .observe(started.elapsed().as_secs_f64());
+}
+
+/// [`scan_users_once`] every `interval`.
+pub async fn user_scan_loop(
+    metrics: Arc<crate::metrics::Metrics>,
+    ingest: Arc<Ingest>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
+    let task = Every {
+        interval,
+        retry_sooner: false,
+        log: None,
+    };
+    let scan = || async {
+        scan_users_once(&metrics, &ingest, chrono::Utc::now().timestamp()).await;
+        Ok::<_, std::convert::Infallible>(())
+    };
+    every(task, scan, shutdown).await;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,58 +317,4 @@ mod tests {
         let expected = [10.0, 10.5, 11.5, 13.5, 17.5, 25.5, 35.5, 40.0].map(secs);
         assert_eq!(calls, expected);
     }
-}
-
-/// One scan of every bot's user book at `now` (unix seconds): sessions
-/// whose gap has passed end, users past memory go, cohorts and retention
-/// gauges are counted again. Each bot's scan runs beside requests, never
-/// inside a flush's cut.
-pub async fn scan_users_once(metrics: &crate::metrics::Metrics, ingest: &Ingest, now: i64) {
-    let started = std::time::Instant::now();
-    let mut bytes = 0;
-    for bot in metrics.bots() {
-        if !bot.book.enabled() {
-            continue;
-        }
-        let scanned = ingest.alongside(|| bot.scan_users(now)).await;
-        let name = [&*bot.bot];
-        let s = &metrics.selfm;
-        s.book_users
-            .with_label_values(&name)
-            .set(scanned.users as i64);
-        s.book_fill
-            .with_label_values(&name)
-            .set(scanned.users as f64 / bot.book.limits().max_users as f64);
-        s.book_evicted
-            .with_label_values(&name)
-            .inc_by(scanned.evicted);
-        bytes += bot.book.bytes();
-        if scanned.expired > 0 {
-            tracing::info!(bot = %bot.bot, expired = scanned.expired, "users not seen within --user-memory forgotten");
-        }
-    }
-    metrics.selfm.book_bytes.set(bytes as i64);
-    metrics
-        .selfm
-        .book_scan_duration
-        .observe(started.elapsed().as_secs_f64());
-}
-
-/// [`scan_users_once`] every `interval`.
-pub async fn user_scan_loop(
-    metrics: Arc<crate::metrics::Metrics>,
-    ingest: Arc<Ingest>,
-    interval: Duration,
-    shutdown: CancellationToken,
-) {
-    let task = Every {
-        interval,
-        retry_sooner: false,
-        log: None,
-    };
-    let scan = || async {
-        scan_users_once(&metrics, &ingest, chrono::Utc::now().timestamp()).await;
-        Ok::<_, std::convert::Infallible>(())
-    };
-    every(task, scan, shutdown).await;
 }

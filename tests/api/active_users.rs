@@ -114,7 +114,10 @@ async fn a_million_users_within_2_percent_in_bounded_memory() {
     let big = metrics.bot("big").expect("bot big");
     let started = Instant::now();
     for n in 0..1_000_000i128 {
-        big.active.insert(&UserId::Int(n), now);
+        big.active.insert_hashed(
+            botmetrics::event::UserKey::legacy().hash(&UserId::Int(n)),
+            now,
+        );
     }
     let inserted = started.elapsed();
     for (window, estimate) in big.active.estimates_at(now) {
@@ -123,7 +126,10 @@ async fn a_million_users_within_2_percent_in_bounded_memory() {
     }
     let before = big.active.estimates_at(now);
     for n in (0..1_000_000i128).step_by(7) {
-        big.active.insert(&UserId::Int(n), now);
+        big.active.insert_hashed(
+            botmetrics::event::UserKey::legacy().hash(&UserId::Int(n)),
+            now,
+        );
     }
     assert_eq!(big.active.estimates_at(now), before, "repeat visitors");
 
@@ -134,7 +140,10 @@ async fn a_million_users_within_2_percent_in_bounded_memory() {
     // A thousand users of another bot: sparse sketches, exact, 4 bytes a user.
     let small = metrics.bot("small").expect("bot small");
     for n in 0..1000i128 {
-        small.active.insert(&UserId::Int(n), now);
+        small.active.insert_hashed(
+            botmetrics::event::UserKey::legacy().hash(&UserId::Int(n)),
+            now,
+        );
     }
     assert_eq!(
         small.active.estimates_at(now),
@@ -597,8 +606,8 @@ async fn no_user_id_in_logs_or_answers(format: &str) {
         }
     }
     let allowed = [
-        "bot", "cache", "decision", "endpoint", "kind", "label", "le", "model", "name", "quantile",
-        "reason", "result", "role", "score", "source", "status", "version", "window",
+        "bot", "cache", "day", "decision", "endpoint", "kind", "label", "le", "model", "name",
+        "quantile", "reason", "result", "role", "score", "source", "status", "version", "window",
     ];
     let unexpected: Vec<_> = names
         .iter()

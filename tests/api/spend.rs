@@ -285,7 +285,7 @@ async fn the_summary_text_shows_spend_and_ratings() {
     assert_eq!(
         lines,
         [
-            "Today (since midnight, UTC): 0 messages (users' and the bot's), 0 new users, 0 daily-limit hits",
+            "Today (since midnight, UTC): 0 messages (users' and the bot's), 0 registrations, 0 daily-limit hits",
             "Active users: 4 (24\u{A0}h), 4 (7\u{A0}d), 4 (30\u{A0}d)",
             "All time: 0 messages, 0 registered users, 0 errors reported",
             "Responses, all time: 7, 71.4\u{202F}% ok (2 failed, limited or timed out), median 1.5\u{A0}s, p95 26.5\u{A0}s",

@@ -230,8 +230,9 @@ async fn summary_json_has_every_field_with_exact_values() {
     assert_eq!(
         text,
         "📊 demo (as of HH:MM)\n\
-         Today (since midnight, UTC): 10 messages (users' and the bot's), 3 new users, 2 daily-limit hits\n\
+         Today (since midnight, UTC): 10 messages (users' and the bot's), 3 registrations, 2 daily-limit hits\n\
          Active users: 5 (24\u{A0}h), 5 (7\u{A0}d), 5 (30\u{A0}d)\n\
+         Users today: 5 new, 0 returning; retention D1 –, D7 –, D30 –\n\
          All time: 10 messages, 3 registered users, 3 errors reported\n\
          Responses, all time: 10, 90.0\u{202F}% ok (1 failed, limited or timed out), median 625\u{A0}ms, p95 2.5\u{A0}s\n\
          Cache hits, all time: default 66.7\u{202F}%, embeddings 100.0\u{202F}%"
@@ -354,8 +355,9 @@ async fn text_answer_formats_numbers_for_people() {
     assert_eq!(
         summary_text(&app, "/v1/summary?format=text").await,
         "📊 x (as of HH:MM)\n\
-         Today (since midnight, UTC): 12\u{202F}345 messages (users' and the bot's), 0 new users, 0 daily-limit hits\n\
+         Today (since midnight, UTC): 12\u{202F}345 messages (users' and the bot's), 0 registrations, 0 daily-limit hits\n\
          Active users: 7 (24\u{A0}h), 7 (7\u{A0}d), 7 (30\u{A0}d)\n\
+         Users today: 7 new, 0 returning; retention D1 –, D7 –, D30 –\n\
          All time: 12\u{202F}345 messages, 0 registered users, 0 errors reported\n\
          Responses, all time: 1\u{202F}000, 98.7\u{202F}% ok (13 failed, limited or timed out), median 1.5\u{A0}s, p95 2.0\u{A0}s\n\
          Cache hits, all time: 100.0\u{202F}% (llm)"
@@ -472,7 +474,7 @@ async fn today_counts_the_local_day(url: &str) {
     assert_contains(
         &summary_text(&app, "/v1/summary?format=text").await,
         &[
-            "Today (since midnight, Asia/Tokyo): 4 messages (users' and the bot's), 2 new users, 4 daily-limit hits",
+            "Today (since midnight, Asia/Tokyo): 4 messages (users' and the bot's), 2 registrations, 4 daily-limit hits",
             "All time: 8 messages, 4 registered users, 0 errors reported",
         ],
     );
