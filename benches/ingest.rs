@@ -29,22 +29,18 @@ use botmetrics::event::{BodyFormat, UserId, parse_batch};
 use botmetrics::ingest::Ingest;
 use botmetrics::journal::{FsyncPolicy, Journal};
 use botmetrics::metrics::Metrics;
+use botmetrics::metrics::users::{BookLimits, UserBook, UserRow};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
 const NOW: i64 = 1_800_000_000;
 
 fn metrics(max_label_values: usize) -> Arc<Metrics> {
+    metrics_with_book(max_label_values, Default::default())
+}
+
+fn metrics_with_book(max_label_values: usize, book: BookLimits) -> Arc<Metrics> {
     let bots: Vec<Arc<str>> = vec![Arc::from("bench")];
-    Arc::new(
-        Metrics::new(
-            &bots,
-            max_label_values,
-            chrono_tz::UTC,
-            30.0,
-            Default::default(),
-        )
-        .expect("registry"),
-    )
+    Arc::new(Metrics::new(&bots, max_label_values, chrono_tz::UTC, 30.0, book).expect("registry"))
 }
 
 /// A bot's traffic as the design describes it: mostly messages and LLM
@@ -588,5 +584,76 @@ fn prometheus_crate_text(registry: &prometheus::Registry) -> Vec<u8> {
     out
 }
 
-criterion_group!(benches, ingest, apply, render, sketch, many_bots, store);
+/// The user book: today's mixed batch with the book on and off side by
+/// side (the batch's 50,000 users are in the book after the first pass, as
+/// a bot's returning users are), the periodic scan over a million users,
+/// and the restore of a million stored users.
+fn user_book(c: &mut Criterion) {
+    const N: usize = 1000;
+    let body = realistic_batch(N, NOW);
+    let key = botmetrics::event::UserKey::legacy();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime");
+    let mut group = c.benchmark_group("user_book");
+    group.throughput(Throughput::Elements(N as u64));
+    for (name, limits) in [
+        ("ingest_book_off", BookLimits::OFF),
+        ("ingest_book_on", BookLimits::DEFAULT),
+    ] {
+        let metrics = metrics_with_book(1000, limits);
+        let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
+        let bot = metrics.bot("bench").expect("bot").clone();
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let events = parse_batch(black_box(&body), BodyFormat::Json, 10_000, NOW, &key)
+                    .expect("valid");
+                black_box(
+                    rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                        .expect("applied"),
+                )
+            })
+        });
+    }
+    group.finish();
+
+    const USERS: u64 = 1_000_000;
+    let day = (NOW / 86_400) as u32;
+    let million = || {
+        let book = UserBook::new(BookLimits::DEFAULT);
+        for u in 1..=USERS {
+            let ts = NOW - (u % 30) as i64 * 86_400;
+            book.touch(
+                u.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                ts,
+                (ts / 86_400) as u32,
+                true,
+            );
+        }
+        book
+    };
+    let mut group = c.benchmark_group("user_book_1m");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(USERS));
+    let book = million();
+    group.bench_function("scan_1m_users", |b| {
+        b.iter(|| black_box(book.scan(NOW, day).cohorts.len()))
+    });
+    let rows: Vec<UserRow> = book.cut().changed;
+    group.bench_function("restore_1m_users", |b| {
+        b.iter_batched(
+            || UserBook::new(BookLimits::DEFAULT),
+            |fresh| {
+                fresh.restore(rows.iter().copied());
+                black_box(fresh.len())
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches, ingest, apply, render, sketch, many_bots, store, user_book
+);
 criterion_main!(benches);

@@ -84,8 +84,19 @@ impl Application {
             usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
             config.timezone,
             config.metrics_cache_ttl.as_secs_f64(),
-            config.book_limits(),
+            // Cluster mode has no shared user book yet: rather than books
+            // that each see a part of the users (and call a user new on
+            // every replica they reach), none.
+            match &config.redis_url {
+                None => config.book_limits(),
+                Some(_) => crate::metrics::users::BookLimits::OFF,
+            },
         )?);
+        if config.redis_url.is_some() && config.user_memory > std::time::Duration::ZERO {
+            tracing::warn!(
+                "the user book (new and returning users, retention, sessions) is not shared across replicas yet: it is off in cluster mode"
+            );
+        }
         // The store's lease must not outlive the Redis lease by more than a
         // bound (one process with a standby gets the same): twice it, and
         // never so short that a take-over's load leaves the new session

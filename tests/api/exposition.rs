@@ -22,6 +22,12 @@ const RESPONSE_LE: &[&str] = &[
     "0.05", "0.1", "0.25", "0.5", "1", "2", "3", "5", "8", "13", "20", "30", "45", "60", "+Inf",
 ];
 const DB_QUERIES_LE: &[&str] = &["1", "2", "3", "5", "8", "13", "20", "30", "50", "+Inf"];
+const SESSION_DURATION_LE: &[&str] = &[
+    "10", "30", "60", "120", "300", "600", "900", "1800", "3600", "7200", "14400", "+Inf",
+];
+const SESSION_MESSAGES_LE: &[&str] = &[
+    "1", "2", "3", "5", "8", "13", "20", "30", "50", "100", "+Inf",
+];
 
 /// One scrape, whatever it answers: status, headers and the raw body.
 async fn scrape(
@@ -120,6 +126,8 @@ fn closed_series(bot: &str) -> Vec<String> {
     for (name, les) in [
         ("bot_response_duration_seconds", RESPONSE_LE),
         ("bot_db_queries_per_message", DB_QUERIES_LE),
+        ("bot_session_duration_seconds", SESSION_DURATION_LE),
+        ("bot_session_messages", SESSION_MESSAGES_LE),
     ] {
         for le in les {
             s.push(format!(r#"{name}_bucket{{bot="{bot}",le="{le}"}}"#));
@@ -139,6 +147,12 @@ fn closed_series(bot: &str) -> Vec<String> {
         ));
     }
     s.push(format!(r#"bot_limit_reached_total{{bot="{bot}"}}"#));
+    // The user book's (on by default).
+    s.push(format!(r#"bot_users_new_total{{bot="{bot}"}}"#));
+    s.push(format!(r#"bot_sessions_total{{bot="{bot}"}}"#));
+    for day in ["1", "7", "30"] {
+        s.push(format!(r#"bot_retention_ratio{{bot="{bot}",day="{day}"}}"#));
+    }
     for window in ["1d", "7d", "30d"] {
         s.push(format!(
             r#"bot_active_users{{bot="{bot}",window="{window}"}}"#
