@@ -13,7 +13,7 @@ const adminIds = (process.env.BOT_ADMIN_IDS ?? "").split(",").filter(Boolean).ma
 bot.use(botMetrics(metrics, { adminIds })); // the one line: messages in and out, errors, /metrics for the admins
 
 bot.command("start", async (ctx) => {
-  metrics.userRegistered(ctx.from.id);
+  if (ctx.from) metrics.userRegistered(ctx.from.id);
   await ctx.reply("Hello! Ask me anything.");
 });
 bot.on("message:text", async (ctx) => {

@@ -26,6 +26,7 @@ bot.on(message("text"), async (ctx) => {
 });
 bot.catch((err) => console.error("handler failed:", err));
 
+/** @param {string} signal */
 async function stop(signal) {
   bot.stop(signal);
   await metrics.close(); // sends what is still queued
