@@ -144,3 +144,6 @@ echo "--- node: tests against $BOTMETRICS_BIN"
 [ -x "${BOTMETRICS_BIN:?set BOTMETRICS_BIN to the server binary}" ] || { echo "no server binary at $BOTMETRICS_BIN"; exit 1; }
 npx tsc -p tsconfig.test.json
 node --test --test-concurrency=1 build/test/*.test.js
+
+echo "--- node: the hot-path benchmark runs (a short run; figures in BENCHMARKS.md)"
+N=20000 node benchmarks/hot_path.mjs
