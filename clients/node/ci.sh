@@ -25,6 +25,10 @@ export CI=true  # never an inherited CI=false or 0: a skip here would pass in si
 export npm_config_audit=false npm_config_fund=false npm_config_update_notifier=false
 export NO_PROXY=127.0.0.1,localhost no_proxy=127.0.0.1,localhost
 
+# AbortSignal.any, require(esm) and --test-concurrency: Node 20.19+ (Debian
+# 12's own nodejs is 18: too old, and that is a failure, not a skip).
+node -e 'const [a, b] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && b >= 19) ? 0 : 1)' ||
+    { echo "Node.js 20.19 or newer is needed, this is $(node --version)"; exit 1; }
 echo "--- node: $(node --version), npm $(npm --version): npm ci"
 npm ci --no-audit --no-fund
 
