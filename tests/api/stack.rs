@@ -1,8 +1,8 @@
 //! The monitoring stack shipped beside the server, checked with the real
 //! tools: promtool on the Prometheus config and alert rules, the dashboards'
-//! lint, the Python client's tests against this build's binary, and the
-//! end-to-end run (this binary + a real Prometheus + traffic; every panel
-//! and rule expression evaluated).
+//! lint, the Python and Node clients' tests against this build's binary,
+//! and the end-to-end run (this binary + a real Prometheus + traffic; every
+//! panel and rule expression evaluated).
 //!
 //! A missing tool fails the run in CI (`CI=true`) and is skipped loudly
 //! elsewhere, like the PostgreSQL tests.
@@ -113,6 +113,25 @@ fn python_client_against_the_real_server() {
                 venv.to_str().expect("a UTF-8 target path"),
             ),
         ],
+    );
+}
+
+/// clients/node/ci.sh: `npm ci` of the pinned devDependencies (typescript,
+/// grammy, telegraf, @types/node) from the npm registry (unreachable fails
+/// the test), tsc over the package, its tests and the examples, `npm pack`
+/// installed into fresh projects (imports with no other package, a
+/// TypeScript consumer type-checks), then the client's tests against this
+/// build's binary: real grammY and Telegraf bots fed through their own
+/// `handleUpdate`, and the README's examples run as written.
+#[test]
+fn node_client_against_the_real_server() {
+    if !have("node", "nodejs") || !have("npm", "npm") {
+        return;
+    }
+    run(
+        "bash",
+        &["clients/node/ci.sh"],
+        &[("BOTMETRICS_BIN", env!("CARGO_BIN_EXE_botmetrics"))],
     );
 }
 

@@ -1,0 +1,36 @@
+// A Telegraf bot that reports to botmetrics:
+//   BOT_TOKEN=123:abc BOTMETRICS_TOKEN=change-me BOT_ADMIN_IDS=123456789 node examples/telegraf-bot.mjs
+import { Telegraf } from "telegraf";
+import { message } from "telegraf/filters";
+import { BotMetrics } from "botmetrics";
+import { botMetrics } from "botmetrics/telegraf";
+
+const metrics = new BotMetrics(process.env.BOTMETRICS_URL ?? "http://127.0.0.1:9464", process.env.BOTMETRICS_TOKEN ?? "change-me");
+const bot = new Telegraf(process.env.BOT_TOKEN ?? "", {
+  telegram: { apiRoot: process.env.TELEGRAM_API_ROOT ?? "https://api.telegram.org" }, // or a local Bot API server
+});
+const adminIds = (process.env.BOT_ADMIN_IDS ?? "").split(",").filter(Boolean).map(Number);
+
+bot.use(botMetrics(metrics, { adminIds })); // the one line: messages in and out, errors, /metrics for the admins
+
+bot.start(async (ctx) => {
+  metrics.userRegistered(ctx.from.id);
+  await ctx.reply("Hello! Ask me anything.");
+});
+bot.on(message("text"), async (ctx) => {
+  const answer = await metrics.measureResponse(ctx.from.id, async (call) => {
+    call.tokens = [ctx.message.text.length, 3]; // your LLM call here, and its usage
+    return `You said: ${ctx.message.text}`;
+  }, { model: "gpt-4o-mini" });
+  await ctx.reply(answer);
+});
+bot.catch((err) => console.error("handler failed:", err));
+
+/** @param {string} signal */
+async function stop(signal) {
+  bot.stop(signal);
+  await metrics.close(); // sends what is still queued
+}
+process.once("SIGINT", () => stop("SIGINT"));
+process.once("SIGTERM", () => stop("SIGTERM"));
+await bot.launch();
