@@ -98,6 +98,8 @@ pub enum FlushOutcome {
         series: usize,
         sketches: usize,
         daily: usize,
+        /// User-book rows written or deleted.
+        users: usize,
     },
 }
 
@@ -370,6 +372,7 @@ impl Persistence {
             && batch.daily.is_empty()
             && batch.sketches.is_empty()
             && batch.cluster_sketches.is_empty()
+            && batch.users.is_empty()
             && batch.progress.is_none());
         if !worth {
             return Ok(Some(FlushOutcome::Idle));
@@ -397,6 +400,11 @@ impl Persistence {
             series: batch.changed.len() + batch.added.len(),
             sketches: batch.sketches.len() + batch.cluster_sketches.len(),
             daily: batch.daily.len(),
+            users: batch
+                .users
+                .iter()
+                .map(|u| u.changed.len() + u.gone.len())
+                .sum(),
         }))
     }
 

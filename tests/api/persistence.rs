@@ -66,7 +66,13 @@ async fn restarted(cfg: Config) -> String {
 /// add up), by series.
 fn counts(text: &str) -> BTreeMap<String, f64> {
     text.lines()
-        .filter(|l| l.starts_with("bot_") && !l.starts_with("bot_active_users"))
+        // Derived from who the users are, not summed: the same users again
+        // move neither the estimates nor the count of new users.
+        .filter(|l| {
+            l.starts_with("bot_")
+                && !l.starts_with("bot_active_users")
+                && !l.starts_with("bot_users_new_total")
+        })
         .map(|l| {
             let (name, v) = l.rsplit_once(' ').expect("a sample line");
             (name.to_owned(), v.parse().expect("a number"))
@@ -142,12 +148,14 @@ on_both_backends!(clean_restart_keeps_every_count);
 // 2. A flush writes only changes, in one transaction; nothing when idle
 // ---------------------------------------------------------------------------
 
-/// What a flush wrote: so many series, sketches and daily counters.
-fn wrote(series: usize, sketches: usize, daily: usize) -> FlushOutcome {
+/// What a flush wrote: so many series, sketches and daily counters, and
+/// user-book rows.
+fn wrote(series: usize, sketches: usize, daily: usize, users: usize) -> FlushOutcome {
     FlushOutcome::Wrote {
         series,
         sketches,
         daily,
+        users,
     }
 }
 
@@ -159,7 +167,7 @@ async fn flush_writes_only_changes(url: &str) {
     let flush = || async { p.flush_once().await.expect("flush") };
 
     // A fresh store: every series is written once, at 0.
-    assert_eq!(flush().await, wrote(all, 0, 0));
+    assert_eq!(flush().await, wrote(all, 0, 0, 0));
     assert_eq!(raw.count("real_time_metrics").await, all as i64);
     assert_eq!(flush().await, FlushOutcome::Idle);
     assert_eq!(flush().await, FlushOutcome::Idle);
@@ -175,7 +183,7 @@ async fn flush_writes_only_changes(url: &str) {
         ]),
     )
     .await;
-    assert_eq!(flush().await, wrote(3, 0, 1));
+    assert_eq!(flush().await, wrote(3, 0, 1, 0));
     assert_eq!(raw.count("real_time_metrics").await, all as i64 + 2);
     assert_eq!(raw.count("daily_counters").await, 1);
     assert_eq!(
@@ -211,10 +219,12 @@ async fn flush_writes_only_changes(url: &str) {
     }
     assert_eq!(flush().await, FlushOutcome::Idle);
 
-    // A user: its message, the three active-user gauges and two sketches.
+    // A user: its message, the three active-user gauges and two sketches;
+    // new to the book: bot_users_new_total, today's new users, its row.
     let user_42 = json!({"type": "message", "role": "user", "user_id": 42});
     app.post_ok("tx", &user_42).await;
-    assert_eq!(flush().await, wrote(4, 2, 1));
+    assert_eq!(flush().await, wrote(5, 2, 2, 1));
+    assert_eq!(raw.count("user_book").await, 1);
     assert_eq!(raw.count("active_user_sketches").await, 2);
     // Sparse sketches: a tag byte and one 4-byte entry each.
     assert_eq!(raw.sketch_sizes().await, vec![5, 5]);
@@ -235,7 +245,7 @@ async fn flush_writes_only_changes(url: &str) {
     // The same user again changes no register and no count but the message.
     assert_eq!(flush().await, FlushOutcome::Idle);
     app.post_ok("tx", &user_42).await;
-    assert_eq!(flush().await, wrote(1, 0, 1));
+    assert_eq!(flush().await, wrote(1, 0, 1, 1));
     assert_eq!(flush().await, FlushOutcome::Idle);
 
     // The primary key is real_time_metrics' only index.

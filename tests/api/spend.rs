@@ -287,6 +287,7 @@ async fn the_summary_text_shows_spend_and_ratings() {
         [
             "Today (since midnight, UTC): 0 messages (users' and the bot's), 0 registrations, 0 daily-limit hits",
             "Active users: 4 (24\u{A0}h), 4 (7\u{A0}d), 4 (30\u{A0}d)",
+            "Users today: 4 new, 0 returning; retention D1 –, D7 –, D30 –",
             "All time: 0 messages, 0 registered users, 0 errors reported",
             "Responses, all time: 7, 71.4\u{202F}% ok (2 failed, limited or timed out), median 1.5\u{A0}s, p95 26.5\u{A0}s",
             "Spend today: 0.0313\u{A0}USD (0.0078 per active user); this month 0.0313; all time 0.0313 (gpt-4o 0.0225, claude-sonnet-4 0.0086, gpt-4o-mini 0.0002, other <0.0001); incomplete: 150 tokens of unpriced models",
