@@ -196,7 +196,7 @@ rm -rf "$WORK/context"
 "${P[@]}" cp botmetrics-context-check:/ctx "$WORK/context"
 "${P[@]}" rm -f botmetrics-context-check >/dev/null
 "${P[@]}" rmi -f localhost/botmetrics-context:deploy-check >/dev/null 2>&1 || true
-[ ! -e "$WORK/context/target" ] && [ ! -e "$WORK/context/.git" ] || fail "the build context holds target/ or .git"
+if [ -e "$WORK/context/target" ] || [ -e "$WORK/context/.git" ]; then fail "the build context holds target/ or .git"; fi
 (cd "$WORK/context" && cargo fetch --locked --quiet) || fail "cargo fetch --locked in the build context"
 # include_str! paths are relative to their file, migrate! paths to the crate.
 python3 - "$WORK/context" <<'PY' || fail "the build context lacks a file the sources embed"
