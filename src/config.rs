@@ -50,7 +50,7 @@ pub struct Config {
     /// Bearer token that reads /metrics, /v1/summary and /v1/history for
     /// every bot. When unset they are open (a bot's own token still reads
     /// only its own summary and history).
-    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true, value_parser = parse_secret)]
     pub metrics_token: Option<String>,
 
     /// How long a rendered /metrics page is served before being rebuilt.
@@ -420,6 +420,16 @@ fn parse_currency(raw: &str) -> Result<String, String> {
         Err(format!(
             "`{raw}` is not a currency code; use three capital letters such as USD or EUR"
         ))
+    }
+}
+
+/// A secret flag set to nothing (`BOTMETRICS_METRICS_TOKEN=` in an env
+/// file) would be a token no client can send: refused, naming the fix.
+fn parse_secret(raw: &str) -> Result<String, String> {
+    if raw.trim().is_empty() {
+        Err("empty; leave it unset to keep reads open, or set a token".into())
+    } else {
+        Ok(raw.to_owned())
     }
 }
 
