@@ -129,7 +129,7 @@ class AiogramTest(unittest.TestCase):
         lines = reply.splitlines()
         # 9 messages: 5 in, 4 out. Figures never break: U+202F before "%",
         # U+00A0 before a unit.
-        self.assertIn("Today (since midnight, UTC): 9 messages (users' and the bot's), 2 new users, "
+        self.assertIn("Today (since midnight, UTC): 9 messages (users' and the bot's), 2 registrations, "
                       "0 daily-limit hits", lines)
         self.assertIn("Active users: 2 (24\u00a0h), 2 (7\u00a0d), 2 (30\u00a0d)", lines)
         self.assertIn("All time: 9 messages, 2 registered users, 1 error reported", lines)

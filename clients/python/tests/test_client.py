@@ -203,7 +203,7 @@ class ClientAgainstServerTest(unittest.TestCase):
         # lines for the counts sent above are exact.
         self.assertEqual(text, self.server.get(f"/v1/summary?format=text"))
         lines = text.splitlines()
-        self.assertIn("Today (since midnight, UTC): 2 messages (users' and the bot's), 1 new user, "
+        self.assertIn("Today (since midnight, UTC): 2 messages (users' and the bot's), 1 registration, "
                       "1 daily-limit hit", lines)
         self.assertIn("All time: 2 messages, 1 registered user, 1 error reported", lines)
         self.assertIn("Cache hits, all time: default 0.0\u202f%, llm_answer 100.0\u202f%", lines)

@@ -91,7 +91,7 @@ class SyncClientTest(unittest.TestCase):
         text = m.summary_text()
         self.assertEqual(text, self.server.get("/v1/summary?format=text"))
         lines = text.splitlines()
-        self.assertIn("Today (since midnight, UTC): 1 message (users' and the bot's), 1 new user, "
+        self.assertIn("Today (since midnight, UTC): 1 message (users' and the bot's), 1 registration, "
                       "1 daily-limit hit", lines)
         self.assertIn("All time: 1 message, 1 registered user, 0 errors reported", lines)
         self.assertEqual(m.summary(bot=BOT)["users"]["registered_today"], 1)
