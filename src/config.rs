@@ -31,6 +31,15 @@ pub struct Config {
         default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
     pub listen: SocketAddr,
 
+    /// PEM certificate (chain) to serve HTTPS on --listen with, e.g.
+    /// certbot's fullchain.pem. Needs --tls-key; both re-read on SIGHUP.
+    #[arg(long, env = "BOTMETRICS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert, e.g. certbot's privkey.pem.
+    #[arg(long, env = "BOTMETRICS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Where totals, history and sketches are kept: `postgres://…` or
     /// `sqlite://path` (created if missing). Also read from DATABASE_URL.
     #[arg(

@@ -8,6 +8,8 @@
 //! * [`config`]: the one `Config` (flags with env fallbacks) and its parsers.
 //! * [`serve`]: the accept loop: header-read timeout, a bound on
 //!   connections, and a deadline on shutdown.
+//! * [`tls`]: HTTPS (`--tls-cert`/`--tls-key`), a certificate swapped on
+//!   SIGHUP.
 //! * [`http`]: the API, one file per resource, merged under shared
 //!   middleware, and its error type ([`http::error`]); handlers get
 //!   [`state`], one `Arc` per request.
@@ -58,6 +60,7 @@ pub mod store;
 pub mod summary;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 pub mod totals;
 
 /// A boxed future, the return type of the seams' methods (`ingest::Arbiter`,

@@ -44,6 +44,8 @@ pub enum StartError {
     Journal(#[from] crate::journal::JournalError),
     #[error("--prices: {0}")]
     Prices(#[from] crate::prices::PricesError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
@@ -88,6 +90,12 @@ impl Application {
         // never so short that a take-over's load leaves the new session
         // idle past it.
         let lease = crate::cluster::lead::lease_ttl(config.flush_interval);
+        // Before anything is opened: a bad certificate is a typo to fix,
+        // and should not first wait for a database.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(crate::tls::Tls::load(cert, key)?)),
+            _ => None,
+        };
         let store = Store::open(&config.database_url)?
             .with_writer_idle_limit((lease * 2).max(WRITER_IDLE_MIN));
         // A fault no retry mends stops the start here, with the cause; a
@@ -244,6 +252,7 @@ impl Application {
                 },
             ),
             totals,
+            tls,
             prices: std::sync::RwLock::new(Arc::new(load_prices(&config)?)),
             readiness: Default::default(),
             metrics,
@@ -328,8 +337,10 @@ impl Application {
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
+        let tls = state.tls.as_ref().map(|tls| tls.acceptor());
         tracing::info!(
             listen = %listener.local_addr().map_err(StartError::Serve)?,
+            scheme = if tls.is_some() { "https" } else { "http" },
             bots = ?config.tokens.bots(),
             store = persistence.store.backend(),
             "botmetrics serving"
@@ -339,6 +350,7 @@ impl Application {
             crate::http::router(state),
             limits,
             connections,
+            tls,
             shutdown,
         )
         .await;
@@ -492,11 +504,16 @@ impl ReloadSignal {
 /// old value stays.
 type Reloaded = (&'static str, Result<String, String>);
 
-/// What a SIGHUP re-reads, one line each (tokens at runtime and TLS
-/// certificates will join the price table here). A reload that fails keeps
-/// what it had, so a bad file never stops the serving.
+/// What a SIGHUP re-reads, one line each. A reload that fails keeps what
+/// it had, so a bad file never stops the serving.
 async fn reload(state: &AppState) -> Vec<Reloaded> {
-    vec![("prices", reload_prices(state))]
+    let mut done = vec![("prices", reload_prices(state))];
+    if let Some(tls) = &state.tls {
+        // New handshakes get the new certificate; open connections keep
+        // the session they have.
+        done.push(("tls", tls.reload().map_err(|e| e.to_string())));
+    }
+    done
 }
 
 /// The price table again, from `--prices`: events priced from now on use

@@ -35,6 +35,8 @@ pub struct Shared {
     /// replaced whole on SIGHUP (a request prices with one table).
     pub prices: std::sync::RwLock<Arc<Prices>>,
     /// Keyed by the restore generation only: one page for everyone.
+    /// HTTPS's certificate, re-read on SIGHUP; `None` serves plain HTTP.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub metrics_page: RenderCache<u64>,
     pub summaries: RenderCache<SummaryKey>,
     /// The last state /readyz answered (`""` before the first probe), so a

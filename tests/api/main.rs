@@ -20,3 +20,4 @@ mod redis;
 mod spend;
 mod stack;
 mod summary;
+mod tls;
