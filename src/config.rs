@@ -62,6 +62,11 @@ pub struct Config {
     #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
+    /// Bearer token of the admin API (/v1/admin/bots: create and revoke
+    /// bots and tokens at runtime). Unset: the admin API answers 404.
+    #[arg(long, env = "BOTMETRICS_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub admin_token: Option<Secret>,
+
     /// How long a rendered /metrics page is served before being rebuilt.
     /// `0s` (the default): every scrape gets a render that started after it
     /// arrived, so it sees every event acknowledged before it; scrapes that
@@ -249,6 +254,22 @@ impl Tokens {
     pub fn is_empty(&self) -> bool {
         self.by_token.is_empty()
     }
+
+    /// Every `(token, bot)` pair, for seeding the registry.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_token.iter().map(|(t, b)| (t.as_str(), &**b))
+    }
+}
+
+/// A secret flag value whose `Debug` shows nothing of it, so a logged
+/// configuration never carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"<hidden>\")")
+    }
 }
 
 /// Parses `bot=token,other=token2,bare-token`.
@@ -348,6 +369,13 @@ pub fn parse_redis_urls(raw: &str) -> Result<RedisUrls, String> {
         ));
     }
     Ok(RedisUrls(urls))
+}
+
+fn parse_secret(raw: &str) -> Result<Secret, String> {
+    match raw.trim() {
+        "" => Err("must not be empty".into()),
+        s => Ok(Secret(s.to_owned())),
+    }
 }
 
 /// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.

@@ -24,6 +24,8 @@
 //! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
 //!   histograms, capped free-form families, active-user sketches, "today"
 //!   counters), self-metrics, and the `Registry` that exposes them.
+//! * [`registry`]: bots and their tokens (hashed), kept in the store,
+//!   seeded from `--tokens`, changed through the admin API.
 //! * [`render_cache`]: `/metrics` and summaries rendered once per TTL.
 //! * [`totals`]: where handlers read totals (this process's memory, or the
 //!   cluster's); [`summary`]: the bot's `/metrics` answer from them.
@@ -52,6 +54,7 @@ pub mod metrics;
 pub mod persist;
 pub mod prices;
 pub mod record;
+pub mod registry;
 pub mod render_cache;
 pub mod serve;
 pub mod startup;

@@ -46,6 +46,8 @@ pub enum StartError {
     Prices(#[from] crate::prices::PricesError),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
@@ -102,6 +104,23 @@ impl Application {
         // store that is only not there yet is retried by the flush task.
         let unreachable = store.check(&config.database_url).await?;
         let store = Arc::new(store);
+        let registry = Arc::new(crate::registry::Registry::new(
+            store.clone(),
+            metrics.clone(),
+            config.tokens.clone(),
+        )?);
+        if unreachable.is_none() {
+            // Before the restore, so the bots created at runtime get their
+            // stored totals back like those of --tokens.
+            match registry.refresh().await {
+                Ok(()) => {}
+                Err(e @ crate::registry::RegistryError::Disagree { .. }) => return Err(e.into()),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot read the bot registry; serving the bots of --tokens and retrying every --sync-interval"
+                ),
+            }
+        }
         let ingest = open_ingest(&config, &store)?;
         // The seams: what the store writer writes, where handlers read
         // totals, and (cluster mode) how ingest decides ids and notes users.
@@ -238,6 +257,7 @@ impl Application {
         };
         let state = AppState::new(Shared {
             ingest,
+            registry,
             metrics_page: RenderCache::new(CachedEndpoint::Metrics, config.metrics_cache_ttl),
             summaries: RenderCache::new(
                 CachedEndpoint::Summary,
@@ -335,6 +355,11 @@ impl Application {
             )
         });
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
+        let registry = tokio::spawn(registry_loop(
+            state.registry.clone(),
+            config.sync_interval,
+            token.clone(),
+        ));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         let tls = state.tls.as_ref().map(|tls| tls.acceptor());
@@ -359,7 +384,7 @@ impl Application {
             let _ = tokio::join!(sync, confirm);
         }
         writer_token.cancel();
-        let _ = tokio::join!(flush, history, journal_sync, reloads);
+        let _ = tokio::join!(flush, history, journal_sync, reloads, registry);
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())
@@ -548,6 +573,28 @@ async fn reload_loop(state: AppState, mut signal: ReloadSignal, token: Cancellat
                     "reload requested (SIGHUP): failed, keeping what was loaded"
                 ),
             }
+        }
+    }
+}
+
+/// Reads the bot registry again every `--sync-interval`, so a bot or token
+/// revoked (or added) on another replica on the same store is seen here
+/// within one interval. A failed read keeps what was read last.
+async fn registry_loop(
+    registry: Arc<crate::registry::Registry>,
+    every: Duration,
+    token: CancellationToken,
+) {
+    let mut failures = crate::serve::RateLimited::new(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if let Err(e) = registry.refresh().await
+            && let Some(suppressed) = failures.allow()
+        {
+            tracing::warn!(error = %e, suppressed, "cannot read the bot registry; keeping the tokens read last");
         }
     }
 }

@@ -26,6 +26,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<Ingest>,
+    /// Bots and their tokens (hashed), from the store and `--tokens`.
+    pub registry: Arc<crate::registry::Registry>,
     /// The store's one writer, in both modes.
     pub persistence: Arc<Persistence>,
     /// Where summaries and readiness read totals (this process's memory,

@@ -152,7 +152,7 @@ impl Source for Local {
                     let rows = changed(&self.metrics, written);
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
-                    for bot in self.metrics.bots() {
+                    for bot in self.metrics.bots().iter() {
                         for sketch in bot.active.take_dirty() {
                             sketches.push(StoredSketch {
                                 bot: bot.bot.to_string(),
