@@ -19,7 +19,7 @@ pub struct TokenRow {
 /// Everything the registry holds.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegistryRows {
-    /// `(bot, created_at)`, ordered by creation then name.
+    /// `(bot, created_at)`, ordered by name.
     pub bots: Vec<(String, i64)>,
     pub tokens: Vec<TokenRow>,
 }
@@ -40,7 +40,7 @@ macro_rules! on_db {
 }
 
 pub(super) async fn load(db: &Db) -> Result<RegistryRows> {
-    const BOTS: &str = "select bot, created_at from bots order by created_at, bot";
+    const BOTS: &str = "select bot, created_at from bots order by bot";
     const TOKENS: &str =
         "select hash, bot, prefix, created_at from bot_tokens order by created_at, hash";
     let (bots, tokens) = match db {

@@ -6,6 +6,7 @@ mod helpers;
 
 mod access;
 mod active_users;
+mod admin;
 mod cluster;
 mod connections;
 mod durability;
