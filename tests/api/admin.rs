@@ -374,3 +374,84 @@ async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_inter
     assert!(took < Duration::from_millis(1500), "{took:?}");
     let _ = std::fs::remove_dir_all(other_dir);
 }
+
+/// Cluster mode: three replicas on one PostgreSQL and a private Redis. A
+/// token added on one replica posts on every replica within one
+/// `--sync-interval`; revoked on another, it is refused there at once and
+/// on every replica within one interval, and the cluster total is exactly
+/// what was accepted (rotation loses nothing).
+#[tokio::test]
+async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_sync_interval() {
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = crate::redis::RedisServer::start().await else {
+        return;
+    };
+    let redis_url = redis.url();
+    let mut replicas = Vec::new();
+    for n in 0..3 {
+        let dir = crate::helpers::pg_data_dir(&db.url).join(format!("admin-replica-{n}"));
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let dir = dir.display().to_string();
+        let flags = [
+            "--redis-url",
+            &redis_url,
+            "--sync-interval",
+            "1s",
+            "--admin-token",
+            ADMIN,
+            "--data-dir",
+            &dir,
+        ];
+        replicas.push(Binary::serve(&db.url, "a=t0ken-a", &flags).await);
+    }
+    let (status, added) = admin(&replicas[0], Method::POST, "/v1/admin/bots/a/tokens", None).await;
+    assert_eq!(status, 201, "{added}");
+    let token = added["token"].as_str().expect("token").to_owned();
+    let mut accepted = 0u64;
+    for r in &replicas {
+        eventually(Duration::from_secs(3), || {
+            let token = token.clone();
+            async move { r.post_events(&token, &message(1)).await.0 == 202 }
+        })
+        .await;
+        accepted += 1;
+        // The old token stays valid beside it.
+        r.post_ok("t0ken-a", &json!(message(2))).await;
+        accepted += 1;
+    }
+    let path = format!("/v1/admin/bots/a/tokens/{}", prefix_of(&token));
+    let (status, answer) = admin(&replicas[1], Method::DELETE, &path, None).await;
+    assert_eq!(status, 200, "{answer}");
+    let revoked = Instant::now();
+    assert_eq!(replicas[1].post_events(&token, &message(3)).await.0, 401);
+    // Until it reaches a replica the token still posts there: those
+    // events are accepted, and counted below like every other.
+    for r in &replicas {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match r.post_events(&token, &message(3)).await.0 {
+                401 => break,
+                202 => accepted += 1,
+                other => panic!("{other}"),
+            }
+            assert!(Instant::now() < deadline, "still accepted after 5 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let took = revoked.elapsed();
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    for r in &replicas {
+        r.post_ok("t0ken-a", &json!(message(4))).await;
+        accepted += 1;
+    }
+    // Every accepted event in the cluster total, on every replica.
+    for r in &replicas {
+        eventually(Duration::from_secs(10), || async move {
+            let (status, summary) = r.get_json("/v1/summary?bot=a").await;
+            status == 200 && summary["messages"]["total"].as_u64() == Some(accepted)
+        })
+        .await;
+    }
+}
