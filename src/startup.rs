@@ -357,6 +357,8 @@ impl Application {
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
         let registry = tokio::spawn(registry_loop(
             state.registry.clone(),
+            state.persistence.store.clone(),
+            config.redis_url.is_some(),
             config.sync_interval,
             token.clone(),
         ));
@@ -580,8 +582,15 @@ async fn reload_loop(state: AppState, mut signal: ReloadSignal, token: Cancellat
 /// Reads the bot registry again every `--sync-interval`, so a bot or token
 /// revoked (or added) on another replica on the same store is seen here
 /// within one interval. A failed read keeps what was read last.
+///
+/// Only where another process can change it: in cluster mode, and on a
+/// standby (whose writer takes the admin calls). One process that holds
+/// the store makes every change itself, so it reads nothing while idle
+/// ("no statement when nothing changed").
 async fn registry_loop(
     registry: Arc<crate::registry::Registry>,
+    store: Arc<Store>,
+    cluster: bool,
     every: Duration,
     token: CancellationToken,
 ) {
@@ -590,6 +599,9 @@ async fn registry_loop(
         tokio::select! {
             () = token.cancelled() => return,
             () = tokio::time::sleep(every) => {}
+        }
+        if !cluster && store.is_writer().await {
+            continue;
         }
         if let Err(e) = registry.refresh().await
             && let Some(suppressed) = failures.allow()

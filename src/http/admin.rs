@@ -46,6 +46,18 @@ fn admin(state: &AppState, headers: &HeaderMap) -> Result<String> {
     }
 }
 
+/// One process with a standby: changes go to the writer, which reads the
+/// registry only itself (see `startup::registry_loop`); a standby that
+/// changed it would leave the writer serving the old tokens.
+async fn writable(state: &AppState) -> Result<()> {
+    if state.config.redis_url.is_none() && !state.persistence.store.is_writer().await {
+        return Err(Error::Unavailable(
+            "this process is a standby: send admin changes to the one serving the store (its /readyz says 200)".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs one admin action: checks the token, logs and counts the outcome.
 async fn run<F>(
     state: &AppState,
@@ -148,6 +160,7 @@ async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
                 "creating a bot at runtime is not available with --redis-url yet: add it to --tokens on every replica".into(),
             ));
         }
+        writable(&state).await?;
         let (token, prefix) = state.registry.create(&new.bot).await?;
         Ok((
             StatusCode::CREATED,
@@ -164,6 +177,7 @@ async fn add_token(
 ) -> Response {
     let work = async {
         checked_name(&bot)?;
+        writable(&state).await?;
         let (token, prefix) = state.registry.add_token(&bot).await?;
         Ok((
             StatusCode::CREATED,
@@ -180,6 +194,7 @@ async fn revoke_token(
 ) -> Response {
     let work = async {
         checked_name(&bot)?;
+        writable(&state).await?;
         state.registry.revoke_token(&bot, &prefix).await?;
         Ok((StatusCode::OK, json!({ "bot": bot, "revoked": prefix })))
     };
@@ -208,6 +223,7 @@ async fn revoke_bot(
                 "?wipe=true is not available in this build: revoke without it; the bot's data stays".into(),
             ));
         }
+        writable(&state).await?;
         state.registry.revoke_bot(&bot).await?;
         Ok((
             StatusCode::OK,

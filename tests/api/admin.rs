@@ -355,6 +355,14 @@ async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_inter
     let two = Binary::serve(&url, "a=t0ken-a", &other_flags).await;
     let (status, _) = two.post_events(&token, &message(1)).await;
     assert_eq!(status, 202);
+    // The standby sends changes to the writer, which alone reads nothing.
+    let (status, answer) = admin(&two, Method::DELETE, "/v1/admin/bots/roaming", None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("unavailable")),
+        "{answer}"
+    );
+    assert_eq!(two.post_events(&token, &message(1)).await.0, 202);
     let (status, _) = admin(&one, Method::DELETE, "/v1/admin/bots/roaming", None).await;
     assert_eq!(status, 200);
     let revoked = Instant::now();
