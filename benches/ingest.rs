@@ -564,7 +564,7 @@ fn many_bots(c: &mut Criterion) {
     });
     group.bench_function("botmetrics_active_estimates_all_bots", |b| {
         b.iter(|| {
-            for bot in metrics.bots() {
+            for bot in metrics.bots().iter() {
                 black_box(bot.active.estimates());
             }
         })

@@ -31,6 +31,15 @@ pub struct Config {
         default_value_t = SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT)))]
     pub listen: SocketAddr,
 
+    /// PEM certificate (chain) to serve HTTPS on --listen with, e.g.
+    /// certbot's fullchain.pem. Needs --tls-key; both re-read on SIGHUP.
+    #[arg(long, env = "BOTMETRICS_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert, e.g. certbot's privkey.pem.
+    #[arg(long, env = "BOTMETRICS_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
     /// Where totals, history and sketches are kept: `postgres://…` or
     /// `sqlite://path` (created if missing). Also read from DATABASE_URL.
     #[arg(
@@ -50,8 +59,13 @@ pub struct Config {
     /// Bearer token that reads /metrics, /v1/summary and /v1/history for
     /// every bot. When unset they are open (a bot's own token still reads
     /// only its own summary and history).
-    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    #[arg(long, env = "BOTMETRICS_METRICS_TOKEN", hide_env_values = true, value_parser = parse_metrics_token)]
     pub metrics_token: Option<String>,
+
+    /// Bearer token of the admin API (/v1/admin/bots: create and revoke
+    /// bots and tokens at runtime). Unset: the admin API answers 404.
+    #[arg(long, env = "BOTMETRICS_ADMIN_TOKEN", hide_env_values = true, value_parser = parse_secret)]
+    pub admin_token: Option<Secret>,
 
     /// How long a rendered /metrics page is served before being rebuilt.
     /// `0s` (the default): every scrape gets a render that started after it
@@ -261,6 +275,22 @@ impl Tokens {
     pub fn is_empty(&self) -> bool {
         self.by_token.is_empty()
     }
+
+    /// Every `(token, bot)` pair, for seeding the registry.
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.by_token.iter().map(|(t, b)| (t.as_str(), &**b))
+    }
+}
+
+/// A secret flag value whose `Debug` shows nothing of it, so a logged
+/// configuration never carries it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(\"<hidden>\")")
+    }
 }
 
 /// Parses `bot=token,other=token2,bare-token`.
@@ -362,6 +392,13 @@ pub fn parse_redis_urls(raw: &str) -> Result<RedisUrls, String> {
     Ok(RedisUrls(urls))
 }
 
+fn parse_secret(raw: &str) -> Result<Secret, String> {
+    match raw.trim() {
+        "" => Err("must not be empty".into()),
+        s => Ok(Secret(s.to_owned())),
+    }
+}
+
 /// Parses a human-readable duration such as `500ms`, `10s`, `5m` or `90d`.
 pub fn parse_duration(raw: &str) -> Result<Duration, String> {
     humantime::parse_duration(raw.trim())
@@ -425,7 +462,7 @@ fn parse_currency(raw: &str) -> Result<String, String> {
 
 /// A secret flag set to nothing (`BOTMETRICS_METRICS_TOKEN=` in an env
 /// file) would be a token no client can send: refused, naming the fix.
-fn parse_secret(raw: &str) -> Result<String, String> {
+fn parse_metrics_token(raw: &str) -> Result<String, String> {
     if raw.trim().is_empty() {
         Err("empty; leave it unset to keep reads open, or set a token".into())
     } else {

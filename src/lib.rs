@@ -8,6 +8,8 @@
 //! * [`config`]: the one `Config` (flags with env fallbacks) and its parsers.
 //! * [`serve`]: the accept loop: header-read timeout, a bound on
 //!   connections, and a deadline on shutdown.
+//! * [`tls`]: HTTPS (`--tls-cert`/`--tls-key`), a certificate swapped on
+//!   SIGHUP.
 //! * [`http`]: the API, one file per resource, merged under shared
 //!   middleware, and its error type ([`http::error`]); handlers get
 //!   [`state`], one `Arc` per request.
@@ -22,6 +24,8 @@
 //! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
 //!   histograms, capped free-form families, active-user sketches, "today"
 //!   counters), self-metrics, and the `Registry` that exposes them.
+//! * [`registry`]: bots and their tokens (hashed), kept in the store,
+//!   seeded from `--tokens`, changed through the admin API.
 //! * [`render_cache`]: `/metrics` and summaries rendered once per TTL.
 //! * [`totals`]: where handlers read totals (this process's memory, or the
 //!   cluster's); [`summary`]: the bot's `/metrics` answer from them.
@@ -50,6 +54,7 @@ pub mod metrics;
 pub mod persist;
 pub mod prices;
 pub mod record;
+pub mod registry;
 pub mod render_cache;
 pub mod serve;
 pub mod startup;
@@ -58,6 +63,7 @@ pub mod store;
 pub mod summary;
 pub mod tasks;
 pub mod telemetry;
+pub mod tls;
 pub mod totals;
 
 /// A boxed future, the return type of the seams' methods (`ingest::Arbiter`,

@@ -32,6 +32,11 @@
 //!   listener closes, idle connections close, in-flight requests get that
 //!   long to finish, and whatever is left is dropped, so the caller's final
 //!   work (flush, history write) always runs.
+//!
+//! With `--tls-cert` ([`crate::tls`]) each admitted connection first does
+//! its TLS handshake, within the header-read timeout, and is then served
+//! exactly as a plain one: the same slot, timeouts and shutdown. A plain
+//! HTTP request to the TLS port gets a JSON 400 that says so, not a hang.
 
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
@@ -190,6 +195,7 @@ pub async fn serve(
     router: Router,
     limits: Limits,
     metrics: ConnectionMetrics,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let mut builder = http1::Builder::new();
@@ -207,6 +213,8 @@ pub async fn serve(
         builder,
         router,
         write_timeout: limits.write_timeout,
+        handshake_timeout: limits.header_read_timeout,
+        tls,
         metrics: metrics.clone(),
         stop: stop.clone(),
     });
@@ -667,6 +675,10 @@ struct Serving {
     builder: http1::Builder,
     router: Router,
     write_timeout: Duration,
+    /// A TLS handshake must finish within this (the header-read timeout:
+    /// the handshake is what comes before the first head).
+    handshake_timeout: Duration,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     metrics: ConnectionMetrics,
     stop: CancellationToken,
 }
@@ -678,12 +690,58 @@ impl Serving {
         if evicted {
             self.metrics.evicted.inc();
         }
+        let _open = OpenGauge::inc(&self.metrics.open);
         let slot = Arc::new(slot);
-        let io = WriteTimeout::new(
-            stream,
-            self.write_timeout,
-            self.metrics.write_timeouts.clone(),
-        );
+        let Some(acceptor) = &self.tls else {
+            let io = WriteTimeout::new(
+                stream,
+                self.write_timeout,
+                self.metrics.write_timeouts.clone(),
+            );
+            return self.drive(io, slot).await;
+        };
+        // Fresh and idle until the handshake is done: eviction and
+        // shutdown may close it, and the handshake has the header-read
+        // timeout, so a client that opens and sends nothing holds nothing.
+        let handshake = async {
+            if plain_http(&stream).await {
+                refuse_plain_http(stream).await;
+                return None;
+            }
+            let io = WriteTimeout::new(
+                stream,
+                self.write_timeout,
+                self.metrics.write_timeouts.clone(),
+            );
+            match acceptor.accept(io).await {
+                Ok(tls) => Some(tls),
+                Err(e) => {
+                    tracing::debug!(error = %e, "TLS handshake failed");
+                    None
+                }
+            }
+        };
+        let tls = tokio::select! {
+            biased;
+            () = slot.evict.cancelled() => return,
+            () = self.stop.cancelled() => return,
+            done = tokio::time::timeout(self.handshake_timeout, handshake) => match done {
+                Ok(Some(tls)) => tls,
+                Ok(None) => return,
+                Err(_) => {
+                    tracing::debug!("TLS handshake timed out");
+                    return;
+                }
+            },
+        };
+        self.drive(tls, slot).await;
+    }
+
+    /// Serves HTTP/1.1 on an open connection (plain, or past its handshake).
+    async fn drive<I>(&self, io: I, slot: Arc<Slot>)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let connection = self.builder.serve_connection(
             TokioIo::new(io),
             Tracked {
@@ -691,8 +749,6 @@ impl Serving {
                 slot: slot.clone(),
             },
         );
-        let open = &self.metrics.open;
-        open.inc();
         let mut connection = std::pin::pin!(connection);
         tokio::select! {
             // First: a connection chosen to make room is idle by
@@ -712,11 +768,48 @@ impl Serving {
                 log_connection_end(connection.await);
             }
         }
-        open.dec();
         // The slot is given back once the connection (which holds the other
         // reference) is dropped, so its descriptor is closed first.
         drop(slot);
     }
+}
+
+/// `botmetrics_connections_open` for as long as it is held.
+struct OpenGauge<'a>(&'a IntGauge);
+
+impl<'a> OpenGauge<'a> {
+    fn inc(gauge: &'a IntGauge) -> Self {
+        gauge.inc();
+        OpenGauge(gauge)
+    }
+}
+
+impl Drop for OpenGauge<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+/// True when a connection to the TLS port starts like a plain HTTP request
+/// (a method's capital letter) rather than a TLS record (0x16).
+async fn plain_http(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(stream.peek(&mut first).await, Ok(1) if first[0].is_ascii_uppercase())
+}
+
+/// The answer to plain HTTP on the TLS port, as nginx gives one: the
+/// client learns what is wrong instead of seeing a reset.
+const PLAIN_TO_TLS: &str = concat!(
+    "HTTP/1.1 400 Bad Request\r\n",
+    "content-type: application/json\r\n",
+    "connection: close\r\n",
+    "content-length: 98\r\n",
+    "\r\n",
+    r#"{"error":"tls_required","message":"this port serves HTTPS (--tls-cert): use https:// to reach it"}"#,
+);
+
+async fn refuse_plain_http(stream: TcpStream) {
+    answer_and_close(stream, PLAIN_TO_TLS).await;
 }
 
 fn log_connection_end(result: hyper::Result<()>) {
@@ -737,7 +830,12 @@ const TOO_MANY: &str = concat!(
     r#"{"error":"unavailable","message":"too many open connections (--max-connections); retry shortly"}"#,
 );
 
-async fn turn_away(mut stream: TcpStream) {
+async fn turn_away(stream: TcpStream) {
+    answer_and_close(stream, TOO_MANY).await;
+}
+
+/// Reads a request head (briefly), writes a canned answer and closes.
+async fn answer_and_close(mut stream: TcpStream, answer: &str) {
     // Read the request head first (briefly): closing a socket with unread
     // data makes the kernel send a reset, which can destroy the answer
     // before the client reads it.
@@ -753,7 +851,7 @@ async fn turn_away(mut stream: TcpStream) {
     })
     .await;
     let _ = tokio::time::timeout(REJECT_READ_WAIT, async {
-        let _ = stream.write_all(TOO_MANY.as_bytes()).await;
+        let _ = stream.write_all(answer.as_bytes()).await;
         let _ = stream.shutdown().await;
     })
     .await;
@@ -799,11 +897,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_canned_answer_declares_its_length() {
-        let (head, body) = TOO_MANY.split_once("\r\n\r\n").unwrap();
-        assert!(head.contains(&format!("content-length: {}", body.len())));
-        let json: serde_json::Value = serde_json::from_str(body).unwrap();
-        assert_eq!(json["error"], "unavailable");
+    fn the_canned_answers_declare_their_length() {
+        for (answer, code) in [(TOO_MANY, "unavailable"), (PLAIN_TO_TLS, "tls_required")] {
+            let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+            assert!(head.contains(&format!("content-length: {}", body.len())));
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!(json["error"], code);
+        }
     }
 
     fn admitted(slots: &Arc<Slots>) -> (Slot, bool) {

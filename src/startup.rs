@@ -44,6 +44,10 @@ pub enum StartError {
     Journal(#[from] crate::journal::JournalError),
     #[error("--prices: {0}")]
     Prices(#[from] crate::prices::PricesError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("server: {0}")]
@@ -102,6 +106,12 @@ impl Application {
         // never so short that a take-over's load leaves the new session
         // idle past it.
         let lease = crate::cluster::lead::lease_ttl(config.flush_interval);
+        // Before anything is opened: a bad certificate is a typo to fix,
+        // and should not first wait for a database.
+        let tls = match (&config.tls_cert, &config.tls_key) {
+            (Some(cert), Some(key)) => Some(Arc::new(crate::tls::Tls::load(cert, key)?)),
+            _ => None,
+        };
         let store = Store::open(&config.database_url)?
             .with_writer_idle_limit((lease * 2).max(WRITER_IDLE_MIN));
         // A fault no retry mends stops the start here, with the cause; a
@@ -109,6 +119,23 @@ impl Application {
         let unreachable = store.check(&config.database_url).await?;
         let store = Arc::new(store);
         let user_key = user_key(&store, data_dir(&config, &store).as_deref()).await?;
+        let registry = Arc::new(crate::registry::Registry::new(
+            store.clone(),
+            metrics.clone(),
+            config.tokens.clone(),
+        )?);
+        if unreachable.is_none() {
+            // Before the restore, so the bots created at runtime get their
+            // stored totals back like those of --tokens.
+            match registry.refresh().await {
+                Ok(()) => {}
+                Err(e @ crate::registry::RegistryError::Disagree { .. }) => return Err(e.into()),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "cannot read the bot registry; serving the bots of --tokens and retrying every --sync-interval"
+                ),
+            }
+        }
         let ingest = open_ingest(&config, &store)?;
         // The seams: what the store writer writes, where handlers read
         // totals, and (cluster mode) how ingest decides ids and notes users.
@@ -245,6 +272,7 @@ impl Application {
         };
         let state = AppState::new(Shared {
             ingest,
+            registry,
             metrics_page: RenderCache::new(CachedEndpoint::Metrics, config.metrics_cache_ttl),
             summaries: RenderCache::new(
                 CachedEndpoint::Summary,
@@ -259,6 +287,7 @@ impl Application {
                 },
             ),
             totals,
+            tls,
             prices: std::sync::RwLock::new(Arc::new(load_prices(&config)?)),
             readiness: Default::default(),
             metrics,
@@ -348,10 +377,19 @@ impl Application {
             token.clone(),
         ));
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
+        let registry = tokio::spawn(registry_loop(
+            state.registry.clone(),
+            state.persistence.store.clone(),
+            config.redis_url.is_some(),
+            config.sync_interval,
+            token.clone(),
+        ));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
+        let tls = state.tls.as_ref().map(|tls| tls.acceptor());
         tracing::info!(
             listen = %listener.local_addr().map_err(StartError::Serve)?,
+            scheme = if tls.is_some() { "https" } else { "http" },
             bots = ?config.tokens.bots(),
             store = persistence.store.backend(),
             "botmetrics serving"
@@ -361,6 +399,7 @@ impl Application {
             crate::http::router(state),
             limits,
             connections,
+            tls,
             shutdown,
         )
         .await;
@@ -372,7 +411,7 @@ impl Application {
         // The scan stops before the final flush, so the flush holds its
         // last effects.
         let _ = user_scan.await;
-        let _ = tokio::join!(flush, history, journal_sync, reloads);
+        let _ = tokio::join!(flush, history, journal_sync, reloads, registry);
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())
@@ -598,11 +637,16 @@ impl ReloadSignal {
 /// old value stays.
 type Reloaded = (&'static str, Result<String, String>);
 
-/// What a SIGHUP re-reads, one line each (tokens at runtime and TLS
-/// certificates will join the price table here). A reload that fails keeps
-/// what it had, so a bad file never stops the serving.
+/// What a SIGHUP re-reads, one line each. A reload that fails keeps what
+/// it had, so a bad file never stops the serving.
 async fn reload(state: &AppState) -> Vec<Reloaded> {
-    vec![("prices", reload_prices(state))]
+    let mut done = vec![("prices", reload_prices(state))];
+    if let Some(tls) = &state.tls {
+        // New handshakes get the new certificate; open connections keep
+        // the session they have.
+        done.push(("tls", tls.reload().map_err(|e| e.to_string())));
+    }
+    done
 }
 
 /// The price table again, from `--prices`: events priced from now on use
@@ -637,6 +681,38 @@ async fn reload_loop(state: AppState, mut signal: ReloadSignal, token: Cancellat
                     "reload requested (SIGHUP): failed, keeping what was loaded"
                 ),
             }
+        }
+    }
+}
+
+/// Reads the bot registry again every `--sync-interval`, so a bot or token
+/// revoked (or added) on another replica on the same store is seen here
+/// within one interval. A failed read keeps what was read last.
+///
+/// Only where another process can change it: in cluster mode, and on a
+/// standby (whose writer takes the admin calls). One process that holds
+/// the store makes every change itself, so it reads nothing while idle
+/// ("no statement when nothing changed").
+async fn registry_loop(
+    registry: Arc<crate::registry::Registry>,
+    store: Arc<Store>,
+    cluster: bool,
+    every: Duration,
+    token: CancellationToken,
+) {
+    let mut failures = crate::serve::RateLimited::new(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = token.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+        if !cluster && store.is_writer().await {
+            continue;
+        }
+        if let Err(e) = registry.refresh().await
+            && let Some(suppressed) = failures.allow()
+        {
+            tracing::warn!(error = %e, suppressed, "cannot read the bot registry; keeping the tokens read last");
         }
     }
 }

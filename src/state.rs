@@ -26,6 +26,8 @@ pub struct Shared {
     pub config: Arc<Config>,
     pub metrics: Arc<Metrics>,
     pub ingest: Arc<Ingest>,
+    /// Bots and their tokens (hashed), from the store and `--tokens`.
+    pub registry: Arc<crate::registry::Registry>,
     /// The store's one writer, in both modes.
     pub persistence: Arc<Persistence>,
     /// Where summaries and readiness read totals (this process's memory,
@@ -35,6 +37,8 @@ pub struct Shared {
     /// replaced whole on SIGHUP (a request prices with one table).
     pub prices: std::sync::RwLock<Arc<Prices>>,
     /// Keyed by the restore generation only: one page for everyone.
+    /// HTTPS's certificate, re-read on SIGHUP; `None` serves plain HTTP.
+    pub tls: Option<Arc<crate::tls::Tls>>,
     pub metrics_page: RenderCache<u64>,
     pub summaries: RenderCache<SummaryKey>,
     /// The last state /readyz answered (`""` before the first probe), so a

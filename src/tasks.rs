@@ -215,7 +215,7 @@ pub async fn history_loop(
 pub async fn scan_users_once(metrics: &crate::metrics::Metrics, ingest: &Ingest, now: i64) {
     let started = std::time::Instant::now();
     let mut bytes = 0;
-    for bot in metrics.bots() {
+    for bot in metrics.bots().iter() {
         if !bot.book.enabled() {
             continue;
         }

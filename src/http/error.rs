@@ -55,6 +55,10 @@ pub enum Error {
     #[error("{0}")]
     NotFound(String),
 
+    /// The admin API: what is to be created exists already.
+    #[error("{0}")]
+    Conflict(String),
+
     #[error("method not allowed")]
     MethodNotAllowed,
 
@@ -107,6 +111,7 @@ impl Error {
             Error::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Invalid { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::Conflict(_) => StatusCode::CONFLICT,
             Error::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Error::Unavailable(_) | Error::Store(_) | Error::Journal(_) | Error::RetryLater(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -126,6 +131,7 @@ impl Error {
             Error::Invalid { .. } => "invalid",
             Error::BadRequest(_) => "bad_request",
             Error::NotFound(_) => "not_found",
+            Error::Conflict(_) => "conflict",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::Unavailable(_) | Error::Store(_) => "unavailable",
             Error::RetryLater(_) => "retry_later",

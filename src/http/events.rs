@@ -24,8 +24,8 @@ async fn post_events(
     match ingest(&state, &headers, body).await {
         Ok(accepted) => Ok((StatusCode::ACCEPTED, Json(accepted))),
         Err(e) => {
-            let bot = super::bearer(&headers).and_then(|t| state.config.tokens.bot_for(t));
-            super::rejected(bot.map(|b| &**b), &e);
+            let bot = super::bearer(&headers).and_then(|t| state.registry.bot_for(t));
+            super::rejected(bot.as_deref(), &e);
             state
                 .metrics
                 .selfm
@@ -41,20 +41,20 @@ async fn post_events(
 /// token, the content type, the size, then every event of the batch.
 async fn ingest(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Accepted> {
     let config = &state.config;
-    if config.tokens.is_empty() {
+    if state.registry.is_empty() {
         return Err(Error::Unauthorized(
             "ingestion is disabled: start botmetrics with --tokens bot=secret",
         ));
     }
     let token = super::bearer(headers)
         .ok_or(Error::Unauthorized("send `Authorization: Bearer <token>`"))?;
-    let bot_name = config
-        .tokens
+    let bot_name = state
+        .registry
         .bot_for(token)
         .ok_or(Error::Unauthorized("unknown token"))?;
     let bot = state
         .metrics
-        .bot(bot_name)
+        .bot(&bot_name)
         .ok_or(Error::Unauthorized("unknown token"))?;
 
     let format = body_format(headers)?;

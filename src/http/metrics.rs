@@ -23,8 +23,8 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     if let Some(expected) = &state.config.metrics_token {
         let token = super::bearer(&headers);
         if !token.is_some_and(|token| super::same_secret(token, expected)) {
-            let bot = token.and_then(|t| state.config.tokens.bot_for(t));
-            let e = match bot {
+            let bot = token.and_then(|t| state.registry.bot_for(t));
+            let e = match &bot {
                 Some(bot) => Error::Forbidden(format!(
                     "bot `{bot}`'s token reads its own /v1/summary and /v1/history; /metrics needs --metrics-token"
                 )),
@@ -32,7 +32,7 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
                     Error::Unauthorized("/metrics needs `Authorization: Bearer <--metrics-token>`")
                 }
             };
-            super::rejected(bot.map(|b| &**b), &e);
+            super::rejected(bot.as_deref(), &e);
             return e.into_response();
         }
     }

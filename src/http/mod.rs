@@ -1,6 +1,7 @@
 //! The HTTP API: one file per resource, each with its own `router()`,
 //! merged here under the shared middleware.
 
+mod admin;
 pub mod error;
 mod events;
 mod health;
@@ -30,6 +31,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = state.config.request_timeout;
     Router::new()
         .merge(events::router())
+        .merge(admin::router())
         .merge(metrics::router())
         // Compresses the JSON answers that can be large; /metrics arrives
         // already compressed (once per render), and event answers are tiny.
@@ -94,8 +96,8 @@ impl Reader {
         let config = &state.config;
         let reader = match (bearer(headers), &config.metrics_token) {
             (Some(token), Some(expected)) if same_secret(token, expected) => Reader::Everything,
-            (Some(token), _) => match config.tokens.bot_for(token) {
-                Some(bot) => Reader::Bot(bot.clone()),
+            (Some(token), _) => match state.registry.bot_for(token) {
+                Some(bot) => Reader::Bot(bot),
                 None => {
                     return Err(Error::Unauthorized(
                         "unknown token: send --metrics-token, or a bot's own token to read that bot",
@@ -157,13 +159,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Compares secrets in time independent of where they first differ.
-fn same_secret(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
-}
+use crate::registry::same_secret;
 
 /// True when the client accepts a gzip body (and did not refuse it, q=0).
 fn accepts_gzip(headers: &HeaderMap) -> bool {

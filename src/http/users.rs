@@ -82,7 +82,7 @@ async fn get_retention(
         params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
     let bot = match reader.bot(params.bot)? {
         Some(bot) => bot,
-        None => match state.metrics.bots() {
+        None => match &**state.metrics.bots() {
             [one] => one.bot.to_string(),
             _ => {
                 return Err(Error::BadRequest(
@@ -186,7 +186,7 @@ async fn forget_user(
             "with --metrics-token, name the bot with `?bot=`".into(),
         ));
     };
-    let Some(metrics) = state.metrics.bot(&bot).cloned() else {
+    let Some(metrics) = state.metrics.bot(&bot) else {
         return Err(Error::NotFound(format!(
             "no bot named `{bot}` is configured"
         )));

@@ -399,7 +399,7 @@ mod tests {
             }
         }
         let mut ours = Vec::new();
-        let series = write_bots(&metrics.sorted, &mut ours);
+        let series = write_bots(&metrics.bots().sorted, &mut ours);
 
         let registry = prometheus::Registry::new();
         let descs = FAMILIES

@@ -376,11 +376,53 @@ impl SelfMetrics {
 pub struct Metrics {
     pub registry: Registry,
     pub selfm: SelfMetrics,
+    /// Replaced whole when a bot is added at runtime (the admin API), so a
+    /// reader holds one consistent set for as long as it needs it.
+    set: std::sync::RwLock<Arc<BotSet>>,
+    calendar: Arc<Calendar>,
+    max_label_values: usize,
+    /// Every bot's user book's limits, a bot added later's too.
+    book: users::BookLimits,
+}
+
+/// The bots counted, in the order they were configured (then added).
+#[derive(Default)]
+pub struct BotSet {
     bots: Vec<Arc<BotMetrics>>,
     /// The same bots ordered by name: the exposition's order.
     sorted: Vec<Arc<BotMetrics>>,
     by_name: HashMap<Arc<str>, Arc<BotMetrics>>,
-    calendar: Arc<Calendar>,
+}
+
+impl BotSet {
+    pub fn get(&self, name: &str) -> Option<&Arc<BotMetrics>> {
+        self.by_name.get(name)
+    }
+
+    fn with(&self, bot: Arc<BotMetrics>) -> BotSet {
+        let mut bots = self.bots.clone();
+        bots.push(bot);
+        BotSet::of(bots)
+    }
+
+    fn of(bots: Vec<Arc<BotMetrics>>) -> BotSet {
+        let by_name = bots.iter().map(|b| (b.bot.clone(), b.clone())).collect();
+        let mut sorted = bots.clone();
+        sorted.sort_by(|a, b| a.bot.cmp(&b.bot));
+        BotSet {
+            bots,
+            sorted,
+            by_name,
+        }
+    }
+}
+
+impl std::ops::Deref for BotSet {
+    type Target = [Arc<BotMetrics>];
+
+    fn deref(&self) -> &[Arc<BotMetrics>] {
+        &self.bots
+    }
 }
 
 impl Metrics {
@@ -394,39 +436,51 @@ impl Metrics {
         let registry = Registry::new();
         let selfm = SelfMetrics::register(&registry, cache_ttl_seconds, bots)?;
         let calendar = Arc::new(Calendar::new(tz));
-        let bots: Vec<Arc<BotMetrics>> = bots
-            .iter()
-            .map(|bot| {
-                let overflow =
-                    |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
-                let counters = bot::SelfCounters {
-                    accepted: selfm.events_accepted.with_label_values(&[&**bot]),
-                    duplicates: selfm.events_duplicate.with_label_values(&[&**bot]),
-                    overflow_kind: overflow("kind"),
-                    overflow_name: overflow("name"),
-                    overflow_model: overflow("model"),
-                    overflow_cache: overflow("cache"),
-                };
-                Arc::new(BotMetrics::new(
-                    bot.clone(),
-                    max_label_values,
-                    counters,
-                    Today::new(calendar.clone()),
-                    book,
-                ))
-            })
-            .collect();
-        let by_name = bots.iter().map(|b| (b.bot.clone(), b.clone())).collect();
-        let mut sorted = bots.clone();
-        sorted.sort_by(|a, b| a.bot.cmp(&b.bot));
-        Ok(Metrics {
+        let metrics = Metrics {
             registry,
             selfm,
-            bots,
-            sorted,
-            by_name,
+            set: Default::default(),
             calendar,
-        })
+            max_label_values,
+            book,
+        };
+        let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
+        *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
+        Ok(metrics)
+    }
+
+    /// A bot's cells, its self-counters registered.
+    fn cells(&self, bot: &Arc<str>) -> Arc<BotMetrics> {
+        let selfm = &self.selfm;
+        let overflow = |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
+        let counters = bot::SelfCounters {
+            accepted: selfm.events_accepted.with_label_values(&[&**bot]),
+            duplicates: selfm.events_duplicate.with_label_values(&[&**bot]),
+            overflow_kind: overflow("kind"),
+            overflow_name: overflow("name"),
+            overflow_model: overflow("model"),
+            overflow_cache: overflow("cache"),
+        };
+        Arc::new(BotMetrics::new(
+            bot.clone(),
+            self.max_label_values,
+            counters,
+            Today::new(self.calendar.clone()),
+            self.book,
+        ))
+    }
+
+    /// Counts a bot created at runtime (the admin API) from now on, with
+    /// every series of its closed label sets at 0; a bot already counted
+    /// is left as it is.
+    pub fn add_bot(&self, name: &str) -> Arc<BotMetrics> {
+        let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(bot) = set.get(name) {
+            return bot.clone();
+        }
+        let bot = self.cells(&Arc::from(name));
+        *set = Arc::new(set.with(bot.clone()));
+        bot
     }
 
     /// A fresh copy of `name`'s cells, registered nowhere (the same
@@ -444,12 +498,13 @@ impl Metrics {
         ))
     }
 
-    pub fn bot(&self, name: &str) -> Option<&Arc<BotMetrics>> {
-        self.by_name.get(name)
+    pub fn bot(&self, name: &str) -> Option<Arc<BotMetrics>> {
+        self.bots().get(name).cloned()
     }
 
-    pub fn bots(&self) -> &[Arc<BotMetrics>] {
-        &self.bots
+    /// The bots counted now (a bot added later is not in this set).
+    pub fn bots(&self) -> Arc<BotSet> {
+        self.set.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     pub fn calendar(&self) -> &Calendar {
@@ -458,7 +513,7 @@ impl Metrics {
 
     /// Walks every bot's series.
     pub fn visit(&self, v: &mut impl Visitor) {
-        for bot in &self.bots {
+        for bot in self.bots().iter() {
             bot.visit(v);
         }
     }
@@ -468,10 +523,11 @@ impl Metrics {
     /// `collector`); they sort before every `botmetrics_*` family, so the
     /// page is ordered by family name as `Registry::gather` orders it.
     pub fn render(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * self.bots.len() / 16);
-        let series = collector::write_bots(&self.sorted, &mut out);
+        let set = self.bots();
+        let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * set.len() / 16);
+        let series = collector::write_bots(&set.sorted, &mut out);
         self.selfm.series.set(series as i64);
-        let sketch_bytes: usize = self.bots.iter().map(|b| b.active.heap_bytes()).sum();
+        let sketch_bytes: usize = set.iter().map(|b| b.active.heap_bytes()).sum();
         self.selfm.sketch_bytes.set(sketch_bytes as i64);
         let families = self.registry.gather();
         // Encoding into a Vec cannot fail; an error here would be a bug in

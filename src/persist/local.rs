@@ -157,7 +157,7 @@ impl Source for Local {
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
                     let mut users = Vec::new();
-                    for bot in self.metrics.bots() {
+                    for bot in self.metrics.bots().iter() {
                         let cut = bot.book.cut();
                         if !cut.changed.is_empty() || !cut.gone.is_empty() {
                             users.push(BotUsers {

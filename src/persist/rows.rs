@@ -434,8 +434,9 @@ pub struct RestoreReport {
 
 /// Adds stored values into the (fresh) cells.
 pub fn restore(metrics: &Metrics, stored: &store::Stored, now: i64) -> RestoreReport {
+    let set = metrics.bots();
     restore_into(
-        |name| metrics.bot(name).map(|b| &**b),
+        |name| set.get(name).map(|b| &**b),
         metrics.calendar(),
         stored,
         now,
@@ -595,7 +596,7 @@ mod tests {
             ..store::Stored::default()
         };
         let bot = metrics.bot("a").unwrap();
-        let report = restore_into(|_| Some(bot), calendar, &stored, 0);
+        let report = restore_into(|_| Some(&*bot), calendar, &stored, 0);
         assert_eq!(report.skipped, 0);
         let h = bot.response_duration();
         assert_eq!(h.count(), 1);
@@ -636,7 +637,7 @@ mod tests {
             ..store::Stored::default()
         };
         let bot = metrics.bot("a").unwrap();
-        let report = restore_into(|_| Some(bot), metrics.calendar(), &stored, 0);
+        let report = restore_into(|_| Some(&*bot), metrics.calendar(), &stored, 0);
         assert_eq!(report.skipped, 2);
         assert_eq!(bot.response_duration().count(), 0);
     }

@@ -261,6 +261,7 @@ pub fn redacted(url: &str) -> String {
 mod load;
 mod lease;
 mod postgres;
+pub mod registry;
 mod sqlite;
 
 /// The database and, beside it, this process's claim to be its one writer.
@@ -513,6 +514,29 @@ fn cause(e: &sqlx::Error) -> String {
         sqlx::Error::Database(db) => db.message().to_owned(),
         sqlx::Error::Io(io) => io.to_string(),
         other => other.to_string(),
+    }
+}
+
+/// The bot registry (`registry`): what the admin API and `--tokens` keep.
+impl Store {
+    pub async fn load_registry(&self) -> Result<registry::RegistryRows> {
+        registry::load(&self.db).await
+    }
+
+    pub async fn insert_bot(&self, bot: &str, now: i64) -> Result<bool> {
+        registry::insert_bot(&self.db, bot, now).await
+    }
+
+    pub async fn insert_token(&self, row: &registry::TokenRow) -> Result<bool> {
+        registry::insert_token(&self.db, row).await
+    }
+
+    pub async fn delete_token(&self, hash: &str) -> Result<bool> {
+        registry::delete_token(&self.db, hash).await
+    }
+
+    pub async fn delete_bot(&self, bot: &str) -> Result<bool> {
+        registry::delete_bot(&self.db, bot).await
     }
 }
 

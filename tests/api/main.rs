@@ -6,6 +6,7 @@ mod helpers;
 
 mod access;
 mod active_users;
+mod admin;
 mod cluster;
 mod connections;
 mod durability;
@@ -20,4 +21,5 @@ mod redis;
 mod spend;
 mod stack;
 mod summary;
+mod tls;
 mod users;

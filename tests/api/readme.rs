@@ -1,7 +1,8 @@
 //! The README's examples, run (issue 9: docs true to what runs). Every
 //! ```sh block of README.md that calls curl is cut into its commands; each
 //! runs with `sh -e` against the real binary started as the README starts
-//! it (`--tokens mybot=change-me`), and where the README shows an answer
+//! it (`--tokens mybot=change-me`, and `--admin-token change-me-admin` for
+//! "Managing bots"), and where the README shows an answer
 //! (`# {...}` after a command, or at the end of its line) the real answer
 //! must be exactly that JSON.
 
@@ -133,6 +134,8 @@ async fn every_curl_example_of_the_readme_runs_and_answers_as_shown() {
             &url,
             "--tokens",
             "mybot=change-me",
+            "--admin-token",
+            "change-me-admin",
         ],
         &[],
     )

@@ -481,7 +481,7 @@ async fn today_counts_the_local_day(url: &str) {
 
     // At the next local midnight the day starts over; until then it holds.
     let bot = app.state.metrics.bot("x").unwrap();
-    let summary_at = |t: DateTime<Utc>| serde_json::to_value(Summary::build(bot, t, 0)).unwrap();
+    let summary_at = |t: DateTime<Utc>| serde_json::to_value(Summary::build(&bot, t, 0)).unwrap();
     check(
         &summary_at(next_midnight - chrono::Duration::seconds(1)),
         [4.0, 2.0, 4.0],

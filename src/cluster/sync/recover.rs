@@ -79,7 +79,13 @@ impl Syncer {
                 "redis lost counts of this replica and the journal no longer holds all of them: some are lost"
             );
         }
-        let batch = cut(copy, Some(&users), &HashMap::new(), &HashMap::new(), lost.1);
+        let batch = cut(
+            &copy,
+            Some(&users),
+            &HashMap::new(),
+            &HashMap::new(),
+            lost.1,
+        );
         let users = batch.users.len();
         let mut conn = conn.clone();
         let answer: Vec<i64> =

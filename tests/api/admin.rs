@@ -1,0 +1,465 @@
+//! The admin API (`--admin-token`, `/v1/admin/bots`, issue 21 item 1):
+//! bots and tokens created, rotated and revoked at runtime on the real
+//! binary, exact counts, bad input that changes nothing, a restart that
+//! keeps the registry, and a second process on the same store that sees a
+//! revocation within one `--sync-interval`.
+
+use std::time::{Duration, Instant};
+
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use crate::helpers::{Binary, SqliteFile, eventually, sample};
+
+const ADMIN: &str = "adm1n-secret";
+
+/// One admin call: status and JSON answer.
+async fn call(
+    bin: &Binary,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut req = bin.client.request(method, bin.url(path));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(body.to_owned());
+    }
+    let res = req.send().await.expect("request sent");
+    let status = res.status().as_u16();
+    (status, res.json().await.expect("a JSON answer"))
+}
+
+async fn admin(bin: &Binary, method: Method, path: &str, body: Option<&str>) -> (u16, Value) {
+    call(bin, method, path, Some(ADMIN), body).await
+}
+
+async fn list(bin: &Binary) -> Value {
+    let (status, answer) = admin(bin, Method::GET, "/v1/admin/bots", None).await;
+    assert_eq!(status, 200, "{answer}");
+    answer
+}
+
+fn prefix_of(token: &str) -> String {
+    botmetrics::registry::prefix_of(token)
+}
+
+fn names(listing: &Value) -> Vec<String> {
+    listing["bots"]
+        .as_array()
+        .expect("bots")
+        .iter()
+        .map(|b| b["bot"].as_str().expect("name").to_owned())
+        .collect()
+}
+
+async fn total_messages(bin: &Binary, bot: &str) -> u64 {
+    let (status, summary) = bin.get_json(&format!("/v1/summary?bot={bot}")).await;
+    assert_eq!(status, 200, "{summary}");
+    summary["messages"]["total"].as_u64().expect("a total")
+}
+
+fn message(i: u64) -> Value {
+    json!({"type": "message", "role": "user", "user_id": i})
+}
+
+#[tokio::test]
+async fn bots_are_created_rotated_and_revoked_at_runtime_and_bad_input_changes_nothing() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let flags = ["--admin-token", ADMIN];
+    let mut bin = Binary::serve(&url, "seeded=s33ded", &flags).await;
+
+    // Who may call: the admin token only.
+    for token in [None, Some("wrong"), Some("s33ded")] {
+        let (status, answer) = call(&bin, Method::GET, "/v1/admin/bots", token, None).await;
+        assert_eq!(
+            (status, answer["error"].as_str()),
+            (401, Some("unauthorized")),
+            "{token:?}"
+        );
+    }
+    let before = list(&bin).await;
+    assert_eq!(names(&before), ["seeded"]);
+    assert_eq!(before["bots"][0]["tokens"], json!([prefix_of("s33ded")]));
+
+    // Create: the token is answered once, and posts at once.
+    let (status, created) = admin(
+        &bin,
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"fresh"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let first = created["token"].as_str().expect("token").to_owned();
+    assert!(first.starts_with("bm_") && first.len() == 51, "{first}");
+    assert_eq!(created["prefix"].as_str(), Some(prefix_of(&first).as_str()));
+    bin.post_ok(&first, &json!([message(1), message(2)])).await;
+    let listing = list(&bin).await;
+    assert_eq!(names(&listing), ["fresh", "seeded"]);
+    assert!(
+        !listing.to_string().contains(&first),
+        "the listing never shows a token"
+    );
+
+    // Bad input: the documented 4xx, and nothing changes.
+    let bad: [(Method, &str, Option<&str>, u16, &str); 9] = [
+        (
+            Method::POST,
+            "/v1/admin/bots",
+            Some(r#"{"bot":"fresh"}"#),
+            409,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/bots",
+            Some(r#"{"bot":"seeded"}"#),
+            409,
+            "conflict",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/bots",
+            Some(r#"{"bot":"no spaces"}"#),
+            422,
+            "invalid",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/bots",
+            Some(r#"{"name":"x"}"#),
+            422,
+            "invalid",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/bots",
+            Some(r#"{"bot":"#),
+            400,
+            "malformed",
+        ),
+        (
+            Method::POST,
+            "/v1/admin/bots/ghost/tokens",
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/bots/ghost",
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/bots/fresh/tokens/00000000",
+            None,
+            404,
+            "not_found",
+        ),
+        // Wipe is not built: refused before the revocation it comes with.
+        (
+            Method::DELETE,
+            "/v1/admin/bots/fresh?wipe=true",
+            None,
+            400,
+            "bad_request",
+        ),
+    ];
+    let settled = list(&bin).await;
+    for (method, path, body, status, code) in bad {
+        let (got, answer) = admin(&bin, method.clone(), path, body).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{method} {path} {body:?}: {answer}"
+        );
+        assert_eq!(
+            list(&bin).await,
+            settled,
+            "{method} {path} changed the registry"
+        );
+    }
+    bin.post_ok(&first, &json!(message(3))).await;
+
+    // Rotation: a second token, both valid, then the first revoked; every
+    // event posted with a valid token is counted, none is lost.
+    let (status, added) = admin(&bin, Method::POST, "/v1/admin/bots/fresh/tokens", None).await;
+    assert_eq!(status, 201, "{added}");
+    let second = added["token"].as_str().expect("token").to_owned();
+    let poster = |token: String, from: u64| {
+        let client = bin.client.clone();
+        let url = bin.url("/v1/events");
+        tokio::spawn(async move {
+            let mut accepted = 0u64;
+            for i in from..from + 40 {
+                let res = client
+                    .post(&url)
+                    .bearer_auth(&token)
+                    .json(&message(i))
+                    .send()
+                    .await
+                    .expect("sent");
+                match res.status().as_u16() {
+                    202 => accepted += 1,
+                    401 => break,
+                    other => panic!("{other}"),
+                }
+            }
+            accepted
+        })
+    };
+    let (old, new) = (poster(first.clone(), 100), poster(second.clone(), 1000));
+    let path = format!("/v1/admin/bots/fresh/tokens/{}", prefix_of(&first));
+    let (status, revoked) = admin(&bin, Method::DELETE, &path, None).await;
+    assert_eq!(
+        (status, revoked),
+        (200, json!({"bot": "fresh", "revoked": prefix_of(&first)}))
+    );
+    let (old, new) = (old.await.expect("poster"), new.await.expect("poster"));
+    assert_eq!(new, 40, "the new token never failed");
+    // Refused at once on this replica.
+    assert_eq!(bin.post_events(&first, &message(9)).await.0, 401);
+    assert_eq!(total_messages(&bin, "fresh").await, 3 + old + new);
+    assert_eq!(
+        list(&bin).await["bots"][0]["tokens"],
+        json!([prefix_of(&second)])
+    );
+
+    // A bot created after this one, kept across a restart.
+    let (_, kept) = admin(
+        &bin,
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"kept"}"#),
+    )
+    .await;
+    let kept = kept["token"].as_str().expect("token").to_owned();
+    bin.post_ok(
+        &kept,
+        &json!([message(1), message(2), message(3), message(4)]),
+    )
+    .await;
+
+    // Revoking a bot: its last token is refused at once; its data stays.
+    let (status, answer) = admin(&bin, Method::DELETE, "/v1/admin/bots/fresh", None).await;
+    assert_eq!(
+        (status, &answer["revoked"]),
+        (200, &json!(true)),
+        "{answer}"
+    );
+    assert_eq!(bin.post_events(&second, &message(9)).await.0, 401);
+    assert_eq!(names(&list(&bin).await), ["kept", "seeded"]);
+
+    let page = bin.metrics_text().await;
+    let calls = |action: &str, outcome: &str| {
+        sample(
+            &page,
+            &format!(r#"botmetrics_admin_requests_total{{action="{action}",outcome="{outcome}"}}"#),
+        )
+    };
+    assert_eq!(calls("create_bot", "ok"), Some(2.0), "{page}");
+    assert_eq!(calls("create_bot", "conflict"), Some(2.0));
+    assert_eq!(calls("revoke_bot", "ok"), Some(1.0));
+    assert_eq!(calls("list", "unauthorized"), Some(3.0));
+
+    // After a restart: the registry and the runtime bot's totals are back.
+    assert_eq!(bin.signal("TERM").await.code(), Some(0), "{}", bin.log());
+    let log = bin.log();
+    for secret in [ADMIN, &first, &second, &kept] {
+        assert!(!log.contains(secret), "a token in the log:\n{log}");
+    }
+    assert!(
+        log.contains("admin call done") && log.contains(&format!("admin:{}", prefix_of(ADMIN))),
+        "{log}"
+    );
+    let bin = Binary::serve(&url, "seeded=s33ded", &flags).await;
+    assert_eq!(names(&list(&bin).await), ["kept", "seeded"]);
+    assert_eq!(total_messages(&bin, "kept").await, 4);
+    bin.post_ok(&kept, &json!(message(5))).await;
+    for gone in [&first, &second] {
+        assert_eq!(bin.post_events(gone, &message(9)).await.0, 401);
+    }
+    bin.post_ok("s33ded", &json!(message(1))).await;
+}
+
+#[tokio::test]
+async fn without_admin_token_the_admin_api_is_off_and_a_disagreeing_tokens_flag_stops_the_start() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let mut bin = Binary::serve(&url, "a=sh4red", &[]).await;
+    let (status, answer) = call(&bin, Method::GET, "/v1/admin/bots", Some("anything"), None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (404, Some("not_found")),
+        "{answer}"
+    );
+    assert_eq!(bin.signal("TERM").await.code(), Some(0));
+    // The same token now given to another bot: the store says `a`.
+    let line = Binary::refused_in_one_line(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--database-url",
+            &url,
+            "--tokens",
+            "b=sh4red",
+        ],
+        &[],
+        &[],
+    )
+    .await;
+    assert!(
+        line.contains("--tokens") && line.contains("`a`") && line.contains("`b`"),
+        "{line}"
+    );
+    // Debug output of the configuration hides the admin token.
+    let config = crate::helpers::config("a=sh4red", &url);
+    let mut config = config;
+    config.admin_token = Some(botmetrics::config::Secret(ADMIN.into()));
+    assert!(!format!("{config:?}").contains(ADMIN));
+}
+
+#[tokio::test]
+async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_interval() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let flags = ["--admin-token", ADMIN, "--sync-interval", "1s"];
+    let one = Binary::serve(&url, "a=t0ken-a", &flags).await;
+    let (_, created) = admin(
+        &one,
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"roaming"}"#),
+    )
+    .await;
+    let token = created["token"].as_str().expect("token").to_owned();
+    // A second process on the same store (a standby for the store's
+    // writes, serving all the same) reads the registry at start.
+    let other_dir = std::env::temp_dir().join(format!(
+        "botmetrics-admin-{}",
+        crate::helpers::unique_suffix()
+    ));
+    let dir = other_dir.display().to_string();
+    let mut other_flags = flags.to_vec();
+    other_flags.extend(["--data-dir", &dir]);
+    let two = Binary::serve(&url, "a=t0ken-a", &other_flags).await;
+    let (status, _) = two.post_events(&token, &message(1)).await;
+    assert_eq!(status, 202);
+    // The standby sends changes to the writer, which alone reads nothing.
+    let (status, answer) = admin(&two, Method::DELETE, "/v1/admin/bots/roaming", None).await;
+    assert_eq!(
+        (status, answer["error"].as_str()),
+        (503, Some("unavailable")),
+        "{answer}"
+    );
+    assert_eq!(two.post_events(&token, &message(1)).await.0, 202);
+    let (status, _) = admin(&one, Method::DELETE, "/v1/admin/bots/roaming", None).await;
+    assert_eq!(status, 200);
+    let revoked = Instant::now();
+    assert_eq!(
+        one.post_events(&token, &message(2)).await.0,
+        401,
+        "at once where it was revoked"
+    );
+    eventually(Duration::from_secs(10), || {
+        let two = &two;
+        let token = token.clone();
+        async move { two.post_events(&token, &message(3)).await.0 == 401 }
+    })
+    .await;
+    let took = revoked.elapsed();
+    // One interval, and the poll's own 50 ms and a request's time.
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    let _ = std::fs::remove_dir_all(other_dir);
+}
+
+/// Cluster mode: three replicas on one PostgreSQL and a private Redis. A
+/// token added on one replica posts on every replica within one
+/// `--sync-interval`; revoked on another, it is refused there at once and
+/// on every replica within one interval, and the cluster total is exactly
+/// what was accepted (rotation loses nothing).
+#[tokio::test]
+async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_sync_interval() {
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = crate::redis::RedisServer::start().await else {
+        return;
+    };
+    let redis_url = redis.url();
+    let mut replicas = Vec::new();
+    for n in 0..3 {
+        let dir = crate::helpers::pg_data_dir(&db.url).join(format!("admin-replica-{n}"));
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let dir = dir.display().to_string();
+        let flags = [
+            "--redis-url",
+            &redis_url,
+            "--sync-interval",
+            "1s",
+            "--admin-token",
+            ADMIN,
+            "--data-dir",
+            &dir,
+        ];
+        replicas.push(Binary::serve(&db.url, "a=t0ken-a", &flags).await);
+    }
+    let (status, added) = admin(&replicas[0], Method::POST, "/v1/admin/bots/a/tokens", None).await;
+    assert_eq!(status, 201, "{added}");
+    let token = added["token"].as_str().expect("token").to_owned();
+    let mut accepted = 0u64;
+    for r in &replicas {
+        eventually(Duration::from_secs(3), || {
+            let token = token.clone();
+            async move { r.post_events(&token, &message(1)).await.0 == 202 }
+        })
+        .await;
+        accepted += 1;
+        // The old token stays valid beside it.
+        r.post_ok("t0ken-a", &json!(message(2))).await;
+        accepted += 1;
+    }
+    let path = format!("/v1/admin/bots/a/tokens/{}", prefix_of(&token));
+    let (status, answer) = admin(&replicas[1], Method::DELETE, &path, None).await;
+    assert_eq!(status, 200, "{answer}");
+    let revoked = Instant::now();
+    assert_eq!(replicas[1].post_events(&token, &message(3)).await.0, 401);
+    // Until it reaches a replica the token still posts there: those
+    // events are accepted, and counted below like every other.
+    for r in &replicas {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match r.post_events(&token, &message(3)).await.0 {
+                401 => break,
+                202 => accepted += 1,
+                other => panic!("{other}"),
+            }
+            assert!(Instant::now() < deadline, "still accepted after 5 s");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let took = revoked.elapsed();
+    assert!(took < Duration::from_millis(1500), "{took:?}");
+    for r in &replicas {
+        r.post_ok("t0ken-a", &json!(message(4))).await;
+        accepted += 1;
+    }
+    // Every accepted event in the cluster total, on every replica.
+    for r in &replicas {
+        eventually(Duration::from_secs(10), || async move {
+            let (status, summary) = r.get_json("/v1/summary?bot=a").await;
+            status == 200 && summary["messages"]["total"].as_u64() == Some(accepted)
+        })
+        .await;
+    }
+}
