@@ -1,11 +1,13 @@
 //! The HTTP API: one file per resource, each with its own `router()`,
 //! merged here under the shared middleware.
 
+mod charts;
 pub mod error;
 mod events;
 mod health;
 mod history;
 mod metrics;
+mod page;
 mod summary;
 
 use std::time::Duration;
@@ -30,9 +32,16 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .merge(events::router())
         .merge(metrics::router())
-        // Compresses the JSON answers that can be large; /metrics arrives
-        // already compressed (once per render), and event answers are tiny.
-        .merge(summary::router().merge(history::router()).layer(CompressionLayer::new().gzip(true)))
+        // Compresses the JSON answers that can be large, and the page and
+        // its assets; /metrics arrives already compressed (once per
+        // render), and event answers are tiny.
+        .merge(
+            summary::router()
+                .merge(history::router())
+                .merge(charts::router())
+                .merge(page::router())
+                .layer(CompressionLayer::new().gzip(true)),
+        )
         .merge(health::router())
         .fallback(|| async { Error::NotFound("no such endpoint; see README for the API".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
