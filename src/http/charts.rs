@@ -105,7 +105,11 @@ const SERIES: &[(&str, &str, Read)] = &[
         "bot_responses_total",
         Read::Increase(Some(("status", "success"))),
     ),
-    ("registered", "bot_users_registered_total", Read::Increase(None)),
+    (
+        "registered",
+        "bot_users_registered_total",
+        Read::Increase(None),
+    ),
     ("spend", "bot_llm_cost_total", Read::Increase(None)),
 ];
 
@@ -175,7 +179,12 @@ async fn get_charts(
 }
 
 /// The charts of `bot` over `range`, as of `now`.
-pub async fn charts(state: &AppState, bot: String, range: Range, now: DateTime<Utc>) -> Result<Answer> {
+pub async fn charts(
+    state: &AppState,
+    bot: String,
+    range: Range,
+    now: DateTime<Utc>,
+) -> Result<Answer> {
     let (step, n) = range.steps();
     let last = now.timestamp().div_euclid(step) * step;
     let first = last - (n - 1) * step;
@@ -328,7 +337,11 @@ impl Stepped {
     }
 
     /// The kept gauge's last value per step, carried forward.
-    fn gauge(&self, n: usize, keep: impl Fn(&BTreeMap<String, String>) -> bool) -> Vec<Option<f64>> {
+    fn gauge(
+        &self,
+        n: usize,
+        keep: impl Fn(&BTreeMap<String, String>) -> bool,
+    ) -> Vec<Option<f64>> {
         let mut out: Vec<Option<f64>> = vec![None; n];
         for (_, line) in self.lines(keep) {
             let mut prev = line.base;
@@ -359,10 +372,13 @@ impl Stepped {
             };
             let Some(index) = index else { continue };
             let one = Stepped {
-                series: HashMap::from([(String::from("{}"), Line {
-                    base: line.base,
-                    at: line.at.clone(),
-                })]),
+                series: HashMap::from([(
+                    String::from("{}"),
+                    Line {
+                        base: line.base,
+                        at: line.at.clone(),
+                    },
+                )]),
             };
             per_le[index] = one.increases(n, |_| true);
         }
@@ -427,10 +443,7 @@ mod tests {
     #[test]
     fn a_series_born_in_the_range_counts_from_zero_and_earlier_steps_are_unknown() {
         let s = stepped(&[(r#"{"role":"user"}"#, None, &[(2, 4.0), (3, 6.0)])]);
-        assert_eq!(
-            s.increases(4, |_| true),
-            [None, None, Some(4.0), Some(2.0)]
-        );
+        assert_eq!(s.increases(4, |_| true), [None, None, Some(4.0), Some(2.0)]);
     }
 
     #[test]

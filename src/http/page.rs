@@ -145,7 +145,10 @@ async fn get_page(headers: HeaderMap) -> Response {
         ),
     );
     // The token typed into the page must not leave in a Referer.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     response
 }
 
@@ -170,12 +173,18 @@ mod tests {
     #[test]
     fn every_placeholder_of_the_document_is_an_asset() {
         let (html, _) = &*PAGE;
-        assert!(!html.contains("{{"), "an unknown placeholder is left in index.html");
+        assert!(
+            !html.contains("{{"),
+            "an unknown placeholder is left in index.html"
+        );
         for name in ["app.js", "app.css", "uPlot.iife.min.js", "uPlot.min.css"] {
             let url = format!("/assets/{name}?v=");
             assert!(html.contains(&url), "{name} is not referenced");
         }
-        assert!(!html.contains("http://") && !html.contains("https://"), "the page must not load anything from elsewhere");
+        assert!(
+            !html.contains("http://") && !html.contains("https://"),
+            "the page must not load anything from elsewhere"
+        );
     }
 
     #[test]
@@ -188,7 +197,10 @@ mod tests {
     #[test]
     fn if_none_match() {
         let mut h = HeaderMap::new();
-        h.insert(header::IF_NONE_MATCH, HeaderValue::from_static("\"x\", W/\"y\""));
+        h.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_static("\"x\", W/\"y\""),
+        );
         assert!(fresh(&h, "\"x\""));
         assert!(fresh(&h, "\"y\""));
         assert!(!fresh(&h, "\"z\""));
@@ -197,7 +209,10 @@ mod tests {
 
     #[test]
     fn the_vendored_library_keeps_its_licence() {
-        let licence = ASSETS.iter().find(|a| a.name == "uPlot.LICENSE").map(|a| a.body);
+        let licence = ASSETS
+            .iter()
+            .find(|a| a.name == "uPlot.LICENSE")
+            .map(|a| a.body);
         assert!(licence.is_some_and(|l| l.starts_with(b"The MIT License")));
     }
 }
