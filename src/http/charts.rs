@@ -403,7 +403,10 @@ impl Stepped {
 mod tests {
     use super::*;
 
-    fn stepped(lines: &[(&str, Option<f64>, &[(usize, f64)])]) -> Stepped {
+    /// A series' labels, its value before the range, its points by step.
+    type Given<'a> = (&'a str, Option<f64>, &'a [(usize, f64)]);
+
+    fn stepped(lines: &[Given<'_>]) -> Stepped {
         Stepped {
             series: lines
                 .iter()
