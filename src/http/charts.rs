@@ -11,6 +11,7 @@
 //! `/v1/summary`.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
@@ -120,7 +121,7 @@ struct Params {
     range: Option<String>,
 }
 
-#[derive(Debug, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Answer {
     pub bot: String,
     pub range: &'static str,
@@ -174,8 +175,46 @@ async fn get_charts(
             }
         }
     };
-    let answer = charts(&state, bot, range, Utc::now()).await?;
-    Ok(Json(answer))
+    let cache = &state.charts.0;
+    let key = (bot.clone(), range.name());
+    let answer = cache
+        .try_get_with(key, async {
+            charts(&state, bot, range, Utc::now()).await.map(Arc::new)
+        })
+        .await
+        .map_err(|e| match &*e {
+            // The store's own message may name hosts or SQL: log it here,
+            // answer as the API answers any store failure.
+            Error::Store(detail) => {
+                tracing::error!(error = %detail, "charts: history read failed");
+                Error::Unavailable("the store is unavailable; the event path is unaffected".into())
+            }
+            other => Error::Unavailable(other.to_string()),
+        })?;
+    Ok(Json(Answer::clone(&answer)))
+}
+
+/// Charts computed in the last few seconds, per (bot, range): history
+/// changes only once per `--history-interval`, so page viewers polling
+/// together share one computation (moka runs one per key at a time), and
+/// the cost of a refresh does not grow with the number of open pages.
+pub struct ChartsCache(moka::future::Cache<(String, &'static str), Arc<Answer>>);
+
+impl ChartsCache {
+    /// Answers live for the history interval, at most 30 s: never more
+    /// than 30 s behind what history holds.
+    pub fn new(history_interval: std::time::Duration) -> Self {
+        let ttl = history_interval.clamp(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(30),
+        );
+        ChartsCache(
+            moka::future::Cache::builder()
+                .max_capacity(3_000)
+                .time_to_live(ttl)
+                .build(),
+        )
+    }
 }
 
 /// The charts of `bot` over `range`, as of `now`.

@@ -3,6 +3,7 @@
 
 mod charts;
 pub mod error;
+pub use charts::ChartsCache;
 mod events;
 mod health;
 mod history;
