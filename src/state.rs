@@ -41,6 +41,8 @@ pub struct Shared {
     pub tls: Option<Arc<crate::tls::Tls>>,
     pub metrics_page: RenderCache<u64>,
     pub summaries: RenderCache<SummaryKey>,
+    /// The built-in page's charts, shared by viewers polling together.
+    pub charts: crate::http::ChartsCache,
     /// The last state /readyz answered (`""` before the first probe), so a
     /// change is logged once instead of once per probe.
     pub readiness: std::sync::Mutex<&'static str>,

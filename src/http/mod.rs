@@ -2,11 +2,14 @@
 //! merged here under the shared middleware.
 
 mod admin;
+mod charts;
 pub mod error;
+pub use charts::ChartsCache;
 mod events;
 mod health;
 mod history;
 mod metrics;
+mod page;
 mod summary;
 mod users;
 
@@ -33,9 +36,17 @@ pub fn router(state: AppState) -> Router {
         .merge(events::router())
         .merge(admin::router())
         .merge(metrics::router())
-        // Compresses the JSON answers that can be large; /metrics arrives
-        // already compressed (once per render), and event answers are tiny.
-        .merge(summary::router().merge(history::router()).merge(users::router()).layer(CompressionLayer::new().gzip(true)))
+        // Compresses the JSON answers that can be large, and the page and
+        // its assets; /metrics arrives already compressed (once per
+        // render), and event answers are tiny.
+        .merge(
+            summary::router()
+                .merge(history::router())
+                .merge(users::router())
+                .merge(charts::router())
+                .merge(page::router())
+                .layer(CompressionLayer::new().gzip(true)),
+        )
         .merge(health::router())
         .fallback(|| async { Error::NotFound("no such endpoint; see README for the API".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

@@ -488,6 +488,22 @@ impl Store {
             Db::Sqlite(pool) => sqlite::history(pool, q).await,
         }
     }
+
+    /// The last history point of `metric` for `bot` strictly before
+    /// `before`: every series' value then, as `(labels, value)`. A history
+    /// tick writes every series at one instant, so that point holds each
+    /// series that existed; two index probes, however long the history.
+    pub async fn history_before(
+        &self,
+        metric: &str,
+        bot: &str,
+        before: DateTime<Utc>,
+    ) -> Result<Vec<(String, f64)>> {
+        match &self.db {
+            Db::Postgres(pool) => postgres::history_before(pool, metric, bot, before).await,
+            Db::Sqlite(pool) => sqlite::history_before(pool, metric, bot, before).await,
+        }
+    }
 }
 
 /// Which stored sketches [`Store::maintain`] deletes: active-user buckets

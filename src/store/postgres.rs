@@ -417,6 +417,29 @@ pub(super) async fn history(pool: &PgPool, q: &HistoryQuery) -> Result<Vec<Histo
     Ok(points)
 }
 
+pub(super) async fn history_before(
+    pool: &PgPool,
+    metric: &str,
+    bot: &str,
+    before: DateTime<Utc>,
+) -> Result<Vec<(String, f64)>> {
+    let rows = sqlx::query(
+        "select labels::text as labels, value from metrics_history
+         where metric = $1 and bot = $2 and recorded_at = (
+             select max(recorded_at) from metrics_history
+             where metric = $1 and bot = $2 and recorded_at < $3)",
+    )
+    .bind(metric)
+    .bind(bot)
+    .bind(before)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| Ok((r.try_get("labels")?, r.try_get("value")?)))
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(rows)
+}
+
 /// The day of a partition named by [`partition_name`].
 fn partition_day(name: &str) -> Option<NaiveDate> {
     NaiveDate::parse_from_str(name.strip_prefix("metrics_history_")?, "%Y%m%d").ok()

@@ -330,3 +330,26 @@ pub(super) async fn secret(pool: &SqlitePool, proposed: &[u8]) -> Result<Vec<u8>
         .await?;
     Ok(value)
 }
+
+pub(super) async fn history_before(
+    pool: &SqlitePool,
+    metric: &str,
+    bot: &str,
+    before: DateTime<Utc>,
+) -> Result<Vec<(String, f64)>> {
+    let rows = sqlx::query(
+        "select labels, value from metrics_history
+         where metric = ?1 and bot = ?2 and recorded_at = (
+             select max(recorded_at) from metrics_history
+             where metric = ?1 and bot = ?2 and recorded_at < ?3)",
+    )
+    .bind(metric)
+    .bind(bot)
+    .bind(before.timestamp())
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|r| Ok((r.try_get("labels")?, r.try_get("value")?)))
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    Ok(rows)
+}

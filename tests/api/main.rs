@@ -14,6 +14,7 @@ mod events;
 mod exposition;
 mod history;
 mod many_bots;
+mod page;
 mod persistence;
 mod process;
 mod readme;
