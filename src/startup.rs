@@ -46,6 +46,8 @@ pub enum StartError {
     Prices(#[from] crate::prices::PricesError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("--remote-write-*: {0}")]
+    RemoteWrite(#[from] crate::remote_write::RemoteWriteError),
     #[error("server: {0}")]
     Serve(std::io::Error),
 }
@@ -59,6 +61,7 @@ pub struct Application {
     /// Cluster mode's own tasks.
     tier: Option<Tier>,
     reload: ReloadSignal,
+    remote_write: Option<Arc<crate::remote_write::RemoteWrite>>,
 }
 
 /// What cluster mode runs beside the single-node tasks: the sync to Redis
@@ -222,6 +225,12 @@ impl Application {
             }
         };
         warn_about_access(&config, listener.local_addr().unwrap_or(config.listen));
+        let remote_write = crate::remote_write::RemoteWrite::new(
+            &config.remote_write,
+            metrics.clone(),
+            listener.local_addr().unwrap_or(config.listen),
+        )?
+        .map(Arc::new);
         let limits = Limits {
             max_connections,
             header_read_timeout: config.header_read_timeout,
@@ -258,6 +267,7 @@ impl Application {
             connections,
             tier,
             reload,
+            remote_write,
         })
     }
 
@@ -292,6 +302,7 @@ impl Application {
             connections,
             tier,
             reload,
+            remote_write,
         } = self;
         let token = CancellationToken::new();
         // The store writer stops after the sync (cluster mode), so its
@@ -326,6 +337,10 @@ impl Application {
             )
         });
         let reloads = tokio::spawn(reload_loop(state.clone(), reload, token.clone()));
+        // Stopped once serving has: its final push holds every event
+        // acknowledged.
+        let pusher =
+            remote_write.map(|rw| tokio::spawn(crate::remote_write::push_loop(rw, token.clone())));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         tracing::info!(
@@ -348,6 +363,9 @@ impl Application {
         }
         writer_token.cancel();
         let _ = tokio::join!(flush, history, journal_sync, reloads);
+        if let Some(pusher) = pusher {
+            let _ = pusher.await;
+        }
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())
