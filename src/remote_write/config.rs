@@ -29,7 +29,7 @@ pub struct RemoteWriteArgs {
     /// several receivers; each gets its own queue. Unset: nothing is pushed.
     #[arg(long = "remote-write-url", env = "BOTMETRICS_REMOTE_WRITE_URL",
         value_delimiter = ',', value_parser = parse_url, hide_env_values = true)]
-    pub urls: Vec<reqwest::Url>,
+    pub urls: Vec<http::Uri>,
 
     /// Basic-auth user for the receivers (Grafana Cloud: the instance id).
     #[arg(
@@ -95,19 +95,28 @@ impl std::fmt::Debug for RemoteWriteArgs {
 
 /// A receiver's URL for logs and the `url` label: scheme, host, port and
 /// path; no user, password or query (which may hold a key).
-pub fn redacted(url: &reqwest::Url) -> String {
-    let mut shown = format!("{}://{}", url.scheme(), url.host_str().unwrap_or(""));
-    if let Some(port) = url.port() {
+pub fn redacted(url: &http::Uri) -> String {
+    let mut shown = format!(
+        "{}://{}",
+        url.scheme_str().unwrap_or(""),
+        url.host().unwrap_or("")
+    );
+    if let Some(port) = url.port_u16() {
         shown.push_str(&format!(":{port}"));
     }
     shown.push_str(url.path());
     shown
 }
 
-fn parse_url(raw: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(raw.trim()).map_err(|e| format!("not a URL: {e}"))?;
-    match url.scheme() {
-        "http" | "https" if url.host_str().is_some() => Ok(url),
+fn parse_url(raw: &str) -> Result<http::Uri, String> {
+    let url: http::Uri = raw.trim().parse().map_err(|e| format!("not a URL: {e}"))?;
+    if url.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(
+            "give the user and password with --remote-write-username and --remote-write-password, not in the URL".into(),
+        );
+    }
+    match url.scheme_str() {
+        Some("http" | "https") if url.host().is_some() => Ok(url),
         _ => Err(format!(
             "`{}` is not an http:// or https:// URL",
             redacted(&url)
@@ -176,9 +185,10 @@ mod tests {
 
     #[test]
     fn urls_lose_their_secrets_when_shown() {
-        let url = parse_url("https://u:p@prom.example:8443/api/prom/push?key=k").unwrap();
+        let url = parse_url("https://prom.example:8443/api/prom/push?key=k").unwrap();
         assert_eq!(redacted(&url), "https://prom.example:8443/api/prom/push");
         assert!(parse_url("ftp://x/").is_err());
+        assert!(parse_url("https://u:p@x/push").is_err());
         let args = RemoteWriteArgs {
             urls: vec![url],
             username: Some("123".into()),
@@ -190,7 +200,7 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         let shown = format!("{args:?}");
-        for secret in ["hunter2", "tok3n", "key=k", "u:p"] {
+        for secret in ["hunter2", "tok3n", "key=k"] {
             assert!(!shown.contains(secret), "{shown}");
         }
     }

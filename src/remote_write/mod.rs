@@ -48,8 +48,8 @@ const MAX_QUOTED: usize = 512;
 pub enum RemoteWriteError {
     #[error("--remote-write-username and --remote-write-password go together")]
     HalfBasicAuth,
-    #[error("HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    #[error("the remote-write credentials hold characters an HTTP header cannot carry")]
+    BadCredentials,
     #[error("TLS: {0}")]
     Tls(#[from] rustls::Error),
     #[error("self-metrics: {0}")]
@@ -67,12 +67,10 @@ enum PushError {
     Refused { status: u16, message: String },
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Auth {
-    None,
-    Basic,
-    Bearer,
-}
+type Client = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Full<Bytes>,
+>;
 
 /// The `botmetrics_remote_write_*` self-metrics, one series per receiver.
 struct RwMetrics {
@@ -154,7 +152,7 @@ impl RwMetrics {
 
 /// One receiver: its queue and its series of the self-metrics.
 struct Target {
-    url: reqwest::Url,
+    url: http::Uri,
     shown: String,
     queue: Queue,
     wake: Notify,
@@ -170,8 +168,9 @@ struct Target {
 /// The pusher: built once at start when `--remote-write-url` is set.
 pub struct RemoteWrite {
     args: RemoteWriteArgs,
-    auth: Auth,
-    client: reqwest::Client,
+    /// The `Authorization` header value, built once.
+    auth: Option<http::HeaderValue>,
+    client: Client,
     targets: Vec<Arc<Target>>,
     /// `job`, `instance` and `--remote-write-label`, added to every series.
     labels: Vec<(String, String)>,
@@ -190,11 +189,23 @@ impl RemoteWrite {
         if args.urls.is_empty() {
             return Ok(None);
         }
+        use base64::Engine as _;
         let auth = match (&args.username, &args.password, &args.bearer_token) {
-            (_, _, Some(_)) => Auth::Bearer,
-            (Some(_), Some(_), None) => Auth::Basic,
-            (None, None, None) => Auth::None,
+            (_, _, Some(token)) => Some(format!("Bearer {}", token.0)),
+            (Some(user), Some(password), None) => Some(format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(format!("{user}:{}", password.0))
+            )),
+            (None, None, None) => None,
             _ => return Err(RemoteWriteError::HalfBasicAuth),
+        };
+        let auth = match auth.map(http::HeaderValue::try_from) {
+            Some(Ok(mut value)) => {
+                value.set_sensitive(true);
+                Some(value)
+            }
+            Some(Err(_)) => return Err(RemoteWriteError::BadCredentials),
+            None => None,
         };
         let m = RwMetrics::register(&metrics.registry)?;
         let queue_bound = usize::try_from(args.queue).unwrap_or(usize::MAX);
@@ -231,7 +242,7 @@ impl RemoteWrite {
         }
         Ok(Some(RemoteWrite {
             auth,
-            client: client(args.timeout)?,
+            client: client()?,
             args: args.clone(),
             targets,
             labels,
@@ -293,33 +304,47 @@ impl RemoteWrite {
 
     /// Sends one push to `target`.
     async fn send(&self, target: &Target, push: &Push) -> Result<(), PushError> {
-        let mut request = self
-            .client
-            .post(target.url.clone())
+        let mut request = http::Request::post(target.url.clone())
             .header("Content-Encoding", "snappy")
             .header("Content-Type", "application/x-protobuf")
             .header("X-Prometheus-Remote-Write-Version", "0.1.0")
-            .body(push.body.clone());
-        request = match self.auth {
-            Auth::None => request,
-            Auth::Basic => request.basic_auth(
-                self.args.username.as_deref().unwrap_or_default(),
-                self.args.password.as_ref().map(|p| p.0.as_str()),
-            ),
-            Auth::Bearer => {
-                request.bearer_auth(self.args.bearer_token.as_ref().map_or("", |t| t.0.as_str()))
-            }
+            .header(
+                "User-Agent",
+                concat!("botmetrics/", env!("CARGO_PKG_VERSION")),
+            );
+        if let Some(auth) = &self.auth {
+            request = request.header(http::header::AUTHORIZATION, auth.clone());
+        }
+        let request = request
+            .body(http_body_util::Full::new(push.body.clone()))
+            .map_err(|e| PushError::Retry(e.to_string()))?;
+        let exchange = async {
+            let response = self
+                .client
+                .request(request)
+                .await
+                .map_err(|e| PushError::Retry(describe(&e)))?;
+            let status = response.status();
+            // The receiver's reason, bounded: a body that never ends cannot
+            // hold the sender (the whole exchange has a deadline too).
+            let body = http_body_util::Limited::new(response.into_body(), 64 * 1024);
+            let message = http_body_util::BodyExt::collect(body)
+                .await
+                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                .unwrap_or_default();
+            Ok::<_, PushError>((status, message))
         };
-        let response = request
-            .send()
+        let (status, mut message) = tokio::time::timeout(self.args.timeout, exchange)
             .await
-            // Without the URL: reqwest's message would repeat it whole.
-            .map_err(|e| PushError::Retry(e.without_url().to_string()))?;
-        let status = response.status();
+            .map_err(|_| {
+                PushError::Retry(format!(
+                    "no answer within {:?} (--remote-write-timeout)",
+                    self.args.timeout
+                ))
+            })??;
         if status.is_success() {
             return Ok(());
         }
-        let mut message = response.text().await.unwrap_or_default();
         if message.len() > MAX_QUOTED {
             let mut cut = MAX_QUOTED;
             while !message.is_char_boundary(cut) {
@@ -473,11 +498,12 @@ pub async fn push_loop(rw: Arc<RemoteWrite>, shutdown: CancellationToken) {
     rw.drain().await;
 }
 
-/// The HTTP client: rustls with the `ring` provider (already built for
-/// sqlx and redis: no second crypto library, no C toolchain step) and the
-/// Mozilla roots of `webpki-roots`, so HTTPS to a hosted receiver works in
-/// a container without a CA bundle.
-fn client(timeout: Duration) -> Result<reqwest::Client, RemoteWriteError> {
+/// The HTTP client: hyper's, over rustls with the `ring` provider (already
+/// built for sqlx and redis: no second crypto library, no C build step) and
+/// the Mozilla roots of `webpki-roots`, so HTTPS to a hosted receiver works
+/// in a container without a CA bundle. Plain `http://` is allowed too, for
+/// a receiver on the same host or network.
+fn client() -> Result<Client, RemoteWriteError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
@@ -486,11 +512,28 @@ fn client(timeout: Duration) -> Result<reqwest::Client, RemoteWriteError> {
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();
-    Ok(reqwest::Client::builder()
-        .tls_backend_preconfigured(tls)
-        .timeout(timeout)
-        .user_agent(concat!("botmetrics/", env!("CARGO_PKG_VERSION")))
-        .build()?)
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
+}
+
+/// A client error with its causes (hyper's own message is only "client
+/// error (Connect)").
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 fn now_ms() -> i64 {
