@@ -333,13 +333,17 @@ async fn increase_is_exact(receiver: &Receiver, series: &str, expected: f64) {
         .scalar(&format!("rate({series}[10m])"), Some(last))
         .await
         .expect("a rate");
-    // Prometheus divides the increase by the range exactly; VictoriaMetrics
-    // by the time its samples span (one interval less): within 1 %.
-    let tolerance = match receiver.kind {
-        Kind::Prometheus => 1e-6,
-        Kind::Victoria => expected / 100.0,
-    };
-    assert!((rate * 600.0 - expected).abs() < tolerance, "rate {rate}");
+    match receiver.kind {
+        // Prometheus divides the increase by the range.
+        Kind::Prometheus => assert!((rate * 600.0 - expected).abs() < 1e-6, "rate {rate}"),
+        // MetricsQL divides by the time between the samples that changed
+        // (here the first push after the events): a rate of one increase
+        // over about one interval, never less than the range's average.
+        Kind::Victoria => assert!(
+            rate * 600.0 >= expected - 1e-6 && rate <= expected,
+            "rate {rate}"
+        ),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
