@@ -577,3 +577,85 @@ async fn a_receiver_answering_401_is_reported_once_and_not_retried() {
     );
     assert!(!log.contains("glc_s3cret"), "{log}");
 }
+
+/// Cluster mode: each replica pushes its own series, as Prometheus would
+/// scrape each one, told apart by `instance` (here the default,
+/// `<hostname>:<port>`). The dashboards' `sum by (bot)` over replicas gives
+/// the cluster's counts, and `max by (bot)` the cluster-wide active users.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_cluster_mode_each_replica_pushes_its_own_series_under_its_instance() {
+    let Some(receiver) = Receiver::start(Kind::Prometheus).await else {
+        return;
+    };
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = crate::redis::RedisServer::start().await else {
+        return;
+    };
+    let url = receiver.write_url();
+    let mut replicas = Vec::new();
+    for n in 0..2 {
+        let dir = crate::helpers::pg_data_dir(&db.url).join(format!("replica-{n}"));
+        std::fs::create_dir_all(&dir).expect("replica data dir");
+        let dir = dir.display().to_string();
+        let flags = [
+            "--redis-url",
+            &redis.url(),
+            "--sync-interval",
+            "200ms",
+            "--flush-interval",
+            "500ms",
+            "--data-dir",
+            &dir,
+            "--remote-write-url",
+            &url,
+            "--remote-write-interval",
+            "1s",
+        ];
+        replicas.push(Binary::serve(&db.url, "b=tok", &flags).await);
+    }
+    replicas[0].post_ok("tok", &messages(30, "user")).await;
+    replicas[1].post_ok("tok", &messages(20, "user")).await;
+    let series = r#"bot_messages_total{bot="b",role="user"}"#;
+    receiver
+        .wait_for(&format!("sum by (bot) ({series})"), 50.0)
+        .await;
+    let mut per_instance: Vec<(String, f64)> = receiver
+        .query(series, None)
+        .await
+        .into_iter()
+        .map(|(labels, v)| (labels["instance"].clone(), v))
+        .collect();
+    per_instance.sort_by(|a, b| a.1.total_cmp(&b.1));
+    assert_eq!(per_instance.len(), 2, "{per_instance:?}");
+    assert_eq!(
+        per_instance.iter().map(|p| p.1).collect::<Vec<_>>(),
+        [20.0, 30.0]
+    );
+    for (r, n) in replicas.iter().zip([30.0, 20.0]) {
+        let port = r
+            .url("/")
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .trim_end_matches('/')
+            .to_owned();
+        assert!(
+            per_instance
+                .iter()
+                .any(|(i, v)| i.ends_with(&format!(":{port}")) && *v == n),
+            "{per_instance:?} has no {n} from port {port}"
+        );
+    }
+    // The same seven users on both replicas: one cluster-wide count.
+    receiver
+        .wait_for(
+            r#"max by (bot) (bot_active_users{bot="b",window="1d"})"#,
+            7.0,
+        )
+        .await;
+    drop(replicas);
+    drop(redis);
+    drop(db);
+}
