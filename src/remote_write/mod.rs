@@ -436,28 +436,40 @@ impl RemoteWrite {
         target.queue_length.set(target.queue.len() as i64);
     }
 
-    /// At shutdown: one last snapshot (everything acknowledged), then each
-    /// receiver's queue is sent once, oldest first, stopping at its first
-    /// failure, all within [`FINAL_PUSH_DEADLINE`].
-    pub async fn drain(&self) {
+    /// One snapshot, then each receiver's queue sent once, oldest first,
+    /// stopping at a receiver's first failure (counted as the loop counts
+    /// it). The step [`Self::drain`] runs at shutdown; benchmarks and
+    /// tools call it directly.
+    pub async fn push_once(&self) {
         self.collect_once();
         let each = self.targets.iter().map(|target| async move {
             while let Some(push) = target.queue.oldest() {
                 match self.send(target, &push).await {
                     Ok(()) => self.sent(target, &push),
-                    Err(e) => {
-                        tracing::warn!(url = %target.shown, error = %e, pending = target.queue.len(), "remote_write: final push failed; the pushes still queued are lost with the process (the totals are not: the next start pushes them)");
+                    Err(PushError::Refused { status, message }) => {
+                        target.queue.done(push.seq);
+                        target.failed.inc_by(push.samples);
+                        target.queue_length.set(target.queue.len() as i64);
+                        tracing::error!(url = %target.shown, status, receiver_says = %message, "remote_write: the receiver refused the push");
+                    }
+                    Err(PushError::Retry(why)) => {
+                        target.retries.inc();
+                        tracing::warn!(url = %target.shown, error = %why, pending = target.queue.len(), "remote_write: push failed; still queued");
                         return;
                     }
                 }
             }
         });
-        let all = async {
-            for f in each {
-                f.await;
-            }
-        };
-        if tokio::time::timeout(FINAL_PUSH_DEADLINE, all)
+        for f in each {
+            f.await;
+        }
+    }
+
+    /// At shutdown: [`Self::push_once`] (everything acknowledged), within
+    /// [`FINAL_PUSH_DEADLINE`]. What is still queued after it is lost with
+    /// the process, but not the totals: the next start pushes them.
+    pub async fn drain(&self) {
+        if tokio::time::timeout(FINAL_PUSH_DEADLINE, self.push_once())
             .await
             .is_err()
         {
