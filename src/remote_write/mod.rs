@@ -450,7 +450,7 @@ impl RemoteWrite {
                         target.queue.done(push.seq);
                         target.failed.inc_by(push.samples);
                         target.queue_length.set(target.queue.len() as i64);
-                        tracing::error!(url = %target.shown, status, receiver_says = %message, "remote_write: the receiver refused the push");
+                        tracing::error!(url = %target.shown, status, receiver_says = %message, "remote_write: push not accepted (a 4xx: not retried)");
                     }
                     Err(PushError::Retry(why)) => {
                         target.retries.inc();

@@ -524,6 +524,7 @@ async fn a_receiver_answering_401_is_reported_once_and_not_retried() {
     assert_eq!(sample(&text, "retries_total"), 0.0);
     assert!(sample(&text, "queue_length") <= 1.0);
     assert_eq!(sample(&text, "last_success_timestamp_seconds"), 0.0);
+    let log = bin.log();
     bin.signal("TERM").await;
 
     let seen = seen.lock().unwrap();
@@ -562,8 +563,8 @@ async fn a_receiver_answering_401_is_reported_once_and_not_retried() {
         }
     }
     // Logged once, with the status and the receiver's reason; the
-    // password never.
-    let log = bin.log();
+    // password never (nor at shutdown).
+    assert!(!bin.log().contains("glc_s3cret"));
     let refusals: Vec<&str> = log
         .lines()
         .filter(|l| l.contains("refused the push"))
