@@ -266,6 +266,15 @@ async fn selfm(app: &TestApp, name: &str, url: &str) -> f64 {
 /// exact as well (evaluated at the last sample: the first sample is the 0
 /// pushed at start, so neither end is extrapolated).
 async fn exact_counts(receiver: &Receiver, app: &TestApp) {
+    // The push at start (the pusher's own task) must be in before the
+    // events, or the first sample is already 60 and `increase()` has no
+    // zero to count from.
+    receiver
+        .wait_for(
+            r#"bot_messages_total{bot="b",instance="rw-a",role="user"}"#,
+            0.0,
+        )
+        .await;
     app.post_ok("tok", &messages(60, "user")).await;
     app.post_ok("tok", &messages(40, "assistant")).await;
     let responses: Vec<Value> = (0..10)
