@@ -220,6 +220,9 @@ pub struct Config {
     /// before their connections are dropped and the final flush runs.
     #[arg(long, env = "BOTMETRICS_SHUTDOWN_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub shutdown_timeout: Duration,
+
+    #[command(flatten)]
+    pub remote_write: crate::remote_write::RemoteWriteArgs,
 }
 
 impl Config {

@@ -39,6 +39,8 @@
 //! * [`cluster`]: cluster mode (`--redis-url`), plugged into the seams
 //!   above: claims ids across replicas, syncs counts to Redis, reads the
 //!   cluster totals, and leads the store writer from Redis.
+//! * [`remote_write`]: pushes the same series to Prometheus remote-write
+//!   receivers (`--remote-write-url`), from a bounded queue with backoff.
 //! * [`startup`]: builds the application (choosing each seam's side) and
 //!   runs it until stopped; [`telemetry`]: logging.
 
@@ -55,6 +57,7 @@ pub mod persist;
 pub mod prices;
 pub mod record;
 pub mod registry;
+pub mod remote_write;
 pub mod render_cache;
 pub mod serve;
 pub mod startup;

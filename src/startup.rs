@@ -50,6 +50,8 @@ pub enum StartError {
     Registry(#[from] crate::registry::RegistryError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("--remote-write-*: {0}")]
+    RemoteWrite(#[from] crate::remote_write::RemoteWriteError),
     #[error("server: {0}")]
     Serve(std::io::Error),
     #[error("the OS's random source failed, so no installation secret can be made: {0}")]
@@ -65,6 +67,7 @@ pub struct Application {
     /// Cluster mode's own tasks.
     tier: Option<Tier>,
     reload: ReloadSignal,
+    remote_write: Option<Arc<crate::remote_write::RemoteWrite>>,
 }
 
 /// What cluster mode runs beside the single-node tasks: the sync to Redis
@@ -264,6 +267,12 @@ impl Application {
             }
         };
         warn_about_access(&config, listener.local_addr().unwrap_or(config.listen));
+        let remote_write = crate::remote_write::RemoteWrite::new(
+            &config.remote_write,
+            metrics.clone(),
+            listener.local_addr().unwrap_or(config.listen),
+        )?
+        .map(Arc::new);
         let limits = Limits {
             max_connections,
             header_read_timeout: config.header_read_timeout,
@@ -304,6 +313,7 @@ impl Application {
             connections,
             tier,
             reload,
+            remote_write,
         })
     }
 
@@ -338,6 +348,7 @@ impl Application {
             connections,
             tier,
             reload,
+            remote_write,
         } = self;
         let token = CancellationToken::new();
         // The store writer stops after the sync (cluster mode), so its
@@ -385,6 +396,10 @@ impl Application {
             config.sync_interval,
             token.clone(),
         ));
+        // Stopped once serving has: its final push holds every event
+        // acknowledged.
+        let pusher =
+            remote_write.map(|rw| tokio::spawn(crate::remote_write::push_loop(rw, token.clone())));
         let ingest = state.ingest.clone();
         let persistence = state.persistence.clone();
         let tls = state.tls.as_ref().map(|tls| tls.acceptor());
@@ -413,6 +428,9 @@ impl Application {
         // last effects.
         let _ = user_scan.await;
         let _ = tokio::join!(flush, history, journal_sync, reloads, registry);
+        if let Some(pusher) = pusher {
+            let _ = pusher.await;
+        }
         crate::tasks::final_journal_sync(&ingest).await;
         persistence.store.close().await;
         Ok(())

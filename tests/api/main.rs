@@ -19,6 +19,7 @@ mod persistence;
 mod process;
 mod readme;
 mod redis;
+mod remote_write;
 mod spend;
 mod stack;
 mod summary;
