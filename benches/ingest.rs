@@ -644,7 +644,7 @@ fn user_book(c: &mut Criterion) {
         b.iter_batched(
             || UserBook::new(BookLimits::DEFAULT),
             |fresh| {
-                fresh.restore(rows.iter().copied());
+                fresh.restore(&rows);
                 black_box(fresh.len())
             },
             BatchSize::LargeInput,

@@ -415,7 +415,7 @@ pub fn restore_users(metrics: &Metrics, stored: &store::Stored) -> usize {
     for (bot, rows) in &stored.users {
         if let Some(b) = metrics.bot(bot) {
             users += rows.len();
-            b.book.restore(rows.iter().copied());
+            b.book.restore(rows);
         }
     }
     users
