@@ -202,6 +202,30 @@ impl<K: Hash + Eq + Send + Sync + Clone + 'static> RenderCache<K> {
     }
 }
 
+/// JSON answers computed in the last few seconds, per (bot, what): the
+/// built-in page's charts. History changes only once per
+/// `--history-interval`, so page viewers polling together share one
+/// computation (moka runs one per key at a time), and the cost of a refresh
+/// does not grow with the number of open pages.
+pub struct RecentJson(pub moka::future::Cache<(String, &'static str), bytes::Bytes>);
+
+impl RecentJson {
+    /// Answers live for the history interval, at most 30 s: never more
+    /// than 30 s behind what history holds.
+    pub fn new(history_interval: std::time::Duration) -> Self {
+        let ttl = history_interval.clamp(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(30),
+        );
+        RecentJson(
+            moka::future::Cache::builder()
+                .max_capacity(3_000)
+                .time_to_live(ttl)
+                .build(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -295,7 +295,7 @@ impl Application {
                     None => config.summary_cache_ttl,
                 },
             ),
-            charts: crate::http::ChartsCache::new(config.history_interval),
+            charts: crate::render_cache::RecentJson::new(config.history_interval),
             totals,
             tls,
             prices: std::sync::RwLock::new(Arc::new(load_prices(&config)?)),

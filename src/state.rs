@@ -42,7 +42,7 @@ pub struct Shared {
     pub metrics_page: RenderCache<u64>,
     pub summaries: RenderCache<SummaryKey>,
     /// The built-in page's charts, shared by viewers polling together.
-    pub charts: crate::http::ChartsCache,
+    pub charts: crate::render_cache::RecentJson,
     /// The last state /readyz answered (`""` before the first probe), so a
     /// change is logged once instead of once per probe.
     pub readiness: std::sync::Mutex<&'static str>,

@@ -11,12 +11,12 @@
 //! `/v1/summary`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -139,7 +139,7 @@ async fn get_charts(
     State(state): State<AppState>,
     headers: HeaderMap,
     params: std::result::Result<Query<Params>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Answer>> {
+) -> Result<Response> {
     let reader = super::Reader::of(&state, &headers).inspect_err(|e| super::rejected(None, e))?;
     let Query(p) =
         params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
@@ -179,7 +179,10 @@ async fn get_charts(
     let key = (bot.clone(), range.name());
     let answer = cache
         .try_get_with(key, async {
-            charts(&state, bot, range, Utc::now()).await.map(Arc::new)
+            let answer = charts(&state, bot, range, Utc::now()).await?;
+            serde_json::to_vec(&answer)
+                .map(bytes::Bytes::from)
+                .map_err(|e| Error::Unavailable(format!("charts: {e}")))
         })
         .await
         .map_err(|e| match &*e {
@@ -191,30 +194,11 @@ async fn get_charts(
             }
             other => Error::Unavailable(other.to_string()),
         })?;
-    Ok(Json(Answer::clone(&answer)))
-}
-
-/// Charts computed in the last few seconds, per (bot, range): history
-/// changes only once per `--history-interval`, so page viewers polling
-/// together share one computation (moka runs one per key at a time), and
-/// the cost of a refresh does not grow with the number of open pages.
-pub struct ChartsCache(moka::future::Cache<(String, &'static str), Arc<Answer>>);
-
-impl ChartsCache {
-    /// Answers live for the history interval, at most 30 s: never more
-    /// than 30 s behind what history holds.
-    pub fn new(history_interval: std::time::Duration) -> Self {
-        let ttl = history_interval.clamp(
-            std::time::Duration::from_millis(500),
-            std::time::Duration::from_secs(30),
-        );
-        ChartsCache(
-            moka::future::Cache::builder()
-                .max_capacity(3_000)
-                .time_to_live(ttl)
-                .build(),
-        )
-    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        answer,
+    )
+        .into_response())
 }
 
 /// The charts of `bot` over `range`, as of `now`.

@@ -4,7 +4,6 @@
 mod admin;
 mod charts;
 pub mod error;
-pub use charts::ChartsCache;
 mod events;
 mod health;
 mod history;

@@ -27,6 +27,8 @@
 
 use std::sync::{Mutex, MutexGuard};
 
+pub use crate::store::{StoredUser, UserRow};
+
 /// Days of activity remembered after the first: day +0 to +30.
 pub const FIRST_DAYS: u32 = 31;
 
@@ -61,25 +63,29 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// An entry as the store holds it (nothing changed since, session open
-    /// or ended as stored).
-    pub fn stored(
-        first_day: u16,
-        last_day: u16,
-        days: u32,
-        last_ts: u32,
-        session_start: u32,
-        session_messages: u16,
-        ended: bool,
-    ) -> Self {
+    /// An entry as the store holds it: nothing changed since.
+    pub fn from_stored(u: &StoredUser) -> Self {
         Entry {
-            first_day,
-            last_day,
-            days,
-            last_ts,
-            session_start,
-            session_messages,
-            flags: if ended { ENDED } else { 0 },
+            first_day: u.first_day,
+            last_day: u.last_day,
+            days: u.days,
+            last_ts: u.last_ts,
+            session_start: u.session_start,
+            session_messages: u.session_messages,
+            flags: if u.ended { ENDED } else { 0 },
+        }
+    }
+
+    /// The entry as the store keeps it.
+    pub fn to_stored(&self) -> StoredUser {
+        StoredUser {
+            first_day: self.first_day,
+            last_day: self.last_day,
+            days: self.days,
+            last_ts: self.last_ts,
+            session_start: self.session_start,
+            session_messages: self.session_messages,
+            ended: self.ended(),
         }
     }
 
@@ -302,13 +308,6 @@ pub struct Scanned {
     /// Every cohort of the book, by day, oldest first.
     pub cohorts: Vec<Cohort>,
     pub users: usize,
-}
-
-/// One user's row as the store keeps it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UserRow {
-    pub key: u64,
-    pub entry: Entry,
 }
 
 /// A book's changes since the last cut.
@@ -567,7 +566,10 @@ impl UserBook {
         for (key, e) in inner.table.iter_mut() {
             if e.flags & DIRTY != 0 {
                 e.flags &= !DIRTY;
-                cut.changed.push(UserRow { key, entry: *e });
+                cut.changed.push(UserRow {
+                    key,
+                    entry: e.to_stored(),
+                });
             }
         }
         cut
@@ -597,10 +599,7 @@ impl UserBook {
         }
         for row in rows {
             let key = stored_key(row.key);
-            let entry = Entry {
-                flags: row.entry.flags & ENDED,
-                ..row.entry
-            };
+            let entry = Entry::from_stored(&row.entry);
             match inner.table.find(key) {
                 // Memory counted the user before the store answered: both
                 // hold part of the truth.
@@ -860,7 +859,12 @@ mod tests {
         let mut rows: Vec<UserRow> = (1..=200_000u64)
             .map(|i| UserRow {
                 key: i.wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                entry: Entry::stored(20_000, 20_000, 1, 1, 1, 1, false),
+                entry: StoredUser {
+                    first_day: 20_000,
+                    last_day: 20_000,
+                    days: 1,
+                    ..StoredUser::default()
+                },
             })
             .collect();
         rows.sort_by_key(|r| r.key);

@@ -20,7 +20,6 @@
 //! scrape each one, told apart by `instance` (see the README).
 
 pub mod collect;
-pub mod config;
 pub mod proto;
 pub mod queue;
 
@@ -33,7 +32,7 @@ use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-pub use config::{RemoteWriteArgs, Secret};
+pub use crate::config::remote_write::{RemoteWriteArgs, Secret};
 use queue::{Push, Queue};
 
 use crate::metrics::{Metrics, reg};
@@ -213,7 +212,7 @@ impl RemoteWrite {
             .urls
             .iter()
             .map(|url| {
-                let shown = config::redacted(url);
+                let shown = crate::config::remote_write::redacted(url);
                 let l = &[shown.as_str()];
                 Arc::new(Target {
                     url: url.clone(),

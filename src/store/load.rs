@@ -66,21 +66,21 @@ pub(super) type UserTuple = (String, i64, i64, i64, i64, i64, i64, i64, i64);
 /// The user book of a load, grouped by bot. Numbers out of their range
 /// (a hand-edited row) are clamped, never a failed start.
 pub(super) fn decode_users(stored: &mut Stored, rows: Vec<UserTuple>) {
-    use crate::metrics::users::{Entry, UserRow};
+    use super::{StoredUser, UserRow};
     let u16_of = |v: i64| u16::try_from(v.max(0)).unwrap_or(u16::MAX);
     let u32_of = |v: i64| u32::try_from(v.max(0)).unwrap_or(u32::MAX);
     for (bot, key, first, last, days, last_ts, start, messages, ended) in rows {
         stored.users.entry(bot).or_default().push(UserRow {
             key: key as u64,
-            entry: Entry::stored(
-                u16_of(first),
-                u16_of(last),
-                u32_of(days),
-                u32_of(last_ts),
-                u32_of(start),
-                u16_of(messages),
-                ended != 0,
-            ),
+            entry: StoredUser {
+                first_day: u16_of(first),
+                last_day: u16_of(last),
+                days: u32_of(days),
+                last_ts: u32_of(last_ts),
+                session_start: u32_of(start),
+                session_messages: u16_of(messages),
+                ended: ended != 0,
+            },
         });
     }
 }

@@ -145,11 +145,34 @@ pub struct FlushBatch {
     pub users: Vec<BotUsers>,
 }
 
+/// One remembered user as the store keeps it (`metrics::users` is the
+/// book; the store only moves its rows).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserRow {
+    /// The user id's keyed hash, never the id.
+    pub key: u64,
+    pub entry: StoredUser,
+}
+
+/// What the book knows of a user, as stored: local day numbers, the
+/// first-31-days mask, the open session (unix seconds) and whether it was
+/// counted as ended.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoredUser {
+    pub first_day: u16,
+    pub last_day: u16,
+    pub days: u32,
+    pub last_ts: u32,
+    pub session_start: u32,
+    pub session_messages: u16,
+    pub ended: bool,
+}
+
 /// One bot's part of the user book in a flush.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BotUsers {
     pub bot: String,
-    pub changed: Vec<crate::metrics::users::UserRow>,
+    pub changed: Vec<UserRow>,
     pub gone: Vec<u64>,
 }
 
@@ -195,7 +218,7 @@ pub struct FlushReport {
 #[derive(Debug, Default)]
 pub struct Stored {
     /// Each bot's remembered users.
-    pub users: std::collections::HashMap<String, Vec<crate::metrics::users::UserRow>>,
+    pub users: std::collections::HashMap<String, Vec<UserRow>>,
     pub series: Vec<SeriesRow>,
     pub sketches: Vec<StoredSketch>,
     pub daily: Vec<DailyRow>,

@@ -180,7 +180,7 @@ pub(super) async fn flush(
                + (select count(*) from users) + (select count(*) from users_gone) as others";
     let cs = &batch.cluster_sketches;
     let cp = &batch.cluster_progress;
-    let changed_users: Vec<(&str, &crate::metrics::users::UserRow)> = batch
+    let changed_users: Vec<(&str, &super::UserRow)> = batch
         .users
         .iter()
         .flat_map(|b| b.changed.iter().map(move |u| (b.bot.as_str(), u)))
@@ -285,7 +285,7 @@ pub(super) async fn flush(
         .bind(
             changed_users
                 .iter()
-                .map(|(_, u)| i64::from(u.entry.ended()))
+                .map(|(_, u)| i64::from(u.entry.ended))
                 .collect::<Vec<_>>(),
         )
         .bind(gone_users.iter().map(|(bot, _)| *bot).collect::<Vec<_>>())

@@ -194,7 +194,7 @@ pub(super) async fn flush(
             .bind(i64::from(e.last_ts))
             .bind(i64::from(e.session_start))
             .bind(i64::from(e.session_messages))
-            .bind(i64::from(e.ended()))
+            .bind(i64::from(e.ended))
             .execute(&mut *tx)
             .await?;
         }

@@ -6,6 +6,8 @@
 //! zones), so a bad value stops the process at start-up with one line that
 //! names the flag, instead of failing later in a background task.
 
+pub mod remote_write;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,7 +224,7 @@ pub struct Config {
     pub shutdown_timeout: Duration,
 
     #[command(flatten)]
-    pub remote_write: crate::remote_write::RemoteWriteArgs,
+    pub remote_write: remote_write::RemoteWriteArgs,
 }
 
 impl Config {

@@ -1,4 +1,6 @@
-//! The `--remote-write-*` flags, flattened into [`crate::config::Config`].
+//! The `--remote-write-*` flags, flattened into [`crate::config::Config`]
+//! (here, beside the other flags, so `remote_write` depends on the
+//! configuration and never the other way round).
 
 use std::time::Duration;
 
@@ -125,7 +127,7 @@ fn parse_url(raw: &str) -> Result<http::Uri, String> {
 }
 
 fn parse_positive(raw: &str) -> Result<Duration, String> {
-    let d = crate::config::parse_duration(raw)?;
+    let d = super::parse_duration(raw)?;
     if d.is_zero() {
         return Err("must be more than 0s".into());
     }
