@@ -5,7 +5,8 @@
 //!
 //! In the order an event travels, then a flush:
 //!
-//! * [`config`]: the one `Config` (flags with env fallbacks) and its parsers.
+//! * [`config`]: the one `Config` (flags with env fallbacks) and its
+//!   parsers, the remote-write flags among them.
 //! * [`serve`]: the accept loop: header-read timeout, a bound on
 //!   connections, and a deadline on shutdown.
 //! * [`tls`]: HTTPS (`--tls-cert`/`--tls-key`), a certificate swapped on
@@ -23,10 +24,13 @@
 //!   `Arbiter` and `UserNotes`, are where cluster mode joins.
 //! * [`metrics`]: the in-memory cells of every `bot_*` series (counters,
 //!   histograms, capped free-form families, active-user sketches, "today"
-//!   counters), self-metrics, and the `Registry` that exposes them.
+//!   counters), each bot's user book (`metrics::users`: new and returning
+//!   users, cohorts, sessions), self-metrics, and the `Registry` that
+//!   exposes them.
 //! * [`registry`]: bots and their tokens (hashed), kept in the store,
 //!   seeded from `--tokens`, changed through the admin API.
-//! * [`render_cache`]: `/metrics` and summaries rendered once per TTL.
+//! * [`render_cache`]: `/metrics` and summaries rendered once per TTL, and
+//!   the page's charts shared by the viewers polling together.
 //! * [`totals`]: where handlers read totals (this process's memory, or the
 //!   cluster's); [`summary`]: the bot's `/metrics` answer from them.
 //! * [`tasks`]: the one loop helper every periodic task runs on.
