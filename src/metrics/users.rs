@@ -467,6 +467,11 @@ impl UserBook {
 
     /// Removes a user: whether the book knew them.
     pub fn forget(&self, key: u64) -> bool {
+        // No book (cluster mode, `--user-memory 0`): nothing is written
+        // that would ever take the key away again.
+        if !self.enabled() {
+            return false;
+        }
         let key = stored_key(key);
         let mut inner = self.lock();
         match inner.table.find(key) {
