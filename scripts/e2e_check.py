@@ -23,7 +23,9 @@ whole, and X must return data. The only exceptions are ZERO_ON_A_HEALTHY_RUN bel
 the unpriced tokens of a model the price table does not know
 (ABSENT_ON_A_HEALTHY_RUN below: no such series on a run that uses only
 priced models, so an expression over them that returns nothing is reported
-as skipped), and the cluster-mode self-metrics (CLUSTER_ONLY below), which
+as skipped), the remote-write self-metrics (REMOTE_WRITE_ONLY below: only
+with --remote-write-url, which tests/api/remote_write.rs runs against real
+receivers), and the cluster-mode self-metrics (CLUSTER_ONLY below), which
 botmetrics exposes only with --redis-url: without `--cluster` an
 expression over them that returns nothing is reported as skipped (it must
 still parse); with `--cluster` (botmetrics run with --redis-url) it must
@@ -294,6 +296,8 @@ def cluster_only(expr: str, cluster: bool) -> bool | str:
     if re.search(ABSENT_ON_A_HEALTHY_RUN, expr):
         return ("a series botmetrics creates only for a model the price table does not know, "
                 "which the simulator may not use")
+    if re.search(REMOTE_WRITE_ONLY, expr):
+        return "a series botmetrics creates only with --remote-write-url, which this run does not set"
     return not cluster and re.search(CLUSTER_ONLY, expr) is not None
 
 
@@ -368,6 +372,10 @@ ZERO_ON_A_HEALTHY_RUN = ("botmetrics_events_duplicate_total", "botmetrics_label_
 # by what it was (a model the price table does not know): on a healthy run
 # an expression over them may return nothing (it must still parse).
 ABSENT_ON_A_HEALTHY_RUN = r"\bbot_llm_unpriced_tokens_total\b"
+
+# Self-metrics botmetrics registers only with --remote-write-url (tested
+# against real receivers in tests/api/remote_write.rs, not here).
+REMOTE_WRITE_ONLY = r"\bbotmetrics_remote_write_\w+"
 
 # Self-metrics botmetrics registers only with --redis-url (cluster mode).
 CLUSTER_ONLY = (r"\bbotmetrics_(redis_up|sync_\w+|last_sync_timestamp_seconds|dedupe_fallbacks_total"
