@@ -33,7 +33,11 @@ echo "--- node: $(node --version), npm $(npm --version): npm ci"
 npm ci --no-audit --no-fund
 
 echo "--- node: tsc (package, tests, examples)"
-npx tsc -p tsconfig.json --noEmit
+# The package is built first: the examples import it by its own name
+# (`botmetrics`, resolved through package.json's exports to dist/), as a
+# bot's code would. A fresh clone has no dist/ until then.
+rm -rf dist
+npx tsc -p tsconfig.json
 npx tsc -p tsconfig.examples.json
 
 echo "--- node: npm pack"
