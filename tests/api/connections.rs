@@ -15,7 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::helpers::{
-    Binary, SqliteFile, TestApp, assert_series, eventually, have, sample, start_with,
+    Binary, MACHINE, SqliteFile, TestApp, assert_series, eventually, have, sample, start_with,
 };
 
 /// Long enough for a busy machine; the assertions wait on events, never on
@@ -341,6 +341,7 @@ async fn a_bot_is_never_locked_out_by(payload: &'static [u8]) {
     if !have("prlimit", "util-linux") {
         return;
     }
+    let _quiet = MACHINE.lock().await;
     // The soft limit of 1,024 files, scaled down: a hard limit of
     // 256 lowers the bound to 192, and the flood is twice that.
     const BOUND: usize = 192;

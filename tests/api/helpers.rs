@@ -1104,3 +1104,11 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Held by the tests that measure how a process behaves at its limits
+/// (a connection flood under a 256-descriptor cap, answers within 100 ms)
+/// and by the few tests that load the whole machine (a browser, npm and
+/// tsc, virtualenvs), so the first never run while the second do: on two
+/// cores a measuring test beside them measures them instead. Every other
+/// test runs in parallel as before.
+pub static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

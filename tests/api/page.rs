@@ -11,7 +11,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::helpers::{
-    TestApp, assert_error, config, have, on_both_backends, spawn_app, start_with,
+    MACHINE, TestApp, assert_error, config, have, on_both_backends, spawn_app, start_with,
 };
 
 async fn read(app: &TestApp, path: &str, token: Option<&str>) -> (u16, Value) {
@@ -312,6 +312,7 @@ fn the_page_in_a_real_browser() {
     if !have("chromium", "chromium") || !have("node", "nodejs") || !have("npm", "npm") {
         return;
     }
+    let _heavy = MACHINE.blocking_lock();
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser-test");
     let output = Command::new("bash")
         .arg("tests/browser/ci.sh")

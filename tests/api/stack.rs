@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use crate::helpers::{cannot_run, have, postgres_base_url};
+use crate::helpers::{MACHINE, cannot_run, have, postgres_base_url};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -102,6 +102,7 @@ fn python_client_against_the_real_server() {
     if !have("python3", "python3") {
         return;
     }
+    let _heavy = MACHINE.blocking_lock();
     let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("python-venv");
     run(
         "bash",
@@ -128,6 +129,7 @@ fn node_client_against_the_real_server() {
     if !have("node", "nodejs") || !have("npm", "npm") {
         return;
     }
+    let _heavy = MACHINE.blocking_lock();
     run(
         "bash",
         &["clients/node/ci.sh"],
