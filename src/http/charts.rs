@@ -154,27 +154,7 @@ async fn get_charts(
             Error::BadRequest(format!("`range` must be 24h, 7d or 30d, got {raw:?}"))
         })?,
     };
-    let bot = match asked {
-        Some(bot) => {
-            if state.metrics.bot(&bot).is_none() {
-                return Err(Error::NotFound(format!(
-                    "no bot named `{bot}` is configured"
-                )));
-            }
-            bot
-        }
-        None => {
-            let bots = state.metrics.bots();
-            match &**bots {
-                [only] => only.bot.to_string(),
-                _ => {
-                    return Err(Error::BadRequest(
-                        "name a bot: `bot` is required when several bots are configured".into(),
-                    ));
-                }
-            }
-        }
-    };
+    let bot = super::one_bot(&state, asked)?.bot.to_string();
     let cache = &state.charts.0;
     let key = (bot.clone(), range.name());
     let answer = cache

@@ -138,6 +138,26 @@ impl Reader {
     }
 }
 
+/// The one bot a per-bot read is about (`/v1/charts`, `/v1/retention`):
+/// the one asked for, which must exist, or else the only one configured.
+fn one_bot(
+    state: &AppState,
+    asked: Option<String>,
+) -> Result<std::sync::Arc<crate::metrics::BotMetrics>> {
+    match asked {
+        Some(bot) => state
+            .metrics
+            .bot(&bot)
+            .ok_or_else(|| Error::NotFound(format!("no bot named `{bot}` is configured"))),
+        None => match &**state.metrics.bots() {
+            [only] => Ok(only.clone()),
+            _ => Err(Error::BadRequest(
+                "name a bot: `bot` is required when several bots are configured".into(),
+            )),
+        },
+    }
+}
+
 /// At most one warning a period about refused requests, so a misbehaving
 /// client shows in the log without flooding it; every refusal is at debug.
 static REJECTIONS: std::sync::Mutex<RateLimited> =

@@ -80,22 +80,8 @@ async fn get_retention(
     let reader = super::Reader::of(&state, &headers).inspect_err(|e| super::rejected(None, e))?;
     let Query(params) =
         params.map_err(|e| Error::BadRequest(format!("bad query: {}", e.body_text())))?;
-    let bot = match reader.bot(params.bot)? {
-        Some(bot) => bot,
-        None => match &**state.metrics.bots() {
-            [one] => one.bot.to_string(),
-            _ => {
-                return Err(Error::BadRequest(
-                    "several bots are configured: name one with `?bot=`".into(),
-                ));
-            }
-        },
-    };
-    let Some(metrics) = state.metrics.bot(&bot) else {
-        return Err(Error::NotFound(format!(
-            "no bot named `{bot}` is configured"
-        )));
-    };
+    let metrics = super::one_bot(&state, reader.bot(params.bot)?)?;
+    let bot = metrics.bot.to_string();
     let calendar = metrics.today.calendar();
     let tz = calendar.tz();
     let today = calendar.day_of(chrono::Utc::now().timestamp());

@@ -425,7 +425,8 @@ impl UserBook {
         // Users per last day seen (days ago, capped): the oldest days first
         // until `want` are covered.
         let mut per_age = vec![0usize; 1 + self.limits.memory_days as usize];
-        let age = |e: &Entry| (today.saturating_sub(e.last_day) as usize).min(per_age_len(self));
+        let oldest = per_age.len() - 1;
+        let age = |e: &Entry| (today.saturating_sub(e.last_day) as usize).min(oldest);
         for (_, e) in inner.table.iter_mut() {
             per_age[age(e)] += 1;
         }
@@ -644,10 +645,6 @@ fn merged(a: Entry, b: Entry) -> Entry {
         flags: (a.flags & DIRTY) | (later.flags & ENDED),
         ..later
     }
-}
-
-fn per_age_len(book: &UserBook) -> usize {
-    book.limits.memory_days as usize
 }
 
 /// One event of a known user.
