@@ -13,6 +13,13 @@ use crate::helpers::{Binary, SqliteFile, eventually, sample};
 
 const ADMIN: &str = "adm1n-secret";
 
+/// "Within one `--sync-interval`" (1 s in these tests) as a test can see
+/// it: the interval, the poll's own 50 ms and a request's time, and a
+/// second for a machine so loaded (CI runs every test at once on 2 cores)
+/// that the refresh task itself starts late (1.5 s failed there once).
+/// A replica that never reads the registry again fails it all the same.
+const WITHIN_ONE_INTERVAL: Duration = Duration::from_millis(2500);
+
 /// One admin call: status and JSON answer.
 async fn call(
     bin: &Binary,
@@ -378,8 +385,7 @@ async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_inter
     })
     .await;
     let took = revoked.elapsed();
-    // One interval, and the poll's own 50 ms and a request's time.
-    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(took < WITHIN_ONE_INTERVAL, "{took:?}");
     let _ = std::fs::remove_dir_all(other_dir);
 }
 
@@ -449,7 +455,7 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
         }
     }
     let took = revoked.elapsed();
-    assert!(took < Duration::from_millis(1500), "{took:?}");
+    assert!(took < WITHIN_ONE_INTERVAL, "{took:?}");
     for r in &replicas {
         r.post_ok("t0ken-a", &json!(message(4))).await;
         accepted += 1;
