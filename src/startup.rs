@@ -161,11 +161,7 @@ impl Application {
                         Redis::new(urls.clone()),
                         replica,
                         &config,
-                        ClusterMetrics::register(
-                            &metrics.registry,
-                            config.sync_interval,
-                            config.tokens.bots(),
-                        )?,
+                        ClusterMetrics::register(&metrics.registry, config.sync_interval)?,
                     ));
                     let claims = Arc::new(Claims::new(cluster.clone()));
                     let ingest = Arc::new(
@@ -185,7 +181,7 @@ impl Application {
                     let lead = Arc::new(Lead::new(
                         cluster.clone(),
                         view.clone(),
-                        config.tokens.bots().to_vec(),
+                        metrics.clone(),
                         config.flush_interval,
                     ));
                     let totals = Arc::new(ClusterTotals {

@@ -20,6 +20,7 @@ use std::time::Duration;
 use super::view::{BotView, View};
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
+use crate::metrics::Metrics;
 use crate::metrics::bot::ACTIVE_USERS;
 use crate::persist::{self, Cut, PersistError, RestoreReport, Source, Written};
 use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesRow, Stored};
@@ -36,7 +37,9 @@ pub fn lease_ttl(flush_interval: Duration) -> Duration {
 pub struct Lead {
     cluster: Arc<Cluster>,
     view: Arc<View>,
-    bots: Vec<Arc<str>>,
+    /// Whose bots it writes: all counted here, those created at runtime
+    /// included (the registry adds them on every replica).
+    metrics: Arc<Metrics>,
     lease_ttl: Duration,
     holding: AtomicBool,
     renew: redis::Script,
@@ -73,13 +76,13 @@ impl Lead {
     pub fn new(
         cluster: Arc<Cluster>,
         view: Arc<View>,
-        bots: Vec<Arc<str>>,
+        metrics: Arc<Metrics>,
         flush_interval: Duration,
     ) -> Self {
         Lead {
             cluster,
             view,
-            bots,
+            metrics,
             lease_ttl: lease_ttl(flush_interval),
             holding: AtomicBool::new(false),
             renew: redis::Script::new(include_str!("lua/renew.lua")),
@@ -153,7 +156,8 @@ impl Lead {
     }
 
     async fn read(&self, for_store: bool) -> Result<Vec<BotView>> {
-        let names: Vec<&str> = self.bots.iter().map(|b| &**b).collect();
+        let bots = self.metrics.bots();
+        let names: Vec<&str> = bots.iter().map(|b| &*b.bot).collect();
         Ok(self
             .view
             .read(&names, for_store)

@@ -227,7 +227,6 @@ impl ClusterMetrics {
     pub fn register(
         registry: &Registry,
         sync_interval: Duration,
-        bots: &[Arc<str>],
     ) -> prometheus::Result<Self> {
         let interval = reg(
             registry,
@@ -310,10 +309,6 @@ impl ClusterMetrics {
                 )?,
             )?,
         };
-        // Every bot's series exists from start-up, at 0.
-        for bot in bots {
-            metrics.dedupe_fallbacks.with_label_values(&[&**bot]);
-        }
         Ok(metrics)
     }
 }
@@ -368,7 +363,7 @@ impl Cluster {
             dedupe_window: config.dedupe_window,
             liveness: (config.sync_interval * 3).clamp(LIVENESS_MIN, LIVENESS_MAX),
             metrics,
-            pending: Arc::new(Pending::new(config.tokens.bots(), budget)),
+            pending: Arc::new(Pending::new(budget)),
             health: Arc::new(health::Health::new()),
         }
     }

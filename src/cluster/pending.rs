@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use crate::dedupe::UniformSet;
 use crate::event::UserHash;
@@ -90,33 +90,53 @@ fn note(hours: &mut Vec<(i32, UniformSet)>, budget: &UserBudget, hour: i32, user
 }
 
 /// Every bot's pending users: what `ingest` notes through [`UserNotes`],
-/// and what the sync takes.
+/// and what the sync takes. A bot gets its set with its first user, so a
+/// bot created at runtime (the admin API) needs nothing set up here.
 pub struct Pending {
-    bots: HashMap<Arc<str>, PendingUsers>,
+    bots: RwLock<HashMap<Arc<str>, Arc<PendingUsers>>>,
     pub budget: Arc<UserBudget>,
 }
 
 impl Pending {
-    pub fn new(bots: &[Arc<str>], budget: Arc<UserBudget>) -> Self {
+    pub fn new(budget: Arc<UserBudget>) -> Self {
         Pending {
-            bots: bots
-                .iter()
-                .map(|b| (b.clone(), PendingUsers::new(budget.clone())))
-                .collect(),
+            bots: RwLock::default(),
             budget,
         }
     }
 
-    pub fn of(&self, bot: &str) -> Option<&PendingUsers> {
-        self.bots.get(bot)
+    pub fn of(&self, bot: &str) -> Option<Arc<PendingUsers>> {
+        self.bots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bot)
+            .cloned()
     }
 }
 
 impl UserNotes for Pending {
     fn note(&self, bot: &str, users: &[(UserHash, i64)]) {
-        if let Some(pending) = self.bots.get(bot) {
-            pending.record_many(users);
+        if users.is_empty() {
+            return;
         }
+        // Nearly always there: a read lock, and no clone of the set.
+        if let Some(pending) = self
+            .bots
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(bot)
+        {
+            pending.record_many(users);
+            return;
+        }
+        let pending = self
+            .bots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(Arc::from(bot))
+            .or_insert_with(|| Arc::new(PendingUsers::new(self.budget.clone())))
+            .clone();
+        pending.record_many(users);
     }
 }
 

@@ -155,11 +155,6 @@ async fn create(State(state): State<AppState>, headers: HeaderMap, body: Bytes) 
             },
         })?;
         checked_name(&new.bot)?;
-        if state.config.redis_url.is_some() {
-            return Err(Error::BadRequest(
-                "creating a bot at runtime is not available with --redis-url yet: add it to --tokens on every replica".into(),
-            ));
-        }
         writable(&state).await?;
         let (token, prefix) = state.registry.create(&new.bot).await?;
         Ok((

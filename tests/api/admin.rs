@@ -393,7 +393,9 @@ async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_inter
 /// token added on one replica posts on every replica within one
 /// `--sync-interval`; revoked on another, it is refused there at once and
 /// on every replica within one interval, and the cluster total is exactly
-/// what was accepted (rotation loses nothing).
+/// what was accepted (rotation loses nothing). A bot created at runtime on
+/// one replica posts on every replica, and its cluster total is exact on
+/// each.
 #[tokio::test]
 async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_sync_interval() {
     let Some(db) = crate::helpers::PgDatabase::create().await else {
@@ -412,6 +414,8 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
             "--redis-url",
             &redis_url,
             "--sync-interval",
+            "1s",
+            "--flush-interval",
             "1s",
             "--admin-token",
             ADMIN,
@@ -468,4 +472,55 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
         })
         .await;
     }
+
+    // A bot created at runtime, on the third replica.
+    let (status, created) = admin(
+        &replicas[2],
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"fresh"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let fresh = created["token"].as_str().expect("token").to_owned();
+    let mut posted = 0u64;
+    for r in &replicas {
+        // Refused (401) until the replica reads the registry again.
+        eventually(Duration::from_secs(3), || {
+            let fresh = fresh.clone();
+            async move { r.post_events(&fresh, &message(1)).await.0 == 202 }
+        })
+        .await;
+        posted += 1;
+        for _ in 0..4 {
+            r.post_ok(&fresh, &json!(message(2))).await;
+            posted += 1;
+        }
+    }
+    for r in &replicas {
+        eventually(Duration::from_secs(10), || async move {
+            let (status, summary) = r.get_json("/v1/summary?bot=fresh").await;
+            status == 200 && summary["messages"]["total"].as_u64() == Some(posted)
+        })
+        .await;
+        // Each replica exposes its own share: five events.
+        let own = r
+            .sample(r#"bot_messages_total{bot="fresh",role="user"}"#)
+            .await;
+        assert_eq!(own, Some(5.0));
+    }
+    // The writer-lease holder writes its cluster totals to the store.
+    let raw = crate::helpers::Raw::connect(&db.url).await;
+    eventually(Duration::from_secs(15), || {
+        let raw = &raw;
+        async move {
+            raw.stored("bot_messages_total", "fresh", &[("role", "user")])
+                .await
+                == Some(posted as f64)
+        }
+    })
+    .await;
+    // The other bot is untouched.
+    let (_, summary) = replicas[0].get_json("/v1/summary?bot=a").await;
+    assert_eq!(summary["messages"]["total"].as_u64(), Some(accepted));
 }

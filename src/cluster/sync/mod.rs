@@ -79,6 +79,37 @@ struct BotSync {
     confirmed: u64,
 }
 
+/// Adds to `bots` the bots counted here that the sync does not know yet:
+/// every bot at start, and each one the admin API creates later (on this
+/// replica or, through the registry, on another). Its first batch carries
+/// everything it counted, from a baseline of nothing; Redis, which holds
+/// nothing of it either, seeds it from the store first (where a bot created
+/// anew has nothing).
+fn track(bots: &mut Vec<BotSync>, metrics: &Metrics, cluster: &Cluster) {
+    let set = metrics.bots();
+    if set.len() == bots.len() {
+        return; // bots are only ever added
+    }
+    for bot in set.iter() {
+        if bots.iter().any(|b| b.bot.bot == bot.bot) {
+            continue;
+        }
+        // Its series exists from the start, at 0, like every bot's.
+        cluster
+            .metrics
+            .dedupe_fallbacks
+            .with_label_values(&[&*bot.bot]);
+        bots.push(BotSync {
+            bot: bot.clone(),
+            keys: BotKeys::new(&bot.bot),
+            baseline: HashMap::new(),
+            today: HashMap::new(),
+            inflight: None,
+            confirmed: 0,
+        });
+    }
+}
+
 impl BotSync {
     /// The counts since the baseline. Runs under the ingest gate.
     fn cut(&self, pending: Option<&PendingUsers>, mark: u64) -> Batch {
@@ -186,18 +217,8 @@ impl Syncer {
         store: Arc<Store>,
         max_label_values: usize,
     ) -> Self {
-        let bots = metrics
-            .bots()
-            .iter()
-            .map(|bot| BotSync {
-                bot: bot.clone(),
-                keys: BotKeys::new(&bot.bot),
-                baseline: HashMap::new(),
-                today: HashMap::new(),
-                inflight: None,
-                confirmed: 0,
-            })
-            .collect();
+        let mut bots = Vec::new();
+        track(&mut bots, &metrics, &cluster);
         Syncer {
             cluster,
             metrics,
@@ -252,6 +273,7 @@ impl Syncer {
             self.prepare(&mut state).await?;
             self.prepared.store(true, Ordering::Relaxed);
         }
+        track(&mut state.bots, &self.metrics, &self.cluster);
         let State { bots, seq, .. } = &mut *state;
         // Bots whose older batch goes first: what they counted since waits
         // for the next sync.
@@ -268,7 +290,7 @@ impl Syncer {
                     *seq
                 };
                 for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
-                    let batch = b.cut(self.cluster.pending.of(&b.bot.bot), mark);
+                    let batch = b.cut(self.cluster.pending.of(&b.bot.bot).as_deref(), mark);
                     if !batch.is_empty() {
                         b.inflight = Some(batch);
                     }
