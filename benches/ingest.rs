@@ -186,10 +186,7 @@ fn ingest(c: &mut Criterion) {
         let bot = metrics.bot("bench").expect("bot").clone();
         let dropped = prometheus::IntCounter::new("dropped", "dropped").expect("counter");
         let budget = Arc::new(UserBudget::new(1_000_000, dropped));
-        let ingest = ingest.with_notes(Arc::new(Pending::new(
-            std::slice::from_ref(&bot.bot),
-            budget,
-        )));
+        let ingest = ingest.with_notes(Arc::new(Pending::new(budget)));
         b.iter(|| {
             let events = parse_batch(
                 black_box(&body),

@@ -224,10 +224,7 @@ pub struct ClusterMetrics {
 }
 
 impl ClusterMetrics {
-    pub fn register(
-        registry: &Registry,
-        sync_interval: Duration,
-    ) -> prometheus::Result<Self> {
+    pub fn register(registry: &Registry, sync_interval: Duration) -> prometheus::Result<Self> {
         let interval = reg(
             registry,
             prometheus::Gauge::new(

@@ -120,12 +120,7 @@ impl UserNotes for Pending {
             return;
         }
         // Nearly always there: a read lock, and no clone of the set.
-        if let Some(pending) = self
-            .bots
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(bot)
-        {
+        if let Some(pending) = self.bots.read().unwrap_or_else(|e| e.into_inner()).get(bot) {
             pending.record_many(users);
             return;
         }
