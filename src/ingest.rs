@@ -63,6 +63,9 @@ pub enum IngestError {
         "an event_id of this batch is being counted by another replica that has not confirmed it yet; retry in a second"
     )]
     Pending,
+    /// The bot was wiped while the request waited to be counted.
+    #[error("bot `{0}` was removed")]
+    Wiped(String),
 }
 
 /// The answer to an accepted request.
@@ -248,6 +251,12 @@ impl Ingest {
         let mut duplicates = 0;
         // Held until the events are counted or refused: see the module doc.
         let _shared = self.gate.read().await;
+        // Wiped after this request found the bot: nothing of it counts, or
+        // cells no longer anyone's would take it (and a replay would count
+        // it into the bot's next life).
+        if bot.is_retired() {
+            return Err(IngestError::Wiped(bot.bot.to_string()));
+        }
         // Waited so long (a flush holding the gate, a paused process) that
         // another replica may have taken the claims over: given back
         // (the guard does it), the retry is decided wherever it lands.
@@ -336,6 +345,34 @@ impl Ingest {
             accepted,
             duplicates,
         })
+    }
+
+    /// Wipes `bot` (`Metrics::wipe`): journaled first, alone in its record,
+    /// so that a replay drops what came before it, and applied while no
+    /// request is between its decision and its count, so that every event
+    /// is either before the wipe (in memory and in the journal) or refused.
+    pub async fn wipe(
+        &self,
+        metrics: &Metrics,
+        bot: &str,
+        now_ms: i64,
+    ) -> Result<Option<crate::metrics::Wiped>, IngestError> {
+        let _exclusive = self.gate.write().await;
+        if let Some(journal) = &self.journal {
+            journal.check_room()?;
+            let event = Event {
+                user: None,
+                event_id: None,
+                ts: now_ms.div_euclid(1000),
+                chat_type: None,
+                body: EventBody::Wipe,
+            };
+            let mut buf = Vec::new();
+            record::encode(&mut buf, bot, std::iter::once((&event, None)));
+            let lsn = journal.append(now_ms.div_euclid(1000), &buf);
+            journal.commit(lsn).await?;
+        }
+        Ok(metrics.wipe(bot, false))
     }
 
     /// Runs `f` while no request is between its decision and its count,
@@ -542,6 +579,19 @@ fn count_record(
         {
             report.released += 1;
             false
+        }
+        Ok(decoded)
+            if decoded
+                .events
+                .iter()
+                .any(|(e, _)| e.body == EventBody::Wipe) =>
+        {
+            // Whatever the bot counted before is dropped, and its rows go
+            // at the next flush; a bot still configured counts on afresh.
+            report.records += 1;
+            let configured = metrics.bot(decoded.bot).is_some();
+            metrics.wipe(decoded.bot, configured);
+            true
         }
         Ok(decoded) => {
             report.records += 1;

@@ -84,6 +84,7 @@ pub fn encode<'e, 'a: 'e>(
             EventBody::Error { .. } => (6, false, false),
             EventBody::Custom { .. } => (7, false, false),
             EventBody::Forget => (9, false, false),
+            EventBody::Wipe => (10, false, false),
         };
         let flags = (e.user.is_some() as u8 * HAS_USER)
             | (id.is_some() as u8 * HAS_ID)
@@ -157,7 +158,10 @@ pub fn encode<'e, 'a: 'e>(
                 out.push(result.index() as u8);
                 name(out, cache.as_str());
             }
-            EventBody::UserRegistered | EventBody::LimitReached | EventBody::Forget => {}
+            EventBody::UserRegistered
+            | EventBody::LimitReached
+            | EventBody::Forget
+            | EventBody::Wipe => {}
             EventBody::Consent { decision } => out.push(decision.index() as u8),
             EventBody::Error { kind } => name(out, kind.as_str()),
             EventBody::Custom { name: n, value } => {
@@ -337,6 +341,7 @@ pub fn decode(bytes: &[u8]) -> Result<Decoded<'_>, DecodeError> {
             },
             5 => EventBody::LimitReached,
             9 => EventBody::Forget,
+            10 => EventBody::Wipe,
             6 => EventBody::Error {
                 kind: r.name("kind")?,
             },

@@ -420,6 +420,10 @@ pub enum EventBody<'a> {
     /// Not an event a bot posts: `DELETE /v1/users/{id}`, journaled like
     /// one so that the erasure survives a crash and replays in order.
     Forget,
+    /// Not an event a bot posts either: `DELETE /v1/admin/bots/{bot}?wipe=true`,
+    /// journaled alone in its record, so that a replay drops what the bot
+    /// counted before it and the store's rows go at the next flush.
+    Wipe,
 }
 
 /// A call's tokens. `prompt` includes `cached` and `cache_write`, as the

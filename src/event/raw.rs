@@ -424,6 +424,7 @@ mod tests {
             EventBody::Custom { .. } => "custom",
             EventBody::Feedback { .. } => "feedback",
             EventBody::Forget => "forget",
+            EventBody::Wipe => "wipe",
         }
     }
 

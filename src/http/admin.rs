@@ -211,18 +211,50 @@ async fn revoke_bot(
     let work = async {
         checked_name(&bot)?;
         let Query(query) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
-        if query.wipe {
-            // Not built yet: refused before anything changes, rather than
-            // revoking and leaving the data the caller asked to remove.
+        if query.wipe && state.config.redis_url.is_some() {
+            // Refused before anything changes, rather than revoking and
+            // leaving the data the caller asked to remove.
             return Err(Error::BadRequest(
-                "?wipe=true is not available in this build: revoke without it; the bot's data stays".into(),
+                "?wipe=true is not available with --redis-url yet: revoke without it; the bot's data stays".into(),
             ));
         }
         writable(&state).await?;
-        state.registry.revoke_bot(&bot).await?;
+        let registered = match state.registry.revoke_bot(&bot).await {
+            Ok(()) => true,
+            // Revoked before with its data kept: a wipe still removes it
+            // (from memory, or from the store after a restart).
+            Err(RegistryError::UnknownBot(_)) if query.wipe => false,
+            Err(e) => return Err(e.into()),
+        };
+        if !query.wipe {
+            return Ok((
+                StatusCode::OK,
+                json!({ "bot": bot, "revoked": true, "wiped": false }),
+            ));
+        }
+        // On a task of its own, as an ingest request is: once journaled the
+        // wipe must be applied, whatever becomes of the connection.
+        let persistence = state.persistence.clone();
+        let name = bot.clone();
+        let report = tokio::spawn(async move { persistence.wipe(&name).await })
+            .await
+            .map_err(|e| Error::Unavailable(format!("the wipe did not finish: {e}")))??;
+        if !registered && report.memory == Default::default() && report.store_rows == Some(0) {
+            return Err(RegistryError::UnknownBot(bot.clone()).into());
+        }
         Ok((
             StatusCode::OK,
-            json!({ "bot": bot, "revoked": true, "removed": {} }),
+            json!({
+                "bot": bot,
+                "revoked": registered,
+                "wiped": true,
+                "removed": {
+                    "series": report.memory.series,
+                    "users": report.memory.users,
+                    "store_rows": report.store_rows,
+                },
+                "store": if report.store_rows.is_some() { "removed" } else { "pending" },
+            }),
         ))
     };
     run(&state, &headers, "revoke_bot", Some(&bot), work).await

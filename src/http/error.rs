@@ -96,6 +96,11 @@ impl From<crate::ingest::IngestError> for Error {
         match e {
             crate::ingest::IngestError::Journal(e) => Error::Journal(e),
             pending @ crate::ingest::IngestError::Pending => Error::RetryLater(pending.to_string()),
+            // Its token was revoked just before: the same answer a request
+            // arriving a moment later gets.
+            crate::ingest::IngestError::Wiped(_) => {
+                Error::Unauthorized("unknown token: its bot was removed")
+            }
         }
     }
 }

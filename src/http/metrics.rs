@@ -40,7 +40,7 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
     let rendered = state
         .metrics_page
         .get_or_render(
-            state.persistence.generation(),
+            state.persistence.cache_generation(),
             &state.metrics.selfm,
             move || Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render()),
         )

@@ -58,7 +58,7 @@ async fn get_summary(
     let key = SummaryKey {
         bot: params.bot,
         text,
-        generation: state.persistence.generation(),
+        generation: state.persistence.cache_generation(),
     };
     let render_state = state.clone();
     let rendered = state

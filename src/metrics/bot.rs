@@ -299,6 +299,9 @@ pub struct BotMetrics {
     pub book: UserBook,
     pub today: Today,
     pub counters: SelfCounters,
+    /// Set when the bot is wiped: these cells are no longer the bot's, and
+    /// a request still holding them counts nothing.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 /// What is counted per model: the three `bot_llm_*` families labelled by
@@ -365,11 +368,23 @@ impl BotMetrics {
             book: UserBook::new(book),
             today,
             counters,
+            retired: Default::default(),
         };
         // The cache that events without a `cache` name count in exists
         // from start-up, like every closed label set.
         metrics.cache.with(DEFAULT_CACHE, |_| ());
         metrics
+    }
+
+    pub fn retire(&self) {
+        self.retired
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// True once the bot was wiped (read under the ingest gate, which the
+    /// wipe held exclusively while it set it).
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Counts one checked event. Lock-free but for the shared read lock of a
@@ -453,8 +468,9 @@ impl BotMetrics {
             }
             EventBody::Error { kind } => self.errors.with(kind.as_str(), |c| c.add(1.0)),
             EventBody::Custom { name, value } => self.custom.with(name.as_str(), |c| c.add(*value)),
-            // Without a user there is nothing to forget.
-            EventBody::Forget => {}
+            // Without a user there is nothing to forget; a wipe acts on the
+            // whole bot (`Metrics::wipe`), never on its cells.
+            EventBody::Forget | EventBody::Wipe => {}
         }
     }
 

@@ -99,6 +99,22 @@ pub(crate) fn reg<C: prometheus::core::Collector + Clone + 'static>(
 }
 
 impl SelfMetrics {
+    /// Removes a wiped bot's self-series, so it leaves `/metrics` whole.
+    fn forget_bot(&self, bot: &str) {
+        for family in [
+            &self.events_accepted,
+            &self.events_duplicate,
+            &self.book_evicted,
+        ] {
+            let _ = family.remove_label_values(&[bot]);
+        }
+        let _ = self.book_users.remove_label_values(&[bot]);
+        let _ = self.book_fill.remove_label_values(&[bot]);
+        for label in ["kind", "name", "model", "cache"] {
+            let _ = self.label_overflow.remove_label_values(&[bot, label]);
+        }
+    }
+
     fn register(
         registry: &Registry,
         cache_ttl_seconds: f64,
@@ -349,6 +365,7 @@ impl SelfMetrics {
         build.set(1);
 
         // Every series of a closed label set exists from start-up.
+        // (`forget_bot` below removes the same series.)
         for bot in bots {
             m.events_accepted.with_label_values(&[&**bot]);
             m.events_duplicate.with_label_values(&[&**bot]);
@@ -383,6 +400,18 @@ pub struct Metrics {
     max_label_values: usize,
     /// Every bot's user book's limits, a bot added later's too.
     book: users::BookLimits,
+    /// Bots wiped whose rows the store may still hold: the next flush
+    /// deletes them (in its transaction) and takes them off this list.
+    wiped: std::sync::Mutex<Vec<Arc<str>>>,
+}
+
+/// What a wipe took out of memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Wiped {
+    /// Series (a histogram counts once per line), as the store keeps them.
+    pub series: usize,
+    /// Users the book remembered.
+    pub users: usize,
 }
 
 /// The bots counted, in the order they were configured (then added).
@@ -403,6 +432,16 @@ impl BotSet {
         let mut bots = self.bots.clone();
         bots.push(bot);
         BotSet::of(bots)
+    }
+
+    fn without(&self, name: &str) -> BotSet {
+        BotSet::of(
+            self.bots
+                .iter()
+                .filter(|b| &*b.bot != name)
+                .cloned()
+                .collect(),
+        )
     }
 
     fn of(bots: Vec<Arc<BotMetrics>>) -> BotSet {
@@ -443,6 +482,7 @@ impl Metrics {
             calendar,
             max_label_values,
             book,
+            wiped: Default::default(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
@@ -481,6 +521,65 @@ impl Metrics {
         let bot = self.cells(&Arc::from(name));
         *set = Arc::new(set.with(bot.clone()));
         bot
+    }
+
+    /// Takes everything `name` counted out of memory: the bot leaves the
+    /// set (its series and self-series leave `/metrics`, the summary and
+    /// every scan), its cells are retired so that a request that found them
+    /// before the wipe counts nothing (see `Ingest::apply`), and its rows
+    /// are queued for deletion at the next flush. With `recount`, a bot
+    /// that was counted starts again from nothing (a replay, where the bot
+    /// is configured still). Run under the ingest gate, held exclusively.
+    pub fn wipe(&self, name: &str, recount: bool) -> Option<Wiped> {
+        let old = {
+            let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
+            let old = set.get(name).cloned();
+            if old.is_some() {
+                *set = Arc::new(set.without(name));
+            }
+            old
+        };
+        {
+            let mut wiped = self.wiped.lock().unwrap_or_else(|e| e.into_inner());
+            if !wiped.iter().any(|w| &**w == name) {
+                wiped.push(Arc::from(name));
+            }
+        }
+        let old = old?;
+        old.retire();
+        self.selfm.forget_bot(name);
+        let report = Wiped {
+            series: crate::persist::bot_rows(&old).len(),
+            users: old.book.len(),
+        };
+        if recount {
+            self.add_bot(name);
+        }
+        Some(report)
+    }
+
+    /// The bots wiped since the last flush took them: that flush deletes
+    /// their rows, or gives them back ([`Metrics::wipe_not_stored`]).
+    pub fn take_wiped(&self) -> Vec<Arc<str>> {
+        std::mem::take(&mut *self.wiped.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    pub fn wipe_not_stored(&self, bots: &[String]) {
+        let mut wiped = self.wiped.lock().unwrap_or_else(|e| e.into_inner());
+        for bot in bots {
+            if !wiped.iter().any(|w| **w == **bot) {
+                wiped.push(Arc::from(bot.as_str()));
+            }
+        }
+    }
+
+    /// Whether a wipe of `name` still waits for a flush to reach the store.
+    pub fn wipe_pending(&self, name: &str) -> bool {
+        self.wiped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .any(|w| &**w == name)
     }
 
     /// A fresh copy of `name`'s cells, registered nowhere (the same

@@ -150,9 +150,12 @@ impl Source for Local {
             self.adopt_orphans().await?;
             // One consistent cut: no request counts while it is taken, so
             // the rows hold exactly the journal up to `lsn`.
-            let (rows, sketches, daily, users, lsn) = self
+            let (rows, sketches, daily, users, wiped, lsn) = self
                 .ingest
                 .consistent(|lsn| {
+                    // A wipe journaled at or below `lsn` is in this cut:
+                    // the same transaction deletes its rows.
+                    let wiped = self.metrics.take_wiped();
                     let rows = changed(&self.metrics, written);
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
@@ -182,12 +185,13 @@ impl Source for Local {
                             });
                         }
                     }
-                    (rows, sketches, daily, users, lsn)
+                    (rows, sketches, daily, users, wiped, lsn)
                 })
                 .await;
             let mut rest = FlushBatch {
                 sketches,
                 users,
+                wiped: wiped.iter().map(|b| b.to_string()).collect(),
                 ..FlushBatch::default()
             };
             if let Some(journal) = self.ingest.journal()
@@ -220,6 +224,7 @@ impl Source for Local {
     }
 
     fn not_stored(&self, batch: &FlushBatch) {
+        self.metrics.wipe_not_stored(&batch.wiped);
         // The sketches' change marks were taken: hand them back so the
         // retry writes them. Series and counters are diffed afresh.
         for s in &batch.sketches {

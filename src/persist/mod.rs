@@ -100,6 +100,8 @@ pub enum FlushOutcome {
         daily: usize,
         /// User-book rows written or deleted.
         users: usize,
+        /// Rows of wiped bots deleted, in every table.
+        wiped: usize,
     },
 }
 
@@ -134,6 +136,21 @@ pub struct Persistence {
     /// served after it. Read without the lock, so /readyz never waits on a
     /// flush.
     generation: AtomicU64,
+    /// Bumped by each wipe: with `generation`, the render caches' key.
+    wipes: AtomicU64,
+    /// Rows each wipe's flush deleted, until its caller reads them.
+    wiped_rows: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// What `DELETE /v1/admin/bots/{bot}?wipe=true` removed.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WipeReport {
+    /// What memory held of the bot (nothing when it was not counted here).
+    pub memory: crate::metrics::Wiped,
+    /// Rows deleted from the store, history included; `None` while the
+    /// store could not be written: they go at the next flush that can,
+    /// after a restart too (the wipe is journaled).
+    pub store_rows: Option<u64>,
 }
 
 impl Persistence {
@@ -153,7 +170,38 @@ impl Persistence {
             standby: std::sync::Mutex::new(None),
             held: Mutex::new(Held::default()),
             generation: AtomicU64::new(0),
+            wipes: AtomicU64::new(0),
+            wiped_rows: Default::default(),
         }
+    }
+
+    /// Part of every render-cache key: changes with each restore and each
+    /// wipe, so no answer rendered before either is served after it.
+    pub fn cache_generation(&self) -> u64 {
+        self.generation() + self.wipes.load(Ordering::Relaxed)
+    }
+
+    /// Wipes `bot`: out of memory and the journal's future replays at once
+    /// (`Ingest::wipe`), then out of the store by a flush now. The caller
+    /// revoked its tokens first, so nothing new arrives for it.
+    pub async fn wipe(&self, bot: &str) -> Result<WipeReport, crate::ingest::IngestError> {
+        let now_ms = Utc::now().timestamp_millis();
+        let memory = self
+            .ingest
+            .wipe(&self.metrics, bot, now_ms)
+            .await?
+            .unwrap_or_default();
+        self.wipes.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.flush_once().await {
+            tracing::warn!(error = %e, bot, "a wiped bot's rows stay in the store until a flush can delete them");
+        }
+        let store_rows = if self.metrics.wipe_pending(bot) {
+            None
+        } else {
+            // Deleted by this flush or by one that ran just before it.
+            Some(lock(&self.wiped_rows).remove(bot).unwrap_or(0))
+        };
+        Ok(WipeReport { memory, store_rows })
     }
 
     /// One process's writer: its memory is the source.
@@ -358,6 +406,10 @@ impl Persistence {
             daily,
             rest: mut batch,
         } = self.source.cut(&held.series).await?;
+        // A wiped bot's rows are deleted before this batch is written:
+        // whatever it has now (a bot counting afresh) is new to the store.
+        held.series.forget_bots(&batch.wiped);
+        held.daily.retain(|(bot, _), _| !batch.wiped.contains(bot));
         held.series.changes(rows, &mut batch);
         for d in daily {
             let key = (d.bot.clone(), d.name.clone());
@@ -373,6 +425,7 @@ impl Persistence {
             && batch.sketches.is_empty()
             && batch.cluster_sketches.is_empty()
             && batch.users.is_empty()
+            && batch.wiped.is_empty()
             && batch.progress.is_none());
         if !worth {
             return Ok(Some(FlushOutcome::Idle));
@@ -390,6 +443,11 @@ impl Persistence {
                 return Err(e.into());
             }
         };
+        for (bot, rows) in &report.wiped {
+            tracing::info!(bot = %bot, rows, "a wiped bot's rows were deleted from the store");
+            *lock(&self.wiped_rows).entry(bot.clone()).or_default() += rows;
+        }
+        let wiped_rows = report.wiped.iter().map(|(_, n)| *n as usize).sum();
         held.series.wrote(&batch, report);
         for d in &batch.daily {
             held.daily
@@ -405,6 +463,7 @@ impl Persistence {
                 .iter()
                 .map(|u| u.changed.len() + u.gone.len())
                 .sum(),
+            wiped: wiped_rows,
         }))
     }
 

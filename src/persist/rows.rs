@@ -72,6 +72,18 @@ impl Written {
         }
     }
 
+    /// Forgets what the store held of `bots`: a flush deletes their rows
+    /// before it writes anything, so every row they have now is new.
+    pub fn forget_bots(&mut self, bots: &[String]) {
+        if bots.is_empty() {
+            return;
+        }
+        self.0.retain(|key, _| {
+            let bot = key.split('\0').nth(1).unwrap_or_default();
+            !bots.iter().any(|b| b == bot)
+        });
+    }
+
     /// After `batch` was written: the store holds its rows, or, when rows
     /// had gone missing from it, nothing is assumed and the next flush
     /// writes every series.

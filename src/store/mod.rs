@@ -143,6 +143,9 @@ pub struct FlushBatch {
     /// Each bot's user book: users that changed (upserted) and users gone
     /// (their rows deleted).
     pub users: Vec<BotUsers>,
+    /// Bots wiped (`DELETE /v1/admin/bots/{bot}?wipe=true`): every row of
+    /// theirs, in every table, is deleted first, in the same transaction.
+    pub wiped: Vec<String>,
 }
 
 /// One remembered user as the store keeps it (`metrics::users` is the
@@ -206,12 +209,14 @@ impl FlushBatch {
 }
 
 /// What a flush found.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushReport {
     /// Some rows the caller believed stored were not there (deleted by
     /// hand, say). Everything else was written; the caller should forget
     /// what it believes stored so the next flush inserts every series.
     pub missing: bool,
+    /// Rows deleted for the batch's wiped bots, per bot, history included.
+    pub wiped: Vec<(String, u64)>,
 }
 
 /// What a start-up restore reads.

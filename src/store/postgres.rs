@@ -101,9 +101,50 @@ pub(super) async fn load(pool: &PgPool) -> Result<Stored> {
     Ok(stored)
 }
 
+/// What a wipe deletes: every table that keeps rows per bot. The registry
+/// (`bots`, `bot_tokens`) is not here: the revocation removed it already.
+const WIPE: [&str; 7] = [
+    "delete from real_time_metrics where bot = $1",
+    "delete from metrics_history where bot = $1",
+    "delete from active_user_sketches where bot = $1",
+    "delete from daily_counters where bot = $1",
+    "delete from user_book where bot = $1",
+    "delete from cluster_sketches where bot = $1",
+    "delete from cluster_progress where bot = $1",
+];
+
+/// One statement, one round trip (see [`write`]); with bots to wipe, their
+/// rows are deleted first in the same transaction.
+pub(super) async fn flush(
+    conn: &mut PgConnection,
+    batch: &FlushBatch,
+    now: DateTime<Utc>,
+) -> Result<FlushReport> {
+    if batch.wiped.is_empty() {
+        return write(conn, batch, now).await;
+    }
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut wiped = Vec::new();
+    for bot in &batch.wiped {
+        let mut rows = 0;
+        for statement in WIPE {
+            rows += sqlx::query(statement)
+                .bind(bot)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        wiped.push((bot.clone(), rows));
+    }
+    let mut report = write(&mut tx, batch, now).await?;
+    tx.commit().await?;
+    report.wiped = wiped;
+    Ok(report)
+}
+
 /// One statement: an update of the series known to exist, and an upsert
 /// per table for the rest.
-pub(super) async fn flush(
+async fn write(
     conn: &mut PgConnection,
     batch: &FlushBatch,
     now: DateTime<Utc>,
@@ -300,6 +341,7 @@ pub(super) async fn flush(
     let updated: i64 = row.try_get("updated")?;
     Ok(FlushReport {
         missing: updated != s.len() as i64,
+        wiped: Vec::new(),
     })
 }
 

@@ -78,6 +78,18 @@ pub(super) async fn load(pool: &SqlitePool) -> Result<Stored> {
     Ok(stored)
 }
 
+/// What a wipe deletes: every table that keeps rows per bot. The registry
+/// (`bots`, `bot_tokens`) is not here: the revocation removed it already.
+const WIPE: [&str; 7] = [
+    "delete from real_time_metrics where bot = ?",
+    "delete from metrics_history where bot = ?",
+    "delete from active_user_sketches where bot = ?",
+    "delete from daily_counters where bot = ?",
+    "delete from user_book where bot = ?",
+    "delete from cluster_sketches where bot = ?",
+    "delete from cluster_progress where bot = ?",
+];
+
 /// One upsert per row, all in one transaction.
 pub(super) async fn flush(
     pool: &SqlitePool,
@@ -89,6 +101,18 @@ pub(super) async fn flush(
     // bound-parameter limit whatever the batch size.
     let mut tx = pool.begin().await?;
     let now = now.timestamp();
+    let mut wiped = Vec::new();
+    for bot in &batch.wiped {
+        let mut rows = 0;
+        for statement in WIPE {
+            rows += sqlx::query(statement)
+                .bind(bot)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+        }
+        wiped.push((bot.clone(), rows));
+    }
     for r in batch.changed.iter().chain(&batch.added) {
         sqlx::query(
             "insert into real_time_metrics (metric, bot, labels, value, last_updated)
@@ -207,7 +231,10 @@ pub(super) async fn flush(
         }
     }
     tx.commit().await?;
-    Ok(FlushReport { missing: false })
+    Ok(FlushReport {
+        missing: false,
+        wiped,
+    })
 }
 
 pub(super) async fn write_history(

@@ -156,7 +156,8 @@ async fn a_million_users_within_2_percent_in_bounded_memory() {
             series: botmetrics::persist::snapshot(&metrics).len(),
             sketches: 4,
             daily: 0,
-            users: 0
+            users: 0,
+            wiped: 0,
         }
     );
     let raw = Raw::connect(&db.url()).await;

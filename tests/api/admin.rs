@@ -2,7 +2,9 @@
 //! bots and tokens created, rotated and revoked at runtime on the real
 //! binary, exact counts, bad input that changes nothing, a restart that
 //! keeps the registry, and a second process on the same store that sees a
-//! revocation within one `--sync-interval`.
+//! revocation within one `--sync-interval`; a wiped bot gone from memory,
+//! the store and every answer, and still gone after kill -9, with the
+//! crash between the journal and the store too.
 
 use std::time::{Duration, Instant};
 
@@ -116,7 +118,7 @@ async fn bots_are_created_rotated_and_revoked_at_runtime_and_bad_input_changes_n
     );
 
     // Bad input: the documented 4xx, and nothing changes.
-    let bad: [(Method, &str, Option<&str>, u16, &str); 9] = [
+    let bad: [(Method, &str, Option<&str>, u16, &str); 10] = [
         (
             Method::POST,
             "/v1/admin/bots",
@@ -173,10 +175,17 @@ async fn bots_are_created_rotated_and_revoked_at_runtime_and_bad_input_changes_n
             404,
             "not_found",
         ),
-        // Wipe is not built: refused before the revocation it comes with.
+        // A wipe of a bot nobody ever had, and a query that is not a flag.
         (
             Method::DELETE,
-            "/v1/admin/bots/fresh?wipe=true",
+            "/v1/admin/bots/ghost?wipe=true",
+            None,
+            404,
+            "not_found",
+        ),
+        (
+            Method::DELETE,
+            "/v1/admin/bots/fresh?wipe=maybe",
             None,
             400,
             "bad_request",
@@ -523,4 +532,267 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
     // The other bot is untouched.
     let (_, summary) = replicas[0].get_json("/v1/summary?bot=a").await;
     assert_eq!(summary["messages"]["total"].as_u64(), Some(accepted));
+}
+
+/// Every row a bot has in the tables a wipe clears, as (table, rows).
+async fn rows_of(raw: &crate::helpers::Raw, bot: &str) -> Vec<(&'static str, i64)> {
+    let mut out = Vec::new();
+    for table in [
+        "real_time_metrics",
+        "metrics_history",
+        "active_user_sketches",
+        "daily_counters",
+        "user_book",
+        "cluster_sketches",
+        "cluster_progress",
+    ] {
+        let n = raw
+            .int(&format!("select count(*) from {table} where bot = '{bot}'"))
+            .await;
+        out.push((table, n));
+    }
+    out
+}
+
+fn none_left(rows: &[(&'static str, i64)]) -> bool {
+    rows.iter().all(|(_, n)| *n == 0)
+}
+
+/// Ten users, one message each, and `extra` more from the first.
+fn day_of(bot_users: u64, extra: u64) -> Value {
+    let mut events: Vec<Value> = (0..bot_users).map(message).collect();
+    events.extend((0..extra).map(|_| message(0)));
+    Value::Array(events)
+}
+
+/// What a wiped bot leaves: nothing in the store, `/metrics`, the summary,
+/// the page's data or the listing; its token refused; `keep` exact.
+async fn check_gone(raw: &crate::helpers::Raw, bin: &Binary, gone: &str) {
+    let rows = rows_of(raw, "gone").await;
+    assert!(none_left(&rows), "{rows:?}");
+    let (_, _, exposition) = bin.get_text("/metrics").await;
+    assert!(!exposition.contains("bot=\"gone\""), "{exposition}");
+    let (status, _) = bin.get_json("/v1/summary?bot=gone").await;
+    assert_eq!(status, 404);
+    let (_, all) = bin.get_json("/v1/summary").await;
+    assert!(!all.to_string().contains("\"gone\""), "{all}");
+    let (status, _) = bin.get_json("/v1/charts?bot=gone&range=24h").await;
+    assert_eq!(status, 404);
+    let (status, _) = bin.get_json("/v1/retention?bot=gone").await;
+    assert_eq!(status, 404);
+    assert_eq!(bin.post_events(gone, &message(1)).await.0, 401);
+    assert!(!names(&list(bin).await).contains(&"gone".to_owned()));
+    // The other bot is exactly as it was.
+    assert_eq!(total_messages(bin, "keep").await, 7);
+}
+
+/// A bot created at runtime is counted, flushed (series, sketches, daily
+/// counters, user book, history), then wiped: the answer says what went;
+/// it is gone from memory, the store, `/metrics`, the summary (a cached one
+/// included) and the page's data, its token is refused, and another bot is
+/// untouched. After kill -9 and a restart it is still gone.
+#[tokio::test]
+async fn a_wiped_bot_is_gone_from_memory_the_store_and_every_answer_and_stays_gone_after_kill_9() {
+    let db = SqliteFile::new();
+    let url = db.url();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &url,
+        "--tokens",
+        "keep=t0ken-keep",
+        "--admin-token",
+        ADMIN,
+        "--flush-interval",
+        "1s",
+        "--history-interval",
+        "1s",
+        "--metrics-cache-ttl",
+        "0s",
+        // A summary cached for long: the wipe must not be served from it.
+        "--summary-cache-ttl",
+        "1h",
+    ];
+    let mut bin = Binary::start(&args, &[]).await;
+    let (status, created) = admin(
+        &bin,
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"gone"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let gone = created["token"].as_str().expect("token").to_owned();
+    bin.post_ok(&gone, &day_of(10, 5)).await;
+    bin.post_ok("t0ken-keep", &day_of(7, 0)).await;
+    let raw = crate::helpers::Raw::connect(&url).await;
+    // Everything of it reached the store, history included.
+    eventually(Duration::from_secs(15), || {
+        let raw = &raw;
+        async move {
+            let rows = rows_of(raw, "gone").await;
+            rows.iter()
+                .filter(|(t, _)| !t.starts_with("cluster_"))
+                .all(|(_, n)| *n > 0)
+        }
+    })
+    .await;
+    assert_eq!(total_messages(&bin, "gone").await, 15);
+    // Counted after the last flush: in memory and the journal only.
+    bin.post_ok(&gone, &day_of(3, 0)).await;
+
+    let (status, answer) = admin(&bin, Method::DELETE, "/v1/admin/bots/gone?wipe=true", None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["revoked"], json!(true), "{answer}");
+    assert_eq!(answer["wiped"], json!(true), "{answer}");
+    assert_eq!(answer["store"], json!("removed"), "{answer}");
+    assert_eq!(answer["removed"]["users"], json!(10), "{answer}");
+    assert!(answer["removed"]["series"].as_u64() > Some(0), "{answer}");
+    assert!(
+        answer["removed"]["store_rows"].as_u64() > Some(0),
+        "{answer}"
+    );
+    check_gone(&raw, &bin, &gone).await;
+    // Nothing brings it back: the next flushes and history points.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    check_gone(&raw, &bin, &gone).await;
+
+    bin.kill_9().await;
+    let bin = Binary::start(&args, &[]).await;
+    check_gone(&raw, &bin, &gone).await;
+    assert_eq!(
+        raw.int("select count(*) from real_time_metrics where bot = 'keep' and metric = 'bot_messages_total' and value = 7")
+            .await,
+        1
+    );
+}
+
+/// The crash between the journal and the store: the wipe is journaled and
+/// out of memory, and the flush that deletes the rows is held (the test
+/// locks a table the wipe deletes from) when the process is killed, so the
+/// rows are all still there. The restart replays the wipe: what the store
+/// held of the bot is not counted again, and its rows go at the first
+/// flush. The bot is still in `--tokens`, so it counts afresh from 0; the
+/// other bot is exact.
+#[tokio::test]
+async fn a_wipe_journaled_but_not_yet_in_the_store_when_killed_is_finished_by_the_restart() {
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let dir = crate::helpers::pg_data_dir(&db.url).display().to_string();
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &db.url,
+        "--data-dir",
+        &dir,
+        "--tokens",
+        "keep=t0ken-keep,gone=t0ken-gone",
+        "--admin-token",
+        ADMIN,
+        "--flush-interval",
+        "1s",
+        "--metrics-cache-ttl",
+        "0s",
+        "--summary-cache-ttl",
+        "0s",
+    ];
+    let mut bin = Binary::start(&args, &[]).await;
+    bin.post_ok("t0ken-gone", &day_of(10, 5)).await;
+    bin.post_ok("t0ken-keep", &day_of(7, 0)).await;
+    let raw = crate::helpers::Raw::connect(&db.url).await;
+    eventually(Duration::from_secs(15), || {
+        let raw = &raw;
+        async move {
+            raw.stored("bot_messages_total", "gone", &[("role", "user")])
+                .await
+                == Some(15.0)
+                && raw
+                    .int("select count(*) from user_book where bot = 'gone'")
+                    .await
+                    == 10
+        }
+    })
+    .await;
+    // A table only cluster mode writes: the wipe's delete is the one
+    // statement that waits on it.
+    let pool = match &raw {
+        crate::helpers::Raw::Pg(pool) => pool.clone(),
+        crate::helpers::Raw::Sqlite(_) => unreachable!("PostgreSQL"),
+    };
+    let mut lock = pool.begin().await.expect("begin");
+    sqlx::query("lock table cluster_progress in access exclusive mode")
+        .execute(&mut *lock)
+        .await
+        .expect("lock");
+    let url = bin.url("/v1/admin/bots/gone?wipe=true");
+    let client = bin.client.clone();
+    let wipe = tokio::spawn(async move {
+        client
+            .delete(url)
+            .bearer_auth(ADMIN)
+            .send()
+            .await
+            .map(|r| r.status().as_u16())
+    });
+    // Out of memory: the journal holds the wipe (it is written first).
+    eventually(Duration::from_secs(10), || {
+        let bin = &bin;
+        async move {
+            let (_, _, exposition) = bin.get_text("/metrics").await;
+            !exposition.contains("bot=\"gone\"")
+        }
+    })
+    .await;
+    assert!(!wipe.is_finished(), "the wipe's flush waits on the lock");
+    bin.kill_9().await;
+    lock.rollback().await.expect("unlock");
+    let _ = wipe.await;
+    // The rows are all there: the killed transaction never committed.
+    assert_eq!(
+        raw.stored("bot_messages_total", "gone", &[("role", "user")])
+            .await,
+        Some(15.0)
+    );
+    assert_eq!(
+        raw.int("select count(*) from user_book where bot = 'gone'")
+            .await,
+        10
+    );
+
+    let bin = Binary::start(&args, &[]).await;
+    assert_eq!(
+        total_messages(&bin, "gone").await,
+        0,
+        "the stored counts are not restored"
+    );
+    let (_, summary) = bin.get_json("/v1/summary?bot=gone").await;
+    assert_eq!(
+        summary["users"]["new_total"].as_u64().unwrap_or(0),
+        0,
+        "{summary}"
+    );
+    eventually(Duration::from_secs(15), || {
+        let raw = &raw;
+        async move {
+            raw.int("select count(*) from user_book where bot = 'gone'")
+                .await
+                == 0
+                && raw
+                    .int("select count(*) from active_user_sketches where bot = 'gone'")
+                    .await
+                    == 0
+                && raw
+                    .int("select count(*) from real_time_metrics where bot = 'gone' and value <> 0")
+                    .await
+                    == 0
+        }
+    })
+    .await;
+    assert_eq!(total_messages(&bin, "keep").await, 7);
+    // Still in --tokens: it counts again, from nothing.
+    bin.post_ok("t0ken-gone", &day_of(2, 0)).await;
+    assert_eq!(total_messages(&bin, "gone").await, 2);
 }

@@ -156,6 +156,7 @@ fn wrote(series: usize, sketches: usize, daily: usize, users: usize) -> FlushOut
         sketches,
         daily,
         users,
+        wiped: 0,
     }
 }
 
