@@ -398,6 +398,14 @@ def session_starts(rng: random.Random, count: int, day_length: float = DAY) -> L
     return spaced
 
 
+def zone(name: str) -> datetime.tzinfo:
+    """The time zone of an IANA name; UTC without the system's zone
+    database (where zoneinfo would need the tzdata package)."""
+    if name in ("UTC", "Etc/UTC"):
+        return datetime.timezone.utc
+    return zoneinfo.ZoneInfo(name)
+
+
 class Stamped:
     """Passes every event helper call through with ``ts`` set to ``self.ts``."""
 
@@ -551,7 +559,7 @@ async def play_history(args: argparse.Namespace) -> int:
     # ratings) and its limits; the population is the history's own.
     sim = Simulation(rng, 0, args.daily_limit, args.sessions_per_user, args.failure_rate)
     population = Population(rng, args.users, args.days, ReturnModel())
-    history = History(sim, population, zoneinfo.ZoneInfo(args.timezone), time.time())
+    history = History(sim, population, zone(args.timezone), time.time())
     async with BotMetrics(args.url, args.token, batch_size=args.batch_size, flush_interval=0.5) as m:
         counted = Counted(m)
         stamped = Stamped(counted)
@@ -670,7 +678,7 @@ def main() -> int:
     if args.users < 0:
         p.error("--users must be >= 0")
     try:
-        zoneinfo.ZoneInfo(args.timezone)
+        zone(args.timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
         p.error(f"--timezone: unknown time zone {args.timezone!r}")
     return asyncio.run(run(args))
