@@ -17,12 +17,11 @@ import sys
 import tempfile
 import time
 import unittest
-import zoneinfo
 from typing import Any, Callable, Dict, List, Tuple
 
 from botmetrics.simulate import (
     DAY, EDGE, MAX_SESSION, SESSION_GAP, TURN_GAP, History, Kind, Population, ReturnModel, Simulation,
-    Stamped, quotas, session_starts,
+    Stamped, quotas, session_starts, zone,
 )
 from helpers import BOT, REPO, TOKEN, Server
 
@@ -159,10 +158,30 @@ class PopulationModelTest(unittest.TestCase):
         self.assertIsNotNone(cohorts[2]["d7"])
         self.assertTrue(all(c["d30"] is None for c in cohorts))
 
-    def play(self, seed: int, now: float) -> Tuple[Recorder, Any]:
+    def test_days_are_the_calendar_days_of_the_zone_across_a_clock_change(self) -> None:
+        # Berlin leaves summer time on 2025-10-26 (a day of 25 hours).
+        berlin = zone("Europe/Berlin")
+        now = datetime.datetime(2025, 10, 30, 21, 0, tzinfo=berlin).timestamp()
+        recorder, played = self.play(seed=6, now=now, tz=berlin)
+        self.assertEqual(played.days[0], "2025-10-21")
+        self.assertEqual(played.days[-1], "2025-10-30")
+        days: Dict[Any, set[int]] = collections.defaultdict(set)
+        for name, args, kwargs in recorder.calls:
+            date = datetime.datetime.fromtimestamp(kwargs["ts"], berlin).date().isoformat()
+            days[user_of(name, args, kwargs)].add(played.days.index(date))
+        self.assertEqual(dict(days), played.active)
+
+    def test_the_evening_zone_is_evening_at_every_hour(self) -> None:
+        for hour in range(24):
+            now = datetime.datetime(2025, 12, 1, hour, 30, tzinfo=datetime.timezone.utc).timestamp()
+            local = datetime.datetime.fromtimestamp(now, zone(evening_zone(now)))
+            self.assertEqual(local.hour, 18, evening_zone(now))
+
+    def play(self, seed: int, now: float,
+             tz: datetime.tzinfo = datetime.timezone.utc) -> Tuple[Recorder, Any]:
         rng = random_of(seed)
         sim = Simulation(rng, 0, 20, 3.0, 0.06)
-        history = History(sim, Population(rng, 300, 10, ReturnModel()), datetime.timezone.utc, now)
+        history = History(sim, Population(rng, 300, 10, ReturnModel()), tz, now)
         recorder = Recorder()
         stamped = Stamped(recorder)
         for day in range(10):
@@ -191,15 +210,15 @@ class HistoryAgainstTheServerTest(unittest.TestCase):
     DAYS, USERS = 10, 400
 
     def test_ten_days_give_plausible_cohorts_and_sessions(self) -> None:
-        zone = evening_zone(time.time())
-        server = Server.for_test(self, "--timezone", zone, "--user-scan-interval", "1s")
+        tz_name = evening_zone(time.time())
+        server = Server.for_test(self, "--timezone", tz_name, "--user-scan-interval", "1s")
         tmp = tempfile.TemporaryDirectory(prefix="botmetrics-history-")
         self.addCleanup(tmp.cleanup)
         counts_file = os.path.join(tmp.name, "counts.json")
         env = dict(os.environ, BOTMETRICS_URL=server.url)
         out = subprocess.run(
             [sys.executable, "-m", "botmetrics.simulate", "--token", TOKEN, "--days", str(self.DAYS),
-             "--users", str(self.USERS), "--seed", "11", "--timezone", zone, "--quiet",
+             "--users", str(self.USERS), "--seed", "11", "--timezone", tz_name, "--quiet",
              "--counts", counts_file],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
         self.assertEqual(out.returncode, 0, f"{out.stdout}\n{out.stderr}\n{server.tail()}")
@@ -210,7 +229,7 @@ class HistoryAgainstTheServerTest(unittest.TestCase):
         # Every event tracked was sent (the roles, "message:user", are a count of messages besides).
         self.assertEqual(counts["sent"], sum(n for k, n in counts["tracked"].items() if ":" not in k))
         days: List[str] = played["days"]
-        today = datetime.datetime.now(zoneinfo.ZoneInfo(zone)).date().isoformat()
+        today = datetime.datetime.now(zone(tz_name)).date().isoformat()
         self.assertEqual(len(days), self.DAYS)
         self.assertEqual(days[-1], today)
         expected = played["cohorts"]
@@ -223,7 +242,7 @@ class HistoryAgainstTheServerTest(unittest.TestCase):
             if answer["cohorts"] == expected or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
-        self.assertEqual(answer["timezone"], zone)
+        self.assertEqual(answer["timezone"], tz_name)
         cohorts = answer["cohorts"]
         # A cohort per simulated day, each the users first seen on it, and
         # exactly the returns the simulator played.
@@ -267,7 +286,7 @@ class HistoryAgainstTheServerTest(unittest.TestCase):
         self.assertEqual(summary["retention"]["d1"], cohorts[-3]["d1"] / cohorts[-3]["size"])
 
         today_start = datetime.datetime.combine(datetime.date.fromisoformat(today), datetime.time(),
-                                                zoneinfo.ZoneInfo(zone)).timestamp()
+                                                zone(tz_name)).timestamp()
         ends = [last for _, last, _ in played["sessions"]]
         # Ended by the time of the answer: a gap of SESSION_GAP passed and a
         # scan (every second) saw it; 5 s of slack for a busy machine.

@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 import zoneinfo
@@ -399,11 +400,19 @@ def session_starts(rng: random.Random, count: int, day_length: float = DAY) -> L
 
 
 def zone(name: str) -> datetime.tzinfo:
-    """The time zone of an IANA name; UTC without the system's zone
-    database (where zoneinfo would need the tzdata package)."""
+    """The time zone of an IANA name. UTC and the fixed offsets Etc/GMT-14
+    to Etc/GMT+12 (Etc/GMT-3 is UTC+3) need no zone database, where
+    zoneinfo would need the system's or the tzdata package."""
     if name in ("UTC", "Etc/UTC"):
         return datetime.timezone.utc
-    return zoneinfo.ZoneInfo(name)
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except zoneinfo.ZoneInfoNotFoundError:
+        fixed = re.fullmatch(r"Etc/GMT([+-])(\d{1,2})", name)
+        if fixed and int(fixed.group(2)) <= (12 if fixed.group(1) == "+" else 14):
+            hours = int(fixed.group(2)) * (-1 if fixed.group(1) == "+" else 1)
+            return datetime.timezone(datetime.timedelta(hours=hours), name)
+        raise
 
 
 class Stamped:
@@ -552,6 +561,23 @@ class History:
         return min(TURN_GAP[1], max(TURN_GAP[0], self.rng.lognormvariate(math.log(45), 0.7)))
 
 
+STALL = 30.0  # seconds --days waits for a server that takes no events
+
+
+async def keep_up(m: BotMetrics, ahead: int) -> bool:
+    """Waits while more than ``ahead`` events are pending; False when the
+    server took none of them for STALL seconds."""
+    loop = asyncio.get_running_loop()
+    sent, since = m.sent, loop.time()
+    while m.pending > ahead:
+        if m.sent != sent:
+            sent, since = m.sent, loop.time()
+        elif loop.time() - since > STALL:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
 async def play_history(args: argparse.Namespace) -> int:
     """--days: the history, sent as fast as the server takes it."""
     rng = random.Random(args.seed)
@@ -567,10 +593,16 @@ async def play_history(args: argparse.Namespace) -> int:
         # the sender by more than a few batches.
         ahead = max(4 * args.batch_size, 1000)
         for day in range(args.days):
+            stalled = False
             for start, user in history.day(day):
                 history.session(stamped, user, start, day)
-                while m.pending > ahead:
-                    await asyncio.sleep(0.005)
+                if not await keep_up(m, ahead):
+                    stalled = True
+                    break
+            if stalled:
+                print(f"the server took no events for {STALL:.0f} s: stopped on day {day + 1}",
+                      file=sys.stderr, flush=True)
+                break
             if not args.quiet:
                 print(f"day {day + 1}/{args.days} ({history.played.days[day]}): "
                       f"sessions={len(history.played.sessions)} sent={m.sent} pending={m.pending} "
