@@ -18,7 +18,7 @@ import threading
 import time
 import unittest
 import urllib.request
-from typing import Any, Dict, FrozenSet, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, List, Optional, Sequence, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CLIENT_DIR = os.path.dirname(HERE)
@@ -54,20 +54,23 @@ def free_port() -> int:
 
 
 class Server:
-    """The botmetrics binary on a fixed port and database, restartable."""
+    """The botmetrics binary on a fixed port and database, restartable;
+    ``args`` are further command-line flags."""
 
-    def __init__(self, port: int, db: str, log: str):
+    def __init__(self, port: int, db: str, log: str, args: Sequence[str] = ()):
         self.port, self.db, self.log = port, db, log
+        self.args = list(args)
         self.url = f"http://127.0.0.1:{port}"
         self.proc: Optional[subprocess.Popen[bytes]] = None
 
     @classmethod
-    def for_test(cls, case: unittest.TestCase) -> "Server":
-        """A started server in a temporary directory, stopped after the test."""
+    def for_test(cls, case: unittest.TestCase, *args: str) -> "Server":
+        """A started server in a temporary directory, stopped after the test,
+        with the further flags ``args``."""
         require_binary(case)
         tmp = tempfile.TemporaryDirectory(prefix="botmetrics-client-test-")
         case.addCleanup(tmp.cleanup)
-        server = cls(free_port(), os.path.join(tmp.name, "bm.db"), os.path.join(tmp.name, "server.log"))
+        server = cls(free_port(), os.path.join(tmp.name, "bm.db"), os.path.join(tmp.name, "server.log"), args)
         case.addCleanup(server.stop)
         server.start()
         return server
@@ -77,7 +80,7 @@ class Server:
             self.proc = subprocess.Popen(
                 [BIN, "--listen", f"127.0.0.1:{self.port}", "--tokens", f"{BOT}={TOKEN}",
                  "--database-url", f"sqlite://{self.db}", "--metrics-cache-ttl", "0s",
-                 "--flush-interval", "1s"],
+                 "--flush-interval", "1s", *self.args],
                 stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import doctest
+import json
 import logging
 import random
 import re
+import time
 import unittest
 import warnings
 
@@ -227,6 +229,74 @@ class ClientAgainstServerTest(unittest.TestCase):
         self.assertEqual(v("bot_consent_total", bot=BOT, decision="denied"), 1)
         self.assertEqual(v("bot_limit_reached_total", bot=BOT), 1)
         self.assertEqual(v("bot_custom_events_total", bot=BOT, name="payment"), 2.5)
+
+
+class Held(botmetrics._core.Core):
+    """The shared core with no sender: what the helpers queue stays queued."""
+
+    def _kick(self) -> None:
+        pass
+
+
+class TimestampTest(unittest.TestCase):
+    HELPERS = [
+        lambda m, **ts: m.message(1, "user", **ts),
+        lambda m, **ts: m.response(1, "success", 10.0, **ts),
+        lambda m, **ts: m.feedback(1, 1, **ts),
+        lambda m, **ts: m.cache(True, **ts),
+        lambda m, **ts: m.user_registered(1, **ts),
+        lambda m, **ts: m.consent(1, True, **ts),
+        lambda m, **ts: m.limit_reached(1, **ts),
+        lambda m, **ts: m.error("x", **ts),
+        lambda m, **ts: m.custom("x", **ts),
+        lambda m, **ts: m.track("limit_reached", **ts),
+    ]
+
+    def test_every_helper_takes_ts_and_defaults_to_now(self):
+        m = Held("http://127.0.0.1:9", TOKEN)
+        for helper in self.HELPERS:
+            helper(m, ts=1_700_000_000)
+            helper(m, ts=1_700_000_000.25)
+        before = time.time()
+        for helper in self.HELPERS:
+            helper(m)
+            helper(m, ts=None)
+        after = time.time()
+        events = list(m._queue)
+        self.assertEqual(len(events), 4 * len(self.HELPERS))
+        stamped, now = events[:2 * len(self.HELPERS)], events[2 * len(self.HELPERS):]
+        self.assertEqual([e["ts"] for e in stamped], [1_700_000_000, 1_700_000_000.25] * len(self.HELPERS))
+        self.assertTrue(all(before <= e["ts"] <= after for e in now), now)
+
+    def test_a_past_ts_counts_on_its_day_and_a_future_one_is_refused(self):
+        server = Server.for_test(self, "--user-scan-interval", "1s")
+        now = time.time()
+        midnight = now - now % 86400  # the server's calendar: UTC
+        yesterday = midnight - 12 * 3600
+
+        async def go():
+            m = BotMetrics(server.url, TOKEN, flush_interval=0.05)
+            m.message(7, "user", ts=yesterday)          # user 7 first came yesterday...
+            m.message(7, "user")                        # ... and is back today
+            m.message(8, "user", ts=int(midnight))      # user 8 is new today, at midnight sharp
+            m.message(9, "user", ts=now + 600)          # ten minutes ahead: refused (422), alone
+            self.assertTrue(await m.flush(timeout=10))
+            await m.close()
+            return m
+
+        m = asyncio.run(go())
+        self.assertEqual((m.sent, m.rejected), (3, 1))
+        summary = json.loads(server.get(f"/v1/summary?bot={BOT}"))
+        self.assertEqual(summary["messages"], {"total": 3, "today": 2})
+        self.assertEqual((summary["users"]["new_today"], summary["users"]["returning_today"]), (1, 1))
+        day = time.strftime("%Y-%m-%d", time.gmtime(yesterday))
+        deadline = time.monotonic() + 10
+        while True:  # the cohorts are counted by the scan, every second here
+            cohort = json.loads(server.get(f"/v1/retention?bot={BOT}&from={day}&to={day}"))["cohorts"][0]
+            if cohort["size"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        self.assertEqual((cohort["day"], cohort["size"], cohort["d1"]), (day, 1, 1))
 
 
 class BackoffTest(unittest.TestCase):

@@ -4,9 +4,10 @@ would give), so that a command that stops working fails here.
 
 Commands are the lines of ```sh blocks in clients/python/README.md and in
 the main README's "Bot integration" section that start with python,
-python3, pip or an environment assignment. Two substitutions: the simulator
-runs against a test server ($BOTMETRICS_URL, which it reads) for 3 s
-instead of the written duration, and the benchmark gets --quick. A command
+python3, pip or an environment assignment. Three substitutions: the
+simulator runs against a test server ($BOTMETRICS_URL, which it reads) for
+3 s instead of the written duration, a history (--days) with 100 users
+instead of the written number, and the benchmark gets --quick. A command
 this test does not know fails it, so a new command comes with its check.
 """
 
@@ -85,8 +86,8 @@ class ReadmeCommandsTest(unittest.TestCase):
 
     def run_simulator(self, argv: List[str], env: dict, server: Server) -> None:
         before = server.value("botmetrics_events_accepted_total", bot=BOT)
-        i = argv.index("--duration")
-        argv = argv[:i + 1] + ["3"] + argv[i + 2:]
+        i = argv.index("--users" if "--days" in argv else "--duration")
+        argv = argv[:i + 1] + ["100" if "--days" in argv else "3"] + argv[i + 2:]
         self.assertEqual(argv[argv.index("--token") + 1], TOKEN, "the README's token is the server's")
         out = self.run_ok(argv + ["--seed", "5", "--quiet"], env)
         sent = int(re.search(r"events sent=(\d+) ", out).group(1))

@@ -157,6 +157,12 @@ class Core:
 
     # ------------------------------------------------------------- hot path
     #
+    # Every helper takes an optional keyword ``ts``: when the event happened,
+    # in unix seconds (int or float), for events reported after the fact
+    # (a backfill, a replay, the simulator's --days); None (the default)
+    # stamps the time of the call. The server refuses a ``ts`` more than 5
+    # minutes ahead of its clock (422, the event alone is dropped).
+    #
     # Every helper builds its event as one dict literal and queues it with a
     # single method call: they run in the bot's handlers, and each call or
     # keyword packing saved here is paid per message. Their cost is measured
@@ -190,7 +196,8 @@ class Core:
     def track(self, type: str, **fields: Any) -> None:
         """Queue one event of the given type. Never blocks, never does I/O.
         Fields that are None are left out, so optional arguments can be
-        passed through as they are."""
+        passed through as they are; ``ts=`` (unix seconds) sets the event's
+        time, as on every helper, and defaults to now."""
         if self._closed:
             return self._dropped_after_close()
         event = {"type": type, "event_id": _prefix + str(next(_ids)), "ts": _now()}
@@ -200,12 +207,13 @@ class Core:
         self._push(event)
 
     def message(self, user_id: Optional[UserId], role: str = "user", *, db_queries: Optional[int] = None,
-                chat_type: Optional[str] = None) -> None:
+                chat_type: Optional[str] = None, ts: Optional[float] = None) -> None:
         """A message: ``role`` is "user" (received) or "assistant" (sent).
         ``db_queries``: how many database queries handling it took."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "message", "event_id": _prefix + str(next(_ids)), "ts": _now(), "role": role}
+        event = {"type": "message", "event_id": _prefix + str(next(_ids)),
+                 "ts": _now() if ts is None else ts, "role": role}
         if user_id is not None:
             event["user_id"] = user_id
         if db_queries is not None:
@@ -219,7 +227,7 @@ class Core:
                  chat_type: Optional[str] = None, cached_tokens: Optional[int] = None,
                  cache_write_tokens: Optional[int] = None, reasoning_tokens: Optional[int] = None,
                  ttft_ms: Optional[float] = None, provider: Optional[str] = None,
-                 cost: Optional[float] = None) -> None:
+                 cost: Optional[float] = None, ts: Optional[float] = None) -> None:
         """An LLM call's outcome: ``status`` is success, error, rate_limited
         or timeout. ``tokens``: {"prompt": n, "completion": m} or (n, m).
 
@@ -237,7 +245,8 @@ class Core:
         is dropped alone and counted in ``rejected``."""
         if self._closed:
             return self._dropped_after_close()
-        event: Event = {"type": "response", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+        event: Event = {"type": "response", "event_id": _prefix + str(next(_ids)),
+                        "ts": _now() if ts is None else ts,
                         "status": status, "duration_ms": duration_ms}
         if user_id is not None:
             event["user_id"] = user_id
@@ -273,13 +282,14 @@ class Core:
         self._push(event)
 
     def feedback(self, user_id: Optional[UserId], score: int, *, scale: Optional[int] = None,
-                 reason: Optional[str] = None) -> None:
+                 reason: Optional[str] = None, ts: Optional[float] = None) -> None:
         """A user's rating of an answer: ``score`` -1 or 1 (thumbs down or
         up), or 1 to 5 with ``scale=5``. ``reason``: an optional short name
         (``[A-Za-z0-9_.:-]``, at most 64), e.g. "wrong" or "too_long"."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "feedback", "event_id": _prefix + str(next(_ids)), "ts": _now(), "score": score}
+        event = {"type": "feedback", "event_id": _prefix + str(next(_ids)),
+                 "ts": _now() if ts is None else ts, "score": score}
         if user_id is not None:
             event["user_id"] = user_id
         if scale is not None:
@@ -300,11 +310,11 @@ class Core:
         return ResponseTimer(self, user_id, model, provider)
 
     def cache(self, hit: Union[bool, str], *, cache: Optional[str] = None,
-              user_id: Optional[UserId] = None) -> None:
+              user_id: Optional[UserId] = None, ts: Optional[float] = None) -> None:
         """A cache lookup: ``hit`` is True/False or "hit"/"miss"."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "cache", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+        event = {"type": "cache", "event_id": _prefix + str(next(_ids)), "ts": _now() if ts is None else ts,
                  "result": hit if type(hit) is str else ("hit" if hit else "miss")}
         if cache is not None:
             event["cache"] = cache
@@ -312,42 +322,47 @@ class Core:
             event["user_id"] = user_id
         self._push(event)
 
-    def user_registered(self, user_id: UserId) -> None:
+    def user_registered(self, user_id: UserId, *, ts: Optional[float] = None) -> None:
         """A new user (first /start)."""
         if self._closed:
             return self._dropped_after_close()
-        self._push({"type": "user_registered", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+        self._push({"type": "user_registered", "event_id": _prefix + str(next(_ids)),
+                    "ts": _now() if ts is None else ts,
                     "user_id": user_id})
 
-    def consent(self, user_id: UserId, granted: bool) -> None:
+    def consent(self, user_id: UserId, granted: bool, *, ts: Optional[float] = None) -> None:
         """The user's answer to the consent (privacy policy) question."""
         if self._closed:
             return self._dropped_after_close()
-        self._push({"type": "consent", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+        self._push({"type": "consent", "event_id": _prefix + str(next(_ids)),
+                    "ts": _now() if ts is None else ts,
                     "user_id": user_id, "granted": bool(granted)})
 
-    def limit_reached(self, user_id: UserId) -> None:
+    def limit_reached(self, user_id: UserId, *, ts: Optional[float] = None) -> None:
         """The user hit the bot's daily message limit."""
         if self._closed:
             return self._dropped_after_close()
-        self._push({"type": "limit_reached", "event_id": _prefix + str(next(_ids)), "ts": _now(),
+        self._push({"type": "limit_reached", "event_id": _prefix + str(next(_ids)),
+                    "ts": _now() if ts is None else ts,
                     "user_id": user_id})
 
-    def error(self, kind: str, *, user_id: Optional[UserId] = None) -> None:
+    def error(self, kind: str, *, user_id: Optional[UserId] = None, ts: Optional[float] = None) -> None:
         """An error in the bot, by a short kind name (``[A-Za-z0-9_.:-]``)."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "error", "event_id": _prefix + str(next(_ids)), "ts": _now(), "kind": kind}
+        event = {"type": "error", "event_id": _prefix + str(next(_ids)),
+                 "ts": _now() if ts is None else ts, "kind": kind}
         if user_id is not None:
             event["user_id"] = user_id
         self._push(event)
 
     def custom(self, name: str, value: Optional[float] = None, *,
-               user_id: Optional[UserId] = None) -> None:
+               user_id: Optional[UserId] = None, ts: Optional[float] = None) -> None:
         """A custom counter by name; ``value`` defaults to 1 on the server."""
         if self._closed:
             return self._dropped_after_close()
-        event = {"type": "custom", "event_id": _prefix + str(next(_ids)), "ts": _now(), "name": name}
+        event = {"type": "custom", "event_id": _prefix + str(next(_ids)),
+                 "ts": _now() if ts is None else ts, "name": name}
         if value is not None:
             event["value"] = value
         if user_id is not None:
