@@ -351,11 +351,13 @@ impl Ingest {
     /// so that a replay drops what came before it, and applied while no
     /// request is between its decision and its count, so that every event
     /// is either before the wipe (in memory and in the journal) or refused.
+    /// `generation` names the wipe (unix ms): the record keeps it as its
+    /// event's `ts`, so a replay applies that same wipe.
     pub async fn wipe(
         &self,
         metrics: &Metrics,
         bot: &str,
-        now_ms: i64,
+        generation: i64,
     ) -> Result<Option<crate::metrics::Wiped>, IngestError> {
         let _exclusive = self.gate.write().await;
         if let Some(journal) = &self.journal {
@@ -363,16 +365,16 @@ impl Ingest {
             let event = Event {
                 user: None,
                 event_id: None,
-                ts: now_ms.div_euclid(1000),
+                ts: generation,
                 chat_type: None,
                 body: EventBody::Wipe,
             };
             let mut buf = Vec::new();
             record::encode(&mut buf, bot, std::iter::once((&event, None)));
-            let lsn = journal.append(now_ms.div_euclid(1000), &buf);
+            let lsn = journal.append(chrono::Utc::now().timestamp(), &buf);
             journal.commit(lsn).await?;
         }
-        Ok(metrics.wipe(bot, false))
+        Ok(metrics.wipe(bot, generation, false))
     }
 
     /// Runs `f` while no request is between its decision and its count,
@@ -590,7 +592,13 @@ fn count_record(
             // at the next flush; a bot still configured counts on afresh.
             report.records += 1;
             let configured = metrics.bot(decoded.bot).is_some();
-            metrics.wipe(decoded.bot, configured);
+            for (event, _) in decoded
+                .events
+                .iter()
+                .filter(|(e, _)| e.body == EventBody::Wipe)
+            {
+                metrics.wipe(decoded.bot, event.ts, configured);
+            }
             true
         }
         Ok(decoded) => {

@@ -43,6 +43,7 @@ pub struct Lead {
     lease_ttl: Duration,
     holding: AtomicBool,
     renew: redis::Script,
+    wipe: redis::Script,
     release: redis::Script,
     clean: redis::Script,
 }
@@ -86,6 +87,7 @@ impl Lead {
             lease_ttl: lease_ttl(flush_interval),
             holding: AtomicBool::new(false),
             renew: redis::Script::new(include_str!("lua/renew.lua")),
+            wipe: redis::Script::new(include_str!("lua/wipe.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),
             clean: redis::Script::new(include_str!("lua/clean.lua")),
         }
@@ -219,11 +221,22 @@ impl Source for Lead {
 
     fn cut<'a>(&'a self, _written: &'a Written) -> BoxFuture<'a, persist::Result<Cut>> {
         Box::pin(async move {
-            let views = self.read(true).await.map_err(source)?;
+            // Taken before the read: a wipe applied after it (this
+            // replica's sync learning of it) goes in the next flush, which
+            // deletes whatever this one writes of the bot.
+            let wiped = self.metrics.take_wipes();
+            let views = match self.read(true).await {
+                Ok(views) => views,
+                Err(e) => {
+                    self.metrics.wipes_not_stored(&wiped);
+                    return Err(source(e));
+                }
+            };
             let mut cut = Cut {
                 rows: rows(&views),
                 ..Cut::default()
             };
+            cut.rest.wiped = wiped;
             for view in &views {
                 // The latest day of each counter is the one the store keeps.
                 let mut latest: HashMap<&str, &DailyRow> = HashMap::new();
@@ -257,7 +270,82 @@ impl Source for Lead {
         Box::pin(self.clean(&batch.cluster_sketches))
     }
 
-    fn not_stored(&self, _batch: &FlushBatch) {}
+    fn not_stored(&self, batch: &FlushBatch) {
+        self.metrics.wipes_not_stored(&batch.wiped);
+    }
+
+    /// Deletes the bot's keys in Redis, leaving the marker every replica's
+    /// next sync reads (`lua/wipe.lua`), then waits for this replica's own
+    /// sync to drop what it counted: the answer then holds here.
+    fn wipe<'a>(
+        &'a self,
+        bot: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, persist::Result<crate::metrics::Wiped>> {
+        Box::pin(async move {
+            let held =
+                self.metrics
+                    .bot(bot)
+                    .map_or_else(Default::default, |b| crate::metrics::Wiped {
+                        series: persist::bot_rows(&b).len(),
+                        users: b.book.len(),
+                    });
+            let keys = BotKeys::new(bot);
+            let mut conn = timed(self.cluster.redis.conn()).await.map_err(source)?;
+            let replicas: Vec<String> = timed(
+                redis::cmd("HKEYS")
+                    .arg(keys.applied())
+                    .query_async(&mut conn),
+            )
+            .await
+            .map_err(source)?;
+            let now = chrono::Utc::now().timestamp();
+            let mut invocation = self.wipe.prepare_invoke();
+            invocation.key(keys.seeded());
+            for key in keys
+                .script_keys(now)
+                .into_iter()
+                .filter(|k| *k != keys.seeded())
+            {
+                invocation.key(key);
+            }
+            // Sketches a little outside the windows the scripts read (an
+            // event up to 5 minutes ahead, an hour just past): older ones
+            // expired.
+            let (hour, day) = (now.div_euclid(3600), now.div_euclid(86_400));
+            for h in [hour - super::HOURS, hour + 1] {
+                invocation.key(keys.hour_sketch(h));
+            }
+            for d in [day - super::DAYS, day + 1] {
+                invocation.key(keys.day_sketch(d));
+            }
+            for replica in &replicas {
+                invocation.key(keys.pending(replica));
+                invocation.key(keys.alive(replica));
+                invocation.key(keys.released(replica));
+            }
+            invocation.arg(generation);
+            let deleted: i64 = timed(invocation.invoke_async(&mut conn))
+                .await
+                .map_err(source)?;
+            tracing::info!(
+                bot,
+                deleted,
+                generation,
+                "bot wiped in Redis; every replica drops its counts at its next sync"
+            );
+            // This replica's next sync applies it (at most one interval,
+            // and a second for a sync in progress).
+            let deadline = std::time::Instant::now() + self.cluster.sync_interval * 3;
+            while self.metrics.wipe_generation(bot) < generation
+                && self.metrics.bot(bot).is_some()
+                && std::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(held)
+        })
+    }
 
     fn history(&self) -> BoxFuture<'_, persist::Result<Vec<SeriesRow>>> {
         Box::pin(async move { Ok(rows(&self.read(false).await.map_err(source)?)) })

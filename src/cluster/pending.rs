@@ -105,6 +105,29 @@ impl Pending {
         }
     }
 
+    /// Drops a wiped bot's users, giving their room back.
+    pub fn forget(&self, bot: &str) {
+        let gone = self
+            .bots
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(bot);
+        if let Some(gone) = gone {
+            let held: usize = gone
+                .shards
+                .iter()
+                .map(|s| {
+                    s.lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .iter()
+                        .map(|(_, users)| users.len())
+                        .sum::<usize>()
+                })
+                .sum();
+            self.budget.release(held);
+        }
+    }
+
     pub fn of(&self, bot: &str) -> Option<Arc<PendingUsers>> {
         self.bots
             .read()

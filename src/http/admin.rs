@@ -211,13 +211,6 @@ async fn revoke_bot(
     let work = async {
         checked_name(&bot)?;
         let Query(query) = query.map_err(|e| Error::BadRequest(e.body_text()))?;
-        if query.wipe && state.config.redis_url.is_some() {
-            // Refused before anything changes, rather than revoking and
-            // leaving the data the caller asked to remove.
-            return Err(Error::BadRequest(
-                "?wipe=true is not available with --redis-url yet: revoke without it; the bot's data stays".into(),
-            ));
-        }
         writable(&state).await?;
         let registered = match state.registry.revoke_bot(&bot).await {
             Ok(()) => true,

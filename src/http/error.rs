@@ -91,6 +91,20 @@ impl From<crate::event::ParseError> for Error {
     }
 }
 
+impl From<crate::persist::PersistError> for Error {
+    fn from(e: crate::persist::PersistError) -> Self {
+        match e {
+            crate::persist::PersistError::Store(e) => Error::Store(e),
+            crate::persist::PersistError::Source(e) => {
+                match e.downcast::<crate::ingest::IngestError>() {
+                    Ok(e) => (*e).into(),
+                    Err(e) => Error::Unavailable(e.to_string()),
+                }
+            }
+        }
+    }
+}
+
 impl From<crate::ingest::IngestError> for Error {
     fn from(e: crate::ingest::IngestError) -> Self {
         match e {

@@ -400,10 +400,22 @@ pub struct Metrics {
     max_label_values: usize,
     /// Every bot's user book's limits, a bot added later's too.
     book: users::BookLimits,
-    /// Bots wiped whose rows the store may still hold: the next flush
-    /// deletes them (in its transaction) and takes them off this list.
-    wiped: std::sync::Mutex<Vec<Arc<str>>>,
+    /// Wipes: each bot's latest generation, and those whose rows the store
+    /// may still hold (the next flush that writes deletes them).
+    wipes: std::sync::Mutex<Wipes>,
 }
+
+#[derive(Default)]
+struct Wipes {
+    /// The latest wipe of each bot this process applied (unix ms): in
+    /// cluster mode what its sync tells Redis it has applied.
+    generation: HashMap<Arc<str>, i64>,
+    /// (bot, generation) not yet written to the store.
+    unstored: Vec<(Arc<str>, i64)>,
+}
+
+/// A wipe the store is to apply: the bot and the wipe's generation.
+pub type WipeRow = (String, i64);
 
 /// What a wipe took out of memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -482,7 +494,7 @@ impl Metrics {
             calendar,
             max_label_values,
             book,
-            wiped: Default::default(),
+            wipes: Default::default(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
@@ -527,10 +539,12 @@ impl Metrics {
     /// set (its series and self-series leave `/metrics`, the summary and
     /// every scan), its cells are retired so that a request that found them
     /// before the wipe counts nothing (see `Ingest::apply`), and its rows
-    /// are queued for deletion at the next flush. With `recount`, a bot
-    /// that was counted starts again from nothing (a replay, where the bot
-    /// is configured still). Run under the ingest gate, held exclusively.
-    pub fn wipe(&self, name: &str, recount: bool) -> Option<Wiped> {
+    /// are queued for deletion at the next flush. `generation` names the
+    /// wipe (unix ms; one wipe of a bot is applied once). With `recount`, a
+    /// bot that was counted starts again from nothing (a replay, where the
+    /// bot is configured still). Run under the ingest gate, held
+    /// exclusively.
+    pub fn wipe(&self, name: &str, generation: i64, recount: bool) -> Option<Wiped> {
         let old = {
             let mut set = self.set.write().unwrap_or_else(|e| e.into_inner());
             let old = set.get(name).cloned();
@@ -540,10 +554,11 @@ impl Metrics {
             old
         };
         {
-            let mut wiped = self.wiped.lock().unwrap_or_else(|e| e.into_inner());
-            if !wiped.iter().any(|w| &**w == name) {
-                wiped.push(Arc::from(name));
-            }
+            let mut wipes = self.wipes.lock().unwrap_or_else(|e| e.into_inner());
+            let bot: Arc<str> = Arc::from(name);
+            let latest = wipes.generation.entry(bot.clone()).or_default();
+            *latest = (*latest).max(generation);
+            wipes.unstored.push((bot, generation));
         }
         let old = old?;
         old.retire();
@@ -558,28 +573,47 @@ impl Metrics {
         Some(report)
     }
 
-    /// The bots wiped since the last flush took them: that flush deletes
-    /// their rows, or gives them back ([`Metrics::wipe_not_stored`]).
-    pub fn take_wiped(&self) -> Vec<Arc<str>> {
-        std::mem::take(&mut *self.wiped.lock().unwrap_or_else(|e| e.into_inner()))
+    /// The latest wipe of `bot` applied here (0: none).
+    pub fn wipe_generation(&self, bot: &str) -> i64 {
+        self.wipes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .generation
+            .get(bot)
+            .copied()
+            .unwrap_or(0)
     }
 
-    pub fn wipe_not_stored(&self, bots: &[String]) {
-        let mut wiped = self.wiped.lock().unwrap_or_else(|e| e.into_inner());
-        for bot in bots {
-            if !wiped.iter().any(|w| **w == **bot) {
-                wiped.push(Arc::from(bot.as_str()));
-            }
+    /// The wipes not yet in the store, taken: the flush that takes them
+    /// deletes the bots' rows, or gives them back ([`Metrics::wipes_not_stored`]).
+    pub fn take_wipes(&self) -> Vec<WipeRow> {
+        std::mem::take(
+            &mut self
+                .wipes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .unstored,
+        )
+        .into_iter()
+        .map(|(bot, generation)| (bot.to_string(), generation))
+        .collect()
+    }
+
+    pub fn wipes_not_stored(&self, rows: &[WipeRow]) {
+        let mut wipes = self.wipes.lock().unwrap_or_else(|e| e.into_inner());
+        for (bot, generation) in rows {
+            wipes.unstored.push((Arc::from(bot.as_str()), *generation));
         }
     }
 
     /// Whether a wipe of `name` still waits for a flush to reach the store.
     pub fn wipe_pending(&self, name: &str) -> bool {
-        self.wiped
+        self.wipes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .unstored
             .iter()
-            .any(|w| &**w == name)
+            .any(|(w, _)| &**w == name)
     }
 
     /// A fresh copy of `name`'s cells, registered nowhere (the same

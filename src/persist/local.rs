@@ -155,7 +155,7 @@ impl Source for Local {
                 .consistent(|lsn| {
                     // A wipe journaled at or below `lsn` is in this cut:
                     // the same transaction deletes its rows.
-                    let wiped = self.metrics.take_wiped();
+                    let wiped = self.metrics.take_wipes();
                     let rows = changed(&self.metrics, written);
                     let mut sketches = Vec::new();
                     let mut daily = Vec::new();
@@ -191,7 +191,7 @@ impl Source for Local {
             let mut rest = FlushBatch {
                 sketches,
                 users,
-                wiped: wiped.iter().map(|b| b.to_string()).collect(),
+                wiped,
                 ..FlushBatch::default()
             };
             if let Some(journal) = self.ingest.journal()
@@ -224,7 +224,7 @@ impl Source for Local {
     }
 
     fn not_stored(&self, batch: &FlushBatch) {
-        self.metrics.wipe_not_stored(&batch.wiped);
+        self.metrics.wipes_not_stored(&batch.wiped);
         // The sketches' change marks were taken: hand them back so the
         // retry writes them. Series and counters are diffed afresh.
         for s in &batch.sketches {
@@ -244,5 +244,19 @@ impl Source for Local {
 
     fn history(&self) -> BoxFuture<'_, Result<Vec<SeriesRow>>> {
         Box::pin(async move { Ok(snapshot(&self.metrics)) })
+    }
+
+    /// Journaled, then out of memory (`Ingest::wipe`).
+    fn wipe<'a>(
+        &'a self,
+        bot: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<crate::metrics::Wiped>> {
+        Box::pin(async move {
+            match self.ingest.wipe(&self.metrics, bot, generation).await {
+                Ok(wiped) => Ok(wiped.unwrap_or_default()),
+                Err(e) => Err(PersistError::Source(Box::new(e))),
+            }
+        })
     }
 }

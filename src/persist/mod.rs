@@ -85,6 +85,15 @@ pub trait Source: Send + Sync {
     fn not_stored(&self, batch: &FlushBatch);
     /// The rows of a history point.
     fn history(&self) -> BoxFuture<'_, Result<Vec<SeriesRow>>>;
+    /// Takes `bot` out of what this source counts, as wipe `generation`,
+    /// and out of this process's memory; answers what memory held of it.
+    /// The store's rows go at the next flush that writes (`Metrics::wipe`
+    /// queues them).
+    fn wipe<'a>(
+        &'a self,
+        bot: &'a str,
+        generation: i64,
+    ) -> BoxFuture<'a, Result<crate::metrics::Wiped>>;
 }
 
 /// What one flush did.
@@ -184,13 +193,9 @@ impl Persistence {
     /// Wipes `bot`: out of memory and the journal's future replays at once
     /// (`Ingest::wipe`), then out of the store by a flush now. The caller
     /// revoked its tokens first, so nothing new arrives for it.
-    pub async fn wipe(&self, bot: &str) -> Result<WipeReport, crate::ingest::IngestError> {
-        let now_ms = Utc::now().timestamp_millis();
-        let memory = self
-            .ingest
-            .wipe(&self.metrics, bot, now_ms)
-            .await?
-            .unwrap_or_default();
+    pub async fn wipe(&self, bot: &str) -> Result<WipeReport> {
+        let generation = Utc::now().timestamp_millis();
+        let memory = self.source.wipe(bot, generation).await?;
         self.wipes.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = self.flush_once().await {
             tracing::warn!(error = %e, bot, "a wiped bot's rows stay in the store until a flush can delete them");
@@ -408,8 +413,9 @@ impl Persistence {
         } = self.source.cut(&held.series).await?;
         // A wiped bot's rows are deleted before this batch is written:
         // whatever it has now (a bot counting afresh) is new to the store.
-        held.series.forget_bots(&batch.wiped);
-        held.daily.retain(|(bot, _), _| !batch.wiped.contains(bot));
+        let wiped: Vec<String> = batch.wiped.iter().map(|(bot, _)| bot.clone()).collect();
+        held.series.forget_bots(&wiped);
+        held.daily.retain(|(bot, _), _| !wiped.contains(bot));
         held.series.changes(rows, &mut batch);
         for d in daily {
             let key = (d.bot.clone(), d.name.clone());

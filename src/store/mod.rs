@@ -143,9 +143,11 @@ pub struct FlushBatch {
     /// Each bot's user book: users that changed (upserted) and users gone
     /// (their rows deleted).
     pub users: Vec<BotUsers>,
-    /// Bots wiped (`DELETE /v1/admin/bots/{bot}?wipe=true`): every row of
-    /// theirs, in every table, is deleted first, in the same transaction.
-    pub wiped: Vec<String>,
+    /// Bots wiped (`DELETE /v1/admin/bots/{bot}?wipe=true`), with each
+    /// wipe's generation: every row of theirs, in every table, is deleted
+    /// first, in the same transaction, unless the store recorded that wipe
+    /// (or a later one) already (table `bot_wipes`).
+    pub wiped: Vec<crate::metrics::WipeRow>,
 }
 
 /// One remembered user as the store keeps it (`metrics::users` is the

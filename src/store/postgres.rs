@@ -125,7 +125,23 @@ pub(super) async fn flush(
     }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     let mut wiped = Vec::new();
-    for bot in &batch.wiped {
+    for (bot, generation) in &batch.wiped {
+        // Applied once: a writer that learns of the same wipe later (every
+        // replica of a cluster does) finds it recorded, and leaves a bot
+        // created again under the name alone.
+        let first = sqlx::query(
+            "insert into bot_wipes (bot, generation) values ($1, $2)
+             on conflict (bot) do update set generation = excluded.generation
+             where bot_wipes.generation < excluded.generation",
+        )
+        .bind(bot)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if first == 0 {
+            continue;
+        }
         let mut rows = 0;
         for statement in WIPE {
             rows += sqlx::query(statement)

@@ -102,7 +102,21 @@ pub(super) async fn flush(
     let mut tx = pool.begin().await?;
     let now = now.timestamp();
     let mut wiped = Vec::new();
-    for bot in &batch.wiped {
+    for (bot, generation) in &batch.wiped {
+        // Applied once (see the PostgreSQL flush).
+        let first = sqlx::query(
+            "insert into bot_wipes (bot, generation) values (?, ?)
+             on conflict (bot) do update set generation = excluded.generation
+             where bot_wipes.generation < excluded.generation",
+        )
+        .bind(bot)
+        .bind(generation)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if first == 0 {
+            continue;
+        }
         let mut rows = 0;
         for statement in WIPE {
             rows += sqlx::query(statement)

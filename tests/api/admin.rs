@@ -796,3 +796,138 @@ async fn a_wipe_journaled_but_not_yet_in_the_store_when_killed_is_finished_by_th
     bin.post_ok("t0ken-gone", &day_of(2, 0)).await;
     assert_eq!(total_messages(&bin, "gone").await, 2);
 }
+
+/// Every replica has dropped `gone` (exposition, summary), shows `keep`'s
+/// cluster total of 6, and the store holds no row of `gone`.
+async fn everywhere_gone(raw: &crate::helpers::Raw, replicas: &[Binary]) -> bool {
+    for r in replicas {
+        let (_, _, exposition) = r.get_text("/metrics").await;
+        if exposition.contains("bot=\"gone\"") {
+            return false;
+        }
+        if r.get_json("/v1/summary?bot=gone").await.0 != 404 {
+            return false;
+        }
+        let (status, summary) = r.get_json("/v1/summary?bot=keep").await;
+        if status != 200 || summary["messages"]["total"].as_u64() != Some(6) {
+            return false;
+        }
+    }
+    none_left(&rows_of(raw, "gone").await)
+}
+
+/// Cluster mode: a bot counted on three replicas is wiped on one. Within a
+/// few sync intervals every replica has dropped it (its own counts, the
+/// cluster totals it shows), Redis holds nothing of it but the marker that
+/// names the wipe, the store none of its rows, and the other bot's cluster
+/// total is exact on every replica; a replica killed with kill -9 and
+/// started again, which replays a journal holding the bot's events, brings
+/// nothing of it back.
+#[tokio::test]
+async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_store() {
+    let Some(db) = crate::helpers::PgDatabase::create().await else {
+        return;
+    };
+    let Some(redis) = crate::redis::RedisServer::start().await else {
+        return;
+    };
+    let redis_url = redis.url();
+    let dirs: Vec<String> = (0..3)
+        .map(|n| {
+            let dir = crate::helpers::pg_data_dir(&db.url).join(format!("wipe-replica-{n}"));
+            std::fs::create_dir_all(&dir).expect("data dir");
+            dir.display().to_string()
+        })
+        .collect();
+    let flags = |dir: &str| {
+        vec![
+            "--redis-url".to_owned(),
+            redis_url.clone(),
+            "--sync-interval".to_owned(),
+            "1s".to_owned(),
+            "--flush-interval".to_owned(),
+            "1s".to_owned(),
+            "--admin-token".to_owned(),
+            ADMIN.to_owned(),
+            "--data-dir".to_owned(),
+            dir.to_owned(),
+        ]
+    };
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        let f = flags(dir);
+        let f: Vec<&str> = f.iter().map(String::as_str).collect();
+        replicas.push(Binary::serve(&db.url, "keep=t0ken-keep", &f).await);
+    }
+    let (status, created) = admin(
+        &replicas[0],
+        Method::POST,
+        "/v1/admin/bots",
+        Some(r#"{"bot":"gone"}"#),
+    )
+    .await;
+    assert_eq!(status, 201, "{created}");
+    let gone = created["token"].as_str().expect("token").to_owned();
+    let mut posted = 0;
+    for r in &replicas {
+        eventually(Duration::from_secs(5), || {
+            let gone = gone.clone();
+            async move { r.post_events(&gone, &message(0)).await.0 == 202 }
+        })
+        .await;
+        r.post_ok(&gone, &day_of(3, 0)).await;
+        posted += 4;
+        r.post_ok("t0ken-keep", &day_of(2, 0)).await;
+    }
+    let raw = crate::helpers::Raw::connect(&db.url).await;
+    eventually(Duration::from_secs(20), || {
+        let raw = &raw;
+        async move {
+            raw.stored("bot_messages_total", "gone", &[("role", "user")])
+                .await
+                == Some(f64::from(posted))
+        }
+    })
+    .await;
+
+    let (status, answer) = admin(
+        &replicas[1],
+        Method::DELETE,
+        "/v1/admin/bots/gone?wipe=true",
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["wiped"], json!(true), "{answer}");
+    // This replica's own share, dropped before the answer.
+    assert!(answer["removed"]["series"].as_u64() > Some(0), "{answer}");
+    let (_, _, exposition) = replicas[1].get_text("/metrics").await;
+    assert!(!exposition.contains("bot=\"gone\""), "{exposition}");
+
+    let redis_keys = || {
+        let listed = redis.cmd(&["--scan", "--pattern", "bm:{gone}:*"]);
+        let mut keys: Vec<String> = listed.lines().map(str::to_owned).collect();
+        keys.sort();
+        keys
+    };
+    eventually(Duration::from_secs(15), || everywhere_gone(&raw, &replicas)).await;
+    assert_eq!(redis_keys(), vec!["bm:{gone}:seeded".to_owned()]);
+    assert!(
+        redis
+            .cmd(&["get", "bm:{gone}:seeded"])
+            .starts_with("wiped:")
+    );
+
+    // kill -9 a replica whose journal holds the bot's events; restarted,
+    // it replays them and brings nothing back, nor do the next syncs and
+    // flushes.
+    let mut killed = replicas.remove(2);
+    killed.kill_9().await;
+    let f = flags(&dirs[2]);
+    let f: Vec<&str> = f.iter().map(String::as_str).collect();
+    replicas.push(Binary::serve(&db.url, "keep=t0ken-keep", &f).await);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(everywhere_gone(&raw, &replicas).await);
+    assert_eq!(redis_keys(), vec!["bm:{gone}:seeded".to_owned()]);
+    assert_eq!(replicas[2].post_events(&gone, &message(1)).await.0, 401);
+}

@@ -9,7 +9,8 @@
 -- ARGV: 1 replica id, 2 mark (journal LSN; 0 = nothing to apply),
 --       3 series count, 4 today count, 5 sketch group count,
 --       6 oldest "today" date kept, 7 the mark this replica believes Redis
---       holds for it, then series (field, delta) pairs, today (field,
+--       holds for it, 8 the latest wipe of the bot this replica applied
+--       (unix ms, 0: none), then series (field, delta) pairs, today (field,
 --       delta) pairs, and sketch groups (key index, ttl seconds, n, n user
 --       hashes).
 -- Returns {status, users 1d, users 7d, users 30d, the replica's mark in
@@ -17,9 +18,18 @@
 -- reply to an earlier attempt was lost); 3: not applied, Redis holds less
 -- of this replica than it believes (Redis lost data and was reseeded from
 -- the store): it sends the missing part first; 0: not applied, the bot is
--- not seeded.
-if redis.call('EXISTS', KEYS[3]) == 0 then
+-- not seeded; 4: not applied, the bot was wiped (wipe.lua) since this
+-- replica last heard, and the last value is the wipe's generation: it drops
+-- what it counted of the bot before, this batch included.
+local seeded = redis.call('GET', KEYS[3])
+if not seeded then
   return {0, 0, 0, 0, 0}
+end
+-- A replica with a mark set since the wipe (which deleted every mark) has
+-- applied it: after a restart it may not remember the generation.
+local wiped = tonumber(string.match(seeded, '^wiped:(%d+)$') or '0')
+if wiped > tonumber(ARGV[8]) and redis.call('HEXISTS', KEYS[2], ARGV[1]) == 0 then
+  return {4, 0, 0, 0, wiped}
 end
 local before = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local mark = tonumber(ARGV[2])
@@ -37,7 +47,7 @@ if status == 1 and mark > 0 then
   -- first: a failure then leaves no counter added and the mark unset, and
   -- adding users again is harmless.
   local n_series, n_today = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local i = 8 + 2 * n_series + 2 * n_today
+  local i = 9 + 2 * n_series + 2 * n_today
   for _ = 1, tonumber(ARGV[5]) do
     local key = KEYS[tonumber(ARGV[i])]
     local ttl = ARGV[i + 1]
@@ -55,7 +65,7 @@ if status == 1 and mark > 0 then
     redis.call('EXPIRE', key, ttl)
     if changed > 0 then redis.call('SADD', KEYS[5], key) end
   end
-  i = 8
+  i = 9
   for _ = 1, n_series do
     redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
     i = i + 2

@@ -318,6 +318,8 @@ impl Syncer {
         }
         let mut report = SyncReport::default();
         let mut first_error = None;
+        // (bot, generation) of the wipes Redis told of.
+        let mut wiped: Vec<(Arc<str>, i64)> = Vec::new();
         let mut stored: Option<Stored> = None;
         for (i, answer) in answers.into_iter().enumerate() {
             let mut answer =
@@ -365,6 +367,7 @@ impl Syncer {
                 answer = resent;
             }
             match answer {
+                Ok(a) if a.len() == 5 && a[0] == 4 => wiped.push((b.bot.bot.clone(), a[4])),
                 Ok(a) if a.len() == 5 && (a[0] == 1 || a[0] == 2) => {
                     if let Some(batch) = b.inflight.take() {
                         if a[0] == 1 {
@@ -388,6 +391,27 @@ impl Syncer {
             }
         }
         report.waiting = behind.iter().filter(|b| **b).count();
+        for (bot, generation) in wiped {
+            // What this replica counted of the bot goes, its unsent batch
+            // too: journaled first, so a replay drops it as well.
+            match self.ingest.wipe(&self.metrics, &bot, generation).await {
+                Ok(_) => {
+                    tracing::info!(bot = %bot, generation, "bot wiped (on another replica or this one): its counts here are dropped");
+                    bots.retain(|b| b.bot.bot != bot);
+                    self.cluster.pending.forget(&bot);
+                    let _ = self
+                        .cluster
+                        .metrics
+                        .dedupe_fallbacks
+                        .remove_label_values(&[&bot]);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(ClusterError::Protocol(format!(
+                        "cannot apply the wipe of `{bot}`: {e}"
+                    )));
+                }
+            }
+        }
         self.trim(bots, mark).await;
         match first_error {
             Some(e) => Err(e),
@@ -432,9 +456,11 @@ impl Syncer {
             self.cluster.replica.clone().into_bytes(),
             batch.map_or(0, |b| b.mark).to_string().into_bytes(),
         ];
+        let wiped = self.metrics.wipe_generation(&b.bot.bot).to_string();
         let Some(batch) = batch else {
             args.extend(["0", "0", "0", ""].map(|a| a.as_bytes().to_vec()));
             args.push(expected.to_string().into_bytes());
+            args.push(wiped.into_bytes());
             return Invocation::new(&self.sync_script, keys, args);
         };
         // The users, grouped by the sketches they join: the hour's (only
@@ -478,6 +504,7 @@ impl Syncer {
         }
         args.push(oldest_kept.into_bytes());
         args.push(expected.to_string().into_bytes());
+        args.push(wiped.into_bytes());
         for (field, delta, _) in &batch.series {
             args.push(field.clone().into_bytes());
             args.push(delta.to_string().into_bytes());
