@@ -398,6 +398,37 @@ async fn a_revocation_reaches_another_process_on_the_store_within_one_sync_inter
     let _ = std::fs::remove_dir_all(other_dir);
 }
 
+/// A cluster replica on `db_url` and `redis_url` with 1 s sync and flush
+/// intervals, the admin API and its own data directory (`name`): started
+/// again with the same name, it finds its journal.
+async fn replica(db_url: &str, redis_url: &str, name: &str, tokens: &str) -> Binary {
+    let dir = crate::helpers::pg_data_dir(db_url).join(name);
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let dir = dir.display().to_string();
+    let flags = [
+        "--redis-url",
+        redis_url,
+        "--sync-interval",
+        "1s",
+        "--flush-interval",
+        "1s",
+        "--admin-token",
+        ADMIN,
+        "--data-dir",
+        &dir,
+    ];
+    Binary::serve(db_url, tokens, &flags).await
+}
+
+/// Posts one message with `token` until the replica accepts it (401 until
+/// it reads the registry again).
+async fn once_accepted(r: &Binary, token: &str) {
+    eventually(Duration::from_secs(5), || async move {
+        r.post_events(token, &message(1)).await.0 == 202
+    })
+    .await;
+}
+
 /// Cluster mode: three replicas on one PostgreSQL and a private Redis. A
 /// token added on one replica posts on every replica within one
 /// `--sync-interval`; revoked on another, it is refused there at once and
@@ -413,36 +444,17 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
     let Some(redis) = crate::redis::RedisServer::start().await else {
         return;
     };
-    let redis_url = redis.url();
     let mut replicas = Vec::new();
     for n in 0..3 {
-        let dir = crate::helpers::pg_data_dir(&db.url).join(format!("admin-replica-{n}"));
-        std::fs::create_dir_all(&dir).expect("data dir");
-        let dir = dir.display().to_string();
-        let flags = [
-            "--redis-url",
-            &redis_url,
-            "--sync-interval",
-            "1s",
-            "--flush-interval",
-            "1s",
-            "--admin-token",
-            ADMIN,
-            "--data-dir",
-            &dir,
-        ];
-        replicas.push(Binary::serve(&db.url, "a=t0ken-a", &flags).await);
+        let name = format!("admin-replica-{n}");
+        replicas.push(replica(&db.url, &redis.url(), &name, "a=t0ken-a").await);
     }
     let (status, added) = admin(&replicas[0], Method::POST, "/v1/admin/bots/a/tokens", None).await;
     assert_eq!(status, 201, "{added}");
     let token = added["token"].as_str().expect("token").to_owned();
     let mut accepted = 0u64;
     for r in &replicas {
-        eventually(Duration::from_secs(3), || {
-            let token = token.clone();
-            async move { r.post_events(&token, &message(1)).await.0 == 202 }
-        })
-        .await;
+        once_accepted(r, &token).await;
         accepted += 1;
         // The old token stays valid beside it.
         r.post_ok("t0ken-a", &json!(message(2))).await;
@@ -495,11 +507,7 @@ async fn in_cluster_mode_a_revoked_token_is_refused_on_every_replica_within_one_
     let mut posted = 0u64;
     for r in &replicas {
         // Refused (401) until the replica reads the registry again.
-        eventually(Duration::from_secs(3), || {
-            let fresh = fresh.clone();
-            async move { r.post_events(&fresh, &message(1)).await.0 == 202 }
-        })
-        .await;
+        once_accepted(r, &fresh).await;
         posted += 1;
         for _ in 0..4 {
             r.post_ok(&fresh, &json!(message(2))).await;
@@ -831,33 +839,10 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     let Some(redis) = crate::redis::RedisServer::start().await else {
         return;
     };
-    let redis_url = redis.url();
-    let dirs: Vec<String> = (0..3)
-        .map(|n| {
-            let dir = crate::helpers::pg_data_dir(&db.url).join(format!("wipe-replica-{n}"));
-            std::fs::create_dir_all(&dir).expect("data dir");
-            dir.display().to_string()
-        })
-        .collect();
-    let flags = |dir: &str| {
-        vec![
-            "--redis-url".to_owned(),
-            redis_url.clone(),
-            "--sync-interval".to_owned(),
-            "1s".to_owned(),
-            "--flush-interval".to_owned(),
-            "1s".to_owned(),
-            "--admin-token".to_owned(),
-            ADMIN.to_owned(),
-            "--data-dir".to_owned(),
-            dir.to_owned(),
-        ]
-    };
     let mut replicas = Vec::new();
-    for dir in &dirs {
-        let f = flags(dir);
-        let f: Vec<&str> = f.iter().map(String::as_str).collect();
-        replicas.push(Binary::serve(&db.url, "keep=t0ken-keep", &f).await);
+    for n in 0..3 {
+        let name = format!("wipe-replica-{n}");
+        replicas.push(replica(&db.url, &redis.url(), &name, "keep=t0ken-keep").await);
     }
     let (status, created) = admin(
         &replicas[0],
@@ -870,11 +855,7 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     let gone = created["token"].as_str().expect("token").to_owned();
     let mut posted = 0;
     for r in &replicas {
-        eventually(Duration::from_secs(5), || {
-            let gone = gone.clone();
-            async move { r.post_events(&gone, &message(0)).await.0 == 202 }
-        })
-        .await;
+        once_accepted(r, &gone).await;
         r.post_ok(&gone, &day_of(3, 0)).await;
         posted += 4;
         r.post_ok("t0ken-keep", &day_of(2, 0)).await;
@@ -923,9 +904,7 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     // flushes.
     let mut killed = replicas.remove(2);
     killed.kill_9().await;
-    let f = flags(&dirs[2]);
-    let f: Vec<&str> = f.iter().map(String::as_str).collect();
-    replicas.push(Binary::serve(&db.url, "keep=t0ken-keep", &f).await);
+    replicas.push(replica(&db.url, &redis.url(), "wipe-replica-2", "keep=t0ken-keep").await);
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(everywhere_gone(&raw, &replicas).await);
     assert_eq!(redis_keys(), vec!["bm:{gone}:seeded".to_owned()]);
