@@ -54,6 +54,8 @@ pub enum StartError {
     RemoteWrite(#[from] crate::remote_write::RemoteWriteError),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("the OS's random source failed, so no installation secret can be made: {0}")]
     Random(String),
 }
@@ -181,7 +183,7 @@ impl Application {
                         claims.clone(),
                         store.clone(),
                         usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
-                    ));
+                    )?);
                     let lead = Arc::new(Lead::new(
                         cluster.clone(),
                         view.clone(),

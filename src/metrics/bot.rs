@@ -16,8 +16,8 @@ use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot, Micros};
 use crate::metrics::today::Today;
 use crate::metrics::users::{
-    BookLimits, Cohort, RETENTION_DAYS, SESSION_DURATION_BUCKETS, SESSION_MESSAGE_BUCKETS, Session,
-    UserBook,
+    BookDelta, BookLimits, Cohort, RETENTION_DAYS, SESSION_DURATION_BUCKETS,
+    SESSION_MESSAGE_BUCKETS, Session, UserBook,
 };
 
 /// How a family is exposed.
@@ -297,8 +297,25 @@ pub struct BotMetrics {
     cohorts: std::sync::RwLock<Arc<Vec<Cohort>>>,
     pub active: ActiveUsers,
     pub book: UserBook,
+    /// Set in cluster mode once the book is shared: the users' runs since
+    /// the last sync, which Redis merges into the one book of the bot (the
+    /// local `book` is then off). See `cluster::book`.
+    shared_book: std::sync::OnceLock<SharedBook>,
     pub today: Today,
     pub counters: SelfCounters,
+}
+
+/// A bot's shared book on this replica: what it saw since the last sync.
+#[derive(Debug)]
+struct SharedBook {
+    gap: u32,
+    delta: std::sync::Mutex<BookDelta>,
+}
+
+impl SharedBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BookDelta> {
+        self.delta.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What is counted per model: the three `bot_llm_*` families labelled by
@@ -363,6 +380,7 @@ impl BotMetrics {
             cohorts: Default::default(),
             active: ActiveUsers::new(),
             book: UserBook::new(book),
+            shared_book: std::sync::OnceLock::new(),
             today,
             counters,
         };
@@ -377,7 +395,12 @@ impl BotMetrics {
     pub fn apply(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
             if event.body == EventBody::Forget {
-                self.book.forget(user.0);
+                match self.shared_book.get() {
+                    Some(shared) => shared.lock().forget(user.0),
+                    None => {
+                        self.book.forget(user.0);
+                    }
+                }
                 return;
             }
             self.active.insert_hashed(user, event.ts);
@@ -468,6 +491,11 @@ impl BotMetrics {
             }
         );
         let day = self.today.calendar().day_of(event.ts);
+        if let Some(shared) = self.shared_book.get() {
+            // Redis decides new, returning and sessions for the cluster.
+            shared.lock().add(user, event.ts, day, message, shared.gap);
+            return;
+        }
         let touched = self.book.touch(user, event.ts, day, message);
         if touched.new {
             self.users_new.add(1.0);
@@ -479,6 +507,31 @@ impl BotMetrics {
         if let Some(session) = touched.ended {
             self.end_session(session);
         }
+    }
+
+    /// Shares this bot's book through Redis (cluster mode): from now on
+    /// events go to the runs [`BotMetrics::take_book_delta`] hands the sync,
+    /// with sessions split at a gap over `gap` seconds.
+    pub fn share_book(&self, gap: u32) {
+        let _ = self.shared_book.set(SharedBook {
+            gap,
+            delta: std::sync::Mutex::new(BookDelta::default()),
+        });
+    }
+
+    /// The book's gap when it is shared, else `None`.
+    pub fn shared_book_gap(&self) -> Option<u32> {
+        self.shared_book.get().map(|s| s.gap)
+    }
+
+    /// The runs and erasures since the last call (empty when the book is
+    /// not shared). Taken under the ingest gate with the sync's cut, so a
+    /// batch holds exactly the journal up to its mark.
+    pub fn take_book_delta(&self) -> BookDelta {
+        self.shared_book
+            .get()
+            .map(|s| std::mem::take(&mut *s.lock()))
+            .unwrap_or_default()
     }
 
     fn end_session(&self, s: Session) {

@@ -11,7 +11,8 @@
 --       6 oldest "today" date kept, 7 the mark this replica believes Redis
 --       holds for it, then series (field, delta) pairs, today (field,
 --       delta) pairs, and sketch groups (key index, ttl seconds, n, n user
---       hashes).
+--       hashes), then, when the bot's user book is shared, its section
+--       (see book_merge in book.lua, which is prepended to this script).
 -- Returns {status, users 1d, users 7d, users 30d, the replica's mark in
 -- Redis before this call}. Status 1: applied; 2: already applied (the
 -- reply to an earlier attempt was lost); 3: not applied, Redis holds less
@@ -55,6 +56,7 @@ if status == 1 and mark > 0 then
     redis.call('EXPIRE', key, ttl)
     if changed > 0 then redis.call('SADD', KEYS[5], key) end
   end
+  if i <= #ARGV then book_merge(i) end
   i = 8
   for _ = 1, n_series do
     redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])

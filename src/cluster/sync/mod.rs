@@ -27,6 +27,7 @@ use super::pending::{PendingUser, PendingUsers};
 use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, sketch_ttl, timed};
 use crate::ingest::Ingest;
 use crate::metrics::today::Calendar;
+use crate::metrics::users::BookDelta;
 use crate::metrics::{BotMetrics, Metrics};
 use crate::persist::bot_rows;
 use crate::store::{Store, Stored};
@@ -59,11 +60,17 @@ struct Batch {
     /// (counter, local day, delta, value at the cut).
     today: Vec<(&'static str, u32, u64, u64)>,
     users: Vec<PendingUser>,
+    /// The users' runs and erasures, when the bot's book is shared: merged
+    /// into Redis' book by the same script call, under the same mark.
+    book: BookDelta,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.series.is_empty() && self.today.is_empty() && self.users.is_empty()
+        self.series.is_empty()
+            && self.today.is_empty()
+            && self.users.is_empty()
+            && self.book.is_empty()
     }
 }
 
@@ -122,6 +129,7 @@ fn cut(
             series,
             today,
             users: pending.map_or_else(Vec::new, |p| p.take(USERS_PER_BATCH)),
+            book: bot.take_book_delta(),
         }
     }
 }
@@ -175,6 +183,7 @@ pub struct Syncer {
     max_label_values: usize,
     sync_script: redis::Script,
     seed_script: redis::Script,
+    book_fields: super::book::BookFields,
 }
 
 impl Syncer {
@@ -185,7 +194,7 @@ impl Syncer {
         claims: Arc<Claims>,
         store: Arc<Store>,
         max_label_values: usize,
-    ) -> Self {
+    ) -> Result<Self> {
         let bots = metrics
             .bots()
             .iter()
@@ -198,7 +207,7 @@ impl Syncer {
                 confirmed: 0,
             })
             .collect();
-        Syncer {
+        Ok(Syncer {
             cluster,
             metrics,
             ingest,
@@ -213,9 +222,14 @@ impl Syncer {
             }),
             prepared: AtomicBool::new(false),
             max_label_values,
-            sync_script: redis::Script::new(include_str!("../lua/sync.lua")),
+            // The book's rule is prepended: the sync merges runs with it.
+            sync_script: redis::Script::new(concat!(
+                include_str!("../lua/book.lua"),
+                include_str!("../lua/sync.lua")
+            )),
             seed_script: redis::Script::new(include_str!("../lua/seed.lua")),
-        }
+            book_fields: super::book::BookFields::new()?,
+        })
     }
 
     /// True once this replica's journal was replayed past what Redis
@@ -476,6 +490,20 @@ impl Syncer {
             args.push(sketch_ttl(hourly).to_string().into_bytes());
             args.push(users.len().to_string().into_bytes());
             args.extend(users.into_iter().map(|u| u.to_vec()));
+        }
+        if let Some(gap) = b.bot.shared_book_gap()
+            && !batch.book.is_empty()
+        {
+            let section = super::book::section(
+                &batch.book,
+                &mut keys,
+                &b.keys,
+                &self.book_fields,
+                calendar,
+                now,
+                gap,
+            );
+            args.extend(section);
         }
         Invocation::new(&self.sync_script, keys, args)
     }

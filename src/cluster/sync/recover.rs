@@ -53,6 +53,10 @@ impl Syncer {
         let Some(copy) = scratch.bot(&b.bot.bot) else {
             return Ok(());
         };
+        // The replayed events' runs go with the resent counts.
+        if let Some(gap) = b.bot.shared_book_gap() {
+            copy.share_book(gap);
+        }
         let dropped = prometheus::IntCounter::new("recovery_users_dropped", "unused")
             .map_err(|e| ClusterError::Protocol(e.to_string()))?;
         let users = PendingUsers::new(Arc::new(UserBudget::new(usize::MAX, dropped)));
