@@ -19,10 +19,13 @@
 
 use super::BotKeys;
 use crate::metrics::today::{Calendar, oldest_current};
-use crate::metrics::users::{BookDelta, SESSION_DURATION_BUCKETS, SESSION_MESSAGE_BUCKETS};
+use crate::metrics::users::{
+    BookDelta, BookLimits, Cohort, CohortCount, Entry, SESSION_DURATION_BUCKETS,
+    SESSION_MESSAGE_BUCKETS, Scan, Session, cohorts_of, count_cohort, scan_entry,
+};
 
 #[cfg(test)]
-use crate::metrics::users::{Entry, Run, apply_run};
+use crate::metrics::users::{Run, apply_run};
 
 /// The series fields the script adds to, named exactly as the store and the
 /// exposition name them (taken from a scratch bot's own rows, so they
@@ -91,6 +94,37 @@ impl BookFields {
     }
 }
 
+/// The counting section of the book scripts (see `book_counting` in
+/// `lua/book.lua`): the fields to add to and the local days Redis keeps
+/// "today" counters for.
+fn counting(fields: &BookFields, calendar: &Calendar, now: i64) -> Vec<Vec<u8>> {
+    let mut args: Vec<Vec<u8>> = Vec::new();
+    let push = |a: &mut Vec<Vec<u8>>, v: String| a.push(v.into_bytes());
+    push(&mut args, fields.new.clone());
+    push(&mut args, fields.sessions.clone());
+    for h in [&fields.duration, &fields.messages] {
+        push(&mut args, h.bounds.len().to_string());
+        for b in h.bounds {
+            push(&mut args, b.to_string());
+        }
+        for f in h.buckets.iter().chain([&h.sum, &h.count]) {
+            push(&mut args, f.clone());
+        }
+    }
+    // The local days whose "today" counters Redis keeps (as the sync's own
+    // today deltas), with the first second of each and of the day after.
+    let today = calendar.day_of(now);
+    let first = oldest_current(calendar.day_of(now - 86_400));
+    let days: Vec<u32> = (first..=today + 1).collect();
+    push(&mut args, days.len().to_string());
+    for day in days {
+        push(&mut args, day.to_string());
+        push(&mut args, calendar.start_of_day(day).to_string());
+        push(&mut args, Calendar::date(day).to_string());
+    }
+    args
+}
+
 /// The script arguments of one bot's book section (see `book_merge` in
 /// `lua/book.lua`), with the two keys it names appended to `keys`.
 pub fn section(
@@ -109,30 +143,7 @@ pub fn section(
         push(&mut args, keys.len().to_string());
     }
     push(&mut args, gap.to_string());
-    push(&mut args, fields.new.clone());
-    push(&mut args, fields.sessions.clone());
-    for h in [&fields.duration, &fields.messages] {
-        push(&mut args, h.bounds.len().to_string());
-        for b in h.bounds {
-            push(&mut args, b.to_string());
-        }
-        for f in h.buckets.iter().chain([&h.sum, &h.count]) {
-            push(&mut args, f.clone());
-        }
-    }
-    // The local days whose "today" counters Redis keeps (as the sync's own
-    // today deltas), with the first second of each and of the day after:
-    // the script places a session's last event in its day without knowing
-    // the time zone.
-    let today = calendar.day_of(now);
-    let first = oldest_current(calendar.day_of(now - 86_400));
-    let days: Vec<u32> = (first..=today + 1).collect();
-    push(&mut args, days.len().to_string());
-    for day in days {
-        push(&mut args, day.to_string());
-        push(&mut args, calendar.start_of_day(day).to_string());
-        push(&mut args, Calendar::date(day).to_string());
-    }
+    args.extend(counting(fields, calendar, now));
     push(&mut args, delta.forgets.len().to_string());
     args.extend(delta.forgets.iter().map(|k| k.to_le_bytes().to_vec()));
     push(&mut args, delta.runs.len().to_string());
@@ -146,6 +157,331 @@ pub fn section(
         }
     }
     args
+}
+
+/// What a script answered it found: new users, then (seconds, messages)
+/// per ended session.
+pub fn found(answer: &[i64]) -> (u64, Vec<(u32, u16)>) {
+    let new = answer.first().copied().unwrap_or(0).max(0) as u64;
+    let sessions = answer
+        .get(1..)
+        .unwrap_or_default()
+        .chunks_exact(2)
+        .map(|c| {
+            (
+                u32::try_from(c[0]).unwrap_or(0),
+                u16::try_from(c[1]).unwrap_or(0),
+            )
+        })
+        .collect();
+    (new, sessions)
+}
+
+/// Users per HSCAN step and per settling call of the lead's scan.
+const SCAN_CHUNK: usize = 2_000;
+
+/// The periodic pass over Redis' books (cluster mode, the user-scan
+/// interval): on the replica holding the writer lease, ends the sessions
+/// whose gap passed, forgets users past `--user-memory` and, past
+/// `--max-users-per-bot`, the least recently seen, and counts the cohorts
+/// into `bm:{bot}:cohorts`; on every replica, reads those cohorts for
+/// `/v1/retention`, the summary and `bot_retention_ratio`.
+///
+/// The decisions are the book's own rule ([`scan_entry`]) made in Rust on
+/// what HSCAN read; `lua/book_scan.lua` applies each only if the entry is
+/// still what was read (a sync may have merged into it since), so one
+/// session is counted once however scans and syncs interleave.
+pub struct BookScanner {
+    cluster: std::sync::Arc<super::Cluster>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    lead: std::sync::Arc<super::lead::Lead>,
+    limits: BookLimits,
+    fields: BookFields,
+    settle: redis::Script,
+}
+
+/// What a lead's scan of one bot did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BookScanReport {
+    pub users: usize,
+    pub ended: usize,
+    pub expired: usize,
+    pub evicted: usize,
+}
+
+impl BookScanner {
+    pub fn new(
+        cluster: std::sync::Arc<super::Cluster>,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        lead: std::sync::Arc<super::lead::Lead>,
+        limits: BookLimits,
+    ) -> super::Result<Self> {
+        Ok(BookScanner {
+            cluster,
+            metrics,
+            lead,
+            limits,
+            fields: BookFields::new()?,
+            settle: redis::Script::new(concat!(
+                include_str!("lua/book.lua"),
+                include_str!("lua/book_scan.lua")
+            )),
+        })
+    }
+
+    /// One pass at unix seconds `now` over every bot whose book is shared.
+    pub async fn scan_once(&self, now: i64) -> super::Result<()> {
+        let mut first_error = None;
+        for bot in self.metrics.bots().iter() {
+            if bot.shared_book_gap().is_none() {
+                continue;
+            }
+            let keys = BotKeys::new(&bot.bot);
+            if self.lead.holds() {
+                match self.scan_bot(bot, &keys, now).await {
+                    Ok(report) => {
+                        let s = &self.metrics.selfm;
+                        let name = [&*bot.bot];
+                        s.book_users
+                            .with_label_values(&name)
+                            .set(report.users as i64);
+                        s.book_fill
+                            .with_label_values(&name)
+                            .set(report.users as f64 / self.limits.max_users.max(1) as f64);
+                        s.book_evicted
+                            .with_label_values(&name)
+                            .inc_by(report.evicted as u64);
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                }
+            }
+            match self.read_cohorts(&keys).await {
+                Ok(Some(cohorts)) => {
+                    let today = bot.today.calendar().day_of(now);
+                    bot.set_cohorts(cohorts, today);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn read_cohorts(&self, keys: &BotKeys) -> super::Result<Option<Vec<Cohort>>> {
+        let mut conn = super::timed(self.cluster.redis.conn()).await?;
+        let bytes: Option<Vec<u8>> =
+            super::timed(redis::cmd("GET").arg(keys.cohorts()).query_async(&mut conn)).await?;
+        Ok(bytes.map(|b| Cohort::decode_all(&b)))
+    }
+
+    /// The lead's pass over one bot's book.
+    pub async fn scan_bot(
+        &self,
+        bot: &crate::metrics::BotMetrics,
+        keys: &BotKeys,
+        now: i64,
+    ) -> super::Result<BookScanReport> {
+        let mut report = BookScanReport::default();
+        let Some(gap) = bot.shared_book_gap() else {
+            return Ok(report);
+        };
+        let calendar = bot.today.calendar();
+        let today = calendar.day_of(now);
+        let oldest = today.saturating_sub(self.limits.memory_days);
+        let now32 = u32::try_from(now.max(0)).unwrap_or(u32::MAX);
+        let mut conn = super::timed(self.cluster.redis.conn()).await?;
+        let mut cursor: u64 = 0;
+        let mut cohorts = CohortCount::new();
+        // (last day, last ts, key, bytes) of every user kept, for eviction.
+        let mut kept: Vec<(u16, u32, u64, Vec<u8>)> = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        loop {
+            let (next, items): (u64, Vec<(Vec<u8>, Vec<u8>)>) = super::timed(
+                redis::cmd("HSCAN")
+                    .arg(keys.book())
+                    .arg(cursor)
+                    .arg("COUNT")
+                    .arg(SCAN_CHUNK)
+                    .query_async(&mut conn),
+            )
+            .await?;
+            for (field, value) in items {
+                let (Ok(k), Some(mut e)) =
+                    (<[u8; 8]>::try_from(field.as_slice()), Entry::unpack(&value))
+                else {
+                    continue;
+                };
+                let key = u64::from_le_bytes(k);
+                match scan_entry(&mut e, now32, gap, oldest) {
+                    Scan::Expired => {
+                        report.expired += 1;
+                        changes.push(Change {
+                            key,
+                            read: value,
+                            write: Vec::new(),
+                            ended: None,
+                        });
+                    }
+                    Scan::Kept(ended) => {
+                        count_cohort(&mut cohorts, &e);
+                        if ended.is_some() {
+                            let write = e.pack().to_vec();
+                            kept.push((e.last_day, e.last_ts, key, write.clone()));
+                            changes.push(Change {
+                                key,
+                                read: value,
+                                write,
+                                ended,
+                            });
+                        } else {
+                            kept.push((e.last_day, e.last_ts, key, value));
+                        }
+                    }
+                }
+            }
+            if changes.len() >= SCAN_CHUNK {
+                self.settle_changes(bot, keys, &mut conn, &changes, now, &mut report)
+                    .await?;
+                changes.clear();
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+        self.settle_changes(bot, keys, &mut conn, &changes, now, &mut report)
+            .await?;
+        // Past the bound the least recently seen go (as the book's own
+        // eviction), out of the cohorts too.
+        if kept.len() > self.limits.max_users {
+            kept.sort_unstable_by_key(|(day, ts, key, _)| (*day, *ts, *key));
+            let excess = kept.len() - self.limits.max_users;
+            let gone: Vec<Change> = kept
+                .drain(..excess)
+                .map(|(_, _, key, read)| Change {
+                    key,
+                    read,
+                    write: Vec::new(),
+                    ended: None,
+                })
+                .collect();
+            for c in &gone {
+                if let Some(e) = Entry::unpack(&c.read)
+                    && let Some(cohort) = cohorts.get_mut(&e.first_day)
+                {
+                    uncount_cohort(cohort, &e);
+                }
+            }
+            report.evicted = gone.len();
+            for part in gone.chunks(SCAN_CHUNK) {
+                self.settle_changes(bot, keys, &mut conn, part, now, &mut report)
+                    .await?;
+            }
+        }
+        cohorts.retain(|_, c| c.size > 0);
+        report.users = kept.len();
+        let _: () = super::timed(
+            redis::cmd("SET")
+                .arg(keys.cohorts())
+                .arg(Cohort::encode_all(&cohorts_of(cohorts)))
+                .query_async(&mut conn),
+        )
+        .await?;
+        Ok(report)
+    }
+
+    async fn settle_changes(
+        &self,
+        bot: &crate::metrics::BotMetrics,
+        keys: &BotKeys,
+        conn: &mut super::connection::Conn,
+        changes: &[Change],
+        now: i64,
+        report: &mut BookScanReport,
+    ) -> super::Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.settle.prepare_invoke();
+        for key in [
+            keys.series(),
+            keys.today(),
+            keys.book(),
+            keys.book_changed(),
+            keys.seeded(),
+        ] {
+            invocation.key(key);
+        }
+        for a in counting(&self.fields, bot.today.calendar(), now) {
+            invocation.arg(a);
+        }
+        invocation.arg(changes.len());
+        for c in changes {
+            invocation.arg(c.key.to_le_bytes().as_slice());
+            invocation.arg(c.read.as_slice());
+            invocation.arg(c.write.as_slice());
+            match c.ended {
+                Some(s) => invocation.arg(s.seconds).arg(s.messages).arg(s.last_ts),
+                None => invocation.arg(-1).arg(-1).arg(-1),
+            };
+        }
+        let answer: Vec<i64> = super::timed(invocation.invoke_async(conn)).await?;
+        let (new, sessions) = found(answer.get(1..).unwrap_or_default());
+        report.ended += sessions.len();
+        bot.credit_book(new, &sessions);
+        Ok(())
+    }
+}
+
+/// [`BookScanner::scan_once`] every `interval`.
+pub async fn scan_loop(
+    scanner: std::sync::Arc<BookScanner>,
+    interval: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let task = crate::tasks::Every {
+        interval,
+        retry_sooner: false,
+        log: Some(crate::tasks::Log {
+            failed: "the scan of the shared user book failed; it runs again at the next interval",
+            recovered: "the scan of the shared user book works again",
+        }),
+    };
+    crate::tasks::every(
+        task,
+        || scanner.scan_once(chrono::Utc::now().timestamp()),
+        shutdown,
+    )
+    .await;
+}
+
+/// One decision of the lead's scan.
+struct Change {
+    key: u64,
+    read: Vec<u8>,
+    /// Empty: the user goes.
+    write: Vec<u8>,
+    ended: Option<Session>,
+}
+
+/// Takes `e` out of its cohort's counts (an eviction after counting).
+fn uncount_cohort(c: &mut Cohort, e: &Entry) {
+    let mut alone = CohortCount::new();
+    count_cohort(&mut alone, e);
+    if let Some(one) = alone.get(&e.first_day) {
+        c.size -= one.size.min(c.size);
+        for n in 0..3 {
+            c.classic[n] -= one.classic[n].min(c.classic[n]);
+            c.rolling[n] -= one.rolling[n].min(c.rolling[n]);
+        }
+    }
 }
 
 /// Script arguments a test of the rule sends: an entry (or empty) and runs.
@@ -166,7 +502,7 @@ fn rule_args(entry: Option<Entry>, runs: &[Run], gap: u32) -> Vec<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::users::{Session, Touched};
+    use crate::metrics::users::Touched;
 
     /// Runs `lua/book.lua`'s rule: answers the packed entry, then per run
     /// {new, returning, ended seconds, messages, last ts} (-1 when none).

@@ -152,6 +152,17 @@ impl BotKeys {
         self.key("book:changed")
     }
 
+    /// Claims a reseed's load of the book for one replica (`book_seed.lua`).
+    pub fn book_load(&self) -> String {
+        self.key("book:load")
+    }
+
+    /// Every cohort of the book as of the lead's last scan (see
+    /// `users::Cohort::encode_all`).
+    pub fn cohorts(&self) -> String {
+        self.key("cohorts")
+    }
+
     pub fn hour_sketch(&self, hour: i64) -> String {
         format!("{}u:h:{hour}", self.prefix)
     }

@@ -224,6 +224,15 @@ pub fn derived(metric: &str) -> bool {
     metric == ACTIVE_USERS.name || metric == RETENTION.name
 }
 
+/// Whether a series is counted by the user book. With the book shared in
+/// cluster mode Redis counts these, so a replica never sends them.
+pub fn of_book(metric: &str) -> bool {
+    metric == USERS_NEW.name
+        || metric == SESSIONS.name
+        || metric.starts_with(SESSION_DURATION.name)
+        || metric.starts_with(SESSION_MESSAGES.name)
+}
+
 /// Response-time buckets for LLM calls: 50 ms to a minute.
 pub const RESPONSE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0,
@@ -519,6 +528,11 @@ impl BotMetrics {
         });
     }
 
+    /// Whether this replica holds runs of `key` not synced yet.
+    pub fn has_unsynced_runs(&self, key: u64) -> bool {
+        self.shared_book.get().is_some_and(|s| s.lock().has(key))
+    }
+
     /// The book's gap when it is shared, else `None`.
     pub fn shared_book_gap(&self) -> Option<u32> {
         self.shared_book.get().map(|s| s.gap)
@@ -552,18 +566,38 @@ impl BotMetrics {
         for s in &scanned.ended {
             self.end_session(*s);
         }
+        self.set_cohorts(scanned.cohorts.clone(), today);
+        scanned
+    }
+
+    /// Every cohort, as of a scan on local day `today` (this book's, or in
+    /// cluster mode the lead's scan of Redis' book), and the gauges of the
+    /// latest complete ones.
+    pub fn set_cohorts(&self, cohorts: Vec<Cohort>, today: u32) {
         // The latest complete cohort for day +N: its day +N has ended.
         for (i, n) in RETENTION_DAYS.iter().enumerate() {
             let ratio = today
                 .checked_sub(n + 1)
-                .and_then(|day| scanned.cohorts.iter().find(|c| c.day == day))
+                .and_then(|day| cohorts.iter().find(|c| c.day == day))
                 .filter(|c| c.size > 0)
                 .map_or(0.0, |c| f64::from(c.classic[i]) / f64::from(c.size));
             self.retention[i].set(ratio);
         }
-        *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(scanned.cohorts.clone());
-        scanned
+        *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cohorts);
+    }
+
+    /// Counts what Redis' merge (or the lead's scan) found in this
+    /// replica's batch: users new to the cluster and sessions that ended.
+    /// Only this replica's `/metrics` sees them (summed across replicas
+    /// like every counter); the sync never sends them back, Redis counted
+    /// them already, and "today" is read from Redis.
+    pub fn credit_book(&self, new_users: u64, sessions: &[(u32, u16)]) {
+        self.users_new.add(new_users as f64);
+        for &(seconds, messages) in sessions {
+            self.sessions.add(1.0);
+            self.session_duration.observe(f64::from(seconds));
+            self.session_messages.observe(f64::from(messages));
+        }
     }
 
     /// Every cohort as of the last scan, oldest first.

@@ -317,7 +317,8 @@ pub struct BookCut {
     pub gone: Vec<u64>,
 }
 
-fn stored_key(key: u64) -> u64 {
+/// How a key is held: 0 marks an empty slot, so a real 0 is held as 1.
+pub fn stored_key(key: u64) -> u64 {
     key.max(1)
 }
 
@@ -508,26 +509,14 @@ impl UserBook {
         let oldest = today.saturating_sub(self.limits.memory_days);
         let mut inner = self.lock();
         let mut expired = Vec::new();
-        let mut cohorts: std::collections::BTreeMap<u16, Cohort> = Default::default();
+        let mut cohorts = CohortCount::new();
         for (key, e) in inner.table.iter_mut() {
-            if u32::from(e.last_day) < oldest {
-                expired.push(key);
-                continue;
-            }
-            if e.flags & ENDED == 0 && now.saturating_sub(e.last_ts) > gap {
-                out.ended.push(Session {
-                    seconds: e.last_ts - e.session_start,
-                    messages: e.session_messages,
-                    last_ts: e.last_ts,
-                });
-                e.flags |= ENDED | DIRTY;
-            }
-            let c = cohorts.entry(e.first_day).or_default();
-            c.size += 1;
-            for (n, after) in RETENTION_DAYS.iter().enumerate() {
-                let day = e.first_day.saturating_add(*after as u16);
-                c.classic[n] += u32::from(e.active_on(day));
-                c.rolling[n] += u32::from(e.last_day >= day);
+            match scan_entry(e, now, gap, oldest) {
+                Scan::Expired => expired.push(key),
+                Scan::Kept(ended) => {
+                    out.ended.extend(ended);
+                    count_cohort(&mut cohorts, e);
+                }
             }
         }
         for key in &expired {
@@ -539,13 +528,7 @@ impl UserBook {
         out.evicted = std::mem::take(&mut inner.evicted);
         inner.gone.extend(expired);
         out.users = inner.table.len;
-        out.cohorts = cohorts
-            .into_iter()
-            .map(|(day, c)| Cohort {
-                day: u32::from(day),
-                ..c
-            })
-            .collect();
+        out.cohorts = cohorts_of(cohorts);
         out
     }
 
@@ -637,6 +620,98 @@ fn merged(a: Entry, b: Entry) -> Entry {
         days: days_of(&a) | days_of(&b),
         flags: (a.flags & DIRTY) | (later.flags & ENDED),
         ..later
+    }
+}
+
+/// What the periodic scan does to one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Not seen within memory: forgotten.
+    Expired,
+    /// Kept; its open session ended now, when the gap has passed.
+    Kept(Option<Session>),
+}
+
+/// The scan's rule for one entry at unix seconds `now` (the book's own
+/// scan, and in cluster mode the lead's scan of Redis' book): users last
+/// seen before day `oldest` expire; a session whose gap passed ends, once.
+pub fn scan_entry(e: &mut Entry, now: u32, gap: u32, oldest: u32) -> Scan {
+    if u32::from(e.last_day) < oldest {
+        return Scan::Expired;
+    }
+    if e.flags & ENDED == 0 && now.saturating_sub(e.last_ts) > gap {
+        e.flags |= ENDED | DIRTY;
+        return Scan::Kept(Some(Session {
+            seconds: e.last_ts - e.session_start,
+            messages: e.session_messages,
+            last_ts: e.last_ts,
+        }));
+    }
+    Scan::Kept(None)
+}
+
+/// Cohorts being counted, by first day.
+pub type CohortCount = std::collections::BTreeMap<u16, Cohort>;
+
+/// Counts `e` into its cohort.
+pub fn count_cohort(cohorts: &mut CohortCount, e: &Entry) {
+    let c = cohorts.entry(e.first_day).or_default();
+    c.size += 1;
+    for (n, after) in RETENTION_DAYS.iter().enumerate() {
+        let day = e.first_day.saturating_add(*after as u16);
+        c.classic[n] += u32::from(e.active_on(day));
+        c.rolling[n] += u32::from(e.last_day >= day);
+    }
+}
+
+/// The counted cohorts, oldest first.
+pub fn cohorts_of(cohorts: CohortCount) -> Vec<Cohort> {
+    cohorts
+        .into_iter()
+        .map(|(day, c)| Cohort {
+            day: u32::from(day),
+            ..c
+        })
+        .collect()
+}
+
+impl Cohort {
+    /// Bytes of one cohort in [`Cohort::encode_all`].
+    const BYTES: usize = 32;
+
+    /// Cohorts as Redis keeps them for every replica (`bm:{bot}:cohorts`):
+    /// eight little-endian u32 each (day, size, classic, rolling).
+    pub fn encode_all(cohorts: &[Cohort]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(cohorts.len() * Self::BYTES);
+        for c in cohorts {
+            for n in [c.day, c.size]
+                .into_iter()
+                .chain(c.classic)
+                .chain(c.rolling)
+            {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// What [`Cohort::encode_all`] wrote; a torn tail is left out.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Cohort> {
+        bytes
+            .chunks_exact(Self::BYTES)
+            .map(|c| {
+                let n: Vec<u32> = c
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Cohort {
+                    day: n[0],
+                    size: n[1],
+                    classic: [n[2], n[3], n[4]],
+                    rolling: [n[5], n[6], n[7]],
+                }
+            })
+            .collect()
     }
 }
 
@@ -830,6 +905,11 @@ impl BookDelta {
         let key = stored_key(key);
         self.runs.remove(&key);
         self.forgets.push(key);
+    }
+
+    /// Whether `key` has runs here.
+    pub fn has(&self, key: u64) -> bool {
+        self.runs.contains_key(&stored_key(key))
     }
 
     /// Users with runs.

@@ -61,30 +61,17 @@ local function book_apply(e, day, s, t, m, gap)
   return e, false, returning, ended
 end
 
--- Merges one replica's book section, ARGV[i] onward, into the bot's book;
--- runs inside sync.lua, under the batch's mark, so a resent batch is
--- skipped whole. Uses sync.lua's KEYS[1] (series) and KEYS[4] (today).
---
--- ARGV from i: book key index, changed-users set key index, gap seconds;
--- the series fields of bot_users_new_total and bot_sessions_total; for
--- each of the two session histograms (duration, messages): n bounds, the
--- n bounds, n + 1 bucket fields (the last +Inf), the sum and count fields;
--- n days, then (local day, its first unix second, YYYY-MM-DD) ascending,
--- the last one past the days counted; n erased users, their 8-byte keys;
--- n users, then per user its 8-byte key, n runs, and (day, start, end,
--- messages) per run, in start order.
-local function book_merge(i)
-  local book, changed = KEYS[tonumber(ARGV[i])], KEYS[tonumber(ARGV[i + 1])]
-  -- What can fail on a damaged key fails before anything is written.
-  for _, key in ipairs({book, changed}) do
-    local t = redis.call('TYPE', key).ok
-    if t ~= 'none' and t ~= (key == book and 'hash' or 'set') then
-      error('WRONGTYPE ' .. key .. ' holds a ' .. t)
-    end
-  end
-  local gap = tonumber(ARGV[i + 2])
-  local f_new, f_sessions = ARGV[i + 3], ARGV[i + 4]
-  i = i + 5
+-- What the rule finds is counted into the bot's series hash and "today"
+-- hash. Reads its arguments from ARGV[i] onward: the series fields of
+-- bot_users_new_total and bot_sessions_total; for each of the two session
+-- histograms (duration, messages): n bounds, the n bounds, n + 1 bucket
+-- fields (the last +Inf), the sum and count fields; n days, then (local
+-- day, its first unix second, YYYY-MM-DD) ascending, the last one past the
+-- days counted (the script places a session's last event in its local day
+-- without knowing the time zone). Returns the counter and the next i.
+local function book_counting(series_key, today_key, i)
+  local f_new, f_sessions = ARGV[i], ARGV[i + 1]
+  i = i + 2
   local function histogram()
     local n = tonumber(ARGV[i])
     local h = {bounds = {}, fields = {}}
@@ -125,7 +112,19 @@ local function book_merge(i)
     add(series, h.sum, v)
     add(series, h.count, 1)
   end
-  local function session_ended(s)
+  local c = {new = 0, sessions = {}}
+  function c.new_user(day)
+    c.new = c.new + 1
+    add(series, f_new, 1)
+    add_today(date_of_day(day), 'users_new', 1)
+  end
+  function c.returning(day)
+    add_today(date_of_day(day), 'users_returning', 1)
+  end
+  -- s: {seconds, messages, last ts}
+  function c.session_ended(s)
+    c.sessions[#c.sessions + 1] = s[1]
+    c.sessions[#c.sessions + 1] = s[2]
     add(series, f_sessions, 1)
     observe(duration, s[1])
     observe(messages, s[2])
@@ -138,15 +137,56 @@ local function book_merge(i)
     end
     add_today(date, 'session_seconds.' .. bucket, 1)
   end
+  function c.write()
+    for field, n in pairs(series) do redis.call('HINCRBYFLOAT', series_key, field, n) end
+    for field, n in pairs(today) do redis.call('HINCRBY', today_key, field, n) end
+  end
+  -- What this call found, for the replica's own /metrics: new users, then
+  -- (seconds, messages) per ended session.
+  function c.found()
+    local out = {c.new}
+    for _, n in ipairs(c.sessions) do out[#out + 1] = n end
+    return out
+  end
+  return c, i
+end
+
+local function book_check_types(book, changed)
+  -- What can fail on a damaged key fails before anything is written.
+  for _, key in ipairs({book, changed}) do
+    local t = redis.call('TYPE', key).ok
+    if t ~= 'none' and t ~= (key == book and 'hash' or 'set') then
+      error('WRONGTYPE ' .. key .. ' holds a ' .. t)
+    end
+  end
+end
+
+-- Merges one replica's book section, ARGV[i] onward, into the bot's book;
+-- runs inside sync.lua, under the batch's mark, so a resent batch is
+-- skipped whole. Counts into sync.lua's KEYS[1] (series) and KEYS[4]
+-- (today).
+--
+-- ARGV from i: book key index, changed-users set key index, gap seconds,
+-- the counting section (book_counting); n erased users, their 8-byte keys;
+-- n users, then per user its 8-byte key, n runs, and (day, start, end,
+-- messages) per run, in start order. Returns what it found (c.found()).
+local function book_merge(i)
+  local book, changed = KEYS[tonumber(ARGV[i])], KEYS[tonumber(ARGV[i + 1])]
+  book_check_types(book, changed)
+  local gap = tonumber(ARGV[i + 2])
+  local c
+  c, i = book_counting(KEYS[1], KEYS[4], i + 3)
   for _ = 1, tonumber(ARGV[i]) do
     i = i + 1
     redis.call('HDEL', book, ARGV[i])
     redis.call('SADD', changed, ARGV[i])
   end
   i = i + 1
-  for _ = 1, tonumber(ARGV[i]) do
-    local key, n = ARGV[i + 1], tonumber(ARGV[i + 2])
-    i = i + 3
+  local users = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, users do
+    local key, n = ARGV[i], tonumber(ARGV[i + 1])
+    i = i + 2
     local held = redis.call('HGET', book, key)
     -- A value of another length is no entry (damaged): the user starts again.
     local e = nil
@@ -157,18 +197,15 @@ local function book_merge(i)
       e, new, returning, ended = book_apply(e, day, tonumber(ARGV[i + 1]),
         tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), gap)
       i = i + 4
-      if new then
-        add(series, f_new, 1)
-        add_today(date_of_day(day), 'users_new', 1)
-      end
-      if returning then add_today(date_of_day(day), 'users_returning', 1) end
-      if ended then session_ended(ended) end
+      if new then c.new_user(day) end
+      if returning then c.returning(day) end
+      if ended then c.session_ended(ended) end
     end
     if n > 0 then
       redis.call('HSET', book, key, book_pack(e))
       redis.call('SADD', changed, key)
     end
   end
-  for field, n in pairs(series) do redis.call('HINCRBYFLOAT', KEYS[1], field, n) end
-  for field, n in pairs(today) do redis.call('HINCRBY', KEYS[4], field, n) end
+  c.write()
+  return c.found()
 end

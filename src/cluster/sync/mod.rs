@@ -102,10 +102,14 @@ fn cut(
     mark: u64,
 ) -> Batch {
     {
+        let shared = bot.shared_book_gap().is_some();
         let mut series = Vec::new();
         for row in bot_rows(bot) {
             if crate::metrics::bot::derived(&row.metric) {
                 continue; // a gauge, from Redis' own sketches
+            }
+            if shared && crate::metrics::bot::of_book(&row.metric) {
+                continue; // Redis' merge counts these (see `cluster::book`)
             }
             let field = field(&row.metric, &row.labels);
             let delta = row.value - baseline.get(&field).copied().unwrap_or(0.0);
@@ -335,7 +339,7 @@ impl Syncer {
             }
             let b = &mut bots[i];
             if let Ok(a) = &answer
-                && a.len() == 5
+                && a.len() >= 5
                 && (a[0] == 3 || (a[0] != 0 && (a[4].max(0) as u64) < b.confirmed))
             {
                 // Redis holds less of this replica than it confirmed: it
@@ -357,10 +361,15 @@ impl Syncer {
                 answer = resent;
             }
             match answer {
-                Ok(a) if a.len() == 5 && (a[0] == 1 || a[0] == 2) => {
+                Ok(a) if a.len() >= 5 && (a[0] == 1 || a[0] == 2) => {
                     if let Some(batch) = b.inflight.take() {
                         if a[0] == 1 {
                             report.applied += 1;
+                            // Only the call that merged knows what the
+                            // merge found (a lost reply loses it for this
+                            // replica's /metrics; Redis counted it).
+                            let (new, sessions) = super::book::found(&a[5..]);
+                            b.bot.credit_book(new, &sessions);
                         } else {
                             report.repeated += 1;
                         }
