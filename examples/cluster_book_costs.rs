@@ -43,13 +43,22 @@ fn free_port() -> u16 {
 
 fn redis_server(port: u16) -> Server {
     let child = Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
         .stdout(Stdio::null())
         .spawn()
         .expect("redis-server on PATH");
+    // Owned first: a start that fails still kills and waits for it.
+    let server = Server(child);
     for _ in 0..100 {
         if cli(port, &["PING"]).trim() == "PONG" {
-            return Server(child);
+            return server;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -117,8 +126,9 @@ async fn syncs(app: &Application, port: u16, first: usize, fresh: bool) -> Measu
     for run in 0..RUNS {
         let now = chrono::Utc::now().timestamp();
         let from = if fresh { first + run * ACTIVE } else { first };
+        let body = batch(from, ACTIVE, now);
         let events = parse_batch(
-            &batch(from, ACTIVE, now),
+            &body,
             BodyFormat::Json,
             ACTIVE + 1,
             now,
@@ -170,7 +180,15 @@ async fn main() {
         }
         // Rows of one flush after one more sync of 10,000 returning users.
         let persistence = app.state().persistence.clone();
-        let _ = persistence.flush_once().await.expect("flush");
+        // What earlier syncs changed goes first (at most 100,000 users a
+        // flush), so the flush measured holds one sync interval's users.
+        for _ in 0..10 {
+            if let FlushOutcome::Wrote { users: 0, .. } | FlushOutcome::Idle =
+                persistence.flush_once().await.expect("flush")
+            {
+                break;
+            }
+        }
         let _ = syncs(&app, port, 0, false).await;
         match persistence.flush_once().await.expect("flush") {
             FlushOutcome::Wrote {
@@ -186,13 +204,17 @@ async fn main() {
         // Memory per remembered user: the book's hash after FILL_RUNS ×
         // ACTIVE more users, read from INFO memory and MEMORY USAGE.
         let before = number(port, "memory", "used_memory");
-        let users_before: u64 = cli(port, &["HLEN", "bm:{b}:book"]).trim().parse().unwrap_or(0);
+        let users_before: u64 = cli(port, &["HLEN", "bm:{b}:book"])
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let state = app.state().clone();
         let bot = state.metrics.bot("b").expect("bot").clone();
         for run in 0..FILL_RUNS {
             let now = chrono::Utc::now().timestamp();
+            let body = batch(1_000_000 + run * ACTIVE, ACTIVE, now);
             let events = parse_batch(
-                &batch(1_000_000 + run * ACTIVE, ACTIVE, now),
+                &body,
                 BodyFormat::Json,
                 ACTIVE + 1,
                 now,
@@ -210,7 +232,10 @@ async fn main() {
         let _ = persistence.flush_once().await.expect("flush");
         let _ = persistence.flush_once().await.expect("flush");
         let after = number(port, "memory", "used_memory");
-        let users: u64 = cli(port, &["HLEN", "bm:{b}:book"]).trim().parse().unwrap_or(0);
+        let users: u64 = cli(port, &["HLEN", "bm:{b}:book"])
+            .trim()
+            .parse()
+            .unwrap_or(0);
         let usage: u64 = cli(port, &["MEMORY", "USAGE", "bm:{b}:book", "SAMPLES", "0"])
             .trim()
             .parse()

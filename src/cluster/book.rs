@@ -9,7 +9,7 @@
 //! `lua/book.lua`): a resent batch is skipped whole, so no run is merged
 //! twice, and the sync stays one round trip per bot. The script applies
 //! each run to the user's entry in the hash `bm:{bot}:book` with the rule of
-//! [`apply_run`] — the same rule, mirrored in Lua, tested against each
+//! [`apply_run`](crate::metrics::users::apply_run) — the same rule, mirrored in Lua, tested against each
 //! other below — and counts what the rule says (a new user, a returning
 //! day, an ended session) into the bot's cluster series and "today"
 //! counters, in the same atomic step.
@@ -148,16 +148,21 @@ pub fn section(
     args.extend(delta.forgets.iter().map(|k| k.to_le_bytes().to_vec()));
     push(&mut args, delta.runs.len().to_string());
     for (key, runs) in &delta.runs {
-        args.push(key.to_le_bytes().to_vec());
-        push(&mut args, runs.len().to_string());
+        let mut user = Vec::with_capacity(8 + RUN_BYTES * runs.len());
+        user.extend_from_slice(&key.to_le_bytes());
         for r in runs {
-            for n in [u32::from(r.day), r.start, r.end, u32::from(r.messages)] {
-                push(&mut args, n.to_string());
-            }
+            user.extend_from_slice(&r.day.to_le_bytes());
+            user.extend_from_slice(&r.start.to_le_bytes());
+            user.extend_from_slice(&r.end.to_le_bytes());
+            user.extend_from_slice(&r.messages.to_le_bytes());
         }
+        args.push(user);
     }
     args
 }
+
+/// Bytes of one run in a user's sync argument (`struct` format '<HIIH').
+const RUN_BYTES: usize = 12;
 
 /// What a script answered it found: new users, then (seconds, messages)
 /// per ended session.
@@ -297,13 +302,19 @@ impl BookScanner {
         let oldest = today.saturating_sub(self.limits.memory_days);
         let now32 = u32::try_from(now.max(0)).unwrap_or(u32::MAX);
         let mut conn = super::timed(self.cluster.redis.conn()).await?;
+        let held: usize =
+            super::timed(redis::cmd("HLEN").arg(keys.book()).query_async(&mut conn)).await?;
+        // Past the bound, (last day, last ts, key, bytes) of every user
+        // kept, to evict the least recently seen; else only their count.
+        let over = held > self.limits.max_users;
+        let mut kept: Vec<(u16, u32, u64, Vec<u8>)> = Vec::new();
+        let mut kept_count = 0usize;
         let mut cursor: u64 = 0;
         let mut cohorts = CohortCount::new();
-        // (last day, last ts, key, bytes) of every user kept, for eviction.
-        let mut kept: Vec<(u16, u32, u64, Vec<u8>)> = Vec::new();
+        let mut seen = std::collections::HashSet::with_capacity(held);
         let mut changes: Vec<Change> = Vec::new();
         loop {
-            let (next, items): (u64, Vec<(Vec<u8>, Vec<u8>)>) = super::timed(
+            let (next, items): (u64, Vec<Field>) = super::timed(
                 redis::cmd("HSCAN")
                     .arg(keys.book())
                     .arg(cursor)
@@ -319,6 +330,11 @@ impl BookScanner {
                     continue;
                 };
                 let key = u64::from_le_bytes(k);
+                // HSCAN may return a field twice (a rehash between calls):
+                // counted once.
+                if !seen.insert(key) {
+                    continue;
+                }
                 match scan_entry(&mut e, now32, gap, oldest) {
                     Scan::Expired => {
                         report.expired += 1;
@@ -331,17 +347,21 @@ impl BookScanner {
                     }
                     Scan::Kept(ended) => {
                         count_cohort(&mut cohorts, &e);
-                        if ended.is_some() {
+                        kept_count += 1;
+                        let entry = if ended.is_some() {
                             let write = e.pack().to_vec();
-                            kept.push((e.last_day, e.last_ts, key, write.clone()));
                             changes.push(Change {
                                 key,
                                 read: value,
-                                write,
+                                write: write.clone(),
                                 ended,
                             });
+                            write
                         } else {
-                            kept.push((e.last_day, e.last_ts, key, value));
+                            value
+                        };
+                        if over {
+                            kept.push((e.last_day, e.last_ts, key, entry));
                         }
                     }
                 }
@@ -360,7 +380,7 @@ impl BookScanner {
             .await?;
         // Past the bound the least recently seen go (as the book's own
         // eviction), out of the cohorts too.
-        if kept.len() > self.limits.max_users {
+        if over && kept.len() > self.limits.max_users {
             kept.sort_unstable_by_key(|(day, ts, key, _)| (*day, *ts, *key));
             let excess = kept.len() - self.limits.max_users;
             let gone: Vec<Change> = kept
@@ -386,7 +406,7 @@ impl BookScanner {
             }
         }
         cohorts.retain(|_, c| c.size > 0);
-        report.users = kept.len();
+        report.users = kept_count - report.evicted;
         let _: () = super::timed(
             redis::cmd("SET")
                 .arg(keys.cohorts())
@@ -461,6 +481,9 @@ pub async fn scan_loop(
     )
     .await;
 }
+
+/// One field of the book as HSCAN answers it: (key, entry).
+type Field = (Vec<u8>, Vec<u8>);
 
 /// One decision of the lead's scan.
 struct Change {

@@ -388,3 +388,45 @@ async fn a_redis_that_lost_its_data_gets_the_book_back_from_the_store() {
     assert_eq!(s["users"]["new_total"], 2, "{s}");
     drop(reps);
 }
+
+#[tokio::test]
+async fn at_the_bound_the_leads_scan_forgets_the_least_recently_seen_users_of_redis_book() {
+    let Some((_db, redis, reps)) = three(&["--max-users-per-bot", "100"]).await else {
+        return;
+    };
+    // Users 1–10 last seen three days ago, 11–110 yesterday.
+    let old: Vec<Value> = (1..=10u64).map(|u| message(u, at(3))).collect();
+    let recent: Vec<Value> = (11..=110u64).map(|u| message(u, at(1))).collect();
+    reps[0].post_ok("tx", &Value::Array(old)).await;
+    reps[1].post_ok("tx", &Value::Array(recent)).await;
+    all_synced(&refs(&reps)).await;
+    until(
+        "the scan brought the book to its bound",
+        || async { redis.cmd(&["HLEN", "bm:{x}:book"]).trim().to_owned() },
+        |n| n == "100",
+    )
+    .await;
+    for r in reps.iter() {
+        until(
+            "every replica reads the cohorts without the forgotten",
+            || async {
+                r.get_json(&format!("/v1/retention?from={}&to={}", date(3), date(0)))
+                    .await
+                    .1
+            },
+            |a| {
+                a["cohorts"].as_array().is_some_and(|c| {
+                    c.iter().any(|c| c["day"] == date(3) && c["size"] == 0)
+                        && c.iter().any(|c| c["day"] == date(1) && c["size"] == 100)
+                })
+            },
+        )
+        .await;
+    }
+    // Back, a forgotten user is new again.
+    reps[2].post_ok("tx", &json!([message(1u64, at(0))])).await;
+    all_synced(&refs(&reps)).await;
+    let s = summary(&reps[0], "x").await.expect("a summary");
+    assert_eq!(s["users"]["new_total"], 111, "{s}");
+    assert_eq!(s["users"]["new_today"], 1, "{s}");
+}

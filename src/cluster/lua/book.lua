@@ -168,8 +168,9 @@ end
 --
 -- ARGV from i: book key index, changed-users set key index, gap seconds,
 -- the counting section (book_counting); n erased users, their 8-byte keys;
--- n users, then per user its 8-byte key, n runs, and (day, start, end,
--- messages) per run, in start order. Returns what it found (c.found()).
+-- n users, then per user one argument: its 8-byte key and its runs in
+-- start order, 12 bytes each ('<HIIH': day, start, end, messages): binary,
+-- a quarter of the bytes of decimal arguments. Returns what it found (c.found()).
 local function book_merge(i)
   local book, changed = KEYS[tonumber(ARGV[i])], KEYS[tonumber(ARGV[i + 1])]
   book_check_types(book, changed)
@@ -183,25 +184,23 @@ local function book_merge(i)
   end
   i = i + 1
   local users = tonumber(ARGV[i])
-  i = i + 1
   for _ = 1, users do
-    local key, n = ARGV[i], tonumber(ARGV[i + 1])
-    i = i + 2
+    i = i + 1
+    local user = ARGV[i]
+    local key = string.sub(user, 1, 8)
     local held = redis.call('HGET', book, key)
     -- A value of another length is no entry (damaged): the user starts again.
     local e = nil
     if held and #held == 20 then e = book_unpack(held) end
-    for _ = 1, n do
-      local day = tonumber(ARGV[i])
+    for at = 9, #user - 11, 12 do
+      local day, s, t, m = struct.unpack('<HIIH', user, at)
       local new, returning, ended
-      e, new, returning, ended = book_apply(e, day, tonumber(ARGV[i + 1]),
-        tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3]), gap)
-      i = i + 4
+      e, new, returning, ended = book_apply(e, day, s, t, m, gap)
       if new then c.new_user(day) end
       if returning then c.returning(day) end
       if ended then c.session_ended(ended) end
     end
-    if n > 0 then
+    if e then
       redis.call('HSET', book, key, book_pack(e))
       redis.call('SADD', changed, key)
     end

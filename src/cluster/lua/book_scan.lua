@@ -30,7 +30,7 @@ for _ = 1, tonumber(ARGV[i]) do
     end
     applied = applied + 1
   end
-  i = i + 7
+  i = i + 6
 end
 c.write()
 local out = {applied}
