@@ -729,4 +729,97 @@ return out
         );
         assert_eq!(f.messages.count, "bot_session_messages_count{}");
     }
+
+    #[test]
+    fn a_sync_section_merges_every_user_and_run_as_the_rule_does() {
+        let Some((_server, port)) = redis_server() else {
+            return;
+        };
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("a url");
+        let mut conn = (0..200)
+            .find_map(|_| {
+                client.get_connection().ok().or_else(|| {
+                    std::thread::sleep(std::time::Duration::from_millis(25));
+                    None
+                })
+            })
+            .expect("redis-server answers");
+        // book_merge as sync.lua calls it, its section from ARGV[1].
+        let script = redis::Script::new(&format!(
+            "{}\nreturn book_merge(1)",
+            include_str!("lua/book.lua")
+        ));
+        let calendar = Calendar::new(chrono_tz::UTC);
+        let fields = BookFields::new().expect("fields");
+        let keys = BotKeys::new("t");
+        let gap = 1800;
+        const DAY: i64 = 86_400;
+        let now = chrono::Utc::now().timestamp();
+        let mut rng = Lcg(11);
+        let mut rust: std::collections::HashMap<u64, Entry> = Default::default();
+        let (mut new, mut ended) = (0u64, 0usize);
+        for round in 0..5 {
+            let mut delta = BookDelta::default();
+            for _ in 0..200 {
+                let user = 1 + rng.below(60);
+                let ts = now - 10 * DAY + rng.below(10 * DAY as u64) as i64;
+                delta.add(user, ts, calendar.day_of(ts), rng.below(2) == 1, gap);
+            }
+            if round == 3 {
+                delta.forget(5);
+                rust.remove(&5);
+            }
+            for (key, runs) in &delta.runs {
+                let mut e = rust.get(key).copied();
+                for r in runs {
+                    let (next, t) = apply_run(e, r, gap);
+                    new += u64::from(t.new);
+                    ended += usize::from(t.ended.is_some());
+                    e = Some(next);
+                }
+                if let Some(e) = e {
+                    rust.insert(*key, e);
+                }
+            }
+            let mut script_keys = vec![keys.series(), keys.applied(), keys.seeded(), keys.today()];
+            let args = section(
+                &delta,
+                &mut script_keys,
+                &keys,
+                &fields,
+                &calendar,
+                now,
+                gap,
+            );
+            let mut invocation = script.prepare_invoke();
+            for k in &script_keys {
+                invocation.key(k);
+            }
+            for a in args {
+                invocation.arg(a);
+            }
+            let _: Vec<i64> = invocation.invoke(&mut conn).expect("the merge runs");
+        }
+        let held: std::collections::HashMap<Vec<u8>, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(keys.book())
+            .query(&mut conn)
+            .expect("the book");
+        assert_eq!(held.len(), rust.len());
+        for (key, e) in &rust {
+            let got = held
+                .get(key.to_le_bytes().as_slice())
+                .expect("the user is held");
+            assert_eq!(Entry::unpack(got), Entry::unpack(&e.pack()), "user {key}");
+        }
+        let series: std::collections::HashMap<String, f64> = redis::cmd("HGETALL")
+            .arg(keys.series())
+            .query(&mut conn)
+            .expect("series");
+        assert_eq!(series.get(&fields.new).copied(), Some(new as f64));
+        assert_eq!(
+            series.get(&fields.sessions).copied().unwrap_or(0.0),
+            ended as f64
+        );
+        assert!(ended > 0, "the inputs end sessions");
+    }
 }
