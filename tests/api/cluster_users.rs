@@ -430,3 +430,41 @@ async fn at_the_bound_the_leads_scan_forgets_the_least_recently_seen_users_of_re
     assert_eq!(s["users"]["new_total"], 111, "{s}");
     assert_eq!(s["users"]["new_today"], 1, "{s}");
 }
+
+#[tokio::test]
+async fn an_erasure_answered_then_kill_9_still_reaches_redis_and_every_replica() {
+    let Some((db, redis, mut reps)) = three(&[]).await else {
+        return;
+    };
+    reps[0]
+        .post_ok("tx", &json!([message("carol", now())]))
+        .await;
+    all_synced(&refs(&reps)).await;
+    assert_eq!(redis.cmd(&["HLEN", "bm:{x}:book"]).trim(), "1");
+    // Answered, then killed at once: whether its sync came first or not,
+    // the journal has the erasure and the restart's replay sends it.
+    assert_eq!(
+        forget(&reps[1], "carol").await,
+        (200, json!({"forgotten": true}))
+    );
+    reps.0[1].kill_9().await;
+    reps.0[1] = replica(&db, &redis.url(), 1, &[]).await;
+    connected(&reps[1]).await;
+    until(
+        "the erasure reached Redis",
+        || async { redis.cmd(&["HLEN", "bm:{x}:book"]).trim().to_owned() },
+        |n| n == "0",
+    )
+    .await;
+    all_synced(&refs(&reps)).await;
+    for r in reps.iter() {
+        assert_eq!(forget(r, "carol").await, (200, json!({"forgotten": false})));
+    }
+    let raw = Raw::connect(&db.url).await;
+    until(
+        "no row in the store",
+        || async { raw.int("select count(*) from user_book").await },
+        |n| *n == 0,
+    )
+    .await;
+}
