@@ -54,6 +54,8 @@ pub enum StartError {
     RemoteWrite(#[from] crate::remote_write::RemoteWriteError),
     #[error("server: {0}")]
     Serve(std::io::Error),
+    #[error("cluster: {0}")]
+    Cluster(#[from] crate::cluster::ClusterError),
     #[error("the OS's random source failed, so no installation secret can be made: {0}")]
     Random(String),
 }
@@ -75,6 +77,8 @@ pub struct Application {
 struct Tier {
     syncer: Arc<Syncer>,
     claims: Arc<Claims>,
+    /// The scan of Redis' books, when they are shared.
+    books: Option<Arc<crate::cluster::book::BookScanner>>,
 }
 
 impl Application {
@@ -91,18 +95,12 @@ impl Application {
             usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
             config.timezone,
             config.metrics_cache_ttl.as_secs_f64(),
-            // Cluster mode has no shared user book yet: rather than books
-            // that each see a part of the users (and call a user new on
-            // every replica they reach), none.
-            match &config.redis_url {
-                None => config.book_limits(),
-                Some(_) => crate::metrics::users::BookLimits::OFF,
-            },
+            config.book_limits(),
         )?);
-        if config.redis_url.is_some() && config.user_memory > std::time::Duration::ZERO {
-            tracing::warn!(
-                "the user book (new and returning users, retention, sessions) is not shared across replicas yet: it is off in cluster mode"
-            );
+        // Cluster mode: one book per bot across replicas, in Redis (see
+        // `cluster::book`); each replica only sends its users' runs.
+        if config.redis_url.is_some() {
+            metrics.share_books();
         }
         // The store's lease must not outlive the Redis lease by more than a
         // bound (one process with a standby gets the same): twice it, and
@@ -177,7 +175,7 @@ impl Application {
                         claims.clone(),
                         store.clone(),
                         usize::try_from(config.max_label_values).unwrap_or(usize::MAX),
-                    ));
+                    )?);
                     let lead = Arc::new(Lead::new(
                         cluster.clone(),
                         view.clone(),
@@ -196,7 +194,26 @@ impl Application {
                         "cluster mode: counts sync to Redis every {:?}",
                         config.sync_interval
                     );
-                    (ingest, lead, totals, Some(Tier { syncer, claims }))
+                    let books = if metrics.books_shared() {
+                        Some(Arc::new(crate::cluster::book::BookScanner::new(
+                            cluster.clone(),
+                            metrics.clone(),
+                            lead.clone(),
+                            metrics.book_limits(),
+                        )?))
+                    } else {
+                        None
+                    };
+                    (
+                        ingest,
+                        lead,
+                        totals,
+                        Some(Tier {
+                            syncer,
+                            claims,
+                            books,
+                        }),
+                    )
                 }
             };
         let persistence = Arc::new(Persistence::new(
@@ -365,6 +382,13 @@ impl Application {
             state.ingest.clone(),
             token.clone(),
         ));
+        let book_scan = tier.as_ref().and_then(|t| t.books.clone()).map(|books| {
+            tokio::spawn(crate::cluster::book::scan_loop(
+                books,
+                config.user_scan_interval,
+                token.clone(),
+            ))
+        });
         let tier_tasks = tier.map(|tier| {
             (
                 tokio::spawn(crate::cluster::sync::sync_loop(
@@ -423,6 +447,9 @@ impl Application {
         // The scan stops before the final flush, so the flush holds its
         // last effects.
         let _ = user_scan.await;
+        if let Some(task) = book_scan {
+            let _ = task.await;
+        }
         let _ = tokio::join!(flush, history, journal_sync, reloads, registry);
         if let Some(pusher) = pusher {
             let _ = pusher.await;

@@ -216,7 +216,8 @@ pub async fn scan_users_once(metrics: &crate::metrics::Metrics, ingest: &Ingest,
     let started = std::time::Instant::now();
     let mut bytes = 0;
     for bot in metrics.bots().iter() {
-        if !bot.book.enabled() {
+        // A shared book lives in Redis: the lead's scan does it there.
+        if !bot.book.enabled() || bot.shared_book_gap().is_some() {
             continue;
         }
         let scanned = ingest.alongside(|| bot.scan_users(now)).await;

@@ -26,6 +26,14 @@ pub trait Totals: Send + Sync {
     /// whatever the store does, and these fields say why (cluster mode:
     /// every replica counts into its journal and reads the cluster).
     fn ready_without_store(&self) -> Option<Vec<(&'static str, Value)>>;
+
+    /// Whether the book of `bot` knows the user of keyed hash `key` (the
+    /// answer of an erasure): this process's book, or in cluster mode the
+    /// shared one in Redis.
+    fn knows_user<'a>(&'a self, bot: &'a BotMetrics, key: u64) -> BoxFuture<'a, bool> {
+        let known = bot.book.contains(key);
+        Box::pin(async move { known })
+    }
 }
 
 /// One process: its own memory is the truth.

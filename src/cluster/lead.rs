@@ -46,6 +46,7 @@ pub struct Lead {
     wipe: redis::Script,
     release: redis::Script,
     clean: redis::Script,
+    clean_book: redis::Script,
 }
 
 fn source(e: ClusterError) -> PersistError {
@@ -90,7 +91,13 @@ impl Lead {
             wipe: redis::Script::new(include_str!("lua/wipe.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),
             clean: redis::Script::new(include_str!("lua/clean.lua")),
+            clean_book: redis::Script::new(include_str!("lua/book_clean.lua")),
         }
+    }
+
+    /// Whether this replica holds the writer lease (as of its last flush).
+    pub fn holds(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
     }
 
     /// Takes or renews the lease. False while another replica writes. A
@@ -195,6 +202,32 @@ impl Lead {
     }
 }
 
+impl Lead {
+    /// The store has these users now: unmark those no sync or scan
+    /// changed since they were read (as [`Lead::clean`] does sketches).
+    async fn clean_users(&self, users: &[crate::store::BotUsers]) {
+        let Ok(mut conn) = timed(self.cluster.redis.conn()).await else {
+            return;
+        };
+        for u in users {
+            let keys = BotKeys::new(&u.bot);
+            let mut invocation = self.clean_book.prepare_invoke();
+            invocation.key(keys.book()).key(keys.book_changed());
+            for row in &u.changed {
+                let entry = crate::metrics::users::Entry::from_stored(&row.entry);
+                invocation.arg(row.key.to_le_bytes().as_slice());
+                invocation.arg(entry.pack().as_slice());
+            }
+            for key in &u.gone {
+                invocation.arg(key.to_le_bytes().as_slice()).arg("");
+            }
+            if let Err(e) = timed(invocation.invoke_async::<i64>(&mut conn)).await {
+                tracing::debug!(error = %e, bot = %u.bot, "user marks not cleared; the next flush writes them again");
+            }
+        }
+    }
+}
+
 impl Source for Lead {
     fn lead(&self) -> BoxFuture<'_, persist::Result<bool>> {
         Box::pin(async { self.hold().await.map_err(source) })
@@ -254,6 +287,23 @@ impl Source for Lead {
                         hll: hll.clone(),
                     });
                 }
+                if !view.book_users.is_empty() {
+                    let mut users = crate::store::BotUsers {
+                        bot: view.bot.clone(),
+                        changed: Vec::new(),
+                        gone: Vec::new(),
+                    };
+                    for (key, entry) in &view.book_users {
+                        match crate::metrics::users::Entry::unpack(entry) {
+                            Some(e) => users.changed.push(crate::store::UserRow {
+                                key: *key,
+                                entry: e.to_stored(),
+                            }),
+                            None => users.gone.push(*key),
+                        }
+                    }
+                    cut.rest.users.push(users);
+                }
                 for (replica, applied) in &view.applied {
                     cut.rest.cluster_progress.push(ClusterProgress {
                         bot: view.bot.clone(),
@@ -267,7 +317,10 @@ impl Source for Lead {
     }
 
     fn stored<'a>(&'a self, batch: &'a FlushBatch) -> BoxFuture<'a, ()> {
-        Box::pin(self.clean(&batch.cluster_sketches))
+        Box::pin(async move {
+            self.clean(&batch.cluster_sketches).await;
+            self.clean_users(&batch.users).await;
+        })
     }
 
     fn not_stored(&self, batch: &FlushBatch) {
@@ -318,6 +371,15 @@ impl Source for Lead {
             }
             for d in [day - super::DAYS, day + 1] {
                 invocation.key(keys.day_sketch(d));
+            }
+            // The shared user book, its marks and the cohorts read from it.
+            for key in [
+                keys.book(),
+                keys.book_changed(),
+                keys.book_load(),
+                keys.cohorts(),
+            ] {
+                invocation.key(key);
             }
             for replica in &replicas {
                 invocation.key(keys.pending(replica));

@@ -31,6 +31,7 @@
 //! a bot's keys live on one slot and every per-bot script is atomic
 //! without a cross-slot operation; see [`BotKeys`].
 
+pub mod book;
 pub mod claims;
 mod connection;
 pub mod health;
@@ -138,6 +139,28 @@ impl BotKeys {
     /// Sketches changed since the store last got them.
     pub fn dirty(&self) -> String {
         self.key("dirty")
+    }
+
+    /// The shared user book: field = a user's keyed hash (8 bytes, little
+    /// endian) → the packed entry (`users::Entry::pack`, 20 bytes).
+    pub fn book(&self) -> String {
+        self.key("book")
+    }
+
+    /// Users of the book changed (or erased) since the store last got them.
+    pub fn book_changed(&self) -> String {
+        self.key("book:changed")
+    }
+
+    /// Claims a reseed's load of the book for one replica (`book_seed.lua`).
+    pub fn book_load(&self) -> String {
+        self.key("book:load")
+    }
+
+    /// Every cohort of the book as of the lead's last scan (see
+    /// `users::Cohort::encode_all`).
+    pub fn cohorts(&self) -> String {
+        self.key("cohorts")
     }
 
     pub fn hour_sketch(&self, hour: i64) -> String {

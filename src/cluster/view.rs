@@ -32,7 +32,14 @@ pub struct BotView {
     /// (sketch name within the bot's keys, raw HyperLogLog), changed since
     /// the store last got them; when read for the store.
     pub sketches: Vec<(String, Vec<u8>)>,
+    /// The user book's users changed since the store last got them: (key,
+    /// packed entry, empty for a user gone); when read for the store.
+    pub book_users: Vec<(u64, Vec<u8>)>,
 }
+
+/// Changed users one flush writes at most: a reseed or a busy day's
+/// changes go over several flushes rather than in one huge transaction.
+pub const USERS_PER_FLUSH: usize = 100_000;
 
 /// The longest a summary waits for Redis before answering from the last
 /// good read: a hung Redis must not hold a dashboard's refresh.
@@ -74,6 +81,7 @@ impl View {
                     invocation.key(key);
                 }
                 invocation.arg(if for_store { "1" } else { "0" });
+                invocation.arg(USERS_PER_FLUSH);
                 let answer: Result<Value> = timed(invocation.invoke_async(&mut conn)).await;
                 (i, answer.and_then(|v| parse(&keys, &bot, v)))
             });
@@ -181,9 +189,46 @@ impl Totals for ClusterTotals {
                     };
                     restore_into(|_| Some(&scratch), calendar, &stored, ts);
                     scratch.active.set_cluster(view.users);
+                    // The cohorts of the shared book, as of the lead's scan.
+                    scratch.set_cohorts((*own.cohorts()).clone(), calendar.day_of(ts));
                     Summary::build(&scratch, now, uptime_seconds)
                 })
                 .collect()
+        })
+    }
+
+    /// The shared book in Redis, or this replica's runs not synced yet;
+    /// with Redis away, only the latter.
+    fn knows_user<'a>(&'a self, bot: &'a BotMetrics, key: u64) -> BoxFuture<'a, bool> {
+        Box::pin(async move {
+            if bot.shared_book_gap().is_none() {
+                return bot.book.contains(key);
+            }
+            if bot.has_unsynced_runs(key) {
+                return true;
+            }
+            let keys = BotKeys::new(&bot.bot);
+            let asked = async {
+                let mut conn = timed(self.view.cluster.redis.conn()).await?;
+                timed(
+                    redis::cmd("HEXISTS")
+                        .arg(keys.book())
+                        .arg(
+                            crate::metrics::users::stored_key(key)
+                                .to_le_bytes()
+                                .as_slice(),
+                        )
+                        .query_async::<bool>(&mut conn),
+                )
+                .await
+            };
+            match asked.await {
+                Ok(known) => known,
+                Err(e) => {
+                    tracing::warn!(error = %e, bot = %bot.bot, "redis did not say whether it knew the user being forgotten; the erasure goes on");
+                    false
+                }
+            }
         })
     }
 
@@ -320,6 +365,18 @@ fn parse(keys: &BotKeys, bot: &str, v: Value) -> Result<Option<BotView>> {
             }
             let name = key.split_once("}:").map_or(key.as_str(), |(_, n)| n);
             view.sketches.push((name.to_owned(), hll.to_vec()));
+        }
+    }
+    if let Some(users) = items.get(8) {
+        for (key, entry) in pairs(users).ok_or_else(|| bad("users"))? {
+            let (Some(key), Some(entry)) = (bytes(key), bytes(entry)) else {
+                continue;
+            };
+            let Ok(key) = <[u8; 8]>::try_from(key) else {
+                continue;
+            };
+            view.book_users
+                .push((u64::from_le_bytes(key), entry.to_vec()));
         }
     }
     Ok(Some(view))

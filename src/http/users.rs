@@ -186,7 +186,7 @@ async fn forget_user(
         });
     }
     let user = state.user_key.hash(&UserId::Str(user_id.as_str().into()));
-    let known = metrics.book.contains(user.0);
+    let known = state.totals.knows_user(&metrics, user.0).await;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let event = Event {
         user: Some(user),

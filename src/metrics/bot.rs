@@ -16,8 +16,8 @@ use crate::metrics::active::ActiveUsers;
 use crate::metrics::cells::{Counter, Family, Histogram, HistogramSnapshot, Micros};
 use crate::metrics::today::Today;
 use crate::metrics::users::{
-    BookLimits, Cohort, RETENTION_DAYS, SESSION_DURATION_BUCKETS, SESSION_MESSAGE_BUCKETS, Session,
-    UserBook,
+    BookDelta, BookLimits, Cohort, RETENTION_DAYS, SESSION_DURATION_BUCKETS,
+    SESSION_MESSAGE_BUCKETS, Session, UserBook,
 };
 
 /// How a family is exposed.
@@ -224,6 +224,15 @@ pub fn derived(metric: &str) -> bool {
     metric == ACTIVE_USERS.name || metric == RETENTION.name
 }
 
+/// Whether a series is counted by the user book. With the book shared in
+/// cluster mode Redis counts these, so a replica never sends them.
+pub fn of_book(metric: &str) -> bool {
+    metric == USERS_NEW.name
+        || metric == SESSIONS.name
+        || metric.starts_with(SESSION_DURATION.name)
+        || metric.starts_with(SESSION_MESSAGES.name)
+}
+
 /// Response-time buckets for LLM calls: 50 ms to a minute.
 pub const RESPONSE_BUCKETS: &[f64] = &[
     0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 30.0, 45.0, 60.0,
@@ -297,11 +306,28 @@ pub struct BotMetrics {
     cohorts: std::sync::RwLock<Arc<Vec<Cohort>>>,
     pub active: ActiveUsers,
     pub book: UserBook,
+    /// Set in cluster mode once the book is shared: the users' runs since
+    /// the last sync, which Redis merges into the one book of the bot (the
+    /// local `book` is then off). See `cluster::book`.
+    shared_book: std::sync::OnceLock<SharedBook>,
     pub today: Today,
     pub counters: SelfCounters,
     /// Set when the bot is wiped: these cells are no longer the bot's, and
     /// a request still holding them counts nothing.
     retired: std::sync::atomic::AtomicBool,
+}
+
+/// A bot's shared book on this replica: what it saw since the last sync.
+#[derive(Debug)]
+struct SharedBook {
+    gap: u32,
+    delta: std::sync::Mutex<BookDelta>,
+}
+
+impl SharedBook {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BookDelta> {
+        self.delta.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// What is counted per model: the three `bot_llm_*` families labelled by
@@ -366,6 +392,7 @@ impl BotMetrics {
             cohorts: Default::default(),
             active: ActiveUsers::new(),
             book: UserBook::new(book),
+            shared_book: std::sync::OnceLock::new(),
             today,
             counters,
             retired: Default::default(),
@@ -392,7 +419,12 @@ impl BotMetrics {
     pub fn apply(&self, event: &Event<'_>) {
         if let Some(user) = event.user {
             if event.body == EventBody::Forget {
-                self.book.forget(user.0);
+                match self.shared_book.get() {
+                    Some(shared) => shared.lock().forget(user.0),
+                    None => {
+                        self.book.forget(user.0);
+                    }
+                }
                 return;
             }
             self.active.insert_hashed(user, event.ts);
@@ -484,6 +516,11 @@ impl BotMetrics {
             }
         );
         let day = self.today.calendar().day_of(event.ts);
+        if let Some(shared) = self.shared_book.get() {
+            // Redis decides new, returning and sessions for the cluster.
+            shared.lock().add(user, event.ts, day, message, shared.gap);
+            return;
+        }
         let touched = self.book.touch(user, event.ts, day, message);
         if touched.new {
             self.users_new.add(1.0);
@@ -495,6 +532,36 @@ impl BotMetrics {
         if let Some(session) = touched.ended {
             self.end_session(session);
         }
+    }
+
+    /// Shares this bot's book through Redis (cluster mode): from now on
+    /// events go to the runs [`BotMetrics::take_book_delta`] hands the sync,
+    /// with sessions split at a gap over `gap` seconds.
+    pub fn share_book(&self, gap: u32) {
+        let _ = self.shared_book.set(SharedBook {
+            gap,
+            delta: std::sync::Mutex::new(BookDelta::default()),
+        });
+    }
+
+    /// Whether this replica holds runs of `key` not synced yet.
+    pub fn has_unsynced_runs(&self, key: u64) -> bool {
+        self.shared_book.get().is_some_and(|s| s.lock().has(key))
+    }
+
+    /// The book's gap when it is shared, else `None`.
+    pub fn shared_book_gap(&self) -> Option<u32> {
+        self.shared_book.get().map(|s| s.gap)
+    }
+
+    /// The runs and erasures since the last call (empty when the book is
+    /// not shared). Taken under the ingest gate with the sync's cut, so a
+    /// batch holds exactly the journal up to its mark.
+    pub fn take_book_delta(&self) -> BookDelta {
+        self.shared_book
+            .get()
+            .map(|s| std::mem::take(&mut *s.lock()))
+            .unwrap_or_default()
     }
 
     fn end_session(&self, s: Session) {
@@ -515,18 +582,38 @@ impl BotMetrics {
         for s in &scanned.ended {
             self.end_session(*s);
         }
+        self.set_cohorts(scanned.cohorts.clone(), today);
+        scanned
+    }
+
+    /// Every cohort, as of a scan on local day `today` (this book's, or in
+    /// cluster mode the lead's scan of Redis' book), and the gauges of the
+    /// latest complete ones.
+    pub fn set_cohorts(&self, cohorts: Vec<Cohort>, today: u32) {
         // The latest complete cohort for day +N: its day +N has ended.
         for (i, n) in RETENTION_DAYS.iter().enumerate() {
             let ratio = today
                 .checked_sub(n + 1)
-                .and_then(|day| scanned.cohorts.iter().find(|c| c.day == day))
+                .and_then(|day| cohorts.iter().find(|c| c.day == day))
                 .filter(|c| c.size > 0)
                 .map_or(0.0, |c| f64::from(c.classic[i]) / f64::from(c.size));
             self.retention[i].set(ratio);
         }
-        *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) =
-            Arc::new(scanned.cohorts.clone());
-        scanned
+        *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cohorts);
+    }
+
+    /// Counts what Redis' merge (or the lead's scan) found in this
+    /// replica's batch: users new to the cluster and sessions that ended.
+    /// Only this replica's `/metrics` sees them (summed across replicas
+    /// like every counter); the sync never sends them back, Redis counted
+    /// them already, and "today" is read from Redis.
+    pub fn credit_book(&self, new_users: u64, sessions: &[(u32, u16)]) {
+        self.users_new.add(new_users as f64);
+        for &(seconds, messages) in sessions {
+            self.sessions.add(1.0);
+            self.session_duration.observe(f64::from(seconds));
+            self.session_messages.observe(f64::from(messages));
+        }
     }
 
     /// Every cohort as of the last scan, oldest first.

@@ -403,6 +403,9 @@ pub struct Metrics {
     /// Wipes: each bot's latest generation, and those whose rows the store
     /// may still hold (the next flush that writes deletes them).
     wipes: std::sync::Mutex<Wipes>,
+    /// Set in cluster mode: every bot's book is shared through Redis, a bot
+    /// added later's too (see `BotMetrics::share_book`).
+    shared_books: std::sync::OnceLock<()>,
 }
 
 #[derive(Default)]
@@ -495,10 +498,33 @@ impl Metrics {
             max_label_values,
             book,
             wipes: Default::default(),
+            shared_books: std::sync::OnceLock::new(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
         Ok(metrics)
+    }
+
+    /// Cluster mode: every bot's book, and every bot's added later, is
+    /// shared through Redis from now on.
+    pub fn share_books(&self) {
+        if self.book.memory_days == 0 || self.book.max_users == 0 {
+            return; // no book (`--user-memory 0`): nothing to share
+        }
+        let _ = self.shared_books.set(());
+        for bot in self.bots().iter() {
+            bot.share_book(self.book.session_gap);
+        }
+    }
+
+    /// Whether the books are shared (cluster mode, the book on).
+    pub fn books_shared(&self) -> bool {
+        self.shared_books.get().is_some() && self.book.memory_days > 0 && self.book.max_users > 0
+    }
+
+    /// The books' limits.
+    pub fn book_limits(&self) -> users::BookLimits {
+        self.book
     }
 
     /// A bot's cells, its self-counters registered.
@@ -513,13 +539,17 @@ impl Metrics {
             overflow_model: overflow("model"),
             overflow_cache: overflow("cache"),
         };
-        Arc::new(BotMetrics::new(
+        let cells = Arc::new(BotMetrics::new(
             bot.clone(),
             self.max_label_values,
             counters,
             Today::new(self.calendar.clone()),
             self.book,
-        ))
+        ));
+        if self.shared_books.get().is_some() {
+            cells.share_book(self.book.session_gap);
+        }
+        cells
     }
 
     /// Counts a bot created at runtime (the admin API) from now on, with

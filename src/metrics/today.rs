@@ -28,6 +28,19 @@ struct DayRange {
     end: i64,
 }
 
+/// Unix seconds of the first instant of local date `d` in `tz`.
+fn start_of(tz: Tz, d: NaiveDate) -> i64 {
+    // Midnight may not exist (a DST jump at 00:00): the first instant of
+    // the day is then the earliest valid local time after it.
+    let midnight = d.and_hms_opt(0, 0, 0).unwrap_or_default();
+    (0..=3)
+        .find_map(|h| {
+            tz.from_local_datetime(&(midnight + chrono::Duration::hours(h)))
+                .earliest()
+        })
+        .map_or(midnight.and_utc().timestamp(), |t| t.timestamp())
+}
+
 /// Maps unix seconds to local day numbers for one time zone, remembering the
 /// current day so the hot path does no time zone arithmetic.
 #[derive(Debug)]
@@ -53,17 +66,7 @@ impl Calendar {
             .timestamp_opt(ts, 0)
             .single()
             .map_or_else(|| epoch_day(ts), |t| t.date_naive());
-        let start_of = |d: NaiveDate| {
-            // Midnight may not exist (a DST jump at 00:00): the first instant of
-            // the day is then the earliest valid local time after it.
-            let midnight = d.and_hms_opt(0, 0, 0).unwrap_or_default();
-            (0..=3)
-                .find_map(|h| {
-                    tz.from_local_datetime(&(midnight + chrono::Duration::hours(h)))
-                        .earliest()
-                })
-                .map_or(midnight.and_utc().timestamp(), |t| t.timestamp())
-        };
+        let start_of = |d: NaiveDate| start_of(tz, d);
         let next = date.succ_opt().unwrap_or(date);
         let day = (date - NaiveDate::default())
             .num_days()
@@ -73,6 +76,11 @@ impl Calendar {
             start: start_of(date),
             end: start_of(next),
         }
+    }
+
+    /// Unix seconds of the first instant of local day `day`.
+    pub fn start_of_day(&self, day: u32) -> i64 {
+        start_of(self.tz, Self::date(day))
     }
 
     /// The local day number of `ts`.

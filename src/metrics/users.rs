@@ -317,7 +317,8 @@ pub struct BookCut {
     pub gone: Vec<u64>,
 }
 
-fn stored_key(key: u64) -> u64 {
+/// How a key is held: 0 marks an empty slot, so a real 0 is held as 1.
+pub fn stored_key(key: u64) -> u64 {
     key.max(1)
 }
 
@@ -388,9 +389,15 @@ impl UserBook {
         let key = stored_key(key);
         let (day, ts, m) = (day16(day), secs32(ts), u16::from(message));
         let mut inner = self.lock();
+        let run = Run {
+            day,
+            start: ts,
+            end: ts,
+            messages: m,
+        };
         if let Some(i) = inner.table.find(key) {
             let e = &mut inner.table.slots[i].entry;
-            return touch_entry(e, ts, day, m, self.limits.session_gap);
+            return touch_entry(e, &run, self.limits.session_gap);
         }
         if inner.table.len >= self.limits.max_users {
             self.evict(&mut inner, day);
@@ -399,22 +406,9 @@ impl UserBook {
             let len = self.grown(inner.table.slots.len());
             inner.table = inner.table.resized(len);
         }
-        inner.table.place(
-            key,
-            Entry {
-                first_day: day,
-                last_day: day,
-                days: 1,
-                last_ts: ts,
-                session_start: ts,
-                session_messages: m,
-                flags: DIRTY,
-            },
-        );
-        Touched {
-            new: true,
-            ..Touched::default()
-        }
+        let (entry, touched) = apply_run(None, &run, self.limits.session_gap);
+        inner.table.place(key, entry);
+        touched
     }
 
     /// Forgets the least recently seen users: at least one, and about 1 %
@@ -515,26 +509,14 @@ impl UserBook {
         let oldest = today.saturating_sub(self.limits.memory_days);
         let mut inner = self.lock();
         let mut expired = Vec::new();
-        let mut cohorts: std::collections::BTreeMap<u16, Cohort> = Default::default();
+        let mut cohorts = CohortCount::new();
         for (key, e) in inner.table.iter_mut() {
-            if u32::from(e.last_day) < oldest {
-                expired.push(key);
-                continue;
-            }
-            if e.flags & ENDED == 0 && now.saturating_sub(e.last_ts) > gap {
-                out.ended.push(Session {
-                    seconds: e.last_ts - e.session_start,
-                    messages: e.session_messages,
-                    last_ts: e.last_ts,
-                });
-                e.flags |= ENDED | DIRTY;
-            }
-            let c = cohorts.entry(e.first_day).or_default();
-            c.size += 1;
-            for (n, after) in RETENTION_DAYS.iter().enumerate() {
-                let day = e.first_day.saturating_add(*after as u16);
-                c.classic[n] += u32::from(e.active_on(day));
-                c.rolling[n] += u32::from(e.last_day >= day);
+            match scan_entry(e, now, gap, oldest) {
+                Scan::Expired => expired.push(key),
+                Scan::Kept(ended) => {
+                    out.ended.extend(ended);
+                    count_cohort(&mut cohorts, e);
+                }
             }
         }
         for key in &expired {
@@ -546,13 +528,7 @@ impl UserBook {
         out.evicted = std::mem::take(&mut inner.evicted);
         inner.gone.extend(expired);
         out.users = inner.table.len;
-        out.cohorts = cohorts
-            .into_iter()
-            .map(|(day, c)| Cohort {
-                day: u32::from(day),
-                ..c
-            })
-            .collect();
+        out.cohorts = cohorts_of(cohorts);
         out
     }
 
@@ -647,9 +623,160 @@ fn merged(a: Entry, b: Entry) -> Entry {
     }
 }
 
-/// One event of a known user.
-fn touch_entry(e: &mut Entry, ts: u32, day: u16, m: u16, gap: u32) -> Touched {
+/// What the periodic scan does to one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scan {
+    /// Not seen within memory: forgotten.
+    Expired,
+    /// Kept; its open session ended now, when the gap has passed.
+    Kept(Option<Session>),
+}
+
+/// The scan's rule for one entry at unix seconds `now` (the book's own
+/// scan, and in cluster mode the lead's scan of Redis' book): users last
+/// seen before day `oldest` expire; a session whose gap passed ends, once.
+pub fn scan_entry(e: &mut Entry, now: u32, gap: u32, oldest: u32) -> Scan {
+    if u32::from(e.last_day) < oldest {
+        return Scan::Expired;
+    }
+    if e.flags & ENDED == 0 && now.saturating_sub(e.last_ts) > gap {
+        e.flags |= ENDED | DIRTY;
+        return Scan::Kept(Some(Session {
+            seconds: e.last_ts - e.session_start,
+            messages: e.session_messages,
+            last_ts: e.last_ts,
+        }));
+    }
+    Scan::Kept(None)
+}
+
+/// Cohorts being counted, by first day.
+pub type CohortCount = std::collections::BTreeMap<u16, Cohort>;
+
+/// Counts `e` into its cohort.
+pub fn count_cohort(cohorts: &mut CohortCount, e: &Entry) {
+    let c = cohorts.entry(e.first_day).or_default();
+    c.size += 1;
+    for (n, after) in RETENTION_DAYS.iter().enumerate() {
+        let day = e.first_day.saturating_add(*after as u16);
+        c.classic[n] += u32::from(e.active_on(day));
+        c.rolling[n] += u32::from(e.last_day >= day);
+    }
+}
+
+/// The counted cohorts, oldest first.
+pub fn cohorts_of(cohorts: CohortCount) -> Vec<Cohort> {
+    cohorts
+        .into_iter()
+        .map(|(day, c)| Cohort {
+            day: u32::from(day),
+            ..c
+        })
+        .collect()
+}
+
+impl Cohort {
+    /// Bytes of one cohort in [`Cohort::encode_all`].
+    const BYTES: usize = 32;
+
+    /// Cohorts as Redis keeps them for every replica (`bm:{bot}:cohorts`):
+    /// eight little-endian u32 each (day, size, classic, rolling).
+    pub fn encode_all(cohorts: &[Cohort]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(cohorts.len() * Self::BYTES);
+        for c in cohorts {
+            for n in [c.day, c.size]
+                .into_iter()
+                .chain(c.classic)
+                .chain(c.rolling)
+            {
+                out.extend_from_slice(&n.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    /// What [`Cohort::encode_all`] wrote; a torn tail is left out.
+    pub fn decode_all(bytes: &[u8]) -> Vec<Cohort> {
+        bytes
+            .chunks_exact(Self::BYTES)
+            .map(|c| {
+                let n: Vec<u32> = c
+                    .chunks_exact(4)
+                    .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect();
+                Cohort {
+                    day: n[0],
+                    size: n[1],
+                    classic: [n[2], n[3], n[4]],
+                    rolling: [n[5], n[6], n[7]],
+                }
+            })
+            .collect()
+    }
+}
+
+/// A run of one user's events on one local day with no gap over the
+/// session gap between them: what a cluster replica sends of a user per
+/// sync (see [`BookDelta`]), and what one event is (a run of one).
+///
+/// A run never spans two days, so the days a user was active are exact
+/// whatever the gap; two runs of consecutive days within the gap join one
+/// session when they are applied in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub day: u16,
+    pub start: u32,
+    pub end: u32,
+    /// Messages the user wrote in the run.
+    pub messages: u16,
+}
+
+impl Run {
+    /// One event at unix seconds `ts` on local day `day`.
+    pub fn event(ts: i64, day: u32, message: bool) -> Run {
+        let ts = secs32(ts);
+        Run {
+            day: day16(day),
+            start: ts,
+            end: ts,
+            messages: u16::from(message),
+        }
+    }
+}
+
+/// The one rule of the book: what `run` does to the entry of its user
+/// (`None`: not in the book), with a session ending at a gap over `gap`
+/// seconds. The single process applies it per event; in cluster mode
+/// `lua/book.lua` applies the same rule in Redis to each replica's runs
+/// (a test runs both on the same inputs).
+pub fn apply_run(entry: Option<Entry>, run: &Run, gap: u32) -> (Entry, Touched) {
+    match entry {
+        None => (
+            Entry {
+                first_day: run.day,
+                last_day: run.day,
+                days: 1,
+                last_ts: run.end,
+                session_start: run.start,
+                session_messages: run.messages,
+                flags: DIRTY,
+            },
+            Touched {
+                new: true,
+                ..Touched::default()
+            },
+        ),
+        Some(mut e) => {
+            let touched = touch_entry(&mut e, run, gap);
+            (e, touched)
+        }
+    }
+}
+
+/// One run of a known user.
+fn touch_entry(e: &mut Entry, run: &Run, gap: u32) -> Touched {
     let mut out = Touched::default();
+    let day = run.day;
     if day > e.last_day {
         out.returning = day > e.first_day;
         e.last_day = day;
@@ -667,7 +794,7 @@ fn touch_entry(e: &mut Entry, ts: u32, day: u16, m: u16, gap: u32) -> Touched {
             e.days |= 1 << offset;
         }
     }
-    if ts > e.last_ts.saturating_add(gap) {
+    if run.start > e.last_ts.saturating_add(gap) {
         if e.flags & ENDED == 0 {
             out.ended = Some(Session {
                 seconds: e.last_ts - e.session_start,
@@ -676,20 +803,119 @@ fn touch_entry(e: &mut Entry, ts: u32, day: u16, m: u16, gap: u32) -> Touched {
             });
         }
         e.flags &= !ENDED;
-        e.session_start = ts;
-        e.session_messages = m;
-        e.last_ts = ts;
-    } else if ts >= e.session_start.saturating_sub(gap) {
+        e.session_start = run.start;
+        e.session_messages = run.messages;
+        e.last_ts = run.end;
+    } else if run.end >= e.session_start.saturating_sub(gap) {
         // Within the open session (or just before its start: a late event
         // that extends it back).
-        e.session_start = e.session_start.min(ts);
-        e.last_ts = e.last_ts.max(ts);
-        e.session_messages = e.session_messages.saturating_add(m);
+        e.session_start = e.session_start.min(run.start);
+        e.last_ts = e.last_ts.max(run.end);
+        e.session_messages = e.session_messages.saturating_add(run.messages);
     }
     // Older than the open session's gap: it belonged to a session already
     // counted, so sessions leave it be; its day was marked above.
     e.flags |= DIRTY;
     out
+}
+
+/// Bytes of an entry packed for Redis (`lua/book.lua` reads the same
+/// layout with `struct.unpack('<HHIIIHH')`).
+pub const PACKED_BYTES: usize = 20;
+
+impl Entry {
+    /// The entry as Redis keeps it: little-endian, in field order; of the
+    /// flags only "ended" (Redis keeps what changed in a set of its own).
+    pub fn pack(&self) -> [u8; PACKED_BYTES] {
+        let mut out = [0u8; PACKED_BYTES];
+        out[0..2].copy_from_slice(&self.first_day.to_le_bytes());
+        out[2..4].copy_from_slice(&self.last_day.to_le_bytes());
+        out[4..8].copy_from_slice(&self.days.to_le_bytes());
+        out[8..12].copy_from_slice(&self.last_ts.to_le_bytes());
+        out[12..16].copy_from_slice(&self.session_start.to_le_bytes());
+        out[16..18].copy_from_slice(&self.session_messages.to_le_bytes());
+        out[18..20].copy_from_slice(&(self.flags & ENDED).to_le_bytes());
+        out
+    }
+
+    /// An entry packed by [`Entry::pack`] (or the script); `None` when the
+    /// bytes are not one.
+    pub fn unpack(bytes: &[u8]) -> Option<Entry> {
+        let b: &[u8; PACKED_BYTES] = bytes.try_into().ok()?;
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        Some(Entry {
+            first_day: u16_at(0),
+            last_day: u16_at(2),
+            days: u32_at(4),
+            last_ts: u32_at(8),
+            session_start: u32_at(12),
+            session_messages: u16_at(16),
+            flags: u16_at(18) & ENDED,
+        })
+    }
+}
+
+/// What one replica saw of a bot's users since its last sync, in cluster
+/// mode, where the book lives in Redis: per user the runs of its events
+/// (merged by the gap as they come, so a user costs one run per day and
+/// session, not one per event), and the users forgotten.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BookDelta {
+    pub runs: std::collections::HashMap<u64, Vec<Run>>,
+    /// Users erased: the script removes them before it applies the runs.
+    pub forgets: Vec<u64>,
+}
+
+impl BookDelta {
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.forgets.is_empty()
+    }
+
+    /// Adds one event of `key`.
+    pub fn add(&mut self, key: u64, ts: i64, day: u32, message: bool, gap: u32) {
+        let event = Run::event(ts, day, message);
+        let runs = self.runs.entry(stored_key(key)).or_default();
+        let near = |r: &Run| {
+            r.day == event.day
+                && event.start <= r.end.saturating_add(gap)
+                && event.end >= r.start.saturating_sub(gap)
+        };
+        let mut merged = event;
+        // The event may bridge two runs of its day: all it touches join it.
+        runs.retain(|r| {
+            if near(r) {
+                merged.start = merged.start.min(r.start);
+                merged.end = merged.end.max(r.end);
+                merged.messages = merged.messages.saturating_add(r.messages);
+                false
+            } else {
+                true
+            }
+        });
+        let at = runs
+            .iter()
+            .position(|r| r.start > merged.start)
+            .unwrap_or(runs.len());
+        runs.insert(at, merged);
+    }
+
+    /// Forgets `key`: its runs so far go, and Redis drops its entry.
+    pub fn forget(&mut self, key: u64) {
+        let key = stored_key(key);
+        self.runs.remove(&key);
+        self.forgets.push(key);
+    }
+
+    /// Whether `key` has runs here.
+    pub fn has(&self, key: u64) -> bool {
+        self.runs.contains_key(&stored_key(key))
+    }
+
+    /// Users with runs.
+    pub fn users(&self) -> usize {
+        self.runs.len()
+    }
 }
 
 #[cfg(test)]
@@ -904,5 +1130,66 @@ mod tests {
         }
         assert_eq!(b.len(), 100_000);
         assert!(b.bytes() <= 100_000 * 34, "{} bytes", b.bytes());
+    }
+
+    #[test]
+    fn a_delta_keeps_one_run_per_day_and_session_and_the_runs_give_the_events_answer() {
+        let mut d = BookDelta::default();
+        // Out of order, within the gap of each other: one run; a day later
+        // and past the gap: two more.
+        for ts in [
+            T0 + 100,
+            T0,
+            T0 + 50,
+            T0 + DAY,
+            T0 + DAY + i64::from(GAP) + 1,
+        ] {
+            d.add(9, ts, day_of(ts), true, GAP);
+        }
+        let runs = &d.runs[&9];
+        assert_eq!(runs.len(), 3, "{runs:?}");
+        assert_eq!(
+            (runs[0].start, runs[0].end, runs[0].messages),
+            (T0 as u32, (T0 + 100) as u32, 3)
+        );
+        // Two runs a second apart join when an event bridges them.
+        let mut d = BookDelta::default();
+        d.add(1, T0, day_of(T0), false, GAP);
+        d.add(1, T0 + 2 * i64::from(GAP), day_of(T0), true, GAP);
+        assert_eq!(d.runs[&1].len(), 2);
+        d.add(1, T0 + i64::from(GAP), day_of(T0), true, GAP);
+        assert_eq!(d.runs[&1].len(), 1);
+        assert_eq!(d.runs[&1][0].messages, 2);
+        // Applied in order, the runs leave the entry the events leave.
+        let events = [T0, T0 + 60, T0 + DAY, T0 + 3 * DAY, T0 + 3 * DAY + 10];
+        let b = book(10);
+        let mut d = BookDelta::default();
+        for ts in events {
+            touch(&b, 5, ts);
+            d.add(5, ts, day_of(ts), true, GAP);
+        }
+        let mut e = None;
+        for r in &d.runs[&5] {
+            e = Some(apply_run(e, r, GAP).0);
+        }
+        assert_eq!(e.map(|e| e.pack()), b.get(5).map(|e| e.pack()));
+        d.forget(5);
+        assert!(d.runs.is_empty() && d.forgets == vec![5]);
+    }
+
+    #[test]
+    fn an_entry_packs_into_20_bytes_and_back() {
+        let e = Entry {
+            first_day: 20_001,
+            last_day: 20_031,
+            days: 0x7FFF_FFFF,
+            last_ts: u32::MAX,
+            session_start: 7,
+            session_messages: 65_535,
+            flags: ENDED | DIRTY,
+        };
+        let back = Entry::unpack(&e.pack()).unwrap();
+        assert_eq!(back, Entry { flags: ENDED, ..e });
+        assert_eq!(Entry::unpack(&[0; 19]), None);
     }
 }

@@ -871,6 +871,17 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     })
     .await;
 
+    let redis_keys = || {
+        let listed = redis.cmd(&["--scan", "--pattern", "bm:{gone}:*"]);
+        let mut keys: Vec<String> = listed.lines().map(str::to_owned).collect();
+        keys.sort();
+        keys
+    };
+    // Its totals, sketches and shared user book are in Redis.
+    let before = redis_keys();
+    for key in ["bm:{gone}:series", "bm:{gone}:book", "bm:{gone}:today"] {
+        assert!(before.iter().any(|k| k == key), "{key} in {before:?}");
+    }
     let (status, answer) = admin(
         &replicas[1],
         Method::DELETE,
@@ -885,12 +896,6 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     let (_, _, exposition) = replicas[1].get_text("/metrics").await;
     assert!(!exposition.contains("bot=\"gone\""), "{exposition}");
 
-    let redis_keys = || {
-        let listed = redis.cmd(&["--scan", "--pattern", "bm:{gone}:*"]);
-        let mut keys: Vec<String> = listed.lines().map(str::to_owned).collect();
-        keys.sort();
-        keys
-    };
     eventually(Duration::from_secs(15), || everywhere_gone(&raw, &replicas)).await;
     assert_eq!(redis_keys(), vec!["bm:{gone}:seeded".to_owned()]);
     assert!(

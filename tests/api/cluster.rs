@@ -139,7 +139,7 @@ async fn cluster_of(n: usize) -> Option<(PgDatabase, RedisServer, Vec<Replica>)>
 }
 
 /// Waits for `botmetrics_redis_up 1`.
-async fn connected(r: &Binary) {
+pub(crate) async fn connected(r: &Binary) {
     until(
         "botmetrics_redis_up 1",
         || r.sample("botmetrics_redis_up"),
@@ -150,7 +150,7 @@ async fn connected(r: &Binary) {
 
 /// Polls `probe` until `done` holds for what it returns, up to [`SETTLE`];
 /// on timeout the panic shows the last value seen.
-async fn until<T, F, Fut>(what: &str, probe: F, done: impl Fn(&T) -> bool) -> T
+pub(crate) async fn until<T, F, Fut>(what: &str, probe: F, done: impl Fn(&T) -> bool) -> T
 where
     T: Debug,
     F: FnMut() -> Fut,
@@ -216,7 +216,7 @@ fn has_family(text: &str, name: &str) -> bool {
 /// exact. A sync is seen as `botmetrics_sync_duration_seconds_count` moving
 /// twice (the first may have begun before the call) or
 /// `botmetrics_last_sync_timestamp_seconds` passing a second after it.
-async fn all_synced(replicas: &[&Binary]) {
+pub(crate) async fn all_synced(replicas: &[&Binary]) {
     let start = unix_now();
     let mut before = Vec::new();
     for r in replicas {
@@ -244,7 +244,7 @@ async fn all_synced(replicas: &[&Binary]) {
 // ---------------------------------------------------------------------------
 
 /// `/v1/summary?bot=…` when it answers 200.
-async fn summary(r: &Binary, bot: &str) -> Option<Value> {
+pub(crate) async fn summary(r: &Binary, bot: &str) -> Option<Value> {
     let (status, body) = r.get_json(&format!("/v1/summary?bot={bot}")).await;
     (status == 200).then_some(body)
 }

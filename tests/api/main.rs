@@ -8,6 +8,7 @@ mod access;
 mod active_users;
 mod admin;
 mod cluster;
+mod cluster_users;
 mod connections;
 mod durability;
 mod events;

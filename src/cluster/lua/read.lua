@@ -2,11 +2,13 @@
 --
 -- KEYS: as sync.lua (1 series, 2 applied, 3 seeded, 4 today, 5 dirty,
 --       6..29 hourly sketches, 30..59 daily sketches).
--- ARGV: 1 "1" to also read what the store needs: the applied marks and
---       the sketches changed since the last store write (name, bytes).
+-- ARGV: 1 "1" to also read what the store needs: the applied marks, the
+--       sketches changed since the last store write (name, bytes) and the
+--       user book's changed users (8-byte key, entry or ''), 2 the most
+--       users to read.
 -- Returns {0} when the bot is not seeded, else {1, series (flat field,
 -- value list), today (flat), users 1d, 7d, 30d[, applied (flat),
--- sketches (flat name, bytes)]}.
+-- sketches (flat name, bytes), users (flat key, entry)]}.
 if redis.call('EXISTS', KEYS[3]) == 0 then
   return {0}
 end
@@ -26,5 +28,16 @@ if ARGV[1] == '1' then
     sketches[#sketches + 1] = redis.call('GET', key) or ''
   end
   out[8] = sketches
+  -- The user book's changed users and their entries ('' for one gone),
+  -- at most ARGV[2] of them: the rest go at the next flushes. Same hash
+  -- tag as KEYS[1], so the same slot.
+  local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #'series')
+  local users = {}
+  local most = tonumber(ARGV[2] or '0')
+  for _, key in ipairs(redis.call('SRANDMEMBER', prefix .. 'book:changed', most)) do
+    users[#users + 1] = key
+    users[#users + 1] = redis.call('HGET', prefix .. 'book', key) or ''
+  end
+  out[9] = users
 end
 return out

@@ -5,14 +5,22 @@
 -- KEYS: 1 series, 2 applied, 3 seeded, 4 today, 5 dirty, then the sketches
 --       to restore.
 -- ARGV: 1 series count, 2 applied count, 3 today count, 4 sketch count,
---       5 marker value, then (field, value) pairs for series, applied and
---       today, then (key index, ttl seconds, bytes) per sketch.
--- Returns 1 when it seeded, 0 when the bot already was.
+--       5 marker value, 6 the index of the user book's load token key
+--       ('0' when the book is not shared), 7 this replica's load token,
+--       then (field, value) pairs for series, applied and today, then
+--       (key index, ttl seconds, bytes) per sketch.
+-- Returns 1 when it seeded, 0 when the bot already was, or when another
+-- replica took the book's load over (book_seed.lua): that one seeds.
 if redis.call('EXISTS', KEYS[3]) == 1 then
   return 0
 end
+local token_key = tonumber(ARGV[6])
+if token_key > 0 then
+  if redis.call('GET', KEYS[token_key]) ~= ARGV[7] then return 0 end
+  redis.call('DEL', KEYS[token_key])
+end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[4], KEYS[5])
-local i = 6
+local i = 8
 local function fill(key, n)
   for _ = 1, n do
     redis.call('HSET', key, ARGV[i], ARGV[i + 1])

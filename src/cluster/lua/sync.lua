@@ -12,9 +12,11 @@
 --       holds for it, 8 the latest wipe of the bot this replica applied
 --       (unix ms, 0: none), then series (field, delta) pairs, today (field,
 --       delta) pairs, and sketch groups (key index, ttl seconds, n, n user
---       hashes).
+--       hashes), then, when the bot's user book is shared, its section
+--       (see book_merge in book.lua, which is prepended to this script).
 -- Returns {status, users 1d, users 7d, users 30d, the replica's mark in
--- Redis before this call}. Status 1: applied; 2: already applied (the
+-- Redis before this call[, then what the user book's merge found: new
+-- users, and (seconds, messages) per ended session]}. Status 1: applied; 2: already applied (the
 -- reply to an earlier attempt was lost); 3: not applied, Redis holds less
 -- of this replica than it believes (Redis lost data and was reseeded from
 -- the store): it sends the missing part first; 0: not applied, the bot is
@@ -34,6 +36,9 @@ end
 local before = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
 local mark = tonumber(ARGV[2])
 local status = 1
+-- What the user book's merge found in this batch (new users, ended
+-- sessions), for the replica's own /metrics.
+local found = {}
 if mark > 0 then
   if before >= mark then
     status = 2
@@ -65,6 +70,7 @@ if status == 1 and mark > 0 then
     redis.call('EXPIRE', key, ttl)
     if changed > 0 then redis.call('SADD', KEYS[5], key) end
   end
+  if i <= #ARGV then found = book_merge(i) end
   i = 9
   for _ = 1, n_series do
     redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
@@ -85,5 +91,7 @@ local hours, week, month = {}, {}, {}
 for j = 6, 29 do hours[#hours + 1] = KEYS[j] end
 for j = 30, 59 do month[#month + 1] = KEYS[j] end
 for j = 53, 59 do week[#week + 1] = KEYS[j] end
-return {status, redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
+local out = {status, redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
   redis.call('PFCOUNT', unpack(month)), before}
+for _, n in ipairs(found) do out[#out + 1] = n end
+return out

@@ -27,6 +27,7 @@ use super::pending::{PendingUser, PendingUsers};
 use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, sketch_ttl, timed};
 use crate::ingest::Ingest;
 use crate::metrics::today::Calendar;
+use crate::metrics::users::BookDelta;
 use crate::metrics::{BotMetrics, Metrics};
 use crate::persist::bot_rows;
 use crate::store::{Store, Stored};
@@ -59,11 +60,17 @@ struct Batch {
     /// (counter, local day, delta, value at the cut).
     today: Vec<(&'static str, u32, u64, u64)>,
     users: Vec<PendingUser>,
+    /// The users' runs and erasures, when the bot's book is shared: merged
+    /// into Redis' book by the same script call, under the same mark.
+    book: BookDelta,
 }
 
 impl Batch {
     fn is_empty(&self) -> bool {
-        self.series.is_empty() && self.today.is_empty() && self.users.is_empty()
+        self.series.is_empty()
+            && self.today.is_empty()
+            && self.users.is_empty()
+            && self.book.is_empty()
     }
 }
 
@@ -126,10 +133,14 @@ fn cut(
     mark: u64,
 ) -> Batch {
     {
+        let shared = bot.shared_book_gap().is_some();
         let mut series = Vec::new();
         for row in bot_rows(bot) {
             if crate::metrics::bot::derived(&row.metric) {
                 continue; // a gauge, from Redis' own sketches
+            }
+            if shared && crate::metrics::bot::of_book(&row.metric) {
+                continue; // Redis' merge counts these (see `cluster::book`)
             }
             let field = field(&row.metric, &row.labels);
             let delta = row.value - baseline.get(&field).copied().unwrap_or(0.0);
@@ -153,6 +164,7 @@ fn cut(
             series,
             today,
             users: pending.map_or_else(Vec::new, |p| p.take(USERS_PER_BATCH)),
+            book: bot.take_book_delta(),
         }
     }
 }
@@ -206,6 +218,7 @@ pub struct Syncer {
     max_label_values: usize,
     sync_script: redis::Script,
     seed_script: redis::Script,
+    book_fields: super::book::BookFields,
 }
 
 impl Syncer {
@@ -216,10 +229,10 @@ impl Syncer {
         claims: Arc<Claims>,
         store: Arc<Store>,
         max_label_values: usize,
-    ) -> Self {
+    ) -> Result<Self> {
         let mut bots = Vec::new();
         track(&mut bots, &metrics, &cluster);
-        Syncer {
+        Ok(Syncer {
             cluster,
             metrics,
             ingest,
@@ -234,9 +247,14 @@ impl Syncer {
             }),
             prepared: AtomicBool::new(false),
             max_label_values,
-            sync_script: redis::Script::new(include_str!("../lua/sync.lua")),
+            // The book's rule is prepended: the sync merges runs with it.
+            sync_script: redis::Script::new(concat!(
+                include_str!("../lua/book.lua"),
+                include_str!("../lua/sync.lua")
+            )),
             seed_script: redis::Script::new(include_str!("../lua/seed.lua")),
-        }
+            book_fields: super::book::BookFields::new()?,
+        })
     }
 
     /// True once this replica's journal was replayed past what Redis
@@ -345,7 +363,7 @@ impl Syncer {
             }
             let b = &mut bots[i];
             if let Ok(a) = &answer
-                && a.len() == 5
+                && a.len() >= 5
                 && (a[0] == 3 || (a[0] != 0 && (a[4].max(0) as u64) < b.confirmed))
             {
                 // Redis holds less of this replica than it confirmed: it
@@ -367,11 +385,16 @@ impl Syncer {
                 answer = resent;
             }
             match answer {
-                Ok(a) if a.len() == 5 && a[0] == 4 => wiped.push((b.bot.bot.clone(), a[4])),
-                Ok(a) if a.len() == 5 && (a[0] == 1 || a[0] == 2) => {
+                Ok(a) if a.len() >= 5 && a[0] == 4 => wiped.push((b.bot.bot.clone(), a[4])),
+                Ok(a) if a.len() >= 5 && (a[0] == 1 || a[0] == 2) => {
                     if let Some(batch) = b.inflight.take() {
                         if a[0] == 1 {
                             report.applied += 1;
+                            // Only the call that merged knows what the
+                            // merge found (a lost reply loses it for this
+                            // replica's /metrics; Redis counted it).
+                            let (new, sessions) = super::book::found(&a[5..]);
+                            b.bot.credit_book(new, &sessions);
                         } else {
                             report.repeated += 1;
                         }
@@ -525,6 +548,20 @@ impl Syncer {
             args.push(sketch_ttl(hourly).to_string().into_bytes());
             args.push(users.len().to_string().into_bytes());
             args.extend(users.into_iter().map(|u| u.to_vec()));
+        }
+        if let Some(gap) = b.bot.shared_book_gap()
+            && !batch.book.is_empty()
+        {
+            let section = super::book::section(
+                &batch.book,
+                &mut keys,
+                &b.keys,
+                &self.book_fields,
+                calendar,
+                now,
+                gap,
+            );
+            args.extend(section);
         }
         Invocation::new(&self.sync_script, keys, args)
     }

@@ -53,6 +53,10 @@ impl Syncer {
         let Some(copy) = scratch.bot(&b.bot.bot) else {
             return Ok(());
         };
+        // The replayed events' runs go with the resent counts.
+        if let Some(gap) = b.bot.shared_book_gap() {
+            copy.share_book(gap);
+        }
         let dropped = prometheus::IntCounter::new("recovery_users_dropped", "unused")
             .map_err(|e| ClusterError::Protocol(e.to_string()))?;
         let users = PendingUsers::new(Arc::new(UserBudget::new(usize::MAX, dropped)));
@@ -253,6 +257,23 @@ impl Syncer {
             b.keys.today(),
             b.keys.dirty(),
         ];
+        // The book first, in parts, under a load token the seed checks:
+        // nothing merges into it before the seeded marker is set.
+        let token = format!(
+            "{}:{}",
+            self.cluster.replica,
+            now.timestamp_nanos_opt().unwrap_or(0)
+        );
+        let book_loaded = if b.bot.shared_book_gap().is_some() {
+            let rows = stored.users.get(bot).map_or(&[][..], |r| r.as_slice());
+            if !self.seed_book(b, rows, &token).await? {
+                return Ok(false);
+            }
+            keys.push(b.keys.book_load());
+            keys.len()
+        } else {
+            0
+        };
         let series: Vec<(String, String)> = stored
             .series
             .iter()
@@ -291,6 +312,8 @@ impl Syncer {
             .map(|n| n.to_string().into_bytes())
             .collect();
         args.push(now.to_rfc3339().into_bytes());
+        args.push(book_loaded.to_string().into_bytes());
+        args.push(token.into_bytes());
         for (f, v) in series.into_iter().chain(applied).chain(today) {
             args.push(f.into_bytes());
             args.push(v.into_bytes());
@@ -308,6 +331,50 @@ impl Syncer {
             tracing::info!(bot, "cluster totals seeded into Redis from the store");
         }
         Ok(seeded == 1)
+    }
+}
+
+impl Syncer {
+    /// Loads a bot's stored book into Redis in parts (`book_seed.lua`):
+    /// false when another replica took the load over or seeded first.
+    async fn seed_book(
+        &self,
+        b: &BotSync,
+        rows: &[crate::store::UserRow],
+        token: &str,
+    ) -> Result<bool> {
+        /// Users per call: a few hundred KB of arguments.
+        const PART: usize = 10_000;
+        let script = redis::Script::new(include_str!("../lua/book_seed.lua"));
+        let mut conn = timed(self.cluster.redis.conn()).await?;
+        let mut parts = rows.chunks(PART).peekable();
+        let mut first = true;
+        loop {
+            let part = parts.next().unwrap_or_default();
+            let mut invocation = script.prepare_invoke();
+            for key in [
+                b.keys.book(),
+                b.keys.book_changed(),
+                b.keys.book_load(),
+                b.keys.seeded(),
+            ] {
+                invocation.key(key);
+            }
+            invocation.arg(token).arg(if first { "1" } else { "0" });
+            for row in part {
+                let entry = crate::metrics::users::Entry::from_stored(&row.entry);
+                invocation.arg(row.key.to_le_bytes().as_slice());
+                invocation.arg(entry.pack().as_slice());
+            }
+            let landed: i64 = timed(invocation.invoke_async(&mut conn)).await?;
+            if landed != 1 {
+                return Ok(false);
+            }
+            first = false;
+            if parts.peek().is_none() {
+                return Ok(true);
+            }
+        }
     }
 }
 
