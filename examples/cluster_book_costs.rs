@@ -196,6 +196,7 @@ async fn main() {
                 sketches,
                 daily,
                 users,
+                ..
             } => println!(
                 "| store rows of one flush after {ACTIVE} active users ({database}) | {users} user_book rows, {series} series, {sketches} sketches, {daily} daily |"
             ),
