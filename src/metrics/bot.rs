@@ -321,6 +321,12 @@ pub struct BotMetrics {
 #[derive(Debug)]
 struct SharedBook {
     gap: u32,
+    /// Users the runs may hold at most (`--max-users-per-bot`): while
+    /// Redis is away they wait here, and a user past the bound is left out
+    /// of the shared book rather than let memory grow without end.
+    max_users: usize,
+    /// Users left out so, until the sync counts them.
+    dropped: std::sync::atomic::AtomicU64,
     delta: std::sync::Mutex<BookDelta>,
 }
 
@@ -518,7 +524,14 @@ impl BotMetrics {
         let day = self.today.calendar().day_of(event.ts);
         if let Some(shared) = self.shared_book.get() {
             // Redis decides new, returning and sessions for the cluster.
-            shared.lock().add(user, event.ts, day, message, shared.gap);
+            let mut delta = shared.lock();
+            if delta.users() >= shared.max_users && !delta.has(user) {
+                shared
+                    .dropped
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return;
+            }
+            delta.add(user, event.ts, day, message, shared.gap);
             return;
         }
         let touched = self.book.touch(user, event.ts, day, message);
@@ -537,11 +550,21 @@ impl BotMetrics {
     /// Shares this bot's book through Redis (cluster mode): from now on
     /// events go to the runs [`BotMetrics::take_book_delta`] hands the sync,
     /// with sessions split at a gap over `gap` seconds.
-    pub fn share_book(&self, gap: u32) {
+    pub fn share_book(&self, gap: u32, max_users: usize) {
         let _ = self.shared_book.set(SharedBook {
             gap,
+            max_users,
+            dropped: Default::default(),
             delta: std::sync::Mutex::new(BookDelta::default()),
         });
+    }
+
+    /// Users left out of the shared book since the last call, because the
+    /// runs waiting for Redis were at their bound.
+    pub fn take_book_dropped(&self) -> u64 {
+        self.shared_book.get().map_or(0, |s| {
+            s.dropped.swap(0, std::sync::atomic::Ordering::Relaxed)
+        })
     }
 
     /// Whether this replica holds runs of `key` not synced yet.
@@ -552,6 +575,11 @@ impl BotMetrics {
     /// The book's gap when it is shared, else `None`.
     pub fn shared_book_gap(&self) -> Option<u32> {
         self.shared_book.get().map(|s| s.gap)
+    }
+
+    /// The book's gap and bound when it is shared, else `None`.
+    pub fn shared_book_limits(&self) -> Option<(u32, usize)> {
+        self.shared_book.get().map(|s| (s.gap, s.max_users))
     }
 
     /// The runs and erasures since the last call (empty when the book is

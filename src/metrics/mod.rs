@@ -513,7 +513,7 @@ impl Metrics {
         }
         let _ = self.shared_books.set(());
         for bot in self.bots().iter() {
-            bot.share_book(self.book.session_gap);
+            bot.share_book(self.book.session_gap, self.book.max_users);
         }
     }
 
@@ -547,7 +547,7 @@ impl Metrics {
             self.book,
         ));
         if self.shared_books.get().is_some() {
-            cells.share_book(self.book.session_gap);
+            cells.share_book(self.book.session_gap, self.book.max_users);
         }
         cells
     }
@@ -699,5 +699,59 @@ impl Metrics {
             tracing::error!(error = %e, "encoding /metrics failed");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{BodyFormat, parse_batch};
+
+    /// While Redis is away a shared book's runs wait in memory: at most
+    /// `--max-users-per-bot` users, the rest counted as dropped, and a user
+    /// already waiting keeps adding runs.
+    #[test]
+    fn a_shared_books_waiting_runs_are_bounded_by_the_book() {
+        let limits = users::BookLimits {
+            max_users: 100,
+            ..users::BookLimits::DEFAULT
+        };
+        let metrics = Metrics::new(&[Arc::from("b")], 10, chrono_tz::UTC, 0.0, limits).unwrap();
+        metrics.share_books();
+        let bot = metrics.bot("b").unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let body: String = format!(
+            "[{}]",
+            (0..150)
+                .map(|u| format!(r#"{{"type":"message","role":"user","user_id":{u}}}"#))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let key = crate::event::UserKey::legacy();
+        for event in parse_batch(body.as_bytes(), BodyFormat::Json, 1000, now, &key).unwrap() {
+            bot.apply(&event);
+        }
+        // User 0 again, an hour later: a second run of a user kept.
+        let again = format!(
+            r#"[{{"type":"message","role":"user","user_id":0,"ts":{}}}]"#,
+            now - 3600
+        );
+        for event in parse_batch(again.as_bytes(), BodyFormat::Json, 10, now, &key).unwrap() {
+            bot.apply(&event);
+        }
+        assert_eq!(bot.take_book_dropped(), 50);
+        assert_eq!(bot.take_book_dropped(), 0, "taken once");
+        let delta = bot.take_book_delta();
+        assert_eq!(delta.users(), 100);
+        let runs: usize = delta.runs.values().map(Vec::len).sum();
+        // An hour apart: a gap past --session-gap, so a run of its own.
+        assert_eq!(runs, 101);
+        // Taken by the sync: there is room again.
+        let one = r#"[{"type":"message","role":"user","user_id":149}]"#;
+        for event in parse_batch(one.as_bytes(), BodyFormat::Json, 10, now, &key).unwrap() {
+            bot.apply(&event);
+        }
+        assert_eq!(bot.take_book_dropped(), 0);
+        assert_eq!(bot.take_book_delta().users(), 1);
     }
 }

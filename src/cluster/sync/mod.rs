@@ -86,16 +86,22 @@ struct BotSync {
     confirmed: u64,
 }
 
-/// Adds to `bots` the bots counted here that the sync does not know yet:
-/// every bot at start, and each one the admin API creates later (on this
-/// replica or, through the registry, on another). Its first batch carries
-/// everything it counted, from a baseline of nothing; Redis, which holds
-/// nothing of it either, seeds it from the store first (where a bot created
-/// anew has nothing).
+/// Makes `bots` follow the bots counted here: each one the sync does not
+/// know yet is added (every bot at start, and each one the admin API
+/// creates later, on this replica or, through the registry, on another);
+/// its first batch carries everything it counted, from a baseline of
+/// nothing, and Redis, which holds nothing of it either, seeds it from the
+/// store first (where a bot created anew has nothing). A bot whose cells
+/// were wiped (a replayed wipe starts a configured bot afresh) is dropped
+/// with its unsent batch: what those cells counted is not the bot's.
 fn track(bots: &mut Vec<BotSync>, metrics: &Metrics, cluster: &Cluster) {
     let set = metrics.bots();
+    bots.retain(|b| {
+        set.get(&b.bot.bot)
+            .is_some_and(|now| Arc::ptr_eq(now, &b.bot))
+    });
     if set.len() == bots.len() {
-        return; // bots are only ever added
+        return;
     }
     for bot in set.iter() {
         if bots.iter().any(|b| b.bot.bot == bot.bot) {
@@ -308,6 +314,10 @@ impl Syncer {
                     *seq
                 };
                 for b in bots.iter_mut().filter(|b| b.inflight.is_none()) {
+                    self.cluster
+                        .metrics
+                        .users_dropped
+                        .inc_by(b.bot.take_book_dropped());
                     let batch = b.cut(self.cluster.pending.of(&b.bot.bot).as_deref(), mark);
                     if !batch.is_empty() {
                         b.inflight = Some(batch);

@@ -54,8 +54,8 @@ impl Syncer {
             return Ok(());
         };
         // The replayed events' runs go with the resent counts.
-        if let Some(gap) = b.bot.shared_book_gap() {
-            copy.share_book(gap);
+        if let Some((gap, max_users)) = b.bot.shared_book_limits() {
+            copy.share_book(gap, max_users);
         }
         let dropped = prometheus::IntCounter::new("recovery_users_dropped", "unused")
             .map_err(|e| ClusterError::Protocol(e.to_string()))?;
