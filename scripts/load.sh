@@ -56,8 +56,9 @@ need wrk wrk
 need nginx nginx-light
 need taskset util-linux
 [ "$SCENARIOS" = events ] || need prometheus-pushgateway prometheus-pushgateway
-# Servers on one core, the load tool on another.
-on_server() { taskset -c "$SERVER_CPU" "$@"; }
+# Servers on one core, the load tool on another. `exec`: started with `&`,
+# the server is then the background pid itself, so the cleanup stops it.
+on_server() { exec taskset -c "$SERVER_CPU" "$@"; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
