@@ -6,8 +6,7 @@
 //! * `ingest_stages`: the same batch one step at a time, so each step's
 //!   cost shows: serde_json merely tokenizing it (`IgnoredAny`, the floor
 //!   of any serde_json parse), botmetrics' parse with its checks (one pass:
-//!   each event is checked as it is read) by sonic-rs and by serde_json
-//!   alone (the reference reader of bad bodies), and the count of the parsed
+//!   each event is checked as it is read), and the count of the parsed
 //!   events alone (active-user sketches, counters, histograms).
 //! * `apply`: counting one parsed event, against the prometheus crate's own
 //!   `IntCounterVec::with_label_values(..).inc()`.
@@ -241,20 +240,6 @@ fn ingest(c: &mut Criterion) {
     group.bench_function("parse_and_validate", |b| {
         b.iter(|| {
             parse_batch(
-                black_box(&body),
-                BodyFormat::Json,
-                10_000,
-                NOW,
-                &botmetrics::event::UserKey::legacy(),
-            )
-            .expect("valid")
-        })
-    });
-    // The same parse and checks through serde_json alone (the reference
-    // reader, which answers every bad body): what sonic-rs saves.
-    group.bench_function("parse_and_validate_serde_json_only", |b| {
-        b.iter(|| {
-            botmetrics::event::reference_batch(
                 black_box(&body),
                 BodyFormat::Json,
                 10_000,

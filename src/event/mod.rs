@@ -19,7 +19,7 @@ use serde::de::{self, Deserializer, Visitor};
 mod batch;
 mod raw;
 
-pub use batch::{BodyFormat, parse_batch, reference_batch};
+pub use batch::{BodyFormat, parse_batch};
 
 /// Longest accepted string `user_id`.
 pub const MAX_USER_ID_LEN: usize = 256;
