@@ -3,6 +3,11 @@
 //! * `ingest`: parse + validate + apply of a realistic batch, against
 //!   serde_json parsing the same bytes into untyped `Value`s (no checks, no
 //!   counting) — the floor any JSON service pays.
+//! * `ingest_stages`: the same batch one step at a time, so each step's
+//!   cost shows: serde_json merely tokenizing it (`IgnoredAny`, the floor
+//!   of any serde_json parse), botmetrics' parse with its checks (one pass:
+//!   each event is checked as it is read), and the count of the parsed
+//!   events alone (active-user sketches, counters, histograms).
 //! * `apply`: counting one parsed event, against the prometheus crate's own
 //!   `IntCounterVec::with_label_values(..).inc()`.
 //! * `render`: the whole registry with 10,000 series, against the prometheus
@@ -217,6 +222,45 @@ fn ingest(c: &mut Criterion) {
             .expect("valid");
             black_box(
                 rt.block_on(ingest.apply(&bot, &events, NOW * 1000))
+                    .expect("applied"),
+            )
+        })
+    });
+    group.finish();
+
+    // Each step alone, on the same bytes.
+    let mut group = c.benchmark_group("ingest_stages");
+    group.throughput(Throughput::Elements(N as u64));
+    group.bench_function("floor_serde_json_tokenize_only", |b| {
+        b.iter(|| serde_json::from_slice::<serde::de::IgnoredAny>(black_box(&body)).expect("json"))
+    });
+    group.bench_function("parse_and_validate", |b| {
+        b.iter(|| {
+            parse_batch(
+                black_box(&body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid")
+        })
+    });
+    group.bench_function("apply", |b| {
+        let metrics = metrics(1000);
+        let ingest = Ingest::new(Dedupe::new(Duration::ZERO, 16), None);
+        let bot = metrics.bot("bench").expect("bot").clone();
+        let events = parse_batch(
+            &body,
+            BodyFormat::Json,
+            10_000,
+            NOW,
+            &botmetrics::event::UserKey::legacy(),
+        )
+        .expect("valid");
+        b.iter(|| {
+            black_box(
+                rt.block_on(ingest.apply(&bot, black_box(&events), NOW * 1000))
                     .expect("applied"),
             )
         })

@@ -2,13 +2,26 @@
 # HTTP load test on loopback: botmetrics beside its peers, same load tool,
 # same connections, same run, so the ratios hold on a noisy machine.
 #
-#   scripts/load.sh [seconds per run, default 10]
+#   scripts/load.sh [seconds per run, default 10] [rounds, default 3]
 #
-# Needs wrk, nginx and prometheus-pushgateway (Debian packages of those
-# names); installs them with apt-get when missing and run as root.
+# Every server runs pinned to core 0 and wrk to core 1 (`taskset`), so the
+# server has one core of its own and the load tool another, whatever else
+# the machine runs; nginx has one worker, as botmetrics has one core.
+# Environment: LOAD_THREADS (wrk threads, default 1), LOAD_CONNECTIONS
+# (default 2), BOTMETRICS_BIN (a binary to measure instead of building this
+# tree's release binary), LOAD_SCENARIOS=events (only steps 1 and 2, no
+# Pushgateway needed).
+#
+# Needs wrk, nginx, taskset and prometheus-pushgateway (Debian packages
+# wrk, nginx-light, util-linux, prometheus-pushgateway); installs them with
+# apt-get when missing and run as root. nginx runs as an unprivileged
+# foreground process (`nobody` when started as root) with its own config
+# on a free port.
 # Measures, in this order:
 #   1. nginx serving a small static file            (ceiling for small answers)
 #   2. botmetrics POST /v1/events, one event each   (the bot's hot path)
+#      1 and 2 alternate for the given rounds (A B A B ...), and the
+#      ratio is taken pair by pair, so a noisy neighbour hits both
 #   3. Pushgateway push, consistency check off      (its fastest setting)
 #   4. Pushgateway push, default settings
 #   5. nginx serving a static file the size of /metrics with 10,000 series
@@ -18,8 +31,12 @@
 set -euo pipefail
 
 SECS=${1:-10}
-THREADS=${LOAD_THREADS:-2}
-CONNS=${LOAD_CONNECTIONS:-64}
+ROUNDS=${2:-3}
+THREADS=${LOAD_THREADS:-1}
+CONNS=${LOAD_CONNECTIONS:-2}
+SCENARIOS=${LOAD_SCENARIOS:-all}
+SERVER_CPU=0
+LOAD_CPU=1
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 TMP=$(mktemp -d)
 PIDS=()
@@ -37,31 +54,41 @@ need() {
 }
 need wrk wrk
 need nginx nginx-light
-need prometheus-pushgateway prometheus-pushgateway
+need taskset util-linux
+[ "$SCENARIOS" = events ] || need prometheus-pushgateway prometheus-pushgateway
+# Servers on one core, the load tool on another. `exec`: started with `&`,
+# the server is then the background pid itself, so the cleanup stops it.
+on_server() { exec taskset -c "$SERVER_CPU" "$@"; }
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_port() { for _ in $(seq 100); do (echo >/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return; sleep 0.1; done; echo "port $1 never opened" >&2; exit 1; }
 
-cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
-BIN="$ROOT/target/release/botmetrics"
+if [ -n "${BOTMETRICS_BIN:-}" ]; then
+    BIN=$BOTMETRICS_BIN
+else
+    cargo build --release --quiet --manifest-path "$ROOT/Cargo.toml"
+    BIN="$ROOT/target/release/botmetrics"
+fi
 
 # --- botmetrics
 BM=$(free_port)
-"$BIN" --listen 127.0.0.1:"$BM" --tokens bench=secret --database-url "sqlite://$TMP/bm.db" \
+on_server "$BIN" --listen 127.0.0.1:"$BM" --tokens bench=secret --database-url "sqlite://$TMP/bm.db" \
     --max-label-values 20000 --dedupe-window 0s 2>"$TMP/bm.log" &
 PIDS+=($!)
 wait_port "$BM"
 
 # --- pushgateways
+if [ "$SCENARIOS" != events ]; then
 PG_FAST=$(free_port); PG_DEF=$(free_port)
-prometheus-pushgateway --web.listen-address=127.0.0.1:"$PG_FAST" --push.disable-consistency-check 2>"$TMP/pgf.log" &
+on_server prometheus-pushgateway --web.listen-address=127.0.0.1:"$PG_FAST" --push.disable-consistency-check 2>"$TMP/pgf.log" &
 PIDS+=($!)
-prometheus-pushgateway --web.listen-address=127.0.0.1:"$PG_DEF" 2>"$TMP/pgd.log" &
+on_server prometheus-pushgateway --web.listen-address=127.0.0.1:"$PG_DEF" 2>"$TMP/pgd.log" &
 PIDS+=($!)
 wait_port "$PG_FAST"; wait_port "$PG_DEF"
+fi
 
 # --- fill botmetrics and a pushgateway to 10,000 series
-python3 - "$BM" "$PG_FAST" "$TMP" <<'EOF'
+python3 - "$BM" "${PG_FAST:-}" "$TMP" <<'EOF'
 import sys, urllib.request
 bm, pg, tmp = sys.argv[1], sys.argv[2], sys.argv[3]
 def post(url, body, headers, method="POST"):
@@ -75,7 +102,8 @@ body = "\n".join('{"type":"error","kind":"kind_%d"}' % k for k in range(kinds)).
 post(f"http://127.0.0.1:{bm}/v1/events", body,
      {"Authorization": "Bearer secret", "Content-Type": "application/x-ndjson"})
 lines = ["# TYPE bench_errors_total counter"] + ['bench_errors_total{kind="kind_%d"} 1' % k for k in range(10000)]
-post(f"http://127.0.0.1:{pg}/metrics/job/bench", ("\n".join(lines) + "\n").encode(), {}, "PUT")
+if pg:
+    post(f"http://127.0.0.1:{pg}/metrics/job/bench", ("\n".join(lines) + "\n").encode(), {}, "PUT")
 EOF
 # The page rendered before the fill stays cached for up to the TTL (30 s).
 for _ in $(seq 40); do
@@ -95,7 +123,7 @@ cp "$TMP/metrics10k.txt" "$TMP/www/metrics10k.txt"
 # them: botmetrics also compresses once per render, not per request.
 cp "$TMP/bm_metrics.gz" "$TMP/www/metrics10k.txt.gz"
 cat > "$TMP/ngx/nginx.conf" <<EOF
-worker_processes auto;
+worker_processes 1;
 daemon off;
 error_log $TMP/ngx/error.log;
 pid $TMP/ngx/nginx.pid;
@@ -108,9 +136,15 @@ http {
     server { listen 127.0.0.1:$NG; root $TMP/www; }
 }
 EOF
-# nginx workers drop root: let them read the files.
+# Never as root: as root it would switch its worker's user, and it needs
+# none of root's rights. `nobody` reads the files and writes its temp dir.
 chmod 755 "$TMP"; chmod -R a+rX "$TMP/www"
-nginx -c "$TMP/ngx/nginx.conf" -p "$TMP/ngx" &
+NGINX=(nginx -e "$TMP/ngx/error.log" -c "$TMP/ngx/nginx.conf" -p "$TMP/ngx")
+if [ "$(id -u)" = 0 ]; then
+    chown -R nobody "$TMP/ngx"
+    NGINX=(setpriv --reuid=nobody --regid=nogroup --clear-groups "${NGINX[@]}")
+fi
+on_server "${NGINX[@]}" &
 PIDS+=($!)
 wait_port "$NG"
 
@@ -134,7 +168,7 @@ run() {
     local name=$1 url=$2 script=${3:-}
     local args=(-t"$THREADS" -c"$CONNS" -d"${SECS}s" --latency)
     [ -n "$script" ] && args+=(-s "$script")
-    wrk "${args[@]}" "$url" > "$TMP/$name.out"
+    taskset -c "$LOAD_CPU" wrk "${args[@]}" "$url" > "$TMP/$name.out"
     local rps p50 bad
     rps=$(awk '/Requests\/sec/ {print $2}' "$TMP/$name.out")
     p50=$(awk '$1=="50%" {print $2}' "$TMP/$name.out")
@@ -143,9 +177,18 @@ run() {
     printf '%s %s %s\n' "$name" "$rps" "$p50" >> "$TMP/results"
 }
 
-echo "wrk -t$THREADS -c$CONNS -d${SECS}s, $SERIES bot_ series in /metrics, $(nproc) cores" >&2
-run nginx_small "http://127.0.0.1:$NG/small.json"
-run botmetrics_event "http://127.0.0.1:$BM/v1/events" "$TMP/event.lua"
+echo "wrk -t$THREADS -c$CONNS -d${SECS}s on core $LOAD_CPU, servers on core $SERVER_CPU, $SERIES bot_ series in /metrics, $ROUNDS rounds of nginx / event POST, $(nproc) cores" >&2
+# Warm-up, not counted.
+SECS_RUN=$SECS; SECS=2
+run warmup_nginx "http://127.0.0.1:$NG/small.json"
+run warmup_event "http://127.0.0.1:$BM/v1/events" "$TMP/event.lua"
+SECS=$SECS_RUN
+: > "$TMP/results"
+for i in $(seq "$ROUNDS"); do
+    run nginx_small "http://127.0.0.1:$NG/small.json"
+    run botmetrics_event "http://127.0.0.1:$BM/v1/events" "$TMP/event.lua"
+done
+[ "$SCENARIOS" = events ] || {
 run pushgw_fast_push "http://127.0.0.1:$PG_FAST/metrics/job/load" "$TMP/push.lua"
 run pushgw_default_push "http://127.0.0.1:$PG_DEF/metrics/job/load" "$TMP/push.lua"
 run nginx_10k_gzip "http://127.0.0.1:$NG/metrics10k.txt" "$TMP/gzip.lua"
@@ -153,24 +196,36 @@ run botmetrics_metrics_10k_gzip "http://127.0.0.1:$BM/metrics" "$TMP/gzip.lua"
 run pushgw_metrics_10k_gzip "http://127.0.0.1:$PG_FAST/metrics" "$TMP/gzip.lua"
 run nginx_10k_plain "http://127.0.0.1:$NG/metrics10k.txt"
 run botmetrics_metrics_10k_plain "http://127.0.0.1:$BM/metrics"
+}
 
 # Sanity: every POST was counted (wrk's count vs the counter).
 accepted=$(curl -s "http://127.0.0.1:$BM/metrics" | awk '/^botmetrics_events_accepted_total/ {print $2}')
 echo "botmetrics accepted $accepted events in total" >&2
 
 python3 - "$TMP/results" <<'EOF'
-import sys
-rows = {}
+import statistics, sys
+runs = {}
 for line in open(sys.argv[1]):
     name, rps, p50 = line.split()
-    rows[name] = (float(rps), p50)
+    runs.setdefault(name, []).append((float(rps), p50))
+# Each name's median run (by req/s).
+rows = {name: sorted(r)[len(r) // 2] for name, r in runs.items()}
 def ratio(a, b):
     return f"{rows[a][0] / rows[b][0]:.2f}×"
-print("| run | req/s | p50 latency |")
+print("| run | req/s (median of runs) | p50 latency |")
 print("| --- | ---: | ---: |")
 for name, (rps, p50) in rows.items():
     print(f"| {name} | {rps:,.0f} | {p50} |")
 print()
+pairs = list(zip(runs["nginx_small"], runs["botmetrics_event"]))
+print("| round | nginx small file req/s | event POST req/s | event / nginx |")
+print("| ---: | ---: | ---: | ---: |")
+for i, ((n, _), (e, _)) in enumerate(pairs, 1):
+    print(f"| {i} | {n:,.0f} | {e:,.0f} | {e / n:.2f} |")
+print(f"| median | {statistics.median(n for (n, _), _ in pairs):,.0f} | {statistics.median(e for _, (e, _) in pairs):,.0f} | {statistics.median(e / n for (n, _), (e, _) in pairs):.2f} |")
+print()
+if "pushgw_fast_push" not in rows:
+    sys.exit()
 print(f"- event POST vs Pushgateway push (check off): {ratio('botmetrics_event', 'pushgw_fast_push')}")
 print(f"- event POST vs Pushgateway push (default): {ratio('botmetrics_event', 'pushgw_default_push')}")
 print(f"- event POST vs nginx small static file: {ratio('botmetrics_event', 'nginx_small')}")

@@ -58,7 +58,7 @@ use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use clap::ValueEnum;
 
@@ -85,7 +85,8 @@ const FRAME_LEN: usize = 8;
 const MAX_RECORD: u32 = 256 << 20;
 /// A segment is closed once it is this large...
 const SEGMENT_BYTES: u64 = 16 << 20;
-/// ...or this old, so a quiet journal can still be trimmed.
+/// ...or holds records this far apart (by their own times), so a quiet
+/// journal can still be trimmed.
 const SEGMENT_AGE: Duration = Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
@@ -118,13 +119,23 @@ struct Pending {
     buf: Vec<u8>,
     /// The last LSN handed out.
     last: u64,
+    /// The latest time (unix seconds) of a record queued since the last
+    /// group write.
+    newest_at: i64,
 }
 
 struct Segment {
     file: File,
     path: PathBuf,
     bytes: u64,
-    opened: Instant,
+    /// The time of its first record (unix seconds), `None` while it has
+    /// none. Its age is measured by its records' times rather than a clock
+    /// read per group write, which the single-event path would pay for
+    /// every request.
+    first_at: Option<i64>,
+    /// The buffer of the last group write, emptied: swapped with the queue
+    /// at the next one, so a group write allocates nothing.
+    spare: Vec<u8>,
 }
 
 /// A journal this process owns.
@@ -249,6 +260,7 @@ impl Journal {
             pending: Mutex::new(Pending {
                 buf: Vec::with_capacity(64 << 10),
                 last,
+                newest_at: i64::MIN,
             }),
             current: tokio::sync::Mutex::new(current),
             sealed: Mutex::new(sealed),
@@ -408,6 +420,7 @@ impl Journal {
         crc.update(&lsn.to_le_bytes());
         crc.update(&at.to_le_bytes());
         crc.update(body);
+        pending.newest_at = pending.newest_at.max(at);
         let buf = &mut pending.buf;
         buf.extend_from_slice(&len.to_le_bytes());
         buf.extend_from_slice(&crc.finalize().to_le_bytes());
@@ -437,19 +450,31 @@ impl Journal {
             if self.broken.load(Ordering::Relaxed) {
                 return Err(JournalError::Broken);
             }
-            // Registered before the file is tried, so a group write that
-            // ends in between still wakes this request.
-            let progressed = self.progress.notified();
-            tokio::pin!(progressed);
-            progressed.as_mut().enable();
-            if self.durable(lsn) {
-                return Ok(());
-            }
             // Whoever gets the file writes for everyone queued; the others
             // wait to be told, rather than queue for the file one by one.
-            let Ok(segment) = self.current.try_lock() else {
-                progressed.await;
-                continue;
+            // The file is tried first: when nobody else writes (a lone
+            // single event), that costs no registration with `progress`.
+            let segment = match self.current.try_lock() {
+                Ok(segment) => segment,
+                Err(_) => {
+                    // Registered before the checks, so a group write that
+                    // ends in between still wakes this request; the file
+                    // is tried again because that writer may have ended
+                    // before the registration without covering `lsn`.
+                    let progressed = self.progress.notified();
+                    tokio::pin!(progressed);
+                    progressed.as_mut().enable();
+                    if self.durable(lsn) {
+                        return Ok(());
+                    }
+                    match self.current.try_lock() {
+                        Ok(segment) => segment,
+                        Err(_) => {
+                            progressed.await;
+                            continue;
+                        }
+                    }
+                }
             };
             let result = self
                 .write_and_sync(segment, self.policy == FsyncPolicy::Always)
@@ -572,18 +597,22 @@ impl Journal {
         if self.is_broken() {
             return Ok(None);
         }
-        let (buf, last) = {
+        let mut buf = std::mem::take(&mut segment.spare);
+        buf.clear();
+        let (last, newest_at) = {
             let mut pending = self.lock_pending();
-            let cap = pending.buf.capacity();
-            (
-                std::mem::replace(&mut pending.buf, Vec::with_capacity(cap)),
-                pending.last,
-            )
+            std::mem::swap(&mut pending.buf, &mut buf);
+            let newest_at = std::mem::replace(&mut pending.newest_at, i64::MIN);
+            (pending.last, newest_at)
         };
         if buf.is_empty() {
+            segment.spare = buf;
             return Ok(None);
         }
-        if let Err(e) = self.write_all(&mut segment.file, &buf) {
+        let written = self.write_all(&mut segment.file, &buf);
+        let len = buf.len() as u64;
+        segment.spare = buf;
+        if let Err(e) = written {
             self.broken.store(true, Ordering::Relaxed);
             // Every request of this group is refused, so none of it may stay
             // on disk, whole records included: a restart would count them.
@@ -601,10 +630,12 @@ impl Journal {
             }
             return Err(e);
         }
-        segment.bytes += buf.len() as u64;
+        segment.bytes += len;
         self.current_bytes.store(segment.bytes, Ordering::Relaxed);
         self.written.store(last, Ordering::Release);
-        if segment.bytes >= SEGMENT_BYTES || segment.opened.elapsed() >= SEGMENT_AGE {
+        let first_at = *segment.first_at.get_or_insert(newest_at);
+        let age = u64::try_from(newest_at.saturating_sub(first_at)).unwrap_or(0);
+        if segment.bytes >= SEGMENT_BYTES || age >= SEGMENT_AGE.as_secs() {
             // The records are written, and their requests will be answered
             // 202: a segment that cannot be opened (a full disk) must not
             // refuse them. Writing goes on in this one; the next write
@@ -661,7 +692,8 @@ impl Journal {
     /// Closes the current segment and starts the next at `last + 1`;
     /// returns the closed file, which the caller fsyncs.
     fn rotate(&self, segment: &mut Segment, last: u64) -> io::Result<File> {
-        let next = Segment::create(&self.dir, last + 1)?;
+        let mut next = Segment::create(&self.dir, last + 1)?;
+        next.spare = std::mem::take(&mut segment.spare);
         let old = std::mem::replace(segment, next);
         self.current_bytes.store(HEADER_LEN, Ordering::Relaxed);
         self.lock_sealed().push(Sealed {
@@ -776,7 +808,8 @@ impl Segment {
             file,
             path,
             bytes: HEADER_LEN,
-            opened: Instant::now(),
+            first_at: None,
+            spare: Vec::new(),
         })
     }
 }

@@ -319,8 +319,19 @@ struct SlotState {
     /// Connections evicted whose descriptor is not closed yet.
     closing: usize,
     conns: HashMap<u64, Entry>,
-    /// Idle connections by the moment they became idle, oldest first.
-    idle: BTreeSet<(Instant, u64)>,
+    /// Idle connections by the moment they became idle, oldest first. The
+    /// moment is a tick of `idle_ticks`, not a clock: only the order
+    /// matters, and a request's end then costs no clock read.
+    idle: BTreeSet<(u64, u64)>,
+    idle_ticks: u64,
+}
+
+impl SlotState {
+    /// The next moment of the idle order.
+    fn tick(&mut self) -> u64 {
+        self.idle_ticks += 1;
+        self.idle_ticks
+    }
 }
 
 struct Entry {
@@ -328,7 +339,7 @@ struct Entry {
     /// the bookkeeping right whatever hyper does between two of them).
     busy: usize,
     /// Its key in `SlotState::idle` while `busy` is 0.
-    idle_since: Option<Instant>,
+    idle_since: Option<u64>,
     evict: CancellationToken,
 }
 
@@ -376,7 +387,7 @@ impl Slots {
         };
         let id = state.next_id;
         state.next_id += 1;
-        let now = Instant::now();
+        let now = state.tick();
         let evict = CancellationToken::new();
         state.conns.insert(
             id,
@@ -487,12 +498,12 @@ impl Drop for Busy {
     fn drop(&mut self) {
         let mut state = self.slots.lock();
         let state = &mut *state;
+        let now = state.tick();
         let Some(entry) = state.conns.get_mut(&self.id) else {
             return;
         };
         entry.busy = entry.busy.saturating_sub(1);
         if entry.busy == 0 && !entry.evict.is_cancelled() {
-            let now = Instant::now();
             entry.idle_since = Some(now);
             state.idle.insert((now, self.id));
             self.slots.changed.notify_waiters();

@@ -17,10 +17,8 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderMap, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tower_http::compression::CompressionLayer;
-use tower_http::trace::TraceLayer;
 use tracing::Span;
 
 use crate::http::error::{Error, InternalDetail, Result};
@@ -50,43 +48,103 @@ pub fn router(state: AppState) -> Router {
         .fallback(|| async { Error::NotFound("no such endpoint; see README for the API".into()) })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .with_state(state)
-        // The project's own 408 (tower-http's has an empty body). The
-        // timeout covers reading the body, which handlers do themselves.
-        .layer(axum::middleware::from_fn(move |req: Request, next: Next| async move {
-            match tokio::time::timeout(timeout, next.run(req)).await {
-                Ok(response) => response,
-                Err(_) => {
-                    let e = Error::Timeout(timeout);
-                    rejected(None, &e);
-                    e.into_response()
-                }
-            }
-        }))
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str());
-                    // Debug level: at the default `info` the span is never
-                    // built, which matters at ~100k requests a second.
-                    tracing::debug_span!("http", method = %req.method(), route, status = tracing::field::Empty)
-                })
-                .on_request(())
-                .on_response(|res: &Response, latency: Duration, span: &Span| {
-                    span.record("status", res.status().as_u16());
-                    let status = res.status().as_u16();
-                    if let Some(InternalDetail(detail)) = res.extensions().get::<InternalDetail>() {
-                        tracing::error!(error = %detail, status, ?latency, "request failed");
-                    } else if res.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
-                        // /readyz logs its changes of state itself; a line
-                        // per probe would drown them.
-                        tracing::debug!(?latency, "request done");
-                    } else if res.status().is_server_error() {
-                        tracing::error!(status, ?latency, "request failed");
-                    } else {
-                        tracing::debug!(?latency, "request done");
+        .layer(Observe { timeout })
+}
+
+/// The project's own 408 (tower-http's has an empty body) and the request
+/// log, in one layer: one clock read per request serves both the deadline
+/// and the latency, and the span is built only when `debug` is on (at
+/// ~100k requests a second, the two tower layers this replaces cost two
+/// more clock reads, a boxed clone of the inner service and a wrapped body
+/// per request). The timeout covers reading the body, which handlers do
+/// themselves.
+#[derive(Clone, Copy)]
+struct Observe {
+    timeout: Duration,
+}
+
+impl<S> tower_layer::Layer<S> for Observe {
+    type Service = Observed<S>;
+
+    fn layer(&self, inner: S) -> Observed<S> {
+        Observed {
+            inner,
+            timeout: self.timeout,
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Observed<S> {
+    inner: S,
+    timeout: Duration,
+}
+
+impl<S> tower_service::Service<Request> for Observed<S>
+where
+    S: tower_service::Service<Request, Response = Response, Error = std::convert::Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = crate::BoxFuture<'static, Result<Response, std::convert::Infallible>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        use tracing::Instrument;
+        let started = tokio::time::Instant::now();
+        let timeout = self.timeout;
+        // Debug level: at the default `info` the span is never built.
+        let span = tracing::debug_span!(
+            "http",
+            method = %req.method(),
+            route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()),
+            status = tracing::field::Empty,
+        );
+        let answer = self.inner.call(req);
+        Box::pin(
+            async move {
+                let response = match tokio::time::timeout_at(started + timeout, answer).await {
+                    Ok(Ok(response)) => response,
+                    Err(_) => {
+                        let e = Error::Timeout(timeout);
+                        rejected(None, &e);
+                        e.into_response()
                     }
-                }),
+                };
+                log_answer(&response, started);
+                Ok(response)
+            }
+            .instrument(span),
         )
+    }
+}
+
+/// The request log: failures at error, the rest at debug. The latency is
+/// read only for a line that is written.
+fn log_answer(res: &Response, started: tokio::time::Instant) {
+    let status = res.status().as_u16();
+    Span::current().record("status", status);
+    let latency = || started.elapsed();
+    if let Some(InternalDetail(detail)) = res.extensions().get::<InternalDetail>() {
+        tracing::error!(error = %detail, status, latency = ?latency(), "request failed");
+    } else if res.status() == axum::http::StatusCode::SERVICE_UNAVAILABLE {
+        // /readyz logs its changes of state itself; a line per probe would
+        // drown them.
+        tracing::debug!(latency = ?latency(), "request done");
+    } else if res.status().is_server_error() {
+        tracing::error!(status, latency = ?latency(), "request failed");
+    } else {
+        tracing::debug!(latency = ?latency(), "request done");
+    }
 }
 
 /// Who may read counts, as decided by the request's bearer token.
