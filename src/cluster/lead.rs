@@ -21,7 +21,7 @@ use super::view::{BotView, View};
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
 use crate::metrics::Metrics;
-use crate::metrics::bot::ACTIVE_USERS;
+use crate::metrics::bot::{ACTIVE_USERS, RETENTION};
 use crate::persist::{self, Cut, PersistError, RestoreReport, Source, Written};
 use crate::store::{ClusterProgress, ClusterSketch, DailyRow, FlushBatch, SeriesRow, Stored};
 
@@ -57,10 +57,21 @@ fn source(e: ClusterError) -> PersistError {
 }
 
 /// Every row the store keeps for the cluster: the totals, and the
-/// cluster-wide distinct users as the gauge rows a single process writes.
-fn rows(views: &[BotView]) -> Vec<SeriesRow> {
+/// cluster-wide distinct users and retention ratios as the gauge rows a
+/// single process writes (the ratios from the cohorts the lead's own book
+/// scan counted, which `metrics` holds).
+fn rows(views: &[BotView], metrics: &Metrics) -> Vec<SeriesRow> {
     let mut rows = Vec::new();
     for view in views {
+        let ratios = metrics.bot(&view.bot).and_then(|b| b.retention_ratios());
+        for (day, ratio) in ratios.into_iter().flatten() {
+            rows.push(SeriesRow {
+                metric: RETENTION.name.to_owned(),
+                bot: view.bot.clone(),
+                labels: format!(r#"{{"day":"{day}"}}"#),
+                value: ratio,
+            });
+        }
         rows.extend(view.series.iter().filter(|r| r.value.is_finite()).cloned());
         for (window, users) in ["1d", "7d", "30d"].into_iter().zip(view.users) {
             rows.push(SeriesRow {
@@ -266,7 +277,7 @@ impl Source for Lead {
                 }
             };
             let mut cut = Cut {
-                rows: rows(&views),
+                rows: rows(&views, &self.metrics),
                 ..Cut::default()
             };
             cut.rest.wiped = wiped;
@@ -410,6 +421,9 @@ impl Source for Lead {
     }
 
     fn history(&self) -> BoxFuture<'_, persist::Result<Vec<SeriesRow>>> {
-        Box::pin(async move { Ok(rows(&self.read(false).await.map_err(source)?)) })
+        Box::pin(async move {
+            let views = self.read(false).await.map_err(source)?;
+            Ok(rows(&views, &self.metrics))
+        })
     }
 }

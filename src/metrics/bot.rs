@@ -617,6 +617,16 @@ impl BotMetrics {
     /// Every cohort, as of a scan on local day `today` (this book's, or in
     /// cluster mode the lead's scan of Redis' book), and the gauges of the
     /// latest complete ones.
+    /// `bot_retention_ratio{day}` as `(day, ratio)`, while the book is on:
+    /// gauges derived from the cohorts, which the cluster's writer stores
+    /// beside the totals it reads from Redis.
+    pub fn retention_ratios(&self) -> Option<[(&'static str, f64); 3]> {
+        self.book.enabled().then(|| {
+            let day = ["1", "7", "30"];
+            std::array::from_fn(|i| (day[i], self.retention[i].get()))
+        })
+    }
+
     pub fn set_cohorts(&self, cohorts: Vec<Cohort>, today: u32) {
         // The latest complete cohort for day +N: its day +N has ended.
         for (i, n) in RETENTION_DAYS.iter().enumerate() {

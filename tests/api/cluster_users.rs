@@ -218,6 +218,16 @@ async fn three_replicas_share_one_user_book_new_returning_and_retention_are_exac
         |n| *n == 17,
     )
     .await;
+    // ... and the retention ratios, with the totals, as one process does.
+    until(
+        "the store holds bot_retention_ratio{day=\"1\"}",
+        || async {
+            raw.stored("bot_retention_ratio", "x", &[("day", "1")])
+                .await
+        },
+        |v| *v == Some(0.5),
+    )
+    .await;
     drop(reps);
 }
 
