@@ -192,11 +192,13 @@ impl Visitor for Writer {
 
 /// Writes every bot's `bot_*` series (`bots` sorted by name) and returns
 /// how many sample lines they are.
-pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>) -> usize {
+pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffers) -> usize {
+    let mut families = std::mem::take(&mut kept.families);
+    families.resize_with(FAMILIES.len(), FamilyText::default);
     let mut writer = Writer {
-        families: FAMILIES.iter().map(|_| FamilyText::default()).collect(),
+        families,
         series: 0,
-        le: Vec::new(),
+        le: std::mem::take(&mut kept.le),
     };
     for bot in bots {
         bot.visit(&mut writer);
@@ -206,7 +208,16 @@ pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>) -> usize {
     }
     let mut order: Vec<usize> = (0..FAMILIES.len()).collect();
     order.sort_by_key(|&i| FAMILIES[i].name);
-    out.reserve(writer.families.iter().map(|f| f.out.len() + 256).sum());
+    // And room for what the caller writes after: the self-metrics, about
+    // 1 KB a bot, so the 5 MB page is never copied to grow.
+    out.reserve(
+        writer
+            .families
+            .iter()
+            .map(|f| f.out.len() + 256)
+            .sum::<usize>()
+            + 1024 * bots.len(),
+    );
     for i in order {
         let (desc, text) = (FAMILIES[i], &writer.families[i]);
         if text.out.is_empty() {
@@ -225,7 +236,21 @@ pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>) -> usize {
         });
         out.extend_from_slice(&text.out);
     }
+    for family in &mut writer.families {
+        family.out.clear();
+    }
+    kept.families = writer.families;
+    kept.le = writer.le;
     writer.series
+}
+
+/// The per-family buffers of one render, kept (emptied, at their size) for
+/// the next: a 1,000-bot page is 5 MB of text, and buffers grown afresh by
+/// doubling and faulted in anew every scrape cost more than the formatting.
+#[derive(Default)]
+pub struct Buffers {
+    families: Vec<FamilyText>,
+    le: Vec<(&'static [f64], Vec<String>)>,
 }
 
 #[cfg(test)]
@@ -399,7 +424,7 @@ mod tests {
             }
         }
         let mut ours = Vec::new();
-        let series = write_bots(&metrics.bots().sorted, &mut ours);
+        let series = write_bots(&metrics.bots().sorted, &mut ours, &mut Buffers::default());
 
         let registry = prometheus::Registry::new();
         let descs = FAMILIES

@@ -406,6 +406,8 @@ pub struct Metrics {
     /// Set in cluster mode: every bot's book is shared through Redis, a bot
     /// added later's too (see `BotMetrics::share_book`).
     shared_books: std::sync::OnceLock<()>,
+    /// The exposition writer's buffers, kept between renders.
+    render_buffers: std::sync::Mutex<collector::Buffers>,
 }
 
 #[derive(Default)]
@@ -499,6 +501,7 @@ impl Metrics {
             book,
             wipes: Default::default(),
             shared_books: std::sync::OnceLock::new(),
+            render_buffers: Default::default(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
@@ -688,7 +691,12 @@ impl Metrics {
     pub fn render(&self) -> Vec<u8> {
         let set = self.bots();
         let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * set.len() / 16);
-        let series = collector::write_bots(&set.sorted, &mut out);
+        // A render beside another (rare: the cache shares one) uses its
+        // own buffers rather than wait.
+        let series = match self.render_buffers.try_lock() {
+            Ok(mut kept) => collector::write_bots(&set.sorted, &mut out, &mut kept),
+            Err(_) => collector::write_bots(&set.sorted, &mut out, &mut Default::default()),
+        };
         self.selfm.series.set(series as i64);
         let sketch_bytes: usize = set.iter().map(|b| b.active.heap_bytes()).sum();
         self.selfm.sketch_bytes.set(sketch_bytes as i64);
