@@ -66,7 +66,7 @@ impl BookFields {
         let field = |metric: &str| {
             rows.iter()
                 .filter(|r| r.metric == metric)
-                .map(|r| super::sync::field(&r.metric, &r.labels))
+                .map(|r| super::field(&r.metric, &r.labels))
                 .collect::<Vec<_>>()
         };
         let one = |metric: &str| field(metric).into_iter().next().unwrap_or_default();
@@ -182,6 +182,12 @@ pub fn found(answer: &[i64]) -> (u64, Vec<(u32, u16)>) {
     (new, sessions)
 }
 
+/// Whether this replica holds the writer lease now: only that replica
+/// scans the books (`lead::Lead` answers it).
+pub trait Leading: Send + Sync {
+    fn holds(&self) -> bool;
+}
+
 /// Users per HSCAN step and per settling call of the lead's scan.
 const SCAN_CHUNK: usize = 2_000;
 
@@ -199,7 +205,7 @@ const SCAN_CHUNK: usize = 2_000;
 pub struct BookScanner {
     cluster: std::sync::Arc<super::Cluster>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
-    lead: std::sync::Arc<super::lead::Lead>,
+    lead: std::sync::Arc<dyn Leading>,
     limits: BookLimits,
     fields: BookFields,
     settle: redis::Script,
@@ -218,7 +224,7 @@ impl BookScanner {
     pub fn new(
         cluster: std::sync::Arc<super::Cluster>,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
-        lead: std::sync::Arc<super::lead::Lead>,
+        lead: std::sync::Arc<dyn Leading>,
         limits: BookLimits,
     ) -> super::Result<Self> {
         Ok(BookScanner {

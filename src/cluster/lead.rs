@@ -106,11 +106,6 @@ impl Lead {
         }
     }
 
-    /// Whether this replica holds the writer lease (as of its last flush).
-    pub fn holds(&self) -> bool {
-        self.holding.load(Ordering::Relaxed)
-    }
-
     /// Takes or renews the lease. False while another replica writes. A
     /// Redis error steps down: a lease that cannot be renewed is not held.
     async fn hold(&self) -> Result<bool> {
@@ -236,6 +231,13 @@ impl Lead {
                 tracing::debug!(error = %e, bot = %u.bot, "user marks not cleared; the next flush writes them again");
             }
         }
+    }
+}
+
+impl super::book::Leading for Lead {
+    /// Whether this replica holds the writer lease (as of its last flush).
+    fn holds(&self) -> bool {
+        self.holding.load(Ordering::Relaxed)
     }
 }
 

@@ -94,6 +94,19 @@ pub async fn timed<T>(f: impl Future<Output = redis::RedisResult<T>>) -> Result<
     }
 }
 
+/// The field a series is kept under in the bot's `series` hash.
+pub fn field(metric: &str, labels: &str) -> String {
+    format!("{metric}{labels}")
+}
+
+/// `(metric, labels)` of a field: labels are the JSON object from `{`.
+pub fn parse_field(field: &str) -> (&str, &str) {
+    match field.find('{') {
+        Some(i) => field.split_at(i),
+        None => (field, "{}"),
+    }
+}
+
 /// The names of one bot's keys. `{bot}` is the hash tag (bot names are
 /// `[A-Za-z0-9_.:-]`, never a brace).
 #[derive(Debug, Clone)]

@@ -9,7 +9,8 @@ use chrono::{DateTime, NaiveDate, Utc};
 use redis::Value;
 
 use super::health::Admit;
-use super::sync::{Syncer, parse_field};
+use super::parse_field;
+use super::sync::Syncer;
 use super::{BotKeys, Cluster, ClusterError, Result, timed};
 use crate::BoxFuture;
 use crate::metrics::bot::ACTIVE_USERS;

@@ -617,6 +617,23 @@ impl BotMetrics {
     /// Every cohort, as of a scan on local day `today` (this book's, or in
     /// cluster mode the lead's scan of Redis' book), and the gauges of the
     /// latest complete ones.
+    /// How many rows the store keeps of this bot's series: one per scalar,
+    /// and a histogram's bucket lines, sum and count.
+    pub fn series_rows(&self) -> usize {
+        struct Count(usize);
+        impl Visitor for Count {
+            fn scalar(&mut self, _: &'static FamilyDesc, _: &[&str], _: f64) {
+                self.0 += 1;
+            }
+            fn histogram(&mut self, _: &'static FamilyDesc, _: &[&str], h: &HistogramSnapshot) {
+                self.0 += h.cumulative.len() + 2;
+            }
+        }
+        let mut count = Count(0);
+        self.visit(&mut count);
+        count.0
+    }
+
     /// `bot_retention_ratio{day}` as `(day, ratio)`, while the book is on:
     /// gauges derived from the cohorts, which the cluster's writer stores
     /// beside the totals it reads from Redis.

@@ -419,8 +419,7 @@ struct Wipes {
     unstored: Vec<(Arc<str>, i64)>,
 }
 
-/// A wipe the store is to apply: the bot and the wipe's generation.
-pub type WipeRow = (String, i64);
+pub use crate::store::WipeRow;
 
 /// What a wipe took out of memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -597,7 +596,7 @@ impl Metrics {
         old.retire();
         self.selfm.forget_bot(name);
         let report = Wiped {
-            series: crate::persist::bot_rows(&old).len(),
+            series: old.series_rows(),
             users: old.book.len(),
         };
         if recount {

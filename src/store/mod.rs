@@ -147,8 +147,11 @@ pub struct FlushBatch {
     /// wipe's generation: every row of theirs, in every table, is deleted
     /// first, in the same transaction, unless the store recorded that wipe
     /// (or a later one) already (table `bot_wipes`).
-    pub wiped: Vec<crate::metrics::WipeRow>,
+    pub wiped: Vec<WipeRow>,
 }
+
+/// A wipe the store is to apply: the bot and the wipe's generation (unix ms).
+pub type WipeRow = (String, i64);
 
 /// One remembered user as the store keeps it (`metrics::users` is the
 /// book; the store only moves its rows).

@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::claims::Claims;
 use super::pending::{PendingUser, PendingUsers};
-use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, sketch_ttl, timed};
+use super::{BotKeys, Cluster, ClusterError, DAYS, HOURS, Result, field, sketch_ttl, timed};
 use crate::ingest::Ingest;
 use crate::metrics::today::Calendar;
 use crate::metrics::users::BookDelta;
@@ -33,19 +33,6 @@ use crate::persist::bot_rows;
 use crate::store::{Store, Stored};
 
 mod recover;
-
-/// The field a series is kept under in the bot's `series` hash.
-pub fn field(metric: &str, labels: &str) -> String {
-    format!("{metric}{labels}")
-}
-
-/// `(metric, labels)` of a field: labels are the JSON object from `{`.
-pub fn parse_field(field: &str) -> (&str, &str) {
-    match field.find('{') {
-        Some(i) => field.split_at(i),
-        None => (field, "{}"),
-    }
-}
 
 /// Users one bot's batch carries at most: after a long outage the rest go
 /// in the next syncs, so no one script keeps Redis busy for long.
@@ -648,6 +635,7 @@ pub async fn sync_loop(syncer: Arc<Syncer>, interval: Duration, shutdown: Cancel
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cluster::parse_field;
 
     #[test]
     fn fields_split_back_into_metric_and_labels() {
