@@ -6,8 +6,9 @@
 //! * `ingest_stages`: the same batch one step at a time, so each step's
 //!   cost shows: serde_json merely tokenizing it (`IgnoredAny`, the floor
 //!   of any serde_json parse), botmetrics' parse with its checks (one pass:
-//!   each event is checked as it is read), and the count of the parsed
-//!   events alone (active-user sketches, counters, histograms).
+//!   each event is checked as it is read) by its fast reader and by
+//!   serde_json's derived reader alone, and the count of the parsed events
+//!   alone (active-user sketches, user book, counters, histograms).
 //! * `apply`: counting one parsed event, against the prometheus crate's own
 //!   `IntCounterVec::with_label_values(..).inc()`.
 //! * `render`: the whole registry with 10,000 series, against the prometheus
@@ -30,7 +31,7 @@ use std::time::Duration;
 
 use botmetrics::cluster::pending::{Pending, UserBudget};
 use botmetrics::dedupe::Dedupe;
-use botmetrics::event::{BodyFormat, UserId, parse_batch};
+use botmetrics::event::{BodyFormat, UserId, parse_batch, parse_batch_serde};
 use botmetrics::ingest::Ingest;
 use botmetrics::journal::{FsyncPolicy, Journal};
 use botmetrics::metrics::Metrics;
@@ -237,6 +238,20 @@ fn ingest(c: &mut Criterion) {
     group.bench_function("parse_and_validate", |b| {
         b.iter(|| {
             parse_batch(
+                black_box(&body),
+                BodyFormat::Json,
+                10_000,
+                NOW,
+                &botmetrics::event::UserKey::legacy(),
+            )
+            .expect("valid")
+        })
+    });
+    // The same parse and checks by serde_json's derived reader alone: what
+    // the fast reader (src/event/fast.rs) is measured against.
+    group.bench_function("parse_and_validate_serde_json", |b| {
+        b.iter(|| {
+            parse_batch_serde(
                 black_box(&body),
                 BodyFormat::Json,
                 10_000,

@@ -316,23 +316,24 @@ impl Ingest {
             }
             return Err(e.into());
         }
-        let notes = self.notes.as_deref();
-        USERS.with_borrow_mut(|users| {
-            users.clear();
-            for (event, id) in events.iter().zip(&fresh) {
-                if id.is_some() {
-                    bot.apply(event);
-                    if let (Some(_), Some(user), false) =
-                        (notes, event.user, event.body == EventBody::Forget)
-                    {
-                        users.push((user, event.ts));
-                    }
-                }
-            }
-            if let Some(notes) = notes {
+        let counted = || {
+            events
+                .iter()
+                .zip(&fresh)
+                .filter_map(|(e, id)| id.is_some().then_some(e))
+        };
+        bot.apply_all(counted());
+        if let Some(notes) = self.notes.as_deref() {
+            USERS.with_borrow_mut(|users| {
+                users.clear();
+                users.extend(
+                    counted()
+                        .filter(|e| e.body != EventBody::Forget)
+                        .filter_map(|e| Some((e.user?, e.ts))),
+                );
                 notes.note(&bot.bot, users);
-            }
-        });
+            });
+        }
         // Counted: the next sync carries these events to Redis whatever
         // becomes of this request, so its claims are kept.
         if let Some(settle) = &mut settle {

@@ -11,6 +11,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
+use super::fast;
 use super::raw::{Object, RawEvent};
 use super::{Event, ParseError, Result, UserKey};
 
@@ -32,19 +33,54 @@ pub fn parse_batch<'b>(
     now: i64,
     key: &UserKey,
 ) -> Result<Vec<Event<'b>>> {
+    read(body, format, max_batch, now, key, true)
+}
+
+/// [`parse_batch`] by serde_json alone, without the fast reader: the
+/// reference the fast reader is held to, in tests and in the benchmark.
+#[doc(hidden)]
+pub fn parse_batch_serde<'b>(
+    body: &'b [u8],
+    format: BodyFormat,
+    max_batch: usize,
+    now: i64,
+    key: &UserKey,
+) -> Result<Vec<Event<'b>>> {
+    read(body, format, max_batch, now, key, false)
+}
+
+fn read<'b>(
+    body: &'b [u8],
+    format: BodyFormat,
+    max_batch: usize,
+    now: i64,
+    key: &UserKey,
+    fast: bool,
+) -> Result<Vec<Event<'b>>> {
     match format {
-        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now, key),
+        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now, key, fast),
         BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
             None => Err(ParseError::Malformed {
                 message: "the request body is empty".into(),
                 index: None,
             }),
-            Some(b'[') => parse_array(body, max_batch, now, key),
-            Some(_) => {
-                let Object(raw): Object<RawEvent> =
-                    serde_json::from_slice(body).map_err(from_serde)?;
-                Ok(vec![raw.check(now, key)?])
-            }
+            // The fast reader first; whatever it does not take, serde
+            // reads, and its answer stands (see `fast.rs`).
+            Some(b'[') => match fast
+                .then(|| fast::array(body, max_batch, now, key))
+                .flatten()
+            {
+                Some(events) => Ok(events),
+                None => parse_array(body, max_batch, now, key),
+            },
+            Some(_) => match fast.then(|| fast::object(body, now, key)).flatten() {
+                Some(event) => Ok(vec![event]),
+                None => {
+                    let Object(raw): Object<RawEvent> =
+                        serde_json::from_slice(body).map_err(from_serde)?;
+                    Ok(vec![raw.check(now, key)?])
+                }
+            },
         },
     }
 }
@@ -60,6 +96,7 @@ fn parse_ndjson<'b>(
     max_batch: usize,
     now: i64,
     key: &UserKey,
+    fast: bool,
 ) -> Result<Vec<Event<'b>>> {
     let mut events = Vec::new();
     let lines = body
@@ -68,6 +105,12 @@ fn parse_ndjson<'b>(
     for (i, line) in lines.enumerate() {
         if i == max_batch {
             return Err(too_many(max_batch));
+        }
+        // A line's answer depends on that line alone: each is tried by
+        // the fast reader, then by serde.
+        if let Some(event) = fast.then(|| fast::object(line, now, key)).flatten() {
+            events.push(event);
+            continue;
         }
         let Object(raw): Object<RawEvent> =
             serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;

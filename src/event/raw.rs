@@ -20,7 +20,7 @@ use super::{
 
 /// `ts` as RFC 3339 text or unix seconds (integer or fractional).
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct UnixSeconds(i64);
+pub(super) struct UnixSeconds(pub(super) i64);
 
 impl<'de> Deserialize<'de> for UnixSeconds {
     fn deserialize<D: Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
@@ -83,19 +83,19 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct RawTokens {
+pub(super) struct RawTokens {
     #[serde(default)]
-    prompt: u64,
+    pub(super) prompt: u64,
     #[serde(default)]
-    completion: u64,
+    pub(super) completion: u64,
     #[serde(default)]
-    cached: u64,
+    pub(super) cached: u64,
     #[serde(default)]
-    cache_write: u64,
+    pub(super) cache_write: u64,
     #[serde(default)]
-    reasoning: u64,
+    pub(super) reasoning: u64,
 }
 
 /// An event exactly as sent. Every field of every type is optional here;
@@ -104,58 +104,58 @@ struct RawTokens {
 #[serde(deny_unknown_fields)]
 pub(super) struct RawEvent<'a> {
     #[serde(rename = "type")]
-    event_type: EventType,
+    pub(super) event_type: EventType,
     #[serde(borrow, default)]
-    user_id: Option<UserId<'a>>,
+    pub(super) user_id: Option<UserId<'a>>,
     #[serde(borrow, default)]
-    event_id: Option<Cow<'a, str>>,
+    pub(super) event_id: Option<Cow<'a, str>>,
     #[serde(default)]
-    ts: Option<UnixSeconds>,
+    pub(super) ts: Option<UnixSeconds>,
     #[serde(default)]
-    chat_type: Option<ChatType>,
+    pub(super) chat_type: Option<ChatType>,
     // message
     #[serde(default)]
-    role: Option<Role>,
+    pub(super) role: Option<Role>,
     #[serde(default)]
-    db_queries: Option<u32>,
+    pub(super) db_queries: Option<u32>,
     // response
     #[serde(default)]
-    status: Option<Status>,
+    pub(super) status: Option<Status>,
     #[serde(default)]
-    duration_ms: Option<f64>,
+    pub(super) duration_ms: Option<f64>,
     #[serde(borrow, default)]
-    model: Option<Cow<'a, str>>,
+    pub(super) model: Option<Cow<'a, str>>,
     #[serde(default)]
-    tokens: Option<Object<RawTokens>>,
+    pub(super) tokens: Option<Object<RawTokens>>,
     #[serde(default)]
-    ttft_ms: Option<f64>,
+    pub(super) ttft_ms: Option<f64>,
     #[serde(borrow, default)]
-    provider: Option<Cow<'a, str>>,
+    pub(super) provider: Option<Cow<'a, str>>,
     #[serde(default)]
-    cost: Option<f64>,
+    pub(super) cost: Option<f64>,
     // feedback
     #[serde(default)]
-    score: Option<i64>,
+    pub(super) score: Option<i64>,
     #[serde(default)]
-    scale: Option<i64>,
+    pub(super) scale: Option<i64>,
     #[serde(borrow, default)]
-    reason: Option<Cow<'a, str>>,
+    pub(super) reason: Option<Cow<'a, str>>,
     // cache
     #[serde(default)]
-    result: Option<CacheResult>,
+    pub(super) result: Option<CacheResult>,
     #[serde(borrow, default)]
-    cache: Option<Cow<'a, str>>,
+    pub(super) cache: Option<Cow<'a, str>>,
     // consent
     #[serde(default)]
-    granted: Option<bool>,
+    pub(super) granted: Option<bool>,
     // error
     #[serde(borrow, default)]
-    kind: Option<Cow<'a, str>>,
+    pub(super) kind: Option<Cow<'a, str>>,
     // custom
     #[serde(borrow, default)]
-    name: Option<Cow<'a, str>>,
+    pub(super) name: Option<Cow<'a, str>>,
     #[serde(default)]
-    value: Option<f64>,
+    pub(super) value: Option<f64>,
 }
 
 /// Every count within its range, and the cached and cache-written tokens
@@ -187,60 +187,153 @@ fn check_tokens(t: RawTokens) -> Result<Tokens> {
     })
 }
 
+/// The fields that belong to one event type or another, in the order an
+/// error names the first misplaced one.
+const TYPED_FIELDS: [&str; 18] = [
+    "role",
+    "db_queries",
+    "status",
+    "duration_ms",
+    "model",
+    "tokens",
+    "ttft_ms",
+    "provider",
+    "cost",
+    "score",
+    "scale",
+    "reason",
+    "result",
+    "cache",
+    "granted",
+    "kind",
+    "name",
+    "value",
+];
+
+/// The mask of `names` among [`TYPED_FIELDS`], computed at compile time.
+const fn fields(names: &[&str]) -> u32 {
+    let mut mask = 0;
+    let mut n = 0;
+    while n < names.len() {
+        let mut i = 0;
+        while !same(names[n].as_bytes(), TYPED_FIELDS[i].as_bytes()) {
+            i += 1;
+            // A name not in the list fails the build here.
+            assert!(i < TYPED_FIELDS.len(), "not a typed field");
+        }
+        mask |= 1 << i;
+        n += 1;
+    }
+    mask
+}
+
+const fn same(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let mut i = 0;
+    while i < a.len() {
+        if a[i] != b[i] {
+            return false;
+        }
+        i += 1;
+    }
+    true
+}
+
 fn required<T>(field: &str, kind: EventType, v: Option<T>) -> Result<T> {
     v.ok_or_else(|| ParseError::invalid(format!("`{}` event needs field `{field}`", kind.as_str())))
 }
 
 impl<'a> RawEvent<'a> {
-    /// Names of the type-specific fields that are present.
-    fn present_fields(&self) -> impl Iterator<Item = &'static str> {
+    /// An event with no field set, for the fast reader (`fast.rs`) to fill
+    /// in; its type is a placeholder until the body names one.
+    pub(super) fn blank() -> Self {
+        RawEvent {
+            event_type: EventType::Message,
+            user_id: None,
+            event_id: None,
+            ts: None,
+            chat_type: None,
+            role: None,
+            db_queries: None,
+            status: None,
+            duration_ms: None,
+            model: None,
+            tokens: None,
+            ttft_ms: None,
+            provider: None,
+            cost: None,
+            score: None,
+            scale: None,
+            reason: None,
+            result: None,
+            cache: None,
+            granted: None,
+            kind: None,
+            name: None,
+            value: None,
+        }
+    }
+
+    /// The type-specific fields that are present, one bit each in
+    /// [`TYPED_FIELDS`] order: a mask, so checking which belong to the
+    /// event's type costs no string comparison.
+    fn present_fields(&self) -> u32 {
         [
-            ("role", self.role.is_some()),
-            ("db_queries", self.db_queries.is_some()),
-            ("status", self.status.is_some()),
-            ("duration_ms", self.duration_ms.is_some()),
-            ("model", self.model.is_some()),
-            ("tokens", self.tokens.is_some()),
-            ("ttft_ms", self.ttft_ms.is_some()),
-            ("provider", self.provider.is_some()),
-            ("cost", self.cost.is_some()),
-            ("score", self.score.is_some()),
-            ("scale", self.scale.is_some()),
-            ("reason", self.reason.is_some()),
-            ("result", self.result.is_some()),
-            ("cache", self.cache.is_some()),
-            ("granted", self.granted.is_some()),
-            ("kind", self.kind.is_some()),
-            ("name", self.name.is_some()),
-            ("value", self.value.is_some()),
+            self.role.is_some(),
+            self.db_queries.is_some(),
+            self.status.is_some(),
+            self.duration_ms.is_some(),
+            self.model.is_some(),
+            self.tokens.is_some(),
+            self.ttft_ms.is_some(),
+            self.provider.is_some(),
+            self.cost.is_some(),
+            self.score.is_some(),
+            self.scale.is_some(),
+            self.reason.is_some(),
+            self.result.is_some(),
+            self.cache.is_some(),
+            self.granted.is_some(),
+            self.kind.is_some(),
+            self.name.is_some(),
+            self.value.is_some(),
         ]
         .into_iter()
-        .filter_map(|(name, present)| present.then_some(name))
+        .enumerate()
+        .fold(0, |mask, (i, present)| mask | (u32::from(present) << i))
     }
 
     pub(super) fn check(self, now: i64, key: &UserKey) -> Result<Event<'a>> {
         let kind = self.event_type;
-        let allowed: &[&str] = match kind {
-            EventType::Message => &["role", "db_queries"],
-            EventType::Response => &[
-                "status",
-                "duration_ms",
-                "model",
-                "tokens",
-                "ttft_ms",
-                "provider",
-                "cost",
-            ],
-            EventType::Feedback => &["score", "scale", "reason"],
-            EventType::Cache => &["result", "cache"],
-            EventType::UserRegistered | EventType::LimitReached => &[],
-            EventType::Consent => &["granted"],
-            EventType::Error => &["kind"],
-            EventType::Custom => &["name", "value"],
+        let allowed = match kind {
+            EventType::Message => const { fields(&["role", "db_queries"]) },
+            EventType::Response => {
+                const {
+                    fields(&[
+                        "status",
+                        "duration_ms",
+                        "model",
+                        "tokens",
+                        "ttft_ms",
+                        "provider",
+                        "cost",
+                    ])
+                }
+            }
+            EventType::Feedback => const { fields(&["score", "scale", "reason"]) },
+            EventType::Cache => const { fields(&["result", "cache"]) },
+            EventType::UserRegistered | EventType::LimitReached => 0,
+            EventType::Consent => const { fields(&["granted"]) },
+            EventType::Error => const { fields(&["kind"]) },
+            EventType::Custom => const { fields(&["name", "value"]) },
         };
-        if let Some(field) = self.present_fields().find(|f| !allowed.contains(f)) {
+        let foreign = self.present_fields() & !allowed;
+        if foreign != 0 {
             return Err(ParseError::invalid(format!(
-                "field `{field}` does not belong to a `{}` event",
+                "field `{}` does not belong to a `{}` event",
+                TYPED_FIELDS[foreign.trailing_zeros() as usize],
                 kind.as_str()
             )));
         }

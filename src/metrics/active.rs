@@ -71,6 +71,14 @@ impl ActiveUsers {
         self.daily.insert(user.0, ts);
     }
 
+    /// [`Self::insert_hashed`] for a request's users (hash, unix seconds)
+    /// at once: each ring read once, each bucket's sketch given its users
+    /// together. `scratch` is reused between calls.
+    pub fn insert_all(&self, users: &[(u64, i64)], scratch: &mut Vec<u64>) {
+        self.hourly.insert_all(users, scratch);
+        self.daily.insert_all(users, scratch);
+    }
+
     /// The three windows' estimates at `now`.
     pub fn estimates_at(&self, now: i64) -> [(&'static str, u64); 3] {
         if let Some([day, week, month]) = *self.cluster.lock().unwrap_or_else(|e| e.into_inner()) {
@@ -129,6 +137,48 @@ mod tests {
     use super::*;
     use crate::metrics::ring::{DAY, HOUR};
     use crate::metrics::sketch::{SPARSE_TAG, rank_of};
+
+    #[test]
+    fn a_request_counted_at_once_leaves_what_one_by_one_leaves() {
+        // Runs over one bucket, two, more than four, a new bucket (its slot
+        // claimed), buckets older than the ring, sparse and turning dense.
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let pool: Vec<u64> = (0..5000).map(|_| next()).collect();
+        let one = ActiveUsers::new();
+        let all = ActiveUsers::new();
+        let mut scratch = Vec::new();
+        for run in 0..40 {
+            let spread = [60, 3 * HOUR, 9 * HOUR, 40 * DAY][run % 4];
+            let len = [1, 10, 700, 3000][(run / 4) % 4];
+            let base = NOW + run as i64 * HOUR / 2;
+            let users: Vec<(u64, i64)> = (0..len)
+                .map(|_| {
+                    let user = pool[(next() % 5000) as usize];
+                    (user, base - (next() % spread as u64) as i64)
+                })
+                .collect();
+            for &(h, ts) in &users {
+                one.insert_hashed(UserHash(h), ts);
+            }
+            all.insert_all(&users, &mut scratch);
+        }
+        let rows = |a: &ActiveUsers| {
+            let mut rows = a.take_dirty();
+            rows.sort_by_key(|r| (r.granularity as u8, r.bucket));
+            rows
+        };
+        let (a, b) = (rows(&one), rows(&all));
+        assert!(a.len() > 30, "{} buckets", a.len());
+        assert_eq!(a, b);
+        let now = NOW + 20 * HOUR;
+        assert_eq!(one.estimates_at(now), all.estimates_at(now));
+    }
 
     const NOW: i64 = 1_800_000_000;
 

@@ -336,6 +336,35 @@ impl SharedBook {
     }
 }
 
+/// The user book as a run of events holds it: not yet locked, or locked
+/// (this bot's own book, or in cluster mode the runs waiting for Redis)
+/// until the run ends.
+enum BookHold<'a> {
+    Free,
+    Held(HeldBook<'a>),
+}
+
+enum HeldBook<'a> {
+    Own(crate::metrics::users::Held<'a>),
+    Shared(&'a SharedBook, std::sync::MutexGuard<'a, BookDelta>),
+}
+
+impl<'a> BookHold<'a> {
+    /// The book, locked at the first call.
+    fn get(&mut self, bot: &'a BotMetrics) -> &mut HeldBook<'a> {
+        if let BookHold::Free = self {
+            *self = BookHold::Held(match bot.shared_book.get() {
+                Some(shared) => HeldBook::Shared(shared, shared.lock()),
+                None => HeldBook::Own(bot.book.held()),
+            });
+        }
+        match self {
+            BookHold::Held(held) => held,
+            BookHold::Free => unreachable!("locked just above"),
+        }
+    }
+}
+
 /// What is counted per model: the three `bot_llm_*` families labelled by
 /// model share one capped family, so a response costs one lookup and a
 /// folded model is counted in `botmetrics_label_overflow_total` once.
@@ -420,21 +449,54 @@ impl BotMetrics {
         self.retired.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Counts one checked event. Lock-free but for the shared read lock of a
-    /// free-form family; never touches the store.
+    /// Counts one checked event (see [`Self::apply_all`]).
     pub fn apply(&self, event: &Event<'_>) {
+        self.apply_all(std::iter::once(event));
+    }
+
+    /// Counts checked events, in order. Lock-free but for the shared read
+    /// lock of a free-form family and the user book, which is locked once
+    /// for all of them (at their first user) rather than once each; never
+    /// touches the store.
+    pub fn apply_all<'e, 'b: 'e>(&self, events: impl IntoIterator<Item = &'e Event<'b>>) {
+        /// A run's users (hash, unix seconds), and one sketch's share.
+        type Users = (Vec<(u64, i64)>, Vec<u64>);
+        thread_local! {
+            /// Kept between requests, so counting allocates nothing.
+            static USERS: std::cell::RefCell<Users> =
+                const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+        }
+        USERS.with_borrow_mut(|(users, scratch)| {
+            users.clear();
+            let mut book = BookHold::Free;
+            for event in events {
+                self.apply_one(event, &mut book, users);
+            }
+            drop(book);
+            // The sketches take the run's users together: each ring and
+            // sketch read once, not once per event.
+            self.active.insert_all(users, scratch);
+        });
+    }
+
+    fn apply_one<'a>(
+        &'a self,
+        event: &Event<'_>,
+        book: &mut BookHold<'a>,
+        users: &mut Vec<(u64, i64)>,
+    ) {
         if let Some(user) = event.user {
             if event.body == EventBody::Forget {
-                match self.shared_book.get() {
-                    Some(shared) => shared.lock().forget(user.0),
-                    None => {
-                        self.book.forget(user.0);
+                match book.get(self) {
+                    HeldBook::Shared(_, delta) => delta.forget(user.0),
+                    HeldBook::Own(held) => {
+                        held.forget(user.0);
                     }
                 }
                 return;
             }
-            self.active.insert_hashed(user, event.ts);
-            self.note_user(user.0, event);
+            users.push((user.0, event.ts));
+            self.note_user(user.0, event, book);
         }
         match &event.body {
             EventBody::Message { role, db_queries } => {
@@ -513,7 +575,7 @@ impl BotMetrics {
     }
 
     /// The user book's part of an event: new, returning, a session ended.
-    fn note_user(&self, user: u64, event: &Event<'_>) {
+    fn note_user<'a>(&'a self, user: u64, event: &Event<'_>, book: &mut BookHold<'a>) {
         let message = matches!(
             event.body,
             EventBody::Message {
@@ -522,19 +584,20 @@ impl BotMetrics {
             }
         );
         let day = self.today.calendar().day_of(event.ts);
-        if let Some(shared) = self.shared_book.get() {
-            // Redis decides new, returning and sessions for the cluster.
-            let mut delta = shared.lock();
-            if delta.users() >= shared.max_users && !delta.has(user) {
-                shared
-                    .dropped
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let touched = match book.get(self) {
+            HeldBook::Shared(shared, delta) => {
+                // Redis decides new, returning and sessions for the cluster.
+                if delta.users() >= shared.max_users && !delta.has(user) {
+                    shared
+                        .dropped
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    return;
+                }
+                delta.add(user, event.ts, day, message, shared.gap);
                 return;
             }
-            delta.add(user, event.ts, day, message, shared.gap);
-            return;
-        }
-        let touched = self.book.touch(user, event.ts, day, message);
+            HeldBook::Own(held) => held.touch(user, event.ts, day, message),
+        };
         if touched.new {
             self.users_new.add(1.0);
             self.today.users_new.add(event.ts, 1);

@@ -133,6 +133,53 @@ impl Ring {
         }
     }
 
+    /// Counts a request's users (hash, unix seconds): as many
+    /// [`Self::insert`]s, with the ring read once and each bucket's sketch
+    /// given its users at once. `scratch` is reused between calls.
+    pub(super) fn insert_all(&self, users: &[(u64, i64)], scratch: &mut Vec<u64>) {
+        let seconds = self.granularity.seconds();
+        let bucket_of = |ts: i64| ts.div_euclid(seconds);
+        let mut late: Vec<(u64, i64)> = Vec::new();
+        {
+            let slots = self.read();
+            let len = slots.slots.len();
+            // A batch spans a bucket or two: each bucket's users go in one
+            // pass over the batch, and past four buckets one at a time.
+            let mut done: [Option<i64>; 4] = [None; 4];
+            for (n, &(_, ts)) in users.iter().enumerate() {
+                let bucket = bucket_of(ts);
+                if done.contains(&Some(bucket)) {
+                    continue;
+                }
+                let rest = &users[n..];
+                let Some(free) = done.iter().position(Option::is_none) else {
+                    late.extend(
+                        rest.iter()
+                            .filter(|(_, t)| !done.contains(&Some(bucket_of(*t)))),
+                    );
+                    break;
+                };
+                done[free] = Some(bucket);
+                let in_bucket = rest.iter().filter(|(_, t)| bucket_of(*t) == bucket);
+                let slot = &slots.slots[Self::slot_index(len, bucket)];
+                if slot.bucket == bucket {
+                    scratch.clear();
+                    scratch.extend(in_bucket.map(|(h, _)| *h));
+                    if slot.sketch.insert_many(scratch, &self.bytes) {
+                        slot.changed();
+                    }
+                } else if slot.bucket < bucket {
+                    // A new bucket: its slot is claimed under the write lock.
+                    late.extend(in_bucket);
+                }
+                // Else older than the ring reaches: outside every window.
+            }
+        }
+        for (hash, ts) in late {
+            self.insert(hash, ts);
+        }
+    }
+
     /// The slot for `bucket`, replacing an older bucket's (whose memory is
     /// freed); `None` when the slot holds a newer bucket.
     fn claim<'a>(&self, slots: &'a mut Slots, bucket: i64) -> Option<&'a Slot> {

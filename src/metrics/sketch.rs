@@ -240,6 +240,49 @@ impl Sketch {
         changed
     }
 
+    /// Counts several hashes (a request's users in one bucket): as many
+    /// [`Self::insert`]s, with the list read once and, if any entry is new,
+    /// written once. True when a register (or entry) changed.
+    pub(super) fn insert_many(&self, hashes: &[u64], bytes: &AtomicUsize) -> bool {
+        if let Some(dense) = self.dense.get() {
+            return raise_all(dense, hashes);
+        }
+        let mut fresh = Vec::new();
+        {
+            let list = self.read();
+            if let Some(dense) = self.dense.get() {
+                return raise_all(dense, hashes);
+            }
+            fresh.extend(
+                hashes
+                    .iter()
+                    .map(|h| entry_of(*h))
+                    .filter(|e| !covers(&list, *e)),
+            );
+        }
+        if fresh.is_empty() {
+            return false;
+        }
+        let mut list = self.lock();
+        if let Some(dense) = self.dense.get() {
+            return raise_all(dense, hashes);
+        }
+        let capacity = list.capacity();
+        let mut changed = false;
+        for e in fresh {
+            changed |= add_entry(&mut list, e);
+            // Dense from here: the rest are registers.
+            if list.len() > SPARSE_MAX {
+                self.settle(&mut list, capacity, bytes);
+                if let Some(dense) = self.dense.get() {
+                    return raise_all(dense, hashes) || changed;
+                }
+            }
+        }
+        self.settle(&mut list, capacity, bytes);
+        changed
+    }
+
     /// After the list changed (it had `capacity` before): turns the sketch
     /// dense past [`SPARSE_MAX`] entries and accounts the heap it now holds.
     fn settle(&self, list: &mut Vec<Entry>, capacity: usize, bytes: &AtomicUsize) {
@@ -355,7 +398,16 @@ impl Sketch {
 }
 
 fn raise(dense: &[AtomicU8], index: usize, rank: u8) -> bool {
-    dense[index].fetch_max(rank, Ordering::Relaxed) < rank
+    // Most inserts are of users already counted: a plain load settles
+    // them, and only a register that grows pays the read-modify-write.
+    dense[index].load(Ordering::Relaxed) < rank
+        && dense[index].fetch_max(rank, Ordering::Relaxed) < rank
+}
+
+fn raise_all(dense: &[AtomicU8], hashes: &[u64]) -> bool {
+    hashes.iter().fold(false, |changed, h| {
+        raise(dense, (h >> (64 - PRECISION)) as usize, rank_of(*h)) | changed
+    })
 }
 
 /// The union of several sketches, for one window's estimate.

@@ -8,9 +8,8 @@
 //! a new day starts the count afresh, and an event of an earlier day (a late
 //! retry) is not counted as today's.
 
-use std::sync::Arc;
-use std::sync::RwLock;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering, Ordering::Relaxed, fence};
+use std::sync::{Arc, Mutex};
 
 use chrono::{NaiveDate, TimeZone};
 use chrono_tz::Tz;
@@ -41,19 +40,77 @@ fn start_of(tz: Tz, d: NaiveDate) -> i64 {
         .map_or(midnight.and_utc().timestamp(), |t| t.timestamp())
 }
 
+/// The current day's range, read without a lock: every event of a batch
+/// asks for its day once or twice, and a lock's two atomic read-modify-
+/// writes per ask were a visible part of counting one. A sequence lock:
+/// the writer makes `seq` odd while it writes, and a reader keeps a read
+/// only if `seq` was even and unchanged around it.
+#[derive(Debug)]
+struct CurrentDay {
+    seq: AtomicU64,
+    day: AtomicU32,
+    start: AtomicI64,
+    end: AtomicI64,
+    /// One writer at a time (a day change, once a day).
+    writer: Mutex<()>,
+}
+
+impl CurrentDay {
+    fn new(r: DayRange) -> Self {
+        CurrentDay {
+            seq: AtomicU64::new(0),
+            day: AtomicU32::new(r.day),
+            start: AtomicI64::new(r.start),
+            end: AtomicI64::new(r.end),
+            writer: Mutex::new(()),
+        }
+    }
+
+    fn get(&self) -> DayRange {
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            let r = DayRange {
+                day: self.day.load(Relaxed),
+                start: self.start.load(Relaxed),
+                end: self.end.load(Relaxed),
+            };
+            fence(Ordering::Acquire);
+            if before & 1 == 0 && self.seq.load(Relaxed) == before {
+                return r;
+            }
+            std::hint::spin_loop();
+        }
+    }
+
+    /// Moves to `r` if it is a later day than the current one.
+    fn advance(&self, r: DayRange) {
+        let _one = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        if r.day <= self.day.load(Relaxed) {
+            return;
+        }
+        let seq = self.seq.load(Relaxed);
+        self.seq.store(seq + 1, Relaxed);
+        fence(Ordering::Release);
+        self.day.store(r.day, Relaxed);
+        self.start.store(r.start, Relaxed);
+        self.end.store(r.end, Relaxed);
+        self.seq.store(seq + 2, Ordering::Release);
+    }
+}
+
 /// Maps unix seconds to local day numbers for one time zone, remembering the
 /// current day so the hot path does no time zone arithmetic.
 #[derive(Debug)]
 pub struct Calendar {
     tz: Tz,
-    current: RwLock<DayRange>,
+    current: CurrentDay,
 }
 
 impl Calendar {
     pub fn new(tz: Tz) -> Self {
         Calendar {
             tz,
-            current: RwLock::new(Self::range_of(tz, chrono::Utc::now().timestamp())),
+            current: CurrentDay::new(Self::range_of(tz, chrono::Utc::now().timestamp())),
         }
     }
 
@@ -85,13 +142,13 @@ impl Calendar {
 
     /// The local day number of `ts`.
     pub fn day_of(&self, ts: i64) -> u32 {
-        let current = *self.current.read().unwrap_or_else(|e| e.into_inner());
+        let current = self.current.get();
         if (current.start..current.end).contains(&ts) {
             return current.day;
         }
         let range = Self::range_of(self.tz, ts);
         if range.day > current.day {
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = range;
+            self.current.advance(range);
         }
         range.day
     }
@@ -455,6 +512,57 @@ impl Today {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_current_day_is_never_read_torn() {
+        // Readers on other threads while the day moves on 20,000 times:
+        // every range read is one the writer wrote whole.
+        let current = Arc::new(CurrentDay::new(DayRange {
+            day: 1,
+            start: 86_400,
+            end: 2 * 86_400,
+        }));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let started = Arc::new(AtomicU64::new(0));
+        let readers: Vec<_> = (0..2)
+            .map(|_| {
+                let (current, stop, started) = (current.clone(), stop.clone(), started.clone());
+                std::thread::spawn(move || {
+                    started.fetch_add(1, Relaxed);
+                    let mut reads = 0u64;
+                    while !stop.load(Relaxed) {
+                        let r = current.get();
+                        assert_eq!(r.start, i64::from(r.day) * 86_400, "{r:?}");
+                        assert_eq!(r.end, r.start + 86_400, "{r:?}");
+                        reads += 1;
+                    }
+                    reads
+                })
+            })
+            .collect();
+        while started.load(Relaxed) < 2 {
+            std::thread::yield_now();
+        }
+        for day in 2..20_000u32 {
+            let start = i64::from(day) * 86_400;
+            current.advance(DayRange {
+                day,
+                start,
+                end: start + 86_400,
+            });
+        }
+        // An earlier day never moves it back.
+        current.advance(DayRange {
+            day: 5,
+            start: 5 * 86_400,
+            end: 6 * 86_400,
+        });
+        stop.store(true, Relaxed);
+        for r in readers {
+            assert!(r.join().expect("reader") > 0);
+        }
+        assert_eq!(current.get().day, 19_999);
+    }
+
     use super::*;
 
     #[test]

@@ -330,6 +330,69 @@ fn secs32(ts: i64) -> u32 {
     u32::try_from(ts.max(0)).unwrap_or(u32::MAX)
 }
 
+/// A [`UserBook`] locked for a run of events: see [`UserBook::held`].
+pub struct Held<'a> {
+    book: &'a UserBook,
+    inner: MutexGuard<'a, Inner>,
+}
+
+impl Held<'_> {
+    /// [`UserBook::touch`] under the held lock.
+    pub fn touch(&mut self, key: u64, ts: i64, day: u32, message: bool) -> Touched {
+        let book = self.book;
+        if !book.enabled() {
+            return Touched::default();
+        }
+        let key = stored_key(key);
+        let (day, ts, m) = (day16(day), secs32(ts), u16::from(message));
+        let inner = &mut *self.inner;
+        let run = Run {
+            day,
+            start: ts,
+            end: ts,
+            messages: m,
+        };
+        if let Some(i) = inner.table.find(key) {
+            let e = &mut inner.table.slots[i].entry;
+            return touch_entry(e, &run, book.limits.session_gap);
+        }
+        if inner.table.len >= book.limits.max_users {
+            book.evict(inner, day);
+        }
+        if inner.table.full() {
+            let len = book.grown(inner.table.slots.len());
+            inner.table = inner.table.resized(len);
+        }
+        let (entry, touched) = apply_run(None, &run, book.limits.session_gap);
+        inner.table.place(key, entry);
+        touched
+    }
+
+    /// [`UserBook::forget`] under the held lock.
+    pub fn forget(&mut self, key: u64) -> bool {
+        // No book (cluster mode, `--user-memory 0`): nothing is written
+        // that would ever take the key away again.
+        if !self.book.enabled() {
+            return false;
+        }
+        let key = stored_key(key);
+        let inner = &mut *self.inner;
+        match inner.table.find(key) {
+            Some(i) => {
+                inner.table.remove_at(i);
+                inner.gone.push(key);
+                true
+            }
+            None => {
+                // The store may still hold a row (not restored yet): its
+                // deletion costs nothing if there is none.
+                inner.gone.push(key);
+                false
+            }
+        }
+    }
+}
+
 impl UserBook {
     pub fn new(limits: BookLimits) -> Self {
         UserBook {
@@ -383,32 +446,16 @@ impl UserBook {
     /// Records one event of `key` at unix seconds `ts` on local day `day`;
     /// `message`: the event is a message the user wrote.
     pub fn touch(&self, key: u64, ts: i64, day: u32, message: bool) -> Touched {
-        if !self.enabled() {
-            return Touched::default();
+        self.held().touch(key, ts, day, message)
+    }
+
+    /// The book locked once for a run of events (a request's batch), so
+    /// each of them costs no lock of its own.
+    pub fn held(&self) -> Held<'_> {
+        Held {
+            book: self,
+            inner: self.lock(),
         }
-        let key = stored_key(key);
-        let (day, ts, m) = (day16(day), secs32(ts), u16::from(message));
-        let mut inner = self.lock();
-        let run = Run {
-            day,
-            start: ts,
-            end: ts,
-            messages: m,
-        };
-        if let Some(i) = inner.table.find(key) {
-            let e = &mut inner.table.slots[i].entry;
-            return touch_entry(e, &run, self.limits.session_gap);
-        }
-        if inner.table.len >= self.limits.max_users {
-            self.evict(&mut inner, day);
-        }
-        if inner.table.full() {
-            let len = self.grown(inner.table.slots.len());
-            inner.table = inner.table.resized(len);
-        }
-        let (entry, touched) = apply_run(None, &run, self.limits.session_gap);
-        inner.table.place(key, entry);
-        touched
     }
 
     /// Forgets the least recently seen users: at least one, and about 1 %
@@ -462,26 +509,7 @@ impl UserBook {
 
     /// Removes a user: whether the book knew them.
     pub fn forget(&self, key: u64) -> bool {
-        // No book (cluster mode, `--user-memory 0`): nothing is written
-        // that would ever take the key away again.
-        if !self.enabled() {
-            return false;
-        }
-        let key = stored_key(key);
-        let mut inner = self.lock();
-        match inner.table.find(key) {
-            Some(i) => {
-                inner.table.remove_at(i);
-                inner.gone.push(key);
-                true
-            }
-            None => {
-                // The store may still hold a row (not restored yet): its
-                // deletion costs nothing if there is none.
-                inner.gone.push(key);
-                false
-            }
-        }
+        self.held().forget(key)
     }
 
     pub fn contains(&self, key: u64) -> bool {

@@ -1,0 +1,661 @@
+//! The fast reader: a batch in the shape bots actually send, read in one
+//! pass straight into [`RawEvent`]s, then checked by the same
+//! [`RawEvent::check`] as the serde reader.
+//!
+//! It knows only the well-formed common case: objects of known fields,
+//! strings without escapes, plain integers and decimals. Anything else —
+//! an escape, a `null`, an exponent, a duplicate or unknown field, a
+//! mistyped value, a syntax error, an event that fails its check, a batch
+//! over `--max-batch` — makes it give up (`None`), and the body is read
+//! again by serde_json (`batch.rs`), whose answer is the one given. So
+//! every accepted body yields exactly what serde would have read, and
+//! every refused one keeps serde's code, message and index by
+//! construction; `tests::agrees_with_serde` holds the two readers to that
+//! on a corpus and on random mutations of it.
+//!
+//! Why by hand: serde_json's derived deserializer spends about four fifths
+//! of a typed parse in its visitors rather than in scanning bytes, and the
+//! SIMD readers measured against it (BENCHMARKS.md, issue 22) go through the
+//! same visitors. Nothing here recurses, so no body can exhaust the stack.
+
+use std::borrow::Cow;
+
+use super::raw::{Object, RawEvent, RawTokens, UnixSeconds};
+use super::{CacheResult, ChatType, Event, EventType, Role, Status, UserId, UserKey};
+
+/// Powers of ten a decimal is divided by, as serde_json does: exact, so a
+/// decimal of at most 15 significant digits reads to the same `f64`.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+    1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+];
+
+/// A JSON array of event objects, or `None` to let serde_json decide.
+pub(super) fn array<'b>(
+    body: &'b [u8],
+    max_batch: usize,
+    now: i64,
+    key: &UserKey,
+) -> Option<Vec<Event<'b>>> {
+    let mut r = Reader::new(body)?;
+    r.expect(b'[')?;
+    // About 70 bytes an event: reserve once rather than grow by doubling.
+    let mut events = Vec::with_capacity((body.len() / 64).clamp(1, max_batch.max(1)));
+    if r.peek()? == b']' {
+        // Empty: serde's reader words that error.
+        return None;
+    }
+    loop {
+        if events.len() == max_batch {
+            return None;
+        }
+        events.push(r.event()?.check(now, key).ok()?);
+        match r.next()? {
+            b',' => continue,
+            b']' => break,
+            _ => return None,
+        }
+    }
+    r.end()?;
+    Some(events)
+}
+
+/// One JSON object (a single event, or one NDJSON line).
+pub(super) fn object<'b>(body: &'b [u8], now: i64, key: &UserKey) -> Option<Event<'b>> {
+    let mut r = Reader::new(body)?;
+    let event = r.event()?.check(now, key).ok()?;
+    r.end()?;
+    Some(event)
+}
+
+struct Reader<'b> {
+    /// The body, checked as UTF-8 once: every string is then a slice of it
+    /// between two quotes, which are always character boundaries.
+    text: &'b str,
+    b: &'b [u8],
+    i: usize,
+}
+
+/// Bytes that end the fast scan of a string: the closing quote, an escape
+/// (left to serde), or a control character (which JSON refuses).
+const STOPS: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut c = 0;
+    while c < 0x20 {
+        t[c] = true;
+        c += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t
+};
+
+/// A number as written: sign, digits as an integer, digits after the point.
+struct Number {
+    negative: bool,
+    digits: u64,
+    decimals: usize,
+}
+
+impl Number {
+    fn unsigned(&self) -> Option<u64> {
+        (!self.negative && self.decimals == 0).then_some(self.digits)
+    }
+
+    /// As serde_json reads it into an `f64`: an integer converted, a decimal
+    /// divided by its power of ten. `-0` is left to serde (it is a float
+    /// there, which an integer field refuses).
+    fn float(&self) -> Option<f64> {
+        if self.decimals == 0 {
+            return match self.negative {
+                false => Some(self.digits as f64),
+                true => i64::try_from(self.digits)
+                    .ok()
+                    .filter(|d| *d > 0)
+                    .map(|d| -d as f64),
+            };
+        }
+        // Where the division is exact-rounded (Clinger's fast path) the
+        // two readers agree bit for bit; past it, serde decides.
+        if self.digits >= 1 << 53 || self.decimals >= POW10.len() {
+            return None;
+        }
+        let f = self.digits as f64 / POW10[self.decimals];
+        Some(if self.negative { -f } else { f })
+    }
+
+    fn signed(&self) -> Option<i64> {
+        if self.decimals != 0 {
+            return None;
+        }
+        let d = i64::try_from(self.digits).ok()?;
+        match self.negative {
+            false => Some(d),
+            true if d > 0 => Some(-d),
+            true => None,
+        }
+    }
+}
+
+impl<'b> Reader<'b> {
+    /// A reader of `body`, if it is UTF-8 (else serde words the error).
+    fn new(body: &'b [u8]) -> Option<Self> {
+        let text = std::str::from_utf8(body).ok()?;
+        Some(Reader {
+            text,
+            b: body,
+            i: 0,
+        })
+    }
+
+    fn skip_ws(&mut self) {
+        while let Some(c) = self.b.get(self.i) {
+            if !matches!(c, b' ' | b'\n' | b'\r' | b'\t') {
+                break;
+            }
+            self.i += 1;
+        }
+    }
+
+    /// The next byte that is not whitespace, left unread.
+    fn peek(&mut self) -> Option<u8> {
+        self.skip_ws();
+        self.b.get(self.i).copied()
+    }
+
+    /// The next byte that is not whitespace, read.
+    fn next(&mut self) -> Option<u8> {
+        let c = self.peek()?;
+        self.i += 1;
+        Some(c)
+    }
+
+    fn expect(&mut self, c: u8) -> Option<()> {
+        (self.next()? == c).then_some(())
+    }
+
+    /// Nothing but whitespace left.
+    fn end(&mut self) -> Option<()> {
+        self.peek().is_none().then_some(())
+    }
+
+    /// A string without escapes, borrowed from the body.
+    fn string(&mut self) -> Option<&'b str> {
+        self.expect(b'"')?;
+        let start = self.i;
+        let len = self.b[start..].iter().position(|&c| STOPS[c as usize])?;
+        if self.b[start + len] != b'"' {
+            return None;
+        }
+        self.i = start + len + 1;
+        self.text.get(start..start + len)
+    }
+
+    fn number(&mut self) -> Option<Number> {
+        let negative = self.peek()? == b'-';
+        if negative {
+            self.i += 1;
+        }
+        let mut digits: u64 = 0;
+        let mut count = 0usize;
+        let int_start = self.i;
+        while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
+            digits = digits.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+            count += 1;
+            self.i += 1;
+        }
+        // JSON has no leading zeros; serde says so.
+        if count == 0 || (count > 1 && self.b[int_start] == b'0') {
+            return None;
+        }
+        let mut decimals = 0;
+        if self.b.get(self.i) == Some(&b'.') {
+            self.i += 1;
+            while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
+                digits = digits.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
+                decimals += 1;
+                self.i += 1;
+            }
+            if decimals == 0 {
+                return None;
+            }
+        }
+        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+            return None;
+        }
+        Some(Number {
+            negative,
+            digits,
+            decimals,
+        })
+    }
+
+    fn boolean(&mut self) -> Option<bool> {
+        self.skip_ws();
+        let rest = &self.b[self.i..];
+        if rest.starts_with(b"true") {
+            self.i += 4;
+            Some(true)
+        } else if rest.starts_with(b"false") {
+            self.i += 5;
+            Some(false)
+        } else {
+            None
+        }
+    }
+
+    /// A string field's value (not `null`: serde reads that as absent).
+    fn cow(&mut self) -> Option<Cow<'b, str>> {
+        self.string().map(Cow::Borrowed)
+    }
+
+    fn user_id(&mut self) -> Option<UserId<'b>> {
+        if self.peek()? == b'"' {
+            let s = self.string()?;
+            // Serde's visitor refuses these; let it word the error.
+            if s.is_empty() || s.chars().count() > super::MAX_USER_ID_LEN {
+                return None;
+            }
+            return Some(UserId::Str(Cow::Borrowed(s)));
+        }
+        let n = self.number()?;
+        if n.decimals != 0 {
+            return None;
+        }
+        match n.negative {
+            false => Some(UserId::Int(n.digits.into())),
+            true => Some(UserId::Int(n.signed()?.into())),
+        }
+    }
+
+    fn ts(&mut self) -> Option<UnixSeconds> {
+        // RFC 3339 text goes through serde and chrono.
+        let n = self.number()?;
+        if n.negative {
+            return None;
+        }
+        if n.decimals == 0 {
+            return i64::try_from(n.digits).ok().map(UnixSeconds);
+        }
+        let f = n.float()?;
+        (0.0..9.0e15).contains(&f).then_some(UnixSeconds(f as i64))
+    }
+
+    fn tokens(&mut self) -> Option<RawTokens> {
+        let mut t = RawTokens::default();
+        let mut seen = 0u8;
+        self.expect(b'{')?;
+        if self.peek()? == b'}' {
+            self.i += 1;
+            return Some(t);
+        }
+        loop {
+            let name = self.string()?;
+            self.expect(b':')?;
+            let (bit, slot) = match name {
+                "prompt" => (1, &mut t.prompt),
+                "completion" => (2, &mut t.completion),
+                "cached" => (4, &mut t.cached),
+                "cache_write" => (8, &mut t.cache_write),
+                "reasoning" => (16, &mut t.reasoning),
+                _ => return None,
+            };
+            if seen & bit != 0 {
+                return None;
+            }
+            seen |= bit;
+            *slot = self.number()?.unsigned()?;
+            match self.next()? {
+                b',' => continue,
+                b'}' => return Some(t),
+                _ => return None,
+            }
+        }
+    }
+
+    /// One event object, each field read by its type. A field seen twice
+    /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
+    /// check would refuse it.
+    fn event(&mut self) -> Option<RawEvent<'b>> {
+        let mut e = RawEvent::blank();
+        // One bit per field: `type` is bit 0, and must be set at the end.
+        let mut seen = 0u32;
+        self.expect(b'{')?;
+        if self.peek()? == b'}' {
+            return None;
+        }
+        loop {
+            let name = self.string()?;
+            self.expect(b':')?;
+            let bit = match name {
+                "type" => {
+                    e.event_type = EventType::from_name(self.string()?)?;
+                    0
+                }
+                "user_id" => {
+                    e.user_id = Some(self.user_id()?);
+                    1
+                }
+                "event_id" => {
+                    e.event_id = Some(self.cow()?);
+                    2
+                }
+                "ts" => {
+                    e.ts = Some(self.ts()?);
+                    3
+                }
+                "chat_type" => {
+                    e.chat_type = Some(ChatType::from_name(self.string()?)?);
+                    4
+                }
+                "role" => {
+                    e.role = Some(Role::from_name(self.string()?)?);
+                    5
+                }
+                "db_queries" => {
+                    e.db_queries = Some(u32::try_from(self.number()?.unsigned()?).ok()?);
+                    6
+                }
+                "status" => {
+                    e.status = Some(Status::from_name(self.string()?)?);
+                    7
+                }
+                "duration_ms" => {
+                    e.duration_ms = Some(self.number()?.float()?);
+                    8
+                }
+                "model" => {
+                    e.model = Some(self.cow()?);
+                    9
+                }
+                "tokens" => {
+                    e.tokens = Some(Object(self.tokens()?));
+                    10
+                }
+                "ttft_ms" => {
+                    e.ttft_ms = Some(self.number()?.float()?);
+                    11
+                }
+                "provider" => {
+                    e.provider = Some(self.cow()?);
+                    12
+                }
+                "cost" => {
+                    e.cost = Some(self.number()?.float()?);
+                    13
+                }
+                "score" => {
+                    e.score = Some(self.number()?.signed()?);
+                    14
+                }
+                "scale" => {
+                    e.scale = Some(self.number()?.signed()?);
+                    15
+                }
+                "reason" => {
+                    e.reason = Some(self.cow()?);
+                    16
+                }
+                "result" => {
+                    e.result = Some(CacheResult::from_name(self.string()?)?);
+                    17
+                }
+                "cache" => {
+                    e.cache = Some(self.cow()?);
+                    18
+                }
+                "granted" => {
+                    e.granted = Some(self.boolean()?);
+                    19
+                }
+                "kind" => {
+                    e.kind = Some(self.cow()?);
+                    20
+                }
+                "name" => {
+                    e.name = Some(self.cow()?);
+                    21
+                }
+                "value" => {
+                    e.value = Some(self.number()?.float()?);
+                    22
+                }
+                _ => return None,
+            };
+            if seen & (1 << bit) != 0 {
+                return None;
+            }
+            seen |= 1 << bit;
+            match self.next()? {
+                b',' => continue,
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        (seen & 1 != 0).then_some(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{BodyFormat, parse_batch, parse_batch_serde};
+    use super::*;
+
+    const NOW: i64 = 1_800_000_000;
+
+    fn key() -> UserKey {
+        UserKey::legacy()
+    }
+
+    /// Both readers on the same body, every framing: the same events, or
+    /// the same error with the same index.
+    fn agree(body: &[u8]) {
+        for format in [BodyFormat::Json, BodyFormat::Ndjson] {
+            for max in [3, 1000] {
+                let fast = parse_batch(body, format, max, NOW, &key());
+                let serde = parse_batch_serde(body, format, max, NOW, &key());
+                assert_eq!(
+                    fast,
+                    serde,
+                    "{format:?}, max {max}: {:?}",
+                    String::from_utf8_lossy(body)
+                );
+                // Bit for bit, -0.0 and 0.0 included.
+                if let (Ok(a), Ok(b)) = (&fast, &serde) {
+                    assert_eq!(format!("{a:?}"), format!("{b:?}"));
+                }
+            }
+        }
+    }
+
+    /// Every field of every type, in the shapes bots send.
+    const EVENTS: &[&str] = &[
+        r#"{"type":"message","role":"user","user_id":123456789,"db_queries":6}"#,
+        r#"{"type":"message","role":"assistant","user_id":"u-42","ts":1799999000,"chat_type":"private"}"#,
+        r#"{"type":"message","role":"user","user_id":-100123,"ts":1799999000.75}"#,
+        r#"{"type":"response","status":"success","duration_ms":312.5,"model":"gpt-4o-mini","tokens":{"prompt":300,"completion":50}}"#,
+        r#"{"type":"response","status":"timeout","duration_ms":9000,"model":"claude-3.5","provider":"anthropic","ttft_ms":120.25,"cost":0.00125,"tokens":{"prompt":300,"completion":50,"cached":100,"cache_write":20,"reasoning":7},"user_id":7,"event_id":"evt-1"}"#,
+        r#"{"type":"response","status":"rate_limited","duration_ms":0,"tokens":{}}"#,
+        r#"{"type":"feedback","score":-1,"user_id":1}"#,
+        r#"{"type":"feedback","score":4,"scale":5,"reason":"too_long"}"#,
+        r#"{"type":"cache","result":"hit","cache":"answers"}"#,
+        r#"{"type":"cache","result":"miss"}"#,
+        r#"{"type":"user_registered","user_id":99}"#,
+        r#"{"type":"consent","granted":true}"#,
+        r#"{"type":"consent","granted":false,"user_id":"x"}"#,
+        r#"{"type":"limit_reached","user_id":5}"#,
+        r#"{"type":"error","kind":"llm_timeout"}"#,
+        r#"{"type":"custom","name":"voice_note","value":1}"#,
+        r#"{"type":"custom","name":"voice_note","value":2.5,"ts":"2027-01-15T08:00:00Z"}"#,
+        "{ \"type\" : \"message\" ,\n\t\"role\":\"user\"\r}",
+    ];
+
+    #[test]
+    fn takes_the_common_shapes() {
+        // The fast reader must read these itself (a reader that always
+        // gave up would pass `agrees_with_serde` trivially).
+        for event in EVENTS.iter().filter(|e| !e.contains("2027-")) {
+            let body = format!("[{event},{event}]");
+            assert!(
+                array(body.as_bytes(), 1000, NOW, &key()).is_some(),
+                "not taken: {body}"
+            );
+            assert!(object(event.as_bytes(), NOW, &key()).is_some());
+        }
+    }
+
+    #[test]
+    fn agrees_with_serde_on_the_corpus() {
+        let all = format!("[{}]", EVENTS.join(","));
+        agree(all.as_bytes());
+        agree(EVENTS.join("\n").as_bytes());
+        for event in EVENTS {
+            agree(event.as_bytes());
+            agree(format!("[{event}]").as_bytes());
+        }
+        // What the fast reader leaves to serde, each inside a valid batch.
+        let odd = [
+            r#"{"type":"message","role":"us\u0065r"}"#,
+            r#"{"t\u0079pe":"message","role":"user"}"#,
+            r#"{"type":"message","role":"user","user_id":null}"#,
+            r#"{"type":"message","role":"user","user_id":""}"#,
+            r#"{"type":"message","role":"user","user_id":1.5}"#,
+            r#"{"type":"message","role":"user","user_id":-0}"#,
+            r#"{"type":"message","role":"user","user_id":18446744073709551615}"#,
+            r#"{"type":"message","role":"user","user_id":18446744073709551616}"#,
+            r#"{"type":"message","role":"user","user_id":-9223372036854775808}"#,
+            r#"{"type":"message","role":"user","role":"user"}"#,
+            r#"{"type":"message","type":"message","role":"user"}"#,
+            r#"{"type":"message","role":"user","extra":1}"#,
+            r#"{"type":"message","role":"robot"}"#,
+            r#"{"type":"message","role":1}"#,
+            r#"{"type":"message"}"#,
+            r#"{"role":"user"}"#,
+            r#"{}"#,
+            r#"{"type":"message","role":"user","db_queries":4294967296}"#,
+            r#"{"type":"message","role":"user","db_queries":-1}"#,
+            r#"{"type":"message","role":"user","db_queries":1.0}"#,
+            r#"{"type":"message","role":"user","db_queries":01}"#,
+            r#"{"type":"message","role":"user","ts":-1}"#,
+            r#"{"type":"message","role":"user","ts":1e9}"#,
+            r#"{"type":"message","role":"user","ts":9999999999999999999}"#,
+            r#"{"type":"message","role":"user","ts":1800000301}"#,
+            r#"{"type":"response","status":"success","duration_ms":1e3}"#,
+            r#"{"type":"response","status":"success","duration_ms":1E3}"#,
+            r#"{"type":"response","status":"success","duration_ms":-0}"#,
+            r#"{"type":"response","status":"success","duration_ms":-0.0}"#,
+            r#"{"type":"response","status":"success","duration_ms":-5}"#,
+            r#"{"type":"response","status":"success","duration_ms":1.}"#,
+            r#"{"type":"response","status":"success","duration_ms":.5}"#,
+            r#"{"type":"response","status":"success","duration_ms":0.30000000000000004}"#,
+            r#"{"type":"response","status":"success","duration_ms":9007199254740993}"#,
+            r#"{"type":"response","status":"success","duration_ms":123456.78901234567890}"#,
+            r#"{"type":"response","status":"success","duration_ms":86400000.0000001}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"ttft_ms":6}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"tokens":{"prompt":1,"cached":2}}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"tokens":{"prompt":1,"prompt":1}}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"tokens":{"other":1}}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"tokens":[1,2]}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"tokens":{"prompt":-1}}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"model":"bad model"}"#,
+            r#"{"type":"response","status":"success","duration_ms":5,"cost":1001}"#,
+            r#"{"type":"feedback","score":-0}"#,
+            r#"{"type":"feedback","score":0}"#,
+            r#"{"type":"feedback","score":6,"scale":5}"#,
+            r#"{"type":"consent","granted":1}"#,
+            r#"{"type":"consent","granted":tru}"#,
+            r#"{"type":"custom","name":"n","value":1e13}"#,
+            "{\"type\":\"error\",\"kind\":\"a\u{1}b\"}",
+            "{\"type\":\"error\",\"kind\":\"\u{e9}t\u{e9}\"}",
+            r#"{"type":"message","role":"user",}"#,
+            r#"{"type":"message","role":"user""#,
+            r#"{"type":"message" "role":"user"}"#,
+            r#"{"type":"message","role":"user"} x"#,
+            r#"["type","message"]"#,
+            r#"42"#,
+            r#"null"#,
+        ];
+        for o in odd {
+            agree(o.as_bytes());
+            agree(format!("[{},{o}]", EVENTS[0]).as_bytes());
+            agree(format!("{}\n{o}\n", EVENTS[0]).as_bytes());
+        }
+        for body in [
+            "[]",
+            "[,]",
+            "[1]",
+            "[{\"type\":\"limit_reached\"},]",
+            "[{\"type\":\"limit_reached\"}",
+            "[{\"type\":\"limit_reached\"}]]",
+            "\u{feff}[{\"type\":\"limit_reached\"}]",
+            " \n[ {\"type\":\"limit_reached\"} , {\"type\":\"limit_reached\"} ]\n ",
+            "[{\"type\":\"limit_reached\"}]\u{c}",
+        ] {
+            agree(body.as_bytes());
+        }
+        agree(b"[{\"type\":\"error\",\"kind\":\"\xff\"}]");
+        agree(b"{\"type\":\"message\",\"role\":\"user\",\"user_id\":\"\xc3\"}");
+        // Deeper than anything either reader takes: refused, never a crash.
+        let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+        agree(deep.as_bytes());
+        let deep = format!(
+            "[{{\"type\":\"message\",\"role\":{}1{}}}]",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        agree(deep.as_bytes());
+    }
+
+    /// xorshift64*: deterministic, so a failure can be replayed.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+    }
+
+    #[test]
+    fn agrees_with_serde_on_mutated_bodies() {
+        const ALPHABET: &[u8] = b"{}[]:,\"\\ .-+eE0123456789aeflnrstu\x00\x1f\xc3\xff\n";
+        let base = format!("[{}]", EVENTS.join(","));
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for _ in 0..20_000 {
+            let mut body = base.clone().into_bytes();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(body.len());
+                match rng.below(3) {
+                    0 => body[at] = ALPHABET[rng.below(ALPHABET.len())],
+                    1 => body.insert(at, ALPHABET[rng.below(ALPHABET.len())]),
+                    _ => {
+                        body.remove(at);
+                    }
+                }
+            }
+            agree(&body);
+        }
+    }
+
+    #[test]
+    fn decimals_read_to_the_same_bits() {
+        let mut rng = Rng(42);
+        for _ in 0..50_000 {
+            let int = rng.next() % [10, 1_000, 100_000, 100_000_000][rng.below(4)];
+            let decimals = rng.below(18);
+            let frac = rng.next() % 10u64.pow(decimals.min(18) as u32).max(1);
+            let text = match decimals {
+                0 => format!("{int}"),
+                d => format!("{int}.{frac:0d$}"),
+            };
+            let body = format!(r#"{{"type":"custom","name":"n","value":{text}}}"#);
+            agree(body.as_bytes());
+            let body = format!(r#"{{"type":"response","status":"success","duration_ms":{text}}}"#);
+            agree(body.as_bytes());
+        }
+    }
+}
