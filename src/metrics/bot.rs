@@ -278,6 +278,10 @@ pub struct SelfCounters {
     pub overflow_name: prometheus::IntCounter,
     pub overflow_model: prometheus::IntCounter,
     pub overflow_cache: prometheus::IntCounter,
+    /// The user book's gauges and evictions, set by each scan of the book.
+    pub book_users: prometheus::IntGauge,
+    pub book_fill: prometheus::Gauge,
+    pub book_evicted: prometheus::IntCounter,
 }
 
 pub struct BotMetrics {

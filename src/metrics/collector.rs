@@ -9,7 +9,7 @@ use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::bot::{BotMetrics, FAMILIES, FamilyDesc, Kind, Visitor};
+use super::bot::{BotMetrics, FAMILIES, FamilyDesc, Kind, SelfCounters, Visitor};
 use super::cells::HistogramSnapshot;
 
 /// One family's text while it is written.
@@ -190,6 +190,57 @@ impl Visitor for Writer {
     }
 }
 
+/// A family's `# HELP` and `# TYPE` lines, as the crate's `TextEncoder`
+/// writes them.
+fn header(out: &mut Vec<u8>, desc: &FamilyDesc) {
+    out.extend_from_slice(b"# HELP ");
+    out.extend_from_slice(desc.name.as_bytes());
+    out.push(b' ');
+    escape(out, desc.help, false);
+    out.extend_from_slice(b"\n# TYPE ");
+    out.extend_from_slice(desc.name.as_bytes());
+    out.extend_from_slice(match desc.kind {
+        Kind::Counter => b" counter\n".as_slice(),
+        Kind::Gauge => b" gauge\n",
+        Kind::Histogram => b" histogram\n",
+    });
+}
+
+/// A self-metric family with a `bot` label (`botmetrics_events_accepted_total`
+/// and the like): one series per bot, or one per bot and value of a second
+/// label, each read from the handles the bot holds in its [`SelfCounters`].
+pub struct PerBotFamily {
+    pub desc: &'static FamilyDesc,
+    /// The second label's value (None: `bot` is the only label), in the
+    /// order the values sort, and where the series' value lives.
+    pub series: &'static [(Option<&'static str>, ReadValue)],
+}
+
+/// Where a self-series' value lives among a bot's handles.
+pub type ReadValue = fn(&SelfCounters) -> f64;
+
+/// Writes a [`PerBotFamily`] for `bots` (sorted by name), byte for byte
+/// what `Registry::gather` and `TextEncoder` write for the same vec: for
+/// 1,000 bots that path built, cloned and sorted 9,000 protobuf messages
+/// per render, a third of the render's time. Writes nothing without bots,
+/// as `gather` leaves an empty family out. Returns the lines written.
+pub fn write_per_bot(out: &mut Vec<u8>, family: &PerBotFamily, bots: &[Arc<BotMetrics>]) -> usize {
+    if bots.is_empty() {
+        return 0;
+    }
+    header(out, family.desc);
+    for bot in bots {
+        for (label, value) in family.series {
+            let value = value(&bot.counters);
+            match label {
+                Some(label) => sample(out, family.desc, "", &[&bot.bot, label], None, value),
+                None => sample(out, family.desc, "", &[&bot.bot], None, value),
+            }
+        }
+    }
+    bots.len() * family.series.len()
+}
+
 /// Writes every bot's `bot_*` series (`bots` sorted by name) and returns
 /// how many sample lines they are.
 pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffers) -> usize {
@@ -223,17 +274,7 @@ pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffer
         if text.out.is_empty() {
             continue;
         }
-        out.extend_from_slice(b"# HELP ");
-        out.extend_from_slice(desc.name.as_bytes());
-        out.push(b' ');
-        escape(out, desc.help, false);
-        out.extend_from_slice(b"\n# TYPE ");
-        out.extend_from_slice(desc.name.as_bytes());
-        out.extend_from_slice(match desc.kind {
-            Kind::Counter => b" counter\n".as_slice(),
-            Kind::Gauge => b" gauge\n",
-            Kind::Histogram => b" histogram\n",
-        });
+        header(out, desc);
         out.extend_from_slice(&text.out);
     }
     for family in &mut writer.families {
