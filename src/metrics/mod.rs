@@ -460,6 +460,8 @@ pub struct Metrics {
     shared_books: std::sync::OnceLock<()>,
     /// The exposition writer's buffers, kept between renders.
     render_buffers: std::sync::Mutex<collector::Buffers>,
+    /// The pages `/metrics` bodies are rendered into, reused.
+    pages: crate::render_cache::PagePool,
 }
 
 #[derive(Default)]
@@ -554,6 +556,7 @@ impl Metrics {
             wipes: Default::default(),
             shared_books: std::sync::OnceLock::new(),
             render_buffers: Default::default(),
+            pages: Default::default(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
@@ -745,13 +748,29 @@ impl Metrics {
     /// `collector`); they sort before every `botmetrics_*` family, so the
     /// page is ordered by family name as `Registry::gather` orders it.
     pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.render_into(&mut out);
+        out
+    }
+
+    /// [`Metrics::render`] into a page of the pool (see `PagePool`): the
+    /// body `/metrics` serves.
+    pub fn render_body(&self) -> bytes::Bytes {
+        let mut page = self.pages.take();
+        self.render_into(&mut page);
+        self.pages.body(page)
+    }
+
+    fn render_into(&self, out: &mut Vec<u8>) {
         let set = self.bots();
-        let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * set.len() / 16);
+        out.clear();
+        out.reserve(64 * 1024 + 64 * 1024 * set.len() / 16);
+        let out = &mut *out;
         // A render beside another (rare: the cache shares one) uses its
         // own buffers rather than wait.
         let series = match self.render_buffers.try_lock() {
-            Ok(mut kept) => collector::write_bots(&set.sorted, &mut out, &mut kept),
-            Err(_) => collector::write_bots(&set.sorted, &mut out, &mut Default::default()),
+            Ok(mut kept) => collector::write_bots(&set.sorted, out, &mut kept),
+            Err(_) => collector::write_bots(&set.sorted, out, &mut Default::default()),
         };
         self.selfm.series.set(series as i64);
         let sketch_bytes: usize = set.iter().map(|b| b.active.heap_bytes()).sum();
@@ -763,18 +782,17 @@ impl Metrics {
         let encoder = prometheus::TextEncoder::new();
         for family in self.registry.gather() {
             while let Some(p) = per_bot.next_if(|p| p.desc.name < family.name()) {
-                collector::write_per_bot(&mut out, p, &set.sorted);
+                collector::write_per_bot(out, p, &set.sorted);
             }
             // Encoding into a Vec cannot fail; an error here would be a bug
             // in a self-metric (for instance an invalid name), so say so loudly.
-            if let Err(e) = encoder.encode(std::slice::from_ref(&family), &mut out) {
+            if let Err(e) = encoder.encode(std::slice::from_ref(&family), out) {
                 tracing::error!(error = %e, "encoding /metrics failed");
             }
         }
         for p in per_bot {
-            collector::write_per_bot(&mut out, p, &set.sorted);
+            collector::write_per_bot(out, p, &set.sorted);
         }
-        out
     }
 
     /// Every self-metric family, by name, as `Registry::gather` of one
