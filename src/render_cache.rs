@@ -365,6 +365,37 @@ mod tests {
 }
 
 #[cfg(test)]
+mod pages {
+    use super::*;
+
+    /// A page comes back to the pool only when the last body over it is
+    /// gone, empty and with its capacity, and is never handed out while a
+    /// response may still be sending it.
+    #[test]
+    fn a_page_returns_when_its_last_body_is_dropped() {
+        let pool = PagePool::default();
+        let mut page = pool.take();
+        page.extend_from_slice(&[b'x'; 100_000]);
+        let ptr = page.as_ptr();
+        let body = pool.body(page);
+        let clone = body.clone();
+        drop(body);
+        // Still held by `clone`: the pool has nothing to give.
+        assert_eq!(pool.take().capacity(), 0);
+        assert_eq!(&clone[..3], b"xxx");
+        drop(clone);
+        let again = pool.take();
+        assert!(again.is_empty());
+        assert!(again.capacity() >= 100_000);
+        assert_eq!(again.as_ptr(), ptr);
+        // At most SPARE_PAGES kept.
+        let (a, b) = (pool.body(vec![1; 10]), pool.body(vec![2; 10]));
+        drop((a, b));
+        assert_eq!(pool.0.lock().unwrap().len(), SPARE_PAGES);
+    }
+}
+
+#[cfg(test)]
 mod single_flight {
     use super::*;
     use crate::metrics::Metrics;
