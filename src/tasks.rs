@@ -221,17 +221,13 @@ pub async fn scan_users_once(metrics: &crate::metrics::Metrics, ingest: &Ingest,
             continue;
         }
         let scanned = ingest.alongside(|| bot.scan_users(now)).await;
-        let name = [&*bot.bot];
-        let s = &metrics.selfm;
-        s.book_users
-            .with_label_values(&name)
-            .set(scanned.users as i64);
+        // The bot's own handles: a bot wiped meanwhile is out of the set
+        // and takes them with it, rather than come back through a lookup.
+        let s = &bot.counters;
+        s.book_users.set(scanned.users as i64);
         s.book_fill
-            .with_label_values(&name)
             .set(scanned.users as f64 / bot.book.limits().max_users as f64);
-        s.book_evicted
-            .with_label_values(&name)
-            .inc_by(scanned.evicted);
+        s.book_evicted.inc_by(scanned.evicted);
         bytes += bot.book.bytes();
         if scanned.expired > 0 {
             tracing::info!(bot = %bot.bot, expired = scanned.expired, "users not seen within --user-memory forgotten");

@@ -251,17 +251,11 @@ impl BookScanner {
             if self.lead.holds() {
                 match self.scan_bot(bot, &keys, now).await {
                     Ok(report) => {
-                        let s = &self.metrics.selfm;
-                        let name = [&*bot.bot];
-                        s.book_users
-                            .with_label_values(&name)
-                            .set(report.users as i64);
+                        let s = &bot.counters;
+                        s.book_users.set(report.users as i64);
                         s.book_fill
-                            .with_label_values(&name)
                             .set(report.users as f64 / self.limits.max_users.max(1) as f64);
-                        s.book_evicted
-                            .with_label_values(&name)
-                            .inc_by(report.evicted as u64);
+                        s.book_evicted.inc_by(report.evicted as u64);
                     }
                     Err(e) => {
                         first_error.get_or_insert(e);

@@ -42,7 +42,7 @@ async fn get_metrics(State(state): State<AppState>, headers: HeaderMap) -> Respo
         .get_or_render(
             state.persistence.cache_generation(),
             &state.metrics.selfm,
-            move || Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render()),
+            move || Rendered::with_gzip(EXPOSITION_CONTENT_TYPE, metrics.render_body()),
         )
         .await;
     super::serve_rendered(&rendered, &headers)

@@ -257,6 +257,14 @@ pub fn histogram_bounds(family: &str) -> Option<&'static [f64]> {
 /// exposition, the store's snapshot and the series count, so they cannot
 /// disagree about what exists.
 pub trait Visitor {
+    /// Whether this walk wants `family`'s series: a walk that writes one
+    /// family at a time skips reading (histogram snapshots, sketch
+    /// estimates, label maps) what it would drop. A visitor must still
+    /// ignore series it did not want: this is a hint, checked where it
+    /// saves work.
+    fn wants(&self, _family: &'static FamilyDesc) -> bool {
+        true
+    }
     fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64);
     fn histogram(
         &mut self,
@@ -278,6 +286,10 @@ pub struct SelfCounters {
     pub overflow_name: prometheus::IntCounter,
     pub overflow_model: prometheus::IntCounter,
     pub overflow_cache: prometheus::IntCounter,
+    /// The user book's gauges and evictions, set by each scan of the book.
+    pub book_users: prometheus::IntGauge,
+    pub book_fill: prometheus::Gauge,
+    pub book_evicted: prometheus::IntCounter,
 }
 
 pub struct BotMetrics {
@@ -759,21 +771,27 @@ impl BotMetrics {
                 self.responses[status.index()].get(),
             );
         }
-        v.histogram(
-            &RESPONSE_DURATION,
-            &[bot],
-            &self.response_duration.snapshot(),
-        );
-        v.histogram(&DB_QUERIES, &[bot], &self.db_queries.snapshot());
-        self.cache.for_each(|cache, cells| {
-            for result in CacheResult::ALL {
-                v.scalar(
-                    &CACHE,
-                    &[bot, cache, result.as_str()],
-                    cells[result.index()].get(),
-                );
-            }
-        });
+        if v.wants(&RESPONSE_DURATION) {
+            v.histogram(
+                &RESPONSE_DURATION,
+                &[bot],
+                &self.response_duration.snapshot(),
+            );
+        }
+        if v.wants(&DB_QUERIES) {
+            v.histogram(&DB_QUERIES, &[bot], &self.db_queries.snapshot());
+        }
+        if v.wants(&CACHE) {
+            self.cache.for_each(|cache_name, cells| {
+                for result in CacheResult::ALL {
+                    v.scalar(
+                        &CACHE,
+                        &[bot, cache_name, result.as_str()],
+                        cells[result.index()].get(),
+                    );
+                }
+            });
+        }
         v.scalar(&REGISTERED, &[bot], self.registered.get());
         for decision in Decision::ALL {
             v.scalar(
@@ -783,39 +801,46 @@ impl BotMetrics {
             );
         }
         v.scalar(&LIMIT_REACHED, &[bot], self.limit_reached.get());
-        self.errors
-            .for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
+        if v.wants(&ERRORS) {
+            self.errors
+                .for_each(|kind, c| v.scalar(&ERRORS, &[bot, kind], c.get()));
+        }
         // Prompt and completion exist for every model named; the kinds and
         // sources most calls never have (cached, cache_write, reasoning; a
         // cost source a model was never counted under) appear with their
         // first count, so 1,000 bots do not carry thousands of series at 0.
-        self.llm.for_each(|model, cells| {
-            if cells.has(TOKENS_SEEN) {
-                for kind in TokenKind::ALL {
-                    let value = cells.tokens[kind.index()].get();
-                    if value > 0.0 || matches!(kind, TokenKind::Prompt | TokenKind::Completion) {
-                        v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], value);
+        if v.wants(&LLM_TOKENS) || v.wants(&LLM_COST) || v.wants(&LLM_UNPRICED) {
+            self.llm.for_each(|model, cells| {
+                if cells.has(TOKENS_SEEN) {
+                    for kind in TokenKind::ALL {
+                        let value = cells.tokens[kind.index()].get();
+                        if value > 0.0 || matches!(kind, TokenKind::Prompt | TokenKind::Completion)
+                        {
+                            v.scalar(&LLM_TOKENS, &[bot, model, kind.as_str()], value);
+                        }
                     }
                 }
-            }
-            for source in CostSource::ALL {
-                let value = cells.cost[source.index()].get();
-                if value > 0.0 {
-                    v.scalar(&LLM_COST, &[bot, model, source.as_str()], value);
+                for source in CostSource::ALL {
+                    let value = cells.cost[source.index()].get();
+                    if value > 0.0 {
+                        v.scalar(&LLM_COST, &[bot, model, source.as_str()], value);
+                    }
                 }
-            }
-            if cells.has(UNPRICED_SEEN) {
-                v.scalar(&LLM_UNPRICED, &[bot, model], cells.unpriced.get());
-            }
-        });
+                if cells.has(UNPRICED_SEEN) {
+                    v.scalar(&LLM_UNPRICED, &[bot, model], cells.unpriced.get());
+                }
+            });
+        }
         // Optional families appear with their first event rather than at
         // 0 from start-up: a bot that never streams or never asks for
         // ratings carries none of their 21 series (1,000 such bots would
         // otherwise add 21,000 rows to every flush). Then all their label
         // values appear at once.
-        let ttft = self.ttft.snapshot();
-        if ttft.count() > 0 {
-            v.histogram(&LLM_TTFT, &[bot], &ttft);
+        if v.wants(&LLM_TTFT) {
+            let ttft = self.ttft.snapshot();
+            if ttft.count() > 0 {
+                v.histogram(&LLM_TTFT, &[bot], &ttft);
+            }
         }
         if self.feedback.iter().any(|c| c.get() > 0.0) {
             for score in Score::ALL {
@@ -826,21 +851,29 @@ impl BotMetrics {
                 );
             }
         }
-        self.custom
-            .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
+        if v.wants(&CUSTOM) {
+            self.custom
+                .for_each(|name, c| v.scalar(&CUSTOM, &[bot, name], c.get()));
+        }
         // The book's series exist from start-up, as the closed sets do,
         // unless the book is off (`--user-memory 0`).
         if self.book.enabled() {
             v.scalar(&USERS_NEW, &[bot], self.users_new.get());
             v.scalar(&SESSIONS, &[bot], self.sessions.get());
-            v.histogram(&SESSION_DURATION, &[bot], &self.session_duration.snapshot());
-            v.histogram(&SESSION_MESSAGES, &[bot], &self.session_messages.snapshot());
+            if v.wants(&SESSION_DURATION) {
+                v.histogram(&SESSION_DURATION, &[bot], &self.session_duration.snapshot());
+            }
+            if v.wants(&SESSION_MESSAGES) {
+                v.histogram(&SESSION_MESSAGES, &[bot], &self.session_messages.snapshot());
+            }
             for (i, day) in ["1", "7", "30"].iter().enumerate() {
                 v.scalar(&RETENTION, &[bot, day], self.retention[i].get());
             }
         }
-        for (window, estimate) in self.active.estimates() {
-            v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
+        if v.wants(&ACTIVE_USERS) {
+            for (window, estimate) in self.active.estimates() {
+                v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
+            }
         }
     }
 

@@ -9,52 +9,50 @@ use std::io::Write;
 use std::ops::Range;
 use std::sync::Arc;
 
-use super::bot::{BotMetrics, FAMILIES, FamilyDesc, Kind, Visitor};
+use super::bot::{BotMetrics, FAMILIES, FamilyDesc, Kind, SelfCounters, Visitor};
 use super::cells::HistogramSnapshot;
 
-/// One family's text while it is written.
+/// One bot's series of one family while they are written.
 #[derive(Default)]
 struct FamilyText {
-    /// The finished series, every bot so far.
-    out: Vec<u8>,
     /// The current bot's series: (sort key, text) ranges into `scratch`.
     entries: Vec<(Range<usize>, Range<usize>)>,
     scratch: Vec<u8>,
 }
 
 impl FamilyText {
-    /// Appends the current bot's series ordered by their label values after
-    /// `bot` (the bot itself sorts first: bots are visited in name order).
-    fn finish_bot(&mut self) {
+    /// Appends the current bot's series to `out` ordered by their label
+    /// values after `bot` (the bot itself sorts first: bots are visited in
+    /// name order).
+    fn finish_bot(&mut self, out: &mut Vec<u8>) {
         let scratch = &self.scratch;
         self.entries
             .sort_unstable_by(|a, b| scratch[a.0.clone()].cmp(&scratch[b.0.clone()]));
         for (_, text) in &self.entries {
-            self.out.extend_from_slice(&scratch[text.clone()]);
+            out.extend_from_slice(&scratch[text.clone()]);
         }
         self.entries.clear();
         self.scratch.clear();
     }
 }
 
-/// A [`Visitor`] that writes text.
+/// A [`Visitor`] that writes one family's text: every bot is walked once
+/// per family, and only that family's series are written, so the page is
+/// written in name order straight away rather than through a buffer per
+/// family copied into it at the end (5 MB copied, and 5 MB kept, for
+/// 1,000 bots).
 struct Writer {
-    /// Indexed like [`FAMILIES`].
-    families: Vec<FamilyText>,
+    /// The family being written.
+    family: &'static FamilyDesc,
+    text: FamilyText,
     series: usize,
     /// The `le` label values of each set of histogram bounds, formatted once.
     le: Vec<(&'static [f64], Vec<String>)>,
+    /// The start of the bucket lines of the histogram being written.
+    prefix: Vec<u8>,
 }
 
 impl Writer {
-    fn family(&mut self, family: &'static FamilyDesc) -> &mut FamilyText {
-        let i = FAMILIES
-            .iter()
-            .position(|f| std::ptr::eq(*f, family))
-            .unwrap_or_default();
-        &mut self.families[i]
-    }
-
     /// Starts a series: writes its sort key (label values after `bot`,
     /// each followed by a NUL, which sorts below every character, so the
     /// joined keys order as the values do one by one). Returns the key.
@@ -143,9 +141,16 @@ fn write_value(out: &mut Vec<u8>, value: f64) {
 }
 
 impl Visitor for Writer {
+    fn wants(&self, family: &'static FamilyDesc) -> bool {
+        std::ptr::eq(family, self.family)
+    }
+
     fn scalar(&mut self, family: &'static FamilyDesc, labels: &[&str], value: f64) {
+        if !self.wants(family) {
+            return;
+        }
         self.series += 1;
-        let text = self.family(family);
+        let text = &mut self.text;
         let key = Self::key(text, labels);
         let start = text.scratch.len();
         sample(&mut text.scratch, family, "", labels, None, value);
@@ -159,6 +164,9 @@ impl Visitor for Writer {
         labels: &[&str],
         snapshot: &HistogramSnapshot,
     ) {
+        if !self.wants(family) {
+            return;
+        }
         // Buckets, +Inf, _sum and _count.
         self.series += snapshot.cumulative.len() + 2;
         let bounds = snapshot.bounds;
@@ -170,19 +178,40 @@ impl Visitor for Writer {
                 self.le.len() - 1
             }
         };
-        let i_family = FAMILIES
-            .iter()
-            .position(|f| std::ptr::eq(*f, family))
-            .unwrap_or_default();
-        let (le, text) = (&self.le[i].1, &mut self.families[i_family]);
+        let (le, text) = (&self.le[i].1, &mut self.text);
         let key = Self::key(text, labels);
         let start = text.scratch.len();
         let out = &mut text.scratch;
-        for (le, count) in le.iter().zip(&snapshot.cumulative) {
-            sample(out, family, "_bucket", labels, Some(le), *count as f64);
+        // What every bucket line of the series starts with, written (and
+        // its labels escaped) once rather than once per bucket: bucket
+        // lines are two thirds of a page. Then `sample`'s format.
+        let prefix = &mut self.prefix;
+        prefix.clear();
+        prefix.extend_from_slice(family.name.as_bytes());
+        prefix.extend_from_slice(b"_bucket");
+        let mut separator = b'{';
+        for (name, value) in family.labels.iter().zip(labels) {
+            prefix.push(separator);
+            prefix.extend_from_slice(name.as_bytes());
+            prefix.extend_from_slice(b"=\"");
+            escape(prefix, value, true);
+            prefix.push(b'"');
+            separator = b',';
         }
+        prefix.push(separator);
+        prefix.extend_from_slice(b"le=\"");
         let count = snapshot.count() as f64;
-        sample(out, family, "_bucket", labels, Some("+Inf"), count);
+        let buckets = le
+            .iter()
+            .map(String::as_str)
+            .zip(snapshot.cumulative.iter().map(|c| *c as f64));
+        for (le, value) in buckets.chain([("+Inf", count)]) {
+            out.extend_from_slice(prefix);
+            out.extend_from_slice(le.as_bytes());
+            out.extend_from_slice(b"\"} ");
+            write_value(out, value);
+            out.push(b'\n');
+        }
         sample(out, family, "_sum", labels, None, snapshot.sum);
         sample(out, family, "_count", labels, None, count);
         let end = text.scratch.len();
@@ -190,67 +219,103 @@ impl Visitor for Writer {
     }
 }
 
+/// A family's `# HELP` and `# TYPE` lines, as the crate's `TextEncoder`
+/// writes them.
+fn header(out: &mut Vec<u8>, desc: &FamilyDesc) {
+    out.extend_from_slice(b"# HELP ");
+    out.extend_from_slice(desc.name.as_bytes());
+    out.push(b' ');
+    escape(out, desc.help, false);
+    out.extend_from_slice(b"\n# TYPE ");
+    out.extend_from_slice(desc.name.as_bytes());
+    out.extend_from_slice(match desc.kind {
+        Kind::Counter => b" counter\n".as_slice(),
+        Kind::Gauge => b" gauge\n",
+        Kind::Histogram => b" histogram\n",
+    });
+}
+
+/// A self-metric family with a `bot` label (`botmetrics_events_accepted_total`
+/// and the like): one series per bot, or one per bot and value of a second
+/// label, each read from the handles the bot holds in its [`SelfCounters`].
+pub struct PerBotFamily {
+    pub desc: &'static FamilyDesc,
+    /// The second label's value (None: `bot` is the only label), in the
+    /// order the values sort, and where the series' value lives.
+    pub series: &'static [(Option<&'static str>, ReadValue)],
+}
+
+/// Where a self-series' value lives among a bot's handles.
+pub type ReadValue = fn(&SelfCounters) -> f64;
+
+/// Writes a [`PerBotFamily`] for `bots` (sorted by name), byte for byte
+/// what `Registry::gather` and `TextEncoder` write for the same vec: for
+/// 1,000 bots that path built, cloned and sorted 9,000 protobuf messages
+/// per render, a third of the render's time. Writes nothing without bots,
+/// as `gather` leaves an empty family out. Returns the lines written.
+pub fn write_per_bot(out: &mut Vec<u8>, family: &PerBotFamily, bots: &[Arc<BotMetrics>]) -> usize {
+    if bots.is_empty() {
+        return 0;
+    }
+    header(out, family.desc);
+    for bot in bots {
+        for (label, value) in family.series {
+            let value = value(&bot.counters);
+            match label {
+                Some(label) => sample(out, family.desc, "", &[&bot.bot, label], None, value),
+                None => sample(out, family.desc, "", &[&bot.bot], None, value),
+            }
+        }
+    }
+    bots.len() * family.series.len()
+}
+
 /// Writes every bot's `bot_*` series (`bots` sorted by name) and returns
 /// how many sample lines they are.
 pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffers) -> usize {
-    let mut families = std::mem::take(&mut kept.families);
-    families.resize_with(FAMILIES.len(), FamilyText::default);
+    // Room for the page as big as the last one was, and for what the
+    // caller writes after (the self-metrics, under 1 KB a bot), so the
+    // 5 MB page is never copied to grow. (A pooled page has it already.)
+    out.reserve(kept.last_page + 1024 * bots.len());
+    let start = out.len();
+    let mut order: Vec<&'static FamilyDesc> = FAMILIES.to_vec();
+    order.sort_by_key(|f| f.name);
     let mut writer = Writer {
-        families,
+        family: order[0],
+        text: std::mem::take(&mut kept.text),
         series: 0,
         le: std::mem::take(&mut kept.le),
+        prefix: std::mem::take(&mut kept.prefix),
     };
-    for bot in bots {
-        bot.visit(&mut writer);
-        for family in &mut writer.families {
-            family.finish_bot();
+    for family in order {
+        writer.family = family;
+        let header_at = out.len();
+        header(out, family);
+        let series_at = out.len();
+        for bot in bots {
+            bot.visit(&mut writer);
+            writer.text.finish_bot(out);
+        }
+        // A family no bot has a series of is left out, as `gather` does.
+        if out.len() == series_at {
+            out.truncate(header_at);
         }
     }
-    let mut order: Vec<usize> = (0..FAMILIES.len()).collect();
-    order.sort_by_key(|&i| FAMILIES[i].name);
-    // And room for what the caller writes after: the self-metrics, about
-    // 1 KB a bot, so the 5 MB page is never copied to grow.
-    out.reserve(
-        writer
-            .families
-            .iter()
-            .map(|f| f.out.len() + 256)
-            .sum::<usize>()
-            + 1024 * bots.len(),
-    );
-    for i in order {
-        let (desc, text) = (FAMILIES[i], &writer.families[i]);
-        if text.out.is_empty() {
-            continue;
-        }
-        out.extend_from_slice(b"# HELP ");
-        out.extend_from_slice(desc.name.as_bytes());
-        out.push(b' ');
-        escape(out, desc.help, false);
-        out.extend_from_slice(b"\n# TYPE ");
-        out.extend_from_slice(desc.name.as_bytes());
-        out.extend_from_slice(match desc.kind {
-            Kind::Counter => b" counter\n".as_slice(),
-            Kind::Gauge => b" gauge\n",
-            Kind::Histogram => b" histogram\n",
-        });
-        out.extend_from_slice(&text.out);
-    }
-    for family in &mut writer.families {
-        family.out.clear();
-    }
-    kept.families = writer.families;
+    kept.last_page = out.len() - start;
+    kept.text = writer.text;
     kept.le = writer.le;
+    kept.prefix = writer.prefix;
     writer.series
 }
 
-/// The per-family buffers of one render, kept (emptied, at their size) for
-/// the next: a 1,000-bot page is 5 MB of text, and buffers grown afresh by
-/// doubling and faulted in anew every scrape cost more than the formatting.
+/// What one render keeps for the next: the scratch of a bot's series, the
+/// formatted `le` values, and the size of the page, to reserve it whole.
 #[derive(Default)]
 pub struct Buffers {
-    families: Vec<FamilyText>,
+    text: FamilyText,
     le: Vec<(&'static [f64], Vec<String>)>,
+    prefix: Vec<u8>,
+    last_page: usize,
 }
 
 #[cfg(test)]

@@ -98,6 +98,101 @@ pub(crate) fn reg<C: prometheus::core::Collector + Clone + 'static>(
     Ok(c)
 }
 
+/// Opts of a self-metric family described by `desc`.
+fn opts(desc: &FamilyDesc) -> Opts {
+    Opts::new(desc.name, desc.help)
+}
+
+macro_rules! per_bot_family {
+    ($id:ident, $name:literal, $kind:ident, [$($label:literal),*], $help:literal) => {
+        static $id: FamilyDesc =
+            FamilyDesc { name: $name, help: $help, kind: Kind::$kind, labels: &["bot" $(, $label)*] };
+    };
+}
+
+per_bot_family!(
+    ACCEPTED,
+    "botmetrics_events_accepted_total",
+    Counter,
+    [],
+    "Events accepted and counted."
+);
+per_bot_family!(
+    DUPLICATE,
+    "botmetrics_events_duplicate_total",
+    Counter,
+    [],
+    "Events acknowledged but not counted: their event_id was seen within the dedupe window."
+);
+per_bot_family!(
+    LABEL_OVERFLOW,
+    "botmetrics_label_overflow_total",
+    Counter,
+    ["label"],
+    "Events whose free-form label was folded into `other` because the label reached --max-label-values."
+);
+per_bot_family!(
+    BOOK_EVICTED,
+    "botmetrics_user_book_evicted_total",
+    Counter,
+    [],
+    "Users forgotten early because the book was full; back, they count as new."
+);
+per_bot_family!(
+    BOOK_FILL,
+    "botmetrics_user_book_fill_ratio",
+    Gauge,
+    [],
+    "Remembered users over --max-users-per-bot: at 1 the least recently seen are evicted."
+);
+per_bot_family!(
+    BOOK_USERS,
+    "botmetrics_user_book_users",
+    Gauge,
+    [],
+    "Users the bot's user book remembers (as of its last scan)."
+);
+
+/// The self-metrics with a `bot` label, in name order, and where each
+/// series lives in a bot's [`bot::SelfCounters`]. The render writes them
+/// from the bots in its set (see [`collector::write_per_bot`]); their vecs
+/// sit on a registry of their own that only the remote-write snapshot and
+/// the tests gather. A family added here is registered in
+/// [`SelfMetrics::register`], its handle added to `SelfCounters` in
+/// [`Metrics::cells`], and removed in [`SelfMetrics::forget_bot`].
+static PER_BOT: &[collector::PerBotFamily] = &[
+    collector::PerBotFamily {
+        desc: &ACCEPTED,
+        series: &[(None, |c| c.accepted.get() as f64)],
+    },
+    collector::PerBotFamily {
+        desc: &DUPLICATE,
+        series: &[(None, |c| c.duplicates.get() as f64)],
+    },
+    collector::PerBotFamily {
+        desc: &LABEL_OVERFLOW,
+        // The `label` values in the order they sort.
+        series: &[
+            (Some("cache"), |c| c.overflow_cache.get() as f64),
+            (Some("kind"), |c| c.overflow_kind.get() as f64),
+            (Some("model"), |c| c.overflow_model.get() as f64),
+            (Some("name"), |c| c.overflow_name.get() as f64),
+        ],
+    },
+    collector::PerBotFamily {
+        desc: &BOOK_EVICTED,
+        series: &[(None, |c| c.book_evicted.get() as f64)],
+    },
+    collector::PerBotFamily {
+        desc: &BOOK_FILL,
+        series: &[(None, |c| c.book_fill.get())],
+    },
+    collector::PerBotFamily {
+        desc: &BOOK_USERS,
+        series: &[(None, |c| c.book_users.get() as f64)],
+    },
+];
+
 impl SelfMetrics {
     /// Removes a wiped bot's self-series, so it leaves `/metrics` whole.
     fn forget_bot(&self, bot: &str) {
@@ -115,31 +210,19 @@ impl SelfMetrics {
         }
     }
 
+    /// Registers the self-metrics: those with a `bot` label on `per_bot`
+    /// (rendered from each bot's handles, see [`PER_BOT`]), the rest on
+    /// `registry`.
     fn register(
         registry: &Registry,
+        per_bot: &Registry,
         cache_ttl_seconds: f64,
-        bots: &[Arc<str>],
     ) -> prometheus::Result<Self> {
         let m = SelfMetrics {
-            events_accepted: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "botmetrics_events_accepted_total",
-                        "Events accepted and counted.",
-                    ),
-                    &["bot"],
-                )?,
-            )?,
+            events_accepted: reg(per_bot, IntCounterVec::new(opts(&ACCEPTED), ACCEPTED.labels)?)?,
             events_duplicate: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "botmetrics_events_duplicate_total",
-                        "Events acknowledged but not counted: their event_id was seen within the dedupe window.",
-                    ),
-                    &["bot"],
-                )?,
+                per_bot,
+                IntCounterVec::new(opts(&DUPLICATE), DUPLICATE.labels)?,
             )?,
             events_rejected: reg(
                 registry,
@@ -273,14 +356,8 @@ impl SelfMetrics {
                 )?,
             )?,
             label_overflow: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "botmetrics_label_overflow_total",
-                        "Events whose free-form label was folded into `other` because the label reached --max-label-values.",
-                    ),
-                    &["bot", "label"],
-                )?,
+                per_bot,
+                IntCounterVec::new(opts(&LABEL_OVERFLOW), LABEL_OVERFLOW.labels)?,
             )?,
             series: reg(
                 registry,
@@ -297,34 +374,16 @@ impl SelfMetrics {
                 )?,
             )?,
             book_users: reg(
-                registry,
-                prometheus::IntGaugeVec::new(
-                    Opts::new(
-                        "botmetrics_user_book_users",
-                        "Users the bot's user book remembers (as of its last scan).",
-                    ),
-                    &["bot"],
-                )?,
+                per_bot,
+                prometheus::IntGaugeVec::new(opts(&BOOK_USERS), BOOK_USERS.labels)?,
             )?,
             book_fill: reg(
-                registry,
-                prometheus::GaugeVec::new(
-                    Opts::new(
-                        "botmetrics_user_book_fill_ratio",
-                        "Remembered users over --max-users-per-bot: at 1 the least recently seen are evicted.",
-                    ),
-                    &["bot"],
-                )?,
+                per_bot,
+                prometheus::GaugeVec::new(opts(&BOOK_FILL), BOOK_FILL.labels)?,
             )?,
             book_evicted: reg(
-                registry,
-                IntCounterVec::new(
-                    Opts::new(
-                        "botmetrics_user_book_evicted_total",
-                        "Users forgotten early because the book was full; back, they count as new.",
-                    ),
-                    &["bot"],
-                )?,
+                per_bot,
+                IntCounterVec::new(opts(&BOOK_EVICTED), BOOK_EVICTED.labels)?,
             )?,
             book_bytes: reg(
                 registry,
@@ -364,18 +423,8 @@ impl SelfMetrics {
         )?;
         build.set(1);
 
-        // Every series of a closed label set exists from start-up.
-        // (`forget_bot` below removes the same series.)
-        for bot in bots {
-            m.events_accepted.with_label_values(&[&**bot]);
-            m.events_duplicate.with_label_values(&[&**bot]);
-            m.book_users.with_label_values(&[&**bot]);
-            m.book_fill.with_label_values(&[&**bot]);
-            m.book_evicted.with_label_values(&[&**bot]);
-            for label in ["kind", "name", "model", "cache"] {
-                m.label_overflow.with_label_values(&[&**bot, label]);
-            }
-        }
+        // Every series of a closed label set exists from start-up. (A
+        // bot's own self-series are made with its cells, `Metrics::cells`.)
         for reason in REJECT_REASONS {
             m.events_rejected.with_label_values(&[*reason]);
         }
@@ -391,7 +440,10 @@ impl SelfMetrics {
 /// All in-memory state that is counted: one [`BotMetrics`] per configured
 /// bot, self-metrics, and the registry that exposes both.
 pub struct Metrics {
+    /// Every self-metric but those with a `bot` label.
     pub registry: Registry,
+    /// The self-metrics with a `bot` label (see [`PER_BOT`]).
+    per_bot: Registry,
     pub selfm: SelfMetrics,
     /// Replaced whole when a bot is added at runtime (the admin API), so a
     /// reader holds one consistent set for as long as it needs it.
@@ -408,6 +460,8 @@ pub struct Metrics {
     shared_books: std::sync::OnceLock<()>,
     /// The exposition writer's buffers, kept between renders.
     render_buffers: std::sync::Mutex<collector::Buffers>,
+    /// The pages `/metrics` bodies are rendered into, reused.
+    pages: crate::render_cache::PagePool,
 }
 
 #[derive(Default)]
@@ -488,11 +542,12 @@ impl Metrics {
         cache_ttl_seconds: f64,
         book: users::BookLimits,
     ) -> prometheus::Result<Self> {
-        let registry = Registry::new();
-        let selfm = SelfMetrics::register(&registry, cache_ttl_seconds, bots)?;
+        let (registry, per_bot) = (Registry::new(), Registry::new());
+        let selfm = SelfMetrics::register(&registry, &per_bot, cache_ttl_seconds)?;
         let calendar = Arc::new(Calendar::new(tz));
         let metrics = Metrics {
             registry,
+            per_bot,
             selfm,
             set: Default::default(),
             calendar,
@@ -501,6 +556,7 @@ impl Metrics {
             wipes: Default::default(),
             shared_books: std::sync::OnceLock::new(),
             render_buffers: Default::default(),
+            pages: Default::default(),
         };
         let bots = bots.iter().map(|bot| metrics.cells(bot)).collect();
         *metrics.set.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(BotSet::of(bots));
@@ -529,7 +585,8 @@ impl Metrics {
         self.book
     }
 
-    /// A bot's cells, its self-counters registered.
+    /// A bot's cells, its self-counters registered: each of its
+    /// self-series exists from now on (at 0), a bot added later's too.
     fn cells(&self, bot: &Arc<str>) -> Arc<BotMetrics> {
         let selfm = &self.selfm;
         let overflow = |label: &str| selfm.label_overflow.with_label_values(&[&**bot, label]);
@@ -540,6 +597,9 @@ impl Metrics {
             overflow_name: overflow("name"),
             overflow_model: overflow("model"),
             overflow_cache: overflow("cache"),
+            book_users: selfm.book_users.with_label_values(&[&**bot]),
+            book_fill: selfm.book_fill.with_label_values(&[&**bot]),
+            book_evicted: selfm.book_evicted.with_label_values(&[&**bot]),
         };
         let cells = Arc::new(BotMetrics::new(
             bot.clone(),
@@ -688,24 +748,62 @@ impl Metrics {
     /// `collector`); they sort before every `botmetrics_*` family, so the
     /// page is ordered by family name as `Registry::gather` orders it.
     pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.render_into(&mut out);
+        out
+    }
+
+    /// [`Metrics::render`] into a page of the pool (see `PagePool`): the
+    /// body `/metrics` serves.
+    pub fn render_body(&self) -> bytes::Bytes {
+        let mut page = self.pages.take();
+        self.render_into(&mut page);
+        self.pages.body(page)
+    }
+
+    fn render_into(&self, out: &mut Vec<u8>) {
         let set = self.bots();
-        let mut out = Vec::with_capacity(64 * 1024 + 64 * 1024 * set.len() / 16);
+        out.clear();
+        out.reserve(64 * 1024 + 64 * 1024 * set.len() / 16);
+        let out = &mut *out;
         // A render beside another (rare: the cache shares one) uses its
         // own buffers rather than wait.
         let series = match self.render_buffers.try_lock() {
-            Ok(mut kept) => collector::write_bots(&set.sorted, &mut out, &mut kept),
-            Err(_) => collector::write_bots(&set.sorted, &mut out, &mut Default::default()),
+            Ok(mut kept) => collector::write_bots(&set.sorted, out, &mut kept),
+            Err(_) => collector::write_bots(&set.sorted, out, &mut Default::default()),
         };
         self.selfm.series.set(series as i64);
         let sketch_bytes: usize = set.iter().map(|b| b.active.heap_bytes()).sum();
         self.selfm.sketch_bytes.set(sketch_bytes as i64);
-        let families = self.registry.gather();
-        // Encoding into a Vec cannot fail; an error here would be a bug in
-        // a self-metric (for instance an invalid name), so say so loudly.
-        if let Err(e) = prometheus::TextEncoder::new().encode(&families, &mut out) {
-            tracing::error!(error = %e, "encoding /metrics failed");
+        // The self-metrics by name, as one `gather` of every one would
+        // order them: the few dozen without a bot label from the registry,
+        // the per-bot families written in between from the bots' handles.
+        let mut per_bot = PER_BOT.iter().peekable();
+        let encoder = prometheus::TextEncoder::new();
+        for family in self.registry.gather() {
+            while let Some(p) = per_bot.next_if(|p| p.desc.name < family.name()) {
+                collector::write_per_bot(out, p, &set.sorted);
+            }
+            // Encoding into a Vec cannot fail; an error here would be a bug
+            // in a self-metric (for instance an invalid name), so say so loudly.
+            if let Err(e) = encoder.encode(std::slice::from_ref(&family), out) {
+                tracing::error!(error = %e, "encoding /metrics failed");
+            }
         }
-        out
+        for p in per_bot {
+            collector::write_per_bot(out, p, &set.sorted);
+        }
+    }
+
+    /// Every self-metric family, by name, as `Registry::gather` of one
+    /// registry holding them all returns them (the per-bot families hold
+    /// what their vecs hold, which is what the render writes for the bots
+    /// in the set).
+    pub fn gather(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let mut families = self.registry.gather();
+        families.extend(self.per_bot.gather());
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        families
     }
 }
 
@@ -713,6 +811,64 @@ impl Metrics {
 mod tests {
     use super::*;
     use crate::event::{BodyFormat, parse_batch};
+
+    /// The render writes the per-bot self-series itself (`PER_BOT`); the
+    /// self-metrics part of its page must be the bytes the prometheus
+    /// crate's `gather` and `TextEncoder` write for the same collectors:
+    /// families interleaved by name, bots sorted, a bot added at runtime
+    /// present and a wiped one gone, no empty family without bots.
+    #[test]
+    fn self_series_are_the_bytes_the_prometheus_crate_writes() {
+        let self_part = |metrics: &Metrics| {
+            let page = String::from_utf8(metrics.render()).unwrap();
+            let start = page.find("# HELP botmetrics_").unwrap();
+            let mut theirs = Vec::new();
+            prometheus::TextEncoder::new()
+                .encode(&metrics.gather(), &mut theirs)
+                .unwrap();
+            (page[start..].to_owned(), String::from_utf8(theirs).unwrap())
+        };
+        let none = Metrics::new(&[], 3, chrono_tz::UTC, 0.0, Default::default()).unwrap();
+        let (ours, theirs) = self_part(&none);
+        assert_eq!(ours, theirs);
+        assert!(!ours.contains("botmetrics_events_accepted_total"));
+
+        let names: Vec<Arc<str>> = ["zeta", "alpha", "Beta", "a.b", "a-b", "a\\b"]
+            .into_iter()
+            .map(Arc::from)
+            .collect();
+        let metrics = Metrics::new(&names, 3, chrono_tz::UTC, 30.0, Default::default()).unwrap();
+        metrics.add_bot("mid");
+        assert!(metrics.wipe("alpha", 1, false).is_some());
+        let (zeta, mid) = (metrics.bot("zeta").unwrap(), metrics.bot("mid").unwrap());
+        zeta.counters.accepted.inc_by(1_000_000_000_000);
+        zeta.counters.overflow_model.inc();
+        zeta.counters.book_fill.set(0.125);
+        mid.counters.duplicates.inc_by(2);
+        mid.counters.book_users.set(7);
+        mid.counters.book_evicted.inc_by(3);
+        metrics
+            .selfm
+            .events_rejected
+            .with_label_values(&["invalid"])
+            .inc();
+        let (ours, theirs) = self_part(&metrics);
+        assert_eq!(ours, theirs);
+        for line in [
+            r#"botmetrics_events_accepted_total{bot="zeta"} 1000000000000"#,
+            r#"botmetrics_label_overflow_total{bot="zeta",label="model"} 1"#,
+            r#"botmetrics_user_book_fill_ratio{bot="zeta"} 0.125"#,
+            r#"botmetrics_user_book_users{bot="mid"} 7"#,
+            r#"botmetrics_user_book_evicted_total{bot="mid"} 3"#,
+            r#"botmetrics_events_accepted_total{bot="a\\b"} 0"#,
+        ] {
+            assert!(ours.contains(line), "{line}");
+        }
+        assert!(
+            !ours.contains(r#"bot="alpha""#),
+            "a wiped bot's self-series leave"
+        );
+    }
 
     /// While Redis is away a shared book's runs wait in memory: at most
     /// `--max-users-per-bot` users, the rest counted as dropped, and a user

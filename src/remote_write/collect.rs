@@ -135,7 +135,7 @@ pub fn snapshot(metrics: &Metrics, extra: &[(String, String)], timestamp: i64) -
     metrics.selfm.series.set(b.out.len() as i64);
     let sketch_bytes: usize = metrics.bots().iter().map(|m| m.active.heap_bytes()).sum();
     metrics.selfm.sketch_bytes.set(sketch_bytes as i64);
-    for family in metrics.registry.gather() {
+    for family in metrics.gather() {
         let name = family.name();
         for m in family.get_metric() {
             let labels: Vec<(&str, &str)> = m
