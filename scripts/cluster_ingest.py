@@ -105,7 +105,12 @@ def fallbacks(server):
 def with_ids(tmp, name, events):
     """A wrk script posting `events` messages per request, each with an
     event_id no other request of any thread has: wrk's threads each have a
-    Lua state, told apart by the address of a table made at load."""
+    Lua state, told apart by the address of a table made at load. The body
+    is made once at load with a mark where each id's request part goes, and
+    per request one `gsub` (C, one pass) puts it in: building a 1,000-event
+    body in Lua per request cost wrk ~0.4 ms of CPU, on the same two cores
+    as the server and Redis, which the batches without ids (a fixed body)
+    never paid."""
     path = os.path.join(tmp, name + ".lua")
     with open(path, "w") as f:
         f.write("""
@@ -114,13 +119,14 @@ wrk.headers["Authorization"] = "Bearer %s"
 wrk.headers["Content-Type"] = "application/json"
 local state = tostring({}):sub(8)
 local n = 0
+local parts = {}
+for i = 1, %d do
+  parts[i] = '{"type":"message","role":"user","user_id":' .. i .. ',"event_id":"@-' .. i .. '"}'
+end
+local template = '[' .. table.concat(parts, ',') .. ']'
 request = function()
   n = n + 1
-  local parts = {}
-  for i = 1, %d do
-    parts[i] = '{"type":"message","role":"user","user_id":' .. i .. ',"event_id":"' .. state .. '-' .. n .. '-' .. i .. '"}'
-  end
-  return wrk.format(nil, nil, nil, '[' .. table.concat(parts, ',') .. ']')
+  return wrk.format(nil, nil, nil, (template:gsub("@", state .. "-" .. n)))
 end
 """ % (TOKEN, events))
     return path
