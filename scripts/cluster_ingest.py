@@ -21,7 +21,9 @@ commands' usec per id (`CONFIG RESETSTAT` before each id run, `INFO
 commandstats` after) and the redis-server process's CPU per id (user +
 system, from /proc), which bounds the ids/s one Redis core sustains; and
 the CPU of the replica and of wrk per request, since all three share this
-machine's cores.
+machine's cores. CONNS=<n> sets wrk's connections (64 by default): with
+many, a Redis slower than `health::SLOW` per queue sends ids to the
+replicas' own memory, which the "decided locally" column shows.
 
 Needs wrk and redis-server (apt-get install wrk redis-server).
 """
@@ -82,9 +84,10 @@ def children_cpu():
 
 
 def wrk_run(port, seconds, lua):
-    """(requests/s, requests completed) of one wrk run (64 connections)."""
+    """(requests/s, requests completed) of one wrk run (64 connections, or
+    $CONNS)."""
     out = subprocess.run(
-        ["wrk", "-t", "2", "-c", "64", "-d", f"{seconds}s", "-s", lua, f"http://127.0.0.1:{port}/v1/events"],
+        ["wrk", "-t", "2", "-c", os.environ.get("CONNS", "64"), "-d", f"{seconds}s", "-s", lua, f"http://127.0.0.1:{port}/v1/events"],
         capture_output=True, text=True, check=True).stdout
     if "Non-2xx or 3xx responses" in out:
         raise SystemExit(f"wrk saw errors:\n{out}")
@@ -106,11 +109,11 @@ def with_ids(tmp, name, events):
     """A wrk script posting `events` messages per request, each with an
     event_id no other request of any thread has: wrk's threads each have a
     Lua state, told apart by the address of a table made at load. The body
-    is made once at load with a mark where each id's request part goes, and
-    per request one `gsub` (C, one pass) puts it in: building a 1,000-event
-    body in Lua per request cost wrk ~0.4 ms of CPU, on the same two cores
-    as the server and Redis, which the batches without ids (a fixed body)
-    never paid."""
+    is cut once at load where each id's request part goes, and per request
+    one `table.concat` (C, a copy) joins the pieces with it: building a
+    1,000-event body in Lua per request cost wrk ~0.4 ms of CPU (`gsub`
+    more), on the same two cores as the server and Redis, which the
+    batches without ids (a fixed body) never paid."""
     path = os.path.join(tmp, name + ".lua")
     with open(path, "w") as f:
         f.write("""
@@ -119,14 +122,16 @@ wrk.headers["Authorization"] = "Bearer %s"
 wrk.headers["Content-Type"] = "application/json"
 local state = tostring({}):sub(8)
 local n = 0
-local parts = {}
-for i = 1, %d do
-  parts[i] = '{"type":"message","role":"user","user_id":' .. i .. ',"event_id":"@-' .. i .. '"}'
+-- pieces[i] .. id prefix .. pieces[i + 1] ...: the body, each event_id
+-- "<state>-<n>-<i>".
+local pieces = {'[{"type":"message","role":"user","user_id":1,"event_id":"'}
+for i = 1, %d - 1 do
+  pieces[i + 1] = '-' .. i .. '"},{"type":"message","role":"user","user_id":' .. (i + 1) .. ',"event_id":"'
 end
-local template = '[' .. table.concat(parts, ',') .. ']'
+pieces[#pieces + 1] = '-' .. #pieces .. '"}]'
 request = function()
   n = n + 1
-  return wrk.format(nil, nil, nil, (template:gsub("@", state .. "-" .. n)))
+  return wrk.format(nil, nil, nil, table.concat(pieces, state .. "-" .. n))
 end
 """ % (TOKEN, events))
     return path

@@ -700,7 +700,12 @@ fn bin_cmd(redis: &RedisServer, args: &[&str]) -> String {
 /// replicas write it, in [`bin_cmd`]'s `x:<hex>` form.
 fn claim_field(bot: &str, id: &str) -> String {
     let hash = botmetrics::dedupe::IdHash::of(bot, id);
-    let hex: String = hash.0.to_le_bytes().iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = hash
+        .0
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("x:{hex}")
 }
 
@@ -806,7 +811,10 @@ async fn a_taken_over_claim_given_back_is_free_for_the_retry() {
     // "lapsed" claimed t-1 in the previous bucket and stopped renewing its
     // liveness; "busy" holds t-2, pending, and is alive.
     let lapsed = claim_field("a", "t-1");
-    assert_eq!(bin_cmd(&redis, &["HSET", "ids-1:a", &lapsed, "lapsed"]), "1");
+    assert_eq!(
+        bin_cmd(&redis, &["HSET", "ids-1:a", &lapsed, "lapsed"]),
+        "1"
+    );
     bin_cmd(&redis, &["SADD", "bm:{a}:pending:lapsed", &lapsed]);
     assert_eq!(
         redis.cmd(&["SET", "bm:{a}:alive:busy", "1", "PX", "600000"]),
@@ -881,7 +889,10 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
     let pending = format!("bm:{{a}}:pending:{me}");
     let lost = claim_field("a", "lost");
     bin_cmd(&redis, &["HSET", "ids:a", &lost, &me]);
-    bin_cmd(&redis, &["SADD", &pending, &claim_field("a", "kept"), &lost]);
+    bin_cmd(
+        &redis,
+        &["SADD", &pending, &claim_field("a", "kept"), &lost],
+    );
 
     let again = replica(&db, &redis.url(), 0, SYNC).await;
     connected(&again).await;

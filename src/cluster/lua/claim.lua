@@ -49,6 +49,9 @@ local previous = prefix .. 'ids:' .. string.format('%d', bucket - 1)
 -- unpack has a stack limit: every multi-field command goes in slices.
 local SLICE = 1000
 local function lookup(key)
+  if n <= SLICE then
+    return redis.call('HMGET', key, unpack(ARGV, FIRST))
+  end
   local held = {}
   for first = FIRST, #ARGV, SLICE do
     local last = math.min(first + SLICE - 1, #ARGV)
@@ -73,20 +76,19 @@ if missing then
   before_held = lookup(previous)
 end
 
+-- The same id twice in one request is claimed twice (one field, one
+-- member): the replica's own dedupe then counts it once, and settles it
+-- twice, harmlessly. Tracking repeats here would cost every id a table
+-- insert.
 local out = {}
 local claimed = {}
-local seen = {}
 -- Ids of other replicas, per holder: whether they are still pending is
 -- asked once per holder, for all its ids at once.
 local others = {}
 for i = 1, n do
   local id = ARGV[FIRST + i - 1]
   local holder = now_held[i] or before_held[i]
-  if seen[id] then
-    -- The same id twice in one request: the first claims it.
-    out[i] = '1'
-  elseif not holder then
-    seen[id] = true
+  if not holder then
     claimed[#claimed + 1] = id
     out[i] = '0'
   elseif holder == me then
@@ -122,8 +124,7 @@ for holder, of in pairs(others) do
       local i = of[j]
       if alive then
         out[i] = '3'
-      elseif not seen[ids[j]] then
-        seen[ids[j]] = true
+      else
         taken[#taken + 1] = ids[j]
         claimed[#claimed + 1] = ids[j]
         -- Claimed again below, in the current bucket; a copy left in the
@@ -133,8 +134,6 @@ for holder, of in pairs(others) do
           redis.call('HDEL', previous, ids[j])
         end
         out[i] = '0'
-      else
-        out[i] = '1'
       end
     end
   end
