@@ -42,7 +42,9 @@ def free_port():
 
 
 class Server:
-    def __init__(self, tmp, name, *flags):
+    def __init__(self, tmp, name, *flags, bin=None):
+        # `bin`: another build than BIN, for runs that compare two.
+        self.bin = bin or BIN
         self.dir = os.path.join(tmp, name)
         os.makedirs(self.dir, exist_ok=True)
         self.port = free_port()
@@ -52,7 +54,7 @@ class Server:
     def start(self):
         self.log = open(os.path.join(self.dir, "log"), "ab")
         self.proc = subprocess.Popen(
-            [BIN, "--listen", f"127.0.0.1:{self.port}", "--tokens", f"bench={TOKEN}",
+            [self.bin, "--listen", f"127.0.0.1:{self.port}", "--tokens", f"bench={TOKEN}",
              "--database-url", f"sqlite://{self.dir}/bm.db", *self.flags],
             stdout=subprocess.DEVNULL, stderr=self.log)
         self.wait_ready()

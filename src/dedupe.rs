@@ -62,6 +62,33 @@ impl Hasher for PassThrough {
     }
 }
 
+/// The low bits pick the hash-set slot; the high bits pick the shard.
+fn shard_index(id: IdHash) -> usize {
+    (id.0 >> 60) as usize % SHARDS
+}
+
+/// The set of bucket `number` in `shard`, made if new. Buckets stay
+/// ordered by number; ids read back at start may be older than the newest
+/// bucket.
+fn bucket_for(shard: &mut Shard, number: i64) -> &mut IdSet {
+    let position = shard.buckets.iter().rposition(|b| b.number <= number);
+    let at = match position {
+        Some(i) if shard.buckets[i].number == number => i,
+        _ => {
+            let at = position.map_or(0, |i| i + 1);
+            shard.buckets.insert(
+                at,
+                Bucket {
+                    number,
+                    ids: IdSet::default(),
+                },
+            );
+            at
+        }
+    };
+    &mut shard.buckets[at].ids
+}
+
 /// A set of keyed 64-bit hashes (event ids here, users in
 /// `metrics::pending`), hashed as they are.
 pub(crate) type UniformSet = HashSet<u64, BuildHasherDefault<PassThrough>>;
@@ -132,6 +159,50 @@ impl Dedupe {
         Seen::First
     }
 
+    /// [`Dedupe::check`] for a request's ids, in order (an id repeated
+    /// within `ids` is a duplicate of its first), into `seen`. Each shard
+    /// is locked once, and the count of remembered ids updated once, rather
+    /// than both per id: a lookup in a set of millions is a cache miss, and
+    /// a locked instruction between two lookups makes the second wait for
+    /// the first, where without one the processor overlaps them.
+    pub fn check_many(&self, ids: &[IdHash], now_ms: i64, seen: &mut Vec<Seen>) {
+        seen.clear();
+        seen.resize(ids.len(), Seen::First);
+        let Some(bucket_ms) = self.bucket_ms else {
+            return;
+        };
+        if ids.len() < 2 * SHARDS {
+            for (s, id) in seen.iter_mut().zip(ids) {
+                *s = self.check(*id, now_ms);
+            }
+            return;
+        }
+        let number = now_ms.div_euclid(bucket_ms);
+        for (index, shard) in self.shards.iter().enumerate() {
+            let mut locked = None;
+            let mut added = 0;
+            for (s, id) in seen.iter_mut().zip(ids) {
+                if shard_index(*id) != index {
+                    continue;
+                }
+                let shard = locked.get_or_insert_with(|| {
+                    let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                    self.expire(&mut shard, number);
+                    shard
+                });
+                if shard.buckets.iter().any(|b| b.ids.contains(&id.0)) {
+                    *s = Seen::Duplicate;
+                } else {
+                    bucket_for(shard, number).insert(id.0);
+                    added += 1;
+                }
+            }
+            if let Some(mut shard) = locked {
+                self.count_added(&mut shard, added);
+            }
+        }
+    }
+
     /// Forgets `id`, remembered by a request that was then refused, so that
     /// its retry counts.
     pub fn forget(&self, id: IdHash, now_ms: i64) {
@@ -172,35 +243,31 @@ impl Dedupe {
     }
 
     fn shard(&self, id: IdHash) -> &Mutex<Shard> {
-        // The low bits pick the hash-set slot; the high bits pick the shard.
-        &self.shards[(id.0 >> 60) as usize % SHARDS]
+        &self.shards[shard_index(id)]
     }
 
     fn insert_locked(&self, shard: &mut Shard, id: IdHash, number: i64) {
-        // Buckets stay ordered by number; ids read back at start may be older
-        // than the newest bucket.
-        let position = shard.buckets.iter().rposition(|b| b.number <= number);
-        match position {
-            Some(i) if shard.buckets[i].number == number => {
-                shard.buckets[i].ids.insert(id.0);
-            }
-            _ => {
-                let at = position.map_or(0, |i| i + 1);
-                let mut ids = IdSet::default();
-                ids.insert(id.0);
-                shard.buckets.insert(at, Bucket { number, ids });
-            }
+        bucket_for(shard, number).insert(id.0);
+        self.count_added(shard, 1);
+    }
+
+    /// Counts `added` ids just remembered in `shard`. Over the bound, the
+    /// shard forgets its oldest bucket early, one per id added at most (as
+    /// one at a time would). Each shard holds about 1/SHARDS of the ids, so
+    /// this keeps the whole within the bound without a global lock.
+    fn count_added(&self, shard: &mut Shard, added: usize) {
+        if added == 0 {
+            return;
         }
-        let len = self.len.fetch_add(1, Relaxed) + 1;
-        // Over the bound: this shard forgets its oldest bucket early. Each
-        // shard holds about 1/SHARDS of the ids, so this keeps the whole
-        // within the bound without a global lock.
-        if len > self.max_ids
-            && shard.buckets.len() > 1
-            && let Some(oldest) = shard.buckets.pop_front()
-        {
-            self.len.fetch_sub(oldest.ids.len(), Relaxed);
-            shard.floor = shard.floor.max(oldest.number + 1);
+        let mut len = self.len.fetch_add(added, Relaxed) + added;
+        for _ in 0..added {
+            if len <= self.max_ids || shard.buckets.len() <= 1 {
+                break;
+            }
+            if let Some(oldest) = shard.buckets.pop_front() {
+                len = self.len.fetch_sub(oldest.ids.len(), Relaxed) - oldest.ids.len();
+                shard.floor = shard.floor.max(oldest.number + 1);
+            }
         }
     }
 
@@ -259,6 +326,56 @@ mod tests {
         for id in [0, 1, 42, u64::MAX, IdHash::of("bot", "e1").0] {
             assert_eq!(build.hash_one(id), id);
         }
+    }
+
+    /// The batched check answers as one id at a time would, in order: the
+    /// same ids and times through both, many of them repeats (within a
+    /// batch and across batches, some past the window).
+    #[test]
+    fn check_many_answers_as_check_one_at_a_time() {
+        let one = Dedupe::new(Duration::from_secs(1600), usize::MAX);
+        let many = Dedupe::new(Duration::from_secs(1600), usize::MAX);
+        let (mut seen, mut both) = (Vec::new(), [false; 2]);
+        for batch in 0..80i64 {
+            let now = NOW + batch * 50_000;
+            let size = [1, 5, 40, 300][batch as usize % 4];
+            let ids: Vec<IdHash> = (0..size)
+                .map(|i| IdHash::of("bot", &format!("{}", (batch * 211 + i * 7) % 2000)))
+                .collect();
+            let want: Vec<Seen> = ids.iter().map(|id| one.check(*id, now)).collect();
+            many.check_many(&ids, now, &mut seen);
+            assert_eq!(seen, want, "batch {batch}");
+            assert_eq!(many.len(), one.len(), "batch {batch}");
+            assert_eq!(many.effective_window(now), one.effective_window(now));
+            both[0] |= seen.contains(&Seen::First);
+            both[1] |= seen.contains(&Seen::Duplicate);
+        }
+        assert_eq!(both, [true, true], "both answers exercised");
+    }
+
+    /// Under the memory bound the batched check forgets old buckets as one
+    /// at a time does, one per id added at most, after its lookups (so a
+    /// batch may find an id in a bucket it then forgets: never fewer
+    /// duplicates than one at a time).
+    #[test]
+    fn check_many_keeps_the_memory_bound() {
+        let d = Dedupe::new(Duration::from_secs(1600), 16 * 100);
+        let mut seen = Vec::new();
+        for t in 0..16 {
+            let ids: Vec<IdHash> = (0..200)
+                .map(|i| IdHash::of("bot", &format!("{t}-{i}")))
+                .collect();
+            d.check_many(&ids, NOW + t * 100_000, &mut seen);
+            assert!(seen.iter().all(|s| *s == Seen::First));
+        }
+        assert!(d.len() <= 16 * 100, "bounded: {}", d.len());
+        assert!(d.effective_window(NOW + 1_500_000) < Duration::from_secs(1600));
+        d.check_many(&[IdHash::of("bot", "15-199")], NOW + 1_500_000, &mut seen);
+        assert_eq!(
+            seen,
+            [Seen::Duplicate],
+            "the newest ids are still remembered"
+        );
     }
 
     #[test]

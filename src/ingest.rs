@@ -140,6 +140,8 @@ thread_local! {
     /// The encoding buffer, reused so that a request allocates nothing for
     /// its journal record.
     static ENCODED: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(4096));
+    /// A request's ids asked of the dedupe memory, and its answers, reused.
+    static CHECKED: RefCell<(Vec<IdHash>, Vec<Seen>)> = const { RefCell::new((Vec::new(), Vec::new())) };
     /// A request's users to note for the next sync (cluster mode), reused.
     static USERS: RefCell<Vec<(UserHash, i64)>> = const { RefCell::new(Vec::new()) };
 }
@@ -248,7 +250,7 @@ impl Ingest {
         let mut claimed = claims.iter().flatten();
         // Per event: `None` for a duplicate, else its id hash if it has an id.
         let mut fresh: Vec<Option<Option<IdHash>>> = Vec::with_capacity(events.len());
-        let mut duplicates = 0;
+        let duplicates;
         // Held until the events are counted or refused: see the module doc.
         let _shared = self.gate.read().await;
         // Wiped after this request found the bot: nothing of it counts, or
@@ -267,18 +269,32 @@ impl Ingest {
             let with_ids = self.dedupe.enabled() && events.iter().any(|e| e.event_id.is_some());
             let _deciding = (with_ids && self.journal.is_some())
                 .then(|| self.deciding.lock().unwrap_or_else(|e| e.into_inner()));
-            for event in events {
-                let id = id_of(event);
-                let claim = id.and_then(|_| claimed.next().copied());
-                let first = claim != Some(Claim::Taken)
-                    && id.is_none_or(|id| self.dedupe.check(id, now_ms) == Seen::First);
-                if first {
-                    fresh.push(Some(id));
-                } else {
-                    duplicates += 1;
-                    fresh.push(None);
+            // Every id that Redis did not call another replica's is asked
+            // of this replica's memory (which remembers it), the request's
+            // all at once and in order: see `Dedupe::check_many`.
+            CHECKED.with_borrow_mut(|(asked, seen)| {
+                asked.clear();
+                for event in events {
+                    let id = id_of(event);
+                    let claim = id.and_then(|_| claimed.next().copied());
+                    match (id, claim) {
+                        (Some(_), Some(Claim::Taken)) => fresh.push(None),
+                        (Some(id), _) => {
+                            asked.push(id);
+                            fresh.push(Some(Some(id)));
+                        }
+                        (None, _) => fresh.push(Some(None)),
+                    }
                 }
-            }
+                self.dedupe.check_many(asked, now_ms, seen);
+                let mut seen = seen.iter();
+                for slot in &mut fresh {
+                    if matches!(slot, Some(Some(_))) && seen.next() == Some(&Seen::Duplicate) {
+                        *slot = None;
+                    }
+                }
+            });
+            duplicates = fresh.iter().filter(|f| f.is_none()).count();
             match &self.journal {
                 Some(journal) => {
                     // A duplicate's original is in a record at or below the

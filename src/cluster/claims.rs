@@ -2,7 +2,11 @@
 //! `--dedupe-window` is a duplicate everywhere, decided before the answer.
 //!
 //! A request's ids are claimed in one round trip (a script: every key of a
-//! bot is on one slot, so a Redis Cluster answers it from one node). A
+//! bot is on one slot, so a Redis Cluster answers it from one node). The
+//! claims live as fields of one hash per dedupe-window-long time bucket
+//! (`lua/claim.lua`), so the script's work for a thousand ids is a handful
+//! of multi-field commands, not a thousand: Redis' CPU per id is what caps
+//! how many ids per second a cluster dedupes (see BENCHMARKS.md). A
 //! claim stays *pending* in the replica's pending set until the event is in
 //! memory (and so, at the next sync, in Redis' totals); then it is
 //! *confirmed* (taken out of the set, in batches, off the request path), or,
@@ -122,23 +126,21 @@ impl Claims {
             }
         }
         let keys = BotKeys::new(bot);
-        let window_ms = self.cluster.dedupe_window.as_millis().max(1) as u64;
-        let mut invocation = self.script.prepare_invoke();
-        invocation.key(keys.pending(&self.cluster.replica));
-        for id in ids {
-            invocation.key(keys.claim(*id));
-        }
-        invocation
-            .arg(&self.cluster.replica)
-            .arg(window_ms)
-            .arg(keys.pending(""))
+        let replica = &self.cluster.replica;
+        let mut cmd = evalsha(&self.script, 2);
+        cmd.arg(keys.pending(replica))
+            .arg(keys.alive(replica))
+            .arg(replica)
+            .arg(self.window_ms())
+            .arg(keys.prefix())
             .arg(self.cluster.liveness.as_millis().max(1) as u64)
-            .arg(keys.alive(""))
-            .arg(keys.released(""))
             .arg(super::RELEASED_KEPT.as_millis() as u64);
+        for id in ids {
+            cmd.arg(&BotKeys::id_field(*id)[..]);
+        }
         let round_trip = async {
             let mut conn = self.cluster.redis.conn().await?;
-            invocation.invoke_async::<Vec<i64>>(&mut conn).await
+            invoke::<Vec<u8>>(&self.script, &cmd, &mut conn).await
         };
         tokio::pin!(round_trip);
         // Only the sentinel waits past SLOW (see `health`); it holds its
@@ -176,7 +178,7 @@ impl Claims {
         match answer {
             Ok(codes) => {
                 self.cluster.health.answered();
-                self.made(bot, codes.iter().filter(|c| **c == 0).count());
+                self.made(bot, codes.iter().filter(|c| **c == b'0').count());
                 let returning = self.returning.lock().unwrap_or_else(|e| e.into_inner());
                 let returning_here = |id: &IdHash| {
                     !returning.is_empty() && returning.contains(&(bot.to_owned(), *id))
@@ -186,11 +188,11 @@ impl Claims {
                         .into_iter()
                         .zip(ids)
                         .map(|(code, id)| match code {
-                            0 => Claim::Fresh,
+                            b'0' => Claim::Fresh,
                             // Being given back: not ours to count any more.
-                            1 if returning_here(id) => Claim::Pending,
-                            1 => Claim::Mine,
-                            3 => Claim::Pending,
+                            b'1' if returning_here(id) => Claim::Pending,
+                            b'1' => Claim::Mine,
+                            b'3' => Claim::Pending,
                             _ => Claim::Taken,
                         })
                         .collect(),
@@ -268,13 +270,13 @@ impl Claims {
     pub async fn released(&self, bot: &str, replica: &str) -> Result<HashSet<IdHash>> {
         let keys = BotKeys::new(bot);
         let mut conn = timed(self.cluster.redis.conn()).await?;
-        let members: Vec<String> = timed(
+        let members: Vec<Vec<u8>> = timed(
             redis::cmd("SMEMBERS")
                 .arg(keys.released(replica))
                 .query_async(&mut conn),
         )
         .await?;
-        Ok(members.iter().filter_map(|m| keys.parse_claim(m)).collect())
+        Ok(members.iter().filter_map(|m| keys.parse_id(m)).collect())
     }
 
     /// The events of these claims are counted: they are confirmed within
@@ -298,26 +300,37 @@ impl Claims {
     }
 
     /// Takes `keep` out of the pending set (confirmed) and gives `drop`
-    /// back, in one script per bot and thousand claims.
+    /// back, in one script per bot and ten thousand claims (the script
+    /// sends them on in multi-field commands).
     async fn settle(&self, bot: &str, keep: &[IdHash], drop: &[IdHash]) -> Result<()> {
+        const MOST: usize = 10_000;
         let keys = BotKeys::new(bot);
-        let pending = keys.pending(&self.cluster.replica);
+        let replica = &self.cluster.replica;
+        let pending = keys.pending(replica);
         let mut conn = timed(self.cluster.redis.conn()).await?;
         let (mut keep, mut drop) = (keep, drop);
         while !keep.is_empty() || !drop.is_empty() {
-            let k = keep.len().min(1000);
-            let d = drop.len().min(1000 - k);
-            let mut invocation = self.settle_script.prepare_invoke();
-            invocation.key(&pending);
+            let k = keep.len().min(MOST);
+            let d = drop.len().min(MOST - k);
+            let mut cmd = evalsha(&self.settle_script, 1);
+            cmd.arg(&pending)
+                .arg(replica)
+                .arg(self.window_ms())
+                .arg(keys.prefix())
+                .arg(k);
             for id in keep[..k].iter().chain(&drop[..d]) {
-                invocation.key(keys.claim(*id));
+                cmd.arg(&BotKeys::id_field(*id)[..]);
             }
-            invocation.arg(&self.cluster.replica).arg(k);
-            timed(invocation.invoke_async::<i64>(&mut conn)).await?;
+            timed(invoke::<i64>(&self.settle_script, &cmd, &mut conn)).await?;
             keep = &keep[k..];
             drop = &drop[d..];
         }
         Ok(())
+    }
+
+    /// The dedupe window, which is also the length of a claim bucket.
+    fn window_ms(&self) -> u64 {
+        self.cluster.dedupe_window.as_millis().max(1) as u64
     }
 
     /// Sends what was queued since the last call. A batch that fails is
@@ -359,15 +372,17 @@ impl Claims {
         for bot in bots {
             let keys = BotKeys::new(bot);
             let mut conn = timed(self.cluster.redis.conn()).await?;
-            let pending: Vec<String> = timed(
+            let pending: Vec<Vec<u8>> = timed(
                 redis::cmd("SMEMBERS")
                     .arg(keys.pending(&self.cluster.replica))
                     .query_async(&mut conn),
             )
             .await?;
             let (mut keep, mut drop) = (Vec::new(), Vec::new());
-            for claim in &pending {
-                let Some(id) = keys.parse_claim(claim) else {
+            // A member of the per-id-key layout names a claim no script
+            // of this build reads: it is left to expire with the set.
+            for claim in pending.iter().filter(|m| m.len() == 8) {
+                let Some(id) = keys.parse_id(claim) else {
                     continue;
                 };
                 if dedupe.contains(id) {
@@ -382,6 +397,33 @@ impl Claims {
         }
         self.armed.store(true, Ordering::Release);
         Ok((kept, dropped))
+    }
+}
+
+/// `EVALSHA <script> <numkeys>`, to which the caller adds keys and
+/// arguments. Built as one `Cmd` (one buffer) rather than through
+/// `ScriptInvocation`, which copies every argument into a vector of its
+/// own first: a request's claim carries one argument per id.
+fn evalsha(script: &redis::Script, keys: usize) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Runs an [`evalsha`] command, loading the script first if Redis does not
+/// know it (a restarted or flushed Redis, a new node), as
+/// `ScriptInvocation::invoke_async` does.
+async fn invoke<T: redis::FromRedisValue>(
+    script: &redis::Script,
+    cmd: &redis::Cmd,
+    conn: &mut super::connection::Conn,
+) -> redis::RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        answer => answer,
     }
 }
 

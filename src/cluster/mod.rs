@@ -184,12 +184,34 @@ impl BotKeys {
         format!("{}u:d:{day}", self.prefix)
     }
 
-    /// A dedupe claim on an `event_id` (its keyed hash, in hex).
-    pub fn claim(&self, id: crate::dedupe::IdHash) -> String {
-        format!("{}id:{:016x}", self.prefix, id.0)
+    /// `bm:{bot}:`: the scripts that name keys from Redis' clock (the
+    /// claim buckets, see `lua/claim.lua`) or from a holder's name build
+    /// them from it.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
-    pub fn parse_claim(&self, key: &str) -> Option<crate::dedupe::IdHash> {
+    /// The claims of one dedupe-window-long time bucket (Redis' clock):
+    /// field = an `event_id`'s keyed hash ([`BotKeys::id_field`]) → the
+    /// claiming replica. Named by `lua/claim.lua`; here for tools and tests.
+    pub fn claims(&self, bucket: i64) -> String {
+        format!("{}ids:{bucket}", self.prefix)
+    }
+
+    /// An `event_id`'s keyed hash as the claim scripts and sets hold it: 8
+    /// bytes, little-endian, as the user book's fields.
+    pub fn id_field(id: crate::dedupe::IdHash) -> [u8; 8] {
+        id.0.to_le_bytes()
+    }
+
+    /// The id a member of a pending or released set names: 8 bytes, or a
+    /// claim key of the layout before claim buckets (`bm:{bot}:id:<16 hex>`),
+    /// which a released set made by an older build may still hold.
+    pub fn parse_id(&self, member: &[u8]) -> Option<crate::dedupe::IdHash> {
+        if let Ok(bytes) = <[u8; 8]>::try_from(member) {
+            return Some(crate::dedupe::IdHash(u64::from_le_bytes(bytes)));
+        }
+        let key = std::str::from_utf8(member).ok()?;
         let hex = key.strip_prefix(&self.prefix)?.strip_prefix("id:")?;
         u64::from_str_radix(hex, 16).ok().map(crate::dedupe::IdHash)
     }
@@ -448,11 +470,18 @@ mod tests {
         let keys = BotKeys::new("shop.bot-1");
         let all = keys.script_keys(1_700_000_000);
         assert_eq!(all.len(), 5 + 24 + 30);
-        for key in all.iter().chain([&keys.claim(crate::dedupe::IdHash(7))]) {
+        for key in all.iter().chain([&keys.claims(7)]) {
             assert!(key.starts_with("bm:{shop.bot-1}:"), "{key}");
         }
         let id = crate::dedupe::IdHash(0xdead_beef);
-        assert_eq!(keys.parse_claim(&keys.claim(id)), Some(id));
+        assert_eq!(keys.parse_id(&BotKeys::id_field(id)), Some(id));
+        assert_eq!(
+            keys.parse_id(b"bm:{shop.bot-1}:id:00000000deadbeef"),
+            Some(id),
+            "a released set of the per-id-key layout"
+        );
+        assert_eq!(keys.parse_id(b"bm:{other}:id:00000000deadbeef"), None);
+        assert_eq!(keys.parse_id(b"short"), None);
         assert!(keys.pending("r1").starts_with("bm:{shop.bot-1}:"));
         let hour = keys.hour_sketch(5);
         assert_eq!(keys.parse_sketch(&hour), Some((true, 5)));

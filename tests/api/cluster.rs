@@ -651,12 +651,14 @@ async fn a_retry_on_another_replica_is_a_duplicate_counted_once() {
     assert_eq!(own_user_messages(&reps[1], "a").await, 1.0);
 
     // The claims are hashed: no event id in the clear in Redis.
-    let keys = redis.cmd(&["--scan", "--pattern", "bm:{a}:id:*"]);
-    assert_eq!(
-        keys.lines().count(),
-        3,
-        "one claim per id of bot a:\n{keys}"
-    );
+    let claims: i64 = ["ids:a", "ids-1:a"]
+        .iter()
+        .map(|bucket| bin_cmd(&redis, &["HLEN", bucket]).parse::<i64>().unwrap())
+        .sum();
+    assert_eq!(claims, 3, "one claim per id of bot a");
+    for id in ["r-1", "r-2", "r-3"] {
+        assert!(!claim_holder(&redis, "a", id).is_empty(), "{id} claimed");
+    }
     for key in redis.cmd(&["--scan"]).lines() {
         assert!(!key.contains("r-1"), "an event id in the clear: {key}");
     }
@@ -666,10 +668,57 @@ async fn a_retry_on_another_replica_is_a_duplicate_counted_once() {
 // Pending claims: never a duplicate until the claiming replica journaled it
 // ---------------------------------------------------------------------------
 
-/// The claim key of `id` for `bot`, as replicas write it.
-fn claim_key(bot: &str, id: &str) -> String {
+/// Runs one Redis command through EVAL, where an argument `x:<hex>`
+/// stands for those bytes (claim fields and set members are 8 binary
+/// bytes, which redis-cli cannot pass), `ids:<bot>` for the bot's current
+/// claim bucket and `ids-1:<bot>` for the previous one (Redis' clock, the
+/// default 10 min window), as `lua/claim.lua` names them.
+const BIN_CMD: &str = r#"
+local t = redis.call('TIME')
+local bucket = math.floor((tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)) / 600000)
+local args = {}
+for i, a in ipairs(ARGV) do
+  if a:sub(1, 2) == 'x:' then
+    a = (a:sub(3):gsub('..', function(h) return string.char(tonumber(h, 16)) end))
+  elseif a:sub(1, 4) == 'ids:' then
+    a = 'bm:{' .. a:sub(5) .. '}:ids:' .. string.format('%d', bucket)
+  elseif a:sub(1, 6) == 'ids-1:' then
+    a = 'bm:{' .. a:sub(7) .. '}:ids:' .. string.format('%d', bucket - 1)
+  end
+  args[i] = a
+end
+return redis.call(unpack(args))
+"#;
+
+fn bin_cmd(redis: &RedisServer, args: &[&str]) -> String {
+    let mut all = vec!["EVAL", BIN_CMD, "0"];
+    all.extend_from_slice(args);
+    redis.cmd(&all)
+}
+
+/// The claim field (and pending-set member) of `id` for `bot`, as
+/// replicas write it, in [`bin_cmd`]'s `x:<hex>` form.
+fn claim_field(bot: &str, id: &str) -> String {
     let hash = botmetrics::dedupe::IdHash::of(bot, id);
-    format!("bm:{{{bot}}}:id:{:016x}", hash.0)
+    let hex: String = hash
+        .0
+        .to_le_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("x:{hex}")
+}
+
+/// The replica holding the claim on `id`, or "" when nobody does: the
+/// current bucket, else the previous one (the claim's bucket may have
+/// ended since).
+fn claim_holder(redis: &RedisServer, bot: &str, id: &str) -> String {
+    let field = claim_field(bot, id);
+    let now = bin_cmd(redis, &["HGET", &format!("ids:{bot}"), &field]);
+    if !now.is_empty() {
+        return now;
+    }
+    bin_cmd(redis, &["HGET", &format!("ids-1:{bot}"), &field])
 }
 
 /// A claim held by a replica that died between its claim and its journal
@@ -689,10 +738,13 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
         "OK"
     );
     let ghost_claim = |id: &str| {
-        let key = claim_key("a", id);
-        assert_eq!(redis.cmd(&["SET", &key, "ghost", "PX", "600000"]), "OK");
-        assert_eq!(redis.cmd(&["SADD", "bm:{a}:pending:ghost", &key]), "1");
-        key
+        let field = claim_field("a", id);
+        assert_eq!(bin_cmd(&redis, &["HSET", "ids:a", &field, "ghost"]), "1");
+        assert_eq!(
+            bin_cmd(&redis, &["SADD", "bm:{a}:pending:ghost", &field]),
+            "1"
+        );
+        field
     };
     let confirmed = ghost_claim("g-1");
     let given_back = ghost_claim("g-2");
@@ -714,16 +766,15 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
     assert_eq!(body["error"], "retry_later", "{body}");
     // The refused batch's own claims are given back (off the request path,
     // within a few tens of milliseconds), so its retry can count.
-    let fresh = claim_key("a", "fresh-1");
     until(
         "the refused batch's own claim given back",
-        || async { redis.cmd(&["EXISTS", &fresh]) },
-        |n| n.trim() == "0",
+        || async { claim_holder(&redis, "a", "fresh-1") },
+        |holder| holder.is_empty(),
     )
     .await;
 
     // The ghost confirms g-1 (its event is in its journal): a duplicate.
-    redis.cmd(&["SREM", "bm:{a}:pending:ghost", &confirmed]);
+    bin_cmd(&redis, &["SREM", "bm:{a}:pending:ghost", &confirmed]);
     assert_eq!(
         reps[0]
             .post_events("ta", &json!([message("g-1"), message("fresh-1")]))
@@ -731,8 +782,9 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
         (202, json!({"accepted": 1, "duplicates": 1}))
     );
     // The ghost gives g-2 back (its journal never had it): it counts here.
-    redis.cmd(&["SREM", "bm:{a}:pending:ghost", &given_back]);
-    redis.cmd(&["DEL", &given_back]);
+    bin_cmd(&redis, &["SREM", "bm:{a}:pending:ghost", &given_back]);
+    bin_cmd(&redis, &["HDEL", "ids:a", &given_back]);
+    bin_cmd(&redis, &["HDEL", "ids-1:a", &given_back]);
     assert_eq!(
         reps[0].post_events("ta", &message("g-2")).await,
         (202, json!({"accepted": 1, "duplicates": 0}))
@@ -741,6 +793,71 @@ async fn an_id_pending_on_another_replica_is_retried_never_guessed() {
     totals_reach(&all, "a", 2.0).await;
     all_synced(&all).await;
     assert_totals(&all, "a", 2.0, "fresh-1 and g-2 only").await;
+}
+
+/// A claim taken over from a lapsed replica and then given back (its
+/// request was refused: another of its ids was pending on a live replica)
+/// leaves the id free, even when the lapsed replica's claim was in the
+/// previous time bucket: the retry counts it, once. Were the old claim
+/// left in that bucket, the retry would find it, no longer pending, and
+/// call the event a duplicate that nobody counted. Likewise the same id
+/// twice in one request is claimed once and counted once.
+#[tokio::test]
+async fn a_taken_over_claim_given_back_is_free_for_the_retry() {
+    let Some((_db, redis, reps)) = cluster_of(1).await else {
+        return;
+    };
+    let message = |id: &str| json!({"type": "message", "role": "user", "event_id": id});
+    // "lapsed" claimed t-1 in the previous bucket and stopped renewing its
+    // liveness; "busy" holds t-2, pending, and is alive.
+    let lapsed = claim_field("a", "t-1");
+    assert_eq!(
+        bin_cmd(&redis, &["HSET", "ids-1:a", &lapsed, "lapsed"]),
+        "1"
+    );
+    bin_cmd(&redis, &["SADD", "bm:{a}:pending:lapsed", &lapsed]);
+    assert_eq!(
+        redis.cmd(&["SET", "bm:{a}:alive:busy", "1", "PX", "600000"]),
+        "OK"
+    );
+    let busy = claim_field("a", "t-2");
+    bin_cmd(&redis, &["HSET", "ids:a", &busy, "busy"]);
+    bin_cmd(&redis, &["SADD", "bm:{a}:pending:busy", &busy]);
+
+    let refused = reps[0]
+        .post_events("ta", &json!([message("t-1"), message("t-2")]))
+        .await;
+    assert!(is_retry_later(&refused), "t-2 is pending: {refused:?}");
+    until(
+        "the taken-over claim given back",
+        || async { claim_holder(&redis, "a", "t-1") },
+        |holder| holder.is_empty(),
+    )
+    .await;
+    // "busy" confirms t-2: a duplicate now; t-1 is nobody's.
+    bin_cmd(&redis, &["SREM", "bm:{a}:pending:busy", &busy]);
+    assert_eq!(
+        reps[0]
+            .post_events("ta", &json!([message("t-1"), message("t-2")]))
+            .await,
+        (202, json!({"accepted": 1, "duplicates": 1})),
+        "t-1 counts here, once"
+    );
+    assert_eq!(
+        reps[0]
+            .post_events("ta", &json!([message("t-3"), message("t-3")]))
+            .await,
+        (202, json!({"accepted": 1, "duplicates": 1})),
+        "one id twice in a request"
+    );
+    assert_eq!(
+        reps[0].post_events("ta", &message("t-3")).await,
+        (202, json!({"accepted": 0, "duplicates": 1}))
+    );
+    let all = bins(&reps);
+    totals_reach(&all, "a", 2.0).await;
+    all_synced(&all).await;
+    assert_totals(&all, "a", 2.0, "t-1 and t-3").await;
 }
 
 /// A replica's own claims still pending when it died are settled when it
@@ -770,9 +887,12 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
     // As if killed between claims and journal writes: "kept" is journaled,
     // "lost" never was.
     let pending = format!("bm:{{a}}:pending:{me}");
-    let lost = claim_key("a", "lost");
-    redis.cmd(&["SET", &lost, &me, "PX", "600000"]);
-    redis.cmd(&["SADD", &pending, &claim_key("a", "kept"), &lost]);
+    let lost = claim_field("a", "lost");
+    bin_cmd(&redis, &["HSET", "ids:a", &lost, &me]);
+    bin_cmd(
+        &redis,
+        &["SADD", &pending, &claim_field("a", "kept"), &lost],
+    );
 
     let again = replica(&db, &redis.url(), 0, SYNC).await;
     connected(&again).await;
@@ -782,8 +902,8 @@ async fn a_restart_settles_its_pending_claims_against_its_journal() {
         |n| n.trim() == "0",
     )
     .await;
-    assert_eq!(redis.cmd(&["EXISTS", &claim_key("a", "kept")]), "1");
-    assert_eq!(redis.cmd(&["EXISTS", &lost]), "0", "given back");
+    assert_eq!(claim_holder(&redis, "a", "kept"), me, "confirmed");
+    assert_eq!(claim_holder(&redis, "a", "lost"), "", "given back");
     assert_eq!(
         again
             .post_events("ta", &json!([message("kept"), message("lost")]))
@@ -823,7 +943,7 @@ async fn a_replica_that_never_returns_has_its_claims_taken_over_within_30_s() {
         (202, json!({"accepted": 1, "duplicates": 0}))
     );
     let claimed_at = tokio::time::Instant::now();
-    let holder = redis.cmd(&["GET", &claim_key("a", "in-flight")]);
+    let holder = claim_holder(&redis, "a", "in-flight");
     let holder = holder.trim().to_owned();
     assert!(!holder.is_empty(), "the claim names replica 0");
     assert_eq!(
@@ -839,11 +959,13 @@ async fn a_replica_that_never_returns_has_its_claims_taken_over_within_30_s() {
     // starved machine the kill can come first by itself; either way the
     // claim is pending from here on.)
     let pending = format!("bm:{{a}}:pending:{holder}");
-    redis.cmd(&["SADD", &pending, &claim_key("a", "in-flight")]);
+    bin_cmd(&redis, &["SADD", &pending, &claim_field("a", "in-flight")]);
     assert_eq!(
-        redis
-            .cmd(&["SISMEMBER", &pending, &claim_key("a", "in-flight")])
-            .trim(),
+        bin_cmd(
+            &redis,
+            &["SISMEMBER", &pending, &claim_field("a", "in-flight")]
+        )
+        .trim(),
         "1"
     );
 
@@ -871,13 +993,15 @@ async fn a_replica_that_never_returns_has_its_claims_taken_over_within_30_s() {
     );
     assert_eq!(redis.cmd(&["SCARD", &pending]).trim(), "0");
     assert_eq!(
-        redis
-            .cmd(&[
+        bin_cmd(
+            &redis,
+            &[
                 "SISMEMBER",
                 &format!("bm:{{a}}:released:{holder}"),
-                &claim_key("a", "in-flight")
-            ])
-            .trim(),
+                &claim_field("a", "in-flight")
+            ]
+        )
+        .trim(),
         "1",
         "remembered as released for replica 0's replay"
     );
