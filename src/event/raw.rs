@@ -667,6 +667,37 @@ mod tests {
     }
 
     #[test]
+    fn a_misplaced_field_is_named_by_its_own_bit() {
+        // `present_fields` and TYPED_FIELDS list the fields in one order:
+        // each field alone on an event of a type it does not belong to
+        // must be the one the error names.
+        let value = |name: &str| match name {
+            "role" => r#""user""#,
+            "status" => r#""success""#,
+            "model" | "provider" | "reason" | "cache" | "kind" | "name" => r#""x""#,
+            "tokens" => r#"{"prompt":1}"#,
+            "result" => r#""hit""#,
+            "granted" => "true",
+            _ => "1",
+        };
+        for name in TYPED_FIELDS {
+            let (kind, own) = match name {
+                "score" | "scale" | "reason" => ("cache", r#""result":"hit""#),
+                _ => ("feedback", r#""score":1"#),
+            };
+            let json = format!(r#"{{"type":"{kind}",{own},"{name}":{}}}"#, value(name));
+            match one(&json) {
+                Err(ParseError::Invalid { message, .. }) => assert_eq!(
+                    message,
+                    format!("field `{name}` does not belong to a `{kind}` event"),
+                    "{json}"
+                ),
+                other => panic!("{json}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn invalid_events_are_422() {
         for json in [
             r#"{"type":"nope"}"#,

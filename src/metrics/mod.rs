@@ -5,6 +5,7 @@ pub mod active;
 pub mod bot;
 pub mod cells;
 mod collector;
+pub mod pages;
 mod ring;
 mod sketch;
 pub mod today;
@@ -461,7 +462,7 @@ pub struct Metrics {
     /// The exposition writer's buffers, kept between renders.
     render_buffers: std::sync::Mutex<collector::Buffers>,
     /// The pages `/metrics` bodies are rendered into, reused.
-    pages: crate::render_cache::PagePool,
+    pages: pages::PagePool,
 }
 
 #[derive(Default)]
