@@ -2,12 +2,13 @@
 # /metrics render time of one binary: 1,000 bots with a little traffic each
 # (10 users and a priced response per bot), then 30 uncached gzip scrapes;
 # prints the server-side milliseconds per render (botmetrics_render_duration_seconds).
-# The server is pinned to core 0. Usage: scripts/render_ab.sh BINARY PORT
+# The server is pinned to core 0 (SERVER_CPUS=0,1 lets it use both, as the
+# parallel gzip does). Usage: scripts/render_ab.sh BINARY PORT
 # Run two binaries in turn, pair by pair, to compare them on a noisy machine.
 BIN=$1; PORT=$2
 D=$(mktemp -d)
 TOKENS=$(python3 -c "print(','.join(f'bot{i}=token-{i}' for i in range(1000)))")
-BOTMETRICS_TOKENS="$TOKENS" taskset -c 0 "$BIN" --listen 127.0.0.1:$PORT --database-url sqlite://$D/bm.db --metrics-cache-ttl 0s --data-dir $D 2>$D/log &
+BOTMETRICS_TOKENS="$TOKENS" taskset -c "${SERVER_CPUS:-0}" "$BIN" --listen 127.0.0.1:$PORT --database-url sqlite://$D/bm.db --metrics-cache-ttl 0s --data-dir $D 2>$D/log &
 PID=$!
 for _ in $(seq 100); do curl -s -o /dev/null 127.0.0.1:$PORT/healthz && break; sleep 0.1; done
 python3 - $PORT <<'PY'

@@ -52,6 +52,7 @@ pub mod cluster;
 pub mod config;
 pub mod dedupe;
 pub mod event;
+pub mod gzip;
 pub mod http;
 pub mod ingest;
 pub mod journal;
