@@ -60,6 +60,37 @@ async fn a_thousand_bots_with_a_little_traffic_stay_within_100_mb() {
         (entries..=2.0 * entries).contains(&sketch_bytes),
         "{sketch_bytes} bytes of sketches"
     );
+    // The page is megabytes, so its gzip is deflated in pieces on every
+    // core: read back by a decoder that stops after the first gzip member,
+    // it must still be the whole page (the `bot_` lines: the self-metrics
+    // move between two scrapes).
+    let gz = server
+        .client
+        .get(server.url("/metrics"))
+        .header("Accept-Encoding", "gzip")
+        .send()
+        .await
+        .expect("scrape");
+    assert_eq!(
+        gz.headers().get("content-encoding").map(|v| v.as_bytes()),
+        Some(&b"gzip"[..])
+    );
+    let gz = gz.bytes().await.expect("body");
+    assert!(gz.len() > 100_000, "{} bytes of gzip", gz.len());
+    let mut unzipped = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(&gz[..]), &mut unzipped)
+        .expect("valid gzip");
+    let bot_lines = |page: &str| -> Vec<String> {
+        page.lines()
+            .filter(|l| l.starts_with("bot_"))
+            .map(str::to_owned)
+            .collect()
+    };
+    let plain = bot_lines(&text);
+    assert!(plain.len() > 50_000, "{} bot_ lines", plain.len());
+    assert_eq!(bot_lines(&unzipped), plain);
+    assert!(unzipped.ends_with('\n'), "the page read back to its end");
+
     let (status, summary) = server.get_json("/v1/summary").await;
     assert_eq!(status, 200);
     assert_eq!(summary["bots"].as_array().map(Vec::len), Some(BOTS));
