@@ -22,11 +22,16 @@ const MIN_PIECE: usize = 1 << 20;
 /// unknown OS. What `GzEncoder` writes at level 1 but for the OS byte.
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 0xff];
 
-/// `body` gzip-compressed at level 1 as one member, deflated in up to
-/// `threads` pieces at once (the calling thread takes one). `None` only if
+/// `body` gzip-compressed at level 1 as one member, deflated in pieces on
+/// up to `threads` threads (the calling thread one of them). `None` only if
 /// the deflater reports an error, which a well-formed input never causes.
 pub fn compress(body: &[u8], threads: usize) -> Option<Vec<u8>> {
-    let pieces = (body.len() / MIN_PIECE).clamp(1, threads.max(1));
+    // Twice as many pieces as threads, so that a thread that runs late
+    // leaves its share to the others (`share`).
+    let pieces = match threads {
+        0 | 1 => 1,
+        _ => (body.len() / MIN_PIECE).clamp(1, 2 * threads),
+    };
     let size = body.len().div_ceil(pieces).max(1);
     let chunks: Vec<&[u8]> = if body.is_empty() {
         vec![body]
@@ -34,19 +39,11 @@ pub fn compress(body: &[u8], threads: usize) -> Option<Vec<u8>> {
         body.chunks(size).collect()
     };
     let last = chunks.len() - 1;
-    let deflated: Vec<Option<(Vec<u8>, crc32fast::Hasher)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = chunks[..last]
-            .iter()
-            .map(|chunk| scope.spawn(move || piece(chunk, false)))
-            .collect();
-        let tail = piece(chunks[last], true);
-        handles
-            .into_iter()
-            // A panic in a deflater thread is a bug; no gzip, then.
-            .map(|h| h.join().ok().flatten())
-            .chain(std::iter::once(tail))
-            .collect()
-    });
+    let deflated = crate::share::share(
+        chunks.into_iter().enumerate().collect(),
+        threads,
+        |(i, chunk)| piece(chunk, i == last),
+    );
     let mut out = Vec::with_capacity(
         HEADER.len()
             + 8

@@ -65,6 +65,7 @@ pub mod registry;
 pub mod remote_write;
 pub mod render_cache;
 pub mod serve;
+pub mod share;
 pub mod startup;
 pub mod state;
 pub mod store;
@@ -78,3 +79,10 @@ pub mod totals;
 /// `persist::Source`, `totals::Totals`) so that each can be a trait object:
 /// single-node code holds `Arc<dyn …>` and never names cluster types.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// The cores this process may run on (its CPU affinity and quota), read
+/// once: how many threads a render and its gzip split into.
+pub fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}

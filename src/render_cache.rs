@@ -43,19 +43,13 @@ impl Rendered {
         let body = body.into();
         // Level 1 (most of the size win of higher levels at a fraction of
         // the CPU, which matters on every cache miss), on every core.
-        let gzip = crate::gzip::compress(&body, cores()).map(Bytes::from);
+        let gzip = crate::gzip::compress(&body, crate::cores()).map(Bytes::from);
         Rendered {
             content_type,
             body,
             gzip,
         }
     }
-}
-
-/// The cores a render's gzip may use, read once.
-fn cores() -> usize {
-    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 /// A TTL cache of rendered answers, keyed by whatever varies the answer.

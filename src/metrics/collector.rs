@@ -272,7 +272,18 @@ pub fn write_per_bot(out: &mut Vec<u8>, family: &PerBotFamily, bots: &[Arc<BotMe
 
 /// Writes every bot's `bot_*` series (`bots` sorted by name) and returns
 /// how many sample lines they are.
-pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffers) -> usize {
+///
+/// With more than one thread, the families are cut into pieces of about
+/// equal size (by the last page's), written at once (`share`): the first
+/// into `out`, the others into kept buffers appended to it at the end, so
+/// most of the page is copied once, against the render's time divided
+/// among the cores. Either way the bytes are the same: families by name.
+pub fn write_bots(
+    bots: &[Arc<BotMetrics>],
+    out: &mut Vec<u8>,
+    kept: &mut Buffers,
+    threads: usize,
+) -> usize {
     // Room for the page as big as the last one was, and for what the
     // caller writes after (the self-metrics, under 1 KB a bot), so the
     // 5 MB page is never copied to grow. (A pooled page has it already.)
@@ -280,42 +291,138 @@ pub fn write_bots(bots: &[Arc<BotMetrics>], out: &mut Vec<u8>, kept: &mut Buffer
     let start = out.len();
     let mut order: Vec<&'static FamilyDesc> = FAMILIES.to_vec();
     order.sort_by_key(|f| f.name);
-    let mut writer = Writer {
-        family: order[0],
-        text: std::mem::take(&mut kept.text),
-        series: 0,
-        le: std::mem::take(&mut kept.le),
-        prefix: std::mem::take(&mut kept.prefix),
-    };
-    for family in order {
-        writer.family = family;
-        let header_at = out.len();
-        header(out, family);
-        let series_at = out.len();
-        for bot in bots {
-            bot.visit(&mut writer);
-            writer.text.finish_bot(out);
-        }
-        // A family no bot has a series of is left out, as `gather` does.
-        if out.len() == series_at {
-            out.truncate(header_at);
-        }
+    kept.sizes.resize(order.len(), 1);
+    // Twice as many pieces as threads, so that a thread that runs late
+    // leaves its share to the others.
+    let pieces = if threads > 1 { 2 * threads } else { 1 }.min(order.len());
+    let counts = cut(&kept.sizes, pieces);
+    let each = kept.last_page / pieces;
+    kept.pieces.resize_with(pieces, Default::default);
+    let mut families = &order[..];
+    let mut sizes = &mut kept.sizes[..];
+    let mut items = Vec::with_capacity(pieces);
+    let mut first = Some(&mut *out);
+    for (piece, n) in kept.pieces.iter_mut().zip(counts) {
+        let (these, rest) = families.split_at(n);
+        families = rest;
+        let (their_sizes, rest) = std::mem::take(&mut sizes).split_at_mut(n);
+        sizes = rest;
+        let Piece { scratch, page } = piece;
+        let page = match first.take() {
+            Some(out) => out,
+            None => {
+                page.clear();
+                page.reserve(each + each / 8);
+                page
+            }
+        };
+        items.push((these, their_sizes, scratch, page));
+    }
+    let series = crate::share::share(items, threads, |(these, sizes, scratch, page)| {
+        scratch.write(these, bots, page, sizes)
+    })
+    .into_iter()
+    .sum();
+    for piece in &kept.pieces[1..] {
+        out.extend_from_slice(&piece.page);
     }
     kept.last_page = out.len() - start;
-    kept.text = writer.text;
-    kept.le = writer.le;
-    kept.prefix = writer.prefix;
-    writer.series
+    series
 }
 
-/// What one render keeps for the next: the scratch of a bot's series, the
-/// formatted `le` values, and the size of the page, to reserve it whole.
+/// How many families (of these sizes) go in each of `pieces` runs of
+/// about equal size; every run gets at least one if there are enough.
+fn cut(sizes: &[usize], pieces: usize) -> Vec<usize> {
+    let total: usize = sizes.iter().sum();
+    let mut counts = vec![0; pieces];
+    let (mut piece, mut done) = (0, 0);
+    for (i, size) in sizes.iter().enumerate() {
+        // Move to the next run once this one reached its share, as long
+        // as the runs left still have a family each.
+        let left = sizes.len() - i;
+        if piece + 1 < pieces
+            && counts[piece] > 0
+            && (done * pieces >= total * (piece + 1) || left < pieces - piece)
+        {
+            piece += 1;
+        }
+        counts[piece] += 1;
+        done += size;
+    }
+    counts
+}
+
+/// What one render keeps for the next: each run's scratch and page (the
+/// first run writes into the page itself), each family's size on the last
+/// page (to cut the next one evenly) and the page's size, to reserve it.
 #[derive(Default)]
 pub struct Buffers {
+    pieces: Vec<Piece>,
+    sizes: Vec<usize>,
+    last_page: usize,
+}
+
+#[derive(Default)]
+struct Piece {
+    scratch: Scratch,
+    page: Vec<u8>,
+}
+
+/// One writer's buffers: a bot's series, the formatted `le` values, the
+/// bucket line prefix.
+#[derive(Default)]
+struct Scratch {
     text: FamilyText,
     le: Vec<(&'static [f64], Vec<String>)>,
     prefix: Vec<u8>,
-    last_page: usize,
+}
+
+impl Buffers {
+    /// The size of the last page written with these buffers.
+    pub fn last_page(&self) -> usize {
+        self.last_page
+    }
+}
+
+impl Scratch {
+    /// Writes `families` for every bot into `out`, noting each one's size.
+    fn write(
+        &mut self,
+        families: &[&'static FamilyDesc],
+        bots: &[Arc<BotMetrics>],
+        out: &mut Vec<u8>,
+        sizes: &mut [usize],
+    ) -> usize {
+        let Some(first) = families.first() else {
+            return 0;
+        };
+        let mut writer = Writer {
+            family: first,
+            text: std::mem::take(&mut self.text),
+            series: 0,
+            le: std::mem::take(&mut self.le),
+            prefix: std::mem::take(&mut self.prefix),
+        };
+        for (family, size) in families.iter().zip(sizes) {
+            writer.family = family;
+            let header_at = out.len();
+            header(out, family);
+            let series_at = out.len();
+            for bot in bots {
+                bot.visit(&mut writer);
+                writer.text.finish_bot(out);
+            }
+            // A family no bot has a series of is left out, as `gather` does.
+            if out.len() == series_at {
+                out.truncate(header_at);
+            }
+            *size = out.len() - header_at;
+        }
+        self.text = writer.text;
+        self.le = writer.le;
+        self.prefix = writer.prefix;
+        writer.series
+    }
 }
 
 #[cfg(test)]
@@ -427,6 +534,22 @@ mod tests {
     }
 
     #[test]
+    fn cuts_are_even_and_never_empty() {
+        assert_eq!(cut(&[1, 1, 1, 1], 2), vec![2, 2]);
+        assert_eq!(cut(&[10, 1, 1, 1, 1, 10], 2), vec![3, 3]);
+        assert_eq!(cut(&[100, 1, 1], 3), vec![1, 1, 1]);
+        assert_eq!(cut(&[1, 1, 100], 3), vec![1, 1, 1]);
+        assert_eq!(cut(&[5; 10], 4).iter().sum::<usize>(), 10);
+        assert_eq!(cut(&[0, 0, 0], 2).iter().sum::<usize>(), 3);
+        assert_eq!(cut(&[7], 1), vec![1]);
+        for pieces in 1..=8 {
+            let counts = cut(&[3, 9, 1, 1, 4, 12, 2, 2], pieces);
+            assert_eq!(counts.iter().sum::<usize>(), 8, "{pieces}: {counts:?}");
+            assert!(counts.iter().all(|&c| c > 0), "{pieces}: {counts:?}");
+        }
+    }
+
+    #[test]
     fn values_print_as_f64_display() {
         for v in [
             0.0,
@@ -489,7 +612,25 @@ mod tests {
             }
         }
         let mut ours = Vec::new();
-        let series = write_bots(&metrics.bots().sorted, &mut ours, &mut Buffers::default());
+        let series = write_bots(
+            &metrics.bots().sorted,
+            &mut ours,
+            &mut Buffers::default(),
+            1,
+        );
+        // Written in pieces at once, the same bytes: the first cut by
+        // family count, the next ones by the sizes of the page before,
+        // with buffers kept from a render in fewer or more pieces.
+        let mut kept = Buffers::default();
+        for threads in [1, 2, 2, 3, 4, 2, 1] {
+            let mut page = b"before\n".to_vec();
+            let lines = write_bots(&metrics.bots().sorted, &mut page, &mut kept, threads);
+            assert_eq!(
+                (&page[7..], lines),
+                (&ours[..], series),
+                "{threads} threads"
+            );
+        }
 
         let registry = prometheus::Registry::new();
         let descs = FAMILIES

@@ -85,6 +85,10 @@ pub struct SelfMetrics {
     pub book_scan_duration: Histogram,
 }
 
+/// The page size from which the `bot_` families are written on every core
+/// (`collector::write_bots`): below it a thread costs more than it saves.
+const SPLIT_PAGE: usize = 256 * 1024;
+
 const STORE_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
@@ -768,10 +772,17 @@ impl Metrics {
         out.reserve(64 * 1024 + 64 * 1024 * set.len() / 16);
         let out = &mut *out;
         // A render beside another (rare: the cache shares one) uses its
-        // own buffers rather than wait.
+        // own buffers rather than wait. A large page is written on every
+        // core; the size of the last one tells.
         let series = match self.render_buffers.try_lock() {
-            Ok(mut kept) => collector::write_bots(&set.sorted, out, &mut kept),
-            Err(_) => collector::write_bots(&set.sorted, out, &mut Default::default()),
+            Ok(mut kept) => {
+                let threads = match kept.last_page() >= SPLIT_PAGE {
+                    true => crate::cores(),
+                    false => 1,
+                };
+                collector::write_bots(&set.sorted, out, &mut kept, threads)
+            }
+            Err(_) => collector::write_bots(&set.sorted, out, &mut Default::default(), 1),
         };
         self.selfm.series.set(series as i64);
         let sketch_bytes: usize = set.iter().map(|b| b.active.heap_bytes()).sum();
