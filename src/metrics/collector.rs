@@ -275,7 +275,7 @@ pub fn write_per_bot(out: &mut Vec<u8>, family: &PerBotFamily, bots: &[Arc<BotMe
 ///
 /// With more than one thread, the families are cut into pieces of about
 /// equal size (by the last page's), written at once (`share`): the first
-/// into `out`, the others into kept buffers appended to it at the end, so
+/// into `out`, the others into buffers of their own appended to it, so
 /// most of the page is copied once, against the render's time divided
 /// among the cores. Either way the bytes are the same: families by name.
 pub fn write_bots(
@@ -323,8 +323,11 @@ pub fn write_bots(
     })
     .into_iter()
     .sum();
-    for piece in &kept.pieces[1..] {
+    for piece in &mut kept.pieces[1..] {
         out.extend_from_slice(&piece.page);
+        // Not kept: megabytes held between scrapes for a millisecond of
+        // page faults (the buffer is mapped, so freeing it unmaps it).
+        piece.page = Vec::new();
     }
     kept.last_page = out.len() - start;
     series
@@ -352,8 +355,8 @@ fn cut(sizes: &[usize], pieces: usize) -> Vec<usize> {
     counts
 }
 
-/// What one render keeps for the next: each run's scratch and page (the
-/// first run writes into the page itself), each family's size on the last
+/// What one render keeps for the next: each run's scratch (and, during a
+/// render, its page: the first run writes into the caller's), each family's size on the last
 /// page (to cut the next one evenly) and the page's size, to reserve it.
 #[derive(Default)]
 pub struct Buffers {
