@@ -2,8 +2,8 @@
 # /metrics render time of one binary: 1,000 bots with a little traffic each
 # (10 users and a priced response per bot), then 30 uncached gzip scrapes;
 # prints the server-side milliseconds per render (botmetrics_render_duration_seconds).
-# The server is pinned to core 0 (SERVER_CPUS=0,1 lets it use both, as the
-# parallel gzip does). Usage: scripts/render_ab.sh BINARY PORT
+# The server is pinned to core 0 (SERVER_CPUS=0,1 lets it use both, as a
+# large render and its gzip do). Usage: scripts/render_ab.sh BINARY PORT
 # Run two binaries in turn, pair by pair, to compare them on a noisy machine.
 BIN=$1; PORT=$2
 D=$(mktemp -d)

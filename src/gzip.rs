@@ -19,7 +19,7 @@ use flate2::{Compress, Compression, FlushCompress, Status};
 const MIN_PIECE: usize = 1 << 20;
 
 /// The gzip header: magic, deflate, no flags, no time, "fastest" (level 1),
-/// unknown OS. What `GzEncoder` writes at level 1 but for the OS byte.
+/// unknown OS: what flate2's `GzEncoder` writes at level 1.
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 4, 0xff];
 
 /// `body` gzip-compressed at level 1 as one member, deflated in pieces on

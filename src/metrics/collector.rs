@@ -356,8 +356,9 @@ fn cut(sizes: &[usize], pieces: usize) -> Vec<usize> {
 }
 
 /// What one render keeps for the next: each run's scratch (and, during a
-/// render, its page: the first run writes into the caller's), each family's size on the last
-/// page (to cut the next one evenly) and the page's size, to reserve it.
+/// render, its page: the first run writes into the caller's), each
+/// family's size on the last page (to cut the next one evenly) and the
+/// page's size, to reserve it.
 #[derive(Default)]
 pub struct Buffers {
     pieces: Vec<Piece>,

@@ -34,14 +34,7 @@ async fn scrape(
     app: &TestApp,
     headers: &[(&str, &str)],
 ) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
-    let mut req = app.client.get(app.url("/metrics"));
-    for (name, value) in headers {
-        req = req.header(*name, *value);
-    }
-    let res = req.send().await.expect("scrape");
-    let status = res.status().as_u16();
-    let headers = res.headers().clone();
-    (status, headers, res.bytes().await.expect("body").to_vec())
+    app.get_raw("/metrics", headers).await
 }
 
 fn header<'h>(headers: &'h reqwest::header::HeaderMap, name: &str) -> Option<&'h str> {

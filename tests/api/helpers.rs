@@ -487,6 +487,23 @@ impl Api {
         self.request_json(reqwest::Method::GET, path).await
     }
 
+    /// A GET with these request headers: status, headers and raw body
+    /// (not decoded: a gzip answer stays gzip).
+    pub async fn get_raw(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> (u16, reqwest::header::HeaderMap, Vec<u8>) {
+        let mut req = self.client.get(self.url(path));
+        for (name, value) in headers {
+            req = req.header(*name, *value);
+        }
+        let res = req.send().await.expect("request sent");
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        (status, headers, res.bytes().await.expect("body").to_vec())
+    }
+
     /// A GET answered in text: status, content type and body.
     pub async fn get_text(&self, path: &str) -> (u16, String, String) {
         let res = self
