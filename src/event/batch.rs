@@ -8,6 +8,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::fmt;
+use std::ops::{Deref, DerefMut};
 
 use serde::de::{self, DeserializeSeed, Deserializer, SeqAccess, Visitor};
 
@@ -24,6 +25,78 @@ pub enum BodyFormat {
     Ndjson,
 }
 
+/// A request's checked events, in a buffer that is used again: dropped, it
+/// becomes its thread's spare, which the next batch read on that thread
+/// fills. A 1,000-event batch is about 200 KB of events, past the 128 KiB
+/// from which malloc maps a block of its own (`memory.rs`), so a fresh
+/// buffer per request was mapped, faulted in page by page and unmapped
+/// again every time.
+#[derive(Debug, PartialEq)]
+pub struct Events<'b>(Vec<Event<'b>>);
+
+/// The largest buffer kept as a spare (about 5,000 events): a thread that
+/// once read a bigger batch does not hold its memory for good.
+const SPARE_BYTES: usize = 1 << 20;
+
+thread_local! {
+    /// Always empty, so no event outlives its body; `'static` only because
+    /// a thread-local cannot name a request's lifetime.
+    static SPARE: Cell<Vec<Event<'static>>> = const { Cell::new(Vec::new()) };
+}
+
+impl<'b> Events<'b> {
+    /// This thread's spare (an empty buffer of a past batch), if any.
+    fn spare() -> Self {
+        // Vec<Event<'static>> is a Vec<Event<'b>> for any 'b (covariance).
+        Events(SPARE.take())
+    }
+}
+
+impl Drop for Events<'_> {
+    fn drop(&mut self) {
+        let mut events = std::mem::take(&mut self.0);
+        if events.capacity() * std::mem::size_of::<Event>() > SPARE_BYTES {
+            return;
+        }
+        events.clear();
+        // Emptied, it holds nothing of the body, so it may outlive it: the
+        // standard library collects an iterator of a Vec into the same
+        // allocation when the item layouts match (`spare_is_reused` checks
+        // it does; if it ever did not, a batch would only allocate again).
+        let events: Vec<Event<'static>> = events.into_iter().filter_map(|_| None).collect();
+        SPARE.set(events);
+    }
+}
+
+impl<'b> Deref for Events<'b> {
+    type Target = Vec<Event<'b>>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl DerefMut for Events<'_> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl<'b> IntoIterator for Events<'b> {
+    type Item = Event<'b>;
+    type IntoIter = std::vec::IntoIter<Event<'b>>;
+    fn into_iter(mut self) -> Self::IntoIter {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
+
+impl<'a, 'b> IntoIterator for &'a Events<'b> {
+    type Item = &'a Event<'b>;
+    type IntoIter = std::slice::Iter<'a, Event<'b>>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// Parses and checks a whole request body. Nothing is applied here: the
 /// caller applies the events only when every one of them is valid.
 pub fn parse_batch<'b>(
@@ -32,7 +105,7 @@ pub fn parse_batch<'b>(
     max_batch: usize,
     now: i64,
     key: &UserKey,
-) -> Result<Vec<Event<'b>>> {
+) -> Result<Events<'b>> {
     read(body, format, max_batch, now, key, true)
 }
 
@@ -45,7 +118,7 @@ pub fn parse_batch_serde<'b>(
     max_batch: usize,
     now: i64,
     key: &UserKey,
-) -> Result<Vec<Event<'b>>> {
+) -> Result<Events<'b>> {
     read(body, format, max_batch, now, key, false)
 }
 
@@ -56,33 +129,36 @@ fn read<'b>(
     now: i64,
     key: &UserKey,
     fast: bool,
-) -> Result<Vec<Event<'b>>> {
+) -> Result<Events<'b>> {
+    let mut events = Events::spare();
     match format {
-        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now, key, fast),
+        BodyFormat::Ndjson => parse_ndjson(body, max_batch, now, key, fast, &mut events)?,
         BodyFormat::Json => match body.iter().find(|b| !b.is_ascii_whitespace()) {
-            None => Err(ParseError::Malformed {
-                message: "the request body is empty".into(),
-                index: None,
-            }),
+            None => {
+                return Err(ParseError::Malformed {
+                    message: "the request body is empty".into(),
+                    index: None,
+                });
+            }
             // The fast reader first; whatever it does not take, serde
             // reads, and its answer stands (see `fast.rs`).
-            Some(b'[') => match fast
-                .then(|| fast::array(body, max_batch, now, key))
-                .flatten()
-            {
-                Some(events) => Ok(events),
-                None => parse_array(body, max_batch, now, key),
-            },
+            Some(b'[') => {
+                if !fast || fast::array(body, max_batch, now, key, &mut events).is_none() {
+                    events.clear();
+                    parse_array(body, max_batch, now, key, &mut events)?;
+                }
+            }
             Some(_) => match fast.then(|| fast::object(body, now, key)).flatten() {
-                Some(event) => Ok(vec![event]),
+                Some(event) => events.push(event),
                 None => {
-                    let Object(raw): Object<RawEvent> =
+                    let Object(mut raw): Object<RawEvent> =
                         serde_json::from_slice(body).map_err(from_serde)?;
-                    Ok(vec![raw.check(now, key)?])
+                    events.push(raw.check(now, key)?);
                 }
             },
         },
     }
+    Ok(events)
 }
 
 fn too_many(max_batch: usize) -> ParseError {
@@ -97,8 +173,8 @@ fn parse_ndjson<'b>(
     now: i64,
     key: &UserKey,
     fast: bool,
-) -> Result<Vec<Event<'b>>> {
-    let mut events = Vec::new();
+    events: &mut Vec<Event<'b>>,
+) -> Result<()> {
     let lines = body
         .split(|&b| b == b'\n')
         .filter(|l| l.iter().any(|b| !b.is_ascii_whitespace()));
@@ -112,7 +188,7 @@ fn parse_ndjson<'b>(
             events.push(event);
             continue;
         }
-        let Object(raw): Object<RawEvent> =
+        let Object(mut raw): Object<RawEvent> =
             serde_json::from_slice(line).map_err(|e| from_serde(e).at(i))?;
         events.push(raw.check(now, key).map_err(|e| e.at(i))?);
     }
@@ -122,7 +198,7 @@ fn parse_ndjson<'b>(
             index: None,
         });
     }
-    Ok(events)
+    Ok(())
 }
 
 /// Reads a JSON array element by element, checking each event as it is
@@ -133,16 +209,18 @@ fn parse_array<'b>(
     max_batch: usize,
     now: i64,
     key: &UserKey,
-) -> Result<Vec<Event<'b>>> {
-    struct Batch<'s> {
+    events: &mut Vec<Event<'b>>,
+) -> Result<()> {
+    struct Batch<'s, 'b> {
         max_batch: usize,
         now: i64,
         key: &'s UserKey,
         index: &'s Cell<usize>,
         failure: &'s RefCell<Option<ParseError>>,
+        events: &'s mut Vec<Event<'b>>,
     }
-    impl<'de> DeserializeSeed<'de> for Batch<'_> {
-        type Value = Vec<Event<'de>>;
+    impl<'de> DeserializeSeed<'de> for Batch<'_, 'de> {
+        type Value = ();
         fn deserialize<D: Deserializer<'de>>(
             self,
             d: D,
@@ -150,8 +228,8 @@ fn parse_array<'b>(
             d.deserialize_seq(self)
         }
     }
-    impl<'de> Visitor<'de> for Batch<'_> {
-        type Value = Vec<Event<'de>>;
+    impl<'de> Visitor<'de> for Batch<'_, 'de> {
+        type Value = ();
         fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
             f.write_str("an array of events")
         }
@@ -159,8 +237,9 @@ fn parse_array<'b>(
             self,
             mut seq: A,
         ) -> std::result::Result<Self::Value, A::Error> {
-            let mut events = Vec::with_capacity(seq.size_hint().unwrap_or(16).min(self.max_batch));
-            while let Some(Object(raw)) = seq.next_element::<Object<RawEvent<'de>>>()? {
+            let events = self.events;
+            events.reserve(seq.size_hint().unwrap_or(16).min(self.max_batch));
+            while let Some(Object(mut raw)) = seq.next_element::<Object<RawEvent<'de>>>()? {
                 let fail = |e: ParseError| {
                     *self.failure.borrow_mut() = Some(e);
                     de::Error::custom("rejected")
@@ -171,7 +250,7 @@ fn parse_array<'b>(
                 events.push(raw.check(self.now, self.key).map_err(fail)?);
                 self.index.set(events.len());
             }
-            Ok(events)
+            Ok(())
         }
     }
 
@@ -184,15 +263,16 @@ fn parse_array<'b>(
         key,
         index: &index,
         failure: &failure,
+        events,
     }
     .deserialize(&mut de)
-    .and_then(|events| de.end().map(|()| events));
+    .and_then(|()| de.end());
     match parsed {
-        Ok(events) if events.is_empty() => Err(ParseError::Invalid {
+        Ok(()) if events.is_empty() => Err(ParseError::Invalid {
             message: "the batch holds no events".into(),
             index: None,
         }),
-        Ok(events) => Ok(events),
+        Ok(()) => Ok(()),
         Err(e) => Err(match failure.into_inner() {
             Some(own @ ParseError::TooLarge(_)) => own,
             Some(own) => own.at(index.get()),
@@ -218,6 +298,30 @@ mod tests {
     use super::*;
 
     const NOW: i64 = 1_800_000_000;
+
+    /// A batch's buffer, dropped, is the next batch's on the same thread:
+    /// no fresh mapping per request.
+    #[test]
+    fn spare_is_reused() {
+        let one = r#"{"type":"message","role":"user","user_id":7}"#;
+        let body = format!("[{}]", vec![one; 1000].join(","));
+        let key = crate::event::UserKey::legacy();
+        let first = parse_batch(body.as_bytes(), BodyFormat::Json, 10_000, NOW, &key).unwrap();
+        let at = first.as_ptr();
+        let capacity = first.capacity();
+        drop(first);
+        let second = parse_batch(body.as_bytes(), BodyFormat::Json, 10_000, NOW, &key).unwrap();
+        assert_eq!((second.as_ptr(), second.capacity()), (at, capacity));
+        assert_eq!(second.len(), 1000);
+        // A single event, or a batch serde reads, takes the spare too.
+        drop(second);
+        let single = parse_batch(one.as_bytes(), BodyFormat::Json, 10, NOW, &key).unwrap();
+        assert_eq!(single.as_ptr(), at);
+        drop(single);
+        let escaped = r#"[{"type":"message","role":"user","user_id":"\u0037"}]"#;
+        let serde = parse_batch(escaped.as_bytes(), BodyFormat::Json, 10, NOW, &key).unwrap();
+        assert_eq!(serde.as_ptr(), at);
+    }
 
     #[test]
     fn malformed_bodies_are_400() {

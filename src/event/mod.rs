@@ -20,7 +20,7 @@ mod batch;
 mod fast;
 mod raw;
 
-pub use batch::{BodyFormat, parse_batch, parse_batch_serde};
+pub use batch::{BodyFormat, Events, parse_batch, parse_batch_serde};
 
 /// Longest accepted string `user_id`.
 pub const MAX_USER_ID_LEN: usize = 256;

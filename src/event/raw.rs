@@ -305,7 +305,10 @@ impl<'a> RawEvent<'a> {
         .fold(0, |mask, (i, present)| mask | (u32::from(present) << i))
     }
 
-    pub(super) fn check(self, now: i64, key: &UserKey) -> Result<Event<'a>> {
+    /// The event `self` describes, if it is valid. Its strings are moved
+    /// out, not copied: the fast reader fills one `RawEvent` per batch and
+    /// checks it in place, so no event's fields are copied twice.
+    pub(super) fn check(&mut self, now: i64, key: &UserKey) -> Result<Event<'a>> {
         let kind = self.event_type;
         let allowed = match kind {
             EventType::Message => const { fields(&["role", "db_queries"]) },
@@ -375,7 +378,7 @@ impl<'a> RawEvent<'a> {
                         "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
                     )));
                 }
-                let tokens = match self.tokens {
+                let tokens = match self.tokens.take() {
                     Some(Object(t)) => Some(check_tokens(t)?),
                     None => None,
                 };
@@ -402,12 +405,14 @@ impl<'a> RawEvent<'a> {
                     duration_seconds: duration_ms / 1000.0,
                     model: self
                         .model
+                        .take()
                         .map(|m| ShortName::parse("model", m))
                         .transpose()?,
                     tokens,
                     ttft_seconds,
                     provider: self
                         .provider
+                        .take()
                         .map(|p| ShortName::parse("provider", p))
                         .transpose()?,
                     cost,
@@ -439,13 +444,14 @@ impl<'a> RawEvent<'a> {
                     score,
                     reason: self
                         .reason
+                        .take()
                         .map(|r| ShortName::parse("reason", r))
                         .transpose()?,
                 }
             }
             EventType::Cache => EventBody::Cache {
                 result: required("result", kind, self.result)?,
-                cache: match self.cache {
+                cache: match self.cache.take() {
                     Some(c) => ShortName::parse("cache", c)?,
                     None => ShortName(Cow::Borrowed(DEFAULT_CACHE)),
                 },
@@ -460,7 +466,7 @@ impl<'a> RawEvent<'a> {
             },
             EventType::LimitReached => EventBody::LimitReached,
             EventType::Error => EventBody::Error {
-                kind: ShortName::parse("kind", required("kind", kind, self.kind)?)?,
+                kind: ShortName::parse("kind", required("kind", kind, self.kind.take())?)?,
             },
             EventType::Custom => {
                 let value = self.value.unwrap_or(1.0);
@@ -470,14 +476,14 @@ impl<'a> RawEvent<'a> {
                     )));
                 }
                 EventBody::Custom {
-                    name: ShortName::parse("name", required("name", kind, self.name)?)?,
+                    name: ShortName::parse("name", required("name", kind, self.name.take())?)?,
                     value,
                 }
             }
         };
         Ok(Event {
             user: self.user_id.as_ref().map(|id| key.hash(id)),
-            event_id: self.event_id,
+            event_id: self.event_id.take(),
             ts,
             chat_type: self.chat_type,
             body,
