@@ -231,14 +231,9 @@ impl<'b> Reader<'b> {
         if negative {
             self.i += 1;
         }
-        let mut digits: u64 = 0;
-        let mut count = 0usize;
         let int_start = self.i;
-        while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
-            digits = digits.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-            count += 1;
-            self.i += 1;
-        }
+        let mut digits = self.digits(0);
+        let count = self.i - int_start;
         // JSON has no leading zeros; serde says so.
         if count == 0 || (count > 1 && self.b[int_start] == b'0') {
             return None;
@@ -246,16 +241,15 @@ impl<'b> Reader<'b> {
         let mut decimals = 0;
         if self.b.get(self.i) == Some(&b'.') {
             self.i += 1;
-            while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
-                digits = digits.checked_mul(10)?.checked_add(u64::from(c - b'0'))?;
-                decimals += 1;
-                self.i += 1;
-            }
+            let frac_start = self.i;
+            digits = self.digits(digits);
+            decimals = self.i - frac_start;
             if decimals == 0 {
                 return None;
             }
         }
-        if matches!(self.b.get(self.i), Some(b'e' | b'E')) {
+        // Past 19 digits in all a u64 may overflow: serde decides those.
+        if count + decimals > 19 || matches!(self.b.get(self.i), Some(b'e' | b'E')) {
             return None;
         }
         Some(Number {
@@ -263,6 +257,17 @@ impl<'b> Reader<'b> {
             digits,
             decimals,
         })
+    }
+
+    /// A run of digits appended to `to`, read without an overflow check per
+    /// digit: `number` gives up past 19 digits, the most a u64 always holds,
+    /// so what wrapped is never used.
+    fn digits(&mut self, mut to: u64) -> u64 {
+        while let Some(c @ b'0'..=b'9') = self.b.get(self.i).copied() {
+            to = to.wrapping_mul(10).wrapping_add(u64::from(c - b'0'));
+            self.i += 1;
+        }
+        to
     }
 
     fn boolean(&mut self) -> Option<bool> {
@@ -698,7 +703,10 @@ mod tests {
         }
         assert_eq!(stop(b""), None);
         assert_eq!(stop(b"gpt-4o-mini\""), Some(11));
-        assert_eq!(stop("caf\u{e9} au lait, tr\u{e8}s bien\"".as_bytes()), Some(25));
+        assert_eq!(
+            stop("caf\u{e9} au lait, tr\u{e8}s bien\"".as_bytes()),
+            Some(25)
+        );
     }
 
     #[test]
