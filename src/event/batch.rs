@@ -84,6 +84,8 @@ impl DerefMut for Events<'_> {
     }
 }
 
+/// By value the buffer goes with the events, so it is not kept as a spare:
+/// for callers that keep the events (tests, tools), not the request path.
 impl<'b> IntoIterator for Events<'b> {
     type Item = Event<'b>;
     type IntoIter = std::vec::IntoIter<Event<'b>>;
@@ -324,6 +326,21 @@ mod tests {
         let escaped = r#"[{"type":"message","role":"user","user_id":"\u0037"}]"#;
         let serde = parse_batch(escaped.as_bytes(), BodyFormat::Json, 10, NOW, &key).unwrap();
         assert_eq!(serde.as_ptr(), at);
+    }
+
+    /// A buffer past `SPARE_BYTES` is freed, not kept: one large batch does
+    /// not pin its memory on the thread for good.
+    #[test]
+    fn a_large_buffer_is_not_kept() {
+        let one = r#"{"type":"message","role":"user","user_id":7}"#;
+        let n = SPARE_BYTES / std::mem::size_of::<Event>() + 100;
+        let body = format!("[{}]", vec![one; n].join(","));
+        let key = crate::event::UserKey::legacy();
+        let large = parse_batch(body.as_bytes(), BodyFormat::Json, n, NOW, &key).unwrap();
+        assert!(large.capacity() * std::mem::size_of::<Event>() > SPARE_BYTES);
+        drop(large);
+        let next = parse_batch(one.as_bytes(), BodyFormat::Json, 10, NOW, &key).unwrap();
+        assert!(next.capacity() < n, "kept {} events' room", next.capacity());
     }
 
     #[test]

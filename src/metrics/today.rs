@@ -233,8 +233,7 @@ impl Keep {
     }
 }
 
-/// The day number of the first day of `day`'s month.
-/// The first day of `day`'s month. Integer arithmetic (the days-to-date
+/// The day number of the first day of `day`'s month. Integer arithmetic (the days-to-date
 /// step of Howard Hinnant's `civil_from_days`) rather than calendar types:
 /// it runs for every priced answer, and the chrono round trip was a visible
 /// share of a batch's count. `month_start_is_the_calendars` holds it to chrono.
