@@ -19,91 +19,138 @@ use crate::metrics::today::Calendar;
 use crate::metrics::{BotMetrics, HistogramSnapshot, Metrics};
 use crate::store::{self, DailyRow, FlushBatch, SeriesRow};
 
-/// A series' identity in the store, as one string: no part contains a
-/// NUL, so it is unambiguous. Built into a reused buffer for a lookup, so
-/// that comparing every series with the store allocates nothing.
-fn write_key(out: &mut String, metric: &str, bot: &str, labels: &str) {
-    out.clear();
-    for (i, part) in [metric, bot, labels].into_iter().enumerate() {
-        if i > 0 {
-            out.push('\0');
-        }
-        out.push_str(part);
-    }
-}
-
 /// What the store holds of each series, as this process last wrote or read
 /// it, so a flush sends only changes.
+///
+/// A series is known by a 128-bit digest of its name and labels, under its
+/// bot: two SipHashes with random keys, so no input can be made to collide,
+/// and chance makes two of a million series collide with odds of 2^-88.
+/// Kept as strings, the keys of 1,000 bots' 88,000 series were 9 MB on the
+/// heap, each its own allocation; as digests they are 2 MB and none.
 #[derive(Default)]
-pub struct Written(HashMap<String, f64>);
+pub struct Written {
+    seeds: [std::hash::RandomState; 2],
+    bots: HashMap<String, HashMap<u128, f64, foldhash::fast::RandomState>>,
+}
 
 impl Written {
     pub fn of(rows: &[SeriesRow]) -> Self {
-        let mut key = String::new();
-        Written(
-            rows.iter()
-                .map(|r| {
-                    write_key(&mut key, &r.metric, &r.bot, &r.labels);
-                    (key.clone(), r.value)
-                })
-                .collect(),
-        )
+        let mut written = Written::default();
+        for r in rows {
+            written.set(&r.bot, &r.metric, &r.labels, r.value);
+        }
+        written
     }
 
-    fn lookup(&self, key: &mut String, metric: &str, bot: &str, labels: &str) -> Option<f64> {
-        write_key(key, metric, bot, labels);
-        self.0.get(key.as_str()).copied()
+    fn id(&self, metric: &str, labels: &str) -> u128 {
+        use std::hash::{BuildHasher, Hasher};
+        let [a, b] = self.seeds.each_ref().map(|seed| {
+            let mut h = seed.build_hasher();
+            h.write(metric.as_bytes());
+            // 0xff never occurs in UTF-8: the parts cannot run together.
+            h.write_u8(0xff);
+            h.write(labels.as_bytes());
+            h.finish()
+        });
+        (u128::from(a) << 64) | u128::from(b)
+    }
+
+    fn lookup(&self, metric: &str, bot: &str, labels: &str) -> Option<f64> {
+        let series = self.bots.get(bot)?;
+        series.get(&self.id(metric, labels)).copied()
     }
 
     fn get(&self, row: &SeriesRow) -> Option<f64> {
-        self.lookup(&mut String::new(), &row.metric, &row.bot, &row.labels)
+        self.lookup(&row.metric, &row.bot, &row.labels)
+    }
+
+    fn set(&mut self, bot: &str, metric: &str, labels: &str, value: f64) {
+        let id = self.id(metric, labels);
+        match self.bots.get_mut(bot) {
+            Some(series) => {
+                series.insert(id, value);
+            }
+            None => {
+                let mut series = HashMap::default();
+                series.insert(id, value);
+                self.bots.insert(bot.to_owned(), series);
+            }
+        }
     }
 
     /// Puts each row that differs from the store into `batch`: an update
     /// for a series the store has, an insert for a new one.
-    pub fn changes(&self, rows: Vec<SeriesRow>, batch: &mut FlushBatch) {
-        let mut key = String::new();
-        for row in rows {
-            match self.lookup(&mut key, &row.metric, &row.bot, &row.labels) {
-                Some(stored) if stored == row.value => {}
-                Some(_) => batch.changed.push(row),
-                None => batch.added.push(row),
+    ///
+    /// Sorted in place: the larger of the two kinds stays in `rows`' own
+    /// allocation and only the smaller is moved out. On the first flush of
+    /// 1,000 bots `rows` is 88,000 series (a 10 MB vector); pushing each
+    /// into a second vector held both at once, the largest part of the
+    /// flush's peak.
+    pub fn changes(&self, mut rows: Vec<SeriesRow>, batch: &mut FlushBatch) {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Kind {
+            Same,
+            Changed,
+            Added,
+        }
+        let kinds: Vec<Kind> = rows
+            .iter()
+            .map(|row| match self.get(row) {
+                Some(stored) if stored == row.value => Kind::Same,
+                Some(_) => Kind::Changed,
+                None => Kind::Added,
+            })
+            .collect();
+        let added = kinds.iter().filter(|k| **k == Kind::Added).count();
+        let changed = kinds.iter().filter(|k| **k == Kind::Changed).count();
+        let (keep, moved) = if added >= changed {
+            (Kind::Added, Kind::Changed)
+        } else {
+            (Kind::Changed, Kind::Added)
+        };
+        let mut out = Vec::with_capacity(added.min(changed));
+        // Every row that is not of the kind kept leaves `rows`, in order,
+        // so the kinds of those that leave are `kinds` without `keep`.
+        let mut each = kinds.iter();
+        let mut leaving = kinds.iter().filter(|k| **k != keep);
+        for row in rows.extract_if(.., |_| each.next() != Some(&keep)) {
+            if leaving.next() == Some(&moved) {
+                out.push(row);
             }
         }
+        let (kept, moved) = match keep {
+            Kind::Added => (&mut batch.added, &mut batch.changed),
+            _ => (&mut batch.changed, &mut batch.added),
+        };
+        if kept.is_empty() {
+            *kept = rows;
+        } else {
+            kept.append(&mut rows);
+        }
+        moved.append(&mut out);
     }
 
     /// Forgets what the store held of `bots`: a flush deletes their rows
     /// before it writes anything, so every row they have now is new.
     pub fn forget_bots(&mut self, bots: &[String]) {
-        if bots.is_empty() {
-            return;
+        for bot in bots {
+            self.bots.remove(bot);
         }
-        self.0.retain(|key, _| {
-            let bot = key.split('\0').nth(1).unwrap_or_default();
-            !bots.iter().any(|b| b == bot)
-        });
     }
 
-    /// After `batch` was written: the store holds its rows, or, when rows
-    /// had gone missing from it, nothing is assumed and the next flush
-    /// writes every series.
-    pub fn wrote(&mut self, batch: &FlushBatch, report: store::FlushReport) {
-        if report.missing {
+    /// After a flush wrote `changed` and `added`: the store holds them, or,
+    /// when rows had gone missing from it, nothing is assumed and the next
+    /// flush writes every series.
+    pub fn wrote(&mut self, changed: &[SeriesRow], added: &[SeriesRow], missing: bool) {
+        if missing {
             tracing::warn!(
                 "rows of real_time_metrics disappeared; the next flush rewrites every series"
             );
-            self.0.clear();
+            self.bots.clear();
             return;
         }
-        let mut key = String::new();
-        for row in batch.changed.iter().chain(&batch.added) {
-            write_key(&mut key, &row.metric, &row.bot, &row.labels);
-            match self.0.get_mut(key.as_str()) {
-                Some(value) => *value = row.value,
-                None => {
-                    self.0.insert(key.clone(), row.value);
-                }
-            }
+        for row in changed.iter().chain(added) {
+            self.set(&row.bot, &row.metric, &row.labels, row.value);
         }
     }
 }
@@ -179,7 +226,6 @@ fn labels_json<'a>(pairs: impl IntoIterator<Item = (&'a str, &'a str)>) -> Strin
 struct Flatten<'w> {
     rows: Vec<SeriesRow>,
     unchanged: Option<&'w Written>,
-    key: String,
     labels: String,
 }
 
@@ -188,7 +234,6 @@ impl<'w> Flatten<'w> {
         Flatten {
             rows: Vec::new(),
             unchanged,
-            key: String::new(),
             labels: String::new(),
         }
     }
@@ -196,7 +241,7 @@ impl<'w> Flatten<'w> {
     /// One row: `self.labels` holds its labels JSON.
     fn push(&mut self, metric: &str, bot: &str, value: f64) {
         if let Some(written) = self.unchanged
-            && written.lookup(&mut self.key, metric, bot, &self.labels) == Some(value)
+            && written.lookup(metric, bot, &self.labels) == Some(value)
         {
             return;
         }
@@ -573,6 +618,96 @@ mod tests {
             labels: labels.to_owned(),
             value,
         }
+    }
+
+    /// A flush sends a row the store holds with another value as a change,
+    /// one it lacks as an insert, in the order they came, and nothing of
+    /// the rest; whichever kind is the larger keeps the vector it came in.
+    #[test]
+    fn changes_sort_rows_in_place() {
+        let stored = Written::of(&[
+            row("x", "{}", 1.0),
+            row("y", "{}", 2.0),
+            row("z", "{}", 3.0),
+        ]);
+        let rows = vec![
+            row("x", "{}", 1.0),
+            row("n1", "{}", 4.0),
+            row("y", "{}", 5.0),
+            row("n2", "{}", 6.0),
+            row("z", "{}", 3.0),
+        ];
+        let at = rows.as_ptr();
+        let mut batch = FlushBatch::default();
+        stored.changes(rows, &mut batch);
+        assert_eq!(batch.changed, vec![row("y", "{}", 5.0)]);
+        assert_eq!(
+            batch.added,
+            vec![row("n1", "{}", 4.0), row("n2", "{}", 6.0)]
+        );
+        assert_eq!(
+            batch.added.as_ptr(),
+            at,
+            "the inserts kept the rows' allocation"
+        );
+
+        // Mostly changes: they keep it, and the lone insert moves out.
+        let rows = vec![
+            row("x", "{}", 7.0),
+            row("n", "{}", 8.0),
+            row("z", "{}", 9.0),
+        ];
+        let at = rows.as_ptr();
+        let mut batch = FlushBatch::default();
+        stored.changes(rows, &mut batch);
+        assert_eq!(
+            batch.changed,
+            vec![row("x", "{}", 7.0), row("z", "{}", 9.0)]
+        );
+        assert_eq!(batch.added, vec![row("n", "{}", 8.0)]);
+        assert_eq!(batch.changed.as_ptr(), at);
+
+        // The first flush: the store holds nothing, every row is an insert.
+        let rows: Vec<_> = (0..1000)
+            .map(|i| row(&format!("m{i}"), "{}", 1.0))
+            .collect();
+        let at = rows.as_ptr();
+        let mut batch = FlushBatch::default();
+        Written::default().changes(rows, &mut batch);
+        assert_eq!(batch.added.len(), 1000);
+        assert!(batch.changed.is_empty());
+        assert_eq!(batch.added.as_ptr(), at);
+    }
+
+    /// A series is told apart by every part of its identity, and a wiped
+    /// bot's series are forgotten without touching another bot's.
+    #[test]
+    fn written_knows_each_series_under_its_bot() {
+        let other = |metric: &str, labels: &str, value| SeriesRow {
+            bot: "b".to_owned(),
+            ..row(metric, labels, value)
+        };
+        let mut stored = Written::of(&[
+            row("m", r#"{"k":"v"}"#, 1.0),
+            other("m", r#"{"k":"v"}"#, 2.0),
+        ]);
+        assert_eq!(stored.get(&row("m", r#"{"k":"v"}"#, 0.0)), Some(1.0));
+        assert_eq!(stored.get(&other("m", r#"{"k":"v"}"#, 0.0)), Some(2.0));
+        // The same bytes split differently are another series.
+        assert_eq!(stored.get(&row("m{", r#""k":"v"}"#, 0.0)), None);
+        assert_eq!(stored.get(&row("n", r#"{"k":"v"}"#, 0.0)), None);
+        stored.wrote(
+            &[row("m", r#"{"k":"v"}"#, 3.0)],
+            &[row("n", "{}", 4.0)],
+            false,
+        );
+        assert_eq!(stored.get(&row("m", r#"{"k":"v"}"#, 0.0)), Some(3.0));
+        assert_eq!(stored.get(&row("n", "{}", 0.0)), Some(4.0));
+        stored.forget_bots(&["a".to_owned()]);
+        assert_eq!(stored.get(&row("m", r#"{"k":"v"}"#, 0.0)), None);
+        assert_eq!(stored.get(&other("m", r#"{"k":"v"}"#, 0.0)), Some(2.0));
+        stored.wrote(&[], &[], true);
+        assert_eq!(stored.get(&other("m", r#"{"k":"v"}"#, 0.0)), None);
     }
 
     /// What Redis holds after one response of 1,840 ms: the lines from
