@@ -625,6 +625,16 @@ fn many_bots(c: &mut Criterion) {
             }
         })
     });
+    // A flush tick with nothing changed: every series compared with what
+    // the store holds, inside the cut's ingest pause, and no row built.
+    let written = botmetrics::persist::Written::of(&botmetrics::persist::snapshot(&metrics));
+    group.bench_function("botmetrics_quiet_flush_compare_all_series", |b| {
+        b.iter(|| {
+            let rows = botmetrics::persist::changed(&metrics, &written);
+            assert!(rows.is_empty());
+            black_box(rows)
+        })
+    });
     group.finish();
 }
 
