@@ -2130,13 +2130,22 @@ async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
     assert_totals(&all, "b", 80.0, "Redis Cluster").await;
     for (i, r) in reps.iter().enumerate() {
         // Users 5j .. 5j+9 for bot a: 105 distinct; 5j .. 5j+3 for b: 80.
+        // A replica's sketches reach the other at the sync after they were
+        // pushed, and `all_synced` waits for each replica's sync in turn, so
+        // one replica may have pulled just before the other pushed: the
+        // union must be there within a few syncs. (Open: about one run in
+        // six, here and before c79f1c1, one replica stays 2-3 users short
+        // for good, 78 of 80 or 102 of 105.)
         for (bot, users) in [("a", 105.0), ("b", 80.0)] {
-            let s = summary(r, bot).await.expect("a summary");
-            let active = num(&s, "users.active_1d");
-            assert!(
-                (active - users).abs() <= users * 0.02,
-                "replica {i}, bot {bot}: users.active_1d {active}, want {users} within 2 %"
-            );
+            until(
+                &format!("replica {i}, bot {bot}: users.active_1d within 2 % of {users}"),
+                || async {
+                    let s = summary(r, bot).await.expect("a summary");
+                    num(&s, "users.active_1d")
+                },
+                |active| (active - users).abs() <= users * 0.02,
+            )
+            .await;
         }
     }
     // The two bots live on different nodes, each bot's keys on one.
