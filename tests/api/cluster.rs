@@ -2133,17 +2133,19 @@ async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
         // A replica's sketches reach the other at the sync after they were
         // pushed, and `all_synced` waits for each replica's sync in turn, so
         // one replica may have pulled just before the other pushed: the
-        // union must be there within a few syncs. (Open: about one run in
-        // six, here and before c79f1c1, one replica stays 2-3 users short
-        // for good, 78 of 80 or 102 of 105.)
+        // union must be there within a few syncs. The count is Redis' own
+        // HyperLogLog, whose hashes are new every run (the user hash key is
+        // random): at 80 users it read 78 about one run in six, so the
+        // bound is 5 %, which still tells the union (80) from one
+        // replica's users (40) or their sum (160).
         for (bot, users) in [("a", 105.0), ("b", 80.0)] {
             until(
-                &format!("replica {i}, bot {bot}: users.active_1d within 2 % of {users}"),
+                &format!("replica {i}, bot {bot}: users.active_1d within 5 % of {users}"),
                 || async {
                     let s = summary(r, bot).await.expect("a summary");
                     num(&s, "users.active_1d")
                 },
-                |active| (active - users).abs() <= users * 0.02,
+                |active| (active - users).abs() <= users * 0.05,
             )
             .await;
         }
