@@ -2134,8 +2134,8 @@ async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
         // pushed, and `all_synced` waits for each replica's sync in turn, so
         // one replica may have pulled just before the other pushed: the
         // union must be there within a few syncs. The count is Redis' own
-        // HyperLogLog, whose hashes are new every run (the user hash key is
-        // random): at 80 users it read 78 about one run in six, so the
+        // HyperLogLog, whose hashes are new every run (users are hashed with
+        // the installation's secret, new in every test database): at 80 users it read 78 about one run in six, so the
         // bound is 5 %, which still tells the union (80) from one
         // replica's users (40) or their sum (160).
         for (bot, users) in [("a", 105.0), ("b", 80.0)] {
