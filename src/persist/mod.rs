@@ -454,12 +454,14 @@ impl Persistence {
             *lock(&self.wiped_rows).entry(bot.clone()).or_default() += rows;
         }
         let wiped_rows = report.wiped.iter().map(|(_, n)| *n as usize).sum();
+        held.series
+            .wrote(&batch.changed, &batch.added, report.missing);
         for d in &batch.daily {
             held.daily
                 .insert((d.bot.clone(), d.name.clone()), (d.day, d.value));
         }
         self.source.stored(&batch).await;
-        let outcome = FlushOutcome::Wrote {
+        Ok(Some(FlushOutcome::Wrote {
             series: batch.changed.len() + batch.added.len(),
             sketches: batch.sketches.len() + batch.cluster_sketches.len(),
             daily: batch.daily.len(),
@@ -469,10 +471,7 @@ impl Persistence {
                 .map(|u| u.changed.len() + u.gone.len())
                 .sum(),
             wiped: wiped_rows,
-        };
-        held.series
-            .wrote(&batch.changed, &batch.added, report.missing);
-        Ok(Some(outcome))
+        }))
     }
 
     /// Appends a point per series to the history, in one statement, unless

@@ -109,12 +109,15 @@ impl Written {
             (Kind::Changed, Kind::Added)
         };
         let mut out = Vec::with_capacity(added.min(changed));
-        // Every row that is not of the kind kept leaves `rows`, in order,
-        // so the kinds of those that leave are `kinds` without `keep`.
-        let mut each = kinds.iter();
-        let mut leaving = kinds.iter().filter(|k| **k != keep);
-        for row in rows.extract_if(.., |_| each.next() != Some(&keep)) {
-            if leaving.next() == Some(&moved) {
+        // `extract_if` visits the rows in order: `kind` is the kind of the
+        // row it last looked at, which is the row it yields.
+        let mut each = kinds.into_iter();
+        let kind = std::cell::Cell::new(Kind::Same);
+        for row in rows.extract_if(.., |_| {
+            kind.set(each.next().unwrap_or(Kind::Same));
+            kind.get() != keep
+        }) {
+            if kind.get() == moved {
                 out.push(row);
             }
         }
