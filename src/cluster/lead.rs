@@ -101,7 +101,10 @@ impl Lead {
             renew: redis::Script::new(include_str!("lua/renew.lua")),
             wipe: redis::Script::new(include_str!("lua/wipe.lua")),
             release: redis::Script::new(include_str!("lua/release.lua")),
-            clean: redis::Script::new(include_str!("lua/clean.lua")),
+            clean: redis::Script::new(concat!(
+                include_str!("lua/exact.lua"),
+                include_str!("lua/clean.lua")
+            )),
             clean_book: redis::Script::new(include_str!("lua/book_clean.lua")),
         }
     }
@@ -385,8 +388,11 @@ impl Source for Lead {
             for d in [day - super::DAYS, day + 1] {
                 invocation.key(keys.day_sketch(d));
             }
-            // The shared user book, its marks and the cohorts read from it.
+            // The exact set of a small audience (`lua/exact.lua`), the
+            // shared user book, its marks and the cohorts read from it.
             for key in [
+                keys.seen(),
+                keys.seen_since(),
                 keys.book(),
                 keys.book_changed(),
                 keys.book_load(),

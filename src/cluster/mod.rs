@@ -184,6 +184,19 @@ impl BotKeys {
         format!("{}u:d:{day}", self.prefix)
     }
 
+    /// Every user seen in the 30d window while there are few (see
+    /// `lua/exact.lua`): member = the user's keyed hash, score = the last
+    /// unix hour seen. The store keeps it as it keeps a sketch.
+    pub fn seen(&self) -> String {
+        self.key("u:seen")
+    }
+
+    /// The unix hour from which [`BotKeys::seen`] holds every user, or
+    /// `off` while the bot has too many.
+    pub fn seen_since(&self) -> String {
+        self.key("u:seen:since")
+    }
+
     /// `bm:{bot}:`: the scripts that name keys from Redis' clock (the
     /// claim buckets, see `lua/claim.lua`) or from a holder's name build
     /// them from it.
@@ -257,6 +270,26 @@ impl BotKeys {
         let (kind, n) = rest.split_once(':')?;
         Some((kind == "h", n.parse().ok()?))
     }
+
+    /// Whether the store keeps `key` as a sketch: an hourly or daily one,
+    /// or [`BotKeys::seen`].
+    pub fn is_stored_sketch(&self, key: &str) -> bool {
+        key == self.seen() || self.parse_sketch(key).is_some()
+    }
+
+    /// The seconds a key the store keeps as a sketch (an hourly or daily
+    /// one, or [`BotKeys::seen`]) has left in Redis at `now`, unix seconds:
+    /// `None` for another key, or one past its time.
+    pub fn stored_sketch_ttl(&self, key: &str, now: i64) -> Option<i64> {
+        let left = if key == self.seen() {
+            SEEN_TTL as i64
+        } else {
+            let (hourly, bucket) = self.parse_sketch(key)?;
+            let span = if hourly { 3600 } else { 86_400 };
+            (bucket + 1) * span + sketch_ttl(hourly) as i64 - now
+        };
+        (left > 0).then_some(left)
+    }
 }
 
 /// The seconds a sketch is kept in Redis: as long as a window can read it.
@@ -267,6 +300,10 @@ pub fn sketch_ttl(hourly: bool) -> u64 {
         (DAYS as u64 + 2) * 86_400
     }
 }
+
+/// The seconds [`BotKeys::seen`] is kept past its last change, as
+/// `SEEN_TTL` in `lua/exact.lua`.
+const SEEN_TTL: u64 = (DAYS as u64 + 2) * 86_400;
 
 /// botmetrics' own view of the Redis tier, registered only in cluster mode.
 pub struct ClusterMetrics {
@@ -487,5 +524,18 @@ mod tests {
         assert_eq!(keys.parse_sketch(&hour), Some((true, 5)));
         assert_eq!(keys.parse_sketch(&keys.day_sketch(9)), Some((false, 9)));
         assert_eq!(keys.parse_sketch("bm:{other}:u:h:5"), None);
+        let now = 5 * 3600 + 10;
+        assert_eq!(
+            keys.stored_sketch_ttl(&hour, now),
+            Some(6 * 3600 + sketch_ttl(true) as i64 - now)
+        );
+        assert_eq!(keys.stored_sketch_ttl(&keys.hour_sketch(-30), now), None);
+        assert_eq!(
+            keys.stored_sketch_ttl(&keys.seen(), now),
+            Some(SEEN_TTL as i64)
+        );
+        assert_eq!(keys.stored_sketch_ttl(&keys.series(), now), None);
+        assert!(keys.is_stored_sketch(&keys.seen()) && keys.is_stored_sketch(&hour));
+        assert!(!keys.is_stored_sketch(&keys.seen_since()) && !keys.is_stored_sketch(&keys.book()));
     }
 }

@@ -60,7 +60,10 @@ impl View {
         View {
             cluster,
             store,
-            script: redis::Script::new(include_str!("lua/read.lua")),
+            script: redis::Script::new(concat!(
+                include_str!("lua/exact.lua"),
+                include_str!("lua/read.lua")
+            )),
             last: Mutex::new(HashMap::new()),
         }
     }
@@ -361,8 +364,9 @@ fn parse(keys: &BotKeys, bot: &str, v: Value) -> Result<Option<BotView>> {
             let (Some(key), Some(hll)) = (text(key), bytes(hll)) else {
                 continue;
             };
-            if hll.is_empty() || keys.parse_sketch(&key).is_none() {
-                continue; // expired since it was marked
+            // Expired since it was marked, or not a key the store keeps.
+            if hll.is_empty() || !keys.is_stored_sketch(&key) {
+                continue;
             }
             let name = key.split_once("}:").map_or(key.as_str(), |(_, n)| n);
             view.sketches.push((name.to_owned(), hll.to_vec()));

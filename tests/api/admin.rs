@@ -882,6 +882,10 @@ async fn in_cluster_mode_a_wiped_bot_is_gone_from_every_replica_redis_and_the_st
     for key in ["bm:{gone}:series", "bm:{gone}:book", "bm:{gone}:today"] {
         assert!(before.iter().any(|k| k == key), "{key} in {before:?}");
     }
+    // The set of its users for exact counts (`lua/exact.lua`).
+    for key in ["bm:{gone}:u:seen", "bm:{gone}:u:seen:since"] {
+        assert!(before.iter().any(|k| k == key), "{key} in {before:?}");
+    }
     let (status, answer) = admin(
         &replicas[1],
         Method::DELETE,

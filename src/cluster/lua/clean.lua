@@ -2,10 +2,11 @@
 -- since it was read: that one stays marked for the next write.
 --
 -- KEYS: 1 the dirty-sketch set, then the sketches written.
--- ARGV: the bytes written, one per sketch, in order.
+-- ARGV: what was written, one per sketch, in order (exact_stored in
+--       exact.lua, which is prepended).
 local cleaned = 0
 for i = 2, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i - 1] then
+  if exact_stored(KEYS[i]) == ARGV[i - 1] then
     redis.call('SREM', KEYS[1], KEYS[i])
     cleaned = cleaned + 1
   end

@@ -8,7 +8,8 @@
 --       5 marker value, 6 the index of the user book's load token key
 --       ('0' when the book is not shared), 7 this replica's load token,
 --       then (field, value) pairs for series, applied and today, then
---       (key index, ttl seconds, bytes) per sketch.
+--       (key index, ttl seconds, what the store keeps) per sketch (see
+--       exact_stored in exact.lua, which is prepended).
 -- Returns 1 when it seeded, 0 when the bot already was, or when another
 -- replica took the book's load over (book_seed.lua): that one seeds.
 if redis.call('EXISTS', KEYS[3]) == 1 then
@@ -31,8 +32,7 @@ fill(KEYS[1], tonumber(ARGV[1]))
 fill(KEYS[2], tonumber(ARGV[2]))
 fill(KEYS[4], tonumber(ARGV[3]))
 for _ = 1, tonumber(ARGV[4]) do
-  local key = KEYS[tonumber(ARGV[i])]
-  redis.call('SET', key, ARGV[i + 2], 'EX', ARGV[i + 1])
+  exact_restore(KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
   i = i + 3
 end
 redis.call('SET', KEYS[3], ARGV[5])

@@ -14,6 +14,8 @@
 --       delta) pairs, and sketch groups (key index, ttl seconds, n, n user
 --       hashes), then, when the bot's user book is shared, its section
 --       (see book_merge in book.lua, which is prepended to this script).
+-- The counts are exact while a bot's audience is small (exact.lua, which
+-- is prepended with book.lua).
 -- Returns {status, users 1d, users 7d, users 30d, the replica's mark in
 -- Redis before this call[, then what the user book's merge found: new
 -- users, and (seconds, messages) per ended session]}. Status 1: applied; 2: already applied (the
@@ -23,6 +25,8 @@
 -- not seeded; 4: not applied, the bot was wiped (wipe.lua) since this
 -- replica last heard, and the last value is the wipe's generation: it drops
 -- what it counted of the bot before, this batch included.
+local prefix = string.sub(KEYS[1], 1, #KEYS[1] - #'series')
+local hour, day = exact_now()
 local seeded = redis.call('GET', KEYS[3])
 if not seeded then
   return {0, 0, 0, 0, 0}
@@ -53,11 +57,18 @@ if status == 1 and mark > 0 then
   -- adding users again is harmless.
   local n_series, n_today = tonumber(ARGV[3]), tonumber(ARGV[4])
   local i = 9 + 2 * n_series + 2 * n_today
+  local exact = exact_open(prefix, hour, {unpack(KEYS, 6, 59)})
+  local exact_changed = false
   for _ = 1, tonumber(ARGV[5]) do
     local key = KEYS[tonumber(ARGV[i])]
     local ttl = ARGV[i + 1]
     local n = tonumber(ARGV[i + 2])
     i = i + 3
+    if exact then
+      local h = tonumber(string.match(key, ':u:h:(%-?%d+)$'))
+      if not h then h = tonumber(string.match(key, ':u:d:(%-?%d+)$')) * 24 end
+      if exact_add(prefix, h, i, n) > 0 then exact_changed = true end
+    end
     local changed = 0
     local done_in_group = 0
     while done_in_group < n do
@@ -70,6 +81,8 @@ if status == 1 and mark > 0 then
     redis.call('EXPIRE', key, ttl)
     if changed > 0 then redis.call('SADD', KEYS[5], key) end
   end
+  if exact and exact_settle(prefix, hour, day) then exact_changed = true end
+  if exact_changed then redis.call('SADD', KEYS[5], prefix .. 'u:seen') end
   if i <= #ARGV then found = book_merge(i) end
   i = 9
   for _ = 1, n_series do
@@ -91,7 +104,10 @@ local hours, week, month = {}, {}, {}
 for j = 6, 29 do hours[#hours + 1] = KEYS[j] end
 for j = 30, 59 do month[#month + 1] = KEYS[j] end
 for j = 53, 59 do week[#week + 1] = KEYS[j] end
-local out = {status, redis.call('PFCOUNT', unpack(hours)), redis.call('PFCOUNT', unpack(week)),
-  redis.call('PFCOUNT', unpack(month)), before}
+local users = exact_count(prefix, hour, day, hours, week, month)
+if status == 1 and mark > 0 and exact_restart(prefix, hour, users[3]) then
+  redis.call('SADD', KEYS[5], prefix .. 'u:seen')
+end
+local out = {status, users[1], users[2], users[3], before}
 for _, n in ipairs(found) do out[#out + 1] = n end
 return out

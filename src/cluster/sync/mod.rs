@@ -243,9 +243,13 @@ impl Syncer {
             // The book's rule is prepended: the sync merges runs with it.
             sync_script: redis::Script::new(concat!(
                 include_str!("../lua/book.lua"),
+                include_str!("../lua/exact.lua"),
                 include_str!("../lua/sync.lua")
             )),
-            seed_script: redis::Script::new(include_str!("../lua/seed.lua")),
+            seed_script: redis::Script::new(concat!(
+                include_str!("../lua/exact.lua"),
+                include_str!("../lua/seed.lua")
+            )),
             book_fields: super::book::BookFields::new()?,
         })
     }

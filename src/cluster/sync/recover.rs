@@ -13,7 +13,7 @@ use chrono::Utc;
 
 use super::super::connection::Conn;
 use super::super::pending::{PendingUsers, UserBudget};
-use super::super::{ClusterError, Result, sketch_ttl, timed};
+use super::super::{ClusterError, Result, timed};
 use super::{BotSync, Invocation, State, Syncer, cut, field};
 use crate::dedupe::IdHash;
 use crate::metrics::Metrics;
@@ -297,12 +297,7 @@ impl Syncer {
         let mut sketches = Vec::new();
         for s in stored.cluster_sketches.iter().filter(|s| s.bot == bot) {
             let key = format!("bm:{{{bot}}}:{}", s.sketch);
-            let Some((hourly, bucket)) = b.keys.parse_sketch(&key) else {
-                continue;
-            };
-            let span = if hourly { 3600 } else { 86_400 };
-            let left = (bucket + 1) * span + sketch_ttl(hourly) as i64 - now.timestamp();
-            if left > 0 {
+            if let Some(left) = b.keys.stored_sketch_ttl(&key, now.timestamp()) {
                 keys.push(key);
                 sketches.push((keys.len(), left, s.hll.clone()));
             }
