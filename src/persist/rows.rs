@@ -30,8 +30,11 @@ use crate::store::{self, DailyRow, FlushBatch, SeriesRow};
 #[derive(Default)]
 pub struct Written {
     seeds: [std::hash::RandomState; 2],
-    bots: HashMap<String, HashMap<u128, f64, foldhash::fast::RandomState>>,
+    bots: HashMap<String, SeriesValues>,
 }
+
+/// One bot's series in [`Written`]: digest → value.
+type SeriesValues = HashMap<u128, f64, foldhash::fast::RandomState>;
 
 impl Written {
     pub fn of(rows: &[SeriesRow]) -> Self {
@@ -206,6 +209,15 @@ fn write_labels_json<'a>(out: &mut String, pairs: impl IntoIterator<Item = (&'a 
 }
 
 fn push_json_str(out: &mut String, s: &str) {
+    // Most label values need no escape (serde_json escapes only `"`, `\`
+    // and control characters): copied as they are, without serde_json's
+    // detour through bytes and the UTF-8 check of the whole buffer back.
+    if !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     // serde_json writes a str as valid UTF-8 JSON; into a String's bytes it
     // cannot fail.
     let mut buf = std::mem::take(out).into_bytes();
@@ -230,6 +242,14 @@ struct Flatten<'w> {
     rows: Vec<SeriesRow>,
     unchanged: Option<&'w Written>,
     labels: String,
+    /// The bot whose rows come now, and what the store holds of it: rows
+    /// come bot by bot, so its map is looked up once, not once a row.
+    bot: Option<String>,
+    stored: Option<&'w SeriesValues>,
+    /// Reused for a histogram's line names, and its bounds as `le` texts
+    /// (formatting a float costs more than the rest of a line's compare).
+    metric: String,
+    le: Vec<(&'static [f64], Vec<String>)>,
 }
 
 impl<'w> Flatten<'w> {
@@ -238,14 +258,31 @@ impl<'w> Flatten<'w> {
             rows: Vec::new(),
             unchanged,
             labels: String::new(),
+            bot: None,
+            stored: None,
+            metric: String::new(),
+            le: Vec::new(),
         }
+    }
+
+    /// Whether the store holds `value` for the series `metric`,
+    /// `self.labels` of `bot`.
+    fn is_stored(&mut self, metric: &str, bot: &str, value: f64) -> bool {
+        let Some(written) = self.unchanged else {
+            return false;
+        };
+        if self.bot.as_deref() != Some(bot) {
+            self.bot = Some(bot.to_owned());
+            self.stored = written.bots.get(bot);
+        }
+        self.stored
+            .and_then(|series| series.get(&written.id(metric, &self.labels)))
+            == Some(&value)
     }
 
     /// One row: `self.labels` holds its labels JSON.
     fn push(&mut self, metric: &str, bot: &str, value: f64) {
-        if let Some(written) = self.unchanged
-            && written.lookup(metric, bot, &self.labels) == Some(value)
-        {
+        if self.is_stored(metric, bot, value) {
             return;
         }
         self.rows.push(SeriesRow {
@@ -274,7 +311,6 @@ impl Visitor for Flatten<'_> {
     }
 
     fn histogram(&mut self, family: &'static FamilyDesc, labels: &[&str], h: &HistogramSnapshot) {
-        use std::fmt::Write as _;
         let bot = labels[0];
         let others = || {
             family
@@ -284,19 +320,26 @@ impl Visitor for Flatten<'_> {
                 .zip(labels.iter().copied())
                 .skip(1)
         };
-        let mut metric = format!("{}_bucket", family.name);
-        let mut le = String::new();
-        for (i, count) in h.cumulative.iter().enumerate() {
-            le.clear();
-            match h.bounds.get(i) {
-                Some(bound) => {
-                    let _ = write!(le, "{bound}");
-                }
-                None => le.push_str("+Inf"),
+        let mut metric = std::mem::take(&mut self.metric);
+        metric.clear();
+        metric.push_str(family.name);
+        metric.push_str("_bucket");
+        let bounds = h.bounds;
+        let i = match self.le.iter().position(|(b, _)| std::ptr::eq(*b, bounds)) {
+            Some(i) => i,
+            None => {
+                self.le
+                    .push((bounds, bounds.iter().map(f64::to_string).collect()));
+                self.le.len() - 1
             }
-            write_labels_json(&mut self.labels, others().chain([("le", le.as_str())]));
+        };
+        let le = std::mem::take(&mut self.le[i].1);
+        for (i, count) in h.cumulative.iter().enumerate() {
+            let le = le.get(i).map_or("+Inf", String::as_str);
+            write_labels_json(&mut self.labels, others().chain([("le", le)]));
             self.push(&metric, bot, *count as f64);
         }
+        self.le[i].1 = le;
         for (suffix, value) in [("_sum", h.sum), ("_count", h.count() as f64)] {
             metric.clear();
             metric.push_str(family.name);
@@ -304,6 +347,7 @@ impl Visitor for Flatten<'_> {
             write_labels_json(&mut self.labels, others());
             self.push(&metric, bot, value);
         }
+        self.metric = metric;
     }
 }
 
@@ -800,6 +844,8 @@ mod tests {
             "new\nline\ttab\r\u{1}\u{1f}",
             "ünïcødé ✓ 𝄞",
             "",
+            // Not escaped by serde_json: the fast path copies it too.
+            "del \u{7f} and / slash",
         ];
         for v in hostile {
             let pairs = [("model", v), ("kind", "prompt"), ("le", "+Inf")];
