@@ -327,6 +327,13 @@ pub struct BotMetrics {
     /// Set when the bot is wiped: these cells are no longer the bot's, and
     /// a request still holding them counts nothing.
     retired: std::sync::atomic::AtomicBool,
+    /// Set after any series but the active-user estimates may have moved
+    /// (an event, a restore, a session ended, a retention ratio changed),
+    /// taken by a flush's cut: a quiet bot's series are not compared one by
+    /// one with the store at every tick (see `persist::changed`). Set after
+    /// the cells change and taken before they are read, so a change racing
+    /// a cut is always seen by this cut or the next.
+    touched: std::sync::atomic::AtomicBool,
 }
 
 /// A bot's shared book on this replica: what it saw since the last sync.
@@ -443,6 +450,7 @@ impl BotMetrics {
             today,
             counters,
             retired: Default::default(),
+            touched: std::sync::atomic::AtomicBool::new(true),
         };
         // The cache that events without a `cache` name count in exists
         // from start-up, like every closed label set.
@@ -453,6 +461,21 @@ impl BotMetrics {
     pub fn retire(&self) {
         self.retired
             .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Marks the bot's series as possibly moved: the next flush compares
+    /// them all with the store. Called after the change.
+    pub fn touch(&self) {
+        self.touched
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether any series but the active-user estimates may have moved
+    /// since the last call; clears the mark. Called before the cells are
+    /// read.
+    pub fn take_touched(&self) -> bool {
+        self.touched
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
     }
 
     /// True once the bot was wiped (read under the ingest gate, which the
@@ -489,6 +512,7 @@ impl BotMetrics {
             // sketch read once, not once per event.
             self.active.insert_all(users, scratch);
         });
+        self.touch();
     }
 
     fn apply_one<'a>(
@@ -673,6 +697,7 @@ impl BotMetrics {
         self.session_messages.observe(f64::from(s.messages));
         self.today
             .add_session(i64::from(s.last_ts), s.seconds, s.messages);
+        self.touch();
     }
 
     /// The periodic pass over the user book at unix seconds `now`: ends the
@@ -727,7 +752,12 @@ impl BotMetrics {
                 .and_then(|day| cohorts.iter().find(|c| c.day == day))
                 .filter(|c| c.size > 0)
                 .map_or(0.0, |c| f64::from(c.classic[i]) / f64::from(c.size));
-            self.retention[i].set(ratio);
+            // Scanned every few seconds, the ratios move once a day: only a
+            // move makes the next flush compare the bot's series.
+            if self.retention[i].get() != ratio {
+                self.retention[i].set(ratio);
+                self.touch();
+            }
         }
         *self.cohorts.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(cohorts);
     }
@@ -744,6 +774,7 @@ impl BotMetrics {
             self.session_duration.observe(f64::from(seconds));
             self.session_messages.observe(f64::from(messages));
         }
+        self.touch();
     }
 
     /// Every cohort as of the last scan, oldest first.
@@ -870,9 +901,15 @@ impl BotMetrics {
                 v.scalar(&RETENTION, &[bot, day], self.retention[i].get());
             }
         }
+        self.visit_timed(v);
+    }
+
+    /// The series that move with time alone, events or not: the active-user
+    /// estimates, whose windows slide. The last of [`Self::visit`].
+    pub fn visit_timed(&self, v: &mut impl Visitor) {
         if v.wants(&ACTIVE_USERS) {
             for (window, estimate) in self.active.estimates() {
-                v.scalar(&ACTIVE_USERS, &[bot, window], estimate as f64);
+                v.scalar(&ACTIVE_USERS, &[&*self.bot, window], estimate as f64);
             }
         }
     }
@@ -883,6 +920,12 @@ impl BotMetrics {
     /// false for a series this build does not know, which the caller logs
     /// and skips.
     pub fn restore_scalar(&self, family: &str, labels: &[(&str, &str)], value: f64) -> bool {
+        let restored = self.restore_scalar_cell(family, labels, value);
+        self.touch();
+        restored
+    }
+
+    fn restore_scalar_cell(&self, family: &str, labels: &[(&str, &str)], value: f64) -> bool {
         let label = |name: &str| labels.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
         let closed = |name: &str, all: &[&'static str]| {
             label(name).and_then(|v| all.iter().position(|a| *a == v))
@@ -963,14 +1006,16 @@ impl BotMetrics {
     /// Restores a histogram from its stored cumulative buckets and sum;
     /// the lines may be any subset of its bounds (see `Histogram::restore`).
     pub fn restore_histogram(&self, family: &str, buckets: &[(f64, u64)], sum: f64) -> bool {
-        match family {
+        let restored = match family {
             "bot_response_duration_seconds" => self.response_duration.restore(buckets, sum),
             "bot_db_queries_per_message" => self.db_queries.restore(buckets, sum),
             "bot_llm_ttft_seconds" => self.ttft.restore(buckets, sum),
             "bot_session_duration_seconds" => self.session_duration.restore(buckets, sum),
             "bot_session_messages" => self.session_messages.restore(buckets, sum),
             _ => false,
-        }
+        };
+        self.touch();
+        restored
     }
 
     /// Read access for the summary.

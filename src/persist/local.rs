@@ -225,6 +225,11 @@ impl Source for Local {
 
     fn not_stored(&self, batch: &FlushBatch) {
         self.metrics.wipes_not_stored(&batch.wiped);
+        // The cut took every bot's change mark: the retry compares every
+        // series again.
+        for bot in self.metrics.bots().iter() {
+            bot.touch();
+        }
         // The sketches' change marks were taken: hand them back so the
         // retry writes them. Series and counters are diffed afresh.
         for s in &batch.sketches {

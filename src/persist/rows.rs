@@ -427,9 +427,23 @@ pub fn snapshot(metrics: &Metrics) -> Vec<SeriesRow> {
 /// The rows of [`snapshot`] whose value is not what `written` says the
 /// store holds: what a flush may have to send, built without allocating
 /// for the rest.
+///
+/// A bot untouched since the last cut (see `BotMetrics::take_touched`) has
+/// only its estimates compared: what else it has is what the store got at
+/// that cut, or was handed back for the next one (`Source::not_stored`
+/// touches every bot). A bot the store holds nothing of, as `written`
+/// knows it (new, wiped, or every row missing), is compared whole.
 pub fn changed(metrics: &Metrics, written: &Written) -> Vec<SeriesRow> {
     let mut flat = Flatten::new(Some(written));
-    metrics.visit(&mut flat);
+    for bot in metrics.bots().iter() {
+        // Taken for every bot, so that the mark is clear for the next cut.
+        let touched = bot.take_touched();
+        if touched || !written.bots.contains_key(&*bot.bot) {
+            bot.visit(&mut flat);
+        } else {
+            bot.visit_timed(&mut flat);
+        }
+    }
     flat.finish()
 }
 
@@ -921,6 +935,111 @@ mod tests {
                 .all(|r| r.bot == "b" || r.metric == "bot_errors_total")
         );
         assert_eq!(got.iter().filter(|r| r.bot == "a").count(), 1);
+    }
+
+    /// The change marks skip a quiet bot's compare: at every cut, over
+    /// random events, session ends, retention scans, restores and failed
+    /// writes, `changed` gives exactly the rows a compare of every series
+    /// gives.
+    #[test]
+    fn change_marks_leave_out_only_what_the_store_holds() {
+        use crate::event::{BodyFormat, parse_batch};
+        let bots: Vec<String> = (0..6).map(|i| format!("b{i}")).collect();
+        let names: Vec<std::sync::Arc<str>> = bots.iter().map(|b| b.as_str().into()).collect();
+        let metrics = Metrics::new(&names, 10, chrono_tz::UTC, 30.0, Default::default()).unwrap();
+        let every_series = |written: &Written| {
+            let mut flat = Flatten::new(Some(written));
+            metrics.visit(&mut flat);
+            flat.finish()
+        };
+        let mut written = Written::default();
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        let mut now = chrono::Utc::now().timestamp() - 40 * 86_400;
+        let mut skipped = 0;
+        for round in 0..400 {
+            now += next(4 * 3600) as i64;
+            // A few bots get events; the rest stay quiet.
+            for _ in 0..next(3) {
+                let bot = &bots[next(bots.len() as u64) as usize];
+                let body = match next(5) {
+                    0 => format!(
+                        r#"{{"type":"message","role":"user","user_id":"u{}","ts":{now}}}"#,
+                        next(20)
+                    ),
+                    1 => format!(
+                        r#"{{"type":"response","status":"success","duration_ms":{},"model":"m{}","tokens":{{"prompt":3,"completion":2}},"ts":{now}}}"#,
+                        next(5000),
+                        next(3)
+                    ),
+                    2 => format!(r#"{{"type":"error","kind":"k{}","ts":{now}}}"#, next(4)),
+                    3 => format!(
+                        r#"{{"type":"feedback","score":1,"user_id":"u{}","ts":{now}}}"#,
+                        next(20)
+                    ),
+                    _ => format!(
+                        r#"{{"type":"message","role":"assistant","user_id":"u{}","ts":{now}}}"#,
+                        next(20)
+                    ),
+                };
+                let events = parse_batch(
+                    body.as_bytes(),
+                    BodyFormat::Json,
+                    100,
+                    now,
+                    &crate::event::UserKey::legacy(),
+                )
+                .unwrap();
+                metrics.bot(bot).unwrap().apply_all(events.iter());
+            }
+            // The book's scan: sessions end after the gap, ratios move.
+            if next(3) == 0 {
+                for bot in metrics.bots().iter() {
+                    bot.scan_users(now);
+                }
+            }
+            // A restore adds into one bot's cells.
+            if next(40) == 0 {
+                let bot = metrics
+                    .bot(&bots[next(bots.len() as u64) as usize])
+                    .unwrap();
+                assert!(bot.restore_scalar("bot_errors_total", &[("kind", "restored")], 2.0));
+            }
+            // The cut: the full compare first (it takes no mark), then
+            // `changed` with the marks.
+            let want = every_series(&written);
+            let got = changed(&metrics, &written);
+            assert_eq!(got, want, "round {round}");
+            skipped += metrics
+                .bots()
+                .iter()
+                .filter(|b| !got.iter().any(|r| r.bot == *b.bot))
+                .count();
+            // Now and then the store refuses the write: every bot is
+            // touched, as `Local::not_stored` does, and nothing is written.
+            if next(10) == 0 {
+                for bot in metrics.bots().iter() {
+                    bot.touch();
+                }
+                continue;
+            }
+            let mut batch = FlushBatch::default();
+            written.changes(got, &mut batch);
+            written.wrote(&batch.changed, &batch.added, false);
+            // A wipe of what the store held of a bot, or all of it.
+            match next(60) {
+                0 => written.forget_bots(&[bots[0].clone()]),
+                1 => written.wrote(&[], &[], true),
+                _ => {}
+            }
+        }
+        // The marks did skip quiet bots, most of the time.
+        assert!(skipped > 400, "{skipped} quiet bot cuts");
     }
 
     #[test]
