@@ -2261,8 +2261,18 @@ async fn a_redis_cluster_of_three_nodes_gives_exact_totals_for_two_bots() {
         cluster.node_of("bm:{b}:series"),
     );
     assert_ne!(a, b, "bots a and b hash to different nodes");
-    for key in ["bm:{a}:today", "bm:{a}:applied", "bm:{a}:seeded"] {
+    for key in [
+        "bm:{a}:today",
+        "bm:{a}:applied",
+        "bm:{a}:seeded",
+        "bm:{a}:u:seen",
+    ] {
         assert_eq!(cluster.node_of(key), a, "{key} shares bot a's slot");
+    }
+    // The exact counts' sets, each on its bot's node.
+    for (bot, users) in [("a", "105"), ("b", "80")] {
+        let key = format!("bm:{{{bot}}}:u:seen");
+        assert_eq!(cluster.cmd(&["ZCARD", &key]).trim(), users, "{key}");
     }
     let field = r#"bot_messages_total{"role":"user"}"#;
     assert_eq!(
