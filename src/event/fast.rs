@@ -172,6 +172,56 @@ impl Number {
     }
 }
 
+/// An event's fields, in the order of their bits in `Reader::event`.
+const FIELDS: [&str; 23] = [
+    "type",
+    "user_id",
+    "event_id",
+    "ts",
+    "chat_type",
+    "role",
+    "db_queries",
+    "status",
+    "duration_ms",
+    "model",
+    "tokens",
+    "ttft_ms",
+    "provider",
+    "cost",
+    "score",
+    "scale",
+    "reason",
+    "result",
+    "cache",
+    "granted",
+    "kind",
+    "name",
+    "value",
+];
+
+/// Each field's name after its first letter, then the closing quote, as
+/// the little-endian bytes that follow the first letter would hold it:
+/// (pattern, mask of its bytes, its length). The longest, `duration_ms`,
+/// takes 11 of the 16.
+const FIELD_TAILS: [(u128, u128, usize); 23] = {
+    let mut tails = [(0, 0, 0); 23];
+    let mut f = 0;
+    while f < FIELDS.len() {
+        let name = FIELDS[f].as_bytes();
+        let mut pattern = 0u128;
+        let mut i = 1;
+        while i < name.len() {
+            pattern |= (name[i] as u128) << (8 * (i - 1));
+            i += 1;
+        }
+        let len = name.len();
+        pattern |= (b'"' as u128) << (8 * (len - 1));
+        tails[f] = (pattern, (1u128 << (8 * len)) - 1, len);
+        f += 1;
+    }
+    tails
+};
+
 impl<'b> Reader<'b> {
     /// A reader of `body`, if it is UTF-8 (else serde words the error).
     fn new(body: &'b [u8]) -> Option<Self> {
@@ -353,6 +403,51 @@ impl<'b> Reader<'b> {
         }
     }
 
+    /// A field name, as its bit in [`FIELDS`]: compared straight from the
+    /// bytes, closing quote included, with the names that start with its
+    /// first letter, so the usual name is not scanned for its end and then
+    /// compared again. One with an escape, or not a field, is read as a
+    /// string: an escaped field is serde's to read, and an unknown one its
+    /// to refuse.
+    fn field(&mut self) -> Option<u32> {
+        self.skip_ws();
+        if let [b'"', first, tail @ ..] = &self.b[self.i..] {
+            let candidates: &[u32] = match first {
+                b't' => &[0, 3, 10, 11],
+                b'u' => &[1],
+                b'e' => &[2],
+                b'c' => &[4, 13, 18],
+                b'r' => &[5, 16, 17],
+                b'd' => &[6, 8],
+                b's' => &[7, 14, 15],
+                b'm' => &[9],
+                b'p' => &[12],
+                b'g' => &[19],
+                b'k' => &[20],
+                b'n' => &[21],
+                b'v' => &[22],
+                _ => &[],
+            };
+            // Sixteen bytes at once against each candidate's tail and quote
+            // (no call into memcmp for a few bytes); near the body's end
+            // the slices are compared.
+            let word = tail.first_chunk::<16>().map(|w| u128::from_le_bytes(*w));
+            for &bit in candidates {
+                let (pattern, mask, len) = FIELD_TAILS[bit as usize];
+                let found = match word {
+                    Some(word) => word & mask == pattern,
+                    None => tail.get(..len) == Some(&pattern.to_le_bytes()[..len]),
+                };
+                if found {
+                    self.i += len + 2;
+                    return Some(bit);
+                }
+            }
+        }
+        let name = self.string()?;
+        FIELDS.iter().position(|f| *f == name).map(|bit| bit as u32)
+    }
+
     /// One event object, each field read by its type. A field seen twice
     /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
     /// check would refuse it.
@@ -365,103 +460,80 @@ impl<'b> Reader<'b> {
             return None;
         }
         loop {
-            let name = self.string()?;
+            let bit = self.field()?;
             self.expect(b':')?;
-            let bit = match name {
-                "type" => {
+            match bit {
+                0 => {
                     e.event_type = EventType::from_name(self.string()?)?;
-                    0
                 }
-                "user_id" => {
+                1 => {
                     e.user_id = Some(self.user_id()?);
-                    1
                 }
-                "event_id" => {
+                2 => {
                     e.event_id = Some(self.cow()?);
-                    2
                 }
-                "ts" => {
+                3 => {
                     e.ts = Some(self.ts()?);
-                    3
                 }
-                "chat_type" => {
+                4 => {
                     e.chat_type = Some(ChatType::from_name(self.string()?)?);
-                    4
                 }
-                "role" => {
+                5 => {
                     e.role = Some(Role::from_name(self.string()?)?);
-                    5
                 }
-                "db_queries" => {
+                6 => {
                     e.db_queries = Some(u32::try_from(self.number()?.unsigned()?).ok()?);
-                    6
                 }
-                "status" => {
+                7 => {
                     e.status = Some(Status::from_name(self.string()?)?);
-                    7
                 }
-                "duration_ms" => {
+                8 => {
                     e.duration_ms = Some(self.number()?.float()?);
-                    8
                 }
-                "model" => {
+                9 => {
                     e.model = Some(self.cow()?);
-                    9
                 }
-                "tokens" => {
+                10 => {
                     e.tokens = Some(Object(self.tokens()?));
-                    10
                 }
-                "ttft_ms" => {
+                11 => {
                     e.ttft_ms = Some(self.number()?.float()?);
-                    11
                 }
-                "provider" => {
+                12 => {
                     e.provider = Some(self.cow()?);
-                    12
                 }
-                "cost" => {
+                13 => {
                     e.cost = Some(self.number()?.float()?);
-                    13
                 }
-                "score" => {
+                14 => {
                     e.score = Some(self.number()?.signed()?);
-                    14
                 }
-                "scale" => {
+                15 => {
                     e.scale = Some(self.number()?.signed()?);
-                    15
                 }
-                "reason" => {
+                16 => {
                     e.reason = Some(self.cow()?);
-                    16
                 }
-                "result" => {
+                17 => {
                     e.result = Some(CacheResult::from_name(self.string()?)?);
-                    17
                 }
-                "cache" => {
+                18 => {
                     e.cache = Some(self.cow()?);
-                    18
                 }
-                "granted" => {
+                19 => {
                     e.granted = Some(self.boolean()?);
-                    19
                 }
-                "kind" => {
+                20 => {
                     e.kind = Some(self.cow()?);
-                    20
                 }
-                "name" => {
+                21 => {
                     e.name = Some(self.cow()?);
-                    21
                 }
-                "value" => {
+                22 => {
                     e.value = Some(self.number()?.float()?);
-                    22
                 }
                 _ => return None,
-            };
+            }
             if seen & (1 << bit) != 0 {
                 return None;
             }
@@ -685,6 +757,36 @@ mod tests {
     /// at every offset and length, whatever surrounds it: bytes just above
     /// and below each stop (a borrow between bytes is where such scans go
     /// wrong), UTF-8, and none at all.
+    /// Every field is found by its first letter, under its own bit, and a
+    /// name that only starts like one is not taken for it.
+    #[test]
+    fn field_names_are_matched_from_the_bytes() {
+        for (bit, name) in FIELDS.iter().enumerate() {
+            // Short bodies compare slices, long ones sixteen bytes at once.
+            let pad = " ".repeat(20);
+            for body in [
+                format!(r#""{name}":1"#),
+                format!(r#" "{name}" :1"#),
+                format!(r#""{name}":1{pad}"#),
+            ] {
+                let mut r = Reader::new(body.as_bytes()).expect("utf-8");
+                assert_eq!(r.field(), Some(bit as u32), "{body}");
+                assert_eq!(r.next(), Some(b':'), "{body}: read up to the colon");
+            }
+            for near in [
+                format!(r#""{name}s":1"#),
+                format!(r#""{name}"#),
+                format!(r#""{name}s":1{pad}"#),
+                format!(r#""{}":1{pad}"#, &name[..name.len() - 1]),
+            ] {
+                let mut r = Reader::new(near.as_bytes()).expect("utf-8");
+                assert_eq!(r.field(), None, "{near}");
+            }
+        }
+        let mut r = Reader::new(br#""ty\u0070e":1"#).expect("utf-8");
+        assert_eq!(r.field(), None, "an escaped name is serde's");
+    }
+
     #[test]
     fn the_word_scan_finds_the_first_stop() {
         const BYTES: &[u8] = b"\x00\x1f\x20\x21\"\x23\\\x5b\x5daz09\x7f\x80\xc3\xa9\xff";
