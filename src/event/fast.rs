@@ -47,15 +47,13 @@ pub(super) fn array<'b>(
         // Empty: serde's reader words that error.
         return None;
     }
-    // One raw event for the whole batch, refilled and checked in place:
-    // only the fields the one before set are blanked again.
+    // One raw event for the whole batch, refilled and checked in place.
     let mut raw = RawEvent::blank();
-    let mut set = 0;
     loop {
         if events.len() == max_batch {
             return None;
         }
-        set = r.event(&mut raw, set)?;
+        r.event(&mut raw)?;
         events.push(raw.check(now, key).ok()?);
         match r.next()? {
             b',' => continue,
@@ -71,7 +69,7 @@ pub(super) fn array<'b>(
 pub(super) fn object<'b>(body: &'b [u8], now: i64, key: &UserKey) -> Option<Event<'b>> {
     let mut r = Reader::new(body)?;
     let mut raw = RawEvent::blank();
-    r.event(&mut raw, 0)?;
+    r.event(&mut raw)?;
     let event = raw.check(now, key).ok()?;
     r.end()?;
     Some(event)
@@ -453,11 +451,8 @@ impl<'b> Reader<'b> {
     /// One event object, each field read by its type. A field seen twice
     /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
     /// check would refuse it.
-    ///
-    /// `e` is blank but for the fields `stale` names (bits as in
-    /// [`FIELDS`]), which the event before set; returns those this one set.
-    fn event(&mut self, e: &mut RawEvent<'b>, stale: u32) -> Option<u32> {
-        clear(e, stale);
+    fn event(&mut self, e: &mut RawEvent<'b>) -> Option<()> {
+        *e = RawEvent::blank();
         // One bit per field: `type` is bit 0, and must be set at the end.
         let mut seen = 0u32;
         self.expect(b'{')?;
@@ -549,44 +544,7 @@ impl<'b> Reader<'b> {
                 _ => return None,
             }
         }
-        (seen & 1 != 0).then_some(seen)
-    }
-}
-
-/// Blanks the fields of `e` that `bits` names (as in [`FIELDS`]): a few
-/// stores where writing a whole blank `RawEvent` (some 400 bytes) per event
-/// was the reader's largest copy.
-fn clear(e: &mut RawEvent<'_>, mut bits: u32) {
-    while bits != 0 {
-        let bit = bits.trailing_zeros();
-        bits &= bits - 1;
-        match bit {
-            // `type` is required: every event sets it.
-            0 => {}
-            1 => e.user_id = None,
-            2 => e.event_id = None,
-            3 => e.ts = None,
-            4 => e.chat_type = None,
-            5 => e.role = None,
-            6 => e.db_queries = None,
-            7 => e.status = None,
-            8 => e.duration_ms = None,
-            9 => e.model = None,
-            10 => e.tokens = None,
-            11 => e.ttft_ms = None,
-            12 => e.provider = None,
-            13 => e.cost = None,
-            14 => e.score = None,
-            15 => e.scale = None,
-            16 => e.reason = None,
-            17 => e.result = None,
-            18 => e.cache = None,
-            19 => e.granted = None,
-            20 => e.kind = None,
-            21 => e.name = None,
-            22 => e.value = None,
-            _ => {}
-        }
+        (seen & 1 != 0).then_some(())
     }
 }
 
@@ -658,9 +616,8 @@ mod tests {
         }
     }
 
-    /// One raw event serves a batch, and only the fields the event before
-    /// set are blanked: every event after every other reads as serde reads
-    /// it, so no field is carried over.
+    /// One raw event serves a whole batch: every event after every other
+    /// reads as serde reads it, so no field is carried over.
     #[test]
     fn no_field_outlives_its_event() {
         for a in EVENTS {
