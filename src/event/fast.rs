@@ -199,28 +199,46 @@ const FIELDS: [&str; 23] = [
     "value",
 ];
 
-/// Each field's name after its first letter, then the closing quote, as
-/// the little-endian bytes that follow the first letter would hold it:
-/// (pattern, mask of its bytes, its length). The longest, `duration_ms`,
-/// takes 11 of the 16.
-const FIELD_TAILS: [(u128, u128, usize); 23] = {
-    let mut tails = [(0, 0, 0); 23];
-    let mut f = 0;
-    while f < FIELDS.len() {
-        let name = FIELDS[f].as_bytes();
+/// Texts as the sixteen little-endian bytes of a body that starts with one
+/// and its closing quote would hold them, from byte `skip` of each (field
+/// names skip the first letter, matched by a `match`): (pattern, mask of
+/// its bytes, its length). At most 15 bytes a text, quote excluded; the
+/// longest here, `user_registered`, takes all 16.
+const fn tails<const N: usize>(texts: &[&str], skip: usize) -> [Tail; N] {
+    assert!(texts.len() == N);
+    let mut tails = [(0, 0, 0); N];
+    let mut t = 0;
+    while t < N {
+        let text = texts[t].as_bytes();
+        let len = text.len() - skip + 1;
+        assert!(len <= 16);
         let mut pattern = 0u128;
-        let mut i = 1;
-        while i < name.len() {
-            pattern |= (name[i] as u128) << (8 * (i - 1));
+        let mut i = skip;
+        while i < text.len() {
+            pattern |= (text[i] as u128) << (8 * (i - skip));
             i += 1;
         }
-        let len = name.len();
         pattern |= (b'"' as u128) << (8 * (len - 1));
-        tails[f] = (pattern, (1u128 << (8 * len)) - 1, len);
-        f += 1;
+        let mask = if len == 16 {
+            u128::MAX
+        } else {
+            (1u128 << (8 * len)) - 1
+        };
+        tails[t] = (pattern, mask, len);
+        t += 1;
     }
     tails
-};
+}
+
+/// (pattern, mask, length) of a text, as [`tails`] builds them.
+type Tail = (u128, u128, usize);
+
+/// Each field's name after its first letter, then the closing quote.
+const FIELD_TAILS: [Tail; FIELDS.len()] = tails(&FIELDS, 1);
+const TYPE_TAILS: [Tail; EventType::NAMES.len()] = tails(EventType::NAMES, 0);
+const ROLE_TAILS: [Tail; Role::NAMES.len()] = tails(Role::NAMES, 0);
+const STATUS_TAILS: [Tail; Status::NAMES.len()] = tails(Status::NAMES, 0);
+const RESULT_TAILS: [Tail; CacheResult::NAMES.len()] = tails(CacheResult::NAMES, 0);
 
 impl<'b> Reader<'b> {
     /// A reader of `body`, if it is UTF-8 (else serde words the error).
@@ -448,6 +466,28 @@ impl<'b> Reader<'b> {
         FIELDS.iter().position(|f| *f == name).map(|bit| bit as u32)
     }
 
+    /// A string value of a closed set, as its index in `names`: matched
+    /// from the bytes as a field name is (`tails` built from `names`); one
+    /// with an escape, or not in the set, is read as a string and looked
+    /// up (serde reads the one, refuses the other).
+    fn closed(&mut self, names: &[&str], tails: &[Tail]) -> Option<usize> {
+        self.skip_ws();
+        if let [b'"', rest @ ..] = &self.b[self.i..]
+            && let Some(word) = rest.first_chunk::<16>()
+        {
+            let word = u128::from_le_bytes(*word);
+            if let Some(k) = tails
+                .iter()
+                .position(|&(pattern, mask, _)| word & mask == pattern)
+            {
+                self.i += 1 + tails[k].2;
+                return Some(k);
+            }
+        }
+        let text = self.string()?;
+        names.iter().position(|n| *n == text)
+    }
+
     /// One event object, each field read by its type. A field seen twice
     /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
     /// check would refuse it.
@@ -464,7 +504,7 @@ impl<'b> Reader<'b> {
             self.expect(b':')?;
             match bit {
                 0 => {
-                    e.event_type = EventType::from_name(self.string()?)?;
+                    e.event_type = EventType::ALL[self.closed(EventType::NAMES, &TYPE_TAILS)?];
                 }
                 1 => {
                     e.user_id = Some(self.user_id()?);
@@ -479,13 +519,13 @@ impl<'b> Reader<'b> {
                     e.chat_type = Some(ChatType::from_name(self.string()?)?);
                 }
                 5 => {
-                    e.role = Some(Role::from_name(self.string()?)?);
+                    e.role = Some(Role::ALL[self.closed(Role::NAMES, &ROLE_TAILS)?]);
                 }
                 6 => {
                     e.db_queries = Some(u32::try_from(self.number()?.unsigned()?).ok()?);
                 }
                 7 => {
-                    e.status = Some(Status::from_name(self.string()?)?);
+                    e.status = Some(Status::ALL[self.closed(Status::NAMES, &STATUS_TAILS)?]);
                 }
                 8 => {
                     e.duration_ms = Some(self.number()?.float()?);
@@ -515,7 +555,8 @@ impl<'b> Reader<'b> {
                     e.reason = Some(self.cow()?);
                 }
                 17 => {
-                    e.result = Some(CacheResult::from_name(self.string()?)?);
+                    e.result =
+                        Some(CacheResult::ALL[self.closed(CacheResult::NAMES, &RESULT_TAILS)?]);
                 }
                 18 => {
                     e.cache = Some(self.cow()?);
@@ -796,6 +837,32 @@ mod tests {
         }
         let mut r = Reader::new(br#""ty\u0070e":1"#).expect("utf-8");
         assert_eq!(r.field(), None, "an escaped name is serde's");
+    }
+
+    /// Every value of the closed sets read from the bytes is found, short
+    /// or long body, and a text that only starts like one is not.
+    #[test]
+    fn closed_values_are_matched_from_the_bytes() {
+        let sets: [(&[&str], &[Tail]); 4] = [
+            (EventType::NAMES, &TYPE_TAILS),
+            (Role::NAMES, &ROLE_TAILS),
+            (Status::NAMES, &STATUS_TAILS),
+            (CacheResult::NAMES, &RESULT_TAILS),
+        ];
+        let pad = " ".repeat(20);
+        for (names, tails) in sets {
+            for (k, name) in names.iter().enumerate() {
+                for body in [format!(r#""{name}","#), format!(r#" "{name}",{pad}"#)] {
+                    let mut r = Reader::new(body.as_bytes()).expect("utf-8");
+                    assert_eq!(r.closed(names, tails), Some(k), "{body}");
+                    assert_eq!(r.next(), Some(b','), "{body}: read up to the quote");
+                }
+                for near in [format!(r#""{name}x",{pad}"#), format!(r#""{name}x","#)] {
+                    let mut r = Reader::new(near.as_bytes()).expect("utf-8");
+                    assert_eq!(r.closed(names, tails), None, "{near}");
+                }
+            }
+        }
     }
 
     #[test]
