@@ -20,7 +20,7 @@
 
 use std::borrow::Cow;
 
-use super::raw::{Object, RawEvent, RawTokens, UnixSeconds};
+use super::raw::{FIELDS, Object, RawEvent, RawTokens, UnixSeconds};
 use super::{CacheResult, ChatType, Event, EventType, Role, Status, UserId, UserKey};
 
 /// Powers of ten a decimal is divided by, as serde_json does: exact, so a
@@ -171,33 +171,6 @@ impl Number {
         }
     }
 }
-
-/// An event's fields, in the order of their bits in `Reader::event`.
-const FIELDS: [&str; 23] = [
-    "type",
-    "user_id",
-    "event_id",
-    "ts",
-    "chat_type",
-    "role",
-    "db_queries",
-    "status",
-    "duration_ms",
-    "model",
-    "tokens",
-    "ttft_ms",
-    "provider",
-    "cost",
-    "score",
-    "scale",
-    "reason",
-    "result",
-    "cache",
-    "granted",
-    "kind",
-    "name",
-    "value",
-];
 
 /// Texts as the sixteen little-endian bytes of a body that starts with one
 /// and its closing quote would hold them, from byte `skip` of each (field

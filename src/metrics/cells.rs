@@ -77,6 +77,27 @@ pub struct Histogram {
     sum: AtomicF64,
 }
 
+/// Each table of histogram bounds as the `le` texts of its bucket lines,
+/// formatted once (formatting a float costs more than the rest of a line),
+/// for a render or a flush that writes many histograms of few tables.
+#[derive(Default)]
+pub struct LeTexts(Vec<(&'static [f64], Vec<String>)>);
+
+impl LeTexts {
+    /// The texts of `bounds`, in order (`+Inf` not included).
+    pub fn of(&mut self, bounds: &'static [f64]) -> &[String] {
+        let i = match self.0.iter().position(|(b, _)| std::ptr::eq(*b, bounds)) {
+            Some(i) => i,
+            None => {
+                self.0
+                    .push((bounds, bounds.iter().map(f64::to_string).collect()));
+                self.0.len() - 1
+            }
+        };
+        &self.0[i].1
+    }
+}
+
 /// What a histogram holds at one instant, in exposition form.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistogramSnapshot {

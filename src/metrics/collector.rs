@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use super::bot::{BotMetrics, FAMILIES, FamilyDesc, Kind, SelfCounters, Visitor};
-use super::cells::HistogramSnapshot;
+use super::cells::{HistogramSnapshot, LeTexts};
 
 /// One bot's series of one family while they are written.
 #[derive(Default)]
@@ -47,7 +47,7 @@ struct Writer {
     text: FamilyText,
     series: usize,
     /// The `le` label values of each set of histogram bounds, formatted once.
-    le: Vec<(&'static [f64], Vec<String>)>,
+    le: LeTexts,
     /// The start of the bucket lines of the histogram being written.
     prefix: Vec<u8>,
 }
@@ -169,16 +169,7 @@ impl Visitor for Writer {
         }
         // Buckets, +Inf, _sum and _count.
         self.series += snapshot.cumulative.len() + 2;
-        let bounds = snapshot.bounds;
-        let i = match self.le.iter().position(|(b, _)| std::ptr::eq(*b, bounds)) {
-            Some(i) => i,
-            None => {
-                self.le
-                    .push((bounds, bounds.iter().map(f64::to_string).collect()));
-                self.le.len() - 1
-            }
-        };
-        let (le, text) = (&self.le[i].1, &mut self.text);
+        let (le, text) = (self.le.of(snapshot.bounds), &mut self.text);
         let key = Self::key(text, labels);
         let start = text.scratch.len();
         let out = &mut text.scratch;
@@ -377,7 +368,7 @@ struct Piece {
 #[derive(Default)]
 struct Scratch {
     text: FamilyText,
-    le: Vec<(&'static [f64], Vec<String>)>,
+    le: LeTexts,
     prefix: Vec<u8>,
 }
 

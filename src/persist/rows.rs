@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::NaiveDate;
 
 use crate::metrics::bot::{FAMILIES, FamilyDesc, Kind, Visitor, histogram_bounds};
-use crate::metrics::cells::whole_lines;
+use crate::metrics::cells::{LeTexts, whole_lines};
 use crate::metrics::today::Calendar;
 use crate::metrics::{BotMetrics, HistogramSnapshot, Metrics};
 use crate::store::{self, DailyRow, FlushBatch, SeriesRow};
@@ -249,7 +249,7 @@ struct Flatten<'w> {
     /// Reused for a histogram's line names, and its bounds as `le` texts
     /// (formatting a float costs more than the rest of a line's compare).
     metric: String,
-    le: Vec<(&'static [f64], Vec<String>)>,
+    le: LeTexts,
 }
 
 impl<'w> Flatten<'w> {
@@ -261,7 +261,7 @@ impl<'w> Flatten<'w> {
             bot: None,
             stored: None,
             metric: String::new(),
-            le: Vec::new(),
+            le: LeTexts::default(),
         }
     }
 
@@ -324,22 +324,15 @@ impl Visitor for Flatten<'_> {
         metric.clear();
         metric.push_str(family.name);
         metric.push_str("_bucket");
-        let bounds = h.bounds;
-        let i = match self.le.iter().position(|(b, _)| std::ptr::eq(*b, bounds)) {
-            Some(i) => i,
-            None => {
-                self.le
-                    .push((bounds, bounds.iter().map(f64::to_string).collect()));
-                self.le.len() - 1
-            }
-        };
-        let le = std::mem::take(&mut self.le[i].1);
+        // Out of `self` while its rows are pushed, which borrows all of it.
+        let mut texts = std::mem::take(&mut self.le);
+        let le = texts.of(h.bounds);
         for (i, count) in h.cumulative.iter().enumerate() {
             let le = le.get(i).map_or("+Inf", String::as_str);
             write_labels_json(&mut self.labels, others().chain([("le", le)]));
             self.push(&metric, bot, *count as f64);
         }
-        self.le[i].1 = le;
+        self.le = texts;
         for (suffix, value) in [("_sum", h.sum), ("_count", h.count() as f64)] {
             metric.clear();
             metric.push_str(family.name);

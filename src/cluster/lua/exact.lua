@@ -31,6 +31,16 @@ local function window_starts(hour, day)
   return {hour - 23, (day - 6) * 24, (day - 29) * 24}
 end
 
+-- ZADD GT CH of a flat (score, member, ...) list, in slices (unpack has a
+-- stack limit). Returns how many members were new or scored higher.
+local function zadd_all(key, flat)
+  local changed = 0
+  for i = 1, #flat, 1000 do
+    changed = changed + redis.call('ZADD', key, 'GT', 'CH', unpack(flat, i, math.min(#flat, i + 999)))
+  end
+  return changed
+end
+
 -- Before a sync adds users: whether the set takes them, starting it for a
 -- bot that has none yet. A bot none of whose sketches exist has had no user
 -- in reach: the set holds them all from the start; else (a build before the
@@ -51,18 +61,12 @@ end
 -- it). Returns how many were new or seen later than before.
 local function exact_add(prefix, hour, from, n)
   local seen = seen_keys(prefix)
-  local changed = 0
-  local args = {}
+  local flat = {}
   for j = from, from + n - 1 do
-    args[#args + 1] = hour
-    args[#args + 1] = ARGV[j]
-    -- unpack has a stack limit: add in slices.
-    if #args >= 1000 or j == from + n - 1 then
-      changed = changed + redis.call('ZADD', seen, 'GT', 'CH', unpack(args))
-      args = {}
-    end
+    flat[#flat + 1] = hour
+    flat[#flat + 1] = ARGV[j]
   end
-  return changed
+  return zadd_all(seen, flat)
 end
 
 -- After a sync added users: prunes the set past the 30d window and drops it
@@ -141,14 +145,11 @@ local function exact_restore(key, ttl, stored)
   end
   redis.call('DEL', key)
   redis.call('SET', key .. ':since', since, 'EX', ttl)
-  local args = {}
+  local flat = {}
   for i = 1, #users - 11, 12 do
-    args[#args + 1] = struct.unpack('<i4', users, i + 8)
-    args[#args + 1] = string.sub(users, i, i + 7)
-    if #args >= 1000 or i + 12 > #users - 11 then
-      redis.call('ZADD', key, unpack(args))
-      args = {}
-    end
+    flat[#flat + 1] = struct.unpack('<i4', users, i + 8)
+    flat[#flat + 1] = string.sub(users, i, i + 7)
   end
+  zadd_all(key, flat)
   redis.call('EXPIRE', key, ttl)
 end
