@@ -55,6 +55,8 @@ pub(super) fn array<'b>(
         }
         r.event(&mut raw)?;
         events.push(raw.check(now, key).ok()?);
+        // Blank again for the next event: see `RawEvent::check`.
+        debug_assert!(raw.is_blank());
         match r.next()? {
             b',' => continue,
             b']' => break,
@@ -339,14 +341,16 @@ impl<'b> Reader<'b> {
             }
             return Some(UserId::Str(Cow::Borrowed(s)));
         }
+        let start = self.i;
         let n = self.number()?;
-        if n.decimals != 0 {
+        if n.decimals != 0 || (n.negative && n.signed().is_none()) {
             return None;
         }
-        match n.negative {
-            false => Some(UserId::Int(n.digits.into())),
-            true => Some(UserId::Int(n.signed()?.into())),
-        }
+        // An integer id hashes as its decimal digits (`UserId::hash_bytes`),
+        // and what `number` takes is already those: no leading zero, no
+        // `-0` (`signed` refuses it), no exponent. So the text is kept and
+        // the hash skips printing the number back.
+        Some(UserId::Str(Cow::Borrowed(&self.text[start..self.i])))
     }
 
     fn ts(&mut self) -> Option<UnixSeconds> {
@@ -464,8 +468,10 @@ impl<'b> Reader<'b> {
     /// One event object, each field read by its type. A field seen twice
     /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
     /// check would refuse it.
+    /// Fills `e`, which must come blank (new, or after a successful
+    /// [`RawEvent::check`], which takes every field).
     fn event(&mut self, e: &mut RawEvent<'b>) -> Option<()> {
-        *e = RawEvent::blank();
+        debug_assert!(e.is_blank());
         // One bit per field: `type` is bit 0, and must be set at the end.
         let mut seen = 0u32;
         self.expect(b'{')?;
@@ -610,6 +616,10 @@ mod tests {
         r#"{"type":"consent","granted":true}"#,
         r#"{"type":"consent","granted":false,"user_id":"x"}"#,
         r#"{"type":"limit_reached","user_id":5}"#,
+        // Integer ids are hashed from their text: the widest and the zero.
+        r#"{"type":"limit_reached","user_id":9999999999999999999}"#,
+        r#"{"type":"limit_reached","user_id":-9223372036854775807}"#,
+        r#"{"type":"limit_reached","user_id":0}"#,
         r#"{"type":"error","kind":"llm_timeout"}"#,
         r#"{"type":"custom","name":"voice_note","value":1}"#,
         r#"{"type":"custom","name":"voice_note","value":2.5,"ts":"2027-01-15T08:00:00Z"}"#,

@@ -286,6 +286,16 @@ impl<'a> RawEvent<'a> {
         }
     }
 
+    /// No field set, as [`Self::blank`] and a successful [`Self::check`]
+    /// leave it (its type aside, which every event must name).
+    pub(super) fn is_blank(&self) -> bool {
+        self.present_fields() == 0
+            && self.user_id.is_none()
+            && self.event_id.is_none()
+            && self.ts.is_none()
+            && self.chat_type.is_none()
+    }
+
     /// The type-specific fields that are present, one bit each in
     /// [`TYPED_FIELDS`] order: a mask, so checking which belong to the
     /// event's type costs no string comparison.
@@ -315,9 +325,13 @@ impl<'a> RawEvent<'a> {
         .fold(0, |mask, (i, present)| mask | (u32::from(present) << i))
     }
 
-    /// The event `self` describes, if it is valid. Its strings are moved
-    /// out, not copied: the fast reader fills one `RawEvent` per batch and
-    /// checks it in place, so no event's fields are copied twice.
+    /// The event `self` describes, if it is valid. Every field is moved
+    /// out (taken), not copied: the fast reader fills one `RawEvent` per
+    /// batch and checks it in place, and a valid event leaves it blank
+    /// again (fields of other types were refused as foreign, its own and
+    /// the common ones taken here), so the next event needs no 300-byte
+    /// reset. What a refused event leaves does not matter: the fast reader
+    /// then gives the whole body to serde.
     pub(super) fn check(&mut self, now: i64, key: &UserKey) -> Result<Event<'a>> {
         let kind = self.event_type;
         let allowed = match kind {
@@ -357,7 +371,7 @@ impl<'a> RawEvent<'a> {
                 "`event_id` must be 1-{MAX_EVENT_ID_LEN} bytes"
             )));
         }
-        let ts = match self.ts {
+        let ts = match self.ts.take() {
             Some(UnixSeconds(ts)) if ts > now + MAX_FUTURE_SECS => {
                 return Err(ParseError::invalid(format!(
                     "`ts` is {}s in the future; at most {MAX_FUTURE_SECS}s is allowed",
@@ -371,18 +385,19 @@ impl<'a> RawEvent<'a> {
         };
         let body = match kind {
             EventType::Message => {
-                if self.db_queries.is_some_and(|q| q > MAX_DB_QUERIES) {
+                let db_queries = self.db_queries.take();
+                if db_queries.is_some_and(|q| q > MAX_DB_QUERIES) {
                     return Err(ParseError::invalid(format!(
                         "`db_queries` must be an integer from 0 to {MAX_DB_QUERIES}"
                     )));
                 }
                 EventBody::Message {
-                    role: required("role", kind, self.role)?,
-                    db_queries: self.db_queries,
+                    role: required("role", kind, self.role.take())?,
+                    db_queries,
                 }
             }
             EventType::Response => {
-                let duration_ms = required("duration_ms", kind, self.duration_ms)?;
+                let duration_ms = required("duration_ms", kind, self.duration_ms.take())?;
                 if !(0.0..=MAX_DURATION_MS).contains(&duration_ms) {
                     return Err(ParseError::invalid(format!(
                         "`duration_ms` must be a number from 0 to {MAX_DURATION_MS} (one day)"
@@ -392,7 +407,7 @@ impl<'a> RawEvent<'a> {
                     Some(Object(t)) => Some(check_tokens(t)?),
                     None => None,
                 };
-                let ttft_seconds = match self.ttft_ms {
+                let ttft_seconds = match self.ttft_ms.take() {
                     Some(ms) if !(0.0..=duration_ms).contains(&ms) => {
                         return Err(ParseError::invalid(format!(
                             "`ttft_ms` must be a number from 0 to `duration_ms` ({duration_ms}): the first token comes before the answer ends"
@@ -401,7 +416,7 @@ impl<'a> RawEvent<'a> {
                     Some(ms) => Some(ms / 1000.0),
                     None => None,
                 };
-                let cost = match self.cost {
+                let cost = match self.cost.take() {
                     Some(c) if !(0.0..=MAX_COST).contains(&c) => {
                         return Err(ParseError::invalid(format!(
                             "`cost` must be a number from 0 to {MAX_COST} (what one call cost, in the configured currency)"
@@ -411,7 +426,7 @@ impl<'a> RawEvent<'a> {
                     None => None,
                 };
                 EventBody::Response {
-                    status: required("status", kind, self.status)?,
+                    status: required("status", kind, self.status.take())?,
                     duration_seconds: duration_ms / 1000.0,
                     model: self
                         .model
@@ -429,8 +444,8 @@ impl<'a> RawEvent<'a> {
                 }
             }
             EventType::Feedback => {
-                let score = required("score", kind, self.score)?;
-                let score = match (self.scale, score) {
+                let score = required("score", kind, self.score.take())?;
+                let score = match (self.scale.take(), score) {
                     (None, -1) => Score::Down,
                     (None, 1) => Score::Up,
                     (None, _) => {
@@ -460,7 +475,7 @@ impl<'a> RawEvent<'a> {
                 }
             }
             EventType::Cache => EventBody::Cache {
-                result: required("result", kind, self.result)?,
+                result: required("result", kind, self.result.take())?,
                 cache: match self.cache.take() {
                     Some(c) => ShortName::parse("cache", c)?,
                     None => ShortName(Cow::Borrowed(DEFAULT_CACHE)),
@@ -468,7 +483,7 @@ impl<'a> RawEvent<'a> {
             },
             EventType::UserRegistered => EventBody::UserRegistered,
             EventType::Consent => EventBody::Consent {
-                decision: if required("granted", kind, self.granted)? {
+                decision: if required("granted", kind, self.granted.take())? {
                     Decision::Granted
                 } else {
                     Decision::Denied
@@ -479,7 +494,7 @@ impl<'a> RawEvent<'a> {
                 kind: ShortName::parse("kind", required("kind", kind, self.kind.take())?)?,
             },
             EventType::Custom => {
-                let value = self.value.unwrap_or(1.0);
+                let value = self.value.take().unwrap_or(1.0);
                 if !(0.0..=MAX_CUSTOM_VALUE).contains(&value) {
                     return Err(ParseError::invalid(format!(
                         "`value` must be a number from 0 to {MAX_CUSTOM_VALUE:e}"
@@ -492,10 +507,10 @@ impl<'a> RawEvent<'a> {
             }
         };
         Ok(Event {
-            user: self.user_id.as_ref().map(|id| key.hash(id)),
+            user: self.user_id.take().map(|id| key.hash(&id)),
             event_id: self.event_id.take(),
             ts,
-            chat_type: self.chat_type,
+            chat_type: self.chat_type.take(),
             body,
         })
     }
