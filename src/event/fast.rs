@@ -54,7 +54,7 @@ pub(super) fn array<'b>(
             return None;
         }
         r.event(&mut raw)?;
-        events.push(raw.check(now, key).ok()?);
+        raw.check_then(now, key, |e| events.push(e)).ok()?;
         // Blank again for the next event: see `RawEvent::check`.
         debug_assert!(raw.is_blank());
         match r.next()? {
