@@ -364,7 +364,12 @@ pub struct TodayCounter {
 
 impl TodayCounter {
     pub fn add(&self, ts: i64, n: u64) {
-        self.counter.add_on(self.calendar.day_of(ts), n);
+        self.add_on(self.calendar.day_of(ts), n);
+    }
+
+    /// [`Self::add`] for a local day already known.
+    pub fn add_on(&self, day: u32, n: u64) {
+        self.counter.add_on(day, n);
     }
 
     /// Today's count at `now`.
