@@ -325,6 +325,7 @@ impl<'b> Reader<'b> {
     /// A run of digits appended to `to`, read without an overflow check per
     /// digit: `number` gives up past 19 digits, the most a u64 always holds,
     /// so what wrapped is never used.
+    ///
     /// Eight digits at a time while eight follow (a `ts` has ten, a
     /// Telegram user id nine or ten), then one by one.
     fn digits(&mut self, mut to: u64) -> u64 {
@@ -499,6 +500,7 @@ impl<'b> Reader<'b> {
     /// One event object, each field read by its type. A field seen twice
     /// or unknown gives up, as `deny_unknown_fields` and serde's duplicate
     /// check would refuse it.
+    ///
     /// Fills `e`, which must come blank (new, or after a successful
     /// [`RawEvent::check`], which takes every field).
     fn event(&mut self, e: &mut RawEvent<'b>) -> Option<()> {

@@ -373,12 +373,12 @@ pub const LEGACY_USER_KEY: u128 = 0x6274_6d65_7472_6963_732d_686c_6c2d_7631;
 
 impl UserKey {
     pub fn new(secret: [u8; 16]) -> Self {
-        // As siphasher's `new_with_key` splits a 16-byte key.
-        let (k0, k1) = secret.split_at(8);
-        let word = |b: &[u8]| u64::from_le_bytes(b.try_into().unwrap_or_default());
+        // As siphasher's `new_with_key` splits a 16-byte key: each half a
+        // little-endian word.
+        let key = u128::from_le_bytes(secret);
         UserKey {
-            k0: word(k0),
-            k1: word(k1),
+            k0: key as u64,
+            k1: (key >> 64) as u64,
         }
     }
 

@@ -504,12 +504,12 @@ impl BotMetrics {
         USERS.with_borrow_mut(|(users, scratch)| {
             users.clear();
             let mut book = BookHold::Free;
-            let mut tally = Tally::default();
+            let mut tally = Tally::new(self);
             for event in events {
                 self.apply_one(event, &mut book, users, &mut tally);
             }
             drop(book);
-            tally.add_to(self);
+            drop(tally);
             // The sketches take the run's users together: each ring and
             // sketch read once, not once per event.
             self.active.insert_all(users, scratch);
@@ -522,7 +522,7 @@ impl BotMetrics {
         event: &Event<'_>,
         book: &mut BookHold<'a>,
         users: &mut Vec<(u64, i64)>,
-        tally: &mut Tally,
+        tally: &mut Tally<'_>,
     ) {
         if let Some(user) = event.user {
             if event.body == EventBody::Forget {
@@ -1126,9 +1126,12 @@ impl BotMetrics {
 /// and a batch of 1,000 made some 1,100 of them for these alone. Only
 /// integer counts are tallied: a float sum added in another grouping could
 /// round differently, so sums and custom values are still added per event.
-/// A flush never sees half a request (it waits on the ingest gate).
-#[derive(Default)]
-struct Tally {
+/// A flush never sees half a request (it waits on the ingest gate); a
+/// scrape may, and may see a request's durations before its responses, as
+/// it could see one event's before another's. Added on drop, so a request
+/// that panics halfway keeps what it counted, as it did event by event.
+struct Tally<'b> {
+    bot: &'b BotMetrics,
     messages: [u64; 2],
     responses: [u64; 4],
     /// Today's messages as runs of one local day (a batch nearly always
@@ -1152,8 +1155,20 @@ impl DayRun {
     }
 }
 
-impl Tally {
-    fn add_to(self, bot: &BotMetrics) {
+impl<'b> Tally<'b> {
+    fn new(bot: &'b BotMetrics) -> Self {
+        Tally {
+            bot,
+            messages: [0; 2],
+            responses: [0; 4],
+            today_messages: DayRun::default(),
+        }
+    }
+}
+
+impl Drop for Tally<'_> {
+    fn drop(&mut self) {
+        let bot = self.bot;
         for (counter, n) in bot.messages.iter().zip(self.messages) {
             if n > 0 {
                 counter.add(n as f64);
@@ -1164,7 +1179,7 @@ impl Tally {
                 counter.add(n as f64);
             }
         }
-        if let Some((day, n)) = self.today_messages.0 {
+        if let Some((day, n)) = self.today_messages.0.take() {
             bot.today.messages.add_on(day, n);
         }
     }
@@ -1174,6 +1189,43 @@ impl Tally {
 mod tests {
     use super::DayRun;
     use crate::metrics::today::DailyCounter;
+
+    /// A request's tallied counts are added even when it stops halfway:
+    /// what it counted before a panic stays counted, as each event's add
+    /// did before the tally.
+    #[test]
+    fn a_request_that_panics_keeps_what_it_counted() {
+        use crate::event::{BodyFormat, UserKey, parse_batch};
+        let now = 1_800_000_000;
+        let bots = vec![std::sync::Arc::from("b")];
+        let metrics =
+            crate::metrics::Metrics::new(&bots, 100, chrono_tz::UTC, 30.0, Default::default())
+                .expect("metrics");
+        let bot = metrics.bot("b").expect("bot");
+        let body = r#"[{"type":"message","role":"user"},{"type":"message","role":"user"},
+            {"type":"response","status":"success","duration_ms":5},{"type":"message","role":"user"}]"#;
+        let events = parse_batch(
+            body.as_bytes(),
+            BodyFormat::Json,
+            10,
+            now,
+            &UserKey::legacy(),
+        )
+        .expect("parsed");
+        let halfway = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            bot.apply_all(events.iter().enumerate().map(|(i, e)| {
+                assert!(i < 3, "stop before the fourth event");
+                e
+            }));
+        }));
+        assert!(halfway.is_err());
+        assert_eq!(bot.messages[0].get(), 2.0);
+        assert_eq!(bot.responses[0].get(), 1.0);
+        assert_eq!(bot.today.messages.get_at(now), 2);
+        bot.apply_all(events.iter());
+        assert_eq!(bot.messages[0].get(), 5.0);
+        assert_eq!(bot.today.messages.get_at(now), 5);
+    }
 
     /// Today's messages added in runs end as added one by one, whatever
     /// the order of days in a batch (a later day starts over, an earlier

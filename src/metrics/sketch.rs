@@ -113,7 +113,8 @@ impl<'l> Index<'l> {
     }
 
     fn new(list: &'l [Entry]) -> Self {
-        // SPARSE_MAX + 1 entries at most (a list turns dense past it).
+        // SPARSE_MAX entries at most: a list that passes it turns dense
+        // before its lock is let go.
         debug_assert!(list.len() < usize::from(u16::MAX));
         let mut starts = [0u16; Self::RUNS + 1];
         let mut run = 0;
