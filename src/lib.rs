@@ -72,6 +72,8 @@ pub mod store;
 pub mod summary;
 pub mod tasks;
 pub mod telemetry;
+#[cfg(test)]
+mod testing;
 pub mod tls;
 pub mod totals;
 

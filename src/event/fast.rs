@@ -329,10 +329,8 @@ impl<'b> Reader<'b> {
     /// Eight digits at a time while eight follow (a `ts` has ten, a
     /// Telegram user id nine or ten), then one by one.
     fn digits(&mut self, mut to: u64) -> u64 {
-        while let Some(word) = self.b.get(self.i..self.i + 8) {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(word);
-            let Some(eight) = eight_digits(u64::from_le_bytes(w)) else {
+        while let Some(word) = self.b[self.i..].first_chunk::<8>() {
+            let Some(eight) = eight_digits(u64::from_le_bytes(*word)) else {
                 break;
             };
             to = to.wrapping_mul(100_000_000).wrapping_add(eight);
@@ -605,6 +603,7 @@ impl<'b> Reader<'b> {
 mod tests {
     use super::super::{BodyFormat, parse_batch, parse_batch_serde};
     use super::*;
+    use crate::testing::Rng;
 
     const NOW: i64 = 1_800_000_000;
 
@@ -784,20 +783,6 @@ mod tests {
             "]".repeat(100_000)
         );
         agree(deep.as_bytes());
-    }
-
-    /// xorshift64*: deterministic, so a failure can be replayed.
-    struct Rng(u64);
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 >> 12;
-            self.0 ^= self.0 << 25;
-            self.0 ^= self.0 >> 27;
-            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-        }
-        fn below(&mut self, n: usize) -> usize {
-            (self.next() % n as u64) as usize
-        }
     }
 
     #[test]

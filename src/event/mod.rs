@@ -426,22 +426,15 @@ fn sip13_length_first(k0: u64, k1: u64, bytes: &[u8]) -> u64 {
         v[0] ^= m;
     };
     compress(&mut v, bytes.len() as u64);
-    let mut words = bytes.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        compress(&mut v, u64::from_le_bytes(w));
+    let (words, tail) = bytes.as_chunks::<8>();
+    for word in words {
+        compress(&mut v, u64::from_le_bytes(*word));
     }
-    let tail = words.remainder();
-    let last = match (tail.len(), bytes.len()) {
+    let last = match (tail.len(), bytes.last_chunk::<8>()) {
         (0, _) => 0,
         // The last 8 bytes in one load, the ones already hashed shifted out.
-        (t, n) if n >= 8 => {
-            let mut w = [0u8; 8];
-            w.copy_from_slice(&bytes[n - 8..]);
-            u64::from_le_bytes(w) >> (64 - 8 * t)
-        }
-        (t, _) => {
+        (t, Some(end)) => u64::from_le_bytes(*end) >> (64 - 8 * t),
+        (t, None) => {
             let mut w = [0u8; 8];
             w[..t].copy_from_slice(tail);
             u64::from_le_bytes(w)
@@ -634,13 +627,8 @@ mod tests {
     #[test]
     fn user_hashes_are_the_streaming_hashers() {
         use std::hash::BuildHasher;
-        let mut state = 0x2545_F491_4F6C_DD1Du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::testing::Rng(0x2545_F491_4F6C_DD1D);
+        let mut next = || rng.next();
         let mut keys: Vec<[u8; 16]> = vec![[0; 16], [0xFF; 16], LEGACY_USER_KEY.to_be_bytes()];
         keys.extend((0..20).map(|_| {
             let mut k = [0u8; 16];

@@ -1232,16 +1232,13 @@ mod tests {
     /// one is no longer today).
     #[test]
     fn day_runs_count_as_single_adds() {
-        let mut state = 0x853C_49E6_748F_EA9Bu64;
+        let mut rng = crate::testing::Rng(0x853C_49E6_748F_EA9B);
         for _ in 0..500 {
             let one_by_one = DailyCounter::default();
             let in_runs = DailyCounter::default();
             let mut run = DayRun::default();
-            for _ in 0..(state % 40) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                let day = 20_000 + (state % 3) as u32;
+            for _ in 0..rng.below(40) {
+                let day = 20_000 + rng.below(3) as u32;
                 one_by_one.add_on(day, 1);
                 if let Some((d, n)) = run.add(day) {
                     in_runs.add_on(d, n);

@@ -586,13 +586,8 @@ mod tests {
     /// held with a lower, equal or higher rank, and prefixes absent.
     #[test]
     fn the_run_index_finds_what_the_list_holds() {
-        let mut state = 0x9E37_79B9_7F4A_7C15u64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = crate::testing::Rng(0x9E37_79B9_7F4A_7C15);
+        let mut next = || rng.next();
         for len in [0usize, 1, 2, 7, 100, 255, 256, 257, 1000, SPARSE_MAX] {
             let mut list = Vec::new();
             // The extremes of the hash space land in the first and last run.
